@@ -1,0 +1,225 @@
+//! The agent's side of the control stream, and the streamed requests (exec, logs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+use vane_proto::api::{frame, InstanceState};
+use vane_proto::stream::{encode_stream_data, AgentReply, FromAgent, ToAgent};
+
+use crate::{launch, Agent};
+
+/// A message for the controller.
+pub enum Out {
+    Json(FromAgent),
+    Report(vane_proto::stream::InstanceReport),
+    Stream(u64, u8, Vec<u8>),
+}
+
+/// Connects to the controller and reconnects whenever the stream ends, forever. While
+/// disconnected the switch keeps forwarding with the tables it has.
+pub async fn connect_loop(agent: Arc<Agent>) {
+    let url = format!(
+        "{}/v1/agents/connect",
+        agent
+            .cfg
+            .controller
+            .trim_end_matches('/')
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1)
+    );
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match tokio_tungstenite::connect_async(&url).await {
+            Ok((ws, _)) => {
+                backoff = Duration::from_millis(100);
+                session(agent.clone(), ws).await;
+                tracing::warn!("lost the controller, reconnecting");
+            }
+            Err(e) => tracing::debug!("cannot reach controller at {url}: {e}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn session<S>(agent: Arc<Agent>, ws: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    // Registered before the hello is built, so no report can fall between the two.
+    *agent.outbox.lock().expect("outbox lock") = Some(tx);
+    let hello = FromAgent::Hello {
+        name: agent.cfg.name.clone(),
+        locator: agent.cfg.locator,
+        instances: agent.reports(),
+    };
+    let hello = serde_json::to_string(&hello).expect("serializes");
+    if sink.send(Message::Text(hello.into())).await.is_err() {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            let msg = match out {
+                Out::Json(m) => {
+                    Message::Text(serde_json::to_string(&m).expect("serializes").into())
+                }
+                Out::Report(r) => Message::Text(
+                    serde_json::to_string(&FromAgent::Report(r))
+                        .expect("serializes")
+                        .into(),
+                ),
+                Out::Stream(id, kind, data) => {
+                    Message::Binary(encode_stream_data(id, kind, &data).into())
+                }
+            };
+            if sink.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(Ok(msg)) = stream.next().await {
+        let Message::Text(text) = msg else { continue };
+        let msg: ToAgent = match serde_json::from_str(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("bad message from controller: {e}");
+                continue;
+            }
+        };
+        match msg {
+            ToAgent::Welcome { host_id, config } => {
+                tracing::info!(host_id, "registered with the controller");
+                *agent.global_space.lock().expect("lock") = config.global_space;
+            }
+            // Applied in order: a request that follows a view sees it.
+            ToAgent::View(view) => agent.apply_view(view).await,
+            ToAgent::Request { id, body } => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let result = agent.clone().handle(body).await;
+                    agent.send(Out::Json(FromAgent::Response { id, result }));
+                });
+            }
+        }
+    }
+    *agent.outbox.lock().expect("outbox lock") = None;
+    writer.abort();
+}
+
+/// The arguments of `vane __exec`, passed as one JSON argument.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ExecArgs {
+    pub init_pid: u32,
+    pub cgroups: Vec<std::path::PathBuf>,
+    pub env: Vec<(String, String)>,
+    pub cmd: Vec<String>,
+}
+
+pub async fn exec(
+    agent: Arc<Agent>,
+    id: &str,
+    stream: u64,
+    cmd: Vec<String>,
+    env: Vec<(String, String)>,
+) -> Result<AgentReply, String> {
+    let args = {
+        let instances = agent.instances();
+        let local = instances
+            .get(id)
+            .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+        if local.state != InstanceState::Running {
+            return Err(format!(
+                "conflict: instance {} is not running",
+                local.record.spec.name
+            ));
+        }
+        let mut full_env =
+            launch::instance_env(&local.record.spec.hostname, &local.record.spec.env);
+        for (k, v) in env {
+            full_env.retain(|(key, _)| *key != k);
+            full_env.push((k, v));
+        }
+        ExecArgs {
+            init_pid: local.record.init_pid,
+            cgroups: local.record.cgroups.clone(),
+            env: full_env,
+            cmd,
+        }
+    };
+    let mut child = tokio::process::Command::new(&agent.cfg.exe)
+        .arg("__exec")
+        .arg(serde_json::to_string(&args).expect("serializes"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start exec helper: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    tokio::spawn(async move {
+        let a = pump(&agent, stream, frame::STDOUT, stdout);
+        let b = pump(&agent, stream, frame::STDERR, stderr);
+        tokio::join!(a, b);
+        let code = match child.wait().await {
+            Ok(s) => s.code().unwrap_or(128),
+            Err(_) => 128,
+        };
+        agent.send(Out::Stream(
+            stream,
+            frame::EXIT,
+            code.to_be_bytes().to_vec(),
+        ));
+    });
+    Ok(AgentReply::Done)
+}
+
+async fn pump(agent: &Agent, stream: u64, kind: u8, mut r: impl tokio::io::AsyncRead + Unpin) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => agent.send(Out::Stream(stream, kind, buf[..n].to_vec())),
+        }
+    }
+}
+
+pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply, String> {
+    let dir = {
+        let instances = agent.instances();
+        instances
+            .get(id)
+            .map(|l| l.dir.clone())
+            .ok_or_else(|| format!("not found: instance {id} is not on this host"))?
+    };
+    let file = tokio::fs::File::open(dir.join(launch::LOG_FILE)).await;
+    tokio::spawn(async move {
+        if let Ok(file) = file {
+            pump(&agent, stream, frame::STDOUT, file).await;
+        }
+        agent.send(Out::Stream(
+            stream,
+            frame::EXIT,
+            0i32.to_be_bytes().to_vec(),
+        ));
+    });
+    Ok(AgentReply::Done)
+}
+
+/// `vane __exec JSON`.
+pub fn exec_helper_main(json: &str) -> i32 {
+    match serde_json::from_str::<ExecArgs>(json) {
+        Ok(a) => launch::exec_main(a.init_pid, &a.cgroups, &a.env, &a.cmd),
+        Err(e) => {
+            eprintln!("vane: exec: bad arguments: {e}");
+            2
+        }
+    }
+}

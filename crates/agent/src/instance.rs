@@ -1,0 +1,226 @@
+//! Instances on this host: setting one up (namespace, TUN device, rules, cgroups, program),
+//! taking them back after an agent restart, tearing them down.
+//!
+//! Each instance has a directory `STATE/instances/ID/` holding `launch.json` (what to start),
+//! `instance.json` (written once it runs: its spec and pids; an instance directory without it
+//! was half-made and is removed), `exit.json` (written by the instance's init when the
+//! program ends), `output.log`, and the `hosts` and `hostname` files bind-mounted into it.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use vane_proto::api::ExitStatus;
+use vane_proto::stream::InstanceSpec;
+
+use crate::cgroup::{self, Layout};
+use crate::launch::{self, LaunchSpec, Launched};
+use crate::netconf::{self, OutboundRules};
+
+/// What the agent keeps of a running (or once running) instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub spec: InstanceSpec,
+    pub netns: String,
+    pub cgroups: Vec<PathBuf>,
+    pub init_pid: u32,
+    /// Start time of init, so that a reused pid is not taken for it.
+    pub init_start: u64,
+    pub pid: u32,
+}
+
+pub const RECORD_FILE: &str = "instance.json";
+
+pub fn netns_name(id: &str) -> String {
+    format!("vane-{id}")
+}
+
+/// Why creating an instance failed, split by whose fault it is.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The user asked for something that cannot run (e.g. the program does not exist).
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Host(String),
+}
+
+impl From<io::Error> for CreateError {
+    fn from(e: io::Error) -> Self {
+        CreateError::Host(e.to_string())
+    }
+}
+
+/// Sets up and starts an instance. On failure everything made so far is removed again.
+/// Blocking: run it off the async runtime.
+pub fn create(
+    dir: &Path,
+    exe: &Path,
+    layout: &Layout,
+    spec: &InstanceSpec,
+    rules: &OutboundRules,
+    hosts: &str,
+) -> Result<(Record, OwnedFd), CreateError> {
+    if dir.exists() {
+        return Err(CreateError::Host(format!(
+            "instance {} already exists on this host",
+            spec.id
+        )));
+    }
+    let result = create_inner(dir, exe, layout, spec, rules, hosts);
+    if result.is_err() {
+        teardown(dir, &spec.id, layout);
+    }
+    result
+}
+
+fn create_inner(
+    dir: &Path,
+    exe: &Path,
+    layout: &Layout,
+    spec: &InstanceSpec,
+    rules: &OutboundRules,
+    hosts: &str,
+) -> Result<(Record, OwnedFd), CreateError> {
+    std::fs::create_dir_all(dir)?;
+    netconf::rewrite_in_place(&dir.join(launch::HOSTS_FILE), hosts)?;
+    std::fs::write(
+        dir.join(launch::HOSTNAME_FILE),
+        format!("{}\n", spec.hostname),
+    )?;
+    let netns = netns_name(&spec.id);
+    netconf::create_netns(&netns)?;
+    let tun = open_tun(&netns)?;
+    netconf::configure(&netns, spec.ip)?;
+    netconf::apply_rules(&netns, rules)?;
+    let cgroups = layout.create(&spec.id)?;
+    let launch_spec = LaunchSpec {
+        hostname: spec.hostname.clone(),
+        netns: netns.clone(),
+        cmd: spec.cmd.clone(),
+        env: launch::instance_env(&spec.hostname, &spec.env),
+        cgroups: cgroups.clone(),
+    };
+    std::fs::write(
+        dir.join(launch::LAUNCH_FILE),
+        serde_json::to_vec_pretty(&launch_spec).expect("serializes"),
+    )?;
+    let out = std::process::Command::new(exe)
+        .arg("__launch")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(
+            if msg.starts_with("program not found") || msg.starts_with("program not executable") {
+                CreateError::Input(msg)
+            } else {
+                CreateError::Host(format!("starting the instance: {msg}"))
+            },
+        );
+    }
+    let launched: Launched = serde_json::from_slice(&out.stdout)
+        .map_err(|e| CreateError::Host(format!("starting the instance: {e}")))?;
+    let record = Record {
+        spec: spec.clone(),
+        netns,
+        cgroups,
+        init_pid: launched.init_pid,
+        init_start: vane_sys::pidfd::start_time(launched.init_pid).unwrap_or(0),
+        pid: launched.pid,
+    };
+    write_record(dir, &record)?;
+    Ok((record, tun))
+}
+
+fn write_record(dir: &Path, record: &Record) -> io::Result<()> {
+    let tmp = dir.join(".instance.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(record).expect("serializes"))?;
+    std::fs::rename(tmp, dir.join(RECORD_FILE))
+}
+
+/// Opens (or, after an agent restart, re-opens) the instance's TUN device from inside its
+/// namespace.
+pub fn open_tun(netns: &str) -> io::Result<OwnedFd> {
+    vane_sys::netns::in_netns(&netconf::netns_path(netns), || {
+        vane_sys::tun::open(netconf::TUN_NAME, true)
+    })
+}
+
+/// Whether the instance's init still runs (and is the same process).
+pub fn is_alive(record: &Record) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", record.init_pid)) else {
+        return false;
+    };
+    let zombie = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        == Some("Z");
+    !zombie && vane_sys::pidfd::start_time(record.init_pid).ok() == Some(record.init_start)
+}
+
+/// The exit status init recorded, if any.
+pub fn read_exit(dir: &Path) -> Option<ExitStatus> {
+    let bytes = std::fs::read(dir.join(launch::EXIT_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Records an exit status when init could not (it was killed).
+pub fn record_exit_if_missing(dir: &Path, status: ExitStatus) {
+    if read_exit(dir).is_none() {
+        let _ = std::fs::write(
+            dir.join(launch::EXIT_FILE),
+            serde_json::to_vec(&status).expect("serializes"),
+        );
+    }
+}
+
+/// What the agent finds in its state directory at start.
+pub enum Found {
+    Instance(Box<Record>, PathBuf),
+    /// A directory without a record: an interrupted create, to remove.
+    HalfMade(String, PathBuf),
+}
+
+pub fn scan(instances_dir: &Path) -> Vec<Found> {
+    let Ok(entries) = std::fs::read_dir(instances_dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let dir = e.path();
+        let id = e.file_name().to_string_lossy().into_owned();
+        match std::fs::read(dir.join(RECORD_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+        {
+            Some(r) => found.push(Found::Instance(Box::new(r), dir)),
+            None => found.push(Found::HalfMade(id, dir)),
+        }
+    }
+    found
+}
+
+/// Removes every trace of instance `id`: namespace (and with it the TUN device), cgroups,
+/// state directory. Its processes must be gone. Best effort: what fails is logged.
+pub fn teardown(dir: &Path, id: &str, layout: &Layout) {
+    let netns = netns_name(id);
+    if let Err(e) = netconf::delete_netns(&netns) {
+        tracing::warn!(instance = id, "removing namespace: {e}");
+    }
+    if let Err(e) = cgroup::remove(&layout.paths(id)) {
+        tracing::warn!(instance = id, "{e}");
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(instance = id, "removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Hosts-file entries (name, hostname, ip) of a net's members.
+pub type HostEntries = Vec<(String, String, Ipv4Addr)>;

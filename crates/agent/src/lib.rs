@@ -1,0 +1,573 @@
+//! The agent of one host: creates and supervises the host's instances, runs the switch
+//! that carries their packets, and keeps a control stream with the controller.
+//!
+//! Instances do not depend on the agent process: their init is adopted by the host's init,
+//! their TUN devices are persistent, and their state lives in files. A restarted agent
+//! takes them back (`Agent::recover`) before it reconnects.
+
+pub mod cgroup;
+mod control;
+pub use control::exec_helper_main;
+mod dataplane;
+mod instance;
+pub mod launch;
+pub mod netconf;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use vane_proto::api::{ExitStatus, InstanceState, PortStats};
+use vane_proto::stream::{AgentReply, AgentRequest, AgentView, InstanceReport, InstanceSpec};
+use vane_switch::{L4Proto, Location, NetConfig, PolicyRule, PortId, SwitchConfig};
+
+use crate::cgroup::Layout;
+use crate::dataplane::{Command, Dataplane};
+use crate::instance::{CreateError, Found, Record};
+use crate::netconf::OutboundRules;
+
+pub struct AgentConfig {
+    pub name: String,
+    /// Base URL of the controller, e.g. `http://198.18.0.254:7946`.
+    pub controller: String,
+    pub state_dir: PathBuf,
+    /// Underlay address and port of this host's switch, as other hosts reach it.
+    pub locator: Option<SocketAddr>,
+    /// The `vane` binary, for the helper processes that enter instances.
+    pub exe: PathBuf,
+}
+
+/// Name of the host-side egress device.
+const EGRESS_DEVICE: &str = "vanegw0";
+
+struct Local {
+    record: Record,
+    dir: PathBuf,
+    state: InstanceState,
+    exit: Option<ExitStatus>,
+    port: Option<PortId>,
+    /// Turns true when the program has ended.
+    exited: watch::Sender<bool>,
+    /// Last applied rules and hosts file, to skip rewriting what did not change.
+    rules: Option<OutboundRules>,
+    hosts: Option<String>,
+}
+
+impl Local {
+    fn report(&self) -> InstanceReport {
+        InstanceReport {
+            id: self.record.spec.id.clone(),
+            state: self.state,
+            pid: (self.state == InstanceState::Running).then_some(self.record.pid),
+            exit: self.exit,
+        }
+    }
+}
+
+pub(crate) struct Agent {
+    cfg: AgentConfig,
+    layout: Layout,
+    dataplane: Dataplane,
+    switch_cfg: SwitchConfig,
+    instances: Mutex<BTreeMap<String, Local>>,
+    next_port: AtomicU32,
+    view: Mutex<AgentView>,
+    global_space: Mutex<Ipv4Net>,
+    /// Messages to the controller, while connected.
+    outbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<control::Out>>>,
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs the agent until SIGINT or SIGTERM. Instances keep running when it stops.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    vane_proto::validate::name("host name", &cfg.name)?;
+    std::fs::create_dir_all(cfg.state_dir.join("instances"))
+        .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+    let switch_cfg = SwitchConfig::default();
+    let dataplane = Dataplane::start(switch_cfg.clone()).context("start the switch")?;
+    let agent = Arc::new(Agent {
+        layout: Layout::detect(),
+        dataplane,
+        global_space: Mutex::new(switch_cfg.global_space),
+        switch_cfg,
+        instances: Mutex::new(BTreeMap::new()),
+        next_port: AtomicU32::new(1),
+        view: Mutex::new(AgentView::default()),
+        outbox: Mutex::new(None),
+        cfg,
+    });
+    agent.setup_egress();
+    agent.clone().recover().await;
+    tracing::info!(host = %agent.cfg.name, controller = %agent.cfg.controller, "agent ready");
+    tokio::select! {
+        _ = control::connect_loop(agent.clone()) => {}
+        _ = shutdown_signal() => tracing::info!("agent stopping; instances keep running"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+impl Agent {
+    fn instances(&self) -> MutexGuard<'_, BTreeMap<String, Local>> {
+        self.instances.lock().expect("instances lock poisoned")
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("instances").join(id)
+    }
+
+    fn setup_egress(&self) {
+        let space = self.switch_cfg.egress_space;
+        let tun = vane_sys::tun::open(EGRESS_DEVICE, false)
+            .map_err(|e| e.to_string())
+            .and_then(|tun| {
+                netconf::setup_egress(EGRESS_DEVICE, space)
+                    .map(|_| tun)
+                    .map_err(|e| e.to_string())
+            });
+        match tun {
+            Ok(tun) => self.dataplane.send(Command::Egress { tun }),
+            Err(e) => tracing::warn!("egress unavailable on this host: {e}"),
+        }
+    }
+
+    /// Takes back the instances a previous agent left: running ones are re-attached to the
+    /// switch and watched again, ended ones are remembered as exited, half-made ones removed.
+    async fn recover(self: Arc<Self>) {
+        let dir = self.cfg.state_dir.join("instances");
+        let found = tokio::task::spawn_blocking(move || instance::scan(&dir))
+            .await
+            .unwrap_or_default();
+        for f in found {
+            match f {
+                Found::HalfMade(id, dir) => {
+                    tracing::warn!(instance = %id, "removing half-made instance");
+                    let layout = self.layout.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || instance::teardown(&dir, &id, &layout))
+                            .await;
+                }
+                Found::Instance(record, dir) => {
+                    let record = *record;
+                    let id = record.spec.id.clone();
+                    if instance::is_alive(&record) {
+                        let netns = record.netns.clone();
+                        match tokio::task::spawn_blocking(move || instance::open_tun(&netns)).await
+                        {
+                            Ok(Ok(tun)) => {
+                                if let Err(e) = self.adopt(record, dir, tun).await {
+                                    tracing::error!(instance = %id, "cannot take back: {e}");
+                                } else {
+                                    tracing::info!(instance = %id, "took back running instance");
+                                }
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(instance = %id, "cannot reopen TUN device: {e}")
+                            }
+                            Err(e) => tracing::error!(instance = %id, "{e}"),
+                        }
+                    } else {
+                        let exit = instance::read_exit(&dir);
+                        self.instances().insert(
+                            id,
+                            Local {
+                                record,
+                                dir,
+                                state: InstanceState::Exited,
+                                exit,
+                                port: None,
+                                exited: watch::channel(true).0,
+                                rules: None,
+                                hosts: None,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Attaches a running instance to the switch and watches for its end.
+    async fn adopt(
+        self: &Arc<Self>,
+        record: Record,
+        dir: PathBuf,
+        tun: std::os::fd::OwnedFd,
+    ) -> Result<(), String> {
+        let port = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
+        let net = net_config(&record.spec.net);
+        self.dataplane
+            .attach(port, tun, net, record.spec.ip)
+            .await?;
+        let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
+        let id = record.spec.id.clone();
+        let (exited, _) = watch::channel(false);
+        self.instances().insert(
+            id.clone(),
+            Local {
+                record,
+                dir,
+                state: InstanceState::Running,
+                exit: None,
+                port: Some(port),
+                exited,
+                rules: None,
+                hosts: None,
+            },
+        );
+        let agent = self.clone();
+        tokio::spawn(async move { agent.watch_exit(id, pidfd).await });
+        Ok(())
+    }
+
+    async fn watch_exit(self: Arc<Self>, id: String, pidfd: std::os::fd::OwnedFd) {
+        // `new` is deprecated because a registered descriptor could be closed behind the
+        // reactor's back; here the AsyncFd owns the OwnedFd, so it cannot be.
+        #[allow(deprecated)]
+        let registered = AsyncFd::new(pidfd);
+        match registered {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            Err(e) => {
+                tracing::error!(instance = %id, "cannot watch instance: {e}");
+                return;
+            }
+        }
+        let report = {
+            let mut instances = self.instances();
+            let Some(local) = instances.get_mut(&id) else {
+                return;
+            };
+            let exit = instance::read_exit(&local.dir).unwrap_or(ExitStatus {
+                code: None,
+                signal: None,
+                at: now(),
+            });
+            local.state = InstanceState::Exited;
+            local.exit = Some(exit);
+            if let Some(port) = local.port.take() {
+                self.dataplane.send(Command::Detach { port });
+            }
+            local.report()
+        };
+        tracing::info!(instance = %id, exit = ?report.exit, "instance ended");
+        // The report goes out before anyone waiting on `exited` answers the controller.
+        self.send(control::Out::Report(report));
+        if let Some(local) = self.instances().get(&id) {
+            local.exited.send_replace(true);
+        }
+    }
+
+    fn send(&self, msg: control::Out) {
+        if let Some(tx) = self.outbox.lock().expect("outbox lock").as_ref() {
+            let _ = tx.send(msg);
+        }
+    }
+
+    fn reports(&self) -> Vec<InstanceReport> {
+        self.instances().values().map(Local::report).collect()
+    }
+
+    async fn handle(self: Arc<Self>, req: AgentRequest) -> Result<AgentReply, String> {
+        match req {
+            AgentRequest::Create { instance } => self.create(instance).await,
+            AgentRequest::Stop { id, timeout_secs } => {
+                self.stop(&id, Duration::from_secs(timeout_secs)).await?;
+                Ok(AgentReply::Done)
+            }
+            AgentRequest::Remove { id } => self.remove(&id).await.map(|_| AgentReply::Done),
+            AgentRequest::Exec {
+                id,
+                stream,
+                cmd,
+                env,
+            } => control::exec(self, &id, stream, cmd, env).await,
+            AgentRequest::Logs { id, stream } => control::logs(self, &id, stream).await,
+            AgentRequest::Stats { id } => {
+                let port = self
+                    .instances()
+                    .get(&id)
+                    .and_then(|l| l.port)
+                    .ok_or_else(|| format!("not found: instance {id} is not running here"))?;
+                let c = self.dataplane.stats(port).await.unwrap_or_default();
+                Ok(AgentReply::Stats {
+                    port: PortStats {
+                        tx_packets: c.tx_packets,
+                        tx_bytes: c.tx_bytes,
+                        rx_packets: c.rx_packets,
+                        rx_bytes: c.rx_bytes,
+                        refused: c.refused,
+                        spoofed: c.spoofed,
+                        dropped: c.dropped,
+                    },
+                })
+            }
+        }
+    }
+
+    async fn create(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, String> {
+        let dir = self.instance_dir(&spec.id);
+        let rules = self.rules_for(&spec.net);
+        let hosts = self.hosts_for(&spec);
+        let exe = self.cfg.exe.clone();
+        let layout = self.layout.clone();
+        let spec2 = spec.clone();
+        let dir2 = dir.clone();
+        let rules2 = rules.clone();
+        let hosts2 = hosts.clone();
+        let (record, tun) = tokio::task::spawn_blocking(move || {
+            instance::create(&dir2, &exe, &layout, &spec2, &rules2, &hosts2)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| match e {
+            CreateError::Input(m) => format!("bad request: {m}"),
+            CreateError::Host(m) => m,
+        })?;
+        let pid = record.pid;
+        if let Err(e) = self.adopt(record, dir.clone(), tun).await {
+            let _ = self.stop(&spec.id, Duration::from_secs(1)).await;
+            let layout = self.layout.clone();
+            let id = spec.id.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || instance::teardown(&dir, &id, &layout)).await;
+            self.instances().remove(&spec.id);
+            return Err(e);
+        }
+        if let Some(local) = self.instances().get_mut(&spec.id) {
+            local.rules = Some(rules);
+            local.hosts = Some(hosts);
+        }
+        tracing::info!(instance = %spec.name, ip = %spec.ip, pid, "instance started");
+        Ok(AgentReply::Created { pid })
+    }
+
+    /// SIGTERM to the instance's init (which passes it to the program), SIGKILL after
+    /// `timeout`. Returns once the program has ended and the controller has been told.
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        let (init, mut exited, dir) = {
+            let instances = self.instances();
+            let local = instances
+                .get(id)
+                .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+            if local.state != InstanceState::Running {
+                return Ok(());
+            }
+            (
+                Pid::from_raw(local.record.init_pid as i32),
+                local.exited.subscribe(),
+                local.dir.clone(),
+            )
+        };
+        let _ = kill(init, Signal::SIGTERM);
+        if tokio::time::timeout(timeout, exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            instance::record_exit_if_missing(
+                &dir,
+                ExitStatus {
+                    code: None,
+                    signal: Some(Signal::SIGKILL as i32),
+                    at: now(),
+                },
+            );
+            let _ = kill(init, Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), String> {
+        self.stop(id, Duration::from_secs(10)).await?;
+        let dir = self.instance_dir(id);
+        let layout = self.layout.clone();
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || instance::teardown(&dir, &id2, &layout))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.instances().remove(id);
+        Ok(())
+    }
+
+    /// Outbound rules for an instance of `net`, from the current view.
+    fn rules_for(&self, net: &vane_proto::api::Net) -> OutboundRules {
+        let view = self.view.lock().expect("view lock");
+        let allowed = view
+            .policies
+            .iter()
+            .filter(|p| p.from == net.id)
+            .filter_map(|p| {
+                let to = view.nets.iter().find(|n| n.id == p.to)?;
+                Some((to.subnet, p.port))
+            })
+            .collect();
+        OutboundRules::for_net(net, *self.global_space.lock().expect("lock"), allowed)
+    }
+
+    fn hosts_for(&self, spec: &InstanceSpec) -> String {
+        let view = self.view.lock().expect("view lock");
+        let members: instance::HostEntries = view
+            .members
+            .iter()
+            .filter(|m| m.net == spec.net.id)
+            .map(|m| (m.name.clone(), m.hostname.clone(), m.ip))
+            .collect();
+        netconf::render_hosts((&spec.name, &spec.hostname, spec.ip), &members)
+    }
+
+    /// Applies a view pushed by the controller: the switch's tables, and each running
+    /// instance's rules and hosts file where they changed.
+    async fn apply_view(self: &Arc<Self>, view: AgentView) {
+        let nets: Vec<NetConfig> = view.nets.iter().map(net_config).collect();
+        let ports: BTreeMap<String, PortId> = self
+            .instances()
+            .iter()
+            .filter_map(|(id, l)| Some((id.clone(), l.port?)))
+            .collect();
+        let members: Vec<(u32, Ipv4Addr, Location)> = view
+            .members
+            .iter()
+            .filter(|m| m.host == self.cfg.name)
+            .filter_map(|m| Some((m.net, m.ip, Location::Local(*ports.get(&m.instance)?))))
+            .collect();
+        let policies = view
+            .policies
+            .iter()
+            .map(|p| PolicyRule {
+                from: p.from,
+                to: p.to,
+                port: p.port.map(|s| {
+                    (
+                        match s.proto {
+                            vane_proto::validate::Proto::Tcp => L4Proto::Tcp,
+                            vane_proto::validate::Proto::Udp => L4Proto::Udp,
+                        },
+                        s.port,
+                    )
+                }),
+            })
+            .collect();
+        self.dataplane.send(Command::View {
+            nets,
+            members,
+            policies,
+        });
+        *self.view.lock().expect("view lock") = view;
+
+        let updates: Vec<(
+            String,
+            PathBuf,
+            String,
+            Option<OutboundRules>,
+            Option<String>,
+        )> = {
+            let instances = self.instances();
+            instances
+                .iter()
+                .filter(|(_, l)| l.state == InstanceState::Running)
+                .filter_map(|(id, l)| {
+                    let rules = self.rules_for(&l.record.spec.net);
+                    let hosts = self.hosts_for(&l.record.spec);
+                    let rules = (l.rules.as_ref() != Some(&rules)).then_some(rules);
+                    let hosts = (l.hosts.as_ref() != Some(&hosts)).then_some(hosts);
+                    (rules.is_some() || hosts.is_some()).then(|| {
+                        (
+                            id.clone(),
+                            l.dir.clone(),
+                            l.record.netns.clone(),
+                            rules,
+                            hosts,
+                        )
+                    })
+                })
+                .collect()
+        };
+        for (id, dir, netns, rules, hosts) in updates {
+            let (r, h) = (rules.clone(), hosts.clone());
+            let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                if let Some(r) = &r {
+                    netconf::apply_rules(&netns, r)?;
+                }
+                if let Some(h) = &h {
+                    netconf::rewrite_in_place(&dir.join(launch::HOSTS_FILE), h)?;
+                }
+                Ok(())
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => {
+                    if let Some(l) = self.instances().get_mut(&id) {
+                        if rules.is_some() {
+                            l.rules = rules;
+                        }
+                        if hosts.is_some() {
+                            l.hosts = hosts;
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(instance = %id, "updating rules or hosts: {e}"),
+                Err(e) => tracing::warn!(instance = %id, "{e}"),
+            }
+        }
+    }
+}
+
+fn net_config(net: &vane_proto::api::Net) -> NetConfig {
+    NetConfig {
+        id: net.id,
+        subnet: net.subnet,
+        egress: net.egress,
+    }
+}
+
+/// Removes every instance an agent left under `state_dir`, running or not: kills their
+/// processes and removes their namespaces, devices, cgroups and state. For `vane lab down`,
+/// with the agent already stopped.
+pub fn purge_instances(state_dir: &std::path::Path) {
+    let layout = Layout::detect();
+    for found in instance::scan(&state_dir.join("instances")) {
+        let (id, dir) = match found {
+            Found::Instance(record, dir) => {
+                if instance::is_alive(&record) {
+                    // Killing PID 1 of the instance's PID namespace kills all of it.
+                    let _ = kill(Pid::from_raw(record.init_pid as i32), Signal::SIGKILL);
+                    for _ in 0..100 {
+                        if !instance::is_alive(&record) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                (record.spec.id, dir)
+            }
+            Found::HalfMade(id, dir) => (id, dir),
+        };
+        instance::teardown(&dir, &id, &layout);
+    }
+}

@@ -1,0 +1,261 @@
+//! Network configuration of an instance's namespace: its TUN device, address and route
+//! (through iproute2), the nftables rules that make a refused connection fail at once, and
+//! the /etc/hosts that resolves the names of its net's members.
+//!
+//! The rules inside the namespace only make refusals friendly (connect() and sendto() fail
+//! with EPERM instead of timing out); a root program inside can remove them, and the switch
+//! still drops what they would have refused (DESIGN.md, decision 5).
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+
+use vane_proto::api::Net;
+use vane_proto::validate::{PortSpec, Proto};
+
+/// Name of the TUN device inside every instance's namespace.
+pub const TUN_NAME: &str = "vane0";
+/// MTU of instance devices. Leaves room for the overlay header and tunnel encryption on a
+/// 1500-byte underlay.
+pub const INSTANCE_MTU: u32 = 1420;
+
+/// Runs a command, turning a non-zero exit into an error carrying its stderr.
+pub fn run(cmd: &mut Command, input: Option<&str>) -> io::Result<()> {
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("run {:?}: {e}", cmd.get_program())))?;
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return Err(io::Error::other(format!(
+            "{} {} failed: {}",
+            cmd.get_program().to_string_lossy(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+pub fn netns_path(netns: &str) -> std::path::PathBuf {
+    Path::new("/run/netns").join(netns)
+}
+
+pub fn create_netns(netns: &str) -> io::Result<()> {
+    run(Command::new("ip").args(["netns", "add", netns]), None)
+}
+
+pub fn delete_netns(netns: &str) -> io::Result<()> {
+    if !netns_path(netns).exists() {
+        return Ok(());
+    }
+    run(Command::new("ip").args(["netns", "delete", netns]), None)
+}
+
+/// Brings up loopback and the instance's TUN device with its address and a default route,
+/// and turns IPv6 off (instances are IPv4-only; the switch drops IPv6 anyway).
+pub fn configure(netns: &str, ip: Ipv4Addr) -> io::Result<()> {
+    let batch = format!(
+        "link set lo up\n\
+         link set {TUN_NAME} mtu {INSTANCE_MTU} up\n\
+         addr add {ip}/32 dev {TUN_NAME}\n\
+         route add default dev {TUN_NAME} src {ip}\n"
+    );
+    run(
+        Command::new("ip").args(["-n", netns, "-batch", "-"]),
+        Some(&batch),
+    )?;
+    run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ]),
+        None,
+    )
+}
+
+/// Which destinations an instance may open connections to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRules {
+    pub own: Ipv4Net,
+    /// (subnet, port) pairs allowed by policies; `None` allows every protocol.
+    pub allowed: Vec<(Ipv4Net, Option<PortSpec>)>,
+    pub global_space: Ipv4Net,
+    pub egress: bool,
+}
+
+impl OutboundRules {
+    pub fn for_net(
+        net: &Net,
+        global_space: Ipv4Net,
+        allowed: Vec<(Ipv4Net, Option<PortSpec>)>,
+    ) -> Self {
+        OutboundRules {
+            own: net.subnet,
+            allowed,
+            global_space,
+            egress: net.egress,
+        }
+    }
+
+    /// The nftables ruleset, replacing any previous one atomically.
+    pub fn render(&self) -> String {
+        let mut r = String::new();
+        r.push_str("table inet vane\nflush table inet vane\ntable inet vane {\n");
+        r.push_str("  chain output {\n    type filter hook output priority 0; policy accept;\n");
+        r.push_str("    oif \"lo\" accept\n    meta nfproto ipv6 drop\n");
+        r.push_str("    ct state established,related accept\n");
+        let _ = writeln!(r, "    ip daddr {} accept", self.own);
+        for (subnet, port) in &self.allowed {
+            match port {
+                None => {
+                    let _ = writeln!(r, "    ip daddr {subnet} accept");
+                }
+                Some(p) => {
+                    let proto = match p.proto {
+                        Proto::Tcp => "tcp",
+                        Proto::Udp => "udp",
+                    };
+                    let _ = writeln!(r, "    ip daddr {subnet} {proto} dport {} accept", p.port);
+                }
+            }
+        }
+        // A drop in the output hook makes the sending syscall fail with EPERM at once.
+        let _ = writeln!(r, "    ip daddr {} drop", self.global_space);
+        if !self.egress {
+            r.push_str("    drop\n");
+        }
+        r.push_str("  }\n}\n");
+        r
+    }
+}
+
+pub fn apply_rules(netns: &str, rules: &OutboundRules) -> io::Result<()> {
+    run(
+        Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]),
+        Some(&rules.render()),
+    )
+}
+
+/// /etc/hosts of an instance: itself first, then the other members of its net.
+pub fn render_hosts(own: (&str, &str, Ipv4Addr), members: &[(String, String, Ipv4Addr)]) -> String {
+    let mut out = String::from("127.0.0.1\tlocalhost\n");
+    let line = |out: &mut String, name: &str, hostname: &str, ip: Ipv4Addr| {
+        if name == hostname {
+            let _ = writeln!(out, "{ip}\t{hostname}");
+        } else {
+            let _ = writeln!(out, "{ip}\t{hostname} {name}");
+        }
+    };
+    line(&mut out, own.0, own.1, own.2);
+    for (name, hostname, ip) in members {
+        if name != own.0 {
+            line(&mut out, name, hostname, *ip);
+        }
+    }
+    out
+}
+
+/// Rewrites `path` in place. The file is bind-mounted into the instance, so it must keep
+/// its inode: a rename would leave the instance looking at the old file.
+pub fn rewrite_in_place(path: &Path, content: &str) -> io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.write_all(content.as_bytes())
+}
+
+/// The host side of egress: a TUN device that the switch writes egress packets to (their
+/// source already rewritten to a per-instance address of the egress space), with a route
+/// back and masquerading onto whatever interface leads out.
+pub fn setup_egress(device: &str, egress_space: Ipv4Net) -> io::Result<()> {
+    run(
+        Command::new("ip").args(["-batch", "-"]),
+        Some(&format!(
+            "link set {device} up\nroute replace {egress_space} dev {device}\n"
+        )),
+    )?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    let rules = format!(
+        "table ip vane_egress\nflush table ip vane_egress\ntable ip vane_egress {{\n  \
+         chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+         ip saddr {egress_space} oifname != \"{device}\" masquerade\n  }}\n}}\n"
+    );
+    run(Command::new("nft").args(["-f", "-"]), Some(&rules))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_render_policies() {
+        let rules = OutboundRules {
+            own: "10.20.0.0/24".parse().unwrap(),
+            allowed: vec![
+                (
+                    "10.10.2.0/24".parse().unwrap(),
+                    Some("80/tcp".parse().unwrap()),
+                ),
+                ("10.30.0.0/24".parse().unwrap(), None),
+            ],
+            global_space: "10.0.0.0/8".parse().unwrap(),
+            egress: false,
+        };
+        let r = rules.render();
+        assert!(r.contains("ip daddr 10.20.0.0/24 accept"));
+        assert!(r.contains("ip daddr 10.10.2.0/24 tcp dport 80 accept"));
+        assert!(r.contains("ip daddr 10.30.0.0/24 accept"));
+        assert!(r.contains("ip daddr 10.0.0.0/8 drop"));
+        assert!(r.trim_end().ends_with("drop\n  }\n}") || r.contains("    drop\n"));
+        let egress = OutboundRules {
+            egress: true,
+            ..rules
+        };
+        assert!(!egress.render().contains("    drop\n"));
+    }
+
+    #[test]
+    fn hosts_file() {
+        let h = render_hosts(
+            ("cli1", "cli1", "10.10.2.2".parse().unwrap()),
+            &[
+                ("web1".into(), "www".into(), "10.10.2.1".parse().unwrap()),
+                ("cli1".into(), "cli1".into(), "10.10.2.2".parse().unwrap()),
+            ],
+        );
+        assert_eq!(
+            h,
+            "127.0.0.1\tlocalhost\n10.10.2.2\tcli1\n10.10.2.1\twww web1\n"
+        );
+    }
+}

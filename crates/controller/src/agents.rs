@@ -1,0 +1,199 @@
+//! Connected agents: one control stream each. Requests to an agent carry an id and are
+//! answered on the same stream; streamed answers (exec, logs) arrive as binary messages
+//! tagged with a stream id and are routed to whoever waits for them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use vane_proto::stream::{AgentReply, AgentRequest, AgentView, ToAgent};
+
+use crate::state::ApiError;
+
+/// A message for an agent's socket writer.
+#[derive(Debug)]
+pub enum Outgoing {
+    Json(ToAgent),
+    /// Closes the stream (another agent took the name over).
+    Close,
+}
+
+/// A frame of a streamed answer: (kind, bytes) as in `vane_proto::api::frame`.
+pub type StreamFrame = (u8, Vec<u8>);
+
+struct Conn {
+    /// Distinguishes this connection from a later one of the same host.
+    epoch: u64,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    pending: HashMap<u64, oneshot::Sender<Result<AgentReply, String>>>,
+    streams: HashMap<u64, mpsc::Sender<StreamFrame>>,
+    last_view: Option<AgentView>,
+}
+
+#[derive(Default)]
+pub struct Agents {
+    conns: Mutex<HashMap<String, Conn>>,
+    next_id: AtomicU64,
+}
+
+/// How long the controller waits for an agent's answer. Creating an instance is the slowest
+/// request (namespaces, devices, nftables, starting the program).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Agents {
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers the connection of `host`, replacing (and closing) an older one.
+    pub fn attach(&self, host: &str, tx: mpsc::UnboundedSender<Outgoing>) -> u64 {
+        let epoch = self.next_id();
+        let old = self.conns.lock().expect("agents lock").insert(
+            host.to_string(),
+            Conn {
+                epoch,
+                tx,
+                pending: HashMap::new(),
+                streams: HashMap::new(),
+                last_view: None,
+            },
+        );
+        if let Some(old) = old {
+            let _ = old.tx.send(Outgoing::Close);
+        }
+        epoch
+    }
+
+    /// Forgets the connection of `host` if it is still the one of `epoch`; pending requests
+    /// fail and open streams end. Returns whether it was.
+    pub fn detach(&self, host: &str, epoch: u64) -> bool {
+        let mut conns = self.conns.lock().expect("agents lock");
+        if conns.get(host).map(|c| c.epoch) == Some(epoch) {
+            conns.remove(host);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn is_connected(&self, host: &str) -> bool {
+        self.conns.lock().expect("agents lock").contains_key(host)
+    }
+
+    /// Sends `body` to the agent of `host` and waits for its answer.
+    pub async fn request(&self, host: &str, body: AgentRequest) -> Result<AgentReply, ApiError> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut conns = self.conns.lock().expect("agents lock");
+            let conn = conns
+                .get_mut(host)
+                .ok_or_else(|| ApiError::Unavailable(format!("host {host:?} is offline")))?;
+            conn.pending.insert(id, tx);
+            conn.tx
+                .send(Outgoing::Json(ToAgent::Request { id, body }))
+                .map_err(|_| ApiError::Unavailable(format!("host {host:?} is offline")))?;
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(msg))) => Err(agent_error(msg)),
+            Ok(Err(_)) => Err(ApiError::Unavailable(format!(
+                "host {host:?} disconnected before answering"
+            ))),
+            Err(_) => {
+                if let Some(c) = self.conns.lock().expect("agents lock").get_mut(host) {
+                    c.pending.remove(&id);
+                }
+                Err(ApiError::Unavailable(format!(
+                    "host {host:?} did not answer within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// Opens a stream for a streamed answer from `host`; frames arrive on the receiver.
+    pub fn open_stream(&self, host: &str) -> Result<(u64, mpsc::Receiver<StreamFrame>), ApiError> {
+        let id = self.next_id();
+        let (tx, rx) = mpsc::channel(256);
+        let mut conns = self.conns.lock().expect("agents lock");
+        let conn = conns
+            .get_mut(host)
+            .ok_or_else(|| ApiError::Unavailable(format!("host {host:?} is offline")))?;
+        conn.streams.insert(id, tx);
+        Ok((id, rx))
+    }
+
+    pub fn close_stream(&self, host: &str, id: u64) {
+        if let Some(c) = self.conns.lock().expect("agents lock").get_mut(host) {
+            c.streams.remove(&id);
+        }
+    }
+
+    pub fn resolve(&self, host: &str, id: u64, result: Result<AgentReply, String>) {
+        let waiter = self
+            .conns
+            .lock()
+            .expect("agents lock")
+            .get_mut(host)
+            .and_then(|c| c.pending.remove(&id));
+        if let Some(w) = waiter {
+            let _ = w.send(result);
+        }
+    }
+
+    /// The sender of stream `id` of `host`, if someone still listens.
+    pub fn stream_sender(&self, host: &str, id: u64) -> Option<mpsc::Sender<StreamFrame>> {
+        self.conns
+            .lock()
+            .expect("agents lock")
+            .get(host)
+            .and_then(|c| c.streams.get(&id).cloned())
+    }
+
+    pub fn send(&self, host: &str, msg: ToAgent) {
+        if let Some(c) = self.conns.lock().expect("agents lock").get(host) {
+            let _ = c.tx.send(Outgoing::Json(msg));
+        }
+    }
+
+    /// Sends `view` to `host` unless it already has exactly this view.
+    pub fn push_view(&self, host: &str, view: AgentView) {
+        let mut conns = self.conns.lock().expect("agents lock");
+        if let Some(c) = conns.get_mut(host) {
+            if c.last_view.as_ref() != Some(&view) {
+                c.last_view = Some(view.clone());
+                let _ = c.tx.send(Outgoing::Json(ToAgent::View(view)));
+            }
+        }
+    }
+
+    pub fn connected(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .conns
+            .lock()
+            .expect("agents lock")
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Agents prefix their errors with the class of failure so that the CLI can tell a user
+/// error (bad program name) from a host failure.
+fn agent_error(msg: String) -> ApiError {
+    if let Some(m) = msg.strip_prefix("bad request: ") {
+        ApiError::BadRequest(m.to_string())
+    } else if let Some(m) = msg.strip_prefix("not found: ") {
+        ApiError::NotFound(m.to_string())
+    } else if let Some(m) = msg.strip_prefix("conflict: ") {
+        ApiError::Conflict(m.to_string())
+    } else {
+        ApiError::Internal(msg)
+    }
+}

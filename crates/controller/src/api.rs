@@ -1,0 +1,355 @@
+//! HTTP/JSON API (docs/api.md). Handlers validate against the model, commit, talk to the
+//! agent that owns the instance, and answer with the stored object or `{"error": "..."}`.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State as AxState, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use vane_proto::api::{
+    frame, ErrorBody, ExecSpec, Host, Instance, InstanceState, InstanceStats, Net, NetSpec, Policy,
+    PolicySpec, RunSpec, Status,
+};
+use vane_proto::stream::{AgentReply, AgentRequest};
+
+use crate::agents::StreamFrame;
+use crate::state::ApiError;
+use crate::{now, Controller};
+
+type Ctl = AxState<Arc<Controller>>;
+type ApiResult<T> = Result<T, ApiError>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+pub fn router(ctl: Arc<Controller>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/nets", get(list_nets).post(create_net))
+        .route("/v1/nets/{name}", delete(remove_net))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/instances", get(list_instances).post(run_instance))
+        .route(
+            "/v1/instances/{name}",
+            get(inspect_instance).delete(remove_instance),
+        )
+        .route("/v1/instances/{name}/stop", post(stop_instance))
+        .route("/v1/instances/{name}/exec", post(exec_instance))
+        .route("/v1/instances/{name}/logs", get(instance_logs))
+        .route("/v1/instances/{name}/stats", get(instance_stats))
+        .route("/v1/policies", get(list_policies).post(create_policy))
+        .route("/v1/policies/{id}", delete(remove_policy))
+        .route("/v1/agents/connect", get(agent_connect))
+        .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })
+        .with_state(ctl)
+}
+
+/// Parses a JSON body with an error that says what is wrong with it.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))
+}
+
+async fn status(AxState(c): Ctl) -> Json<Status> {
+    let s = c.state();
+    let counts = [
+        ("nets".to_string(), s.nets.len()),
+        ("instances".to_string(), s.instances.len()),
+        ("hosts".to_string(), s.hosts.len()),
+        ("policies".to_string(), s.policies.len()),
+    ]
+    .into_iter()
+    .collect();
+    Json(Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        config: s.config.clone(),
+        counts,
+    })
+}
+
+async fn list_nets(AxState(c): Ctl) -> Json<Vec<Net>> {
+    Json(c.state().nets.values().cloned().collect())
+}
+
+async fn create_net(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Net>)> {
+    let spec: NetSpec = parse(&body)?;
+    let mut s = c.state();
+    let (net, batch) = s.create_net(spec, now())?;
+    c.commit(batch)?;
+    Ok((StatusCode::CREATED, Json(net)))
+}
+
+async fn remove_net(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let mut s = c.state();
+    let batch = s.remove_net(&name)?;
+    c.commit(batch)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_hosts(AxState(c): Ctl) -> Json<Vec<Host>> {
+    let s = c.state();
+    Json(
+        s.hosts
+            .values()
+            .map(|h| Host {
+                instances: s.instances_on(&h.name),
+                ..h.clone()
+            })
+            .collect(),
+    )
+}
+
+async fn list_instances(AxState(c): Ctl) -> Json<Vec<Instance>> {
+    let s = c.state();
+    let mut v: Vec<Instance> = s.instances.values().cloned().collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(v)
+}
+
+async fn inspect_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
+    Ok(Json(c.state().instance_by_name(&name)?.clone()))
+}
+
+fn new_instance_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Instance>)> {
+    let spec: RunSpec = parse(&body)?;
+    let (spec, host) = {
+        let mut s = c.state();
+        let (spec, batch) = s.plan_instance(spec, new_instance_id(), now())?;
+        c.commit(batch)?;
+        let host = s.instances[&spec.id].host.clone();
+        (spec, host)
+    };
+    let id = spec.id.clone();
+    // The host gets the net's policies and members before it sets the instance up, so the
+    // instance starts with its rules in place.
+    c.push_views();
+    let result = c
+        .agents
+        .request(&host, AgentRequest::Create { instance: spec })
+        .await;
+    let answer = {
+        let mut s = c.state();
+        match result {
+            Ok(reply) => {
+                if let Some(inst) = s.instances.get_mut(&id) {
+                    // A report that the program already exited may have overtaken us.
+                    if inst.state == InstanceState::Creating {
+                        inst.state = InstanceState::Running;
+                        if let AgentReply::Created { pid } = reply {
+                            inst.pid = Some(pid);
+                        }
+                    }
+                    let inst = inst.clone();
+                    let mut batch = crate::store::Batch::default();
+                    batch.put(&inst);
+                    c.commit(batch)?;
+                    Ok((StatusCode::CREATED, Json(inst)))
+                } else {
+                    Err(ApiError::Internal(
+                        "instance vanished while starting".into(),
+                    ))
+                }
+            }
+            Err(e) => {
+                // Nothing half-made: the agent cleaned up its side, we forget ours.
+                let batch = s.drop_instance(&id);
+                c.commit(batch)?;
+                Err(e)
+            }
+        }
+    };
+    c.push_views();
+    answer
+}
+
+async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
+    let (id, host) = {
+        let s = c.state();
+        let inst = s.instance_by_name(&name)?;
+        (inst.id.clone(), inst.host.clone())
+    };
+    c.agents
+        .request(
+            &host,
+            AgentRequest::Stop {
+                id: id.clone(),
+                timeout_secs: 10,
+            },
+        )
+        .await?;
+    c.push_views();
+    let s = c.state();
+    Ok(Json(s.instances.get(&id).cloned().ok_or_else(|| {
+        ApiError::NotFound(format!("unknown instance {name:?}"))
+    })?))
+}
+
+#[derive(Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn remove_instance(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult<StatusCode> {
+    let (id, host) = {
+        let s = c.state();
+        let inst = s.instance_by_name(&name)?;
+        (inst.id.clone(), inst.host.clone())
+    };
+    if c.agents.is_connected(&host) {
+        c.agents
+            .request(&host, AgentRequest::Remove { id: id.clone() })
+            .await?;
+    } else if !q.force {
+        return Err(ApiError::Unavailable(format!(
+            "host {host:?} of instance {name:?} is offline (--force forgets the instance anyway)"
+        )));
+    }
+    {
+        let mut s = c.state();
+        let batch = s.drop_instance(&id);
+        c.commit(batch)?;
+    }
+    c.push_views();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn running_instance(c: &Controller, name: &str) -> ApiResult<(String, String)> {
+    let s = c.state();
+    let inst = s.instance_by_name(name)?;
+    if inst.state != InstanceState::Running {
+        return Err(ApiError::Conflict(format!(
+            "instance {name:?} is not running ({})",
+            inst.state.as_str()
+        )));
+    }
+    Ok((inst.id.clone(), inst.host.clone()))
+}
+
+async fn exec_instance(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let spec: ExecSpec = parse(&body)?;
+    if spec.cmd.is_empty() {
+        return Err(ApiError::BadRequest(
+            "no command given: vane exec NAME -- CMD [ARGS...]".into(),
+        ));
+    }
+    let (id, host) = running_instance(&c, &name)?;
+    streamed(c, host, |stream| AgentRequest::Exec {
+        id,
+        stream,
+        cmd: spec.cmd,
+        env: spec.env,
+    })
+    .await
+}
+
+async fn instance_logs(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Response> {
+    let (id, host) = {
+        let s = c.state();
+        let inst = s.instance_by_name(&name)?;
+        (inst.id.clone(), inst.host.clone())
+    };
+    streamed(c, host, |stream| AgentRequest::Logs { id, stream }).await
+}
+
+/// Sends a request whose answer is a stream, and turns the stream into the response body.
+async fn streamed(
+    c: Arc<Controller>,
+    host: String,
+    request: impl FnOnce(u64) -> AgentRequest,
+) -> ApiResult<Response> {
+    let (stream, rx) = c.agents.open_stream(&host)?;
+    if let Err(e) = c.agents.request(&host, request(stream)).await {
+        c.agents.close_stream(&host, stream);
+        return Err(e);
+    }
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        let (kind, data): StreamFrame = rx.recv().await?;
+        let mut out = Vec::with_capacity(5 + data.len());
+        frame::encode(&mut out, kind, &data);
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), rx))
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/vnd.vane.stream")
+        .body(Body::from_stream(body))
+        .expect("static response parts"))
+}
+
+async fn instance_stats(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+) -> ApiResult<Json<InstanceStats>> {
+    let (id, host) = running_instance(&c, &name)?;
+    match c.agents.request(&host, AgentRequest::Stats { id }).await? {
+        AgentReply::Stats { port } => Ok(Json(InstanceStats { name, port })),
+        other => Err(ApiError::Internal(format!(
+            "unexpected answer from host {host:?}: {other:?}"
+        ))),
+    }
+}
+
+async fn list_policies(AxState(c): Ctl) -> Json<Vec<Policy>> {
+    Json(c.state().policies.values().cloned().collect())
+}
+
+async fn create_policy(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Policy>)> {
+    let spec: PolicySpec = parse(&body)?;
+    let policy = {
+        let mut s = c.state();
+        let (policy, batch) = s.add_policy(spec)?;
+        c.commit(batch)?;
+        policy
+    };
+    c.push_views();
+    Ok((StatusCode::CREATED, Json(policy)))
+}
+
+async fn remove_policy(AxState(c): Ctl, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id: u32 = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("invalid policy id {id:?}")))?;
+    {
+        let mut s = c.state();
+        let batch = s.remove_policy(id)?;
+        c.commit(batch)?;
+    }
+    c.push_views();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn agent_connect(AxState(c): Ctl, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |socket| crate::session::run(c, socket))
+}

@@ -1,0 +1,147 @@
+//! One agent's control stream, from its `Hello` to its disconnection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use vane_proto::api::frame;
+use vane_proto::stream::{decode_stream_data, AgentRequest, FromAgent, ToAgent};
+use vane_proto::validate;
+
+use crate::agents::Outgoing;
+use crate::{now, Controller};
+
+pub async fn run(c: Arc<Controller>, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let hello = match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<FromAgent>(&t).ok(),
+        _ => None,
+    };
+    let Some(FromAgent::Hello {
+        name,
+        locator,
+        instances,
+    }) = hello
+    else {
+        tracing::warn!("agent connection without a valid hello, closed");
+        return;
+    };
+    if let Err(e) = validate::name("host name", &name) {
+        tracing::warn!("agent refused: {e}");
+        return;
+    }
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let epoch = c.agents.attach(&name, tx);
+    let (host_id, unknown) = {
+        let mut s = c.state();
+        let batch = s.host_online(&name, locator, now());
+        let (reconciled, unknown) = s.reconcile(&name, &instances);
+        if let Err(e) = c.commit(batch).and_then(|_| c.commit(reconciled)) {
+            tracing::error!(host = %name, "cannot record host: {e}");
+        }
+        (s.hosts[&name].id, unknown)
+    };
+    tracing::info!(host = %name, ?locator, instances = instances.len(), "agent connected");
+    let config = c.state().config.clone();
+    c.agents.send(&name, ToAgent::Welcome { host_id, config });
+    for id in unknown {
+        // The store does not know these (they were removed while the host was away, or the
+        // store was replaced); the host removes them rather than keep orphans running.
+        tracing::warn!(host = %name, instance = %id, "host runs an unknown instance, removing it");
+        let c = c.clone();
+        let host = name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = c.agents.request(&host, AgentRequest::Remove { id }).await {
+                tracing::warn!(host = %host, "removing unknown instance: {e}");
+            }
+        });
+    }
+    c.push_views();
+
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let sent = match msg {
+                Outgoing::Json(m) => {
+                    let text = serde_json::to_string(&m).expect("messages serialize");
+                    sink.send(Message::Text(text.into())).await
+                }
+                Outgoing::Close => break,
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut shutdown = c.shutdown.subscribe();
+    loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let Some(Ok(msg)) = msg else { break };
+        match msg {
+            Message::Text(t) => match serde_json::from_str::<FromAgent>(&t) {
+                Ok(m) => handle(&c, &name, m),
+                Err(e) => tracing::warn!(host = %name, "bad message from agent: {e}"),
+            },
+            Message::Binary(b) => route_stream_data(&c, &name, &b).await,
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+    writer.abort();
+    if c.agents.detach(&name, epoch) {
+        let mut s = c.state();
+        let batch = s.host_offline(&name, now());
+        if let Err(e) = c.commit(batch) {
+            tracing::error!(host = %name, "cannot record host offline: {e}");
+        }
+        tracing::info!(host = %name, "agent disconnected");
+    }
+}
+
+fn handle(c: &Controller, host: &str, msg: FromAgent) {
+    match msg {
+        FromAgent::Hello { .. } => tracing::warn!(host, "second hello ignored"),
+        FromAgent::Response { id, result } => c.agents.resolve(host, id, result),
+        FromAgent::Report(report) => {
+            let changed = {
+                let mut s = c.state();
+                match s.apply_report(&report) {
+                    Some(batch) => {
+                        if let Err(e) = c.commit(batch) {
+                            tracing::error!(host, "cannot record report: {e}");
+                        }
+                        true
+                    }
+                    None => false,
+                }
+            };
+            if changed {
+                c.push_views();
+            }
+        }
+    }
+}
+
+async fn route_stream_data(c: &Controller, host: &str, msg: &[u8]) {
+    let Some((id, mut bytes)) = decode_stream_data(msg) else {
+        return;
+    };
+    let Ok(Some((kind, data))) = frame::read(&mut bytes) else {
+        return;
+    };
+    let Some(tx) = c.agents.stream_sender(host, id) else {
+        return;
+    };
+    let last = kind == frame::EXIT || kind == frame::ERROR;
+    if tx.send((kind, data)).await.is_err() || last {
+        c.agents.close_stream(host, id);
+    }
+}

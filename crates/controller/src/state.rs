@@ -1,0 +1,684 @@
+//! The controller's model: nets, hosts, instances and policies, and the rules that keep
+//! them consistent. No I/O here: each change returns the `Batch` to persist, and the caller
+//! commits it before answering, so these rules are tested without sockets or disks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnet::Ipv4Net;
+
+use vane_proto::api::{
+    ClusterConfig, Host, HostState, Instance, InstanceState, Net, NetSpec, Policy, PolicySpec,
+    RunSpec,
+};
+use vane_proto::stream::{AgentView, InstanceReport, InstanceSpec, Member, PolicyRule};
+use vane_proto::validate;
+
+use crate::store::{Batch, Counters, Snapshot};
+
+/// An error of the API, with the HTTP status class it maps to.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<validate::InputError> for ApiError {
+    fn from(e: validate::InputError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub config: ClusterConfig,
+    counters: Counters,
+    pub nets: BTreeMap<String, Net>,
+    /// By instance id.
+    pub instances: BTreeMap<String, Instance>,
+    pub hosts: BTreeMap<String, Host>,
+    pub policies: BTreeMap<u32, Policy>,
+}
+
+impl State {
+    /// Builds the state from what the store holds. A new store takes `config`; an existing
+    /// one keeps the config it was created with. Every host starts offline until its agent
+    /// connects again.
+    pub fn from_snapshot(snap: Snapshot, config: ClusterConfig) -> (State, Batch) {
+        let mut batch = Batch::default();
+        let config = match snap.config {
+            Some(c) => c,
+            None => {
+                batch.config(&config);
+                config
+            }
+        };
+        let mut state = State {
+            config,
+            counters: snap.counters,
+            nets: snap.nets.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            instances: snap
+                .instances
+                .into_iter()
+                .map(|i| (i.id.clone(), i))
+                .collect(),
+            hosts: snap
+                .hosts
+                .into_iter()
+                .map(|h| (h.name.clone(), h))
+                .collect(),
+            policies: snap.policies.into_iter().map(|p| (p.id, p)).collect(),
+        };
+        for host in state.hosts.values_mut() {
+            host.state = HostState::Offline;
+        }
+        (state, batch)
+    }
+
+    pub fn net(&self, name: &str) -> Result<&Net, ApiError> {
+        self.nets
+            .get(name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown net {name:?}")))
+    }
+
+    pub fn instance_by_name(&self, name: &str) -> Result<&Instance, ApiError> {
+        self.instances
+            .values()
+            .find(|i| i.name == name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))
+    }
+
+    pub fn create_net(&mut self, spec: NetSpec, now: u64) -> Result<(Net, Batch), ApiError> {
+        validate::name("net name", &spec.name)?;
+        validate::name("tenant", &spec.tenant)?;
+        if self.nets.contains_key(&spec.name) {
+            return Err(ApiError::Conflict(format!(
+                "net {:?} already exists",
+                spec.name
+            )));
+        }
+        if spec.subnet.trunc() != spec.subnet {
+            return Err(ApiError::BadRequest(format!(
+                "subnet {} has host bits set (did you mean {}?)",
+                spec.subnet,
+                spec.subnet.trunc()
+            )));
+        }
+        if spec.subnet.prefix_len() > 30 {
+            return Err(ApiError::BadRequest(format!(
+                "subnet {} is too small: a net needs at least a /30",
+                spec.subnet
+            )));
+        }
+        if !self.config.global_space.contains(&spec.subnet) {
+            return Err(ApiError::BadRequest(format!(
+                "subnet {} is outside the global virtual space {}",
+                spec.subnet, self.config.global_space
+            )));
+        }
+        // Overlapping subnets are how tenants keep their own address plans; within one
+        // tenant they would make addresses ambiguous.
+        if let Some(other) = self
+            .nets
+            .values()
+            .find(|n| n.tenant == spec.tenant && overlaps(&n.subnet, &spec.subnet))
+        {
+            return Err(ApiError::Conflict(format!(
+                "subnet {} overlaps net {:?} ({}) of the same tenant {:?}",
+                spec.subnet, other.name, other.subnet, spec.tenant
+            )));
+        }
+        self.counters.net += 1;
+        let net = Net {
+            id: self.counters.net,
+            name: spec.name,
+            tenant: spec.tenant,
+            subnet: spec.subnet,
+            egress: spec.egress,
+            created: now,
+        };
+        let mut batch = Batch::default();
+        batch.put(&net).counters(&self.counters);
+        self.nets.insert(net.name.clone(), net.clone());
+        Ok((net, batch))
+    }
+
+    pub fn remove_net(&mut self, name: &str) -> Result<Batch, ApiError> {
+        let net = self.net(name)?.clone();
+        let users: Vec<&str> = self
+            .instances
+            .values()
+            .filter(|i| i.net == net.name)
+            .map(|i| i.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "net {name:?} is used by instances: {}",
+                users.join(", ")
+            )));
+        }
+        let rules: Vec<String> = self
+            .policies
+            .values()
+            .filter(|p| p.from == net.name || p.to == net.name)
+            .map(|p| p.id.to_string())
+            .collect();
+        if !rules.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "net {name:?} is named in policies {}: remove them first",
+                rules.join(", ")
+            )));
+        }
+        self.nets.remove(name);
+        let mut batch = Batch::default();
+        batch.delete(&net);
+        Ok(batch)
+    }
+
+    /// Validates a run request, places it, allocates its address and records the instance
+    /// as `Creating`, so that the name and address are reserved while its host sets it up.
+    pub fn plan_instance(
+        &mut self,
+        spec: RunSpec,
+        id: String,
+        now: u64,
+    ) -> Result<(InstanceSpec, Batch), ApiError> {
+        if spec.cmd.is_empty() {
+            return Err(ApiError::BadRequest(
+                "no command given: vane run --net NET -- CMD [ARGS...]".into(),
+            ));
+        }
+        let net = self.net(&spec.net)?.clone();
+        let name = match spec.name {
+            Some(n) => n,
+            None => format!("{}-{}", net.name, &id[..6]),
+        };
+        validate::name("instance name", &name)?;
+        if self.instances.values().any(|i| i.name == name) {
+            return Err(ApiError::Conflict(format!(
+                "instance {name:?} already exists"
+            )));
+        }
+        let hostname = spec.hostname.unwrap_or_else(|| name.clone());
+        validate::hostname(&hostname)?;
+        for (k, v) in &spec.env {
+            validate::env_pair(&format!("{k}={v}"))?;
+        }
+        let host = match spec.host {
+            Some(h) => {
+                let host = self
+                    .hosts
+                    .get(&h)
+                    .ok_or_else(|| ApiError::NotFound(format!("unknown host {h:?}")))?;
+                if host.state != HostState::Online {
+                    return Err(ApiError::Unavailable(format!("host {h:?} is offline")));
+                }
+                h
+            }
+            None => self.least_loaded_host()?,
+        };
+        let ip = match spec.ip {
+            Some(ip) => {
+                if !net.subnet.contains(&ip) {
+                    return Err(ApiError::BadRequest(format!(
+                        "address {ip} is outside net {:?} ({})",
+                        net.name, net.subnet
+                    )));
+                }
+                if ip == net.subnet.network() || ip == net.subnet.broadcast() {
+                    return Err(ApiError::BadRequest(format!(
+                        "address {ip} is the network or broadcast address of {}",
+                        net.subnet
+                    )));
+                }
+                if let Some(other) = self.member_at(&net.name, ip) {
+                    return Err(ApiError::Conflict(format!(
+                        "address {ip} is already in use by instance {:?} in net {:?}",
+                        other.name, net.name
+                    )));
+                }
+                ip
+            }
+            None => self.free_address(&net)?,
+        };
+        let instance = Instance {
+            id: id.clone(),
+            name: name.clone(),
+            net: net.name.clone(),
+            ip,
+            hostname: hostname.clone(),
+            host,
+            cmd: spec.cmd.clone(),
+            env: spec.env.clone(),
+            state: InstanceState::Creating,
+            pid: None,
+            exit: None,
+            created: now,
+        };
+        let mut batch = Batch::default();
+        batch.put(&instance);
+        self.instances.insert(id.clone(), instance);
+        Ok((
+            InstanceSpec {
+                id,
+                name,
+                net,
+                ip,
+                hostname,
+                cmd: spec.cmd,
+                env: spec.env,
+            },
+            batch,
+        ))
+    }
+
+    fn member_at(&self, net: &str, ip: Ipv4Addr) -> Option<&Instance> {
+        self.instances.values().find(|i| i.net == net && i.ip == ip)
+    }
+
+    fn free_address(&self, net: &Net) -> Result<Ipv4Addr, ApiError> {
+        let used: BTreeSet<Ipv4Addr> = self
+            .instances
+            .values()
+            .filter(|i| i.net == net.name)
+            .map(|i| i.ip)
+            .collect();
+        net.subnet
+            .hosts()
+            .find(|ip| !used.contains(ip))
+            .ok_or_else(|| {
+                ApiError::Conflict(format!(
+                    "net {:?} ({}) has no free address left",
+                    net.name, net.subnet
+                ))
+            })
+    }
+
+    fn least_loaded_host(&self) -> Result<String, ApiError> {
+        self.hosts
+            .values()
+            .filter(|h| h.state == HostState::Online)
+            .min_by_key(|h| (self.instances_on(&h.name), h.name.clone()))
+            .map(|h| h.name.clone())
+            .ok_or_else(|| {
+                ApiError::Unavailable("no host is online: start an agent (vane agent)".into())
+            })
+    }
+
+    pub fn instances_on(&self, host: &str) -> usize {
+        self.instances.values().filter(|i| i.host == host).count()
+    }
+
+    /// Applies what an agent reports about an instance; returns the batch if anything
+    /// changed.
+    pub fn apply_report(&mut self, report: &InstanceReport) -> Option<Batch> {
+        let inst = self.instances.get_mut(&report.id)?;
+        if inst.state == report.state && inst.pid == report.pid && inst.exit == report.exit {
+            return None;
+        }
+        inst.state = report.state;
+        inst.pid = report.pid;
+        inst.exit = report.exit;
+        let mut batch = Batch::default();
+        batch.put(&*inst);
+        Some(batch)
+    }
+
+    /// Forgets an instance (after its host removed it, or when it failed to start).
+    pub fn drop_instance(&mut self, id: &str) -> Batch {
+        let mut batch = Batch::default();
+        if let Some(inst) = self.instances.remove(id) {
+            batch.delete(&inst);
+        }
+        batch
+    }
+
+    pub fn add_policy(&mut self, spec: PolicySpec) -> Result<(Policy, Batch), ApiError> {
+        let from = self.net(&spec.from)?.clone();
+        let to = self.net(&spec.to)?.clone();
+        if from.name == to.name {
+            return Err(ApiError::BadRequest(format!(
+                "net {:?} always reaches itself: a policy needs two different nets",
+                from.name
+            )));
+        }
+        if let Some(p) = self
+            .policies
+            .values()
+            .find(|p| p.from == from.name && p.to == to.name && p.port == spec.port)
+        {
+            return Err(ApiError::Conflict(format!(
+                "policy {} already allows this",
+                p.id
+            )));
+        }
+        // An address must name one member: from `from`'s point of view its own subnet and
+        // the subnets of every net it may reach must not overlap.
+        if overlaps(&from.subnet, &to.subnet) {
+            return Err(ApiError::Conflict(format!(
+                "ambiguous: {:?} ({}) overlaps {:?}'s own subnet {}",
+                to.name, to.subnet, from.name, from.subnet
+            )));
+        }
+        for p in self.policies.values().filter(|p| p.from == from.name) {
+            let other = self.net(&p.to)?;
+            if other.name != to.name && overlaps(&other.subnet, &to.subnet) {
+                return Err(ApiError::Conflict(format!(
+                    "ambiguous: {:?} may already reach {:?} ({}), which overlaps {:?} ({})",
+                    from.name, other.name, other.subnet, to.name, to.subnet
+                )));
+            }
+        }
+        self.counters.policy += 1;
+        let policy = Policy {
+            id: self.counters.policy,
+            from: from.name,
+            to: to.name,
+            port: spec.port,
+        };
+        let mut batch = Batch::default();
+        batch.put(&policy).counters(&self.counters);
+        self.policies.insert(policy.id, policy.clone());
+        Ok((policy, batch))
+    }
+
+    pub fn remove_policy(&mut self, id: u32) -> Result<Batch, ApiError> {
+        let policy = self
+            .policies
+            .remove(&id)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown policy {id}")))?;
+        let mut batch = Batch::default();
+        batch.delete(&policy);
+        Ok(batch)
+    }
+
+    /// Records that the agent of `name` connected from `locator`.
+    pub fn host_online(&mut self, name: &str, locator: Option<SocketAddr>, now: u64) -> Batch {
+        let counters = &mut self.counters;
+        let mut batch = Batch::default();
+        let host = self.hosts.entry(name.to_string()).or_insert_with(|| {
+            counters.host += 1;
+            batch.counters(counters);
+            Host {
+                id: counters.host,
+                name: name.to_string(),
+                locator,
+                state: HostState::Offline,
+                instances: 0,
+                since: now,
+            }
+        });
+        host.state = HostState::Online;
+        host.locator = locator;
+        host.since = now;
+        batch.put(&*host);
+        batch
+    }
+
+    pub fn host_offline(&mut self, name: &str, now: u64) -> Batch {
+        let mut batch = Batch::default();
+        if let Some(host) = self.hosts.get_mut(name) {
+            host.state = HostState::Offline;
+            host.since = now;
+            batch.put(&*host);
+        }
+        batch
+    }
+
+    /// Reconciles the controller's instances on `host` with what its agent reports after
+    /// (re)connecting: reported ones take the agent's state; ones the agent does not know
+    /// are lost (their host's state was wiped). Returns the ids the agent has that the
+    /// controller does not know.
+    pub fn reconcile(&mut self, host: &str, reports: &[InstanceReport]) -> (Batch, Vec<String>) {
+        let mut batch = Batch::default();
+        let by_id: BTreeMap<&str, &InstanceReport> =
+            reports.iter().map(|r| (r.id.as_str(), r)).collect();
+        for inst in self.instances.values_mut().filter(|i| i.host == host) {
+            let (state, pid, exit) = match by_id.get(inst.id.as_str()) {
+                Some(r) => (r.state, r.pid, r.exit),
+                None => (InstanceState::Lost, None, inst.exit),
+            };
+            if (inst.state, inst.pid, inst.exit) != (state, pid, exit) {
+                inst.state = state;
+                inst.pid = pid;
+                inst.exit = exit;
+                batch.put(&*inst);
+            }
+        }
+        let unknown = reports
+            .iter()
+            .filter(|r| !self.instances.contains_key(&r.id))
+            .map(|r| r.id.clone())
+            .collect();
+        (batch, unknown)
+    }
+
+    /// What the agent of `host` needs to switch its instances' packets.
+    pub fn view_for(&self, host: &str) -> AgentView {
+        let local: BTreeSet<&str> = self
+            .instances
+            .values()
+            .filter(|i| i.host == host)
+            .map(|i| i.net.as_str())
+            .collect();
+        let policies: Vec<&Policy> = self
+            .policies
+            .values()
+            .filter(|p| local.contains(p.from.as_str()) || local.contains(p.to.as_str()))
+            .collect();
+        let mut wanted = local.clone();
+        for p in &policies {
+            wanted.insert(p.from.as_str());
+            wanted.insert(p.to.as_str());
+        }
+        let nets: Vec<Net> = wanted
+            .iter()
+            .filter_map(|n| self.nets.get(*n).cloned())
+            .collect();
+        let id_of = |name: &str| self.nets.get(name).map(|n| n.id);
+        let members = self
+            .instances
+            .values()
+            .filter(|i| wanted.contains(i.net.as_str()))
+            .filter(|i| matches!(i.state, InstanceState::Running | InstanceState::Creating))
+            .filter_map(|i| {
+                Some(Member {
+                    net: id_of(&i.net)?,
+                    ip: i.ip,
+                    name: i.name.clone(),
+                    hostname: i.hostname.clone(),
+                    host: i.host.clone(),
+                    instance: i.id.clone(),
+                })
+            })
+            .collect();
+        let policies = policies
+            .iter()
+            .filter_map(|p| {
+                Some(PolicyRule {
+                    from: id_of(&p.from)?,
+                    to: id_of(&p.to)?,
+                    port: p.port,
+                })
+            })
+            .collect();
+        AgentView {
+            nets,
+            members,
+            policies,
+        }
+    }
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vane_proto::validate::PortSpec;
+
+    fn state_with_host() -> State {
+        let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
+        s.host_online("h1", None, 0);
+        s
+    }
+
+    fn net(s: &mut State, name: &str, subnet: &str, tenant: &str) -> Result<Net, ApiError> {
+        s.create_net(
+            NetSpec {
+                name: name.into(),
+                subnet: subnet.parse().unwrap(),
+                tenant: tenant.into(),
+                egress: false,
+            },
+            0,
+        )
+        .map(|(n, _)| n)
+    }
+
+    fn run(s: &mut State, name: &str, net: &str, ip: Option<&str>) -> Result<Ipv4Addr, ApiError> {
+        let id = format!("{name}-0123456789");
+        s.plan_instance(
+            RunSpec {
+                name: Some(name.into()),
+                net: net.into(),
+                ip: ip.map(|i| i.parse().unwrap()),
+                cmd: vec!["true".into()],
+                ..Default::default()
+            },
+            id,
+            0,
+        )
+        .map(|(spec, _)| spec.ip)
+    }
+
+    #[test]
+    fn nets_of_different_tenants_may_overlap() {
+        let mut s = state_with_host();
+        let red = net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+        let blue = net(&mut s, "blue", "10.10.2.0/24", "b").unwrap();
+        assert_ne!(red.id, blue.id);
+        assert!(matches!(
+            net(&mut s, "pink", "10.10.0.0/16", "a"),
+            Err(ApiError::Conflict(_))
+        ));
+        assert!(matches!(
+            net(&mut s, "red", "10.30.0.0/24", "c"),
+            Err(ApiError::Conflict(_))
+        ));
+        assert!(matches!(
+            net(&mut s, "out", "192.168.0.0/24", "c"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            net(&mut s, "bits", "10.40.0.1/24", "c"),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn addresses_are_allocated_and_checked() {
+        let mut s = state_with_host();
+        net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+        assert_eq!(
+            run(&mut s, "web1", "red", Some("10.10.2.1")).unwrap(),
+            "10.10.2.1".parse::<Ipv4Addr>().unwrap()
+        );
+        assert_eq!(
+            run(&mut s, "cli1", "red", None).unwrap(),
+            "10.10.2.2".parse::<Ipv4Addr>().unwrap()
+        );
+        let e = run(&mut s, "web2", "red", Some("10.10.2.1")).unwrap_err();
+        assert!(e.to_string().contains("already in use"), "{e}");
+        let e = run(&mut s, "web3", "red", Some("10.10.3.1")).unwrap_err();
+        assert!(e.to_string().contains("outside"), "{e}");
+        let e = run(&mut s, "web1", "red", None).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        let e = run(&mut s, "x", "nope", None).unwrap_err();
+        assert_eq!(e, ApiError::NotFound("unknown net \"nope\"".into()));
+        let e = s.remove_net("red").unwrap_err();
+        assert!(e.to_string().contains("web1"), "{e}");
+    }
+
+    #[test]
+    fn ambiguous_policies_are_refused() {
+        let mut s = state_with_host();
+        net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+        net(&mut s, "blue", "10.10.2.0/24", "b").unwrap();
+        net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
+        net(&mut s, "teal", "10.10.2.0/25", "c").unwrap();
+        let allow = |s: &mut State, from: &str, to: &str, port: Option<&str>| {
+            s.add_policy(PolicySpec {
+                from: from.into(),
+                to: to.into(),
+                port: port.map(|p| p.parse::<PortSpec>().unwrap()),
+            })
+        };
+        allow(&mut s, "green", "red", Some("80/tcp")).unwrap();
+        allow(&mut s, "green", "red", Some("443/tcp")).unwrap();
+        assert!(matches!(
+            allow(&mut s, "green", "red", Some("80/tcp")),
+            Err(ApiError::Conflict(_))
+        ));
+        let e = allow(&mut s, "green", "teal", None).unwrap_err();
+        assert!(e.to_string().contains("ambiguous"), "{e}");
+        let e = allow(&mut s, "red", "blue", None).unwrap_err();
+        assert!(e.to_string().contains("ambiguous"), "{e}");
+        assert!(allow(&mut s, "red", "red", None).is_err());
+        allow(&mut s, "red", "green", None).unwrap();
+        let e = s.remove_net("green").unwrap_err();
+        assert!(e.to_string().contains("policies"), "{e}");
+    }
+
+    #[test]
+    fn views_hold_what_a_host_needs() {
+        let mut s = state_with_host();
+        s.host_online("h2", None, 0);
+        net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+        net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
+        net(&mut s, "blue", "10.10.2.0/24", "b").unwrap();
+        run(&mut s, "web1", "red", None).unwrap();
+        s.plan_instance(
+            RunSpec {
+                name: Some("g1".into()),
+                net: "green".into(),
+                host: Some("h2".into()),
+                cmd: vec!["true".into()],
+                ..Default::default()
+            },
+            "g1-0123456789".into(),
+            0,
+        )
+        .unwrap();
+        let v = s.view_for("h1");
+        assert_eq!(v.nets.len(), 1);
+        assert_eq!(v.members.len(), 1);
+        s.add_policy(PolicySpec {
+            from: "green".into(),
+            to: "red".into(),
+            port: None,
+        })
+        .unwrap();
+        let v = s.view_for("h1");
+        let names: Vec<&str> = v.nets.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["green", "red"]);
+        assert_eq!(v.members.len(), 2);
+        assert_eq!(v.policies.len(), 1);
+    }
+}

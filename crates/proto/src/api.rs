@@ -1,0 +1,273 @@
+//! Objects of the controller's HTTP/JSON API (documented in docs/api.md).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::validate::PortSpec;
+
+/// Cluster-wide settings, fixed when the controller's store is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// The global virtual address space: every net's subnet lies inside it, and traffic to
+    /// any address in it that no policy allows is refused.
+    pub global_space: Ipv4Net,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            global_space: "10.0.0.0/8".parse().expect("valid literal"),
+        }
+    }
+}
+
+/// `POST /v1/nets`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetSpec {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Let instances reach addresses outside the global space through the host, with NAT.
+    #[serde(default)]
+    pub egress: bool,
+}
+
+pub fn default_tenant() -> String {
+    "default".to_string()
+}
+
+/// A net: an isolation group defined by a subnet inside the global space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Net {
+    /// Cluster-wide id, carried in the overlay frame between hosts.
+    pub id: u32,
+    pub name: String,
+    pub tenant: String,
+    pub subnet: Ipv4Net,
+    pub egress: bool,
+    /// Unix time, seconds.
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    Online,
+    Offline,
+}
+
+/// A host: a machine (or, in the lab, a network namespace) running an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: u32,
+    pub name: String,
+    /// Underlay address and port of the host's switch.
+    pub locator: Option<SocketAddr>,
+    pub state: HostState,
+    /// Instances placed on this host (filled in listings).
+    #[serde(default)]
+    pub instances: usize,
+    /// Unix time, seconds, of the last connection or disconnection.
+    pub since: u64,
+}
+
+/// `POST /v1/instances` (`vane run`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub name: Option<String>,
+    pub net: String,
+    pub ip: Option<Ipv4Addr>,
+    pub hostname: Option<String>,
+    pub host: Option<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Being set up on its host.
+    Creating,
+    Running,
+    /// The program ended (by itself, or stopped).
+    Exited,
+    /// Its host does not know it any more (for example the host's state was wiped).
+    Lost,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Creating => "creating",
+            InstanceState::Running => "running",
+            InstanceState::Exited => "exited",
+            InstanceState::Lost => "lost",
+        }
+    }
+}
+
+/// How the instance's program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, when the program exited by itself.
+    pub code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    pub signal: Option<i32>,
+    /// Unix time, seconds.
+    pub at: u64,
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code {c}"),
+            (None, Some(s)) => write!(f, "killed by signal {s}"),
+            (None, None) => write!(f, "unknown"),
+        }
+    }
+}
+
+/// An instance: one isolated space running a process tree, with its identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Cluster-wide id (the seeds' isolating identifier).
+    pub id: String,
+    pub name: String,
+    pub net: String,
+    pub ip: Ipv4Addr,
+    pub hostname: String,
+    pub host: String,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub state: InstanceState,
+    /// Host PID of the program, while it runs.
+    pub pid: Option<u32>,
+    pub exit: Option<ExitStatus>,
+    /// Unix time, seconds.
+    pub created: u64,
+}
+
+/// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicySpec {
+    pub from: String,
+    pub to: String,
+    pub port: Option<PortSpec>,
+}
+
+/// Lets instances of `from` open connections (or send datagrams) to `to`; replies come back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub id: u32,
+    pub from: String,
+    pub to: String,
+    pub port: Option<PortSpec>,
+}
+
+/// `POST /v1/instances/{name}/exec`. The answer is a stream of frames (see `ExecFrame`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecSpec {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// Traffic counters of one instance, as its switch port sees them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Packets the instance sent that policy refused.
+    pub refused: u64,
+    /// Packets the instance sent with a source address that is not its own.
+    pub spoofed: u64,
+    pub dropped: u64,
+}
+
+/// `GET /v1/instances/{name}/stats`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InstanceStats {
+    pub name: String,
+    pub port: PortStats,
+}
+
+/// Error body of every non-2xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub config: ClusterConfig,
+    pub counts: BTreeMap<String, usize>,
+}
+
+/// Streamed answers (exec, logs) are a sequence of frames: a 1-byte kind, a 4-byte
+/// big-endian length, then that many bytes. Kinds: stdout, stderr, exit (4-byte big-endian
+/// exit code), error (UTF-8 message).
+pub mod frame {
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    pub const EXIT: u8 = 3;
+    pub const ERROR: u8 = 4;
+
+    /// Appends one frame to `out`.
+    pub fn encode(out: &mut Vec<u8>, kind: u8, data: &[u8]) {
+        out.push(kind);
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
+    /// Reads one frame; `Ok(None)` at a clean end of stream.
+    pub fn read(r: &mut impl std::io::Read) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        let mut head = [0u8; 5];
+        match r.read_exact(&mut head[..1]) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        r.read_exact(&mut head[1..])?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > 16 << 20 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream frame larger than 16 MiB",
+            ));
+        }
+        let mut data = vec![0u8; len];
+        r.read_exact(&mut data)?;
+        Ok(Some((head[0], data)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        frame::encode(&mut buf, frame::STDOUT, b"hello");
+        frame::encode(&mut buf, frame::EXIT, &7i32.to_be_bytes());
+        let mut r = &buf[..];
+        assert_eq!(
+            frame::read(&mut r).unwrap(),
+            Some((frame::STDOUT, b"hello".to_vec()))
+        );
+        assert_eq!(
+            frame::read(&mut r).unwrap(),
+            Some((frame::EXIT, 7i32.to_be_bytes().to_vec()))
+        );
+        assert_eq!(frame::read(&mut r).unwrap(), None);
+    }
+}

@@ -1,0 +1,149 @@
+//! Messages of the control stream: one WebSocket per agent, opened by the agent
+//! (`GET /v1/agents/connect`), so that agents behind NAT or firewalls can be reached.
+//!
+//! Text messages carry JSON (`ToAgent`, `FromAgent`). Binary messages carry the data of
+//! streamed answers (exec, logs): an 8-byte big-endian stream id followed by one frame as
+//! encoded by `api::frame`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ClusterConfig, ExitStatus, InstanceState, Net, PortStats};
+use crate::validate::PortSpec;
+
+/// Controller -> agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToAgent {
+    /// First message after `Hello`: the agent is registered.
+    Welcome { host_id: u32, config: ClusterConfig },
+    /// A request the agent answers with `FromAgent::Response` carrying the same id.
+    Request { id: u64, body: AgentRequest },
+    /// Everything the agent needs to switch the packets of its instances: their nets, the
+    /// members of those nets and of the nets they may reach, and the policies between them.
+    /// Sent after `Welcome` and again whenever it changes; it replaces the previous view.
+    View(AgentView),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AgentRequest {
+    Create {
+        instance: InstanceSpec,
+    },
+    /// SIGTERM, then SIGKILL after `timeout_secs`.
+    Stop {
+        id: String,
+        timeout_secs: u64,
+    },
+    /// Stop if running, then remove every trace of the instance from the host.
+    Remove {
+        id: String,
+    },
+    /// Run a command inside the instance; output and exit code on binary stream `stream`.
+    Exec {
+        id: String,
+        stream: u64,
+        cmd: Vec<String>,
+        env: Vec<(String, String)>,
+    },
+    /// The program's output so far, on binary stream `stream`.
+    Logs {
+        id: String,
+        stream: u64,
+    },
+    Stats {
+        id: String,
+    },
+}
+
+/// What an agent needs to create an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub id: String,
+    pub name: String,
+    pub net: Net,
+    pub ip: Ipv4Addr,
+    pub hostname: String,
+    pub cmd: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentReply {
+    Done,
+    Created { pid: u32 },
+    Stats { port: PortStats },
+}
+
+/// Agent -> controller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromAgent {
+    /// First message: who the agent is and what it runs (after a restart, the instances it
+    /// took back).
+    Hello {
+        name: String,
+        locator: Option<SocketAddr>,
+        instances: Vec<InstanceReport>,
+    },
+    Response {
+        id: u64,
+        result: Result<AgentReply, String>,
+    },
+    /// An instance changed state (for example its program exited).
+    Report(InstanceReport),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    pub id: String,
+    pub state: InstanceState,
+    pub pid: Option<u32>,
+    pub exit: Option<ExitStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub nets: Vec<Net>,
+    pub members: Vec<Member>,
+    pub policies: Vec<PolicyRule>,
+}
+
+/// One entry of a net's forwarding table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub net: u32,
+    pub ip: Ipv4Addr,
+    pub name: String,
+    pub hostname: String,
+    pub host: String,
+    pub instance: String,
+}
+
+/// A policy with its nets as ids.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRule {
+    pub from: u32,
+    pub to: u32,
+    pub port: Option<PortSpec>,
+}
+
+/// Encodes a binary stream message.
+pub fn encode_stream_data(stream: u64, kind: u8, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13 + data.len());
+    out.extend_from_slice(&stream.to_be_bytes());
+    crate::api::frame::encode(&mut out, kind, data);
+    out
+}
+
+/// Splits a binary stream message into its stream id and frame bytes.
+pub fn decode_stream_data(msg: &[u8]) -> Option<(u64, &[u8])> {
+    if msg.len() < 13 {
+        return None;
+    }
+    let (id, frame) = msg.split_at(8);
+    Some((u64::from_be_bytes(id.try_into().ok()?), frame))
+}

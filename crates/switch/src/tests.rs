@@ -1,0 +1,802 @@
+//! Behaviour of the switch, driven with hand-built packets and virtual time.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use vane_wire::{ipv4_checksum, ipv4_l4_checksum, Ipv4Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+use crate::*;
+
+const NET_A: NetId = 1;
+const NET_B: NetId = 2;
+
+const A1: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const A2: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const B1: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 1);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+const PA1: PortId = PortId(0);
+const PA2: PortId = PortId(1);
+const PB1: PortId = PortId(2);
+
+fn net(id: NetId, subnet: &str, egress: bool) -> NetConfig {
+    NetConfig {
+        id,
+        subnet: subnet.parse().unwrap(),
+        egress,
+    }
+}
+
+/// An IPv4 packet around `l4`, with correct IP and TCP/UDP checksums.
+fn ipv4(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
+    let total = 20 + l4.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..].copy_from_slice(l4);
+    let mut pkt = Ipv4Packet::new_checked(&mut p[..]).unwrap();
+    pkt.fill_checksum();
+    if let Some(at) = l4_checksum_at(proto) {
+        let c = ipv4_l4_checksum(src, dst, proto, &p[20..]);
+        p[20 + at..22 + at].copy_from_slice(&c.to_be_bytes());
+    }
+    p
+}
+
+fn l4_checksum_at(proto: u8) -> Option<usize> {
+    match proto {
+        PROTO_TCP => Some(16),
+        PROTO_UDP => Some(6),
+        _ => None,
+    }
+}
+
+fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut seg = vec![0u8; 20];
+    seg[0..2].copy_from_slice(&sport.to_be_bytes());
+    seg[2..4].copy_from_slice(&dport.to_be_bytes());
+    seg[12] = 0x50;
+    seg[13] = 0x02;
+    seg.extend_from_slice(b"hello");
+    ipv4(PROTO_TCP, src, dst, &seg)
+}
+
+fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut d = vec![0u8; 8];
+    d[0..2].copy_from_slice(&sport.to_be_bytes());
+    d[2..4].copy_from_slice(&dport.to_be_bytes());
+    d[4..6].copy_from_slice(&11u16.to_be_bytes());
+    d.extend_from_slice(b"dns");
+    ipv4(PROTO_UDP, src, dst, &d)
+}
+
+fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, reply: bool, ident: u16) -> Vec<u8> {
+    let mut m = vec![if reply { 0 } else { 8 }, 0, 0, 0, 0, 0, 0, 1];
+    m[4..6].copy_from_slice(&ident.to_be_bytes());
+    m.extend_from_slice(b"ping");
+    let c = ipv4_checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4(PROTO_ICMP, src, dst, &m)
+}
+
+/// Whether both checksums of `p` equal a full recomputation.
+fn checksums_ok(p: &[u8]) -> bool {
+    let pkt = Ipv4Packet::new_checked(p).unwrap();
+    if !pkt.verify_checksum() {
+        return false;
+    }
+    let Some(at) = l4_checksum_at(pkt.protocol()) else {
+        return true;
+    };
+    let mut seg = pkt.payload().to_vec();
+    let stored = u16::from_be_bytes([seg[at], seg[at + 1]]);
+    seg[at..at + 2].fill(0);
+    stored == ipv4_l4_checksum(pkt.src(), pkt.dst(), pkt.protocol(), &seg)
+}
+
+fn src_of(p: &[u8]) -> Ipv4Addr {
+    Ipv4Packet::new_checked(p).unwrap().src()
+}
+
+fn dst_of(p: &[u8]) -> Ipv4Addr {
+    Ipv4Packet::new_checked(p).unwrap().dst()
+}
+
+/// Net A (10.1/16, egress) with local A1 and A2, net B (10.2/16, no egress) with local B1.
+fn two_nets() -> Switch {
+    two_nets_with(SwitchConfig::default())
+}
+
+fn two_nets_with(cfg: SwitchConfig) -> Switch {
+    let mut sw = Switch::new(cfg);
+    sw.upsert_net(net(NET_A, "10.1.0.0/16", true));
+    sw.upsert_net(net(NET_B, "10.2.0.0/16", false));
+    sw.attach_port(PA1, NET_A, A1).unwrap();
+    sw.attach_port(PA2, NET_A, A2).unwrap();
+    sw.attach_port(PB1, NET_B, B1).unwrap();
+    sw
+}
+
+fn allow(from: NetId, to: NetId, port: Option<(L4Proto, u16)>) -> PolicyRule {
+    PolicyRule { from, to, port }
+}
+
+const REFUSED: Verdict = Verdict::Drop(DropReason::Refused);
+
+#[test]
+fn same_net_delivery() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let mut p = tcp(A1, 40000, A2, 22);
+    let len = p.len() as u64;
+    assert_eq!(
+        sw.process_from_port(PA1, &mut p, now),
+        Verdict::Deliver(PA2)
+    );
+    assert_eq!(
+        sw.process_from_port(PA2, &mut tcp(A2, 22, A1, 40000), now),
+        Verdict::Deliver(PA1)
+    );
+
+    let a1 = sw.port_counters(PA1).unwrap();
+    assert_eq!(
+        (a1.tx_packets, a1.tx_bytes, a1.rx_packets, a1.rx_bytes),
+        (1, len, 1, len)
+    );
+
+    // A member on another host is forwarded; an address nobody has is not.
+    let remote = Ipv4Addr::new(10, 1, 9, 9);
+    sw.set_member(NET_A, remote, Location::Remote(7));
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 1, remote, 53), now),
+        Verdict::Forward {
+            host: 7,
+            dst_net: NET_A
+        }
+    );
+    sw.remove_member(NET_A, remote);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 1, remote, 53), now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    assert_eq!(sw.drop_counters().no_route, 1);
+    assert_eq!(sw.port_counters(PA1).unwrap().dropped, 1);
+    assert_eq!(sw.flow_count(), 0, "same-net traffic keeps no state");
+}
+
+#[test]
+fn spoofed_source_dropped_and_counted() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    // A1 pretending to be A2, and to be a member of B.
+    for src in [A2, B1, Ipv4Addr::new(1, 2, 3, 4)] {
+        let v = sw.process_from_port(PA1, &mut tcp(src, 1, A2, 22), now);
+        assert_eq!(v, Verdict::Drop(DropReason::Spoofed));
+    }
+    let c = sw.port_counters(PA1).unwrap();
+    assert_eq!(
+        (c.spoofed, c.tx_packets, c.refused, c.dropped),
+        (3, 3, 0, 0)
+    );
+    assert_eq!(sw.drop_counters().spoofed, 3);
+    assert_eq!(sw.port_counters(PA2).unwrap().rx_packets, 0);
+}
+
+#[test]
+fn cross_net_refused_without_rule() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, B1, 80), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut icmp_echo(B1, A1, false, 1), now),
+        REFUSED
+    );
+    // Inside the global space but in no net at all: refused too, never egress.
+    let nowhere = Ipv4Addr::new(10, 99, 0, 1);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 1, nowhere, 53), now),
+        REFUSED
+    );
+    assert_eq!(sw.port_counters(PA1).unwrap().refused, 2);
+    assert_eq!(sw.port_counters(PB1).unwrap().refused, 1);
+    assert_eq!(sw.drop_counters().refused, 3);
+}
+
+#[test]
+fn overlapping_nets_stay_apart() {
+    let mut sw = Switch::new(SwitchConfig::default());
+    let (x1, x2) = (Ipv4Addr::new(10, 10, 2, 1), Ipv4Addr::new(10, 10, 2, 2));
+    sw.upsert_net(net(1, "10.10.2.0/24", false));
+    sw.upsert_net(net(2, "10.10.2.0/24", false));
+    let ports = [
+        (PortId(10), 1, x1),
+        (PortId(11), 1, x2),
+        (PortId(20), 2, x1),
+        (PortId(21), 2, x2),
+    ];
+    for (port, n, ip) in ports {
+        sw.attach_port(port, n, ip).unwrap();
+    }
+    let now = Instant::now();
+    assert_eq!(
+        sw.process_from_port(PortId(10), &mut tcp(x1, 1, x2, 80), now),
+        Verdict::Deliver(PortId(11))
+    );
+    assert_eq!(
+        sw.process_from_port(PortId(20), &mut tcp(x1, 1, x2, 80), now),
+        Verdict::Deliver(PortId(21))
+    );
+    assert_eq!(
+        sw.process_from_port(PortId(21), &mut tcp(x2, 80, x1, 1), now),
+        Verdict::Deliver(PortId(20))
+    );
+    assert_eq!(
+        sw.process_from_port(PortId(11), &mut tcp(x2, 80, x1, 1), now),
+        Verdict::Deliver(PortId(10))
+    );
+    for port in [PortId(10), PortId(11), PortId(20), PortId(21)] {
+        assert_eq!(sw.port_counters(port).unwrap().rx_packets, 1);
+    }
+}
+
+#[test]
+fn port_rule_is_one_way_and_stateful() {
+    let mut sw = two_nets();
+    sw.set_policies(vec![allow(NET_A, NET_B, Some((L4Proto::Tcp, 80)))]);
+    let now = Instant::now();
+
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 40000, B1, 80), now),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 40000, B1, 81), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 40000, B1, 80), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut icmp_echo(A1, B1, false, 3), now),
+        REFUSED
+    );
+
+    // B's reply passes; B opening anything towards A does not.
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, A1, 40000), now),
+        Verdict::Deliver(PA1)
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, A1, 40001), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, A2, 40000), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 5000, A1, 22), now),
+        REFUSED
+    );
+    assert_eq!(sw.flow_count(), 1);
+    assert_eq!(sw.port_counters(PB1).unwrap().refused, 3);
+}
+
+#[test]
+fn rules_both_ways_keep_one_flow_per_conversation() {
+    let mut sw = two_nets();
+    sw.set_policies(vec![allow(NET_A, NET_B, None), allow(NET_B, NET_A, None)]);
+    let now = Instant::now();
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 40000, B1, 80), now),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, A1, 40000), now),
+        Verdict::Deliver(PA1)
+    );
+    assert_eq!(sw.flow_count(), 1);
+}
+
+#[test]
+fn any_port_rule_lets_icmp_echo_and_reply_through() {
+    let mut sw = two_nets();
+    sw.set_policies(vec![allow(NET_A, NET_B, None)]);
+    let now = Instant::now();
+    assert_eq!(
+        sw.process_from_port(PA1, &mut icmp_echo(A1, B1, false, 77), now),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut icmp_echo(B1, A1, true, 77), now),
+        Verdict::Deliver(PA1)
+    );
+    // A reply with another identifier belongs to no flow; B's own pings are refused.
+    assert_eq!(
+        sw.process_from_port(PB1, &mut icmp_echo(B1, A1, true, 78), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut icmp_echo(B1, A1, false, 77), now),
+        Verdict::Deliver(PA1)
+    );
+}
+
+#[test]
+fn flows_expire_when_idle() {
+    let cfg = SwitchConfig {
+        tcp_flow_timeout: Duration::from_secs(300),
+        other_flow_timeout: Duration::from_secs(60),
+        ..SwitchConfig::default()
+    };
+    let mut sw = two_nets_with(cfg);
+    sw.set_policies(vec![allow(NET_A, NET_B, None)]);
+    let t0 = Instant::now();
+    sw.process_from_port(PA1, &mut tcp(A1, 1000, B1, 80), t0);
+    sw.process_from_port(PA1, &mut udp(A1, 1000, B1, 53), t0);
+    assert_eq!(sw.flow_count(), 2);
+
+    // Replies keep a flow alive.
+    let t1 = t0 + Duration::from_secs(50);
+    assert_eq!(
+        sw.process_from_port(PB1, &mut udp(B1, 53, A1, 1000), t1),
+        Verdict::Deliver(PA1)
+    );
+
+    // The UDP flow idles past 60 s; the TCP flow is still within 300 s.
+    let t2 = t1 + Duration::from_secs(61);
+    assert_eq!(
+        sw.process_from_port(PB1, &mut udp(B1, 53, A1, 1000), t2),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, A1, 1000), t2),
+        Verdict::Deliver(PA1)
+    );
+    sw.expire_flows(t2);
+    assert_eq!(sw.flow_count(), 1);
+
+    let t3 = t2 + Duration::from_secs(300);
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, A1, 1000), t3),
+        REFUSED
+    );
+    sw.expire_flows(t3);
+    assert_eq!(sw.flow_count(), 0);
+}
+
+#[test]
+fn full_flow_table_refuses_new_flows_only() {
+    let cfg = SwitchConfig {
+        max_flows: 2,
+        ..SwitchConfig::default()
+    };
+    let mut sw = two_nets_with(cfg);
+    sw.set_policies(vec![allow(NET_A, NET_B, None)]);
+    let t0 = Instant::now();
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 1, B1, 53), t0),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 2, OUTSIDE, 443), t0),
+        Verdict::Egress
+    );
+
+    let full = Verdict::Drop(DropReason::FlowTableFull);
+    assert_eq!(sw.process_from_port(PA1, &mut udp(A1, 3, B1, 53), t0), full);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 4, OUTSIDE, 443), t0),
+        full
+    );
+    // Existing flows and same-net traffic still work.
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 1, B1, 53), t0),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut udp(B1, 53, A1, 1), t0),
+        Verdict::Deliver(PA1)
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 3, A2, 53), t0),
+        Verdict::Deliver(PA2)
+    );
+    assert_eq!(sw.drop_counters().flow_table_full, 2);
+    assert_eq!(sw.port_counters(PA1).unwrap().dropped, 2);
+
+    // Room comes back when flows expire.
+    let later = t0 + Duration::from_secs(61);
+    sw.expire_flows(later);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut udp(A1, 3, B1, 53), later),
+        Verdict::Deliver(PB1)
+    );
+}
+
+#[test]
+fn egress_rewrites_source_and_lets_replies_back() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let egress_a1 = Ipv4Addr::new(100, 64, 0, 1); // network + 1 + port 0
+
+    for (mut out, mut back) in [
+        (
+            tcp(A1, 40000, OUTSIDE, 443),
+            tcp(OUTSIDE, 443, egress_a1, 40000),
+        ),
+        (
+            udp(A1, 5353, OUTSIDE, 53),
+            udp(OUTSIDE, 53, egress_a1, 5353),
+        ),
+        (
+            icmp_echo(A1, OUTSIDE, false, 9),
+            icmp_echo(OUTSIDE, egress_a1, true, 9),
+        ),
+    ] {
+        assert_eq!(sw.process_from_port(PA1, &mut out, now), Verdict::Egress);
+        assert_eq!(src_of(&out), egress_a1);
+        assert!(checksums_ok(&out));
+
+        assert_eq!(
+            sw.process_from_egress(&mut back, now),
+            Verdict::Deliver(PA1)
+        );
+        assert_eq!(dst_of(&back), A1);
+        assert!(checksums_ok(&back));
+    }
+    assert_eq!(sw.port_counters(PA1).unwrap().rx_packets, 3);
+
+    // Unsolicited: another remote port, another egress address, an address no port has.
+    let refused = [
+        tcp(OUTSIDE, 444, egress_a1, 40000),
+        tcp(OUTSIDE, 443, Ipv4Addr::new(100, 64, 0, 2), 40000),
+        tcp(OUTSIDE, 443, Ipv4Addr::new(100, 64, 9, 9), 40000),
+        tcp(OUTSIDE, 443, Ipv4Addr::new(100, 64, 0, 0), 40000),
+    ];
+    for mut p in refused {
+        let before = p.clone();
+        assert_eq!(sw.process_from_egress(&mut p, now), REFUSED);
+        assert_eq!(p, before, "a refused packet is not rewritten");
+    }
+    assert_eq!(sw.drop_counters().refused, 4);
+
+    // The egress flow idles out like any other.
+    let later = now + Duration::from_secs(301);
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 443, egress_a1, 40000), later),
+        REFUSED
+    );
+}
+
+#[test]
+fn egress_needs_the_net_to_allow_it() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let mut p = tcp(B1, 1, OUTSIDE, 443);
+    let before = p.clone();
+    assert_eq!(
+        sw.process_from_port(PB1, &mut p, now),
+        Verdict::Drop(DropReason::NoEgress)
+    );
+    assert_eq!(p, before);
+    assert_eq!(sw.drop_counters().no_egress, 1);
+
+    // Turning egress off cuts existing egress flows.
+    let egress_a1 = Ipv4Addr::new(100, 64, 0, 1);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, OUTSIDE, 443), now),
+        Verdict::Egress
+    );
+    sw.upsert_net(net(NET_A, "10.1.0.0/16", false));
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 443, egress_a1, 1), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, OUTSIDE, 443), now),
+        Verdict::Drop(DropReason::NoEgress)
+    );
+}
+
+#[test]
+fn egress_refuses_other_egress_addresses_and_non_unicast() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    // Reaching B1's egress address would be a way around the A/B isolation.
+    let egress_b1 = Ipv4Addr::new(100, 64, 0, 3);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, egress_b1, 80), now),
+        REFUSED
+    );
+    for dst in [
+        Ipv4Addr::new(127, 0, 0, 1),
+        Ipv4Addr::new(224, 0, 0, 251),
+        Ipv4Addr::BROADCAST,
+        Ipv4Addr::new(169, 254, 169, 254),
+    ] {
+        assert_eq!(
+            sw.process_from_port(PA1, &mut udp(A1, 1, dst, 53), now),
+            Verdict::Drop(DropReason::NoRoute),
+            "{dst}"
+        );
+    }
+    assert_eq!(sw.flow_count(), 0);
+}
+
+#[test]
+fn tunnel_ingress_is_checked_again() {
+    let mut sw = two_nets();
+    sw.set_policies(vec![allow(NET_A, NET_B, Some((L4Proto::Tcp, 80)))]);
+    let now = Instant::now();
+    let remote_a = Ipv4Addr::new(10, 1, 5, 5);
+    let remote_b = Ipv4Addr::new(10, 2, 5, 5);
+    sw.set_member(NET_A, remote_a, Location::Remote(3));
+    sw.set_member(NET_B, remote_b, Location::Remote(3));
+
+    // Allowed by rule, then the local instance's reply goes back to the remote host.
+    let v = sw.process_from_tunnel(NET_A, NET_B, &mut tcp(remote_a, 5000, B1, 80), now);
+    assert_eq!(v, Verdict::Deliver(PB1));
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, remote_a, 5000), now),
+        Verdict::Forward {
+            host: 3,
+            dst_net: NET_A
+        }
+    );
+
+    // Refused: wrong port, wrong direction.
+    assert_eq!(
+        sw.process_from_tunnel(NET_A, NET_B, &mut tcp(remote_a, 5000, B1, 81), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_tunnel(NET_B, NET_A, &mut tcp(remote_b, 5000, A1, 80), now),
+        REFUSED
+    );
+
+    // A reply to a flow a local instance opened.
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 6000, remote_b, 80), now),
+        Verdict::Forward {
+            host: 3,
+            dst_net: NET_B
+        }
+    );
+    assert_eq!(
+        sw.process_from_tunnel(NET_B, NET_A, &mut tcp(remote_b, 80, A1, 6000), now),
+        Verdict::Deliver(PA1)
+    );
+
+    // Same net passes without rules.
+    assert_eq!(
+        sw.process_from_tunnel(NET_A, NET_A, &mut udp(remote_a, 1, A2, 53), now),
+        Verdict::Deliver(PA2)
+    );
+
+    // A source outside the claimed net, a destination not local, an unknown net.
+    assert_eq!(
+        sw.process_from_tunnel(NET_A, NET_A, &mut udp(remote_b, 1, A2, 53), now),
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    assert_eq!(
+        sw.process_from_tunnel(NET_A, NET_A, &mut udp(A1, 1, remote_a, 53), now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    assert_eq!(
+        sw.process_from_tunnel(NET_A, 99, &mut udp(remote_a, 1, A2, 53), now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    assert_eq!(sw.port_counters(PA1).unwrap().rx_packets, 1);
+    assert_eq!(sw.port_counters(PB1).unwrap().rx_packets, 1);
+}
+
+#[test]
+fn two_hosts_talk_through_the_tunnel() {
+    // Host 1 has A1, host 2 has B1; each switch knows the other's member as remote. The
+    // "tunnel" here is handing the bytes from one switch to the other.
+    let now = Instant::now();
+    let mut h1 = Switch::new(SwitchConfig::default());
+    let mut h2 = Switch::new(SwitchConfig::default());
+    for sw in [&mut h1, &mut h2] {
+        sw.upsert_net(net(NET_A, "10.1.0.0/16", false));
+        sw.upsert_net(net(NET_B, "10.2.0.0/16", false));
+        sw.set_policies(vec![allow(NET_A, NET_B, Some((L4Proto::Tcp, 80)))]);
+    }
+    h1.attach_port(PA1, NET_A, A1).unwrap();
+    h1.set_member(NET_B, B1, Location::Remote(2));
+    h2.attach_port(PB1, NET_B, B1).unwrap();
+    h2.set_member(NET_A, A1, Location::Remote(1));
+
+    let mut syn = tcp(A1, 40000, B1, 80);
+    assert_eq!(
+        h1.process_from_port(PA1, &mut syn, now),
+        Verdict::Forward {
+            host: 2,
+            dst_net: NET_B
+        }
+    );
+    assert_eq!(
+        h2.process_from_tunnel(NET_A, NET_B, &mut syn, now),
+        Verdict::Deliver(PB1)
+    );
+
+    let mut syn_ack = tcp(B1, 80, A1, 40000);
+    assert_eq!(
+        h2.process_from_port(PB1, &mut syn_ack, now),
+        Verdict::Forward {
+            host: 1,
+            dst_net: NET_A
+        }
+    );
+    assert_eq!(
+        h1.process_from_tunnel(NET_B, NET_A, &mut syn_ack, now),
+        Verdict::Deliver(PA1)
+    );
+
+    // B1 cannot open a connection, even if its host's switch were compromised and sent it.
+    let mut sneaky = tcp(B1, 80, A1, 22);
+    assert_eq!(h2.process_from_port(PB1, &mut sneaky, now), REFUSED);
+    assert_eq!(
+        h1.process_from_tunnel(NET_B, NET_A, &mut sneaky, now),
+        REFUSED
+    );
+}
+
+#[test]
+fn non_ipv4_and_malformed_are_dropped() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let mut v6 = vec![0u8; 60];
+    v6[0] = 0x60;
+    assert_eq!(
+        sw.process_from_port(PA1, &mut v6, now),
+        Verdict::Drop(DropReason::NotIpv4)
+    );
+    let mut short = tcp(A1, 1, A2, 2);
+    short.truncate(19);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut short, now),
+        Verdict::Drop(DropReason::Malformed)
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut [], now),
+        Verdict::Drop(DropReason::Malformed)
+    );
+    assert_eq!(
+        sw.process_from_egress(&mut v6, now),
+        Verdict::Drop(DropReason::NotIpv4)
+    );
+    assert_eq!(
+        sw.process_from_tunnel(NET_A, NET_A, &mut v6, now),
+        Verdict::Drop(DropReason::NotIpv4)
+    );
+
+    let drops = sw.drop_counters();
+    assert_eq!((drops.not_ipv4, drops.malformed), (3, 2));
+    assert_eq!(drops.get(DropReason::NotIpv4), 3);
+    assert_eq!(drops.iter().map(|(_, n)| n).sum::<u64>(), 5);
+    let c = sw.port_counters(PA1).unwrap();
+    assert_eq!((c.tx_packets, c.dropped), (3, 3));
+}
+
+#[test]
+fn unknown_port_is_dropped() {
+    let mut sw = two_nets();
+    let v = sw.process_from_port(PortId(99), &mut tcp(A1, 1, A2, 2), Instant::now());
+    assert_eq!(v, Verdict::Drop(DropReason::UnknownPort));
+    assert_eq!(sw.drop_counters().unknown_port, 1);
+    assert_eq!(sw.port_counters(PortId(99)), None);
+}
+
+#[test]
+fn removing_a_rule_kills_its_flows() {
+    let mut sw = two_nets();
+    let tcp80 = allow(NET_A, NET_B, Some((L4Proto::Tcp, 80)));
+    let udp53 = allow(NET_A, NET_B, Some((L4Proto::Udp, 53)));
+    sw.set_policies(vec![tcp80, udp53]);
+    let now = Instant::now();
+    sw.process_from_port(PA1, &mut tcp(A1, 1000, B1, 80), now);
+    sw.process_from_port(PA1, &mut udp(A1, 1000, B1, 53), now);
+    sw.process_from_port(PA1, &mut tcp(A1, 1000, OUTSIDE, 80), now);
+    assert_eq!(sw.flow_count(), 3);
+
+    sw.set_policies(vec![udp53]);
+    assert_eq!(sw.flow_count(), 2, "the egress and udp flows stay");
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, A1, 1000), now),
+        REFUSED
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut udp(B1, 53, A1, 1000), now),
+        Verdict::Deliver(PA1)
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1000, B1, 80), now),
+        REFUSED
+    );
+}
+
+#[test]
+fn attach_validates_and_detach_forgets() {
+    let mut sw = Switch::new(SwitchConfig {
+        egress_space: "100.64.0.0/30".parse().unwrap(),
+        ..SwitchConfig::default()
+    });
+    assert_eq!(
+        sw.attach_port(PA1, NET_A, A1),
+        Err(AttachError::UnknownNet {
+            port: PA1,
+            net: NET_A
+        })
+    );
+    sw.upsert_net(net(NET_A, "10.1.0.0/16", true));
+    assert!(matches!(
+        sw.attach_port(PA1, NET_A, B1),
+        Err(AttachError::AddressOutsideNet { .. })
+    ));
+    // A /30 has two usable addresses: .1 and .2 for ports 0 and 1; .3 is the broadcast.
+    assert_eq!(
+        sw.attach_port(PA2, NET_A, A2),
+        Ok(Ipv4Addr::new(100, 64, 0, 2))
+    );
+    let err = sw
+        .attach_port(PortId(2), NET_A, Ipv4Addr::new(10, 1, 0, 3))
+        .unwrap_err();
+    assert!(matches!(err, AttachError::NoEgressAddress { .. }));
+    assert_eq!(
+        err.to_string(),
+        "cannot attach port 2: egress space 100.64.0.0/30 has no address for it"
+    );
+
+    let now = Instant::now();
+    assert_eq!(
+        sw.process_from_port(PA2, &mut tcp(A2, 1, OUTSIDE, 80), now),
+        Verdict::Egress
+    );
+    sw.detach_port(PA2);
+    assert_eq!(sw.flow_count(), 0);
+    assert_eq!(sw.port_counters(PA2), None);
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 80, Ipv4Addr::new(100, 64, 0, 2), 1), now),
+        REFUSED
+    );
+    sw.attach_port(PA1, NET_A, A1).unwrap();
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 80), now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+}
+
+#[test]
+fn removing_a_net_forgets_its_members_ports_and_flows() {
+    let mut sw = two_nets();
+    sw.set_policies(vec![allow(NET_A, NET_B, None)]);
+    let now = Instant::now();
+    sw.set_member(NET_B, Ipv4Addr::new(10, 2, 7, 7), Location::Remote(4));
+    sw.process_from_port(PA1, &mut tcp(A1, 1, B1, 80), now);
+    sw.process_from_port(PA1, &mut tcp(A1, 1, OUTSIDE, 80), now);
+    assert_eq!(sw.flow_count(), 2);
+
+    sw.remove_net(NET_B);
+    assert_eq!(sw.flow_count(), 1, "A's egress flow stays");
+    assert_eq!(sw.port_counters(PB1), None);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, B1, 80), now),
+        REFUSED
+    );
+    // Re-adding the net brings the rule back, but not the members.
+    sw.upsert_net(net(NET_B, "10.2.0.0/16", false));
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, Ipv4Addr::new(10, 2, 7, 7), 80), now),
+        Verdict::Drop(DropReason::NoRoute)
+    );
+}

@@ -1,0 +1,7 @@
+//! The only crate of vane with `unsafe` code: thin, documented wrappers over the kernel
+//! interfaces that `nix` does not cover (TUN ioctls, pidfd_open). Everything else uses
+//! `nix`'s safe wrappers.
+
+pub mod netns;
+pub mod pidfd;
+pub mod tun;

@@ -1,0 +1,226 @@
+//! Command-line interface: `vane` with `ip`/`podman`-style subcommands.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
+
+#[derive(Parser)]
+#[command(
+    name = "vane",
+    version,
+    about = "Run unmodified Linux programs in isolated virtual networks",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Controller API URL [default: the running lab's, else http://127.0.0.1:7946]
+    #[arg(long, global = true, env = "VANE_CONTROLLER")]
+    pub controller: Option<String>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Args, Clone, Copy)]
+pub struct OutputArg {
+    /// Output format
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Manage nets (isolation groups with a subnet)
+    #[command(subcommand)]
+    Net(NetCmd),
+    /// Start a program detached in a new instance; prints the instance's name
+    Run(RunArgs),
+    /// List instances
+    Ps(OutputArg),
+    /// Show an instance as JSON
+    Inspect { name: String },
+    /// Print an instance's program output (stdout and stderr)
+    Logs { name: String },
+    /// Stop an instance's program (SIGTERM, then SIGKILL after 10 s)
+    Stop { name: String },
+    /// Remove an instance, stopping it first
+    Rm {
+        name: String,
+        /// Forget the instance even if its host is offline
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a command inside a running instance
+    Exec {
+        name: String,
+        /// Set an environment variable (KEY=VALUE), repeatable
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// The command and its arguments
+        #[arg(last = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
+    /// Show an instance's traffic counters
+    Stats {
+        name: String,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Manage policies between nets
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Hosts of the cluster
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// A local multi-host lab: test hosts as network namespaces on a bridge underlay
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// Run the controller (control plane)
+    Controller(ControllerArgs),
+    /// Run the agent of one host
+    Agent(AgentArgs),
+    #[command(name = "__launch", hide = true)]
+    InternalLaunch { dir: PathBuf },
+    #[command(name = "__init", hide = true)]
+    InternalInit { dir: PathBuf },
+    #[command(name = "__exec", hide = true)]
+    InternalExec { args: String },
+}
+
+#[derive(Subcommand)]
+pub enum NetCmd {
+    /// Create a net
+    Create {
+        name: String,
+        /// The net's subnet, inside the global virtual space (default 10.0.0.0/8)
+        #[arg(long)]
+        subnet: Ipv4Net,
+        /// Tenant owning the net; nets of different tenants may overlap
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Let instances reach addresses outside the global space through their host (NAT)
+        #[arg(long)]
+        egress: bool,
+    },
+    /// List nets
+    Ls(OutputArg),
+    /// Remove a net (refused while instances use it)
+    Rm { name: String },
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Net to join
+    #[arg(long)]
+    pub net: String,
+    /// Instance name [default: NET-<id>]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Virtual IP [default: the first free address of the net]
+    #[arg(long)]
+    pub ip: Option<Ipv4Addr>,
+    /// Virtual hostname [default: the name]
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Host to run on [default: the least loaded]
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Environment variable (KEY=VALUE), repeatable
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// The program and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Let FROM open connections (or send datagrams) to TO; replies come back
+    Allow {
+        from: String,
+        to: String,
+        /// Only this destination port, e.g. 80/tcp or 53/udp
+        #[arg(long)]
+        port: Option<String>,
+    },
+    /// List policies
+    Ls(OutputArg),
+    /// Remove a policy: by id, or by FROM TO [--port]
+    Rm {
+        /// Policy id, or FROM net
+        first: String,
+        /// TO net, when removing by nets
+        to: Option<String>,
+        #[arg(long)]
+        port: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HostCmd {
+    /// List hosts
+    Ls(OutputArg),
+}
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build (or complete) a lab and start its controller and agents
+    Up(LabUpArgs),
+    /// Remove everything `lab up` made: instances, agents, controller, namespaces, links, state
+    Down(LabNameArg),
+}
+
+#[derive(Args)]
+pub struct LabNameArg {
+    /// Lab name (at most 8 characters); several labs can run side by side
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+}
+
+#[derive(Args)]
+pub struct LabUpArgs {
+    /// Number of test hosts
+    #[arg(long, default_value_t = 1)]
+    pub hosts: u8,
+    #[command(flatten)]
+    pub name: LabNameArg,
+    /// Underlay subnet of the lab's bridge (a /24 of 198.18.0.0/15 is a good choice)
+    #[arg(long, default_value = "198.18.0.0/24")]
+    pub underlay: Ipv4Net,
+}
+
+#[derive(Args)]
+pub struct ControllerArgs {
+    /// Address and port of the API
+    #[arg(long, default_value = "127.0.0.1:7946")]
+    pub listen: SocketAddr,
+    /// Directory of the persistent store
+    #[arg(long, default_value = "/var/lib/vane/controller")]
+    pub data_dir: PathBuf,
+    /// Global virtual address space, when the store is created
+    #[arg(long, default_value = "10.0.0.0/8")]
+    pub global_space: Ipv4Net,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// This host's name in the cluster
+    #[arg(long)]
+    pub name: String,
+    /// Directory of the agent's state (instances)
+    #[arg(long, default_value = "/var/lib/vane/agent")]
+    pub state_dir: PathBuf,
+    /// Underlay address and port of this host's switch
+    #[arg(long)]
+    pub locator: Option<SocketAddr>,
+    /// Run in this named network namespace (/run/netns/NAME), as the lab's hosts do
+    #[arg(long)]
+    pub netns: Option<String>,
+}

@@ -1,0 +1,331 @@
+//! The client commands: each builds a request, sends it, and prints the answer.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use vane_proto::api::{
+    frame, ExecSpec, Host, Instance, InstanceStats, Net, NetSpec, Policy, PolicySpec, RunSpec,
+};
+use vane_proto::validate::{self, PortSpec};
+
+use crate::cli::{HostCmd, NetCmd, Output, PolicyCmd, RunArgs};
+use crate::client::Client;
+
+/// Prints rows as aligned columns under a header.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}   "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn json<T: Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializes"));
+}
+
+fn path_segment(name: &str) -> Result<&str> {
+    // Names travel in URL paths; anything outside the name rules is refused here already.
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        bail!("invalid name {name:?}: use lowercase letters, digits and '-'");
+    }
+    Ok(name)
+}
+
+pub fn net(c: &Client, cmd: NetCmd) -> Result<()> {
+    match cmd {
+        NetCmd::Create {
+            name,
+            subnet,
+            tenant,
+            egress,
+        } => {
+            let net: Net = c.post(
+                "/v1/nets",
+                &NetSpec {
+                    name,
+                    subnet,
+                    tenant,
+                    egress,
+                },
+            )?;
+            println!("{}", net.name);
+        }
+        NetCmd::Ls(o) => {
+            let nets: Vec<Net> = c.get("/v1/nets")?;
+            if o.output == Output::Json {
+                json(&nets);
+            } else {
+                table(
+                    &["NAME", "TENANT", "SUBNET", "EGRESS", "ID"],
+                    nets.into_iter()
+                        .map(|n| {
+                            vec![
+                                n.name,
+                                n.tenant,
+                                n.subnet.to_string(),
+                                if n.egress { "yes" } else { "no" }.into(),
+                                n.id.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        NetCmd::Rm { name } => {
+            c.delete(&format!("/v1/nets/{}", path_segment(&name)?))?;
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
+
+pub fn run(c: &Client, args: RunArgs) -> Result<()> {
+    let env = args
+        .env
+        .iter()
+        .map(|e| validate::env_pair(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = &args.name {
+        validate::name("instance name", name)?;
+    }
+    let inst: Instance = c.post(
+        "/v1/instances",
+        &RunSpec {
+            name: args.name,
+            net: args.net,
+            ip: args.ip,
+            hostname: args.hostname,
+            host: args.host,
+            env,
+            cmd: args.cmd,
+        },
+    )?;
+    println!("{}", inst.name);
+    Ok(())
+}
+
+pub fn ps(c: &Client, output: Output) -> Result<()> {
+    let list: Vec<Instance> = c.get("/v1/instances")?;
+    if output == Output::Json {
+        json(&list);
+        return Ok(());
+    }
+    table(
+        &[
+            "NAME", "NET", "IP", "HOSTNAME", "HOST", "STATE", "PID", "COMMAND",
+        ],
+        list.into_iter()
+            .map(|i| {
+                let state = match (&i.exit, i.state.as_str()) {
+                    (Some(e), "exited") => format!("exited ({e})"),
+                    (_, s) => s.to_string(),
+                };
+                vec![
+                    i.name,
+                    i.net,
+                    i.ip.to_string(),
+                    i.hostname,
+                    i.host,
+                    state,
+                    i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    i.cmd.join(" "),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}
+
+pub fn inspect(c: &Client, name: &str) -> Result<()> {
+    let inst: Instance = c.get(&format!("/v1/instances/{}", path_segment(name)?))?;
+    json(&inst);
+    Ok(())
+}
+
+pub fn stop(c: &Client, name: &str) -> Result<()> {
+    let _: Instance = c.post(
+        &format!("/v1/instances/{}/stop", path_segment(name)?),
+        &serde_json::json!({}),
+    )?;
+    println!("{name}");
+    Ok(())
+}
+
+pub fn rm(c: &Client, name: &str, force: bool) -> Result<()> {
+    let q = if force { "?force=true" } else { "" };
+    c.delete(&format!("/v1/instances/{}{q}", path_segment(name)?))?;
+    println!("{name}");
+    Ok(())
+}
+
+pub fn stats(c: &Client, name: &str, output: Output) -> Result<()> {
+    let s: InstanceStats = c.get(&format!("/v1/instances/{}/stats", path_segment(name)?))?;
+    if output == Output::Json {
+        json(&s);
+        return Ok(());
+    }
+    let p = s.port;
+    table(
+        &[
+            "NAME", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "REFUSED", "SPOOFED", "DROPPED",
+        ],
+        vec![vec![
+            s.name,
+            p.tx_packets.to_string(),
+            p.tx_bytes.to_string(),
+            p.rx_packets.to_string(),
+            p.rx_bytes.to_string(),
+            p.refused.to_string(),
+            p.spoofed.to_string(),
+            p.dropped.to_string(),
+        ]],
+    );
+    Ok(())
+}
+
+/// Copies a stream of frames to stdout and stderr; returns the exit code it ends with.
+fn relay(mut r: impl std::io::Read) -> Result<i32> {
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    while let Some((kind, data)) = frame::read(&mut r).context("reading from the controller")? {
+        match kind {
+            frame::STDOUT => {
+                out.write_all(&data)?;
+                out.flush()?;
+            }
+            frame::STDERR => {
+                err.write_all(&data)?;
+                err.flush()?;
+            }
+            frame::EXIT => {
+                let code: [u8; 4] = data.as_slice().try_into().context("malformed exit frame")?;
+                return Ok(i32::from_be_bytes(code));
+            }
+            frame::ERROR => bail!("{}", String::from_utf8_lossy(&data)),
+            _ => {}
+        }
+    }
+    bail!("the connection to the instance's host was lost")
+}
+
+pub fn exec(c: &Client, name: &str, env: Vec<String>, cmd: Vec<String>) -> Result<i32> {
+    let env = env
+        .iter()
+        .map(|e| validate::env_pair(e))
+        .collect::<Result<Vec<_>, _>>()?;
+    let r = c.stream(
+        &format!("/v1/instances/{}/exec", path_segment(name)?),
+        Some(&ExecSpec { cmd, env }),
+    )?;
+    relay(r)
+}
+
+pub fn logs(c: &Client, name: &str) -> Result<()> {
+    let r = c.stream::<()>(&format!("/v1/instances/{}/logs", path_segment(name)?), None)?;
+    relay(r).map(|_| ())
+}
+
+pub fn policy(c: &Client, cmd: PolicyCmd) -> Result<()> {
+    match cmd {
+        PolicyCmd::Allow { from, to, port } => {
+            let port = port.map(|p| p.parse::<PortSpec>()).transpose()?;
+            let p: Policy = c.post("/v1/policies", &PolicySpec { from, to, port })?;
+            println!("{}", p.id);
+        }
+        PolicyCmd::Ls(o) => {
+            let list: Vec<Policy> = c.get("/v1/policies")?;
+            if o.output == Output::Json {
+                json(&list);
+            } else {
+                table(
+                    &["ID", "FROM", "TO", "PORT"],
+                    list.into_iter()
+                        .map(|p| {
+                            vec![
+                                p.id.to_string(),
+                                p.from,
+                                p.to,
+                                p.port
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_else(|| "any".into()),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        PolicyCmd::Rm { first, to, port } => {
+            let ids: Vec<u32> = match (first.parse::<u32>(), to) {
+                (Ok(id), None) => vec![id],
+                (_, Some(to)) => {
+                    let port = port.map(|p| p.parse::<PortSpec>()).transpose()?;
+                    let list: Vec<Policy> = c.get("/v1/policies")?;
+                    let ids: Vec<u32> = list
+                        .into_iter()
+                        .filter(|p| p.from == first && p.to == to)
+                        .filter(|p| port.is_none() || p.port == port)
+                        .map(|p| p.id)
+                        .collect();
+                    if ids.is_empty() {
+                        bail!("no policy from {first:?} to {to:?}");
+                    }
+                    ids
+                }
+                (Err(_), None) => bail!("invalid policy {first:?}: give an id, or FROM TO"),
+            };
+            for id in ids {
+                c.delete(&format!("/v1/policies/{id}"))?;
+                println!("{id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
+    match cmd {
+        HostCmd::Ls(o) => {
+            let hosts: Vec<Host> = c.get("/v1/hosts")?;
+            if o.output == Output::Json {
+                json(&hosts);
+            } else {
+                table(
+                    &["NAME", "LOCATOR", "STATE", "INSTANCES"],
+                    hosts
+                        .into_iter()
+                        .map(|h| {
+                            vec![
+                                h.name,
+                                h.locator
+                                    .map(|l| l.to_string())
+                                    .unwrap_or_else(|| "-".into()),
+                                format!("{:?}", h.state).to_lowercase(),
+                                h.instances.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! `vane`: the single binary. The CLI talks to the controller; `vane controller` and
+//! `vane agent` run the daemons; `vane lab` builds a local cluster; the hidden `__launch`,
+//! `__init` and `__exec` are helper processes of the agent that enter instances.
+
+mod cli;
+mod client;
+mod commands;
+mod lab;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use cli::{Cli, Cmd, LabCmd};
+use client::Client;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            // One line: the outermost context first, then its causes.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("vane: error: {}", msg.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn client(cli_controller: &Option<String>) -> Client {
+    Client::new(
+        &cli_controller
+            .clone()
+            .unwrap_or_else(client::default_controller),
+    )
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    let c = || client(&cli.controller);
+    match cli.command {
+        Cmd::Net(cmd) => commands::net(&c(), cmd)?,
+        Cmd::Run(args) => commands::run(&c(), args)?,
+        Cmd::Ps(o) => commands::ps(&c(), o.output)?,
+        Cmd::Inspect { name } => commands::inspect(&c(), &name)?,
+        Cmd::Logs { name } => commands::logs(&c(), &name)?,
+        Cmd::Stop { name } => commands::stop(&c(), &name)?,
+        Cmd::Rm { name, force } => commands::rm(&c(), &name, force)?,
+        Cmd::Exec { name, env, cmd } => return commands::exec(&c(), &name, env, cmd),
+        Cmd::Stats { name, output } => commands::stats(&c(), &name, output.output)?,
+        Cmd::Policy(cmd) => commands::policy(&c(), cmd)?,
+        Cmd::Host(cmd) => commands::host(&c(), cmd)?,
+        Cmd::Lab(LabCmd::Up(args)) => lab::up(args)?,
+        Cmd::Lab(LabCmd::Down(args)) => lab::down(&args.name)?,
+        Cmd::Controller(args) => {
+            init_logging();
+            runtime()?.block_on(vane_controller::run(vane_controller::ControllerConfig {
+                listen: args.listen,
+                data_dir: args.data_dir,
+                cluster: vane_proto::api::ClusterConfig {
+                    global_space: args.global_space,
+                },
+            }))?;
+        }
+        Cmd::Agent(args) => {
+            init_logging();
+            if let Some(ns) = &args.netns {
+                // Before the runtime starts any thread: every thread it makes inherits this
+                // namespace.
+                let f = std::fs::File::open(vane_agent::netconf::netns_path(ns))
+                    .with_context(|| format!("open network namespace {ns:?}"))?;
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("enter network namespace {ns:?}"))?;
+            }
+            let controller = cli
+                .controller
+                .clone()
+                .unwrap_or_else(client::default_controller);
+            runtime()?.block_on(vane_agent::run(vane_agent::AgentConfig {
+                name: args.name,
+                controller,
+                state_dir: args.state_dir,
+                locator: args.locator,
+                exe: std::env::current_exe().context("find the vane binary")?,
+            }))?;
+        }
+        Cmd::InternalLaunch { dir } => return Ok(vane_agent::launch::launch_main(&dir)),
+        Cmd::InternalInit { dir } => return Ok(vane_agent::launch::init_main(&dir)),
+        Cmd::InternalExec { args } => return Ok(vane_agent::exec_helper_main(&args)),
+    }
+    Ok(0)
+}
