@@ -95,7 +95,7 @@ fn create_inner(
     netconf::create_netns(&netns)?;
     let tun = open_tun(&netns)?;
     netconf::configure(&netns, spec.ip)?;
-    netconf::apply_rules(&netns, rules)?;
+    netconf::apply_rules(&netns, rules, None)?;
     let cgroups = layout.create(&spec.id)?;
     let launch_spec = LaunchSpec {
         hostname: spec.hostname.clone(),

@@ -418,16 +418,31 @@ impl Agent {
     /// Outbound rules for an instance of `net`, from the current view.
     fn rules_for(&self, net: &vane_proto::api::Net) -> OutboundRules {
         let view = self.view.lock().expect("view lock");
+        let subnet_of = |id: u32| view.nets.iter().find(|n| n.id == id).map(|n| n.subnet);
         let allowed = view
             .policies
             .iter()
             .filter(|p| p.from == net.id)
-            .filter_map(|p| {
-                let to = view.nets.iter().find(|n| n.id == p.to)?;
-                Some((to.subnet, p.port))
+            .filter_map(|p| Some((subnet_of(p.to)?, p.port)))
+            .collect();
+        let mut routed: Vec<Ipv4Net> = view
+            .policies
+            .iter()
+            .filter_map(|p| match (p.from == net.id, p.to == net.id) {
+                (true, _) => subnet_of(p.to),
+                (_, true) => subnet_of(p.from),
+                _ => None,
             })
             .collect();
-        OutboundRules::for_net(net, *self.global_space.lock().expect("lock"), allowed)
+        routed.sort();
+        routed.dedup();
+        OutboundRules {
+            own: net.subnet,
+            allowed,
+            routed,
+            global_space: *self.global_space.lock().expect("lock"),
+            egress: net.egress,
+        }
     }
 
     fn hosts_for(&self, spec: &InstanceSpec) -> String {
@@ -480,13 +495,14 @@ impl Agent {
         });
         *self.view.lock().expect("view lock") = view;
 
-        let updates: Vec<(
+        type Update = (
             String,
             PathBuf,
             String,
-            Option<OutboundRules>,
+            Option<(OutboundRules, Option<OutboundRules>)>,
             Option<String>,
-        )> = {
+        );
+        let updates: Vec<Update> = {
             let instances = self.instances();
             instances
                 .iter()
@@ -494,7 +510,8 @@ impl Agent {
                 .filter_map(|(id, l)| {
                     let rules = self.rules_for(&l.record.spec.net);
                     let hosts = self.hosts_for(&l.record.spec);
-                    let rules = (l.rules.as_ref() != Some(&rules)).then_some(rules);
+                    let rules =
+                        (l.rules.as_ref() != Some(&rules)).then(|| (rules, l.rules.clone()));
                     let hosts = (l.hosts.as_ref() != Some(&hosts)).then_some(hosts);
                     (rules.is_some() || hosts.is_some()).then(|| {
                         (
@@ -511,8 +528,8 @@ impl Agent {
         for (id, dir, netns, rules, hosts) in updates {
             let (r, h) = (rules.clone(), hosts.clone());
             let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                if let Some(r) = &r {
-                    netconf::apply_rules(&netns, r)?;
+                if let Some((r, previous)) = &r {
+                    netconf::apply_rules(&netns, r, previous.as_ref())?;
                 }
                 if let Some(h) = &h {
                     netconf::rewrite_in_place(&dir.join(launch::HOSTS_FILE), h)?;
@@ -523,8 +540,8 @@ impl Agent {
             match result {
                 Ok(Ok(())) => {
                     if let Some(l) = self.instances().get_mut(&id) {
-                        if rules.is_some() {
-                            l.rules = rules;
+                        if let Some((r, _)) = rules {
+                            l.rules = Some(r);
                         }
                         if hosts.is_some() {
                             l.hosts = hosts;

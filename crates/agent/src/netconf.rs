@@ -14,7 +14,6 @@ use std::process::{Command, Stdio};
 
 use ipnet::Ipv4Net;
 
-use vane_proto::api::Net;
 use vane_proto::validate::{PortSpec, Proto};
 
 /// Name of the TUN device inside every instance's namespace.
@@ -73,14 +72,13 @@ pub fn delete_netns(netns: &str) -> io::Result<()> {
     run(Command::new("ip").args(["netns", "delete", netns]), None)
 }
 
-/// Brings up loopback and the instance's TUN device with its address and a default route,
-/// and turns IPv6 off (instances are IPv4-only; the switch drops IPv6 anyway).
+/// Brings up loopback and the instance's TUN device with its address, and turns IPv6 off
+/// (instances are IPv4-only; the switch drops IPv6 anyway). Routes come with the rules.
 pub fn configure(netns: &str, ip: Ipv4Addr) -> io::Result<()> {
     let batch = format!(
         "link set lo up\n\
          link set {TUN_NAME} mtu {INSTANCE_MTU} up\n\
-         addr add {ip}/32 dev {TUN_NAME}\n\
-         route add default dev {TUN_NAME} src {ip}\n"
+         addr add {ip}/32 dev {TUN_NAME}\n"
     );
     run(
         Command::new("ip").args(["-n", netns, "-batch", "-"]),
@@ -101,32 +99,31 @@ pub fn configure(netns: &str, ip: Ipv4Addr) -> io::Result<()> {
     )
 }
 
-/// Which destinations an instance may open connections to.
+/// What an instance may reach, from its net and the policies that name it.
+///
+/// Refusals are made friendly in two layers inside the instance's namespace:
+/// - routes: the instance's own subnet and the subnets of nets that share a policy with it
+///   go to the TUN device; the rest of the global space (and, without egress, everything
+///   else) is a `prohibit` route, so connect() and sendto() fail at once with EACCES;
+/// - nftables: to a routed net, only what a policy allows may open a flow (plus replies);
+///   anything else is rejected at once (EPERM for datagrams, "administratively prohibited"
+///   for connections).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboundRules {
     pub own: Ipv4Net,
-    /// (subnet, port) pairs allowed by policies; `None` allows every protocol.
+    /// (subnet, port) pairs allowed by policies from the instance's net; `None` allows
+    /// every protocol.
     pub allowed: Vec<(Ipv4Net, Option<PortSpec>)>,
+    /// Subnets of every net that shares a policy with the instance's net, either way: they
+    /// need a route, if only for replies.
+    pub routed: Vec<Ipv4Net>,
     pub global_space: Ipv4Net,
     pub egress: bool,
 }
 
 impl OutboundRules {
-    pub fn for_net(
-        net: &Net,
-        global_space: Ipv4Net,
-        allowed: Vec<(Ipv4Net, Option<PortSpec>)>,
-    ) -> Self {
-        OutboundRules {
-            own: net.subnet,
-            allowed,
-            global_space,
-            egress: net.egress,
-        }
-    }
-
     /// The nftables ruleset, replacing any previous one atomically.
-    pub fn render(&self) -> String {
+    pub fn render_nft(&self) -> String {
         let mut r = String::new();
         r.push_str("table inet vane\nflush table inet vane\ntable inet vane {\n");
         r.push_str("  chain output {\n    type filter hook output priority 0; policy accept;\n");
@@ -147,20 +144,56 @@ impl OutboundRules {
                 }
             }
         }
-        // A drop in the output hook makes the sending syscall fail with EPERM at once.
-        let _ = writeln!(r, "    ip daddr {} drop", self.global_space);
+        let _ = writeln!(
+            r,
+            "    ip daddr {} reject with icmpx type admin-prohibited",
+            self.global_space
+        );
         if !self.egress {
-            r.push_str("    drop\n");
+            r.push_str("    reject with icmpx type admin-prohibited\n");
         }
         r.push_str("  }\n}\n");
         r
     }
+
+    /// `ip -batch` lines that make the routes what these rules want, removing the routes
+    /// of `previous` that are no longer wanted.
+    pub fn render_routes(&self, previous: Option<&OutboundRules>) -> String {
+        let mut r = String::new();
+        let _ = writeln!(r, "route replace prohibit {}", self.global_space);
+        if self.egress {
+            let _ = writeln!(r, "route replace default dev {TUN_NAME}");
+        } else {
+            r.push_str("route replace prohibit default\n");
+        }
+        let _ = writeln!(r, "route replace {} dev {TUN_NAME}", self.own);
+        for subnet in &self.routed {
+            let _ = writeln!(r, "route replace {subnet} dev {TUN_NAME}");
+        }
+        if let Some(prev) = previous {
+            for subnet in &prev.routed {
+                if !self.routed.contains(subnet) && *subnet != self.own {
+                    let _ = writeln!(r, "route del {subnet} dev {TUN_NAME}");
+                }
+            }
+        }
+        r
+    }
 }
 
-pub fn apply_rules(netns: &str, rules: &OutboundRules) -> io::Result<()> {
+/// Applies `rules` in the namespace `netns` (replacing `previous`, if any).
+pub fn apply_rules(
+    netns: &str,
+    rules: &OutboundRules,
+    previous: Option<&OutboundRules>,
+) -> io::Result<()> {
+    run(
+        Command::new("ip").args(["-n", netns, "-batch", "-"]),
+        Some(&rules.render_routes(previous)),
+    )?;
     run(
         Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]),
-        Some(&rules.render()),
+        Some(&rules.render_nft()),
     )
 }
 
@@ -219,29 +252,40 @@ mod tests {
 
     #[test]
     fn rules_render_policies() {
+        let red: Ipv4Net = "10.10.2.0/24".parse().unwrap();
+        let teal: Ipv4Net = "10.30.0.0/24".parse().unwrap();
+        let blue: Ipv4Net = "10.40.0.0/24".parse().unwrap();
         let rules = OutboundRules {
             own: "10.20.0.0/24".parse().unwrap(),
-            allowed: vec![
-                (
-                    "10.10.2.0/24".parse().unwrap(),
-                    Some("80/tcp".parse().unwrap()),
-                ),
-                ("10.30.0.0/24".parse().unwrap(), None),
-            ],
+            allowed: vec![(red, Some("80/tcp".parse().unwrap())), (teal, None)],
+            routed: vec![red, teal, blue],
             global_space: "10.0.0.0/8".parse().unwrap(),
             egress: false,
         };
-        let r = rules.render();
+        let r = rules.render_nft();
         assert!(r.contains("ip daddr 10.20.0.0/24 accept"));
         assert!(r.contains("ip daddr 10.10.2.0/24 tcp dport 80 accept"));
         assert!(r.contains("ip daddr 10.30.0.0/24 accept"));
-        assert!(r.contains("ip daddr 10.0.0.0/8 drop"));
-        assert!(r.trim_end().ends_with("drop\n  }\n}") || r.contains("    drop\n"));
+        assert!(!r.contains("ip daddr 10.40.0.0/24"));
+        assert!(r.contains("ip daddr 10.0.0.0/8 reject"));
+        assert!(r.contains("    reject with icmpx type admin-prohibited\n  }"));
+        let routes = rules.render_routes(None);
+        assert!(routes.contains("route replace prohibit 10.0.0.0/8\n"));
+        assert!(routes.contains("route replace prohibit default\n"));
+        assert!(routes.contains("route replace 10.40.0.0/24 dev vane0\n"));
         let egress = OutboundRules {
             egress: true,
-            ..rules
+            routed: vec![red],
+            ..rules.clone()
         };
-        assert!(!egress.render().contains("    drop\n"));
+        assert!(!egress
+            .render_nft()
+            .contains("    reject with icmpx type admin-prohibited\n  }"));
+        let routes = egress.render_routes(Some(&rules));
+        assert!(routes.contains("route replace default dev vane0\n"));
+        assert!(routes.contains("route del 10.30.0.0/24 dev vane0\n"));
+        assert!(routes.contains("route del 10.40.0.0/24 dev vane0\n"));
+        assert!(!routes.contains("route del 10.10.2.0/24"));
     }
 
     #[test]
