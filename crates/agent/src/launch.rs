@@ -111,6 +111,9 @@ fn launch(dir: &Path) -> io::Result<Launched> {
     // A session of its own: signals for the agent's terminal never reach instances.
     let _ = setsid();
     let exe = std::env::current_exe()?;
+    // Init mounts its own /proc over ours (we share its mount namespace): keep a handle on
+    // the host's, where init's pid means init.
+    let host_proc = File::open("/proc")?;
     // The first child after unsharing the PID namespace is its PID 1.
     let mut init = Command::new(exe)
         .arg("__init")
@@ -132,8 +135,9 @@ fn launch(dir: &Path) -> io::Result<Launched> {
         let _ = init.wait();
         return Err(io::Error::other("instance init failed to start"));
     }
-    let children = std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
-        .unwrap_or_default();
+    let children =
+        vane_sys::fs::read_at(&host_proc, &format!("{init_pid}/task/{init_pid}/children"))
+            .unwrap_or_default();
     let pid = children
         .split_whitespace()
         .next()
@@ -163,7 +167,16 @@ pub fn init_main(dir: &Path) -> i32 {
             return 1;
         }
     };
+    let child = match spawn_program(dir, &spec) {
+        Ok(c) => c,
+        Err(msg) => {
+            record_exit(dir, Some(127), None);
+            println!("error: {msg}");
+            return 127;
+        }
+    };
     // Blocked signals are queued for PID 1 even without handlers; sigwait picks them up.
+    // Blocked only now: the program would inherit the mask (std does not reset it).
     let mut set = SigSet::empty();
     set.add(Signal::SIGCHLD);
     for s in FORWARDED {
@@ -173,14 +186,6 @@ pub fn init_main(dir: &Path) -> i32 {
         println!("error: blocking signals: {e}");
         return 1;
     }
-    let child = match spawn_program(dir, &spec) {
-        Ok(c) => c,
-        Err(msg) => {
-            record_exit(dir, Some(127), None);
-            println!("error: {msg}");
-            return 127;
-        }
-    };
     println!("ok");
     let _ = io::stdout().flush();
     // Let go of the launcher's pipe: the launcher waits for its end, and checkpointing
@@ -191,13 +196,12 @@ pub fn init_main(dir: &Path) -> i32 {
     let program = Pid::from_raw(child.id() as i32);
     // The std handle would reap only its own child; PID 1 must reap every orphan.
     std::mem::forget(child);
+    // A SIGCHLD that came before the mask was set is gone: reap once before waiting.
+    let mut sig = Signal::SIGCHLD;
     loop {
-        let sig = match set.wait() {
-            Ok(s) => s,
-            Err(_) => continue,
-        };
         if sig != Signal::SIGCHLD {
             let _ = kill(program, sig);
+            sig = set.wait().unwrap_or(Signal::SIGCHLD);
             continue;
         }
         loop {
@@ -214,6 +218,7 @@ pub fn init_main(dir: &Path) -> i32 {
                 Ok(_) => continue,
             }
         }
+        sig = set.wait().unwrap_or(Signal::SIGCHLD);
     }
 }
 

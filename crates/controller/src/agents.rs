@@ -16,7 +16,7 @@ use crate::state::ApiError;
 /// A message for an agent's socket writer.
 #[derive(Debug)]
 pub enum Outgoing {
-    Json(ToAgent),
+    Json(Box<ToAgent>),
     /// Closes the stream (another agent took the name over).
     Close,
 }
@@ -94,7 +94,7 @@ impl Agents {
                 .ok_or_else(|| ApiError::Unavailable(format!("host {host:?} is offline")))?;
             conn.pending.insert(id, tx);
             conn.tx
-                .send(Outgoing::Json(ToAgent::Request { id, body }))
+                .send(Outgoing::Json(Box::new(ToAgent::Request { id, body })))
                 .map_err(|_| ApiError::Unavailable(format!("host {host:?} is offline")))?;
         }
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
@@ -156,7 +156,7 @@ impl Agents {
 
     pub fn send(&self, host: &str, msg: ToAgent) {
         if let Some(c) = self.conns.lock().expect("agents lock").get(host) {
-            let _ = c.tx.send(Outgoing::Json(msg));
+            let _ = c.tx.send(Outgoing::Json(Box::new(msg)));
         }
     }
 
@@ -166,7 +166,7 @@ impl Agents {
         if let Some(c) = conns.get_mut(host) {
             if c.last_view.as_ref() != Some(&view) {
                 c.last_view = Some(view.clone());
-                let _ = c.tx.send(Outgoing::Json(ToAgent::View(view)));
+                let _ = c.tx.send(Outgoing::Json(Box::new(ToAgent::View(view))));
             }
         }
     }

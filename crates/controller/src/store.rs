@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -194,6 +194,14 @@ struct Op {
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<Op>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.ops.iter().map(|o| (o.table.name(), &o.key)))
+            .finish()
+    }
 }
 
 impl Batch {

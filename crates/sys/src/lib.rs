@@ -2,6 +2,7 @@
 //! interfaces that `nix` does not cover (TUN ioctls, pidfd_open). Everything else uses
 //! `nix`'s safe wrappers.
 
+pub mod fs;
 pub mod netns;
 pub mod pidfd;
 pub mod tun;

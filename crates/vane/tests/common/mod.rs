@@ -1,0 +1,180 @@
+//! A lab of its own for each test: unique name and underlay, torn down on drop, even when
+//! the test fails.
+
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct TestLab {
+    pub name: String,
+    pub controller: String,
+    /// Third octet of the lab's underlay, 198.18.X.0/24.
+    pub octet: u8,
+}
+
+pub fn vane_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vane")
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "these tests build network namespaces and must run as root"
+    );
+}
+
+impl TestLab {
+    pub fn up(hosts: u8) -> TestLab {
+        require_root();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // Unique within the process by the counter, across runs by the pid.
+        let tag = (std::process::id() % 4096) * 16 + n % 16;
+        let name = format!("t{tag:x}");
+        let octet = (tag % 250 + 2) as u8;
+        let lab = TestLab {
+            controller: format!("http://198.18.{octet}.254:7946"),
+            name,
+            octet,
+        };
+        let underlay = format!("198.18.{octet}.0/24");
+        let out = lab.run(&[
+            "lab",
+            "up",
+            "--hosts",
+            &hosts.to_string(),
+            "--name",
+            &lab.name,
+            "--underlay",
+            &underlay,
+        ]);
+        assert!(
+            out.status.success(),
+            "lab up failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(vane_bin())
+            .args(args)
+            .env("VANE_CONTROLLER", &self.controller)
+            .output()
+            .expect("run vane")
+    }
+
+    /// Runs vane and returns its stdout; panics with its stderr if it failed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vane {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs vane, expects it to fail with exactly one error line, and returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "vane {} should have failed, printed {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        stderr
+    }
+
+    pub fn inspect(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["inspect", name])).expect("inspect prints JSON")
+    }
+
+    pub fn gateway(&self) -> String {
+        format!("198.18.{}.254", self.octet)
+    }
+
+    pub fn state_dir(&self) -> String {
+        format!("/var/lib/vane/labs/{}", self.name)
+    }
+
+    pub fn pid_of(&self, what: &str) -> i32 {
+        std::fs::read_to_string(format!("{}/{what}.pid", self.state_dir()))
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid")
+    }
+
+    /// Kills a lab daemon (controller or hN) the hard way and waits for it to be gone.
+    pub fn kill(&self, what: &str) {
+        let pid = self.pid_of(what);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z"))
+                .unwrap_or(true)
+        });
+    }
+
+    pub fn restart(&self) {
+        let out = self.run(&[
+            "lab",
+            "up",
+            "--name",
+            &self.name,
+            "--underlay",
+            &format!("198.18.{}.0/24", self.octet),
+        ]);
+        assert!(
+            out.status.success(),
+            "lab up again failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let out = Command::new(vane_bin())
+            .args(["lab", "down", "--name", &self.name])
+            .output()
+            .expect("run vane lab down");
+        if !out.status.success() {
+            eprintln!("lab down failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+pub fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Waits until `name`'s server answers on `url` from inside `client`.
+pub fn wait_for_http(lab: &TestLab, client: &str, url: &str) -> String {
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let out = lab.run(&["exec", client, "--", "curl", "-sf", "-m", "2", url]);
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success()
+    });
+    assert!(ok, "{url} never answered from {client}");
+    last
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vane and its tests need at run time: iproute2 (ip), nftables
+# (nft), util-linux, procps, curl and python3 (used by the demo and the tests as ordinary
+# programs inside instances). Idempotent.
+set -euo pipefail
+need=(iproute2 nftables curl python3 procps util-linux)
+missing=()
+for p in "${need[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+modprobe tun 2>/dev/null || true
+[ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
