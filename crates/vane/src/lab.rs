@@ -340,9 +340,15 @@ pub fn down(name: &str) -> Result<()> {
         if netns_exists(&ns) {
             ip(&["netns", "delete", &ns])?;
         }
+        // Deleting the namespace deletes the veth pair too, but asynchronously: the link
+        // may vanish between the check and the delete.
         let veth = lab.veth(*i);
         if link_exists(&veth) {
-            ip(&["link", "delete", &veth])?;
+            if let Err(e) = ip(&["link", "delete", &veth]) {
+                if link_exists(&veth) {
+                    return Err(e);
+                }
+            }
         }
     }
     let bridge = lab.bridge();
