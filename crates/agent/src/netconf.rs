@@ -103,11 +103,11 @@ pub fn configure(netns: &str, ip: Ipv4Addr) -> io::Result<()> {
 ///
 /// Refusals are made friendly in two layers inside the instance's namespace:
 /// - routes: the instance's own subnet and the subnets of nets that share a policy with it
-///   go to the TUN device; the rest of the global space (and, without egress, everything
-///   else) is a `prohibit` route, so connect() and sendto() fail at once with EACCES;
+///   go to the TUN device, and so does the default route; the rest of the global space is a
+///   `prohibit` route, so connect() and sendto() to another net fail at once with EACCES;
 /// - nftables: to a routed net, only what a policy allows may open a flow (plus replies);
-///   anything else is rejected at once (EPERM for datagrams, "administratively prohibited"
-///   for connections).
+///   anything else, and without egress anything outside the global space, is rejected at
+///   once (EPERM for datagrams, "administratively prohibited" for connections).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboundRules {
     pub own: Ipv4Net,
@@ -160,12 +160,10 @@ impl OutboundRules {
     /// of `previous` that are no longer wanted.
     pub fn render_routes(&self, previous: Option<&OutboundRules>) -> String {
         let mut r = String::new();
+        // The default route always leads to the switch; without egress, nftables refuses
+        // what would leave the global space.
         let _ = writeln!(r, "route replace prohibit {}", self.global_space);
-        if self.egress {
-            let _ = writeln!(r, "route replace default dev {TUN_NAME}");
-        } else {
-            r.push_str("route replace prohibit default\n");
-        }
+        let _ = writeln!(r, "route replace default dev {TUN_NAME}");
         let _ = writeln!(r, "route replace {} dev {TUN_NAME}", self.own);
         for subnet in &self.routed {
             let _ = writeln!(r, "route replace {subnet} dev {TUN_NAME}");
@@ -271,7 +269,7 @@ mod tests {
         assert!(r.contains("    reject with icmpx type admin-prohibited\n  }"));
         let routes = rules.render_routes(None);
         assert!(routes.contains("route replace prohibit 10.0.0.0/8\n"));
-        assert!(routes.contains("route replace prohibit default\n"));
+        assert!(routes.contains("route replace default dev vane0\n"));
         assert!(routes.contains("route replace 10.40.0.0/24 dev vane0\n"));
         let egress = OutboundRules {
             egress: true,
