@@ -8,8 +8,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 bash scripts/install-deps.sh
 cargo build --release --quiet
-vane() { ./target/release/vane "$@"; }
+install -m 755 target/release/vane /usr/local/bin/vane
 step() { printf '\n\033[1m$ vane %s\033[0m\n' "$*"; vane "$@"; }
+vane --version
 
 vane lab down >/dev/null 2>&1 || true
 step lab up --hosts 1
@@ -27,7 +28,9 @@ step exec cli1 -- hostname
 step exec cli1 -- sh -c 'curl -s http://web1/ | head -4'
 step exec cli2 -- curl -s http://10.10.2.1/
 printf '\n# green has no policy to red: refused at once\n'
-step exec g1 -- curl -sS -m 5 http://10.10.2.1/ || true
+step exec g1 -- python3 -c "import socket
+try: socket.create_connection(('10.10.2.1', 80), timeout=5)
+except OSError as e: print('connect:', e)"
 step policy allow green red --port 80/tcp
 step exec g1 -- sh -c 'curl -s http://10.10.2.1/ | head -4'
-printf '\nThe lab stays up; try more vane commands, then `vane lab down`.\n'
+printf '\nvane is installed as /usr/local/bin/vane. The lab stays up: try more vane commands,\nthen `vane lab down`.\n'

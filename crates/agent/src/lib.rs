@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
@@ -87,15 +87,13 @@ pub(crate) struct Agent {
     outbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<control::Out>>>,
 }
 
-pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use vane_proto::unix_now as now;
 
-/// Runs the agent until SIGINT or SIGTERM. Instances keep running when it stops.
-pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// Runs the agent until `shutdown` completes. Instances keep running when it stops.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     vane_proto::validate::name("host name", &cfg.name)?;
     std::fs::create_dir_all(cfg.state_dir.join("instances"))
         .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
@@ -117,18 +115,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!(host = %agent.cfg.name, controller = %agent.cfg.controller, "agent ready");
     tokio::select! {
         _ = control::connect_loop(agent.clone()) => {}
-        _ = shutdown_signal() => tracing::info!("agent stopping; instances keep running"),
+        _ = shutdown => tracing::info!("agent stopping; instances keep running"),
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 impl Agent {

@@ -11,7 +11,6 @@ pub mod store;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
@@ -82,15 +81,13 @@ impl Controller {
     }
 }
 
-pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use vane_proto::unix_now as now;
 
-/// Runs the controller until SIGINT or SIGTERM.
-pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
+/// Runs the controller until `shutdown` completes.
+pub async fn run(
+    cfg: ControllerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let controller = Arc::new(Controller::open(&cfg)?);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -100,20 +97,11 @@ pub async fn run(cfg: ControllerConfig) -> anyhow::Result<()> {
     let stopping = controller.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            shutdown.await;
             tracing::info!("controller stopping");
             stopping.shutdown.send_replace(true);
         })
         .await
         .context("serve API")?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -13,3 +13,11 @@ pub mod validate;
 pub const DEFAULT_API_PORT: u16 = 7946;
 /// Default UDP port of an agent's switch on the underlay.
 pub const DEFAULT_SWITCH_PORT: u16 = 7947;
+
+/// Seconds since the Unix epoch, as timestamps in API objects are given.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

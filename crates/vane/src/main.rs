@@ -67,6 +67,16 @@ fn init_logging() {
         .init();
 }
 
+/// SIGINT or SIGTERM: how the daemons are asked to stop.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -92,13 +102,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Lab(LabCmd::Down(args)) => lab::down(&args.name)?,
         Cmd::Controller(args) => {
             init_logging();
-            runtime()?.block_on(vane_controller::run(vane_controller::ControllerConfig {
-                listen: args.listen,
-                data_dir: args.data_dir,
-                cluster: vane_proto::api::ClusterConfig {
-                    global_space: args.global_space,
+            runtime()?.block_on(vane_controller::run(
+                vane_controller::ControllerConfig {
+                    listen: args.listen,
+                    data_dir: args.data_dir,
+                    cluster: vane_proto::api::ClusterConfig {
+                        global_space: args.global_space,
+                    },
                 },
-            }))?;
+                shutdown_signal(),
+            ))?;
         }
         Cmd::Agent(args) => {
             init_logging();
@@ -114,13 +127,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 .controller
                 .clone()
                 .unwrap_or_else(client::default_controller);
-            runtime()?.block_on(vane_agent::run(vane_agent::AgentConfig {
-                name: args.name,
-                controller,
-                state_dir: args.state_dir,
-                locator: args.locator,
-                exe: std::env::current_exe().context("find the vane binary")?,
-            }))?;
+            runtime()?.block_on(vane_agent::run(
+                vane_agent::AgentConfig {
+                    name: args.name,
+                    controller,
+                    state_dir: args.state_dir,
+                    locator: args.locator,
+                    exe: std::env::current_exe().context("find the vane binary")?,
+                },
+                shutdown_signal(),
+            ))?;
         }
         Cmd::InternalLaunch { dir } => return Ok(vane_agent::launch::launch_main(&dir)),
         Cmd::InternalInit { dir } => return Ok(vane_agent::launch::init_main(&dir)),
