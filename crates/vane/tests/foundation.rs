@@ -448,6 +448,18 @@ fn instances_survive_agent_and_controller_restarts() {
     run(&lab, "red", "cli1", None, &["sleep", "infinity"]);
     wait_for_http(&lab, "cli1", "http://web1/");
     let pid = lab.inspect("web1")["pid"].clone();
+    // A TCP conversation that goes on while the agent is away.
+    run(
+        &lab,
+        "red",
+        "echo",
+        Some("10.10.2.7"),
+        &["python3", "-c", ECHO_SERVER],
+    );
+    run(&lab, "red", "talker", None, &["python3", "-c", TALKER]);
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .ok(&["logs", "talker"])
+        .contains("connected")));
 
     lab.kill("h1");
     assert!(
@@ -471,7 +483,44 @@ fn instances_survive_agent_and_controller_restarts() {
     // The instance still exits cleanly under the restarted agent.
     lab.ok(&["stop", "cli1"]);
     assert_eq!(lab.inspect("cli1")["state"], "exited");
+    // The conversation survived both restarts: every echo came back, in order.
+    assert!(wait_until(Duration::from_secs(30), || lab
+        .inspect("talker")["state"]
+        == "exited"));
+    let said = lab.ok(&["logs", "talker"]);
+    assert!(said.contains("all 100 echoes"), "{said}");
+    assert_eq!(lab.inspect("talker")["exit"]["code"], 0);
 }
+
+const ECHO_SERVER: &str = "
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 7000))
+s.listen()
+while True:
+    c, _ = s.accept()
+    while True:
+        data = c.recv(4096)
+        if not data:
+            break
+        c.sendall(data)
+";
+
+const TALKER: &str = "
+import socket, time
+c = socket.create_connection(('10.10.2.7', 7000), timeout=30)
+print('connected', flush=True)
+for i in range(100):
+    msg = b'%08d' % i
+    c.sendall(msg)
+    got = b''
+    while len(got) < len(msg):
+        got += c.recv(len(msg) - len(got))
+    assert got == msg, (got, msg)
+    time.sleep(0.1)
+print('all 100 echoes', flush=True)
+";
 
 #[test]
 fn egress_goes_out_through_the_host_only_when_enabled() {
