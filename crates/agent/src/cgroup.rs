@@ -84,6 +84,23 @@ pub fn join(paths: &[PathBuf], pid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Kills every process in the cgroups of `paths` (what is left of an instance whose init is
+/// unknown, for example after an interrupted create).
+pub fn kill_all(paths: &[PathBuf]) {
+    for p in paths {
+        for pid in fs::read_to_string(p.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Removes the cgroups in `paths`. Their processes must be gone; a cgroup that is still
 /// busy is left and reported.
 pub fn remove(paths: &[PathBuf]) -> io::Result<()> {

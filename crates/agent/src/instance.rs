@@ -206,8 +206,10 @@ pub fn scan(instances_dir: &Path) -> Vec<Found> {
 }
 
 /// Removes every trace of instance `id`: namespace (and with it the TUN device), cgroups,
-/// state directory. Its processes must be gone. Best effort: what fails is logged.
+/// state directory. Processes still in its cgroups are killed. Best effort: what fails is
+/// logged.
 pub fn teardown(dir: &Path, id: &str, layout: &Layout) {
+    cgroup::kill_all(&layout.paths(id));
     let netns = netns_name(id);
     if let Err(e) = netconf::delete_netns(&netns) {
         tracing::warn!(instance = id, "removing namespace: {e}");
