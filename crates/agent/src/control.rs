@@ -140,12 +140,10 @@ pub async fn exec(
                 local.record.spec.name
             ));
         }
-        let mut full_env =
-            launch::instance_env(&local.record.spec.hostname, &local.record.spec.env);
-        for (k, v) in env {
-            full_env.retain(|(key, _)| *key != k);
-            full_env.push((k, v));
-        }
+        let full_env = launch::instance_env(
+            &local.record.spec.hostname,
+            local.record.spec.env.iter().chain(&env),
+        );
         ExecArgs {
             init_pid: local.record.init_pid,
             cgroups: local.record.cgroups.clone(),

@@ -153,14 +153,8 @@ pub fn open_tun(netns: &str) -> io::Result<OwnedFd> {
 
 /// Whether the instance's init still runs (and is the same process).
 pub fn is_alive(record: &Record) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", record.init_pid)) else {
-        return false;
-    };
-    let zombie = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        == Some("Z");
-    !zombie && vane_sys::pidfd::start_time(record.init_pid).ok() == Some(record.init_start)
+    vane_sys::pidfd::is_running(record.init_pid)
+        && vane_sys::pidfd::start_time(record.init_pid).ok() == Some(record.init_start)
 }
 
 /// The exit status init recorded, if any.

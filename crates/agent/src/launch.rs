@@ -57,9 +57,12 @@ pub const HOSTNAME_FILE: &str = "hostname";
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The environment of the instance's program and of `vane exec`: the user's variables over
-/// a sane default PATH and the instance's HOSTNAME.
-pub fn instance_env(hostname: &str, user: &[(String, String)]) -> Vec<(String, String)> {
+/// The environment of the instance's program and of `vane exec`: the user's variables (later
+/// ones win) over a sane default PATH and the instance's HOSTNAME.
+pub fn instance_env<'a>(
+    hostname: &str,
+    user: impl IntoIterator<Item = &'a (String, String)>,
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("PATH".to_string(), DEFAULT_PATH.to_string()),
         ("HOSTNAME".to_string(), hostname.to_string()),

@@ -188,11 +188,7 @@ async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Js
 }
 
 async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
-    let (id, host) = {
-        let s = c.state();
-        let inst = s.instance_by_name(&name)?;
-        (inst.id.clone(), inst.host.clone())
-    };
+    let (id, host) = locate(&c, &name)?;
     c.agents
         .request(
             &host,
@@ -220,11 +216,7 @@ async fn remove_instance(
     Path(name): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> ApiResult<StatusCode> {
-    let (id, host) = {
-        let s = c.state();
-        let inst = s.instance_by_name(&name)?;
-        (inst.id.clone(), inst.host.clone())
-    };
+    let (id, host) = locate(&c, &name)?;
     if c.agents.is_connected(&host) {
         c.agents
             .request(&host, AgentRequest::Remove { id: id.clone() })
@@ -243,6 +235,14 @@ async fn remove_instance(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The id and host of instance `name`.
+fn locate(c: &Controller, name: &str) -> ApiResult<(String, String)> {
+    let s = c.state();
+    let inst = s.instance_by_name(name)?;
+    Ok((inst.id.clone(), inst.host.clone()))
+}
+
+/// The id and host of instance `name`, which must be running.
 fn running_instance(c: &Controller, name: &str) -> ApiResult<(String, String)> {
     let s = c.state();
     let inst = s.instance_by_name(name)?;
@@ -277,11 +277,7 @@ async fn exec_instance(
 }
 
 async fn instance_logs(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Response> {
-    let (id, host) = {
-        let s = c.state();
-        let inst = s.instance_by_name(&name)?;
-        (inst.id.clone(), inst.host.clone())
-    };
+    let (id, host) = locate(&c, &name)?;
     streamed(c, host, |stream| AgentRequest::Logs { id, stream }).await
 }
 

@@ -20,15 +20,24 @@ pub fn open(pid: u32) -> io::Result<OwnedFd> {
 /// with the pid it names a process uniquely, so that a reused pid is not mistaken for an
 /// instance that has exited.
 pub fn start_time(pid: u32) -> io::Result<u64> {
+    stat_field(pid, 19)?
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has exited: it only waits for
+/// its parent to collect its status).
+pub fn is_running(pid: u32) -> bool {
+    stat_field(pid, 0).is_ok_and(|state| state != "Z")
+}
+
+/// Field `n` of /proc/PID/stat counted from the state (field 3), so 0 is the state.
+fn stat_field(pid: u32, n: usize) -> io::Result<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) is in parentheses and may contain spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))?;
-    rest.split_whitespace()
-        .nth(19)
-        .and_then(|s| s.parse().ok())
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(n))
+        .map(str::to_string)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed /proc stat"))
 }
 
@@ -40,5 +49,7 @@ mod tests {
         let a = super::start_time(me).unwrap();
         assert_eq!(a, super::start_time(me).unwrap());
         assert!(super::open(me).is_ok());
+        assert!(super::is_running(me));
+        assert!(!super::is_running(u32::MAX));
     }
 }

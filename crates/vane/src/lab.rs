@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,12 +83,10 @@ fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
 }
 
+/// The pid in `path`, if that process runs.
 fn read_pid(path: &Path) -> Option<Pid> {
-    let pid: i32 = fs::read_to_string(path).ok()?.trim().parse().ok()?;
-    // Alive and not a zombie.
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-    (state != "Z").then_some(Pid::from_raw(pid))
+    let pid: u32 = fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    vane_sys::pidfd::is_running(pid).then_some(Pid::from_raw(pid as i32))
 }
 
 /// Starts `vane ARGS` detached from this process: its own process group, output to `log`.
@@ -114,8 +113,6 @@ fn spawn_daemon(args: &[String], log: &Path, pid_file: &Path) -> Result<()> {
     fs::write(pid_file, child.id().to_string())?;
     Ok(())
 }
-
-use std::os::unix::process::CommandExt;
 
 pub fn up(args: LabUpArgs) -> Result<()> {
     let lab = Lab::new(&args.name.name)?;
