@@ -8,7 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 bash scripts/install-deps.sh
 cargo build --release --quiet
-install -m 755 target/release/vane /usr/local/bin/vane
+install -m 755 "${CARGO_TARGET_DIR:-target}/release/vane" /usr/local/bin/vane
 step() { printf '\n\033[1m$ vane %s\033[0m\n' "$*"; vane "$@"; }
 vane --version
 
