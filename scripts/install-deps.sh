@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vane and its tests need at run time: iproute2 (ip), nftables
-# (nft), util-linux, procps, curl and python3 (used by the demo and the tests as ordinary
-# programs inside instances). Idempotent.
+# (nft), util-linux, procps, curl, python3 and iputils-ping (used by the demo and the tests as
+# ordinary programs inside instances), tcpdump (the tests capture the underlay to check that
+# nothing crosses it in the clear and to replay captured packets). Idempotent.
 set -euo pipefail
-need=(iproute2 nftables curl python3 procps util-linux)
+need=(iproute2 nftables curl python3 procps util-linux iputils-ping tcpdump)
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

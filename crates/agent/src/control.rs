@@ -1,5 +1,6 @@
 //! The agent's side of the control stream, and the streamed requests (exec, logs).
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use vane_proto::api::{frame, InstanceState};
-use vane_proto::stream::{encode_stream_data, AgentReply, FromAgent, ToAgent};
+use vane_proto::stream::{encode_stream_data, AgentReply, FromAgent, HostAuth, ToAgent};
 
 use crate::{launch, Agent};
 
@@ -20,9 +21,49 @@ pub enum Out {
     Stream(u64, u8, Vec<u8>),
 }
 
-/// Connects to the controller and reconnects whenever the stream ends, forever. While
-/// disconnected the switch keeps forwarding with the tables it has.
-pub async fn connect_loop(agent: Arc<Agent>) {
+/// The controller's address, from its base URL (`http://HOST:PORT`).
+pub fn controller_addr(url: &str) -> Option<SocketAddr> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let with_port = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    with_port.to_socket_addrs().ok()?.next()
+}
+
+/// The address this host reaches `dst` from: the source address the kernel picks for it.
+fn source_address(dst: SocketAddr) -> Option<IpAddr> {
+    let probe = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    probe.connect(dst).ok()?;
+    Some(probe.local_addr().ok()?.ip())
+}
+
+impl Agent {
+    /// Where other hosts reach this host's switch: the configured locator, or the address
+    /// this host reaches the controller from with the listen port.
+    fn locator(&self) -> Option<SocketAddr> {
+        if let Some(l) = self.cfg.locator {
+            return Some(l);
+        }
+        let ip = source_address(self.controller_addr?)?;
+        Some(SocketAddr::new(ip, self.cfg.listen.port()))
+    }
+}
+
+/// Passes the switch's directory lookups to the controller. While disconnected they are
+/// dropped: the packets that wait for them expire, as they would for a missing member.
+pub async fn forward_lookups(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<(u32, Ipv4Addr)>) {
+    while let Some((net, ip)) = rx.recv().await {
+        agent.send(Out::Json(FromAgent::Lookup { net, ip }));
+    }
+}
+
+/// Connects to the controller and reconnects whenever the stream ends, until the
+/// controller refuses this host; returns why. While disconnected the switch keeps
+/// forwarding with the tables it has.
+pub async fn connect_loop(agent: Arc<Agent>) -> String {
     let url = format!(
         "{}/v1/agents/connect",
         agent
@@ -37,8 +78,14 @@ pub async fn connect_loop(agent: Arc<Agent>) {
         match tokio_tungstenite::connect_async(&url).await {
             Ok((ws, _)) => {
                 backoff = Duration::from_millis(100);
-                session(agent.clone(), ws).await;
-                tracing::warn!("lost the controller, reconnecting");
+                match session(agent.clone(), ws).await {
+                    SessionEnd::Refused(reason) => return reason,
+                    SessionEnd::Moved => {
+                        tracing::info!("this host's underlay address changed, reconnecting");
+                        continue;
+                    }
+                    SessionEnd::Lost => tracing::warn!("lost the controller, reconnecting"),
+                }
             }
             Err(e) => tracing::debug!("cannot reach controller at {url}: {e}"),
         }
@@ -47,7 +94,15 @@ pub async fn connect_loop(agent: Arc<Agent>) {
     }
 }
 
-async fn session<S>(agent: Arc<Agent>, ws: tokio_tungstenite::WebSocketStream<S>)
+enum SessionEnd {
+    Lost,
+    /// The locator changed: the controller must hear the new one (and the old connection
+    /// may be bound to an address the host no longer has).
+    Moved,
+    Refused(String),
+}
+
+async fn session<S>(agent: Arc<Agent>, ws: tokio_tungstenite::WebSocketStream<S>) -> SessionEnd
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -55,14 +110,26 @@ where
     let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
     // Registered before the hello is built, so no report can fall between the two.
     *agent.outbox.lock().expect("outbox lock") = Some(tx);
+    let locator = agent.locator();
+    let (public_key, auth) = {
+        let id = agent.identity.lock().expect("identity lock");
+        let auth = match (&id.credential, &agent.cfg.join_token) {
+            (Some(c), _) => HostAuth::Credential(c.clone()),
+            (None, Some(t)) => HostAuth::Token(t.clone()),
+            (None, None) => return SessionEnd::Refused("no credential and no join token".into()),
+        };
+        (id.public_key_hex(), auth)
+    };
     let hello = FromAgent::Hello {
         name: agent.cfg.name.clone(),
-        locator: agent.cfg.locator,
+        locator,
+        public_key,
+        auth,
         instances: agent.reports(),
     };
     let hello = serde_json::to_string(&hello).expect("serializes");
     if sink.send(Message::Text(hello.into())).await.is_err() {
-        return;
+        return SessionEnd::Lost;
     }
     let writer = tokio::spawn(async move {
         while let Some(out) = rx.recv().await {
@@ -84,7 +151,20 @@ where
             }
         }
     });
-    while let Some(Ok(msg)) = stream.next().await {
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let end = loop {
+        let msg = tokio::select! {
+            m = stream.next() => m,
+            _ = check.tick() => {
+                if agent.cfg.locator.is_none() && agent.locator() != locator {
+                    break SessionEnd::Moved;
+                }
+                continue;
+            }
+        };
+        let Some(Ok(msg)) = msg else {
+            break SessionEnd::Lost;
+        };
         let Message::Text(text) = msg else { continue };
         let msg: ToAgent = match serde_json::from_str(&text) {
             Ok(m) => m,
@@ -94,10 +174,26 @@ where
             }
         };
         match msg {
-            ToAgent::Welcome { host_id, config } => {
-                tracing::info!(host_id, "registered with the controller");
-                *agent.global_space.lock().expect("lock") = config.global_space;
+            ToAgent::Welcome {
+                host_id,
+                config,
+                credential,
+            } => {
+                tracing::info!(host_id, ?locator, "registered with the controller");
+                if let Some(c) = credential {
+                    if let Err(e) = agent
+                        .identity
+                        .lock()
+                        .expect("identity lock")
+                        .set_credential(c)
+                    {
+                        tracing::error!("cannot save this host's credential: {e:#}");
+                    }
+                }
+                agent.set_cluster(host_id, config);
             }
+            ToAgent::Refused { reason } => break SessionEnd::Refused(reason),
+            ToAgent::Resolved { net, ip, member } => agent.resolved(net, ip, member),
             // Applied in order: a request that follows a view sees it.
             ToAgent::View(view) => agent.apply_view(view).await,
             ToAgent::Request { id, body } => {
@@ -108,9 +204,10 @@ where
                 });
             }
         }
-    }
+    };
     *agent.outbox.lock().expect("outbox lock") = None;
     writer.abort();
+    end
 }
 
 /// The arguments of `vane __exec`, passed as one JSON argument.

@@ -1,31 +1,59 @@
-//! The switch's I/O shell: one thread that owns the sans-IO `Switch` and the file
-//! descriptors of the instances' TUN devices, reads packets, asks the switch what to do
-//! with each, and writes them where it says. The agent's async side talks to it through a
+//! The switch's I/O shell: one thread that owns the sans-IO `Switch`, the sans-IO tunnel
+//! sessions (`vane_tunnel::Tunnels`), the file descriptors of the instances' TUN devices and
+//! the underlay UDP socket. It reads packets, asks the switch what to do with each, and
+//! writes them where it says: to a local device, to the host's egress device, or sealed into
+//! a datagram for another host's switch. The agent's async side talks to it through a
 //! channel and a waker; nothing on the packet path takes a lock.
+//!
+//! Two things wait here rather than being lost (seed 003): a packet for an address the
+//! table lacks waits while the directory is asked (bounded per address and in all, dropped
+//! after `MISS_WAIT`), and a packet for a host without a tunnel session waits while the
+//! handshake runs (bounded per host, dropped after `HANDSHAKE_WAIT`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tokio::sync::oneshot;
 
+use vane_proto::api::{HostStats, PeerStats};
 use vane_switch::{
-    Location, NetConfig, NetId, PolicyRule, PortCounters, PortId, Switch, SwitchConfig, Verdict,
+    HostId, Location, NetConfig, NetId, PolicyRule, PortCounters, PortId, Switch, SwitchConfig,
+    Verdict,
 };
+use vane_tunnel::{Keypair, Open, Seal, Tunnels};
+use vane_wire::overlay::{self, NETS_LEN};
 
 const WAKER: Token = Token(usize::MAX);
 const EGRESS: Token = Token(usize::MAX - 1);
+const UNDERLAY: Token = Token(usize::MAX - 2);
 /// Packets read from one device before the others get their turn.
 const BATCH: usize = 64;
-/// Largest packet a TUN device hands over without offloads.
+/// Largest packet a TUN device hands over without offloads, and largest datagram.
 const MAX_PACKET: usize = 65536;
+/// Room in front of a packet read from a device for the overlay's nets header.
+const HEADROOM: usize = NETS_LEN;
+/// How long a packet waits for the directory's answer.
+const MISS_WAIT: Duration = Duration::from_secs(2);
+/// Packets held per unresolved address, and unresolved addresses held at once.
+const MISS_QUEUE: usize = 16;
+const MISS_ADDRESSES: usize = 256;
+/// How long "no such member" is remembered, so a program sending to nobody does not make
+/// the switch ask the directory for every packet.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+/// How long a packet waits for a tunnel handshake, and how many wait per host.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
+const HANDSHAKE_QUEUE: usize = 256;
+/// Socket buffers of the underlay socket: room for bursts while the thread is busy.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 pub enum Command {
     /// Attach an instance's TUN device as `port`.
@@ -39,11 +67,24 @@ pub enum Command {
     Detach {
         port: PortId,
     },
-    /// The directory as the controller last pushed it: nets, members, policies.
+    /// Who this host is in the cluster and how its tunnels work (from the controller's
+    /// welcome, or the saved view after a restart).
+    Identity {
+        host_id: HostId,
+        plaintext: bool,
+    },
+    /// The directory as the controller last pushed it: other hosts, nets, members, policies.
     View {
+        peers: Vec<PeerInfo>,
         nets: Vec<NetConfig>,
         members: Vec<(NetId, Ipv4Addr, Location)>,
         policies: Vec<PolicyRule>,
+    },
+    /// The directory's answer to a lookup: where member `ip` of `net` is, if anywhere.
+    Resolved {
+        net: NetId,
+        ip: Ipv4Addr,
+        host: Option<HostId>,
     },
     /// The host-side egress device.
     Egress {
@@ -53,6 +94,31 @@ pub enum Command {
         port: PortId,
         reply: oneshot::Sender<Option<PortCounters>>,
     },
+    HostStats {
+        reply: oneshot::Sender<HostStats>,
+    },
+}
+
+/// Another host as the directory gives it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub id: HostId,
+    pub name: String,
+    pub locator: Option<SocketAddr>,
+    pub public_key: [u8; 32],
+}
+
+/// What the data plane starts with.
+pub struct DataplaneConfig {
+    pub switch: SwitchConfig,
+    /// Where the underlay socket listens.
+    pub listen: SocketAddr,
+    pub keypair: Keypair,
+    pub tunnel: vane_tunnel::Config,
+    /// Largest IPv4 packet that fits one underlay datagram after the overlay's headers.
+    pub max_inner_packet: usize,
+    /// Where directory lookups go (to the controller, through the agent's control stream).
+    pub lookups: tokio::sync::mpsc::UnboundedSender<(NetId, Ipv4Addr)>,
 }
 
 /// Handle to the data-plane thread.
@@ -63,18 +129,35 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    pub fn start(cfg: SwitchConfig) -> io::Result<Dataplane> {
+    pub fn start(cfg: DataplaneConfig) -> io::Result<Dataplane> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
+        let mut udp = UdpSocket::bind(cfg.listen)
+            .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen)))?;
+        for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+            // Best effort: a small buffer only costs drops under bursts.
+            let _ = vane_sys::socket::set_int_option(&udp, libc::SOL_SOCKET, opt, SOCKET_BUFFER);
+        }
+        poll.registry()
+            .register(&mut udp, UNDERLAY, Interest::READABLE)?;
         let mut worker = Worker {
             poll,
             rx,
-            switch: Switch::new(cfg),
+            switch: Switch::new(cfg.switch),
             ports: HashMap::new(),
             egress: None,
             view_members: HashSet::new(),
             view_nets: HashSet::new(),
+            udp,
+            tunnels: Tunnels::new(cfg.tunnel, cfg.keypair),
+            identity: None,
+            peers: HashMap::new(),
+            misses: HashMap::new(),
+            negative: HashMap::new(),
+            lookups: cfg.lookups,
+            max_inner_packet: cfg.max_inner_packet,
+            counters: ShellCounters::default(),
         };
         std::thread::Builder::new()
             .name("vane-switch".into())
@@ -112,6 +195,60 @@ impl Dataplane {
         self.send(Command::Stats { port, reply });
         rx.await.ok().flatten()
     }
+
+    pub async fn host_stats(&self) -> Option<HostStats> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::HostStats { reply });
+        rx.await.ok()
+    }
+}
+
+/// Counters of the shell itself (the switch and the tunnels count their own).
+#[derive(Default)]
+struct ShellCounters {
+    lookups: u64,
+    lookup_misses: u64,
+    miss_queue_dropped: u64,
+    handshake_queue_dropped: u64,
+    frag_needed_sent: u64,
+    drop_no_locator: u64,
+    drop_plaintext_unknown_sender: u64,
+    drop_wrong_mode: u64,
+    drop_too_large: u64,
+    send_errors: u64,
+}
+
+/// Another host, as the shell reaches it.
+struct PeerIo {
+    name: String,
+    /// Where the directory says it is.
+    locator: Option<SocketAddr>,
+    /// Where its packets go: the locator, or the address an authenticated packet of it last
+    /// came from (it moved before the directory knew).
+    endpoint: Option<SocketAddr>,
+    /// Inner frames waiting for a tunnel session.
+    waiting: VecDeque<(Instant, Vec<u8>)>,
+    /// Counted here in plaintext mode (the tunnels count encrypted traffic).
+    plain_tx: (u64, u64),
+    plain_rx: (u64, u64),
+}
+
+/// Packets waiting for the directory to resolve one address.
+struct Miss {
+    since: Instant,
+    packets: Vec<(PortId, Vec<u8>)>,
+}
+
+/// Scratch buffers, one per stage, so that a packet never needs copying between them.
+struct Buffers {
+    /// A packet read from a device, at `HEADROOM`.
+    packet: Vec<u8>,
+    /// A sealed datagram.
+    sealed: Vec<u8>,
+    /// A datagram read from the underlay.
+    datagram: Vec<u8>,
+    /// An opened datagram's inner frame.
+    opened: Vec<u8>,
 }
 
 struct Worker {
@@ -124,17 +261,39 @@ struct Worker {
     /// disappeared without touching ports attached since.
     view_members: HashSet<(NetId, Ipv4Addr)>,
     view_nets: HashSet<NetId>,
+    udp: UdpSocket,
+    tunnels: Tunnels,
+    /// This host's id and whether the cluster is plaintext, once known.
+    identity: Option<(HostId, bool)>,
+    peers: HashMap<HostId, PeerIo>,
+    misses: HashMap<(NetId, Ipv4Addr), Miss>,
+    negative: HashMap<(NetId, Ipv4Addr), Instant>,
+    lookups: tokio::sync::mpsc::UnboundedSender<(NetId, Ipv4Addr)>,
+    max_inner_packet: usize,
+    counters: ShellCounters,
+}
+
+fn wall_clock() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 impl Worker {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
-        let mut buf = vec![0u8; MAX_PACKET];
+        let mut bufs = Buffers {
+            packet: vec![0u8; HEADROOM + MAX_PACKET],
+            sealed: vec![0u8; MAX_PACKET + 64],
+            datagram: vec![0u8; MAX_PACKET],
+            opened: vec![0u8; MAX_PACKET],
+        };
         let mut backlog: Vec<Token> = Vec::new();
         let mut last_expiry = Instant::now();
         loop {
             let timeout = if backlog.is_empty() {
-                Duration::from_millis(500)
+                Duration::from_millis(100)
             } else {
                 Duration::ZERO
             };
@@ -146,20 +305,26 @@ impl Worker {
             }
             for ev in events.iter() {
                 if ev.token() == WAKER {
-                    if !self.commands() {
+                    if !self.commands(&mut bufs) {
                         return;
                     }
                 } else if !backlog.contains(&ev.token()) {
                     backlog.push(ev.token());
                 }
             }
-            // mio is edge-triggered: a device not drained to EAGAIN stays in the backlog.
+            // mio is edge-triggered: a source not drained to EAGAIN stays in the backlog.
             for token in std::mem::take(&mut backlog) {
-                if !self.service(token, &mut buf) {
+                let drained = if token == UNDERLAY {
+                    self.service_underlay(&mut bufs)
+                } else {
+                    self.service_device(token, &mut bufs)
+                };
+                if !drained {
                     backlog.push(token);
                 }
             }
             let now = Instant::now();
+            self.timers(now, &mut bufs);
             if now.duration_since(last_expiry) >= Duration::from_secs(1) {
                 self.switch.expire_flows(now);
                 last_expiry = now;
@@ -168,17 +333,17 @@ impl Worker {
     }
 
     /// Applies queued commands; false when the agent side is gone.
-    fn commands(&mut self) -> bool {
+    fn commands(&mut self, bufs: &mut Buffers) -> bool {
         loop {
             match self.rx.try_recv() {
-                Ok(cmd) => self.command(cmd),
+                Ok(cmd) => self.command(cmd, bufs),
                 Err(mpsc::TryRecvError::Empty) => return true,
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
     }
 
-    fn command(&mut self, cmd: Command) {
+    fn command(&mut self, cmd: Command, bufs: &mut Buffers) {
         match cmd {
             Command::Attach {
                 port,
@@ -199,11 +364,19 @@ impl Worker {
                 }
                 self.switch.detach_port(port);
             }
+            Command::Identity { host_id, plaintext } => {
+                self.identity = Some((host_id, plaintext));
+            }
             Command::View {
+                peers,
                 nets,
                 members,
                 policies,
-            } => self.apply_view(nets, members, policies),
+            } => {
+                self.apply_peers(peers);
+                self.apply_view(nets, members, policies);
+            }
+            Command::Resolved { net, ip, host } => self.resolved(net, ip, host, bufs),
             Command::Egress { tun } => {
                 let f = File::from(tun);
                 match self.poll.registry().register(
@@ -217,6 +390,9 @@ impl Worker {
             }
             Command::Stats { port, reply } => {
                 let _ = reply.send(self.switch.port_counters(port));
+            }
+            Command::HostStats { reply } => {
+                let _ = reply.send(self.host_stats());
             }
         }
     }
@@ -245,6 +421,38 @@ impl Worker {
         Ok(())
     }
 
+    /// Takes the directory's list of hosts: keys for the tunnels, locators for the socket.
+    /// A locator that changed replaces wherever the host's packets went before.
+    fn apply_peers(&mut self, peers: Vec<PeerInfo>) {
+        let ids: HashSet<HostId> = peers.iter().map(|p| p.id).collect();
+        let gone: Vec<HostId> = self
+            .peers
+            .keys()
+            .filter(|id| !ids.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.peers.remove(&id);
+            self.tunnels.remove_peer(id);
+        }
+        for p in peers {
+            self.tunnels.set_peer(p.id, p.public_key);
+            let io = self.peers.entry(p.id).or_insert_with(|| PeerIo {
+                name: p.name.clone(),
+                locator: None,
+                endpoint: None,
+                waiting: VecDeque::new(),
+                plain_tx: (0, 0),
+                plain_rx: (0, 0),
+            });
+            io.name = p.name;
+            if io.locator != p.locator {
+                io.locator = p.locator;
+                io.endpoint = p.locator;
+            }
+        }
+    }
+
     fn apply_view(
         &mut self,
         nets: Vec<NetConfig>,
@@ -265,15 +473,47 @@ impl Worker {
             self.switch.remove_member(*net, *ip);
         }
         for (net, ip, loc) in members {
+            // A member that appears is no longer "nobody"; one that waits is answered.
+            self.negative.remove(&(net, ip));
             self.switch.set_member(net, ip, loc);
         }
         self.view_members = new_members;
         self.switch.set_policies(policies);
     }
 
+    /// The directory answered a lookup: replay the packets that waited for it.
+    fn resolved(&mut self, net: NetId, ip: Ipv4Addr, host: Option<HostId>, bufs: &mut Buffers) {
+        let local = self.identity.map(|(id, _)| id);
+        match host {
+            // An entry for this host that the switch lacks is an instance not attached
+            // (any more): nothing to send to.
+            Some(h) if Some(h) != local => {
+                self.switch.set_member(net, ip, Location::Remote(h));
+            }
+            _ => {
+                self.counters.lookup_misses += 1;
+                self.negative.insert((net, ip), Instant::now());
+            }
+        }
+        let Some(miss) = self.misses.remove(&(net, ip)) else {
+            return;
+        };
+        for (port, mut frame) in miss.packets {
+            let now = Instant::now();
+            let verdict = self
+                .switch
+                .process_from_port(port, &mut frame[HEADROOM..], now);
+            match verdict {
+                // Still unknown: give up on these rather than loop.
+                Verdict::Unresolved { .. } => self.counters.miss_queue_dropped += 1,
+                v => self.act(v, &mut frame, bufs),
+            }
+        }
+    }
+
     /// Reads up to `BATCH` packets from the device of `token` and forwards them. Returns
     /// whether the device was drained.
-    fn service(&mut self, token: Token, buf: &mut [u8]) -> bool {
+    fn service_device(&mut self, token: Token, bufs: &mut Buffers) -> bool {
         for _ in 0..BATCH {
             let source = if token == EGRESS {
                 self.egress.as_mut()
@@ -281,7 +521,7 @@ impl Worker {
                 self.ports.get_mut(&PortId(token.0 as u32))
             };
             let Some(source) = source else { return true };
-            let n = match source.read(buf) {
+            let n = match source.read(&mut bufs.packet[HEADROOM..]) {
                 Ok(0) => return true,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
@@ -291,7 +531,8 @@ impl Worker {
                     return true;
                 }
             };
-            let pkt = &mut buf[..n];
+            let mut frame = std::mem::take(&mut bufs.packet);
+            let pkt = &mut frame[HEADROOM..HEADROOM + n];
             let now = Instant::now();
             let verdict = if token == EGRESS {
                 self.switch.process_from_egress(pkt, now)
@@ -299,17 +540,442 @@ impl Worker {
                 self.switch
                     .process_from_port(PortId(token.0 as u32), pkt, now)
             };
-            let out = match verdict {
-                Verdict::Deliver(port) => self.ports.get_mut(&port),
-                Verdict::Egress => self.egress.as_mut(),
-                // Remote members are reached through tunnels between hosts (multi-host).
-                Verdict::Forward { .. } | Verdict::Drop(_) => None,
-            };
-            if let Some(out) = out {
-                // A full device queue drops the packet, as a full link would.
-                let _ = out.write(pkt);
+            if let Verdict::Unresolved { dst_net } = verdict {
+                self.hold_for_directory(PortId(token.0 as u32), dst_net, &frame[..HEADROOM + n]);
+            } else {
+                self.act(verdict, &mut frame[..HEADROOM + n], bufs);
             }
+            bufs.packet = frame;
         }
         false
     }
+
+    /// Carries out a verdict on a packet at `frame[HEADROOM..]` that a local device sent.
+    fn act(&mut self, verdict: Verdict, frame: &mut [u8], bufs: &mut Buffers) {
+        let out = match verdict {
+            Verdict::Deliver(port) => self.ports.get_mut(&port),
+            Verdict::Egress => self.egress.as_mut(),
+            Verdict::Forward {
+                host,
+                src_net,
+                dst_net,
+            } => {
+                let pkt = &frame[HEADROOM..];
+                if pkt.len() > self.max_inner_packet && dont_fragment(pkt) {
+                    self.frag_needed(pkt, bufs);
+                    return;
+                }
+                overlay::write_nets(frame, src_net, dst_net);
+                self.send_frame(host, frame, &mut bufs.sealed);
+                return;
+            }
+            Verdict::Unresolved { .. } | Verdict::Drop(_) => None,
+        };
+        if let Some(out) = out {
+            // A full device queue drops the packet, as a full link would.
+            let _ = out.write(&frame[HEADROOM..]);
+        }
+    }
+
+    /// Answers a packet too big for the tunnel with ICMP "fragmentation needed", so that
+    /// the sender's path MTU discovery works through the overlay.
+    fn frag_needed(&mut self, pkt: &[u8], bufs: &mut Buffers) {
+        let Some((src, _)) = overlay::addresses(pkt) else {
+            return;
+        };
+        let mtu = self.max_inner_packet.min(usize::from(u16::MAX)) as u16;
+        let Some(n) = overlay::icmp_frag_needed(pkt, mtu, &mut bufs.sealed) else {
+            return;
+        };
+        // Back to whichever local port owns the sender's address.
+        let port = self.ports.keys().copied().find(|p| {
+            self.switch
+                .port_address(*p)
+                .is_some_and(|(_, ip)| ip == src)
+        });
+        if let Some(f) = port.and_then(|p| self.ports.get_mut(&p)) {
+            let _ = f.write(&bufs.sealed[..n]);
+            self.counters.frag_needed_sent += 1;
+        }
+    }
+
+    /// Holds a packet until the directory says where its destination is.
+    fn hold_for_directory(&mut self, port: PortId, net: NetId, frame: &[u8]) {
+        let Some((_, dst)) = overlay::addresses(&frame[HEADROOM..]) else {
+            return;
+        };
+        let key = (net, dst);
+        if let Some(at) = self.negative.get(&key) {
+            if at.elapsed() < NEGATIVE_TTL {
+                self.counters.miss_queue_dropped += 1;
+                return;
+            }
+            self.negative.remove(&key);
+        }
+        if !self.misses.contains_key(&key) {
+            if self.misses.len() >= MISS_ADDRESSES {
+                self.counters.miss_queue_dropped += 1;
+                return;
+            }
+            self.counters.lookups += 1;
+            let _ = self.lookups.send(key);
+            self.misses.insert(
+                key,
+                Miss {
+                    since: Instant::now(),
+                    packets: Vec::new(),
+                },
+            );
+        }
+        let miss = self.misses.get_mut(&key).expect("inserted above");
+        if miss.packets.len() >= MISS_QUEUE {
+            self.counters.miss_queue_dropped += 1;
+            return;
+        }
+        miss.packets.push((port, frame.to_vec()));
+    }
+
+    /// Sends an inner frame to another host: sealed in an encrypted cluster (after a
+    /// handshake if there is no session yet), behind a plain header otherwise.
+    fn send_frame(&mut self, host: HostId, frame: &[u8], sealed: &mut [u8]) {
+        let Some((local, plaintext)) = self.identity else {
+            self.counters.drop_wrong_mode += 1;
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&host) else {
+            self.counters.drop_no_locator += 1;
+            return;
+        };
+        let Some(endpoint) = peer.endpoint else {
+            self.counters.drop_no_locator += 1;
+            return;
+        };
+        if plaintext {
+            overlay::write_plain_header(sealed, local);
+            let n = overlay::PLAIN_HEADER_LEN + frame.len();
+            sealed[overlay::PLAIN_HEADER_LEN..n].copy_from_slice(frame);
+            peer.plain_tx.0 += 1;
+            peer.plain_tx.1 += frame.len() as u64;
+            self.send_datagram(&sealed[..n], endpoint);
+            return;
+        }
+        match self
+            .tunnels
+            .seal(host, frame, sealed, Instant::now(), wall_clock())
+        {
+            Seal::Data(n) => self.send_datagram(&sealed[..n], endpoint),
+            Seal::Handshake(n) => {
+                self.wait_for_session(host, frame);
+                self.send_datagram(&sealed[..n], endpoint);
+            }
+            Seal::Pending => self.wait_for_session(host, frame),
+            Seal::UnknownPeer => self.counters.drop_no_locator += 1,
+            Seal::TooLarge => self.counters.drop_too_large += 1,
+        }
+    }
+
+    fn wait_for_session(&mut self, host: HostId, frame: &[u8]) {
+        let Some(peer) = self.peers.get_mut(&host) else {
+            return;
+        };
+        if peer.waiting.len() >= HANDSHAKE_QUEUE {
+            self.counters.handshake_queue_dropped += 1;
+            return;
+        }
+        peer.waiting.push_back((Instant::now(), frame.to_vec()));
+    }
+
+    fn send_datagram(&mut self, datagram: &[u8], to: SocketAddr) {
+        match self.udp.send_to(datagram, to) {
+            Ok(_) => {}
+            // A full socket buffer drops the datagram, as a full link would; the tunnel
+            // and the programs' own protocols recover.
+            Err(e) => {
+                self.counters.send_errors += 1;
+                tracing::trace!("send to {to}: {e}");
+            }
+        }
+    }
+
+    /// Reads up to `BATCH` datagrams from the underlay. Returns whether it was drained.
+    fn service_underlay(&mut self, bufs: &mut Buffers) -> bool {
+        for _ in 0..BATCH {
+            let (n, from) = match self.udp.recv_from(&mut bufs.datagram) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("read from the underlay: {e}");
+                    return true;
+                }
+            };
+            self.datagram(n, from, bufs);
+        }
+        false
+    }
+
+    fn datagram(&mut self, n: usize, from: SocketAddr, bufs: &mut Buffers) {
+        let Some((_, plaintext)) = self.identity else {
+            self.counters.drop_wrong_mode += 1;
+            return;
+        };
+        if plaintext {
+            let Some((sender, frame)) = overlay::parse_plain(&mut bufs.datagram[..n]) else {
+                self.counters.drop_wrong_mode += 1;
+                return;
+            };
+            // Without authentication, the source address is all there is to go by.
+            let known = self
+                .peers
+                .get_mut(&sender)
+                .filter(|p| p.endpoint.map(|e| e.ip()) == Some(from.ip()));
+            let Some(peer) = known else {
+                self.counters.drop_plaintext_unknown_sender += 1;
+                return;
+            };
+            peer.plain_rx.0 += 1;
+            peer.plain_rx.1 += frame.len() as u64;
+            self.deliver_from_tunnel(frame);
+            return;
+        }
+        let now = Instant::now();
+        let opened = self
+            .tunnels
+            .open(&bufs.datagram[..n], &mut bufs.opened, now);
+        match opened {
+            Open::Data { peer, len } => {
+                self.roam(peer, from);
+                if len > 0 {
+                    let mut opened = std::mem::take(&mut bufs.opened);
+                    self.deliver_from_tunnel(&mut opened[..len]);
+                    bufs.opened = opened;
+                }
+            }
+            Open::Respond { peer, len } => {
+                self.roam(peer, from);
+                let reply = std::mem::take(&mut bufs.opened);
+                self.send_datagram(&reply[..len], from);
+                bufs.opened = reply;
+            }
+            Open::Established { peer, len } => {
+                self.roam(peer, from);
+                let keepalive = std::mem::take(&mut bufs.opened);
+                self.send_datagram(&keepalive[..len], from);
+                bufs.opened = keepalive;
+                self.flush_waiting(peer, bufs);
+            }
+            Open::Drop(vane_tunnel::DropReason::UnknownIndex) => {
+                // Data for a session this host does not have: its agent restarted, or the
+                // peer kept a session this side tore down. Rebuild from this side.
+                let peer = self
+                    .peers
+                    .iter()
+                    .find(|(_, p)| p.endpoint == Some(from))
+                    .map(|(id, _)| *id);
+                if let Some(peer) = peer {
+                    if let Some(n) =
+                        self.tunnels
+                            .initiate(peer, &mut bufs.sealed, now, wall_clock())
+                    {
+                        let init = std::mem::take(&mut bufs.sealed);
+                        self.send_datagram(&init[..n], from);
+                        bufs.sealed = init;
+                    }
+                }
+            }
+            // Counted by the tunnels.
+            Open::Drop(_) => {}
+        }
+    }
+
+    /// An authenticated packet of `peer` came from `from`: send its packets there from now
+    /// on (the host's underlay address changed before the directory knew).
+    fn roam(&mut self, peer: HostId, from: SocketAddr) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.endpoint != Some(from) {
+                tracing::info!(host = %p.name, %from, "peer moved on the underlay");
+                p.endpoint = Some(from);
+            }
+        }
+    }
+
+    /// Seals and sends the frames that waited for a session with `peer`.
+    fn flush_waiting(&mut self, peer: HostId, bufs: &mut Buffers) {
+        let Some(io) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let waiting = std::mem::take(&mut io.waiting);
+        let Some(endpoint) = io.endpoint else {
+            return;
+        };
+        let now = Instant::now();
+        for (_, frame) in waiting {
+            match self
+                .tunnels
+                .seal(peer, &frame, &mut bufs.sealed, now, wall_clock())
+            {
+                Seal::Data(n) => {
+                    let sealed = std::mem::take(&mut bufs.sealed);
+                    self.send_datagram(&sealed[..n], endpoint);
+                    bufs.sealed = sealed;
+                }
+                _ => self.counters.handshake_queue_dropped += 1,
+            }
+        }
+    }
+
+    /// An inner frame from another host: checked again by this host's switch (FIG. 7), then
+    /// delivered to a local instance.
+    fn deliver_from_tunnel(&mut self, frame: &mut [u8]) {
+        let Some((src_net, dst_net, pkt)) = overlay::split_frame(frame) else {
+            return;
+        };
+        let verdict = self
+            .switch
+            .process_from_tunnel(src_net, dst_net, pkt, Instant::now());
+        if let Verdict::Deliver(port) = verdict {
+            if let Some(f) = self.ports.get_mut(&port) {
+                let _ = f.write(pkt);
+            }
+        }
+    }
+
+    /// Tunnel timers (handshake retries, rekeys, expiry, idle teardown) and the expiry of
+    /// packets that waited too long.
+    fn timers(&mut self, now: Instant, bufs: &mut Buffers) {
+        if matches!(self.identity, Some((_, false))) {
+            while let Some((peer, n)) =
+                self.tunnels
+                    .poll_timers(now, wall_clock(), &mut bufs.sealed)
+            {
+                if let Some(endpoint) = self.peers.get(&peer).and_then(|p| p.endpoint) {
+                    let init = std::mem::take(&mut bufs.sealed);
+                    self.send_datagram(&init[..n], endpoint);
+                    bufs.sealed = init;
+                }
+            }
+        }
+        for peer in self.peers.values_mut() {
+            while peer
+                .waiting
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > HANDSHAKE_WAIT)
+            {
+                peer.waiting.pop_front();
+                self.counters.handshake_queue_dropped += 1;
+            }
+        }
+        let before = self.misses.len();
+        let mut expired = 0;
+        self.misses.retain(|_, m| {
+            let keep = now.duration_since(m.since) <= MISS_WAIT;
+            if !keep {
+                expired += m.packets.len() as u64;
+            }
+            keep
+        });
+        if self.misses.len() != before {
+            self.counters.miss_queue_dropped += expired;
+        }
+        self.negative
+            .retain(|_, at| now.duration_since(*at) < NEGATIVE_TTL);
+    }
+
+    fn host_stats(&self) -> HostStats {
+        let mut counters = BTreeMap::new();
+        let t = self.tunnels.counters();
+        for (name, value) in [
+            ("handshakes_initiated", t.handshakes_initiated),
+            ("handshakes_completed", t.handshakes_completed),
+            ("handshake_timeouts", t.handshake_timeouts),
+            ("rekeys", t.rekeys),
+            ("sessions_expired", t.sessions_expired),
+            ("idle_teardowns", t.idle_teardowns),
+            ("data_sealed", t.data_sealed),
+            ("data_opened", t.data_opened),
+        ] {
+            counters.insert(name.to_string(), value);
+        }
+        for reason in vane_tunnel::DropReason::ALL {
+            counters.insert(
+                format!("drop_{}", tunnel_drop_name(reason)),
+                t.drops(reason),
+            );
+        }
+        let d = self.switch.drop_counters();
+        for reason in vane_switch::DropReason::ALL {
+            counters.insert(format!("switch_drop_{}", reason.as_str()), d.get(reason));
+        }
+        let c = &self.counters;
+        for (name, value) in [
+            ("directory_lookups", c.lookups),
+            ("directory_lookup_misses", c.lookup_misses),
+            ("miss_queue_dropped", c.miss_queue_dropped),
+            ("handshake_queue_dropped", c.handshake_queue_dropped),
+            ("frag_needed_sent", c.frag_needed_sent),
+            ("drop_no_locator", c.drop_no_locator),
+            (
+                "drop_plaintext_unknown_sender",
+                c.drop_plaintext_unknown_sender,
+            ),
+            ("drop_wrong_mode", c.drop_wrong_mode),
+            ("drop_too_large", c.drop_too_large),
+            ("send_errors", c.send_errors),
+        ] {
+            counters.insert(name.to_string(), value);
+        }
+        let plaintext = self.identity.is_some_and(|(_, p)| p);
+        let mut peers: Vec<PeerStats> = self
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                let mut s = PeerStats {
+                    host: p.name.clone(),
+                    endpoint: p.endpoint,
+                    ..PeerStats::default()
+                };
+                if plaintext {
+                    s.established = true;
+                    (s.tx_packets, s.tx_bytes) = p.plain_tx;
+                    (s.rx_packets, s.rx_bytes) = p.plain_rx;
+                } else if let Some(t) = self.tunnels.peer_stats(*id) {
+                    s.established = t.established;
+                    s.handshakes = t.handshakes;
+                    s.tx_packets = t.tx_packets;
+                    s.tx_bytes = t.tx_bytes;
+                    s.rx_packets = t.rx_packets;
+                    s.rx_bytes = t.rx_bytes;
+                }
+                s
+            })
+            .collect();
+        peers.sort_by(|a, b| a.host.cmp(&b.host));
+        HostStats {
+            host: String::new(),
+            encrypted: !plaintext,
+            counters,
+            peers,
+        }
+    }
+}
+
+/// Counter name of a tunnel drop reason.
+fn tunnel_drop_name(reason: vane_tunnel::DropReason) -> &'static str {
+    use vane_tunnel::DropReason as R;
+    match reason {
+        R::Malformed => "malformed",
+        R::UnknownType => "unknown_type",
+        R::UnknownPeer => "unknown_peer",
+        R::UnknownIndex => "unknown_index",
+        R::AuthFailed => "auth_failed",
+        R::Replayed => "replayed",
+        R::StaleInitiation => "stale_initiation",
+        R::Expired => "expired",
+        R::TooLarge => "too_large",
+    }
+}
+
+/// Whether an IPv4 packet forbids fragmentation (DF set). Not IPv4: false.
+fn dont_fragment(pkt: &[u8]) -> bool {
+    vane_wire::Ipv4Packet::new_checked(pkt).is_ok_and(|ip| ip.dont_fragment())
 }

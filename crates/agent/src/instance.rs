@@ -63,6 +63,7 @@ pub fn create(
     spec: &InstanceSpec,
     rules: &OutboundRules,
     hosts: &str,
+    mtu: usize,
 ) -> Result<(Record, OwnedFd), CreateError> {
     if dir.exists() {
         return Err(CreateError::Host(format!(
@@ -70,7 +71,7 @@ pub fn create(
             spec.id
         )));
     }
-    let result = create_inner(dir, exe, layout, spec, rules, hosts);
+    let result = create_inner(dir, exe, layout, spec, rules, hosts, mtu);
     if result.is_err() {
         teardown(dir, &spec.id, layout);
     }
@@ -84,6 +85,7 @@ fn create_inner(
     spec: &InstanceSpec,
     rules: &OutboundRules,
     hosts: &str,
+    mtu: usize,
 ) -> Result<(Record, OwnedFd), CreateError> {
     std::fs::create_dir_all(dir)?;
     netconf::rewrite_in_place(&dir.join(launch::HOSTS_FILE), hosts)?;
@@ -94,7 +96,7 @@ fn create_inner(
     let netns = netns_name(&spec.id);
     netconf::create_netns(&netns)?;
     let tun = open_tun(&netns)?;
-    netconf::configure(&netns, spec.ip)?;
+    netconf::configure(&netns, spec.ip, mtu)?;
     netconf::apply_rules(&netns, rules, None)?;
     let cgroups = layout.create(&spec.id)?;
     let launch_spec = LaunchSpec {

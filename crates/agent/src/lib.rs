@@ -9,6 +9,7 @@ pub mod cgroup;
 mod control;
 pub use control::exec_helper_main;
 mod dataplane;
+mod identity;
 mod instance;
 pub mod launch;
 pub mod netconf;
@@ -32,7 +33,7 @@ use vane_proto::stream::{AgentReply, AgentRequest, AgentView, InstanceReport, In
 use vane_switch::{L4Proto, Location, NetConfig, PolicyRule, PortId, SwitchConfig};
 
 use crate::cgroup::Layout;
-use crate::dataplane::{Command, Dataplane};
+use crate::dataplane::{Command, Dataplane, DataplaneConfig, PeerInfo};
 use crate::instance::{CreateError, Found, Record};
 use crate::netconf::OutboundRules;
 
@@ -41,8 +42,17 @@ pub struct AgentConfig {
     /// Base URL of the controller, e.g. `http://198.18.0.254:7946`.
     pub controller: String,
     pub state_dir: PathBuf,
-    /// Underlay address and port of this host's switch, as other hosts reach it.
+    /// Join token, for the first connection of a host that has not enrolled yet.
+    pub join_token: Option<String>,
+    /// Where the switch's underlay socket listens.
+    pub listen: SocketAddr,
+    /// Underlay address and port of this host's switch, as other hosts reach it. `None`:
+    /// the address this host reaches the controller from, followed when it changes.
     pub locator: Option<SocketAddr>,
+    /// Idle time after which the tunnel to a host is torn down.
+    pub tunnel_idle: Duration,
+    /// Age at which a tunnel session is rekeyed.
+    pub rekey_after: Duration,
     /// The `vane` binary, for the helper processes that enter instances.
     pub exe: PathBuf,
 }
@@ -76,6 +86,14 @@ impl Local {
 
 pub(crate) struct Agent {
     cfg: AgentConfig,
+    identity: Mutex<identity::Identity>,
+    /// The controller's socket address (for the default locator and the underlay MTU).
+    controller_addr: Option<SocketAddr>,
+    /// MTU of instance devices: the underlay's less the encapsulation.
+    instance_mtu: usize,
+    /// This host's id and whether the cluster is plaintext, once known.
+    cluster: Mutex<Option<(u32, vane_proto::api::ClusterConfig)>>,
+    egress_ready: std::sync::atomic::AtomicBool,
     layout: Layout,
     dataplane: Dataplane,
     switch_cfg: SwitchConfig,
@@ -97,8 +115,34 @@ pub async fn run(
     vane_proto::validate::name("host name", &cfg.name)?;
     std::fs::create_dir_all(cfg.state_dir.join("instances"))
         .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+    let identity = identity::Identity::load_or_create(&cfg.state_dir)?;
+    if identity.credential.is_none() && cfg.join_token.is_none() {
+        anyhow::bail!(
+            "host {:?} is not enrolled yet: start its agent with --join TOKEN (`vane host token` makes one)",
+            cfg.name
+        );
+    }
+    let controller_addr = control::controller_addr(&cfg.controller);
+    let underlay_mtu = controller_addr
+        .and_then(|a| netconf::underlay_mtu(a.ip()))
+        .unwrap_or(1500);
+    let max_inner_packet = underlay_mtu.saturating_sub(netconf::ENCAPSULATION).max(576);
     let switch_cfg = SwitchConfig::default();
-    let dataplane = Dataplane::start(switch_cfg.clone()).context("start the switch")?;
+    let (lookups_tx, lookups_rx) = tokio::sync::mpsc::unbounded_channel();
+    let dataplane = Dataplane::start(DataplaneConfig {
+        switch: switch_cfg.clone(),
+        listen: cfg.listen,
+        keypair: identity.keypair.clone(),
+        tunnel: vane_tunnel::Config {
+            idle_timeout: cfg.tunnel_idle,
+            rekey_after_time: cfg.rekey_after,
+            reject_after_time: cfg.rekey_after + cfg.rekey_after / 2,
+            ..vane_tunnel::Config::default()
+        },
+        max_inner_packet,
+        lookups: lookups_tx,
+    })
+    .context("start the switch")?;
     let agent = Arc::new(Agent {
         layout: Layout::detect(),
         dataplane,
@@ -108,17 +152,36 @@ pub async fn run(
         next_port: AtomicU32::new(1),
         view: Mutex::new(AgentView::default()),
         outbox: Mutex::new(None),
+        identity: Mutex::new(identity),
+        controller_addr,
+        instance_mtu: max_inner_packet,
+        cluster: Mutex::new(None),
+        egress_ready: std::sync::atomic::AtomicBool::new(false),
         cfg,
     });
-    agent.setup_egress();
     agent.clone().recover().await;
+    agent.load_saved_view().await;
+    tokio::spawn(control::forward_lookups(agent.clone(), lookups_rx));
     tracing::info!(host = %agent.cfg.name, controller = %agent.cfg.controller, "agent ready");
     tokio::select! {
-        _ = control::connect_loop(agent.clone()) => {}
+        refused = control::connect_loop(agent.clone()) => {
+            anyhow::bail!("the controller refused this host: {refused}")
+        }
         _ = shutdown => tracing::info!("agent stopping; instances keep running"),
     }
     Ok(())
 }
+
+/// What the agent keeps of the directory across restarts (`STATE/view.json`), so that a
+/// restarted agent forwards between existing members even while the controller is down.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedView {
+    host_id: u32,
+    config: vane_proto::api::ClusterConfig,
+    view: AgentView,
+}
+
+const SAVED_VIEW: &str = "view.json";
 
 impl Agent {
     fn instances(&self) -> MutexGuard<'_, BTreeMap<String, Local>> {
@@ -297,6 +360,15 @@ impl Agent {
                 env,
             } => control::exec(self, &id, stream, cmd, env).await,
             AgentRequest::Logs { id, stream } => control::logs(self, &id, stream).await,
+            AgentRequest::HostStats => {
+                let mut stats = self
+                    .dataplane
+                    .host_stats()
+                    .await
+                    .ok_or("switch thread is gone")?;
+                stats.host = self.cfg.name.clone();
+                Ok(AgentReply::HostStats(stats))
+            }
             AgentRequest::Stats { id } => {
                 let port = self
                     .instances()
@@ -329,8 +401,9 @@ impl Agent {
         let dir2 = dir.clone();
         let rules2 = rules.clone();
         let hosts2 = hosts.clone();
+        let mtu = self.instance_mtu;
         let (record, tun) = tokio::task::spawn_blocking(move || {
-            instance::create(&dir2, &exe, &layout, &spec2, &rules2, &hosts2)
+            instance::create(&dir2, &exe, &layout, &spec2, &rules2, &hosts2, mtu)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -454,11 +527,31 @@ impl Agent {
             .iter()
             .filter_map(|(id, l)| Some((id.clone(), l.port?)))
             .collect();
+        let host_ids: BTreeMap<&str, u32> =
+            view.peers.iter().map(|p| (p.name.as_str(), p.id)).collect();
         let members: Vec<(u32, Ipv4Addr, Location)> = view
             .members
             .iter()
-            .filter(|m| m.host == self.cfg.name)
-            .filter_map(|m| Some((m.net, m.ip, Location::Local(*ports.get(&m.instance)?))))
+            .filter_map(|m| {
+                let loc = if m.host == self.cfg.name {
+                    Location::Local(*ports.get(&m.instance)?)
+                } else {
+                    Location::Remote(*host_ids.get(m.host.as_str())?)
+                };
+                Some((m.net, m.ip, loc))
+            })
+            .collect();
+        let peers = view
+            .peers
+            .iter()
+            .filter_map(|p| {
+                Some(PeerInfo {
+                    id: p.id,
+                    name: p.name.clone(),
+                    locator: p.locator,
+                    public_key: vane_proto::hex::decode::<32>(&p.public_key)?,
+                })
+            })
             .collect();
         let policies = view
             .policies
@@ -478,11 +571,13 @@ impl Agent {
             })
             .collect();
         self.dataplane.send(Command::View {
+            peers,
             nets,
             members,
             policies,
         });
         *self.view.lock().expect("view lock") = view;
+        self.save_view();
 
         type Update = (
             String,
@@ -540,6 +635,67 @@ impl Agent {
                 Ok(Err(e)) => tracing::warn!(instance = %id, "updating rules or hosts: {e}"),
                 Err(e) => tracing::warn!(instance = %id, "{e}"),
             }
+        }
+    }
+}
+
+impl Agent {
+    /// The controller welcomed this host: who it is and how the cluster's tunnels work.
+    fn set_cluster(&self, host_id: u32, config: vane_proto::api::ClusterConfig) {
+        // Once the host is known to belong to the cluster: a refused agent leaves nothing.
+        if !self.egress_ready.swap(true, Ordering::Relaxed) {
+            self.setup_egress();
+        }
+        *self.global_space.lock().expect("lock") = config.global_space;
+        self.dataplane.send(Command::Identity {
+            host_id,
+            plaintext: config.plaintext,
+        });
+        *self.cluster.lock().expect("cluster lock") = Some((host_id, config));
+        self.save_view();
+    }
+
+    /// Where the controller says member `ip` of `net` is, for a packet that waits.
+    fn resolved(&self, net: u32, ip: Ipv4Addr, member: Option<vane_proto::stream::Member>) {
+        let host = member.and_then(|m| {
+            let view = self.view.lock().expect("view lock");
+            view.peers.iter().find(|p| p.name == m.host).map(|p| p.id)
+        });
+        self.dataplane.send(Command::Resolved { net, ip, host });
+    }
+
+    fn save_view(&self) {
+        let Some((host_id, config)) = self.cluster.lock().expect("cluster lock").clone() else {
+            return;
+        };
+        let saved = SavedView {
+            host_id,
+            config,
+            view: self.view.lock().expect("view lock").clone(),
+        };
+        let path = self.cfg.state_dir.join(SAVED_VIEW);
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::write(&tmp, serde_json::to_vec(&saved).expect("serializes"))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("cannot save the view to {}: {e}", path.display());
+        }
+    }
+
+    /// Applies the view a previous agent saved, so that traffic between existing members
+    /// flows before (or without) the controller.
+    async fn load_saved_view(self: &Arc<Self>) {
+        let path = self.cfg.state_dir.join(SAVED_VIEW);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        match serde_json::from_slice::<SavedView>(&bytes) {
+            Ok(saved) => {
+                self.set_cluster(saved.host_id, saved.config);
+                self.apply_view(saved.view).await;
+                tracing::info!("applied the saved view");
+            }
+            Err(e) => tracing::warn!("ignoring saved view {}: {e}", path.display()),
         }
     }
 }

@@ -18,9 +18,27 @@ use vane_proto::validate::{PortSpec, Proto};
 
 /// Name of the TUN device inside every instance's namespace.
 pub const TUN_NAME: &str = "vane0";
-/// MTU of instance devices. Leaves room for the overlay header and tunnel encryption on a
-/// 1500-byte underlay.
-pub const INSTANCE_MTU: u32 = 1420;
+/// Bytes the underlay adds to every tunnelled packet beyond the inner IPv4 packet: outer
+/// IPv4 and UDP headers (28), the tunnel's data header and AEAD tag (32), the nets (8).
+pub const ENCAPSULATION: usize = 28 + vane_tunnel::DATA_OVERHEAD + vane_wire::overlay::NETS_LEN;
+
+/// MTU of the underlay device this host reaches `dst` through (`ip route get`), if iproute2
+/// can tell.
+pub fn underlay_mtu(dst: std::net::IpAddr) -> Option<usize> {
+    let out = Command::new("ip")
+        .args(["-j", "route", "get", &dst.to_string()])
+        .output()
+        .ok()?;
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let dev = routes.get(0)?.get("dev")?.as_str()?.to_string();
+    let out = Command::new("ip")
+        .args(["-j", "link", "show", "dev", &dev])
+        .output()
+        .ok()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let mtu = links.get(0)?.get("mtu")?.as_u64()?;
+    usize::try_from(mtu).ok()
+}
 
 /// Runs a command, turning a non-zero exit into an error carrying its stderr.
 pub fn run(cmd: &mut Command, input: Option<&str>) -> io::Result<()> {
@@ -74,10 +92,10 @@ pub fn delete_netns(netns: &str) -> io::Result<()> {
 
 /// Brings up loopback and the instance's TUN device with its address, and turns IPv6 off
 /// (instances are IPv4-only; the switch drops IPv6 anyway). Routes come with the rules.
-pub fn configure(netns: &str, ip: Ipv4Addr) -> io::Result<()> {
+pub fn configure(netns: &str, ip: Ipv4Addr, mtu: usize) -> io::Result<()> {
     let batch = format!(
         "link set lo up\n\
-         link set {TUN_NAME} mtu {INSTANCE_MTU} up\n\
+         link set {TUN_NAME} mtu {mtu} up\n\
          addr add {ip}/32 dev {TUN_NAME}\n"
     );
     run(

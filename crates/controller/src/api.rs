@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use vane_proto::api::{
-    frame, ErrorBody, ExecSpec, Host, Instance, InstanceState, InstanceStats, Net, NetSpec, Policy,
-    PolicySpec, RunSpec, Status,
+    frame, ErrorBody, ExecSpec, Host, HostState, HostStats, Instance, InstanceState, InstanceStats,
+    JoinToken, Net, NetSpec, Policy, PolicySpec, RunSpec, Status, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -50,6 +50,9 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/nets", get(list_nets).post(create_net))
         .route("/v1/nets/{name}", delete(remove_net))
         .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/tokens", post(create_token))
+        .route("/v1/hosts/{name}", delete(remove_host))
+        .route("/v1/hosts/{name}/stats", get(host_stats))
         .route("/v1/instances", get(list_instances).post(run_instance))
         .route(
             "/v1/instances/{name}",
@@ -118,6 +121,44 @@ async fn list_hosts(AxState(c): Ctl) -> Json<Vec<Host>> {
             })
             .collect(),
     )
+}
+
+async fn create_token(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<JoinToken>)> {
+    let spec: TokenSpec = parse(&body)?;
+    let mut s = c.state();
+    let (token, expires, batch) = s.create_token(spec.ttl_secs, now())?;
+    c.commit(batch)?;
+    Ok((StatusCode::CREATED, Json(JoinToken { token, expires })))
+}
+
+async fn remove_host(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    {
+        let mut s = c.state();
+        let batch = s.remove_host(&name)?;
+        c.commit(batch)?;
+    }
+    // The other switches forget its key: it can no longer open a tunnel to them.
+    c.push_views();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn host_stats(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<HostStats>> {
+    {
+        let s = c.state();
+        let host = s
+            .hosts
+            .get(&name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown host {name:?}")))?;
+        if host.state != HostState::Online {
+            return Err(ApiError::Unavailable(format!("host {name:?} is offline")));
+        }
+    }
+    match c.agents.request(&name, AgentRequest::HostStats).await? {
+        AgentReply::HostStats(stats) => Ok(Json(stats)),
+        other => Err(ApiError::Internal(format!(
+            "unexpected answer from host {name:?}: {other:?}"
+        ))),
+    }
 }
 
 async fn list_instances(AxState(c): Ctl) -> Json<Vec<Instance>> {

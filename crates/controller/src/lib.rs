@@ -4,6 +4,7 @@
 
 mod agents;
 mod api;
+pub mod enroll;
 mod session;
 pub mod state;
 pub mod store;

@@ -23,22 +23,40 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     let Some(FromAgent::Hello {
         name,
         locator,
+        public_key,
+        auth,
         instances,
     }) = hello
     else {
         tracing::warn!("agent connection without a valid hello, closed");
         return;
     };
-    if let Err(e) = validate::name("host name", &name) {
-        tracing::warn!("agent refused: {e}");
-        return;
-    }
+    let admitted = validate::name("host name", &name)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            let mut s = c.state();
+            let (credential, batch) = s
+                .admit_host(&name, &public_key, &auth, now())
+                .map_err(|e| e.to_string())?;
+            c.commit(batch).map_err(|e| e.to_string())?;
+            Ok(credential)
+        });
+    let credential = match admitted {
+        Ok(credential) => credential,
+        Err(reason) => {
+            tracing::warn!(host = %name, "agent refused: {reason}");
+            let refused = serde_json::to_string(&ToAgent::Refused { reason }).expect("serializes");
+            let _ = sink.send(Message::Text(refused.into())).await;
+            let _ = sink.close().await;
+            return;
+        }
+    };
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let epoch = c.agents.attach(&name, tx);
     let (host_id, unknown) = {
         let mut s = c.state();
-        let batch = s.host_online(&name, locator, now());
+        let batch = s.host_online(&name, locator, Some(&public_key), now());
         let (reconciled, unknown) = s.reconcile(&name, &instances);
         if let Err(e) = c.commit(batch).and_then(|_| c.commit(reconciled)) {
             tracing::error!(host = %name, "cannot record host: {e}");
@@ -47,7 +65,14 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     };
     tracing::info!(host = %name, ?locator, instances = instances.len(), "agent connected");
     let config = c.state().config.clone();
-    c.agents.send(&name, ToAgent::Welcome { host_id, config });
+    c.agents.send(
+        &name,
+        ToAgent::Welcome {
+            host_id,
+            config,
+            credential,
+        },
+    );
     for id in unknown {
         // The store does not know these (they were removed while the host was away, or the
         // store was replaced); the host removes them rather than keep orphans running.
@@ -109,6 +134,10 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
 fn handle(c: &Controller, host: &str, msg: FromAgent) {
     match msg {
         FromAgent::Hello { .. } => tracing::warn!(host, "second hello ignored"),
+        FromAgent::Lookup { net, ip } => {
+            let member = c.state().lookup(host, net, ip);
+            c.agents.send(host, ToAgent::Resolved { net, ip, member });
+        }
         FromAgent::Response { id, result } => c.agents.resolve(host, id, result),
         FromAgent::Report(report) => {
             let changed = {

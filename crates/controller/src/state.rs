@@ -11,9 +11,12 @@ use vane_proto::api::{
     ClusterConfig, Host, HostState, Instance, InstanceState, Net, NetSpec, Policy, PolicySpec,
     RunSpec,
 };
-use vane_proto::stream::{AgentView, InstanceReport, InstanceSpec, Member, PolicyRule};
+use vane_proto::stream::{
+    AgentView, HostAuth, InstanceReport, InstanceSpec, Member, Peer, PolicyRule,
+};
 use vane_proto::validate;
 
+use crate::enroll::{self, Admission, Enrollment, Refusal, TokenRecord};
 use crate::store::{Batch, Counters, Snapshot};
 
 /// An error of the API, with the HTTP status class it maps to.
@@ -52,6 +55,10 @@ pub struct State {
     pub instances: BTreeMap<String, Instance>,
     pub hosts: BTreeMap<String, Host>,
     pub policies: BTreeMap<u32, Policy>,
+    /// Join tokens by hash.
+    tokens: BTreeMap<String, TokenRecord>,
+    /// By host name.
+    enrollments: BTreeMap<String, Enrollment>,
 }
 
 impl State {
@@ -82,6 +89,16 @@ impl State {
                 .map(|h| (h.name.clone(), h))
                 .collect(),
             policies: snap.policies.into_iter().map(|p| (p.id, p)).collect(),
+            tokens: snap
+                .tokens
+                .into_iter()
+                .map(|t| (t.hash.clone(), t))
+                .collect(),
+            enrollments: snap
+                .enrollments
+                .into_iter()
+                .map(|e| (e.host.clone(), e))
+                .collect(),
         };
         for host in state.hosts.values_mut() {
             host.state = HostState::Offline;
@@ -406,8 +423,102 @@ impl State {
         Ok(batch)
     }
 
-    /// Records that the agent of `name` connected from `locator`.
-    pub fn host_online(&mut self, name: &str, locator: Option<SocketAddr>, now: u64) -> Batch {
+    /// A join token valid for `ttl_secs` from `now`. Expired tokens are forgotten.
+    pub fn create_token(
+        &mut self,
+        ttl_secs: u64,
+        now: u64,
+    ) -> Result<(String, u64, Batch), ApiError> {
+        if ttl_secs == 0 || ttl_secs > 365 * 24 * 3600 {
+            return Err(ApiError::BadRequest(
+                "token lifetime must be between 1 second and 365 days".into(),
+            ));
+        }
+        let mut batch = Batch::default();
+        let expired: Vec<TokenRecord> = self
+            .tokens
+            .values()
+            .filter(|t| t.expires <= now)
+            .cloned()
+            .collect();
+        for t in expired {
+            self.tokens.remove(&t.hash);
+            batch.delete(&t);
+        }
+        let token = enroll::new_token();
+        let record = TokenRecord {
+            hash: enroll::hash(&token),
+            expires: now + ttl_secs,
+        };
+        batch.put(&record);
+        self.tokens.insert(record.hash.clone(), record.clone());
+        Ok((token, record.expires, batch))
+    }
+
+    /// Decides whether the agent of `name` may join, and records a new enrollment. Returns
+    /// the credential to hand to a newly enrolled agent.
+    pub fn admit_host(
+        &mut self,
+        name: &str,
+        public_key: &str,
+        auth: &HostAuth,
+        now: u64,
+    ) -> Result<(Option<String>, Batch), Refusal> {
+        let tokens = &self.tokens;
+        let admission =
+            enroll::admit(name, public_key, auth, self.enrollments.get(name), |hash| {
+                tokens.get(hash).is_some_and(|t| t.expires > now)
+            })?;
+        let mut batch = Batch::default();
+        match admission {
+            Admission::Known => Ok((None, batch)),
+            Admission::Enrolled {
+                enrollment,
+                credential,
+            } => {
+                batch.put(&enrollment);
+                self.enrollments.insert(name.to_string(), enrollment);
+                Ok((Some(credential), batch))
+            }
+        }
+    }
+
+    /// Forgets a host that is offline and has no instances, with its enrollment, so that
+    /// its name can be enrolled again (by a reinstalled machine, with a new key).
+    pub fn remove_host(&mut self, name: &str) -> Result<Batch, ApiError> {
+        let host = self
+            .hosts
+            .get(name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown host {name:?}")))?;
+        if host.state == HostState::Online {
+            return Err(ApiError::Conflict(format!(
+                "host {name:?} is online: stop its agent first"
+            )));
+        }
+        let n = self.instances_on(name);
+        if n > 0 {
+            return Err(ApiError::Conflict(format!(
+                "host {name:?} still has {n} instance(s): remove them first (vane rm --force)"
+            )));
+        }
+        let mut batch = Batch::default();
+        if let Some(host) = self.hosts.remove(name) {
+            batch.delete(&host);
+        }
+        if let Some(e) = self.enrollments.remove(name) {
+            batch.delete(&e);
+        }
+        Ok(batch)
+    }
+
+    /// Records that the agent of `name` connected from `locator` with `public_key`.
+    pub fn host_online(
+        &mut self,
+        name: &str,
+        locator: Option<SocketAddr>,
+        public_key: Option<&str>,
+        now: u64,
+    ) -> Batch {
         let counters = &mut self.counters;
         let mut batch = Batch::default();
         let host = self.hosts.entry(name.to_string()).or_insert_with(|| {
@@ -417,6 +528,7 @@ impl State {
                 id: counters.host,
                 name: name.to_string(),
                 locator,
+                public_key: None,
                 state: HostState::Offline,
                 instances: 0,
                 since: now,
@@ -424,6 +536,9 @@ impl State {
         });
         host.state = HostState::Online;
         host.locator = locator;
+        if let Some(key) = public_key {
+            host.public_key = Some(key.to_string());
+        }
         host.since = now;
         batch.put(&*host);
         batch
@@ -469,6 +584,54 @@ impl State {
 
     /// What the agent of `host` needs to switch its instances' packets.
     pub fn view_for(&self, host: &str) -> AgentView {
+        let (wanted, policies) = self.nets_wanted_by(host);
+        let nets: Vec<Net> = wanted
+            .iter()
+            .filter_map(|n| self.nets.get(*n).cloned())
+            .collect();
+        let id_of = |name: &str| self.nets.get(name).map(|n| n.id);
+        let members = self
+            .instances
+            .values()
+            .filter(|i| wanted.contains(i.net.as_str()))
+            .filter_map(|i| self.member(i))
+            .collect();
+        let policies = policies
+            .iter()
+            .filter_map(|p| {
+                Some(PolicyRule {
+                    from: id_of(&p.from)?,
+                    to: id_of(&p.to)?,
+                    port: p.port,
+                })
+            })
+            .collect();
+        let peers = self
+            .hosts
+            .values()
+            .filter(|h| h.name != host)
+            .filter_map(|h| {
+                Some(Peer {
+                    id: h.id,
+                    name: h.name.clone(),
+                    locator: h.locator,
+                    public_key: h.public_key.clone()?,
+                })
+            })
+            .collect();
+        AgentView {
+            peers,
+            nets,
+            members,
+            policies,
+        }
+    }
+}
+
+impl State {
+    /// The nets whose members the switch of `host` needs: those of its instances and those
+    /// a policy links them with, and those policies.
+    fn nets_wanted_by(&self, host: &str) -> (BTreeSet<&str>, Vec<&Policy>) {
         let local: BTreeSet<&str> = self
             .instances
             .values()
@@ -485,42 +648,36 @@ impl State {
             wanted.insert(p.from.as_str());
             wanted.insert(p.to.as_str());
         }
-        let nets: Vec<Net> = wanted
-            .iter()
-            .filter_map(|n| self.nets.get(*n).cloned())
-            .collect();
-        let id_of = |name: &str| self.nets.get(name).map(|n| n.id);
-        let members = self
-            .instances
-            .values()
-            .filter(|i| wanted.contains(i.net.as_str()))
-            .filter(|i| matches!(i.state, InstanceState::Running | InstanceState::Creating))
-            .filter_map(|i| {
-                Some(Member {
-                    net: id_of(&i.net)?,
-                    ip: i.ip,
-                    name: i.name.clone(),
-                    hostname: i.hostname.clone(),
-                    host: i.host.clone(),
-                    instance: i.id.clone(),
-                })
-            })
-            .collect();
-        let policies = policies
-            .iter()
-            .filter_map(|p| {
-                Some(PolicyRule {
-                    from: id_of(&p.from)?,
-                    to: id_of(&p.to)?,
-                    port: p.port,
-                })
-            })
-            .collect();
-        AgentView {
-            nets,
-            members,
-            policies,
+        (wanted, policies)
+    }
+
+    /// An instance as an entry of its net's forwarding table, while it has a place there.
+    fn member(&self, i: &Instance) -> Option<Member> {
+        if !matches!(i.state, InstanceState::Running | InstanceState::Creating) {
+            return None;
         }
+        Some(Member {
+            net: self.nets.get(&i.net)?.id,
+            ip: i.ip,
+            name: i.name.clone(),
+            hostname: i.hostname.clone(),
+            host: i.host.clone(),
+            instance: i.id.clone(),
+        })
+    }
+
+    /// Answers a switch that misses an entry: the member `ip` of net `net`, if the asking
+    /// host has business with that net.
+    pub fn lookup(&self, host: &str, net: u32, ip: Ipv4Addr) -> Option<Member> {
+        let (wanted, _) = self.nets_wanted_by(host);
+        let name = self.nets.values().find(|n| n.id == net)?.name.as_str();
+        if !wanted.contains(name) {
+            return None;
+        }
+        self.instances
+            .values()
+            .filter(|i| i.net == name && i.ip == ip)
+            .find_map(|i| self.member(i))
     }
 }
 
@@ -535,7 +692,7 @@ mod tests {
 
     fn state_with_host() -> State {
         let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
-        s.host_online("h1", None, 0);
+        s.host_online("h1", None, None, 0);
         s
     }
 
@@ -649,7 +806,7 @@ mod tests {
     #[test]
     fn views_hold_what_a_host_needs() {
         let mut s = state_with_host();
-        s.host_online("h2", None, 0);
+        s.host_online("h2", None, None, 0);
         net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
         net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
         net(&mut s, "blue", "10.10.2.0/24", "b").unwrap();

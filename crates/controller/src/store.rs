@@ -10,11 +10,15 @@ use serde::Serialize;
 
 use vane_proto::api::{ClusterConfig, Host, Instance, Net, Policy};
 
+use crate::enroll::{Enrollment, TokenRecord};
+
 const NETS: TableDefinition<&str, &[u8]> = TableDefinition::new("nets");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,6 +50,8 @@ pub struct Snapshot {
     pub instances: Vec<Instance>,
     pub hosts: Vec<Host>,
     pub policies: Vec<Policy>,
+    pub tokens: Vec<TokenRecord>,
+    pub enrollments: Vec<Enrollment>,
 }
 
 /// Id counters, persisted so that ids are never reused (an id reused for another net would
@@ -97,6 +103,21 @@ impl Record for Policy {
     }
 }
 
+impl Record for TokenRecord {
+    const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = TOKENS;
+    const NAME: &'static str = "tokens";
+    fn key(&self) -> String {
+        self.hash.clone()
+    }
+}
+impl Record for Enrollment {
+    const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = ENROLLMENTS;
+    const NAME: &'static str = "enrollments";
+    fn key(&self) -> String {
+        self.host.clone()
+    }
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Database::create(path).map_err(|source| StoreError::Open {
@@ -105,7 +126,7 @@ impl Store {
         })?;
         // Create every table up front so that readers never meet a missing one.
         let tx = db.begin_write().map_err(db_err)?;
-        for t in [NETS, INSTANCES, HOSTS, POLICIES, META] {
+        for t in [NETS, INSTANCES, HOSTS, POLICIES, META, TOKENS, ENROLLMENTS] {
             tx.open_table(t).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
@@ -142,6 +163,8 @@ impl Store {
             instances: self.all::<Instance>(&tx)?,
             hosts: self.all::<Host>(&tx)?,
             policies: self.all::<Policy>(&tx)?,
+            tokens: self.all::<TokenRecord>(&tx)?,
+            enrollments: self.all::<Enrollment>(&tx)?,
         })
     }
 

@@ -14,12 +14,17 @@ pub struct ClusterConfig {
     /// The global virtual address space: every net's subnet lies inside it, and traffic to
     /// any address in it that no policy allows is refused.
     pub global_space: Ipv4Net,
+    /// Tunnels between hosts carry frames in the clear, without authentication. Only when
+    /// the cluster was created with it explicitly (`vane controller --plaintext`).
+    #[serde(default)]
+    pub plaintext: bool,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             global_space: "10.0.0.0/8".parse().expect("valid literal"),
+            plaintext: false,
         }
     }
 }
@@ -67,12 +72,58 @@ pub struct Host {
     pub name: String,
     /// Underlay address and port of the host's switch.
     pub locator: Option<SocketAddr>,
+    /// The host's static public key for tunnels (hex), set when it enrolled.
+    #[serde(default)]
+    pub public_key: Option<String>,
     pub state: HostState,
     /// Instances placed on this host (filled in listings).
     #[serde(default)]
     pub instances: usize,
     /// Unix time, seconds, of the last connection or disconnection.
     pub since: u64,
+}
+
+/// `POST /v1/hosts/tokens` (`vane host token`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenSpec {
+    /// How long the token may be used to enroll hosts, in seconds.
+    pub ttl_secs: u64,
+}
+
+/// A join token: a new host's agent presents it once (`vane agent --join TOKEN`) and gets
+/// its own credential in exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    pub token: String,
+    /// Unix time, seconds, after which the token is refused.
+    pub expires: u64,
+}
+
+/// `GET /v1/hosts/{name}/stats` (`vane host stats`): the host's switch and tunnels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStats {
+    pub host: String,
+    /// Whether tunnels are encrypted (false only in a plaintext cluster).
+    pub encrypted: bool,
+    /// Host-wide counters: handshakes, rekeys, teardowns, drops by reason (`drop_*`),
+    /// directory lookups, queued packets.
+    pub counters: BTreeMap<String, u64>,
+    pub peers: Vec<PeerStats>,
+}
+
+/// The channel to one other host, as this host sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStats {
+    pub host: String,
+    /// Where this host sends the peer's packets (its locator, or the address it roamed to).
+    pub endpoint: Option<SocketAddr>,
+    /// Whether a session is up (false when idle and torn down, or before the first packet).
+    pub established: bool,
+    pub handshakes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
 }
 
 /// `POST /v1/instances` (`vane run`).

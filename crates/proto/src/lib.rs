@@ -21,3 +21,38 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Lowercase hex, for keys and secrets in JSON.
+pub mod hex {
+    /// Encodes bytes as lowercase hex.
+    pub fn encode(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Decodes exactly `N` bytes of hex; `None` if `s` is not that.
+    pub fn decode<const N: usize>(s: &str) -> Option<[u8; N]> {
+        let s = s.as_bytes();
+        if s.len() != 2 * N || !s.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        let mut out = [0u8; N];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            let text = std::str::from_utf8(pair).ok()?;
+            out[i] = u8::from_str_radix(text, 16).ok()?;
+        }
+        Some(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trips_and_refuses_bad_input() {
+            let key = [0xabu8, 0x01, 0xff];
+            assert_eq!(super::encode(&key), "ab01ff");
+            assert_eq!(super::decode::<3>("ab01ff"), Some(key));
+            assert_eq!(super::decode::<3>("ab01f"), None);
+            assert_eq!(super::decode::<3>("ab01fg"), None);
+            assert_eq!(super::decode::<3>("+b01ff"), None);
+        }
+    }
+}

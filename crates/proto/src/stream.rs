@@ -9,15 +9,32 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ClusterConfig, ExitStatus, InstanceState, Net, PortStats};
+use crate::api::{ClusterConfig, ExitStatus, HostStats, InstanceState, Net, PortStats};
 use crate::validate::PortSpec;
 
 /// Controller -> agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToAgent {
-    /// First message after `Hello`: the agent is registered.
-    Welcome { host_id: u32, config: ClusterConfig },
+    /// First message after `Hello`: the agent is registered. `credential` is set when the
+    /// host has just enrolled with a join token: the agent keeps it and presents it from then
+    /// on.
+    Welcome {
+        host_id: u32,
+        config: ClusterConfig,
+        #[serde(default)]
+        credential: Option<String>,
+    },
+    /// The controller refuses this agent (bad token or credential, duplicate host name);
+    /// the stream closes after it.
+    Refused { reason: String },
+    /// The answer to `FromAgent::Lookup`: the member, or `None` if no instance of the net has
+    /// the address (or the asking host has no business with that net).
+    Resolved {
+        net: u32,
+        ip: Ipv4Addr,
+        member: Option<Member>,
+    },
     /// A request the agent answers with `FromAgent::Response` carrying the same id.
     Request { id: u64, body: AgentRequest },
     /// Everything the agent needs to switch the packets of its instances: their nets, the
@@ -56,6 +73,8 @@ pub enum AgentRequest {
     Stats {
         id: String,
     },
+    /// The host's switch and tunnel counters.
+    HostStats,
 }
 
 /// What an agent needs to create an instance.
@@ -76,6 +95,7 @@ pub enum AgentReply {
     Done,
     Created { pid: u32 },
     Stats { port: PortStats },
+    HostStats(HostStats),
 }
 
 /// Agent -> controller.
@@ -87,14 +107,29 @@ pub enum FromAgent {
     Hello {
         name: String,
         locator: Option<SocketAddr>,
+        /// The host's static public key for tunnels (hex).
+        public_key: String,
+        auth: HostAuth,
         instances: Vec<InstanceReport>,
     },
+    /// A packet waits for an address of `net` that the agent's table lacks.
+    Lookup { net: u32, ip: Ipv4Addr },
     Response {
         id: u64,
         result: Result<AgentReply, String>,
     },
     /// An instance changed state (for example its program exited).
     Report(InstanceReport),
+}
+
+/// How an agent proves it may join the cluster as the host it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostAuth {
+    /// First connection: a join token from `vane host token`.
+    Token(String),
+    /// Later connections: the credential the controller gave it when it enrolled.
+    Credential(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,9 +142,22 @@ pub struct InstanceReport {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentView {
+    /// Every enrolled host other than the receiver: where its switch is and its key.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
     pub nets: Vec<Net>,
     pub members: Vec<Member>,
     pub policies: Vec<PolicyRule>,
+}
+
+/// Another host, as a switch needs to know it to open a tunnel to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub id: u32,
+    pub name: String,
+    pub locator: Option<SocketAddr>,
+    /// Static public key (hex).
+    pub public_key: String,
 }
 
 /// One entry of a net's forwarding table.

@@ -64,12 +64,22 @@ pub enum Location {
 pub enum Verdict {
     /// Write it to this local port.
     Deliver(PortId),
-    /// Send it through the tunnel to `host`, marked with the destination net (the receiving
-    /// switch checks it again). The source net is the sending port's.
+    /// Send it through the tunnel to `host`, marked with both nets (the receiving switch
+    /// checks it again).
     Forward {
         /// Host of the destination member.
         host: HostId,
+        /// Net of the sender.
+        src_net: NetId,
         /// Net of the destination member.
+        dst_net: NetId,
+    },
+    /// The destination lies in net `dst_net`, whose table has no entry for it (yet): the
+    /// shell holds the packet, asks the directory, and processes it again once the answer
+    /// is in ([`Switch::set_member`]), or drops it if there is no such member. Nothing has
+    /// been counted as dropped.
+    Unresolved {
+        /// Net in which the destination address was looked for.
         dst_net: NetId,
     },
     /// Hand it to the host's stack towards the outside world; the source address has been
@@ -398,6 +408,11 @@ impl Switch {
         self.ports.get(&port).map(|p| p.counters)
     }
 
+    /// The net and address of an attached port.
+    pub fn port_address(&self, port: PortId) -> Option<(NetId, Ipv4Addr)> {
+        self.ports.get(&port).map(|p| (p.net, p.ip))
+    }
+
     /// Drop counters of the whole switch.
     pub fn drop_counters(&self) -> DropCounters {
         self.drops
@@ -443,18 +458,22 @@ impl Switch {
                 }
             }
             Verdict::Drop(reason) => self.drops.bump(reason),
-            Verdict::Forward { .. } | Verdict::Egress => {}
+            Verdict::Forward { .. } | Verdict::Egress | Verdict::Unresolved { .. } => {}
         }
         verdict
     }
 
-    /// Where a member is, as a verdict. A member that points at a port no longer attached is
-    /// treated as absent.
-    fn member_verdict(&self, net: NetId, ip: Ipv4Addr) -> Verdict {
+    /// Where member `ip` of `net` is, as a verdict for a packet from net `src_net`. A member
+    /// that points at a port no longer attached is treated as absent.
+    fn member_verdict(&self, src_net: NetId, net: NetId, ip: Ipv4Addr) -> Verdict {
         match self.members.get(net, ip) {
             Some(Location::Local(port)) if self.ports.contains_key(&port) => Verdict::Deliver(port),
-            Some(Location::Remote(host)) => Verdict::Forward { host, dst_net: net },
-            _ => Verdict::Drop(DropReason::NoRoute),
+            Some(Location::Remote(host)) => Verdict::Forward {
+                host,
+                src_net,
+                dst_net: net,
+            },
+            _ => Verdict::Unresolved { dst_net: net },
         }
     }
 
@@ -479,7 +498,7 @@ impl Switch {
             return Verdict::Drop(DropReason::UnknownPort);
         };
         if net.subnet.contains(&dst) {
-            return self.member_verdict(net.id, dst);
+            return self.member_verdict(net.id, net.id, dst);
         }
         let proto = ip.protocol();
         let ports = L4Ports::of(&ip);
@@ -523,8 +542,8 @@ impl Switch {
         now: Instant,
     ) -> Verdict {
         if let Some(dst_net) = self.policy.route(net, dst, proto, ports.dst) {
-            let verdict = self.member_verdict(dst_net, dst);
-            if matches!(verdict, Verdict::Drop(_)) {
+            let verdict = self.member_verdict(net, dst_net, dst);
+            if !matches!(verdict, Verdict::Deliver(_) | Verdict::Forward { .. }) {
                 return verdict;
             }
             let flow = NetFlow {
@@ -561,7 +580,7 @@ impl Switch {
                 dst_port: ports.src,
             };
             if self.flows.touch(FlowKey::Net(opened), now) {
-                return self.member_verdict(opener.net, dst);
+                return self.member_verdict(net, opener.net, dst);
             }
         }
         Verdict::Drop(DropReason::Refused)
@@ -588,7 +607,7 @@ impl Switch {
         }
         // Only local members: sending a tunnel packet on to a third host could loop between
         // switches whose tables disagree for a moment.
-        let port = match self.member_verdict(dst_net, dst) {
+        let port = match self.member_verdict(src_net, dst_net, dst) {
             Verdict::Deliver(port) => port,
             _ => return Verdict::Drop(DropReason::NoRoute),
         };

@@ -155,16 +155,20 @@ fn same_net_delivery() {
         sw.process_from_port(PA1, &mut udp(A1, 1, remote, 53), now),
         Verdict::Forward {
             host: 7,
+            src_net: NET_A,
             dst_net: NET_A
         }
     );
     sw.remove_member(NET_A, remote);
     assert_eq!(
         sw.process_from_port(PA1, &mut udp(A1, 1, remote, 53), now),
-        Verdict::Drop(DropReason::NoRoute)
+        Verdict::Unresolved { dst_net: NET_A }
     );
-    assert_eq!(sw.drop_counters().no_route, 1);
-    assert_eq!(sw.port_counters(PA1).unwrap().dropped, 1);
+    assert_eq!(
+        sw.drop_counters().no_route,
+        0,
+        "a miss waits for the directory"
+    );
     assert_eq!(sw.flow_count(), 0, "same-net traffic keeps no state");
 }
 
@@ -549,6 +553,7 @@ fn tunnel_ingress_is_checked_again() {
         sw.process_from_port(PB1, &mut tcp(B1, 80, remote_a, 5000), now),
         Verdict::Forward {
             host: 3,
+            src_net: NET_B,
             dst_net: NET_A
         }
     );
@@ -568,6 +573,7 @@ fn tunnel_ingress_is_checked_again() {
         sw.process_from_port(PA1, &mut tcp(A1, 6000, remote_b, 80), now),
         Verdict::Forward {
             host: 3,
+            src_net: NET_A,
             dst_net: NET_B
         }
     );
@@ -621,6 +627,7 @@ fn two_hosts_talk_through_the_tunnel() {
         h1.process_from_port(PA1, &mut syn, now),
         Verdict::Forward {
             host: 2,
+            src_net: NET_A,
             dst_net: NET_B
         }
     );
@@ -634,6 +641,7 @@ fn two_hosts_talk_through_the_tunnel() {
         h2.process_from_port(PB1, &mut syn_ack, now),
         Verdict::Forward {
             host: 1,
+            src_net: NET_B,
             dst_net: NET_A
         }
     );
@@ -772,7 +780,7 @@ fn attach_validates_and_detach_forgets() {
     sw.attach_port(PA1, NET_A, A1).unwrap();
     assert_eq!(
         sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 80), now),
-        Verdict::Drop(DropReason::NoRoute)
+        Verdict::Unresolved { dst_net: NET_A }
     );
 }
 
@@ -797,7 +805,7 @@ fn removing_a_net_forgets_its_members_ports_and_flows() {
     sw.upsert_net(net(NET_B, "10.2.0.0/16", false));
     assert_eq!(
         sw.process_from_port(PA1, &mut tcp(A1, 1, Ipv4Addr::new(10, 2, 7, 7), 80), now),
-        Verdict::Drop(DropReason::NoRoute)
+        Verdict::Unresolved { dst_net: NET_B }
     );
 }
 

@@ -5,4 +5,5 @@
 pub mod fs;
 pub mod netns;
 pub mod pidfd;
+pub mod socket;
 pub mod tun;

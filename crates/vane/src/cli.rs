@@ -165,8 +165,22 @@ pub enum PolicyCmd {
 
 #[derive(Subcommand)]
 pub enum HostCmd {
-    /// List hosts
+    /// List hosts: name, underlay locator, state, instance count
     Ls(OutputArg),
+    /// Print a join token for new hosts (`vane agent --join TOKEN`)
+    Token {
+        /// How long the token can be used: seconds, or with a unit (30m, 12h, 7d)
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+    /// Show a host's switch and tunnel counters (handshakes, drops by reason, peers)
+    Stats {
+        name: String,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Forget an offline host without instances, with its enrollment
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -194,6 +208,9 @@ pub struct LabUpArgs {
     /// Underlay subnet of the lab's bridge (a /24 of 198.18.0.0/15 is a good choice)
     #[arg(long, default_value = "198.18.0.0/24")]
     pub underlay: Ipv4Net,
+    /// Tunnels between hosts without encryption or authentication (for comparison only)
+    #[arg(long)]
+    pub plaintext: bool,
 }
 
 #[derive(Args)]
@@ -207,6 +224,9 @@ pub struct ControllerArgs {
     /// Global virtual address space, when the store is created
     #[arg(long, default_value = "10.0.0.0/8")]
     pub global_space: Ipv4Net,
+    /// Tunnels between hosts without encryption or authentication, when the store is created
+    #[arg(long)]
+    pub plaintext: bool,
 }
 
 #[derive(Args)]
@@ -217,9 +237,23 @@ pub struct AgentArgs {
     /// Directory of the agent's state (instances)
     #[arg(long, default_value = "/var/lib/vane/agent")]
     pub state_dir: PathBuf,
-    /// Underlay address and port of this host's switch
+    /// Join token from `vane host token`, needed the first time this host joins
+    #[arg(long, env = "VANE_JOIN_TOKEN", hide_env_values = true)]
+    pub join: Option<String>,
+    /// UDP address the switch listens on for tunnels from other hosts
+    #[arg(long, default_value = "0.0.0.0:7947")]
+    pub listen: SocketAddr,
+    /// Underlay address and port other hosts reach this switch at [default: the address
+    /// this host reaches the controller from, followed when it changes, and the listen port]
     #[arg(long)]
     pub locator: Option<SocketAddr>,
+    /// Seconds without traffic after which the tunnel to a host is torn down (it is rebuilt
+    /// on demand)
+    #[arg(long, env = "VANE_TUNNEL_IDLE", default_value_t = 180)]
+    pub tunnel_idle: u64,
+    /// Seconds after which a tunnel session is rekeyed
+    #[arg(long, env = "VANE_REKEY_AFTER", default_value_t = 120)]
+    pub rekey_after: u64,
     /// Run in this named network namespace (/run/netns/NAME), as the lab's hosts do
     #[arg(long)]
     pub netns: Option<String>,

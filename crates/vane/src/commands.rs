@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use vane_proto::api::{
-    frame, ExecSpec, Host, Instance, InstanceStats, Net, NetSpec, Policy, PolicySpec, RunSpec,
+    frame, ExecSpec, Host, HostStats, Instance, InstanceStats, JoinToken, Net, NetSpec, Policy,
+    PolicySpec, RunSpec, TokenSpec,
 };
 use vane_proto::validate::{self, PortSpec};
 
@@ -326,6 +327,80 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
                 );
             }
         }
+        HostCmd::Token { ttl } => {
+            let ttl_secs = parse_duration(&ttl)?;
+            let token: JoinToken = c.post("/v1/hosts/tokens", &TokenSpec { ttl_secs })?;
+            println!("{}", token.token);
+        }
+        HostCmd::Stats { name, output } => {
+            vane_proto::validate::name("host name", &name)?;
+            let stats: HostStats = c.get(&format!("/v1/hosts/{name}/stats"))?;
+            if output.output == Output::Json {
+                json(&stats);
+                return Ok(());
+            }
+            println!(
+                "host {}  tunnels {}",
+                stats.host,
+                if stats.encrypted {
+                    "encrypted (Noise IK, ChaCha20-Poly1305)"
+                } else {
+                    "PLAINTEXT"
+                }
+            );
+            table(
+                &["COUNTER", "VALUE"],
+                stats
+                    .counters
+                    .iter()
+                    .map(|(k, v)| vec![k.clone(), v.to_string()])
+                    .collect(),
+            );
+            println!();
+            table(
+                &["PEER", "ENDPOINT", "SESSION", "HANDSHAKES", "TX", "RX"],
+                stats
+                    .peers
+                    .into_iter()
+                    .map(|p| {
+                        vec![
+                            p.host,
+                            p.endpoint
+                                .map(|e| e.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            if p.established { "up" } else { "idle" }.into(),
+                            p.handshakes.to_string(),
+                            format!("{} pkts/{} B", p.tx_packets, p.tx_bytes),
+                            format!("{} pkts/{} B", p.rx_packets, p.rx_bytes),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        HostCmd::Rm { name } => {
+            vane_proto::validate::name("host name", &name)?;
+            c.delete(&format!("/v1/hosts/{name}"))?;
+            println!("{name}");
+        }
     }
     Ok(())
+}
+
+/// Parses a duration given as seconds or with a unit: `90`, `90s`, `30m`, `12h`, `7d`.
+fn parse_duration(text: &str) -> Result<u64> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => bail!("invalid duration {text:?}: use seconds or a unit s, m, h, d (e.g. 12h)"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid duration {text:?}: use e.g. 90, 30m, 12h, 7d"))?;
+    Ok(n.saturating_mul(scale))
 }

@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use vane_proto::api::{Host, HostState};
+use vane_proto::api::{Host, HostState, JoinToken, TokenSpec};
 
 use crate::cli::LabUpArgs;
 use crate::client::{Client, CURRENT_CONTROLLER_FILE};
@@ -31,6 +31,8 @@ struct LabFile {
     underlay: Ipv4Net,
     hosts: u8,
     controller: String,
+    #[serde(default)]
+    plaintext: bool,
 }
 
 struct Lab {
@@ -90,7 +92,7 @@ fn read_pid(path: &Path) -> Option<Pid> {
 }
 
 /// Starts `vane ARGS` detached from this process: its own process group, output to `log`.
-fn spawn_daemon(args: &[String], log: &Path, pid_file: &Path) -> Result<()> {
+fn spawn_daemon(args: &[String], env: &[(&str, &str)], log: &Path, pid_file: &Path) -> Result<()> {
     let exe = std::env::current_exe().context("find the vane binary")?;
     let out = fs::OpenOptions::new()
         .create(true)
@@ -103,6 +105,8 @@ fn spawn_daemon(args: &[String], log: &Path, pid_file: &Path) -> Result<()> {
         .stdout(out.try_clone()?)
         .stderr(out)
         .env_remove("VANE_CONTROLLER")
+        .env_remove("VANE_JOIN_TOKEN")
+        .envs(env.iter().copied())
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -129,6 +133,18 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     if let Some(p) = &previous {
+        if p.plaintext != args.plaintext {
+            bail!(
+                "lab {:?} already runs with {} tunnels; `vane lab down --name {}` first",
+                lab.name,
+                if p.plaintext {
+                    "plaintext"
+                } else {
+                    "encrypted"
+                },
+                lab.name
+            );
+        }
         if p.underlay != underlay {
             bail!(
                 "lab {:?} already runs on underlay {}; `vane lab down --name {}` first",
@@ -162,14 +178,19 @@ pub fn up(args: LabUpArgs) -> Result<()> {
 
     // Controller.
     if read_pid(&lab.pid_file("controller")).is_none() {
+        let mut controller_args = vec![
+            "controller".into(),
+            "--listen".into(),
+            controller_addr.to_string(),
+            "--data-dir".into(),
+            lab.dir.join("controller").display().to_string(),
+        ];
+        if args.plaintext {
+            controller_args.push("--plaintext".into());
+        }
         spawn_daemon(
-            &[
-                "controller".into(),
-                "--listen".into(),
-                controller_addr.to_string(),
-                "--data-dir".into(),
-                lab.dir.join("controller").display().to_string(),
-            ],
+            &controller_args,
+            &[],
             &lab.dir.join("controller.log"),
             &lab.pid_file("controller"),
         )?;
@@ -180,13 +201,19 @@ pub fn up(args: LabUpArgs) -> Result<()> {
     })
     .with_context(|| format!("see {}", lab.dir.join("controller.log").display()))?;
 
-    // Agents.
+    // Agents. Each enrolls with a join token the first time (passed in the environment,
+    // not on the command line where `ps` would show it); later it has its credential.
+    let mut token: Option<JoinToken> = None;
     for i in 1..=hosts {
         let name = Lab::host_name(i);
         let pid_file = lab.pid_file(&name);
         if read_pid(&pid_file).is_some() {
             continue;
         }
+        if token.is_none() {
+            token = Some(client.post("/v1/hosts/tokens", &TokenSpec { ttl_secs: 600 })?);
+        }
+        let join = token.as_ref().map(|t| t.token.as_str()).unwrap_or_default();
         spawn_daemon(
             &[
                 "agent".into(),
@@ -196,12 +223,10 @@ pub fn up(args: LabUpArgs) -> Result<()> {
                 controller_url.clone(),
                 "--state-dir".into(),
                 lab.host_dir(i).display().to_string(),
-                "--locator".into(),
-                SocketAddr::from((nth(underlay, i as u32), vane_proto::DEFAULT_SWITCH_PORT))
-                    .to_string(),
                 "--netns".into(),
                 lab.netns(i),
             ],
+            &[("VANE_JOIN_TOKEN", join)],
             &lab.dir.join(format!("{name}.log")),
             &pid_file,
         )?;
@@ -221,6 +246,7 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         underlay,
         hosts,
         controller: controller_url.clone(),
+        plaintext: args.plaintext,
     };
     fs::write(&lab_file, serde_json::to_vec_pretty(&file)?)?;
     if lab.name == DEFAULT_LAB {

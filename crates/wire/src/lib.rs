@@ -11,6 +11,7 @@ mod checksum;
 mod error;
 mod ipv4;
 mod l4;
+pub mod overlay;
 
 pub use checksum::{ipv4_checksum, ipv4_l4_checksum};
 pub use error::Error;

@@ -29,6 +29,12 @@ fn require_root() {
 
 impl TestLab {
     pub fn up(hosts: u8) -> TestLab {
+        TestLab::up_with(hosts, &[], &[])
+    }
+
+    /// A lab with extra `lab up` arguments, and environment variables for its daemons
+    /// (agent settings such as `VANE_TUNNEL_IDLE`).
+    pub fn up_with(hosts: u8, extra: &[&str], env: &[(&str, &str)]) -> TestLab {
         require_root();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         // Unique within the process by the counter, across runs by the pid.
@@ -41,16 +47,24 @@ impl TestLab {
             octet,
         };
         let underlay = format!("198.18.{octet}.0/24");
-        let out = lab.run(&[
+        let hosts = hosts.to_string();
+        let mut args = vec![
             "lab",
             "up",
             "--hosts",
-            &hosts.to_string(),
+            &hosts,
             "--name",
             &lab.name,
             "--underlay",
             &underlay,
-        ]);
+        ];
+        args.extend(extra);
+        let out = Command::new(vane_bin())
+            .args(&args)
+            .env("VANE_CONTROLLER", &lab.controller)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run vane");
         assert!(
             out.status.success(),
             "lab up failed: {}",
@@ -95,6 +109,19 @@ impl TestLab {
 
     pub fn inspect(&self, name: &str) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["inspect", name])).expect("inspect prints JSON")
+    }
+
+    /// Underlay address of lab host `i` (h1 is .1).
+    pub fn host_addr(&self, i: u8) -> String {
+        format!("198.18.{}.{i}", self.octet)
+    }
+
+    pub fn bridge(&self) -> String {
+        format!("vb-{}", self.name)
+    }
+
+    pub fn netns(&self, i: u8) -> String {
+        format!("vane-{}-h{i}", self.name)
     }
 
     pub fn gateway(&self) -> String {

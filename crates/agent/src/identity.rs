@@ -1,0 +1,91 @@
+//! The host's identity on disk: its static key for tunnels and the credential the
+//! controller gave it when it enrolled, in `STATE/host.json` (mode 0600). Kept across agent
+//! restarts so that the host stays the same host: peers keep accepting its handshakes and
+//! the controller keeps accepting its credential.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use vane_proto::hex;
+use vane_tunnel::Keypair;
+
+const FILE: &str = "host.json";
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    private_key: String,
+    credential: Option<String>,
+}
+
+pub struct Identity {
+    pub keypair: Keypair,
+    pub credential: Option<String>,
+    path: PathBuf,
+}
+
+impl Identity {
+    /// Loads the identity from `state_dir`, or makes a new key if there is none yet.
+    pub fn load_or_create(state_dir: &Path) -> anyhow::Result<Identity> {
+        let path = state_dir.join(FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let disk: OnDisk = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("read host identity {}", path.display()))?;
+                let private = hex::decode::<32>(&disk.private_key).with_context(|| {
+                    format!("host identity {}: bad private key", path.display())
+                })?;
+                Ok(Identity {
+                    keypair: Keypair::from_private(private),
+                    credential: disk.credential,
+                    path,
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let id = Identity {
+                    keypair: Keypair::generate(),
+                    credential: None,
+                    path,
+                };
+                id.save()?;
+                Ok(id)
+            }
+            Err(e) => Err(e).with_context(|| format!("read host identity {}", path.display())),
+        }
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(&self.keypair.public)
+    }
+
+    /// Records the credential of a new enrollment.
+    pub fn set_credential(&mut self, credential: String) -> anyhow::Result<()> {
+        self.credential = Some(credential);
+        self.save()
+    }
+
+    /// Writes the file whole under a temporary name, then renames it: a crash leaves the
+    /// old identity or the new one, never half of one.
+    fn save(&self) -> anyhow::Result<()> {
+        let disk = OnDisk {
+            private_key: hex::encode(&self.keypair.private),
+            credential: self.credential.clone(),
+        };
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(&disk).expect("serializes"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("write {}", self.path.display()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,845 @@
+//! Sans-IO host-to-host sessions: what carries the virtual networks between hosts.
+//!
+//! Every pair of hosts shares an encrypted, authenticated channel over UDP. Each host's
+//! [`Tunnels`] runs a Noise IK handshake (`Noise_IK_25519_ChaChaPoly_BLAKE2s`) with each
+//! peer host whose static public key the controller gave it, and then seals and opens the
+//! data messages of the resulting sessions. Like the switch it does no I/O and reads no
+//! clock: the shell passes datagrams, `now` and (for handshake timestamps) the wall clock,
+//! and sends what comes back. That keeps handshakes, rekeys, losses, reordering and restarts
+//! testable with virtual time and no sockets.
+//!
+//! The design follows WireGuard, for the same reasons:
+//! - data messages carry their nonce (a per-session counter) so the underlay may reorder
+//!   or lose them; a sliding window per session rejects replays;
+//! - sessions are rekeyed by time and by message count, and the old session keeps being
+//!   accepted for receiving until it expires, so no packet is lost across the switch-over;
+//! - a responder does not send on a new session until the initiator has used it (key
+//!   confirmation): the response may have been lost, and the initiator would not know it;
+//! - an initiation carries the initiator's wall clock, and a responder accepts only newer
+//!   ones, so a captured initiation replayed later does nothing.
+//!
+//! A peer's channel that carried no data for [`Config::idle_timeout`] is torn down and
+//! rebuilt on demand, so hosts that never talk hold no key material for each other.
+//!
+//! Sealing and opening data messages allocate nothing; handshakes do. Nothing from the
+//! network can make this crate panic: every malformed input ends in [`Open::Drop`].
+
+mod replay;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use snow::params::{DHChoice, NoiseParams};
+use snow::resolvers::{CryptoResolver, DefaultResolver};
+use snow::{Builder, HandshakeState, StatelessTransportState};
+
+use replay::ReplayWindow;
+
+/// Cluster-wide id of a peer host, chosen by the caller (the controller's host id).
+pub type PeerId = u32;
+
+/// Message type of a handshake initiation.
+pub const TYPE_INITIATION: u8 = 1;
+/// Message type of a handshake response.
+pub const TYPE_RESPONSE: u8 = 2;
+/// Message type of a data message (or keepalive).
+pub const TYPE_DATA: u8 = 3;
+
+/// Header of a data message: type, 3 zero bytes, receiver index, counter.
+pub const DATA_HEADER_LEN: usize = 16;
+/// The AEAD tag after the ciphertext.
+pub const TAG_LEN: usize = 16;
+/// What a data message adds to the inner bytes.
+pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
+/// Length of a handshake initiation: header 8, ephemeral 32, encrypted static 48,
+/// encrypted timestamp 28.
+pub const INITIATION_LEN: usize = 8 + 32 + 48 + TIMESTAMP_LEN + TAG_LEN;
+/// Length of a handshake response: header 12, ephemeral 32, empty encrypted payload 16.
+pub const RESPONSE_LEN: usize = 12 + 32 + TAG_LEN;
+
+const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// The initiation payload: wall clock nanoseconds (u64) and 4 zero bytes.
+const TIMESTAMP_LEN: usize = 12;
+
+/// The type of a vane tunnel datagram (1, 2 or 3), or `None` if it is not one. Lets a shell
+/// that shares a socket with other traffic tell them apart without opening.
+pub fn message_type(datagram: &[u8]) -> Option<u8> {
+    match datagram {
+        [t @ (TYPE_INITIATION | TYPE_RESPONSE | TYPE_DATA), 0, 0, 0, ..] => Some(*t),
+        _ => None,
+    }
+}
+
+/// Timers and limits. The defaults are WireGuard's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Start a new handshake when the current session was established this long ago (the
+    /// side that initiated it; the responder waits `10 * handshake_retry` longer, so that
+    /// both sides do not rekey at once while still covering an initiator that went away).
+    pub rekey_after_time: Duration,
+    /// Sessions older than this are dropped: never used to send or receive again.
+    pub reject_after_time: Duration,
+    /// Start a new handshake when the current session has sealed this many messages.
+    pub rekey_after_messages: u64,
+    /// A session that has sealed this many messages, or a received counter this high, is
+    /// refused (the counter must never wrap).
+    pub reject_after_messages: u64,
+    /// Re-send an unanswered initiation (a fresh one) after this long.
+    pub handshake_retry: Duration,
+    /// Give up retrying this long after the first initiation; the next seal starts again.
+    pub handshake_timeout: Duration,
+    /// Drop all sessions of a peer when no data (keepalives do not count) was sealed for it
+    /// or opened from it for this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            rekey_after_time: Duration::from_secs(120),
+            reject_after_time: Duration::from_secs(180),
+            rekey_after_messages: 1 << 60,
+            reject_after_messages: u64::MAX - (1 << 13),
+            handshake_retry: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// A host's static X25519 key pair.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keypair {
+    /// The private key: keep it on the host.
+    pub private: [u8; 32],
+    /// The public key: the controller gives it to the other hosts.
+    pub public: [u8; 32],
+}
+
+impl Keypair {
+    /// A new random key pair (from the thread-local CSPRNG, seeded by the OS).
+    pub fn generate() -> Keypair {
+        Keypair::from_private(rand::random())
+    }
+
+    /// The key pair of a stored private key.
+    pub fn from_private(private: [u8; 32]) -> Keypair {
+        let mut dh = DefaultResolver
+            .resolve_dh(&DHChoice::Curve25519)
+            .expect("snow's default resolver has X25519");
+        dh.set(&private);
+        let mut public = [0; 32];
+        public.copy_from_slice(dh.pubkey());
+        Keypair { private, public }
+    }
+}
+
+impl fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keypair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Tunnels::seal`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seal {
+    /// `out[..n]` is a data message for the peer.
+    Data(usize),
+    /// There was no session: `out[..n]` is a handshake initiation to send to the peer. The
+    /// caller queues the inner bytes and seals them again after [`Open::Established`].
+    Handshake(usize),
+    /// A handshake is under way: the caller queues the inner bytes.
+    Pending,
+    /// No such peer.
+    UnknownPeer,
+    /// `out` is too small (see [`Tunnels::seal`]) or the inner bytes exceed a Noise message.
+    TooLarge,
+}
+
+/// What [`Tunnels::open`] made of a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Open {
+    /// An authenticated, fresh data message: `out[..len]` is the inner bytes (0: a keepalive,
+    /// to be ignored). Only now may the caller move the peer's underlay address to the
+    /// datagram's source (roaming).
+    Data {
+        /// The sender.
+        peer: PeerId,
+        /// Length of the inner bytes in `out`.
+        len: usize,
+    },
+    /// A valid initiation: `out[..len]` is the response, to send to the datagram's source.
+    Respond {
+        /// The initiator.
+        peer: PeerId,
+        /// Length of the response in `out`.
+        len: usize,
+    },
+    /// Our initiation was answered: `out[..len]` is a keepalive to send to the peer at once
+    /// (it confirms the session to the responder); then the caller seals what it queued.
+    Established {
+        /// The responder.
+        peer: PeerId,
+        /// Length of the keepalive in `out`.
+        len: usize,
+    },
+    /// The datagram is of no use.
+    Drop(DropReason),
+}
+
+/// Why [`Tunnels::open`] dropped a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Too short, wrong length for its type, or non-zero reserved bytes.
+    Malformed,
+    /// A type byte this version does not know.
+    UnknownType,
+    /// An initiation from a static key that is not a configured peer.
+    UnknownPeer,
+    /// No session (or pending handshake) has that receiver index: e.g. this host restarted.
+    UnknownIndex,
+    /// Authentication failed: forged, corrupted, or not meant for our key.
+    AuthFailed,
+    /// A data counter already seen, or too far behind the window.
+    Replayed,
+    /// An initiation whose timestamp is not newer than the last accepted from that peer.
+    StaleInitiation,
+    /// Data for a session past its age or message limit.
+    Expired,
+    /// The result would not fit `out`.
+    TooLarge,
+}
+
+impl DropReason {
+    /// Every reason, for reporting counters.
+    pub const ALL: [DropReason; 9] = [
+        DropReason::Malformed,
+        DropReason::UnknownType,
+        DropReason::UnknownPeer,
+        DropReason::UnknownIndex,
+        DropReason::AuthFailed,
+        DropReason::Replayed,
+        DropReason::StaleInitiation,
+        DropReason::Expired,
+        DropReason::TooLarge,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters of a [`Tunnels`], plain integers read through `&Tunnels`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Initiations sent (first attempts, retries and rekeys).
+    pub handshakes_initiated: u64,
+    /// Handshakes completed: as initiator on a valid response, as responder on a valid
+    /// initiation.
+    pub handshakes_completed: u64,
+    /// Handshakes given up after [`Config::handshake_timeout`].
+    pub handshake_timeouts: u64,
+    /// Rekeys started by time or message count.
+    pub rekeys: u64,
+    /// Sessions dropped for age or message count.
+    pub sessions_expired: u64,
+    /// Peers whose sessions were dropped for idleness.
+    pub idle_teardowns: u64,
+    /// Data messages sealed, keepalives included.
+    pub data_sealed: u64,
+    /// Data messages opened, keepalives included.
+    pub data_opened: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl Counters {
+    /// Datagrams dropped for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Datagrams dropped for any reason.
+    pub fn drops_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+/// What [`Tunnels::peer_stats`] tells about one peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Whether there is a session to send on.
+    pub established: bool,
+    /// When that session was established (its age is `now - established_at`).
+    pub established_at: Option<Instant>,
+    /// Data messages sealed for the peer, keepalives included.
+    pub tx_packets: u64,
+    /// Inner bytes of those.
+    pub tx_bytes: u64,
+    /// Data messages opened from the peer, keepalives included.
+    pub rx_packets: u64,
+    /// Inner bytes of those.
+    pub rx_bytes: u64,
+    /// Handshakes completed with the peer, in either role.
+    pub handshakes: u64,
+}
+
+/// One direction-pair of keys agreed by a handshake.
+struct Session {
+    transport: StatelessTransportState,
+    /// Index the peer puts in messages to us: our key in `Tunnels::indexes`.
+    local_index: u32,
+    /// Index we put in messages to the peer.
+    remote_index: u32,
+    established: Instant,
+    /// Whether we initiated the handshake.
+    initiator: bool,
+    /// Messages sealed: the next counter.
+    sent: u64,
+    window: ReplayWindow,
+}
+
+/// Our initiation waiting for a response.
+struct Pending {
+    handshake: HandshakeState,
+    index: u32,
+    sent: Instant,
+    first: Instant,
+}
+
+struct Peer {
+    public: [u8; 32],
+    /// The session we send on.
+    current: Option<Session>,
+    /// The session before the last rekey: still accepted for receiving until it expires.
+    previous: Option<Session>,
+    /// A session we responded to, not sent on until the peer uses it.
+    next: Option<Session>,
+    pending: Option<Pending>,
+    /// The largest initiation timestamp accepted from the peer.
+    last_timestamp: Option<u64>,
+    /// Last non-keepalive data either way (or a handshake asked for by the caller).
+    last_activity: Option<Instant>,
+    stats: PeerStats,
+}
+
+impl Peer {
+    fn new(public: [u8; 32]) -> Peer {
+        Peer {
+            public,
+            current: None,
+            previous: None,
+            next: None,
+            pending: None,
+            last_timestamp: None,
+            last_activity: None,
+            stats: PeerStats::default(),
+        }
+    }
+
+    fn has_sessions(&self) -> bool {
+        self.current.is_some() || self.previous.is_some() || self.next.is_some()
+    }
+
+    /// Drops every session and the pending handshake, forgetting their indexes.
+    fn clear(&mut self, indexes: &mut HashMap<u32, PeerId>) {
+        for s in [self.current.take(), self.previous.take(), self.next.take()]
+            .into_iter()
+            .flatten()
+        {
+            indexes.remove(&s.local_index);
+        }
+        if let Some(p) = self.pending.take() {
+            indexes.remove(&p.index);
+        }
+    }
+}
+
+/// All sessions of one host with its peer hosts.
+pub struct Tunnels {
+    cfg: Config,
+    local: Keypair,
+    params: NoiseParams,
+    peers: HashMap<PeerId, Peer>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    /// Our indexes of sessions and pending handshakes: which peer they belong to.
+    indexes: HashMap<u32, PeerId>,
+    /// The last initiation timestamp we sent: timestamps are kept increasing even if the
+    /// wall clock stalls.
+    last_timestamp_sent: u64,
+    counters: Counters,
+}
+
+impl Tunnels {
+    /// A host with key pair `local` and no peers.
+    pub fn new(cfg: Config, local: Keypair) -> Tunnels {
+        Tunnels {
+            cfg,
+            local,
+            params: NOISE_PATTERN.parse().expect("a valid Noise pattern"),
+            peers: HashMap::new(),
+            by_key: HashMap::new(),
+            indexes: HashMap::new(),
+            last_timestamp_sent: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// This host's static public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.local.public
+    }
+
+    /// Adds or updates a peer. A changed key drops that peer's sessions.
+    pub fn set_peer(&mut self, id: PeerId, public: [u8; 32]) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            if p.public == public {
+                return;
+            }
+            p.clear(&mut self.indexes);
+            self.by_key.remove(&p.public);
+            *p = Peer::new(public);
+        } else {
+            self.peers.insert(id, Peer::new(public));
+        }
+        self.by_key.insert(public, id);
+    }
+
+    /// Removes a peer and its sessions.
+    pub fn remove_peer(&mut self, id: PeerId) {
+        if let Some(mut p) = self.peers.remove(&id) {
+            p.clear(&mut self.indexes);
+            self.by_key.remove(&p.public);
+        }
+    }
+
+    /// The configured peers, in no particular order.
+    pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Seals `inner` for `peer` into `out`, which must hold `inner.len() + DATA_OVERHEAD`
+    /// bytes, and [`INITIATION_LEN`] in case a handshake starts (256 covers that). Never
+    /// blocks on a rekey while the current session is usable: rekeys start in
+    /// [`Tunnels::poll_timers`].
+    pub fn seal(
+        &mut self,
+        peer: PeerId,
+        inner: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        wall: u64,
+    ) -> Seal {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Seal::UnknownPeer;
+        };
+        if let Some(s) = p.current.as_mut().filter(|s| usable(s, &self.cfg, now)) {
+            let Some(n) = seal_data(s, inner, out) else {
+                return Seal::TooLarge;
+            };
+            self.counters.data_sealed += 1;
+            p.stats.tx_packets += 1;
+            p.stats.tx_bytes += inner.len() as u64;
+            if !inner.is_empty() {
+                p.last_activity = Some(now);
+            }
+            return Seal::Data(n);
+        }
+        if p.pending.is_some() {
+            return Seal::Pending;
+        }
+        match self.initiate(peer, out, now, wall) {
+            Some(n) => Seal::Handshake(n),
+            None => Seal::TooLarge,
+        }
+    }
+
+    /// Starts a handshake with `peer` unless one is under way, and returns the length of
+    /// the initiation written to `out` (at least [`INITIATION_LEN`] bytes). For when the
+    /// peer sends data for an index we do not know (this host restarted).
+    pub fn initiate(
+        &mut self,
+        peer: PeerId,
+        out: &mut [u8],
+        now: Instant,
+        wall: u64,
+    ) -> Option<usize> {
+        let p = self.peers.get(&peer)?;
+        if p.pending.is_some() {
+            return None;
+        }
+        let n = self.start_handshake(peer, out, now, wall)?;
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.last_activity = Some(now);
+        }
+        Some(n)
+    }
+
+    /// Handles one datagram from the underlay. `out` must hold `datagram.len()` bytes, and
+    /// [`RESPONSE_LEN`] (or [`DATA_OVERHEAD`] for the keepalive of [`Open::Established`]).
+    pub fn open(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+        let result = match datagram {
+            [_, a, b, c, ..] if (a | b | c) != 0 => Open::Drop(DropReason::Malformed),
+            [TYPE_DATA, ..] => self.open_data(datagram, out, now),
+            [TYPE_INITIATION, ..] => self.open_initiation(datagram, out, now),
+            [TYPE_RESPONSE, ..] => self.open_response(datagram, out, now),
+            [_, _, _, _, ..] => Open::Drop(DropReason::UnknownType),
+            _ => Open::Drop(DropReason::Malformed),
+        };
+        if let Open::Drop(reason) = result {
+            self.counters.drops[reason.index()] += 1;
+        }
+        result
+    }
+
+    /// Runs the timers: handshake retries and give-ups, rekeys by time and message count,
+    /// session expiry, idle teardown. Call after every batch of datagrams and at least every
+    /// 100 ms, repeatedly until it returns `None`: each `Some` is an initiation in
+    /// `out[..n]` (at least [`INITIATION_LEN`] bytes) to send to that peer.
+    pub fn poll_timers(
+        &mut self,
+        now: Instant,
+        wall: u64,
+        out: &mut [u8],
+    ) -> Option<(PeerId, usize)> {
+        let cfg = &self.cfg;
+        let mut initiate = None;
+        for (&id, p) in self.peers.iter_mut() {
+            let idle = p
+                .last_activity
+                .is_none_or(|t| now.saturating_duration_since(t) >= cfg.idle_timeout);
+            if p.has_sessions() && idle {
+                p.clear(&mut self.indexes);
+                self.counters.idle_teardowns += 1;
+                continue;
+            }
+            for slot in [&mut p.current, &mut p.previous, &mut p.next] {
+                if slot.as_ref().is_some_and(|s| !usable(s, cfg, now)) {
+                    if let Some(s) = slot.take() {
+                        self.indexes.remove(&s.local_index);
+                    }
+                    self.counters.sessions_expired += 1;
+                }
+            }
+            if let Some(pending) = &p.pending {
+                if now.saturating_duration_since(pending.first) >= cfg.handshake_timeout {
+                    self.indexes.remove(&pending.index);
+                    p.pending = None;
+                    self.counters.handshake_timeouts += 1;
+                } else if now.saturating_duration_since(pending.sent) >= cfg.handshake_retry {
+                    initiate = Some(id);
+                    break;
+                }
+                continue;
+            }
+            if let Some(s) = &p.current {
+                let mut after = cfg.rekey_after_time;
+                if !s.initiator {
+                    after += cfg.handshake_retry * 10;
+                }
+                if now.saturating_duration_since(s.established) >= after
+                    || s.sent >= cfg.rekey_after_messages
+                {
+                    self.counters.rekeys += 1;
+                    initiate = Some(id);
+                    break;
+                }
+            }
+        }
+        let id = initiate?;
+        // If `out` is too small, the retry or rekey comes again on the next call.
+        self.start_handshake(id, out, now, wall).map(|n| (id, n))
+    }
+
+    /// Whether there is a session to send data on to `peer`.
+    pub fn has_session(&self, peer: PeerId) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.current.is_some())
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Statistics of one peer.
+    pub fn peer_stats(&self, peer: PeerId) -> Option<PeerStats> {
+        let p = self.peers.get(&peer)?;
+        Some(PeerStats {
+            established: p.current.is_some(),
+            established_at: p.current.as_ref().map(|s| s.established),
+            ..p.stats
+        })
+    }
+
+    /// Writes a fresh initiation to `peer` into `out` and makes it the pending handshake
+    /// (replacing an older one, whose first attempt time it keeps).
+    fn start_handshake(
+        &mut self,
+        peer: PeerId,
+        out: &mut [u8],
+        now: Instant,
+        wall: u64,
+    ) -> Option<usize> {
+        let p = self.peers.get_mut(&peer)?;
+        if out.len() < INITIATION_LEN {
+            return None;
+        }
+        let mut handshake = Builder::new(self.params.clone())
+            .local_private_key(&self.local.private)
+            .and_then(|b| b.remote_public_key(&p.public))
+            .and_then(|b| b.build_initiator())
+            .ok()?;
+        let timestamp = wall.max(self.last_timestamp_sent.saturating_add(1));
+        let mut payload = [0; TIMESTAMP_LEN];
+        payload[..8].copy_from_slice(&timestamp.to_be_bytes());
+        let n = handshake.write_message(&payload, &mut out[8..]).ok()?;
+        self.last_timestamp_sent = timestamp;
+        let index = new_index(&mut self.indexes, peer);
+        out[..4].copy_from_slice(&[TYPE_INITIATION, 0, 0, 0]);
+        out[4..8].copy_from_slice(&index.to_be_bytes());
+        let first = match p.pending.take() {
+            Some(old) => {
+                self.indexes.remove(&old.index);
+                old.first
+            }
+            None => now,
+        };
+        p.pending = Some(Pending {
+            handshake,
+            index,
+            sent: now,
+            first,
+        });
+        self.counters.handshakes_initiated += 1;
+        Some(8 + n)
+    }
+
+    fn open_data(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+        if datagram.len() < DATA_OVERHEAD {
+            return Open::Drop(DropReason::Malformed);
+        }
+        let index = u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
+        let mut counter = [0; 8];
+        counter.copy_from_slice(&datagram[8..16]);
+        let counter = u64::from_be_bytes(counter);
+        let Some(&peer) = self.indexes.get(&index) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let is_next = p.next.as_ref().is_some_and(|s| s.local_index == index);
+        let Some(s) = [&mut p.current, &mut p.previous, &mut p.next]
+            .into_iter()
+            .flatten()
+            .find(|s| s.local_index == index)
+        else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        if !usable(s, &self.cfg, now) || counter >= self.cfg.reject_after_messages {
+            return Open::Drop(DropReason::Expired);
+        }
+        if !s.window.check(counter) {
+            return Open::Drop(DropReason::Replayed);
+        }
+        let sealed = &datagram[DATA_HEADER_LEN..];
+        if out.len() < sealed.len() - TAG_LEN {
+            return Open::Drop(DropReason::TooLarge);
+        }
+        let Ok(len) = s.transport.read_message(counter, sealed, out) else {
+            return Open::Drop(DropReason::AuthFailed);
+        };
+        s.window.mark(counter);
+        if is_next {
+            // Key confirmation: the initiator uses the new session, so we may too.
+            if let Some(old) = p.previous.take() {
+                self.indexes.remove(&old.local_index);
+            }
+            p.previous = p.current.take();
+            p.current = p.next.take();
+        }
+        self.counters.data_opened += 1;
+        p.stats.rx_packets += 1;
+        p.stats.rx_bytes += len as u64;
+        if len > 0 {
+            p.last_activity = Some(now);
+        }
+        Open::Data { peer, len }
+    }
+
+    fn open_initiation(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+        if datagram.len() != INITIATION_LEN {
+            return Open::Drop(DropReason::Malformed);
+        }
+        if out.len() < RESPONSE_LEN {
+            return Open::Drop(DropReason::TooLarge);
+        }
+        let Ok(mut handshake) = Builder::new(self.params.clone())
+            .local_private_key(&self.local.private)
+            .and_then(|b| b.build_responder())
+        else {
+            return Open::Drop(DropReason::AuthFailed);
+        };
+        let mut payload = [0; INITIATION_LEN];
+        let Ok(TIMESTAMP_LEN) = handshake.read_message(&datagram[8..], &mut payload) else {
+            return Open::Drop(DropReason::AuthFailed);
+        };
+        let Some(&peer) = handshake
+            .get_remote_static()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .and_then(|k| self.by_key.get(&k))
+        else {
+            return Open::Drop(DropReason::UnknownPeer);
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Open::Drop(DropReason::UnknownPeer);
+        };
+        let mut timestamp = [0; 8];
+        timestamp.copy_from_slice(&payload[..8]);
+        let timestamp = u64::from_be_bytes(timestamp);
+        if p.last_timestamp.is_some_and(|last| timestamp <= last) {
+            return Open::Drop(DropReason::StaleInitiation);
+        }
+        let Ok(n) = handshake.write_message(&[], &mut out[12..]) else {
+            return Open::Drop(DropReason::AuthFailed);
+        };
+        let Ok(transport) = handshake.into_stateless_transport_mode() else {
+            return Open::Drop(DropReason::AuthFailed);
+        };
+        let index = new_index(&mut self.indexes, peer);
+        out[..4].copy_from_slice(&[TYPE_RESPONSE, 0, 0, 0]);
+        out[4..8].copy_from_slice(&index.to_be_bytes());
+        out[8..12].copy_from_slice(&datagram[4..8]);
+        let remote_index = u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
+        let session = Session::new(transport, index, remote_index, now, false);
+        if let Some(old) = p.next.replace(session) {
+            self.indexes.remove(&old.local_index);
+        }
+        p.last_timestamp = Some(timestamp);
+        if p.current.is_none() {
+            p.last_activity = Some(now);
+        }
+        p.stats.handshakes += 1;
+        self.counters.handshakes_completed += 1;
+        Open::Respond { peer, len: 12 + n }
+    }
+
+    fn open_response(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+        if datagram.len() != RESPONSE_LEN {
+            return Open::Drop(DropReason::Malformed);
+        }
+        if out.len() < DATA_OVERHEAD {
+            return Open::Drop(DropReason::TooLarge);
+        }
+        let remote_index = u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
+        let index = u32::from_be_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
+        let Some(&peer) = self.indexes.get(&index) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let Some(pending) = p.pending.as_mut().filter(|h| h.index == index) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        // A failed read leaves the handshake as it was (snow restores its state), so a
+        // forged response does not spoil the genuine one.
+        let mut payload = [0; RESPONSE_LEN];
+        if pending
+            .handshake
+            .read_message(&datagram[12..], &mut payload)
+            .is_err()
+        {
+            return Open::Drop(DropReason::AuthFailed);
+        }
+        let Some(pending) = p.pending.take() else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let Ok(transport) = pending.handshake.into_stateless_transport_mode() else {
+            self.indexes.remove(&index);
+            return Open::Drop(DropReason::AuthFailed);
+        };
+        let session = Session::new(transport, index, remote_index, now, true);
+        if let Some(old) = p.previous.take() {
+            self.indexes.remove(&old.local_index);
+        }
+        p.previous = p.current.replace(session);
+        p.stats.handshakes += 1;
+        self.counters.handshakes_completed += 1;
+        let mut len = 0;
+        if let Some(n) = p.current.as_mut().and_then(|s| seal_data(s, &[], out)) {
+            len = n;
+            p.stats.tx_packets += 1;
+            self.counters.data_sealed += 1;
+        }
+        Open::Established { peer, len }
+    }
+}
+
+impl fmt::Debug for Tunnels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tunnels")
+            .field("public", &self.local.public)
+            .field("peers", &self.peers.len())
+            .field("indexes", &self.indexes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    fn new(
+        transport: StatelessTransportState,
+        local_index: u32,
+        remote_index: u32,
+        now: Instant,
+        initiator: bool,
+    ) -> Session {
+        Session {
+            transport,
+            local_index,
+            remote_index,
+            established: now,
+            initiator,
+            sent: 0,
+            window: ReplayWindow::new(),
+        }
+    }
+}
+
+/// Whether a session may still be used (to send, or to receive on).
+fn usable(s: &Session, cfg: &Config, now: Instant) -> bool {
+    now.saturating_duration_since(s.established) < cfg.reject_after_time
+        && s.sent < cfg.reject_after_messages
+}
+
+/// Writes a data message with `inner` into `out`; `None` if it does not fit.
+fn seal_data(s: &mut Session, inner: &[u8], out: &mut [u8]) -> Option<usize> {
+    if out.len() < inner.len().checked_add(DATA_OVERHEAD)? {
+        return None;
+    }
+    let counter = s.sent;
+    let n = s
+        .transport
+        .write_message(counter, inner, &mut out[DATA_HEADER_LEN..])
+        .ok()?;
+    out[..4].copy_from_slice(&[TYPE_DATA, 0, 0, 0]);
+    out[4..8].copy_from_slice(&s.remote_index.to_be_bytes());
+    out[8..16].copy_from_slice(&counter.to_be_bytes());
+    s.sent += 1;
+    Some(DATA_HEADER_LEN + n)
+}
+
+/// A random index not in use, registered for `peer`.
+fn new_index(indexes: &mut HashMap<u32, PeerId>, peer: PeerId) -> u32 {
+    loop {
+        let index = rand::random();
+        if let std::collections::hash_map::Entry::Vacant(e) = indexes.entry(index) {
+            e.insert(peer);
+            return index;
+        }
+    }
+}

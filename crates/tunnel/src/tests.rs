@@ -1,0 +1,587 @@
+//! Behaviour of the sessions, driven between hosts in one process with virtual time: the
+//! "network" is a Vec of datagrams per host, which tests may reorder, replay or lose.
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+use crate::*;
+
+/// Two hosts, 0 and 1; each knows the other as the peer with the other's number.
+struct Pair {
+    t: Vec<Tunnels>,
+    /// Datagrams in flight to each host.
+    inbox: [Vec<Vec<u8>>; 2],
+    /// Inner packets each host waits to send (no session yet).
+    queue: [Vec<Vec<u8>>; 2],
+    /// Inner packets each host received (keepalives left out).
+    got: [Vec<Vec<u8>>; 2],
+    /// Drops seen by each host.
+    drops: [Vec<DropReason>; 2],
+    now: Instant,
+    wall: u64,
+}
+
+fn keys(i: usize) -> Keypair {
+    Keypair::from_private([i as u8 + 1; 32])
+}
+
+fn host(cfg: &Config, i: usize) -> Tunnels {
+    let mut t = Tunnels::new(cfg.clone(), keys(i));
+    t.set_peer((1 - i) as PeerId, keys(1 - i).public);
+    t
+}
+
+fn other(i: usize) -> PeerId {
+    (1 - i) as PeerId
+}
+
+impl Pair {
+    fn new(cfg: Config) -> Pair {
+        Pair {
+            t: vec![host(&cfg, 0), host(&cfg, 1)],
+            inbox: Default::default(),
+            queue: Default::default(),
+            got: Default::default(),
+            drops: Default::default(),
+            now: Instant::now(),
+            wall: 1_700_000_000_000_000_000,
+        }
+    }
+
+    /// A pair with a session both ways, counters as they are.
+    fn established(cfg: Config) -> Pair {
+        let mut p = Pair::new(cfg);
+        p.send(0, b"hello");
+        p.run();
+        assert_eq!(p.got[1], vec![b"hello".to_vec()]);
+        assert!(p.t[0].has_session(1) && p.t[1].has_session(0));
+        p.got = Default::default();
+        p
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.wall += d.as_nanos() as u64;
+    }
+
+    /// Host `i` sends `inner` to the other, queueing it if there is no session.
+    fn send(&mut self, i: usize, inner: &[u8]) -> Seal {
+        let mut out = [0; 2048];
+        let r = self.t[i].seal(other(i), inner, &mut out, self.now, self.wall);
+        match r {
+            Seal::Data(n) => self.inbox[1 - i].push(out[..n].to_vec()),
+            Seal::Handshake(n) => {
+                self.inbox[1 - i].push(out[..n].to_vec());
+                self.queue[i].push(inner.to_vec());
+            }
+            Seal::Pending => self.queue[i].push(inner.to_vec()),
+            Seal::UnknownPeer | Seal::TooLarge => panic!("{r:?}"),
+        }
+        r
+    }
+
+    /// Seals `inner` at host `i` on its session, without putting it on the network.
+    fn seal_held(&mut self, i: usize, inner: &[u8]) -> Vec<u8> {
+        let mut out = [0; 2048];
+        match self.t[i].seal(other(i), inner, &mut out, self.now, self.wall) {
+            Seal::Data(n) => out[..n].to_vec(),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    /// Host `i` handles `datagram` as its shell would.
+    fn deliver(&mut self, i: usize, datagram: &[u8]) -> Open {
+        let mut out = [0; 2048];
+        let r = self.t[i].open(datagram, &mut out, self.now);
+        match r {
+            Open::Data { len, .. } if len > 0 => self.got[i].push(out[..len].to_vec()),
+            Open::Data { .. } => {}
+            Open::Respond { len, .. } => self.inbox[1 - i].push(out[..len].to_vec()),
+            Open::Established { len, .. } => {
+                self.inbox[1 - i].push(out[..len].to_vec());
+                for inner in std::mem::take(&mut self.queue[i]) {
+                    self.send(i, &inner);
+                }
+            }
+            Open::Drop(reason) => self.drops[i].push(reason),
+        }
+        r
+    }
+
+    /// Delivers everything in flight, and what that causes, until the network is quiet.
+    fn run(&mut self) {
+        for _ in 0..100 {
+            if self.inbox.iter().all(Vec::is_empty) {
+                return;
+            }
+            for i in 0..2 {
+                for d in std::mem::take(&mut self.inbox[i]) {
+                    self.deliver(i, &d);
+                }
+            }
+        }
+        panic!("the network never went quiet");
+    }
+
+    /// Runs both hosts' timers; returns how many initiations they sent.
+    fn timers(&mut self) -> usize {
+        let mut sent = 0;
+        for i in 0..2 {
+            let mut out = [0; 256];
+            while let Some((peer, n)) = self.t[i].poll_timers(self.now, self.wall, &mut out) {
+                assert_eq!(peer, other(i));
+                self.inbox[1 - i].push(out[..n].to_vec());
+                sent += 1;
+            }
+        }
+        sent
+    }
+
+    /// Sends one packet each way and checks it arrives.
+    fn assert_talks(&mut self, tag: &[u8]) {
+        for i in 0..2 {
+            self.send(i, tag);
+            self.run();
+            assert_eq!(
+                self.got[1 - i].pop().as_deref(),
+                Some(tag),
+                "host {i} to other"
+            );
+        }
+    }
+}
+
+#[test]
+fn handshake_and_data_both_ways() {
+    let mut p = Pair::new(Config::default());
+    assert!(matches!(
+        p.send(0, b"hello"),
+        Seal::Handshake(INITIATION_LEN)
+    ));
+    assert_eq!(p.send(0, b"again"), Seal::Pending);
+    p.run();
+    assert_eq!(p.got[1], vec![b"hello".to_vec(), b"again".to_vec()]);
+    assert!(matches!(p.send(1, b"world"), Seal::Data(n) if n == 5 + DATA_OVERHEAD));
+    p.run();
+    assert_eq!(p.got[0], vec![b"world".to_vec()]);
+    for i in 0..2 {
+        let c = p.t[i].counters();
+        assert_eq!(c.handshakes_completed, 1);
+        assert_eq!(c.drops_total(), 0);
+        let s = p.t[i].peer_stats(other(i)).unwrap();
+        assert!(s.established && s.handshakes == 1);
+    }
+    assert_eq!(p.t[0].counters().handshakes_initiated, 1);
+    // Initiator: hello, again, keepalive; responder: world.
+    assert_eq!(p.t[0].counters().data_sealed, 3);
+    assert_eq!(p.t[1].peer_stats(0).unwrap().rx_bytes, 10);
+}
+
+#[test]
+fn keepalive_from_established_confirms_the_responder() {
+    let mut p = Pair::new(Config::default());
+    p.send(0, b"x");
+    let init = p.inbox[1].pop().unwrap();
+    assert!(matches!(
+        p.deliver(1, &init),
+        Open::Respond {
+            peer: 0,
+            len: RESPONSE_LEN
+        }
+    ));
+    assert!(
+        !p.t[1].has_session(0),
+        "the responder waits for confirmation"
+    );
+    let resp = p.inbox[0].pop().unwrap();
+    assert!(matches!(
+        p.deliver(0, &resp),
+        Open::Established {
+            peer: 1,
+            len: DATA_OVERHEAD
+        }
+    ));
+    assert!(p.t[0].has_session(1));
+    let keepalive = p.inbox[1].remove(0);
+    assert_eq!(p.deliver(1, &keepalive), Open::Data { peer: 0, len: 0 });
+    assert!(p.t[1].has_session(0));
+    assert!(matches!(p.send(1, b"y"), Seal::Data(_)));
+}
+
+#[test]
+fn out_of_order_within_the_window_is_accepted() {
+    let mut p = Pair::established(Config::default());
+    let held: Vec<_> = (0..1500u32)
+        .map(|i| p.seal_held(0, &i.to_be_bytes()))
+        .collect();
+    for d in held.iter().rev() {
+        assert!(matches!(p.deliver(1, d), Open::Data { len: 4, .. }));
+    }
+    assert_eq!(p.got[1].len(), 1500);
+    // Far past the window, an old unseen counter is refused.
+    let old = p.seal_held(0, b"old");
+    for _ in 0..3000 {
+        let d = p.seal_held(0, b"new");
+        p.deliver(1, &d);
+    }
+    assert_eq!(p.deliver(1, &old), Open::Drop(DropReason::Replayed));
+}
+
+#[test]
+fn replays_are_dropped_and_forgeries_do_not_poison_the_window() {
+    let mut p = Pair::established(Config::default());
+    let first = p.seal_held(0, b"one");
+    let second = p.seal_held(0, b"two");
+    assert!(matches!(p.deliver(1, &first), Open::Data { .. }));
+    assert_eq!(p.deliver(1, &first), Open::Drop(DropReason::Replayed));
+    // A forged packet with a huge counter fails authentication and moves nothing.
+    let mut forged = second.clone();
+    forged[8..16].copy_from_slice(&1_000_000u64.to_be_bytes());
+    assert_eq!(p.deliver(1, &forged), Open::Drop(DropReason::AuthFailed));
+    assert!(matches!(p.deliver(1, &second), Open::Data { .. }));
+    p.assert_talks(b"after");
+    let c = p.t[1].counters();
+    assert_eq!(c.drops(DropReason::Replayed), 1);
+    assert_eq!(c.drops(DropReason::AuthFailed), 1);
+}
+
+#[test]
+fn tampered_ciphertext_fails_authentication() {
+    let mut p = Pair::established(Config::default());
+    let mut d = p.seal_held(0, b"payload");
+    d[DATA_HEADER_LEN + 2] ^= 1;
+    assert_eq!(p.deliver(1, &d), Open::Drop(DropReason::AuthFailed));
+    let mut d = p.seal_held(0, b"payload");
+    let last = d.len() - 1;
+    d[last] ^= 0x80;
+    assert_eq!(p.deliver(1, &d), Open::Drop(DropReason::AuthFailed));
+    p.assert_talks(b"still fine");
+}
+
+#[test]
+fn initiation_from_an_unknown_key_is_dropped() {
+    let mut p = Pair::new(Config::default());
+    let mut stranger = Tunnels::new(Config::default(), keys(7));
+    stranger.set_peer(1, keys(1).public);
+    let mut out = [0; 256];
+    let Seal::Handshake(n) = stranger.seal(1, b"hi", &mut out, p.now, p.wall) else {
+        panic!()
+    };
+    assert_eq!(p.deliver(1, &out[..n]), Open::Drop(DropReason::UnknownPeer));
+    assert_eq!(p.t[1].counters().drops(DropReason::UnknownPeer), 1);
+    // An initiation meant for another host's key does not even decrypt.
+    p.send(0, b"x");
+    let init = p.inbox[1].pop().unwrap();
+    assert_eq!(
+        stranger.open(&init, &mut out, p.now),
+        Open::Drop(DropReason::AuthFailed)
+    );
+}
+
+#[test]
+fn replayed_initiation_is_stale_and_the_session_keeps_working() {
+    let mut p = Pair::new(Config::default());
+    p.send(0, b"hello");
+    let captured = p.inbox[1][0].clone();
+    p.run();
+    p.advance(Duration::from_secs(5));
+    assert_eq!(
+        p.deliver(1, &captured),
+        Open::Drop(DropReason::StaleInitiation)
+    );
+    p.assert_talks(b"unaffected");
+    assert_eq!(p.t[1].counters().handshakes_completed, 1);
+}
+
+#[test]
+fn rekey_by_time_loses_no_packet() {
+    let cfg = Config {
+        rekey_after_time: Duration::from_secs(10),
+        reject_after_time: Duration::from_secs(30),
+        ..Config::default()
+    };
+    let mut p = Pair::established(cfg);
+    p.advance(Duration::from_secs(5));
+    assert_eq!(p.timers(), 0);
+    p.assert_talks(b"before");
+    p.advance(Duration::from_secs(6));
+    // Packets sealed with the old session, delivered after the switch-over.
+    let old_a = p.seal_held(0, b"old a");
+    let old_b = p.seal_held(1, b"old b");
+    assert_eq!(p.timers(), 1, "only the initiator of the session rekeys");
+    assert_eq!(p.t[0].counters().rekeys, 1);
+    p.run();
+    assert_eq!(p.t[0].counters().handshakes_completed, 2);
+    assert!(matches!(p.deliver(1, &old_a), Open::Data { len: 5, .. }));
+    assert!(matches!(p.deliver(0, &old_b), Open::Data { len: 5, .. }));
+    p.assert_talks(b"after");
+    // The old session expires; the new one carries on past the old one's lifetime.
+    p.advance(Duration::from_secs(20));
+    p.timers();
+    p.run();
+    assert_eq!(p.deliver(1, &old_a), Open::Drop(DropReason::UnknownIndex));
+    p.assert_talks(b"later");
+    assert!(p.t[0].counters().sessions_expired >= 1);
+}
+
+#[test]
+fn responder_rekeys_later_when_the_initiator_does_not() {
+    let cfg = Config {
+        rekey_after_time: Duration::from_secs(10),
+        reject_after_time: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let mut p = Pair::established(cfg);
+    p.advance(Duration::from_secs(11));
+    // Host 0 "loses" its rekey initiation; host 1 takes over after the margin.
+    assert_eq!(p.timers(), 1);
+    p.inbox[1].clear();
+    p.advance(Duration::from_secs(10));
+    assert_eq!(p.t[1].counters().rekeys, 0);
+    p.timers();
+    assert_eq!(p.t[1].counters().rekeys, 1);
+    p.run();
+    p.assert_talks(b"rekeyed");
+}
+
+#[test]
+fn rekey_by_message_count() {
+    let cfg = Config {
+        rekey_after_messages: 5,
+        ..Config::default()
+    };
+    let mut p = Pair::established(cfg);
+    let held: Vec<_> = (0..6).map(|_| p.seal_held(0, b"m")).collect();
+    assert_eq!(p.timers(), 1);
+    assert_eq!(p.t[0].counters().rekeys, 1);
+    // Still sealing on the old session while the handshake is under way.
+    let during = p.seal_held(0, b"during");
+    p.run();
+    for d in held.iter().chain([&during]) {
+        assert!(matches!(p.deliver(1, d), Open::Data { .. }));
+    }
+    assert_eq!(p.timers(), 0);
+    p.assert_talks(b"new session");
+}
+
+#[test]
+fn sessions_expire_after_reject_after_time() {
+    let cfg = Config {
+        rekey_after_time: Duration::from_secs(1000),
+        reject_after_time: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(1000),
+        ..Config::default()
+    };
+    let mut p = Pair::established(cfg);
+    let held = p.seal_held(0, b"late");
+    p.advance(Duration::from_secs(31));
+    assert_eq!(p.deliver(1, &held), Open::Drop(DropReason::Expired));
+    p.timers();
+    assert!(!p.t[0].has_session(1) && !p.t[1].has_session(0));
+    assert_eq!(p.t[0].counters().sessions_expired, 1);
+    assert!(matches!(p.send(0, b"again"), Seal::Handshake(_)));
+    p.run();
+    assert_eq!(p.got[1].pop().as_deref(), Some(&b"again"[..]));
+}
+
+#[test]
+fn idle_peers_are_torn_down_and_rebuilt_on_demand() {
+    let cfg = Config {
+        idle_timeout: Duration::from_secs(60),
+        ..Config::default()
+    };
+    let mut p = Pair::established(cfg);
+    p.advance(Duration::from_secs(50));
+    p.assert_talks(b"busy");
+    p.advance(Duration::from_secs(50));
+    // Keepalives do not count as activity.
+    let keepalive = p.seal_held(0, b"");
+    p.deliver(1, &keepalive);
+    assert_eq!(p.timers(), 0);
+    assert!(p.t[0].has_session(1));
+    p.advance(Duration::from_secs(11));
+    p.timers();
+    for i in 0..2 {
+        assert!(!p.t[i].has_session(other(i)));
+        assert_eq!(p.t[i].counters().idle_teardowns, 1);
+    }
+    assert!(matches!(p.send(1, b"wake"), Seal::Handshake(_)));
+    p.run();
+    assert_eq!(p.got[0].pop().as_deref(), Some(&b"wake"[..]));
+}
+
+#[test]
+fn lost_initiation_is_retried_then_given_up() {
+    let mut p = Pair::new(Config::default());
+    p.send(0, b"hello");
+    let lost = p.inbox[1].pop().unwrap();
+    p.advance(Duration::from_millis(500));
+    assert_eq!(p.timers(), 0);
+    p.advance(Duration::from_millis(600));
+    assert_eq!(p.timers(), 1);
+    assert_ne!(lost[4..8], p.inbox[1][0][4..8], "a fresh index");
+    p.run();
+    assert_eq!(p.got[1].pop().as_deref(), Some(&b"hello"[..]));
+    // The responder accepted the retry; the lost one, arriving late, is stale.
+    assert_eq!(p.deliver(1, &lost), Open::Drop(DropReason::StaleInitiation));
+
+    let mut p = Pair::new(Config::default());
+    p.send(0, b"hello");
+    let mut sent = 1;
+    for _ in 0..20 {
+        p.inbox[1].clear();
+        p.advance(Duration::from_secs(1));
+        sent += p.timers();
+    }
+    assert_eq!(sent, 15, "retries until handshake_timeout");
+    assert_eq!(p.t[0].counters().handshake_timeouts, 1);
+    assert_eq!(p.t[0].counters().handshakes_initiated, 15);
+    assert!(matches!(p.send(0, b"again"), Seal::Handshake(_)));
+    p.run();
+    assert_eq!(p.got[1].len(), 2, "both queued packets arrive");
+}
+
+#[test]
+fn simultaneous_initiations_converge() {
+    let mut p = Pair::new(Config::default());
+    assert!(matches!(p.send(0, b"from 0"), Seal::Handshake(_)));
+    assert!(matches!(p.send(1, b"from 1"), Seal::Handshake(_)));
+    p.run();
+    assert_eq!(p.got[0], vec![b"from 1".to_vec()]);
+    assert_eq!(p.got[1], vec![b"from 0".to_vec()]);
+    for round in 0..3u8 {
+        p.advance(Duration::from_secs(1));
+        assert_eq!(p.timers(), 0);
+        p.assert_talks(&[round]);
+    }
+    assert_eq!(p.t[0].counters().drops_total(), 0);
+    assert_eq!(p.t[1].counters().drops_total(), 0);
+}
+
+#[test]
+fn restarted_peer_is_recognised_and_rebuilds() {
+    let cfg = Config::default();
+    let mut p = Pair::established(cfg.clone());
+    p.advance(Duration::from_secs(3));
+    p.t[1] = host(&cfg, 1);
+    p.send(0, b"to the old process");
+    p.run();
+    assert_eq!(p.drops[1], vec![DropReason::UnknownIndex]);
+    // Host 1's shell knows the source address is peer 0 and starts a handshake.
+    let mut out = [0; 256];
+    let n = p.t[1].initiate(0, &mut out, p.now, p.wall).unwrap();
+    assert_eq!(p.t[1].initiate(0, &mut out, p.now, p.wall), None);
+    p.inbox[0].push(out[..n].to_vec());
+    p.run();
+    p.assert_talks(b"together again");
+
+    // Same through seal, after another restart.
+    p.advance(Duration::from_secs(3));
+    p.t[0] = host(&cfg, 0);
+    assert!(matches!(p.send(0, b"fresh"), Seal::Handshake(_)));
+    p.run();
+    assert_eq!(p.got[1].pop().as_deref(), Some(&b"fresh"[..]));
+    p.assert_talks(b"ok");
+}
+
+#[test]
+fn peers_can_be_changed_and_removed() {
+    let mut p = Pair::established(Config::default());
+    assert_eq!(p.t[0].peers().collect::<Vec<_>>(), vec![1]);
+    p.t[0].set_peer(1, keys(1).public);
+    assert!(p.t[0].has_session(1), "same key: nothing changes");
+    p.t[0].set_peer(1, keys(9).public);
+    assert!(!p.t[0].has_session(1));
+    p.t[0].remove_peer(1);
+    let mut out = [0; 256];
+    assert_eq!(
+        p.t[0].seal(1, b"x", &mut out, p.now, p.wall),
+        Seal::UnknownPeer
+    );
+    assert_eq!(p.t[0].peer_stats(1), None);
+}
+
+#[test]
+fn message_types_and_short_buffers() {
+    assert_eq!(message_type(&[1, 0, 0, 0]), Some(TYPE_INITIATION));
+    assert_eq!(message_type(&[3, 0, 0, 0, 9]), Some(TYPE_DATA));
+    assert_eq!(message_type(&[3, 0, 1, 0]), None);
+    assert_eq!(message_type(&[4, 0, 0, 0]), None);
+    assert_eq!(message_type(&[2, 0, 0]), None);
+    let mut p = Pair::established(Config::default());
+    let mut small = [0; 40];
+    assert_eq!(
+        p.t[0].seal(1, &[0; 9], &mut small, p.now, p.wall),
+        Seal::TooLarge
+    );
+    let d = p.seal_held(0, &[7; 100]);
+    assert_eq!(
+        p.t[1].open(&d, &mut small, p.now),
+        Open::Drop(DropReason::TooLarge)
+    );
+    assert!(matches!(p.deliver(1, &d), Open::Data { len: 100, .. }));
+}
+
+#[test]
+fn random_datagrams_never_panic() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut p = Pair::established(Config::default());
+    let valid = [p.seal_held(0, b"some data"), {
+        let mut t = host(&Config::default(), 0);
+        let mut out = [0; 256];
+        let Seal::Handshake(n) = t.seal(1, b"", &mut out, p.now, p.wall + 1) else {
+            panic!()
+        };
+        out[..n].to_vec()
+    }];
+    let mut out = vec![0; 2048];
+    for round in 0..5000 {
+        let d: Vec<u8> = match round % 3 {
+            0 => {
+                let len = rng.gen_range(0..300);
+                let mut d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                if len >= 4 && rng.gen_bool(0.8) {
+                    d[0] = rng.gen_range(0..5);
+                    d[1..4].fill(0);
+                }
+                d
+            }
+            1 => {
+                // Exact lengths of each type, random contents.
+                let len = [
+                    INITIATION_LEN,
+                    RESPONSE_LEN,
+                    DATA_OVERHEAD + rng.gen_range(0..64),
+                ][rng.gen_range(0..3)];
+                let mut d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                d[0] = rng.gen_range(1..4);
+                d[1..4].fill(0);
+                d
+            }
+            _ => {
+                // A valid message with a few bytes flipped or cut.
+                let mut d = valid[rng.gen_range(0..2)].clone();
+                for _ in 0..rng.gen_range(1..4) {
+                    let i = rng.gen_range(0..d.len());
+                    d[i] ^= 1 << rng.gen_range(0..8);
+                }
+                if rng.gen_bool(0.2) {
+                    d.truncate(rng.gen_range(0..d.len()));
+                }
+                d
+            }
+        };
+        let out_len = rng.gen_range(0..out.len());
+        for t in &mut p.t {
+            match t.open(&d, &mut out[..out_len], p.now) {
+                Open::Drop(_) => {}
+                // Flips in the unauthenticated header indexes (or flips that cancel out)
+                // can leave a valid message valid; the contents cannot be forged.
+                Open::Respond { .. } | Open::Data { .. } if round % 3 == 2 => {}
+                r => panic!("{r:?} from {d:?}"),
+            }
+        }
+    }
+    p.assert_talks(b"unharmed");
+}
