@@ -226,7 +226,7 @@ pub fn init_main(dir: &Path) -> i32 {
 }
 
 /// Mounts of the instance: nothing propagates back to the host; /proc shows only the
-/// instance's processes; its own hostname and /etc/hosts.
+/// instance's processes, /sys only its network devices; its own hostname and /etc/hosts.
 fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<()> {
     mount(
         None::<&str>,
@@ -247,6 +247,17 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<()> {
         None::<&str>,
     )
     .map_err(|e| errno("mount /proc", e))?;
+    // A sysfs of the instance's own network namespace, so /sys/class/net shows its devices
+    // rather than the host's; read-only, as sysfs also reaches host-wide kernel settings.
+    let _ = umount2("/sys", MntFlags::MNT_DETACH);
+    mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| errno("mount /sys", e))?;
     sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))?;
     for (file, target) in [(HOSTS_FILE, "/etc/hosts"), (HOSTNAME_FILE, "/etc/hostname")] {
         if Path::new(target).exists() {

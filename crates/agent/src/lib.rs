@@ -322,9 +322,10 @@ impl Agent {
             });
             local.state = InstanceState::Exited;
             local.exit = Some(exit);
-            if let Some(port) = local.port.take() {
-                self.dataplane.send(Command::Detach { port });
-            }
+            // The port stays attached until the instance is removed: its network namespace
+            // outlives the program, and the kernel there still finishes the connections
+            // the program closed on its way out (data in send buffers, FIN, TIME_WAIT), as
+            // it would on any host.
             local.report()
         };
         tracing::info!(instance = %id, exit = ?report.exit, "instance ended");
@@ -470,6 +471,9 @@ impl Agent {
         let dir = self.instance_dir(id);
         let layout = self.layout.clone();
         let id2 = id.to_string();
+        if let Some(port) = self.instances().get_mut(id).and_then(|l| l.port.take()) {
+            self.dataplane.send(Command::Detach { port });
+        }
         tokio::task::spawn_blocking(move || instance::teardown(&dir, &id2, &layout))
             .await
             .map_err(|e| e.to_string())?;

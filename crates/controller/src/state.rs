@@ -651,9 +651,11 @@ impl State {
         (wanted, policies)
     }
 
-    /// An instance as an entry of its net's forwarding table, while it has a place there.
+    /// An instance as an entry of its net's forwarding table, while it has a place there:
+    /// from creation until removal. An exited instance keeps its address, and its network
+    /// stack still finishes the connections its program closed on the way out.
     fn member(&self, i: &Instance) -> Option<Member> {
-        if !matches!(i.state, InstanceState::Running | InstanceState::Creating) {
+        if i.state == InstanceState::Lost {
             return None;
         }
         Some(Member {

@@ -120,6 +120,11 @@ impl TestLab {
         format!("vb-{}", self.name)
     }
 
+    /// The bridge's port towards lab host `i`.
+    pub fn veth(&self, i: u8) -> String {
+        format!("vv-{}-{i}", self.name)
+    }
+
     pub fn netns(&self, i: u8) -> String {
         format!("vane-{}-h{i}", self.name)
     }
