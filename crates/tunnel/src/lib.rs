@@ -21,6 +21,12 @@
 //! A peer's channel that carried no data for [`Config::idle_timeout`] is torn down and
 //! rebuilt on demand, so hosts that never talk hold no key material for each other.
 //!
+//! Handshakes run in `snow`. The transport keys they agree on drive ring's
+//! ChaCha20-Poly1305 directly, with Noise's nonce layout (32 zero bits, then the counter
+//! little-endian): the same cipher the handshake names, in ring's vectorised code, and
+//! in place, so a data message is sealed where the shell built it and opened where it was
+//! received, without a copy.
+//!
 //! Sealing and opening data messages allocate nothing; handshakes do. Nothing from the
 //! network can make this crate panic: every malformed input ends in [`Open::Drop`].
 
@@ -32,9 +38,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use ring::aead::{self, LessSafeKey, UnboundKey, CHACHA20_POLY1305};
 use snow::params::{DHChoice, NoiseParams};
 use snow::resolvers::{CryptoResolver, DefaultResolver};
-use snow::{Builder, HandshakeState, StatelessTransportState};
+use snow::{Builder, HandshakeState};
 
 use replay::ReplayWindow;
 
@@ -155,6 +162,8 @@ pub enum Seal {
     Handshake(usize),
     /// A handshake is under way: the caller queues the inner bytes.
     Pending,
+    /// [`Tunnels::seal_in_place`] found no usable session and wrote nothing.
+    NoSession,
     /// No such peer.
     UnknownPeer,
     /// `out` is too small (see [`Tunnels::seal`]) or the inner bytes exceed a Noise message.
@@ -288,9 +297,47 @@ pub struct PeerStats {
     pub handshakes: u64,
 }
 
+/// The keys of one direction pair, agreed by a handshake.
+struct Transport {
+    send: LessSafeKey,
+    recv: LessSafeKey,
+}
+
+impl Transport {
+    /// The keys of a finished handshake: the initiator sends with the first half of the
+    /// split, the responder with the second (Noise's `Split()`).
+    fn from_handshake(handshake: &mut HandshakeState) -> Option<Transport> {
+        if !handshake.is_handshake_finished() {
+            return None;
+        }
+        let (first, second) = handshake.dangerously_get_raw_split();
+        let key = |k: [u8; 32]| {
+            UnboundKey::new(&CHACHA20_POLY1305, &k)
+                .ok()
+                .map(LessSafeKey::new)
+        };
+        let (send, recv) = if handshake.is_initiator() {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        Some(Transport {
+            send: key(send)?,
+            recv: key(recv)?,
+        })
+    }
+}
+
+/// Noise's ChaChaPoly nonce: 32 zero bits, then the 64-bit counter little-endian.
+fn nonce(counter: u64) -> aead::Nonce {
+    let mut n = [0; 12];
+    n[4..].copy_from_slice(&counter.to_le_bytes());
+    aead::Nonce::assume_unique_for_key(n)
+}
+
 /// One direction-pair of keys agreed by a handshake.
 struct Session {
-    transport: StatelessTransportState,
+    transport: Transport,
     /// Index the peer puts in messages to us: our key in `Tunnels::indexes`.
     local_index: u32,
     /// Index we put in messages to the peer.
@@ -434,20 +481,18 @@ impl Tunnels {
         now: Instant,
         wall: u64,
     ) -> Seal {
-        let Some(p) = self.peers.get_mut(&peer) else {
+        let Some(p) = self.peers.get(&peer) else {
             return Seal::UnknownPeer;
         };
-        if let Some(s) = p.current.as_mut().filter(|s| usable(s, &self.cfg, now)) {
-            let Some(n) = seal_data(s, inner, out) else {
+        if p.current
+            .as_ref()
+            .is_some_and(|s| usable(s, &self.cfg, now))
+        {
+            let Some(room) = out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + inner.len()) else {
                 return Seal::TooLarge;
             };
-            self.counters.data_sealed += 1;
-            p.stats.tx_packets += 1;
-            p.stats.tx_bytes += inner.len() as u64;
-            if !inner.is_empty() {
-                p.last_activity = Some(now);
-            }
-            return Seal::Data(n);
+            room.copy_from_slice(inner);
+            return self.seal_in_place(peer, out, inner.len(), now);
         }
         if p.pending.is_some() {
             return Seal::Pending;
@@ -456,6 +501,36 @@ impl Tunnels {
             Some(n) => Seal::Handshake(n),
             None => Seal::TooLarge,
         }
+    }
+
+    /// Seals, in place, the `inner_len` inner bytes at `buf[DATA_HEADER_LEN..]` for `peer`:
+    /// writes the header in front of them and the tag behind (`buf` must hold `inner_len +
+    /// DATA_OVERHEAD` bytes) and returns [`Seal::Data`] with the message length. Without a
+    /// usable session it touches nothing and returns [`Seal::NoSession`]: the caller keeps
+    /// the inner bytes and starts a handshake ([`Tunnels::initiate`]).
+    pub fn seal_in_place(
+        &mut self,
+        peer: PeerId,
+        buf: &mut [u8],
+        inner_len: usize,
+        now: Instant,
+    ) -> Seal {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Seal::UnknownPeer;
+        };
+        let Some(s) = p.current.as_mut().filter(|s| usable(s, &self.cfg, now)) else {
+            return Seal::NoSession;
+        };
+        let Some(n) = seal_data(s, buf, inner_len) else {
+            return Seal::TooLarge;
+        };
+        self.counters.data_sealed += 1;
+        p.stats.tx_packets += 1;
+        p.stats.tx_bytes += inner_len as u64;
+        if inner_len > 0 {
+            p.last_activity = Some(now);
+        }
+        Seal::Data(n)
     }
 
     /// Starts a handshake with `peer` unless one is under way, and returns the length of
@@ -483,17 +558,49 @@ impl Tunnels {
     /// [`RESPONSE_LEN`] (or [`DATA_OVERHEAD`] for the keepalive of [`Open::Established`]).
     pub fn open(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
         let result = match datagram {
-            [_, a, b, c, ..] if (a | b | c) != 0 => Open::Drop(DropReason::Malformed),
-            [TYPE_DATA, ..] => self.open_data(datagram, out, now),
-            [TYPE_INITIATION, ..] => self.open_initiation(datagram, out, now),
-            [TYPE_RESPONSE, ..] => self.open_response(datagram, out, now),
-            [_, _, _, _, ..] => Open::Drop(DropReason::UnknownType),
-            _ => Open::Drop(DropReason::Malformed),
+            [TYPE_DATA, 0, 0, 0, ..] => match out.get_mut(..datagram.len()) {
+                None => Open::Drop(DropReason::TooLarge),
+                Some(copy) => {
+                    copy.copy_from_slice(datagram);
+                    let opened = self.open_data(copy, now);
+                    if let Open::Data { len, .. } = opened {
+                        out.copy_within(DATA_HEADER_LEN..DATA_HEADER_LEN + len, 0);
+                    }
+                    opened
+                }
+            },
+            _ => self.open_handshake(datagram, out, now),
         };
+        self.count(result)
+    }
+
+    /// Like [`Tunnels::open`], but a data message is opened where it lies: on
+    /// [`Open::Data`] the inner bytes are `datagram[DATA_HEADER_LEN..][..len]`. `out` is
+    /// only written for handshake messages (see [`Tunnels::open`] for its size).
+    pub fn open_in_place(&mut self, datagram: &mut [u8], out: &mut [u8], now: Instant) -> Open {
+        let result = match datagram {
+            [TYPE_DATA, 0, 0, 0, ..] => self.open_data(datagram, now),
+            _ => self.open_handshake(datagram, out, now),
+        };
+        self.count(result)
+    }
+
+    fn count(&mut self, result: Open) -> Open {
         if let Open::Drop(reason) = result {
             self.counters.drops[reason.index()] += 1;
         }
         result
+    }
+
+    /// Any datagram but a well-formed data message's header.
+    fn open_handshake(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+        match datagram {
+            [_, a, b, c, ..] if (a | b | c) != 0 => Open::Drop(DropReason::Malformed),
+            [TYPE_INITIATION, ..] => self.open_initiation(datagram, out, now),
+            [TYPE_RESPONSE, ..] => self.open_response(datagram, out, now),
+            [_, _, _, _, ..] => Open::Drop(DropReason::UnknownType),
+            _ => Open::Drop(DropReason::Malformed),
+        }
     }
 
     /// Runs the timers: handshake retries and give-ups, rekeys by time and message count,
@@ -618,7 +725,8 @@ impl Tunnels {
         Some(8 + n)
     }
 
-    fn open_data(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+    /// Opens a data message in place: the inner bytes end up at `datagram[DATA_HEADER_LEN..]`.
+    fn open_data(&mut self, datagram: &mut [u8], now: Instant) -> Open {
         if datagram.len() < DATA_OVERHEAD {
             return Open::Drop(DropReason::Malformed);
         }
@@ -646,13 +754,15 @@ impl Tunnels {
         if !s.window.check(counter) {
             return Open::Drop(DropReason::Replayed);
         }
-        let sealed = &datagram[DATA_HEADER_LEN..];
-        if out.len() < sealed.len() - TAG_LEN {
-            return Open::Drop(DropReason::TooLarge);
-        }
-        let Ok(len) = s.transport.read_message(counter, sealed, out) else {
+        let sealed = &mut datagram[DATA_HEADER_LEN..];
+        let Ok(inner) = s
+            .transport
+            .recv
+            .open_in_place(nonce(counter), aead::Aad::empty(), sealed)
+        else {
             return Open::Drop(DropReason::AuthFailed);
         };
+        let len = inner.len();
         s.window.mark(counter);
         if is_next {
             // Key confirmation: the initiator uses the new session, so we may too.
@@ -707,7 +817,7 @@ impl Tunnels {
         let Ok(n) = handshake.write_message(&[], &mut out[12..]) else {
             return Open::Drop(DropReason::AuthFailed);
         };
-        let Ok(transport) = handshake.into_stateless_transport_mode() else {
+        let Some(transport) = Transport::from_handshake(&mut handshake) else {
             return Open::Drop(DropReason::AuthFailed);
         };
         let index = new_index(&mut self.indexes, peer);
@@ -756,10 +866,10 @@ impl Tunnels {
         {
             return Open::Drop(DropReason::AuthFailed);
         }
-        let Some(pending) = p.pending.take() else {
+        let Some(mut pending) = p.pending.take() else {
             return Open::Drop(DropReason::UnknownIndex);
         };
-        let Ok(transport) = pending.handshake.into_stateless_transport_mode() else {
+        let Some(transport) = Transport::from_handshake(&mut pending.handshake) else {
             self.indexes.remove(&index);
             return Open::Drop(DropReason::AuthFailed);
         };
@@ -771,7 +881,7 @@ impl Tunnels {
         p.stats.handshakes += 1;
         self.counters.handshakes_completed += 1;
         let mut len = 0;
-        if let Some(n) = p.current.as_mut().and_then(|s| seal_data(s, &[], out)) {
+        if let Some(n) = p.current.as_mut().and_then(|s| seal_data(s, out, 0)) {
             len = n;
             p.stats.tx_packets += 1;
             self.counters.data_sealed += 1;
@@ -792,7 +902,7 @@ impl fmt::Debug for Tunnels {
 
 impl Session {
     fn new(
-        transport: StatelessTransportState,
+        transport: Transport,
         local_index: u32,
         remote_index: u32,
         now: Instant,
@@ -816,21 +926,29 @@ fn usable(s: &Session, cfg: &Config, now: Instant) -> bool {
         && s.sent < cfg.reject_after_messages
 }
 
-/// Writes a data message with `inner` into `out`; `None` if it does not fit.
-fn seal_data(s: &mut Session, inner: &[u8], out: &mut [u8]) -> Option<usize> {
-    if out.len() < inner.len().checked_add(DATA_OVERHEAD)? {
+/// Seals the `inner_len` bytes at `buf[DATA_HEADER_LEN..]` into a data message in place;
+/// `None` if `buf` cannot hold the header, the inner bytes and the tag.
+fn seal_data(s: &mut Session, buf: &mut [u8], inner_len: usize) -> Option<usize> {
+    let end = DATA_HEADER_LEN.checked_add(inner_len)?;
+    if buf.len() < end.checked_add(TAG_LEN)? {
         return None;
     }
     let counter = s.sent;
-    let n = s
+    let tag = s
         .transport
-        .write_message(counter, inner, &mut out[DATA_HEADER_LEN..])
+        .send
+        .seal_in_place_separate_tag(
+            nonce(counter),
+            aead::Aad::empty(),
+            &mut buf[DATA_HEADER_LEN..end],
+        )
         .ok()?;
-    out[..4].copy_from_slice(&[TYPE_DATA, 0, 0, 0]);
-    out[4..8].copy_from_slice(&s.remote_index.to_be_bytes());
-    out[8..16].copy_from_slice(&counter.to_be_bytes());
+    buf[end..end + TAG_LEN].copy_from_slice(tag.as_ref());
+    buf[..4].copy_from_slice(&[TYPE_DATA, 0, 0, 0]);
+    buf[4..8].copy_from_slice(&s.remote_index.to_be_bytes());
+    buf[8..16].copy_from_slice(&counter.to_be_bytes());
     s.sent += 1;
-    Some(DATA_HEADER_LEN + n)
+    Some(end + TAG_LEN)
 }
 
 /// A random index not in use, registered for `peer`.
