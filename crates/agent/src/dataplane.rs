@@ -5,6 +5,14 @@
 //! a datagram for another host's switch. The agent's async side talks to it through a
 //! channel and a waker; nothing on the packet path takes a lock.
 //!
+//! Packets travel with the `virtio_net_hdr` of the devices (`vane_wire::vnet`): a program's
+//! TCP stream comes out of its device in segments of up to 64 KiB with partial checksums.
+//! Between local devices such a segment goes as it is; towards another host it is cut into
+//! MTU-sized segments, each sealed in place into a batch of datagrams that leaves in one
+//! UDP GSO send (`underlay`); the receiving switch reads coalesced datagrams (UDP GRO),
+//! opens each in place and writes it to its device with the partial checksum marked. No
+//! payload byte is copied more than once per host or summed on the way.
+//!
 //! Two things wait here rather than being lost (seed 003): a packet for an address the
 //! table lacks waits while the directory is asked (bounded per address and in all, dropped
 //! after `MISS_WAIT`), and a packet for a host without a tunnel session waits while the
@@ -19,7 +27,6 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::net::UdpSocket;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tokio::sync::oneshot;
@@ -29,18 +36,20 @@ use vane_switch::{
     HostId, Location, NetConfig, NetId, PolicyRule, PortCounters, PortId, Switch, SwitchConfig,
     Verdict,
 };
-use vane_tunnel::{Keypair, Open, Seal, Tunnels};
-use vane_wire::overlay::{self, NETS_LEN};
+use vane_tunnel::{Keypair, Open, Seal, Tunnels, DATA_HEADER_LEN, TAG_LEN};
+use vane_wire::overlay::{self, FLAG_CSUM_PARTIAL, NETS_LEN, PLAIN_HEADER_LEN};
+use vane_wire::vnet::{self, TcpCoalescer, TcpSegments, VnetHdr, VNET_HDR_LEN};
+
+use crate::underlay::{Underlay, MAX_DATAGRAM};
 
 const WAKER: Token = Token(usize::MAX);
 const EGRESS: Token = Token(usize::MAX - 1);
 const UNDERLAY: Token = Token(usize::MAX - 2);
-/// Packets read from one device before the others get their turn.
+/// Packets (or coalesced datagram runs) read from one source before the others get their
+/// turn.
 const BATCH: usize = 64;
-/// Largest packet a TUN device hands over without offloads, and largest datagram.
-const MAX_PACKET: usize = 65536;
-/// Room in front of a packet read from a device for the overlay's nets header.
-const HEADROOM: usize = NETS_LEN;
+/// Largest packet a TUN device hands over (a 64 KiB segment), with its virtio header.
+const MAX_DEVICE_READ: usize = VNET_HDR_LEN + 65535;
 /// How long a packet waits for the directory's answer.
 const MISS_WAIT: Duration = Duration::from_secs(2);
 /// Packets held per unresolved address, and unresolved addresses held at once.
@@ -52,8 +61,6 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 /// How long a packet waits for a tunnel handshake, and how many wait per host.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(5);
 const HANDSHAKE_QUEUE: usize = 256;
-/// Socket buffers of the underlay socket: room for bursts while the thread is busy.
-const SOCKET_BUFFER: usize = 4 << 20;
 
 pub enum Command {
     /// Attach an instance's TUN device as `port`.
@@ -133,14 +140,12 @@ impl Dataplane {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
-        let mut udp = UdpSocket::bind(cfg.listen)
-            .map_err(|e| io::Error::new(e.kind(), format!("listen on {}: {e}", cfg.listen)))?;
-        for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-            // Best effort: a small buffer only costs drops under bursts.
-            let _ = vane_sys::socket::set_int_option(&udp, libc::SOL_SOCKET, opt, SOCKET_BUFFER);
-        }
-        poll.registry()
-            .register(&mut udp, UNDERLAY, Interest::READABLE)?;
+        let underlay = Underlay::bind(cfg.listen)?;
+        poll.registry().register(
+            &mut SourceFd(&underlay.raw_fd()),
+            UNDERLAY,
+            Interest::READABLE,
+        )?;
         let mut worker = Worker {
             poll,
             rx,
@@ -149,7 +154,8 @@ impl Dataplane {
             egress: None,
             view_members: HashSet::new(),
             view_nets: HashSet::new(),
-            udp,
+            underlay,
+            coalescer: TcpCoalescer::default(),
             tunnels: Tunnels::new(cfg.tunnel, cfg.keypair),
             identity: None,
             peers: HashMap::new(),
@@ -214,8 +220,8 @@ struct ShellCounters {
     drop_no_locator: u64,
     drop_plaintext_unknown_sender: u64,
     drop_wrong_mode: u64,
-    drop_too_large: u64,
-    send_errors: u64,
+    drop_frame_too_large: u64,
+    drop_bad_offload: u64,
 }
 
 /// Another host, as the shell reaches it.
@@ -233,7 +239,8 @@ struct PeerIo {
     plain_rx: (u64, u64),
 }
 
-/// Packets waiting for the directory to resolve one address.
+/// Packets waiting for the directory to resolve one address, each as read from its device
+/// (virtio header and packet).
 struct Miss {
     since: Instant,
     packets: Vec<(PortId, Vec<u8>)>,
@@ -241,14 +248,19 @@ struct Miss {
 
 /// Scratch buffers, one per stage, so that a packet never needs copying between them.
 struct Buffers {
-    /// A packet read from a device, at `HEADROOM`.
-    packet: Vec<u8>,
-    /// A sealed datagram.
-    sealed: Vec<u8>,
-    /// A datagram read from the underlay.
-    datagram: Vec<u8>,
-    /// An opened datagram's inner frame.
-    opened: Vec<u8>,
+    /// What a device handed over: virtio header, then the packet.
+    device: Vec<u8>,
+    /// Datagrams read from the underlay, opened in place.
+    datagrams: Vec<u8>,
+    /// Handshake messages, keepalives, ICMP errors.
+    scratch: Vec<u8>,
+}
+
+/// Where a packet read from a device came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Port(PortId),
+    Egress,
 }
 
 struct Worker {
@@ -261,7 +273,9 @@ struct Worker {
     /// disappeared without touching ports attached since.
     view_members: HashSet<(NetId, Ipv4Addr)>,
     view_nets: HashSet<NetId>,
-    udp: UdpSocket,
+    underlay: Underlay,
+    /// Segments from the tunnel waiting to be merged for their device.
+    coalescer: TcpCoalescer,
     tunnels: Tunnels,
     /// This host's id and whether the cluster is plaintext, once known.
     identity: Option<(HostId, bool)>,
@@ -284,10 +298,9 @@ impl Worker {
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         let mut bufs = Buffers {
-            packet: vec![0u8; HEADROOM + MAX_PACKET],
-            sealed: vec![0u8; MAX_PACKET + 64],
-            datagram: vec![0u8; MAX_PACKET],
-            opened: vec![0u8; MAX_PACKET],
+            device: vec![0u8; MAX_DEVICE_READ],
+            datagrams: vec![0u8; MAX_DATAGRAM],
+            scratch: vec![0u8; 512],
         };
         let mut backlog: Vec<Token> = Vec::new();
         let mut last_expiry = Instant::now();
@@ -325,6 +338,8 @@ impl Worker {
             }
             let now = Instant::now();
             self.timers(now, &mut bufs);
+            // What this turn sealed leaves before the thread waits again.
+            self.underlay.flush();
             if now.duration_since(last_expiry) >= Duration::from_secs(1) {
                 self.switch.expire_flows(now);
                 last_expiry = now;
@@ -498,30 +513,27 @@ impl Worker {
         let Some(miss) = self.misses.remove(&(net, ip)) else {
             return;
         };
-        for (port, mut frame) in miss.packets {
-            let now = Instant::now();
-            let verdict = self
-                .switch
-                .process_from_port(port, &mut frame[HEADROOM..], now);
-            match verdict {
-                // Still unknown: give up on these rather than loop.
-                Verdict::Unresolved { .. } => self.counters.miss_queue_dropped += 1,
-                v => self.act(v, &mut frame, bufs),
-            }
+        for (port, read) in miss.packets {
+            bufs.device[..read.len()].copy_from_slice(&read);
+            self.switch_device_packet(Source::Port(port), read.len(), bufs, true);
         }
     }
 
     /// Reads up to `BATCH` packets from the device of `token` and forwards them. Returns
     /// whether the device was drained.
     fn service_device(&mut self, token: Token, bufs: &mut Buffers) -> bool {
+        let source = if token == EGRESS {
+            Source::Egress
+        } else {
+            Source::Port(PortId(token.0 as u32))
+        };
         for _ in 0..BATCH {
-            let source = if token == EGRESS {
-                self.egress.as_mut()
-            } else {
-                self.ports.get_mut(&PortId(token.0 as u32))
+            let device = match source {
+                Source::Egress => self.egress.as_mut(),
+                Source::Port(port) => self.ports.get_mut(&port),
             };
-            let Some(source) = source else { return true };
-            let n = match source.read(&mut bufs.packet[HEADROOM..]) {
+            let Some(device) = device else { return true };
+            let n = match device.read(&mut bufs.device) {
                 Ok(0) => return true,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
@@ -531,28 +543,39 @@ impl Worker {
                     return true;
                 }
             };
-            let mut frame = std::mem::take(&mut bufs.packet);
-            let pkt = &mut frame[HEADROOM..HEADROOM + n];
-            let now = Instant::now();
-            let verdict = if token == EGRESS {
-                self.switch.process_from_egress(pkt, now)
-            } else {
-                self.switch
-                    .process_from_port(PortId(token.0 as u32), pkt, now)
-            };
-            if let Verdict::Unresolved { dst_net } = verdict {
-                self.hold_for_directory(PortId(token.0 as u32), dst_net, &frame[..HEADROOM + n]);
-            } else {
-                self.act(verdict, &mut frame[..HEADROOM + n], bufs);
-            }
-            bufs.packet = frame;
+            self.switch_device_packet(source, n, bufs, false);
         }
         false
     }
 
-    /// Carries out a verdict on a packet at `frame[HEADROOM..]` that a local device sent.
-    fn act(&mut self, verdict: Verdict, frame: &mut [u8], bufs: &mut Buffers) {
+    /// Switches what a device handed over (`bufs.device[..n]`: virtio header and packet).
+    /// A packet for an address not resolved yet waits for the directory, unless it is
+    /// `replayed` after waiting once already.
+    fn switch_device_packet(
+        &mut self,
+        source: Source,
+        n: usize,
+        bufs: &mut Buffers,
+        replayed: bool,
+    ) {
+        let Some(hdr) = VnetHdr::parse(&bufs.device[..n]) else {
+            return;
+        };
+        let pkt = &mut bufs.device[VNET_HDR_LEN..n];
+        // The switch adjusts checksums as complete ones when it rewrites an address; a
+        // partial checksum is the complement of such a one as far as the adjustment goes,
+        // so complementing it around the call keeps it right.
+        let partial = hdr.needs_csum() && vnet::complement_checksum_field(pkt, &hdr);
+        let now = Instant::now();
+        let verdict = match source {
+            Source::Egress => self.switch.process_from_egress(pkt, now),
+            Source::Port(port) => self.switch.process_from_port(port, pkt, now),
+        };
+        if partial {
+            vnet::complement_checksum_field(pkt, &hdr);
+        }
         let out = match verdict {
+            // Local devices take the packet as it came, offloads and all.
             Verdict::Deliver(port) => self.ports.get_mut(&port),
             Verdict::Egress => self.egress.as_mut(),
             Verdict::Forward {
@@ -560,33 +583,167 @@ impl Worker {
                 src_net,
                 dst_net,
             } => {
-                let pkt = &frame[HEADROOM..];
-                if pkt.len() > self.max_inner_packet && dont_fragment(pkt) {
-                    self.frag_needed(pkt, bufs);
-                    return;
-                }
-                overlay::write_nets(frame, src_net, dst_net);
-                self.send_frame(host, frame, &mut bufs.sealed);
+                self.forward(host, src_net, dst_net, &hdr, n, bufs);
                 return;
             }
-            Verdict::Unresolved { .. } | Verdict::Drop(_) => None,
+            Verdict::Unresolved { dst_net } => {
+                match source {
+                    Source::Port(port) if !replayed => {
+                        self.hold_for_directory(port, dst_net, &bufs.device[..n])
+                    }
+                    _ => self.counters.miss_queue_dropped += 1,
+                }
+                return;
+            }
+            Verdict::Drop(_) => None,
         };
         if let Some(out) = out {
             // A full device queue drops the packet, as a full link would.
-            let _ = out.write(&frame[HEADROOM..]);
+            let _ = out.write(&bufs.device[..n]);
         }
     }
 
-    /// Answers a packet too big for the tunnel with ICMP "fragmentation needed", so that
-    /// the sender's path MTU discovery works through the overlay.
-    fn frag_needed(&mut self, pkt: &[u8], bufs: &mut Buffers) {
+    /// Sends the packet at `bufs.device[VNET_HDR_LEN..n]` to another host: cut into
+    /// MTU-sized segments if the device handed over a large one, each framed with both nets
+    /// and sealed into the underlay's batch.
+    fn forward(
+        &mut self,
+        host: HostId,
+        src_net: NetId,
+        dst_net: NetId,
+        hdr: &VnetHdr,
+        n: usize,
+        bufs: &mut Buffers,
+    ) {
+        let pkt = &bufs.device[VNET_HDR_LEN..n];
+        let flags = if hdr.needs_csum() {
+            FLAG_CSUM_PARTIAL
+        } else {
+            0
+        };
+        if hdr.is_tcp_gso() {
+            let Some(mut segments) = TcpSegments::new(pkt, hdr) else {
+                self.counters.drop_bad_offload += 1;
+                return;
+            };
+            if segments.max_segment_len() > self.max_inner_packet {
+                self.too_large(pkt, &mut bufs.scratch);
+                return;
+            }
+            let room = segments.max_segment_len();
+            while let Some(frame) = self.frame_slot(host, room) {
+                let Some(len) = segments.next_into(&mut frame[NETS_LEN..]) else {
+                    break;
+                };
+                overlay::write_nets(frame, src_net, dst_net, FLAG_CSUM_PARTIAL);
+                self.seal_frame(host, NETS_LEN + len, &mut bufs.scratch);
+            }
+            return;
+        }
+        if pkt.len() > self.max_inner_packet && dont_fragment(pkt) {
+            self.too_large(pkt, &mut bufs.scratch);
+            return;
+        }
+        if let Some(frame) = self.frame_slot(host, pkt.len()) {
+            frame[NETS_LEN..NETS_LEN + pkt.len()].copy_from_slice(pkt);
+            overlay::write_nets(frame, src_net, dst_net, flags);
+            self.seal_frame(host, NETS_LEN + pkt.len(), &mut bufs.scratch);
+        }
+    }
+
+    /// Where the datagram header goes in front of an inner frame.
+    fn frame_offset(&self) -> usize {
+        match self.identity {
+            Some((_, true)) => PLAIN_HEADER_LEN,
+            _ => DATA_HEADER_LEN,
+        }
+    }
+
+    /// Room in the underlay's batch for an inner frame holding a packet of up to
+    /// `packet_len` bytes to `host`, at its place in the datagram. `None` if the host cannot
+    /// be sent to (counted).
+    fn frame_slot(&mut self, host: HostId, packet_len: usize) -> Option<&mut [u8]> {
+        if self.identity.is_none() {
+            self.counters.drop_wrong_mode += 1;
+            return None;
+        }
+        let Some(endpoint) = self.peers.get(&host).and_then(|p| p.endpoint) else {
+            self.counters.drop_no_locator += 1;
+            return None;
+        };
+        let at = self.frame_offset();
+        let slot = self
+            .underlay
+            .slot(endpoint, at + NETS_LEN + packet_len + TAG_LEN);
+        Some(&mut slot[at..])
+    }
+
+    /// Seals the inner frame of `inner_len` bytes just written into the last
+    /// [`Worker::frame_slot`] and queues the datagram: behind a plain header in a plaintext
+    /// cluster; encrypted otherwise, or, without a session yet, kept aside while a
+    /// handshake runs.
+    fn seal_frame(&mut self, host: HostId, inner_len: usize, scratch: &mut [u8]) {
+        let Some((local, plaintext)) = self.identity else {
+            return;
+        };
+        let at = self.frame_offset();
+        let Some(peer) = self.peers.get_mut(&host) else {
+            return;
+        };
+        let Some(endpoint) = peer.endpoint else {
+            return;
+        };
+        // The slot is still there: nothing touched the batch since `frame_slot`.
+        let slot = self.underlay.slot(endpoint, at + inner_len + TAG_LEN);
+        if plaintext {
+            overlay::write_plain_header(slot, local);
+            peer.plain_tx.0 += 1;
+            peer.plain_tx.1 += inner_len as u64;
+            self.underlay.commit(PLAIN_HEADER_LEN + inner_len);
+            return;
+        }
+        match self
+            .tunnels
+            .seal_in_place(host, slot, inner_len, Instant::now())
+        {
+            Seal::Data(len) => self.underlay.commit(len),
+            Seal::NoSession => {
+                let frame = slot[at..at + inner_len].to_vec();
+                if peer.waiting.len() >= HANDSHAKE_QUEUE {
+                    self.counters.handshake_queue_dropped += 1;
+                } else {
+                    peer.waiting.push_back((Instant::now(), frame));
+                }
+                if let Some(n) = self
+                    .tunnels
+                    .initiate(host, scratch, Instant::now(), wall_clock())
+                {
+                    self.underlay.send_now(&scratch[..n], endpoint);
+                }
+            }
+            Seal::TooLarge => self.counters.drop_frame_too_large += 1,
+            Seal::UnknownPeer | Seal::Handshake(_) | Seal::Pending => {
+                self.counters.drop_no_locator += 1
+            }
+        }
+    }
+
+    /// A packet too large for the tunnel: answered with ICMP "fragmentation needed" if it
+    /// forbids fragmentation (so that the sender's path MTU discovery works through the
+    /// overlay), dropped otherwise.
+    fn too_large(&mut self, pkt: &[u8], scratch: &mut [u8]) {
+        if !dont_fragment(pkt) {
+            self.counters.drop_frame_too_large += 1;
+            return;
+        }
         let Some((src, _)) = overlay::addresses(pkt) else {
             return;
         };
         let mtu = self.max_inner_packet.min(usize::from(u16::MAX)) as u16;
-        let Some(n) = overlay::icmp_frag_needed(pkt, mtu, &mut bufs.sealed) else {
+        let Some(n) = overlay::icmp_frag_needed(pkt, mtu, &mut scratch[VNET_HDR_LEN..]) else {
             return;
         };
+        VnetHdr::PLAIN.write(scratch);
         // Back to whichever local port owns the sender's address.
         let port = self.ports.keys().copied().find(|p| {
             self.switch
@@ -594,14 +751,14 @@ impl Worker {
                 .is_some_and(|(_, ip)| ip == src)
         });
         if let Some(f) = port.and_then(|p| self.ports.get_mut(&p)) {
-            let _ = f.write(&bufs.sealed[..n]);
+            let _ = f.write(&scratch[..VNET_HDR_LEN + n]);
             self.counters.frag_needed_sent += 1;
         }
     }
 
     /// Holds a packet until the directory says where its destination is.
-    fn hold_for_directory(&mut self, port: PortId, net: NetId, frame: &[u8]) {
-        let Some((_, dst)) = overlay::addresses(&frame[HEADROOM..]) else {
+    fn hold_for_directory(&mut self, port: PortId, net: NetId, read: &[u8]) {
+        let Some((_, dst)) = overlay::addresses(&read[VNET_HDR_LEN..]) else {
             return;
         };
         let key = (net, dst);
@@ -632,95 +789,46 @@ impl Worker {
             self.counters.miss_queue_dropped += 1;
             return;
         }
-        miss.packets.push((port, frame.to_vec()));
+        miss.packets.push((port, read.to_vec()));
     }
 
-    /// Sends an inner frame to another host: sealed in an encrypted cluster (after a
-    /// handshake if there is no session yet), behind a plain header otherwise.
-    fn send_frame(&mut self, host: HostId, frame: &[u8], sealed: &mut [u8]) {
-        let Some((local, plaintext)) = self.identity else {
-            self.counters.drop_wrong_mode += 1;
-            return;
-        };
-        let Some(peer) = self.peers.get_mut(&host) else {
-            self.counters.drop_no_locator += 1;
-            return;
-        };
-        let Some(endpoint) = peer.endpoint else {
-            self.counters.drop_no_locator += 1;
-            return;
-        };
-        if plaintext {
-            overlay::write_plain_header(sealed, local);
-            let n = overlay::PLAIN_HEADER_LEN + frame.len();
-            sealed[overlay::PLAIN_HEADER_LEN..n].copy_from_slice(frame);
-            peer.plain_tx.0 += 1;
-            peer.plain_tx.1 += frame.len() as u64;
-            self.send_datagram(&sealed[..n], endpoint);
-            return;
-        }
-        match self
-            .tunnels
-            .seal(host, frame, sealed, Instant::now(), wall_clock())
-        {
-            Seal::Data(n) => self.send_datagram(&sealed[..n], endpoint),
-            Seal::Handshake(n) => {
-                self.wait_for_session(host, frame);
-                self.send_datagram(&sealed[..n], endpoint);
-            }
-            Seal::Pending => self.wait_for_session(host, frame),
-            Seal::UnknownPeer => self.counters.drop_no_locator += 1,
-            Seal::TooLarge => self.counters.drop_too_large += 1,
-        }
-    }
-
-    fn wait_for_session(&mut self, host: HostId, frame: &[u8]) {
-        let Some(peer) = self.peers.get_mut(&host) else {
-            return;
-        };
-        if peer.waiting.len() >= HANDSHAKE_QUEUE {
-            self.counters.handshake_queue_dropped += 1;
-            return;
-        }
-        peer.waiting.push_back((Instant::now(), frame.to_vec()));
-    }
-
-    fn send_datagram(&mut self, datagram: &[u8], to: SocketAddr) {
-        match self.udp.send_to(datagram, to) {
-            Ok(_) => {}
-            // A full socket buffer drops the datagram, as a full link would; the tunnel
-            // and the programs' own protocols recover.
-            Err(e) => {
-                self.counters.send_errors += 1;
-                tracing::trace!("send to {to}: {e}");
-            }
-        }
-    }
-
-    /// Reads up to `BATCH` datagrams from the underlay. Returns whether it was drained.
+    /// Reads up to `BATCH` runs of datagrams from the underlay. Returns whether it was
+    /// drained.
     fn service_underlay(&mut self, bufs: &mut Buffers) -> bool {
         for _ in 0..BATCH {
-            let (n, from) = match self.udp.recv_from(&mut bufs.datagram) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::debug!("read from the underlay: {e}");
-                    return true;
-                }
+            let Some(received) = self.underlay.recv(&mut bufs.datagrams) else {
+                return true;
             };
-            self.datagram(n, from, bufs);
+            let segment = received.segment.max(1);
+            let mut at = 0;
+            while at < received.len {
+                let end = (at + segment).min(received.len);
+                self.datagram(at..end, received.from, bufs);
+                at = end;
+            }
+            self.flush_coalesced();
         }
         false
     }
 
-    fn datagram(&mut self, n: usize, from: SocketAddr, bufs: &mut Buffers) {
+    /// Writes the merged segments waiting in the coalescer to their device.
+    fn flush_coalesced(&mut self) {
+        if let Some((port, bytes)) = self.coalescer.take() {
+            if let Some(f) = self.ports.get_mut(&PortId(port)) {
+                let _ = f.write(bytes);
+            }
+        }
+    }
+
+    /// One datagram from another host's switch, at `bufs.datagrams[range]`.
+    fn datagram(&mut self, range: std::ops::Range<usize>, from: SocketAddr, bufs: &mut Buffers) {
         let Some((_, plaintext)) = self.identity else {
             self.counters.drop_wrong_mode += 1;
             return;
         };
+        let datagram = &mut bufs.datagrams[range];
         if plaintext {
-            let Some((sender, frame)) = overlay::parse_plain(&mut bufs.datagram[..n]) else {
+            let Some((sender, frame)) = overlay::parse_plain(datagram) else {
                 self.counters.drop_wrong_mode += 1;
                 return;
             };
@@ -739,30 +847,21 @@ impl Worker {
             return;
         }
         let now = Instant::now();
-        let opened = self
-            .tunnels
-            .open(&bufs.datagram[..n], &mut bufs.opened, now);
-        match opened {
+        match self.tunnels.open_in_place(datagram, &mut bufs.scratch, now) {
             Open::Data { peer, len } => {
                 self.roam(peer, from);
                 if len > 0 {
-                    let mut opened = std::mem::take(&mut bufs.opened);
-                    self.deliver_from_tunnel(&mut opened[..len]);
-                    bufs.opened = opened;
+                    self.deliver_from_tunnel(&mut datagram[DATA_HEADER_LEN..DATA_HEADER_LEN + len]);
                 }
             }
             Open::Respond { peer, len } => {
                 self.roam(peer, from);
-                let reply = std::mem::take(&mut bufs.opened);
-                self.send_datagram(&reply[..len], from);
-                bufs.opened = reply;
+                self.underlay.send_now(&bufs.scratch[..len], from);
             }
             Open::Established { peer, len } => {
                 self.roam(peer, from);
-                let keepalive = std::mem::take(&mut bufs.opened);
-                self.send_datagram(&keepalive[..len], from);
-                bufs.opened = keepalive;
-                self.flush_waiting(peer, bufs);
+                self.underlay.send_now(&bufs.scratch[..len], from);
+                self.flush_waiting(peer);
             }
             Open::Drop(vane_tunnel::DropReason::UnknownIndex) => {
                 // Data for a session this host does not have: its agent restarted, or the
@@ -775,11 +874,9 @@ impl Worker {
                 if let Some(peer) = peer {
                     if let Some(n) =
                         self.tunnels
-                            .initiate(peer, &mut bufs.sealed, now, wall_clock())
+                            .initiate(peer, &mut bufs.scratch, now, wall_clock())
                     {
-                        let init = std::mem::take(&mut bufs.sealed);
-                        self.send_datagram(&init[..n], from);
-                        bufs.sealed = init;
+                        self.underlay.send_now(&bufs.scratch[..n], from);
                     }
                 }
             }
@@ -800,7 +897,7 @@ impl Worker {
     }
 
     /// Seals and sends the frames that waited for a session with `peer`.
-    fn flush_waiting(&mut self, peer: HostId, bufs: &mut Buffers) {
+    fn flush_waiting(&mut self, peer: HostId) {
         let Some(io) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -810,33 +907,57 @@ impl Worker {
         };
         let now = Instant::now();
         for (_, frame) in waiting {
-            match self
-                .tunnels
-                .seal(peer, &frame, &mut bufs.sealed, now, wall_clock())
-            {
-                Seal::Data(n) => {
-                    let sealed = std::mem::take(&mut bufs.sealed);
-                    self.send_datagram(&sealed[..n], endpoint);
-                    bufs.sealed = sealed;
-                }
+            let slot = self
+                .underlay
+                .slot(endpoint, DATA_HEADER_LEN + frame.len() + TAG_LEN);
+            slot[DATA_HEADER_LEN..DATA_HEADER_LEN + frame.len()].copy_from_slice(&frame);
+            match self.tunnels.seal_in_place(peer, slot, frame.len(), now) {
+                Seal::Data(n) => self.underlay.commit(n),
                 _ => self.counters.handshake_queue_dropped += 1,
             }
         }
     }
 
     /// An inner frame from another host: checked again by this host's switch (FIG. 7), then
-    /// delivered to a local instance.
+    /// written to a local instance's device, its checksum marked partial if the sender's
+    /// was. The virtio header takes the place of the frame header.
     fn deliver_from_tunnel(&mut self, frame: &mut [u8]) {
-        let Some((src_net, dst_net, pkt)) = overlay::split_frame(frame) else {
+        let Some((src_net, dst_net, flags, _)) = overlay::split_frame(frame) else {
+            self.counters.drop_bad_offload += 1;
             return;
         };
+        let pkt = &mut frame[NETS_LEN..];
         let verdict = self
             .switch
             .process_from_tunnel(src_net, dst_net, pkt, Instant::now());
-        if let Verdict::Deliver(port) = verdict {
-            if let Some(f) = self.ports.get_mut(&port) {
-                let _ = f.write(pkt);
+        let Verdict::Deliver(port) = verdict else {
+            return;
+        };
+        let partial = flags & FLAG_CSUM_PARTIAL != 0;
+        // Segments of a stream are merged again for the device, in order: what cannot join
+        // goes after what waits.
+        if partial && self.coalescer.push(port.0, pkt) {
+            return;
+        }
+        self.flush_coalesced();
+        if partial && self.coalescer.push(port.0, pkt) {
+            return;
+        }
+        let hdr = if partial {
+            match VnetHdr::partial_for(pkt) {
+                Some(hdr) => hdr,
+                None => {
+                    self.counters.drop_bad_offload += 1;
+                    return;
+                }
             }
+        } else {
+            VnetHdr::PLAIN
+        };
+        let written = &mut frame[NETS_LEN - VNET_HDR_LEN..];
+        hdr.write(written);
+        if let Some(f) = self.ports.get_mut(&port) {
+            let _ = f.write(written);
         }
     }
 
@@ -846,12 +967,10 @@ impl Worker {
         if matches!(self.identity, Some((_, false))) {
             while let Some((peer, n)) =
                 self.tunnels
-                    .poll_timers(now, wall_clock(), &mut bufs.sealed)
+                    .poll_timers(now, wall_clock(), &mut bufs.scratch)
             {
                 if let Some(endpoint) = self.peers.get(&peer).and_then(|p| p.endpoint) {
-                    let init = std::mem::take(&mut bufs.sealed);
-                    self.send_datagram(&init[..n], endpoint);
-                    bufs.sealed = init;
+                    self.underlay.send_now(&bufs.scratch[..n], endpoint);
                 }
             }
         }
@@ -919,8 +1038,19 @@ impl Worker {
                 c.drop_plaintext_unknown_sender,
             ),
             ("drop_wrong_mode", c.drop_wrong_mode),
-            ("drop_too_large", c.drop_too_large),
-            ("send_errors", c.send_errors),
+            ("drop_frame_too_large", c.drop_frame_too_large),
+            ("drop_bad_offload", c.drop_bad_offload),
+            ("send_errors", self.underlay.counters.send_errors),
+            ("underlay_sends", self.underlay.counters.sends),
+            (
+                "underlay_datagrams_sent",
+                self.underlay.counters.datagrams_sent,
+            ),
+            ("underlay_receives", self.underlay.counters.receives),
+            (
+                "underlay_datagrams_received",
+                self.underlay.counters.datagrams_received,
+            ),
         ] {
             counters.insert(name.to_string(), value);
         }

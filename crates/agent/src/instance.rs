@@ -149,7 +149,9 @@ fn write_record(dir: &Path, record: &Record) -> io::Result<()> {
 /// namespace.
 pub fn open_tun(netns: &str) -> io::Result<OwnedFd> {
     vane_sys::netns::in_netns(&netconf::netns_path(netns), || {
-        vane_sys::tun::open(netconf::TUN_NAME, true)
+        // The instance's kernel hands over TCP in large segments with partial checksums;
+        // the switch cuts them only where they leave the host (see `dataplane`).
+        vane_sys::tun::open(netconf::TUN_NAME, true, vane_sys::tun::Offloads::TCP4)
     })
 }
 

@@ -13,6 +13,7 @@ mod identity;
 mod instance;
 pub mod launch;
 pub mod netconf;
+mod underlay;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -194,7 +195,8 @@ impl Agent {
 
     fn setup_egress(&self) {
         let space = self.switch_cfg.egress_space;
-        let tun = vane_sys::tun::open(EGRESS_DEVICE, false)
+        // Complete packets from the host's stack: the switch rewrites their destination.
+        let tun = vane_sys::tun::open(EGRESS_DEVICE, false, vane_sys::tun::Offloads::NONE)
             .map_err(|e| e.to_string())
             .and_then(|tun| {
                 netconf::setup_egress(EGRESS_DEVICE, space)

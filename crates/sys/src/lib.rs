@@ -7,3 +7,4 @@ pub mod netns;
 pub mod pidfd;
 pub mod socket;
 pub mod tun;
+pub mod udp;

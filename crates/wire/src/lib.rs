@@ -12,6 +12,7 @@ mod error;
 mod ipv4;
 mod l4;
 pub mod overlay;
+pub mod vnet;
 
 pub use checksum::{ipv4_checksum, ipv4_l4_checksum};
 pub use error::Error;

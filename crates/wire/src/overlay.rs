@@ -1,7 +1,7 @@
 //! The overlay frame: what one switch hands another for each packet, inside the tunnel.
 //!
 //! ```text
-//! inner frame:        [src net u32][dst net u32][IPv4 packet]
+//! inner frame:        [flags u8][0 0 0][src net u32][dst net u32][IPv4 packet]
 //! plaintext datagram: [4][0 0 0][sender host u32][inner frame]
 //! ```
 //!
@@ -11,39 +11,48 @@
 //! encrypted cluster the inner frame is the plaintext of a tunnel data message
 //! (`vane_tunnel`); in a plaintext cluster it follows the 8-byte header above. All integers
 //! are big-endian.
+//!
+//! One flag exists, [`FLAG_CSUM_PARTIAL`]: the packet's TCP or UDP checksum field holds
+//! only the pseudo-header sum, as the sending instance's kernel left it with checksum
+//! offload on (see `vnet`). The receiving switch hands such a packet to its device as
+//! partial again, so no host ever sums the payload; between hosts the tunnel's AEAD (or in
+//! a plaintext cluster the underlay's UDP checksum) protects it.
 
 use std::net::Ipv4Addr;
 
 use crate::{ipv4_checksum, Ipv4Packet, PROTO_ICMP};
 
-/// Length of the nets header in front of the IPv4 packet.
-pub const NETS_LEN: usize = 8;
+/// Length of the frame header (flags and nets) in front of the IPv4 packet.
+pub const NETS_LEN: usize = 12;
+/// Frame flag: the packet's L4 checksum is partial (see the module docs).
+pub const FLAG_CSUM_PARTIAL: u8 = 1;
 /// Message type of a plaintext datagram (tunnel message types are 1 to 3).
 pub const PLAIN_TYPE: u8 = 4;
 /// Length of the plaintext datagram header.
 pub const PLAIN_HEADER_LEN: usize = 8;
 
-/// Writes the nets header into the first `NETS_LEN` bytes of `frame`. Returns false if
+/// Writes the frame header into the first `NETS_LEN` bytes of `frame`. Returns false if
 /// `frame` is too short (nothing written).
-pub fn write_nets(frame: &mut [u8], src_net: u32, dst_net: u32) -> bool {
+pub fn write_nets(frame: &mut [u8], src_net: u32, dst_net: u32, flags: u8) -> bool {
     let Some(head) = frame.get_mut(..NETS_LEN) else {
         return false;
     };
-    head[..4].copy_from_slice(&src_net.to_be_bytes());
-    head[4..].copy_from_slice(&dst_net.to_be_bytes());
+    head[..4].copy_from_slice(&[flags, 0, 0, 0]);
+    head[4..8].copy_from_slice(&src_net.to_be_bytes());
+    head[8..].copy_from_slice(&dst_net.to_be_bytes());
     true
 }
 
-/// Splits an inner frame into its nets and the packet. `None` if it is shorter than the
-/// header. Cannot panic.
-pub fn split_frame(frame: &mut [u8]) -> Option<(u32, u32, &mut [u8])> {
-    if frame.len() < NETS_LEN {
+/// Splits an inner frame into its nets, its flags and the packet. `None` if it is shorter
+/// than the header, or has flags or reserved bits this version does not know. Cannot panic.
+pub fn split_frame(frame: &mut [u8]) -> Option<(u32, u32, u8, &mut [u8])> {
+    if frame.len() < NETS_LEN || frame[0] & !FLAG_CSUM_PARTIAL != 0 || frame[1..4] != [0; 3] {
         return None;
     }
     let (head, packet) = frame.split_at_mut(NETS_LEN);
-    let src = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-    let dst = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-    Some((src, dst, packet))
+    let src = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    let dst = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
+    Some((src, dst, head[0], packet))
 }
 
 /// Writes the plaintext datagram header for `sender` into `out[..PLAIN_HEADER_LEN]`.
@@ -129,11 +138,17 @@ mod tests {
     #[test]
     fn nets_round_trip() {
         let mut frame = vec![0u8; NETS_LEN + 3];
-        assert!(write_nets(&mut frame, 7, 0x0102_0304));
-        let (src, dst, packet) = split_frame(&mut frame).unwrap();
-        assert_eq!((src, dst, packet.len()), (7, 0x0102_0304, 3));
-        assert!(split_frame(&mut [0u8; 7]).is_none());
-        assert!(!write_nets(&mut [0u8; 7], 1, 2));
+        assert!(write_nets(&mut frame, 7, 0x0102_0304, FLAG_CSUM_PARTIAL));
+        let (src, dst, flags, packet) = split_frame(&mut frame).unwrap();
+        assert_eq!((src, dst, flags, packet.len()), (7, 0x0102_0304, 1, 3));
+        assert!(split_frame(&mut [0u8; NETS_LEN - 1]).is_none());
+        assert!(!write_nets(&mut [0u8; NETS_LEN - 1], 1, 2, 0));
+        // Unknown flags and reserved bits are refused.
+        frame[0] = 2;
+        assert!(split_frame(&mut frame).is_none());
+        frame[0] = 0;
+        frame[2] = 1;
+        assert!(split_frame(&mut frame).is_none());
     }
 
     #[test]
