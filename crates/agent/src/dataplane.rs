@@ -1066,10 +1066,12 @@ impl Worker {
                 };
                 if plaintext {
                     s.established = true;
+                    s.cipher = Some("none".into());
                     (s.tx_packets, s.tx_bytes) = p.plain_tx;
                     (s.rx_packets, s.rx_bytes) = p.plain_rx;
                 } else if let Some(t) = self.tunnels.peer_stats(*id) {
                     s.established = t.established;
+                    s.cipher = t.cipher.map(|c| c.name().to_string());
                     s.handshakes = t.handshakes;
                     s.tx_packets = t.tx_packets;
                     s.tx_bytes = t.tx_bytes;

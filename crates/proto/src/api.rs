@@ -119,6 +119,10 @@ pub struct PeerStats {
     pub endpoint: Option<SocketAddr>,
     /// Whether a session is up (false when idle and torn down, or before the first packet).
     pub established: bool,
+    /// The AEAD of the session up: "aes-256-gcm" or "chacha20-poly1305" ("none" in a
+    /// plaintext cluster).
+    #[serde(default)]
+    pub cipher: Option<String>,
     pub handshakes: u64,
     pub tx_packets: u64,
     pub tx_bytes: u64,

@@ -21,11 +21,14 @@
 //! A peer's channel that carried no data for [`Config::idle_timeout`] is torn down and
 //! rebuilt on demand, so hosts that never talk hold no key material for each other.
 //!
-//! Handshakes run in `snow`. The transport keys they agree on drive ring's
-//! ChaCha20-Poly1305 directly, with Noise's nonce layout (32 zero bits, then the counter
-//! little-endian): the same cipher the handshake names, in ring's vectorised code, and
-//! in place, so a data message is sealed where the shell built it and opened where it was
-//! received, without a copy.
+//! Handshakes run in `snow`. The transport keys they agree on drive ring's AEADs directly,
+//! with Noise's nonce layouts: the cipher the handshake names, in ring's vectorised code,
+//! and in place, so a data message is sealed where the shell built it and opened where it
+//! was received, without a copy. Two Noise protocols are spoken, which differ only in the
+//! cipher: `Noise_IK_25519_AESGCM_BLAKE2s` and `Noise_IK_25519_ChaChaPoly_BLAKE2s`. The
+//! initiator picks ([`Config::cipher`], by default AES-GCM where the CPU has AES
+//! instructions, ChaCha20-Poly1305 elsewhere) and says which in the initiation's type;
+//! a responder accepts either, so hosts with different CPUs still talk.
 //!
 //! Sealing and opening data messages allocate nothing; handshakes do. Nothing from the
 //! network can make this crate panic: every malformed input ends in [`Open::Drop`].
@@ -38,7 +41,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use ring::aead::{self, LessSafeKey, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use snow::params::{DHChoice, NoiseParams};
 use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::{Builder, HandshakeState};
@@ -48,8 +51,11 @@ use replay::ReplayWindow;
 /// Cluster-wide id of a peer host, chosen by the caller (the controller's host id).
 pub type PeerId = u32;
 
-/// Message type of a handshake initiation.
+/// Message type of a handshake initiation for ChaCha20-Poly1305 sessions.
 pub const TYPE_INITIATION: u8 = 1;
+/// Message type of a handshake initiation for AES-256-GCM sessions (4 is the overlay's
+/// plaintext datagram).
+pub const TYPE_INITIATION_AESGCM: u8 = 5;
 /// Message type of a handshake response.
 pub const TYPE_RESPONSE: u8 = 2;
 /// Message type of a data message (or keepalive).
@@ -67,7 +73,78 @@ pub const INITIATION_LEN: usize = 8 + 32 + 48 + TIMESTAMP_LEN + TAG_LEN;
 /// Length of a handshake response: header 12, ephemeral 32, empty encrypted payload 16.
 pub const RESPONSE_LEN: usize = 12 + 32 + TAG_LEN;
 
-const NOISE_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// The AEAD of a session's transport (and of its handshake).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cipher {
+    ChaChaPoly,
+    AesGcm,
+}
+
+impl Cipher {
+    /// The faster on this CPU: AES-GCM where it has AES and carry-less multiply
+    /// instructions, ChaCha20-Poly1305 otherwise.
+    pub fn fastest() -> Cipher {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("aes")
+                && std::arch::is_x86_feature_detected!("pclmulqdq")
+            {
+                return Cipher::AesGcm;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("aes")
+                && std::arch::is_aarch64_feature_detected!("pmull")
+            {
+                return Cipher::AesGcm;
+            }
+        }
+        Cipher::ChaChaPoly
+    }
+
+    /// A short name, for reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::ChaChaPoly => "chacha20-poly1305",
+            Cipher::AesGcm => "aes-256-gcm",
+        }
+    }
+
+    /// The Noise protocol name.
+    pub fn noise_pattern(self) -> &'static str {
+        match self {
+            Cipher::ChaChaPoly => "Noise_IK_25519_ChaChaPoly_BLAKE2s",
+            Cipher::AesGcm => "Noise_IK_25519_AESGCM_BLAKE2s",
+        }
+    }
+
+    /// The type of an initiation for sessions of this cipher.
+    fn initiation_type(self) -> u8 {
+        match self {
+            Cipher::ChaChaPoly => TYPE_INITIATION,
+            Cipher::AesGcm => TYPE_INITIATION_AESGCM,
+        }
+    }
+
+    fn algorithm(self) -> &'static aead::Algorithm {
+        match self {
+            Cipher::ChaChaPoly => &CHACHA20_POLY1305,
+            Cipher::AesGcm => &AES_256_GCM,
+        }
+    }
+
+    /// Noise's nonce for counter `n`: 32 zero bits, then `n` little-endian for ChaChaPoly,
+    /// big-endian for AESGCM.
+    fn nonce(self, n: u64) -> aead::Nonce {
+        let mut nonce = [0; 12];
+        nonce[4..].copy_from_slice(&match self {
+            Cipher::ChaChaPoly => n.to_le_bytes(),
+            Cipher::AesGcm => n.to_be_bytes(),
+        });
+        aead::Nonce::assume_unique_for_key(nonce)
+    }
+}
 /// The initiation payload: wall clock nanoseconds (u64) and 4 zero bytes.
 const TIMESTAMP_LEN: usize = 12;
 
@@ -75,7 +152,9 @@ const TIMESTAMP_LEN: usize = 12;
 /// that shares a socket with other traffic tell them apart without opening.
 pub fn message_type(datagram: &[u8]) -> Option<u8> {
     match datagram {
-        [t @ (TYPE_INITIATION | TYPE_RESPONSE | TYPE_DATA), 0, 0, 0, ..] => Some(*t),
+        [t @ (TYPE_INITIATION | TYPE_INITIATION_AESGCM | TYPE_RESPONSE | TYPE_DATA), 0, 0, 0, ..] => {
+            Some(*t)
+        }
         _ => None,
     }
 }
@@ -101,6 +180,8 @@ pub struct Config {
     /// Drop all sessions of a peer when no data (keepalives do not count) was sealed for it
     /// or opened from it for this long.
     pub idle_timeout: Duration,
+    /// The cipher of the sessions this host initiates (a responder takes the initiator's).
+    pub cipher: Cipher,
 }
 
 impl Default for Config {
@@ -113,6 +194,7 @@ impl Default for Config {
             handshake_retry: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(180),
+            cipher: Cipher::fastest(),
         }
     }
 }
@@ -285,6 +367,8 @@ pub struct PeerStats {
     pub established: bool,
     /// When that session was established (its age is `now - established_at`).
     pub established_at: Option<Instant>,
+    /// Its cipher.
+    pub cipher: Option<Cipher>,
     /// Data messages sealed for the peer, keepalives included.
     pub tx_packets: u64,
     /// Inner bytes of those.
@@ -299,6 +383,7 @@ pub struct PeerStats {
 
 /// The keys of one direction pair, agreed by a handshake.
 struct Transport {
+    cipher: Cipher,
     send: LessSafeKey,
     recv: LessSafeKey,
 }
@@ -306,13 +391,13 @@ struct Transport {
 impl Transport {
     /// The keys of a finished handshake: the initiator sends with the first half of the
     /// split, the responder with the second (Noise's `Split()`).
-    fn from_handshake(handshake: &mut HandshakeState) -> Option<Transport> {
+    fn from_handshake(handshake: &mut HandshakeState, cipher: Cipher) -> Option<Transport> {
         if !handshake.is_handshake_finished() {
             return None;
         }
         let (first, second) = handshake.dangerously_get_raw_split();
         let key = |k: [u8; 32]| {
-            UnboundKey::new(&CHACHA20_POLY1305, &k)
+            UnboundKey::new(cipher.algorithm(), &k)
                 .ok()
                 .map(LessSafeKey::new)
         };
@@ -322,17 +407,11 @@ impl Transport {
             (second, first)
         };
         Some(Transport {
+            cipher,
             send: key(send)?,
             recv: key(recv)?,
         })
     }
-}
-
-/// Noise's ChaChaPoly nonce: 32 zero bits, then the 64-bit counter little-endian.
-fn nonce(counter: u64) -> aead::Nonce {
-    let mut n = [0; 12];
-    n[4..].copy_from_slice(&counter.to_le_bytes());
-    aead::Nonce::assume_unique_for_key(n)
 }
 
 /// One direction-pair of keys agreed by a handshake.
@@ -353,6 +432,7 @@ struct Session {
 /// Our initiation waiting for a response.
 struct Pending {
     handshake: HandshakeState,
+    cipher: Cipher,
     index: u32,
     sent: Instant,
     first: Instant,
@@ -410,7 +490,9 @@ impl Peer {
 pub struct Tunnels {
     cfg: Config,
     local: Keypair,
-    params: NoiseParams,
+    /// The Noise protocols, ChaChaPoly's and AESGCM's.
+    chacha: NoiseParams,
+    aesgcm: NoiseParams,
     peers: HashMap<PeerId, Peer>,
     by_key: HashMap<[u8; 32], PeerId>,
     /// Our indexes of sessions and pending handshakes: which peer they belong to.
@@ -427,12 +509,26 @@ impl Tunnels {
         Tunnels {
             cfg,
             local,
-            params: NOISE_PATTERN.parse().expect("a valid Noise pattern"),
+            chacha: Cipher::ChaChaPoly
+                .noise_pattern()
+                .parse()
+                .expect("a valid Noise pattern"),
+            aesgcm: Cipher::AesGcm
+                .noise_pattern()
+                .parse()
+                .expect("a valid Noise pattern"),
             peers: HashMap::new(),
             by_key: HashMap::new(),
             indexes: HashMap::new(),
             last_timestamp_sent: 0,
             counters: Counters::default(),
+        }
+    }
+
+    fn params(&self, cipher: Cipher) -> &NoiseParams {
+        match cipher {
+            Cipher::ChaChaPoly => &self.chacha,
+            Cipher::AesGcm => &self.aesgcm,
         }
     }
 
@@ -596,7 +692,10 @@ impl Tunnels {
     fn open_handshake(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
         match datagram {
             [_, a, b, c, ..] if (a | b | c) != 0 => Open::Drop(DropReason::Malformed),
-            [TYPE_INITIATION, ..] => self.open_initiation(datagram, out, now),
+            [TYPE_INITIATION, ..] => self.open_initiation(datagram, out, now, Cipher::ChaChaPoly),
+            [TYPE_INITIATION_AESGCM, ..] => {
+                self.open_initiation(datagram, out, now, Cipher::AesGcm)
+            }
             [TYPE_RESPONSE, ..] => self.open_response(datagram, out, now),
             [_, _, _, _, ..] => Open::Drop(DropReason::UnknownType),
             _ => Open::Drop(DropReason::Malformed),
@@ -678,6 +777,7 @@ impl Tunnels {
         Some(PeerStats {
             established: p.current.is_some(),
             established_at: p.current.as_ref().map(|s| s.established),
+            cipher: p.current.as_ref().map(|s| s.transport.cipher),
             ..p.stats
         })
     }
@@ -691,11 +791,13 @@ impl Tunnels {
         now: Instant,
         wall: u64,
     ) -> Option<usize> {
+        let cipher = self.cfg.cipher;
+        let params = self.params(cipher).clone();
         let p = self.peers.get_mut(&peer)?;
         if out.len() < INITIATION_LEN {
             return None;
         }
-        let mut handshake = Builder::new(self.params.clone())
+        let mut handshake = Builder::new(params)
             .local_private_key(&self.local.private)
             .and_then(|b| b.remote_public_key(&p.public))
             .and_then(|b| b.build_initiator())
@@ -706,7 +808,7 @@ impl Tunnels {
         let n = handshake.write_message(&payload, &mut out[8..]).ok()?;
         self.last_timestamp_sent = timestamp;
         let index = new_index(&mut self.indexes, peer);
-        out[..4].copy_from_slice(&[TYPE_INITIATION, 0, 0, 0]);
+        out[..4].copy_from_slice(&[cipher.initiation_type(), 0, 0, 0]);
         out[4..8].copy_from_slice(&index.to_be_bytes());
         let first = match p.pending.take() {
             Some(old) => {
@@ -717,6 +819,7 @@ impl Tunnels {
         };
         p.pending = Some(Pending {
             handshake,
+            cipher,
             index,
             sent: now,
             first,
@@ -755,11 +858,11 @@ impl Tunnels {
             return Open::Drop(DropReason::Replayed);
         }
         let sealed = &mut datagram[DATA_HEADER_LEN..];
-        let Ok(inner) = s
-            .transport
-            .recv
-            .open_in_place(nonce(counter), aead::Aad::empty(), sealed)
-        else {
+        let Ok(inner) = s.transport.recv.open_in_place(
+            s.transport.cipher.nonce(counter),
+            aead::Aad::empty(),
+            sealed,
+        ) else {
             return Open::Drop(DropReason::AuthFailed);
         };
         let len = inner.len();
@@ -781,14 +884,20 @@ impl Tunnels {
         Open::Data { peer, len }
     }
 
-    fn open_initiation(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+    fn open_initiation(
+        &mut self,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        cipher: Cipher,
+    ) -> Open {
         if datagram.len() != INITIATION_LEN {
             return Open::Drop(DropReason::Malformed);
         }
         if out.len() < RESPONSE_LEN {
             return Open::Drop(DropReason::TooLarge);
         }
-        let Ok(mut handshake) = Builder::new(self.params.clone())
+        let Ok(mut handshake) = Builder::new(self.params(cipher).clone())
             .local_private_key(&self.local.private)
             .and_then(|b| b.build_responder())
         else {
@@ -817,7 +926,7 @@ impl Tunnels {
         let Ok(n) = handshake.write_message(&[], &mut out[12..]) else {
             return Open::Drop(DropReason::AuthFailed);
         };
-        let Some(transport) = Transport::from_handshake(&mut handshake) else {
+        let Some(transport) = Transport::from_handshake(&mut handshake, cipher) else {
             return Open::Drop(DropReason::AuthFailed);
         };
         let index = new_index(&mut self.indexes, peer);
@@ -869,7 +978,8 @@ impl Tunnels {
         let Some(mut pending) = p.pending.take() else {
             return Open::Drop(DropReason::UnknownIndex);
         };
-        let Some(transport) = Transport::from_handshake(&mut pending.handshake) else {
+        let Some(transport) = Transport::from_handshake(&mut pending.handshake, pending.cipher)
+        else {
             self.indexes.remove(&index);
             return Open::Drop(DropReason::AuthFailed);
         };
@@ -938,7 +1048,7 @@ fn seal_data(s: &mut Session, buf: &mut [u8], inner_len: usize) -> Option<usize>
         .transport
         .send
         .seal_in_place_separate_tag(
-            nonce(counter),
+            s.transport.cipher.nonce(counter),
             aead::Aad::empty(),
             &mut buf[DATA_HEADER_LEN..end],
         )

@@ -586,38 +586,75 @@ fn random_datagrams_never_panic() {
     p.assert_talks(b"unharmed");
 }
 
-/// The transport is Noise's ChaChaPoly, nonce layout included: what ring seals with the
-/// split keys, snow's own transport opens.
+/// The transport is Noise's, nonce layout included, for both ciphers: what ring seals
+/// with the split keys, snow's own transport opens.
 #[test]
-fn transport_is_noise_chachapoly() {
-    let params: snow::params::NoiseParams = NOISE_PATTERN.parse().unwrap();
-    let (a, b) = (keys(0), keys(1));
-    let mut i = snow::Builder::new(params.clone())
-        .local_private_key(&a.private)
-        .and_then(|x| x.remote_public_key(&b.public))
-        .and_then(|x| x.build_initiator())
-        .unwrap();
-    let mut r = snow::Builder::new(params)
-        .local_private_key(&b.private)
-        .and_then(|x| x.build_responder())
-        .unwrap();
-    let (mut msg, mut payload) = ([0; 256], [0; 256]);
-    let n = i.write_message(&[], &mut msg).unwrap();
-    r.read_message(&msg[..n], &mut payload).unwrap();
-    let n = r.write_message(&[], &mut msg).unwrap();
-    i.read_message(&msg[..n], &mut payload).unwrap();
-
-    let ours = Transport::from_handshake(&mut i).unwrap();
-    let theirs = r.into_stateless_transport_mode().unwrap();
-    for counter in [0, 1, 5, 1 << 40] {
-        let mut buf = b"inner bytes".to_vec();
-        let tag = ours
-            .send
-            .seal_in_place_separate_tag(nonce(counter), ring::aead::Aad::empty(), &mut buf)
+fn transport_is_noise() {
+    for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
+        let params: snow::params::NoiseParams = cipher.noise_pattern().parse().unwrap();
+        let (a, b) = (keys(0), keys(1));
+        let mut i = snow::Builder::new(params.clone())
+            .local_private_key(&a.private)
+            .and_then(|x| x.remote_public_key(&b.public))
+            .and_then(|x| x.build_initiator())
             .unwrap();
-        buf.extend_from_slice(tag.as_ref());
-        let mut out = [0; 64];
-        let len = theirs.read_message(counter, &buf, &mut out).unwrap();
-        assert_eq!(&out[..len], b"inner bytes");
+        let mut r = snow::Builder::new(params)
+            .local_private_key(&b.private)
+            .and_then(|x| x.build_responder())
+            .unwrap();
+        let (mut msg, mut payload) = ([0; 256], [0; 256]);
+        let n = i.write_message(&[], &mut msg).unwrap();
+        r.read_message(&msg[..n], &mut payload).unwrap();
+        let n = r.write_message(&[], &mut msg).unwrap();
+        i.read_message(&msg[..n], &mut payload).unwrap();
+
+        let ours = Transport::from_handshake(&mut i, cipher).unwrap();
+        let theirs = r.into_stateless_transport_mode().unwrap();
+        for counter in [0, 1, 5, 1 << 40] {
+            let mut buf = b"inner bytes".to_vec();
+            let tag = ours
+                .send
+                .seal_in_place_separate_tag(
+                    cipher.nonce(counter),
+                    ring::aead::Aad::empty(),
+                    &mut buf,
+                )
+                .unwrap();
+            buf.extend_from_slice(tag.as_ref());
+            let mut out = [0; 64];
+            let len = theirs.read_message(counter, &buf, &mut out).unwrap();
+            assert_eq!(&out[..len], b"inner bytes", "{cipher:?}");
+        }
     }
+}
+
+/// Hosts that prefer different ciphers still talk: each session takes its initiator's.
+#[test]
+fn hosts_with_different_ciphers_talk_both_ways() {
+    let cfg = |cipher| Config {
+        cipher,
+        ..Config::default()
+    };
+    let mut p = Pair::new(cfg(Cipher::ChaChaPoly));
+    p.t[1] = {
+        let mut t = Tunnels::new(cfg(Cipher::AesGcm), keys(1));
+        t.set_peer(0, keys(0).public);
+        t
+    };
+    p.send(0, b"from a chacha host");
+    p.run();
+    assert_eq!(p.got[1], vec![b"from a chacha host".to_vec()]);
+    p.send(1, b"reply");
+    p.run();
+    assert_eq!(p.got[0], vec![b"reply".to_vec()]);
+    // The other host initiates a session of its own cipher.
+    let mut q = Pair::new(cfg(Cipher::ChaChaPoly));
+    q.t[1] = {
+        let mut t = Tunnels::new(cfg(Cipher::AesGcm), keys(1));
+        t.set_peer(0, keys(0).public);
+        t
+    };
+    q.send(1, b"from an aes host");
+    q.run();
+    assert_eq!(q.got[0], vec![b"from an aes host".to_vec()]);
 }

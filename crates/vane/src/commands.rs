@@ -343,7 +343,7 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
                 "host {}  tunnels {}",
                 stats.host,
                 if stats.encrypted {
-                    "encrypted (Noise IK, ChaCha20-Poly1305)"
+                    "encrypted (Noise IK)"
                 } else {
                     "PLAINTEXT"
                 }
@@ -358,7 +358,15 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
             );
             println!();
             table(
-                &["PEER", "ENDPOINT", "SESSION", "HANDSHAKES", "TX", "RX"],
+                &[
+                    "PEER",
+                    "ENDPOINT",
+                    "SESSION",
+                    "CIPHER",
+                    "HANDSHAKES",
+                    "TX",
+                    "RX",
+                ],
                 stats
                     .peers
                     .into_iter()
@@ -369,6 +377,7 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
                                 .map(|e| e.to_string())
                                 .unwrap_or_else(|| "-".into()),
                             if p.established { "up" } else { "idle" }.into(),
+                            p.cipher.unwrap_or_else(|| "-".into()),
                             p.handshakes.to_string(),
                             format!("{} pkts/{} B", p.tx_packets, p.tx_bytes),
                             format!("{} pkts/{} B", p.rx_packets, p.rx_bytes),
