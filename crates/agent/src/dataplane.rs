@@ -62,6 +62,8 @@ pub enum Command {
         tun: OwnedFd,
         net: NetConfig,
         ip: Ipv4Addr,
+        /// Bandwidth limit, bits per second each direction.
+        rate: Option<u64>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     Detach {
@@ -177,6 +179,7 @@ impl Dataplane {
         tun: OwnedFd,
         net: NetConfig,
         ip: Ipv4Addr,
+        rate: Option<u64>,
     ) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Attach {
@@ -184,6 +187,7 @@ impl Dataplane {
             tun,
             net,
             ip,
+            rate,
             reply,
         });
         rx.await
@@ -350,9 +354,13 @@ impl Worker {
                 tun,
                 net,
                 ip,
+                rate,
                 reply,
             } => {
                 let result = self.attach(port, tun, net, ip);
+                if result.is_ok() {
+                    self.switch.set_port_rate(port, rate);
+                }
                 let _ = reply.send(result);
             }
             Command::Detach { port } => {

@@ -9,7 +9,7 @@ use ipnet::Ipv4Net;
 
 use vane_proto::api::{
     ClusterConfig, Host, HostState, Instance, InstanceState, Net, NetSpec, Policy, PolicySpec,
-    RunSpec,
+    RunSpec, SpaceSpec, Template,
 };
 use vane_proto::stream::{
     AgentView, HostAuth, InstanceReport, InstanceSpec, Member, Peer, PolicyRule,
@@ -59,6 +59,8 @@ pub struct State {
     tokens: BTreeMap<String, TokenRecord>,
     /// By host name.
     enrollments: BTreeMap<String, Enrollment>,
+    /// Resource templates by name.
+    pub templates: BTreeMap<String, Template>,
 }
 
 impl State {
@@ -98,6 +100,11 @@ impl State {
                 .enrollments
                 .into_iter()
                 .map(|e| (e.host.clone(), e))
+                .collect(),
+            templates: snap
+                .templates
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
                 .collect(),
         };
         for host in state.hosts.values_mut() {
@@ -232,9 +239,27 @@ impl State {
         }
         let hostname = spec.hostname.unwrap_or_else(|| name.clone());
         validate::hostname(&hostname)?;
-        for (k, v) in &spec.env {
-            validate::env_pair(&format!("{k}={v}"))?;
+        // The template first, then what the request says.
+        let (limits, mut env, space) = match &spec.template {
+            Some(t) => {
+                let t = self.templates.get(t).ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "unknown template {t:?} (`vane template ls` lists them)"
+                    ))
+                })?;
+                (
+                    t.limits.overridden_by(spec.limits),
+                    t.env.clone(),
+                    t.space.overridden_by(&spec.space),
+                )
+            }
+            None => (spec.limits, Vec::new(), spec.space.clone()),
+        };
+        for (k, v) in spec.env {
+            env.retain(|(key, _)| *key != k);
+            env.push((k, v));
         }
+        check_settings(&env, &space)?;
         let host = match spec.host {
             Some(h) => {
                 let host = self
@@ -280,11 +305,14 @@ impl State {
             hostname: hostname.clone(),
             host,
             cmd: spec.cmd.clone(),
-            env: spec.env.clone(),
+            env: env.clone(),
             state: InstanceState::Creating,
             pid: None,
             exit: None,
             created: now,
+            template: spec.template.clone(),
+            limits,
+            space: space.clone(),
         };
         let mut batch = Batch::default();
         batch.put(&instance);
@@ -297,10 +325,32 @@ impl State {
                 ip,
                 hostname,
                 cmd: spec.cmd,
-                env: spec.env,
+                env,
+                limits,
+                space,
             },
             batch,
         ))
+    }
+
+    /// Adds or replaces a template.
+    pub fn put_template(&mut self, t: Template) -> Result<(Template, Batch), ApiError> {
+        validate::name("template name", &t.name)?;
+        check_settings(&t.env, &t.space)?;
+        let mut batch = Batch::default();
+        batch.put(&t);
+        self.templates.insert(t.name.clone(), t.clone());
+        Ok((t, batch))
+    }
+
+    pub fn remove_template(&mut self, name: &str) -> Result<Batch, ApiError> {
+        let t = self
+            .templates
+            .remove(name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown template {name:?}")))?;
+        let mut batch = Batch::default();
+        batch.delete(&t);
+        Ok(batch)
     }
 
     fn member_at(&self, net: &str, ip: Ipv4Addr) -> Option<&Instance> {
@@ -840,4 +890,24 @@ mod tests {
         assert_eq!(v.members.len(), 2);
         assert_eq!(v.policies.len(), 1);
     }
+}
+
+/// Checks the environment and file-system settings of a request or template: well-formed
+/// pairs and paths, known variables only. Limits are checked as they are parsed (CLI) and
+/// again by the agent, which knows what its host can give.
+fn check_settings(env: &[(String, String)], space: &SpaceSpec) -> Result<(), ApiError> {
+    for (k, v) in env {
+        validate::env_pair(&format!("{k}={v}"))?;
+        validate::variables("environment variable", v)?;
+    }
+    if let Some(root) = &space.rootfs {
+        validate::rootfs(root)?;
+    }
+    for (host, inside) in &space.volumes {
+        validate::volume(&format!("{host}:{inside}"))?;
+    }
+    for (target, source) in &space.redirects {
+        validate::redirect(&format!("{target}={source}"))?;
+    }
+    Ok(())
 }

@@ -14,12 +14,13 @@
 //! rewrite addresses in place.
 //!
 //! Modules: `table` (where members are), `policy` (compiled allow rules), `flow`
-//! (stateful replies and egress NAT), `counters`, `config`.
+//! (stateful replies and egress NAT), `rate` (bandwidth limits), `counters`, `config`.
 
 mod config;
 mod counters;
 mod flow;
 mod policy;
+mod rate;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -34,6 +35,7 @@ use vane_wire::{Ipv4Packet, L4Ports};
 pub use config::{NetConfig, SwitchConfig};
 pub use counters::{DropCounters, PortCounters};
 pub use policy::{L4Proto, PolicyRule};
+pub use rate::TokenBucket;
 
 use flow::{EgressFlow, FlowKey, FlowTable, NetFlow};
 use policy::Policy;
@@ -108,11 +110,13 @@ pub enum DropReason {
     NoEgress,
     /// It would open a new flow and the flow table is full.
     FlowTableFull,
+    /// Over the bandwidth limit of the sending or the receiving port.
+    RateLimited,
 }
 
 impl DropReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Malformed,
         DropReason::NotIpv4,
         DropReason::UnknownPort,
@@ -121,6 +125,7 @@ impl DropReason {
         DropReason::Refused,
         DropReason::NoEgress,
         DropReason::FlowTableFull,
+        DropReason::RateLimited,
     ];
 
     /// A short snake_case name, for logs and metric labels.
@@ -134,6 +139,7 @@ impl DropReason {
             DropReason::Refused => "refused",
             DropReason::NoEgress => "no_egress",
             DropReason::FlowTableFull => "flow_table_full",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -201,6 +207,8 @@ struct PortState {
     ip: Ipv4Addr,
     egress_ip: Ipv4Addr,
     counters: PortCounters,
+    /// Bandwidth limit of what the instance sends, and of what it receives.
+    limit: Option<(TokenBucket, TokenBucket)>,
 }
 
 /// The switch of one host. See the crate docs.
@@ -317,6 +325,7 @@ impl Switch {
                 ip,
                 egress_ip,
                 counters: PortCounters::default(),
+                limit: None,
             },
         );
         self.members.set(net, ip, Location::Local(port));
@@ -335,6 +344,15 @@ impl Switch {
         }
         self.flows
             .retain(|key| !matches!(key, FlowKey::Egress(f) if f.port == port));
+    }
+
+    /// Limits what an attached port sends, and what is delivered to it, to `rate` bits per
+    /// second each (`None`: unlimited). Packets over the limit are dropped and counted as
+    /// [`DropReason::RateLimited`] and in the port's `rate_limited`.
+    pub fn set_port_rate(&mut self, port: PortId, rate: Option<u64>) {
+        if let Some(state) = self.ports.get_mut(&port) {
+            state.limit = rate.map(|r| (TokenBucket::new(r), TokenBucket::new(r)));
+        }
     }
 
     /// Sets where member `ip` of `net` is.
@@ -356,6 +374,13 @@ impl Switch {
             Some(state) => {
                 state.counters.tx_packets += 1;
                 state.counters.tx_bytes += len;
+                if let Some((tx, _)) = &mut state.limit {
+                    if !tx.allow(pkt.len(), now) {
+                        state.counters.rate_limited += 1;
+                        self.drops.bump(DropReason::RateLimited);
+                        return Verdict::Drop(DropReason::RateLimited);
+                    }
+                }
                 let state = *state;
                 let verdict = self.route_from_port(port, &state, pkt, now);
                 if let (Verdict::Drop(reason), Some(state)) = (verdict, self.ports.get_mut(&port)) {
@@ -368,7 +393,7 @@ impl Switch {
                 verdict
             }
         };
-        self.account(len, verdict)
+        self.account(len, verdict, now)
     }
 
     /// A packet from the outside world to an egress address. It passes only as the reply of
@@ -377,7 +402,7 @@ impl Switch {
     pub fn process_from_egress(&mut self, pkt: &mut [u8], now: Instant) -> Verdict {
         let len = pkt.len() as u64;
         let verdict = self.route_from_egress(pkt, now);
-        self.account(len, verdict)
+        self.account(len, verdict, now)
     }
 
     /// A packet another host's switch sent through the tunnel, claiming nets `src_net` and
@@ -393,7 +418,7 @@ impl Switch {
     ) -> Verdict {
         let len = pkt.len() as u64;
         let verdict = self.route_from_tunnel(src_net, dst_net, pkt, now);
-        self.account(len, verdict)
+        self.account(len, verdict, now)
     }
 
     /// Forgets flows idle for longer than their timeout. Call it periodically; an idle flow
@@ -448,11 +473,19 @@ impl Switch {
         (state.egress_ip == addr).then_some((port, state.ip))
     }
 
-    /// Counts a verdict: delivery on the receiving port, drops globally.
-    fn account(&mut self, len: u64, verdict: Verdict) -> Verdict {
+    /// Counts a verdict: delivery on the receiving port, drops globally. A delivery over the
+    /// receiving port's bandwidth limit becomes a drop.
+    fn account(&mut self, len: u64, verdict: Verdict, now: Instant) -> Verdict {
         match verdict {
             Verdict::Deliver(port) => {
                 if let Some(state) = self.ports.get_mut(&port) {
+                    if let Some((_, rx)) = &mut state.limit {
+                        if !rx.allow(len as usize, now) {
+                            state.counters.rate_limited += 1;
+                            self.drops.bump(DropReason::RateLimited);
+                            return Verdict::Drop(DropReason::RateLimited);
+                        }
+                    }
                     state.counters.rx_packets += 1;
                     state.counters.rx_bytes += len;
                 }
