@@ -144,6 +144,8 @@ impl Dataplane {
         poll.registry()
             .register(&mut udp, UNDERLAY, Interest::READABLE)?;
         let mut worker = Worker {
+            throttled: None,
+            was_throttled: false,
             poll,
             rx,
             switch: Switch::new(cfg.switch),
@@ -256,6 +258,10 @@ struct Buffers {
 }
 
 struct Worker {
+    /// Earliest time a device left unread for its bandwidth limit may be read again.
+    throttled: Option<Instant>,
+    /// Set when the last device serviced was left unread for its limit.
+    was_throttled: bool,
     poll: Poll,
     rx: mpsc::Receiver<Command>,
     switch: Switch,
@@ -295,11 +301,13 @@ impl Worker {
         };
         let mut backlog: Vec<Token> = Vec::new();
         let mut last_expiry = Instant::now();
+        // Whether a device in the backlog can be read at once (not only throttled ones).
+        let mut ready = false;
         loop {
-            let timeout = if backlog.is_empty() {
-                Duration::from_millis(100)
-            } else {
-                Duration::ZERO
+            let timeout = match (backlog.is_empty(), ready, self.throttled.take()) {
+                (true, _, _) => Duration::from_millis(100),
+                (false, false, Some(at)) => at.saturating_duration_since(Instant::now()),
+                _ => Duration::ZERO,
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -317,7 +325,9 @@ impl Worker {
                 }
             }
             // mio is edge-triggered: a source not drained to EAGAIN stays in the backlog.
+            ready = false;
             for token in std::mem::take(&mut backlog) {
+                self.was_throttled = false;
                 let drained = if token == UNDERLAY {
                     self.service_underlay(&mut bufs)
                 } else {
@@ -325,6 +335,7 @@ impl Worker {
                 };
                 if !drained {
                     backlog.push(token);
+                    ready |= !self.was_throttled;
                 }
             }
             let now = Instant::now();
@@ -529,6 +540,17 @@ impl Worker {
                 self.ports.get_mut(&PortId(token.0 as u32))
             };
             let Some(source) = source else { return true };
+            // Over its bandwidth limit (or its receiver's): leave the packets in the device,
+            // so the kernel slows the instance's sockets down instead of losing packets.
+            if token != EGRESS {
+                let now = Instant::now();
+                if let Some(wait) = self.switch.port_delay(PortId(token.0 as u32), now) {
+                    let at = now + wait;
+                    self.throttled = Some(self.throttled.map_or(at, |t| t.min(at)));
+                    self.was_throttled = true;
+                    return false;
+                }
+            }
             let n = match source.read(&mut bufs.packet[HEADROOM..]) {
                 Ok(0) => return true,
                 Ok(n) => n,

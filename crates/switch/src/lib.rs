@@ -28,7 +28,7 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vane_wire::{Ipv4Packet, L4Ports};
 
@@ -209,6 +209,9 @@ struct PortState {
     counters: PortCounters,
     /// Bandwidth limit of what the instance sends, and of what it receives.
     limit: Option<(TokenBucket, TokenBucket)>,
+    /// The local port this one last delivered to, if that port has a limit: the sender waits
+    /// while the receiver's bucket is in debt.
+    last_limited_peer: Option<PortId>,
 }
 
 /// The switch of one host. See the crate docs.
@@ -326,6 +329,7 @@ impl Switch {
                 egress_ip,
                 counters: PortCounters::default(),
                 limit: None,
+                last_limited_peer: None,
             },
         );
         self.members.set(net, ip, Location::Local(port));
@@ -355,6 +359,24 @@ impl Switch {
         }
     }
 
+    /// How long the shell should wait before reading the next packet from `port`: while its
+    /// own bandwidth bucket, or that of the limited local port it last sent to, is in debt.
+    /// `None`: read now. Waiting is how limits shape traffic without loss (see `rate`);
+    /// packets read regardless are dropped once a bucket is a full burst in debt.
+    pub fn port_delay(&mut self, port: PortId, now: Instant) -> Option<Duration> {
+        let state = self.ports.get_mut(&port)?;
+        let own = state.limit.as_mut().and_then(|(tx, _)| tx.delay(now));
+        let peer = state.last_limited_peer;
+        let theirs = peer.and_then(|p| {
+            let (_, rx) = self.ports.get_mut(&p)?.limit.as_mut()?;
+            rx.delay(now)
+        });
+        match (own, theirs) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Sets where member `ip` of `net` is.
     pub fn set_member(&mut self, net: NetId, ip: Ipv4Addr, loc: Location) {
         self.members.set(net, ip, loc);
@@ -369,31 +391,38 @@ impl Switch {
     /// has been rewritten in place.
     pub fn process_from_port(&mut self, port: PortId, pkt: &mut [u8], now: Instant) -> Verdict {
         let len = pkt.len() as u64;
-        let verdict = match self.ports.get_mut(&port) {
-            None => Verdict::Drop(DropReason::UnknownPort),
-            Some(state) => {
-                state.counters.tx_packets += 1;
-                state.counters.tx_bytes += len;
-                if let Some((tx, _)) = &mut state.limit {
-                    if !tx.allow(pkt.len(), now) {
-                        state.counters.rate_limited += 1;
-                        self.drops.bump(DropReason::RateLimited);
-                        return Verdict::Drop(DropReason::RateLimited);
-                    }
-                }
-                let state = *state;
-                let verdict = self.route_from_port(port, &state, pkt, now);
-                if let (Verdict::Drop(reason), Some(state)) = (verdict, self.ports.get_mut(&port)) {
-                    match reason {
-                        DropReason::Refused => state.counters.refused += 1,
-                        DropReason::Spoofed => state.counters.spoofed += 1,
-                        _ => state.counters.dropped += 1,
-                    }
-                }
-                verdict
-            }
+        let Some(state) = self.ports.get_mut(&port) else {
+            return self.account(len, Verdict::Drop(DropReason::UnknownPort), now);
         };
-        self.account(len, verdict, now)
+        state.counters.tx_packets += 1;
+        state.counters.tx_bytes += len;
+        if let Some((tx, _)) = &mut state.limit {
+            if !tx.take(pkt.len(), now) {
+                state.counters.rate_limited += 1;
+                return self.account(len, Verdict::Drop(DropReason::RateLimited), now);
+            }
+        }
+        let state = *state;
+        let routed = self.route_from_port(port, &state, pkt, now);
+        // A limited receiver makes this sender wait (`port_delay`) while it is in debt.
+        let peer = match routed {
+            Verdict::Deliver(to) if self.ports.get(&to).is_some_and(|p| p.limit.is_some()) => {
+                Some(to)
+            }
+            _ => None,
+        };
+        if let Some(state) = self.ports.get_mut(&port) {
+            state.last_limited_peer = peer;
+            if let Verdict::Drop(reason) = routed {
+                match reason {
+                    DropReason::Refused => state.counters.refused += 1,
+                    DropReason::Spoofed => state.counters.spoofed += 1,
+                    _ => state.counters.dropped += 1,
+                }
+            }
+        }
+        // Over the receiver's limit, counted on the receiver.
+        self.account(len, routed, now)
     }
 
     /// A packet from the outside world to an egress address. It passes only as the reply of
@@ -480,7 +509,7 @@ impl Switch {
             Verdict::Deliver(port) => {
                 if let Some(state) = self.ports.get_mut(&port) {
                     if let Some((_, rx)) = &mut state.limit {
-                        if !rx.allow(len as usize, now) {
+                        if !rx.take(len as usize, now) {
                             state.counters.rate_limited += 1;
                             self.drops.bump(DropReason::RateLimited);
                             return Verdict::Drop(DropReason::RateLimited);

@@ -1,9 +1,16 @@
 //! Bandwidth limits: a token bucket per port and direction.
 //!
-//! A bucket fills at the limit's rate up to a burst, and a packet passes if the bucket holds
-//! its size; otherwise it is dropped (policing, not shaping: the switch holds no queue, and
-//! TCP adapts its rate to the drops). The burst is what lets TCP reach the limit: too small,
-//! and every window's burst loses packets and the rate collapses below the limit.
+//! A bucket fills at the limit's rate up to a burst. A packet takes its size from the bucket,
+//! which may go into debt down to minus one burst; beyond that the packet is dropped.
+//!
+//! Dropping alone (policing) makes TCP collapse far below the limit on the short round trips
+//! between instances: whole windows are lost and wait for retransmission timeouts. So the
+//! switch also tells the shell how long a port must wait before its next packet
+//! ([`crate::Switch::port_delay`]): while its own bucket, or the bucket of the local port
+//! it last sent to, is in debt, the shell leaves the port's device unread. The kernel then
+//! holds the instance's packets in the device queue and slows its sockets down, without
+//! loss, which is shaping. Sources that cannot be paused (the underlay, the egress device)
+//! are policed.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +26,8 @@ pub struct TokenBucket {
     rate: u64,
     /// Most bits held.
     burst: u64,
-    /// Bits held at `last`.
-    tokens: u64,
+    /// Bits held at `last`; negative: debt.
+    tokens: i64,
     last: Option<Instant>,
 }
 
@@ -34,10 +41,11 @@ impl TokenBucket {
 
     /// A full bucket for `rate` bits per second holding at most `burst` bits.
     pub fn with_burst(rate: u64, burst: u64) -> Self {
+        let burst = burst.min(i64::MAX as u64 / 4);
         TokenBucket {
             rate,
             burst,
-            tokens: burst,
+            tokens: burst as i64,
             last: None,
         }
     }
@@ -47,27 +55,56 @@ impl TokenBucket {
         self.rate
     }
 
-    /// Whether a packet of `len` bytes may pass at `now`; if so its bits are taken.
-    pub fn allow(&mut self, len: usize, now: Instant) -> bool {
-        if let Some(last) = self.last {
-            // A `now` earlier than the last one (clocks of different callers) adds nothing.
-            let elapsed = now.saturating_duration_since(last).as_nanos();
-            let added = u128::from(self.rate) * elapsed / 1_000_000_000;
-            // Time that added less than a bit is kept for the next call.
-            if added > 0 {
-                self.tokens = (u128::from(self.tokens) + added).min(u128::from(self.burst)) as u64;
-                self.last = Some(now);
-            }
-        } else {
+    fn refill(&mut self, now: Instant) {
+        let Some(last) = self.last else {
+            self.last = Some(now);
+            return;
+        };
+        // A `now` earlier than the last one (clocks of different callers) adds nothing.
+        let elapsed = now.saturating_duration_since(last).as_nanos();
+        let added = u128::from(self.rate) * elapsed / 1_000_000_000;
+        // Time that added less than a bit is kept for the next call.
+        if added > 0 {
+            let tokens = (i128::from(self.tokens) + added as i128).min(i128::from(self.burst));
+            self.tokens = tokens as i64;
             self.last = Some(now);
         }
-        let need = len as u64 * 8;
+    }
+
+    /// Whether a packet of `len` bytes may pass at `now` without debt; if so its bits are
+    /// taken.
+    pub fn allow(&mut self, len: usize, now: Instant) -> bool {
+        self.refill(now);
+        let need = len as i64 * 8;
         if self.tokens >= need {
             self.tokens -= need;
             true
         } else {
             false
         }
+    }
+
+    /// Takes a packet of `len` bytes at `now`, going into debt if need be; false (nothing
+    /// taken) if that would put the bucket more than one burst in debt.
+    pub fn take(&mut self, len: usize, now: Instant) -> bool {
+        self.refill(now);
+        let need = len as i64 * 8;
+        if self.tokens - need >= -(self.burst as i64) {
+            self.tokens -= need;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long until the bucket is out of debt (`None`: it is not in debt now).
+    pub fn delay(&mut self, now: Instant) -> Option<Duration> {
+        self.refill(now);
+        if self.tokens >= 0 || self.rate == 0 {
+            return None;
+        }
+        let nanos = (-(self.tokens as i128)) as u128 * 1_000_000_000 / u128::from(self.rate) + 1;
+        Some(Duration::from_nanos(nanos.min(u128::from(u64::MAX)) as u64))
     }
 }
 
@@ -108,6 +145,23 @@ mod tests {
         let later = t0 + Duration::from_secs(3600);
         assert!(b.allow(1000, later));
         assert!(!b.allow(1, later));
+    }
+
+    #[test]
+    fn debt_then_delay() {
+        let t0 = Instant::now();
+        // 8000 bit/s, burst 8000 bits: a 1000-byte packet empties it, a second goes into debt.
+        let mut b = TokenBucket::with_burst(8_000, 8_000);
+        assert_eq!(b.delay(t0), None);
+        assert!(b.take(1000, t0));
+        assert!(b.take(1000, t0));
+        assert!(!b.take(1, t0), "at most one burst of debt");
+        let d = b.delay(t0).unwrap();
+        assert!(
+            d > Duration::from_millis(999) && d <= Duration::from_millis(1001),
+            "{d:?}"
+        );
+        assert_eq!(b.delay(t0 + d), None);
     }
 
     #[test]

@@ -888,7 +888,8 @@ fn bandwidth_limit_applies_both_directions_per_port() {
             inn += len;
         }
     }
-    let expected = 200_000 + 32 * 1024;
+    // Two seconds at the rate, the full bucket, and one burst of debt.
+    let expected = 200_000 + 2 * 32 * 1024;
     for got in [out, inn] {
         assert!(
             got <= expected && got >= expected - 2 * len,
@@ -914,4 +915,42 @@ fn bandwidth_limit_applies_both_directions_per_port() {
             Verdict::Deliver(PA2)
         );
     }
+}
+
+#[test]
+fn limited_ports_make_senders_wait_instead_of_dropping() {
+    let mut sw = two_nets();
+    let t0 = Instant::now();
+    // A2 receives at most 800 kbit/s; A1 sends to it as fast as the switch lets it.
+    sw.set_port_rate(PA2, Some(800_000));
+    assert_eq!(sw.port_delay(PA1, t0), None);
+    let mut now = t0;
+    let mut delivered = 0u64;
+    let end = t0 + Duration::from_secs(2);
+    while now < end {
+        if let Some(wait) = sw.port_delay(PA1, now) {
+            now += wait;
+            continue;
+        }
+        match sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 2), now) {
+            Verdict::Deliver(PA2) => delivered += 1,
+            v => panic!("a sender that waits loses nothing, got {v:?}"),
+        }
+    }
+    let len = tcp(A1, 1, A2, 2).len() as u64;
+    let bytes = delivered * len;
+    let expected = 200_000 + 32 * 1024;
+    assert!(
+        bytes <= expected + 2 * 32 * 1024 && bytes >= expected - 2 * len,
+        "{bytes} bytes, expected about {expected}"
+    );
+    assert_eq!(sw.port_counters(PA2).unwrap().rate_limited, 0);
+    // Its own limit makes a port wait too.
+    sw.set_port_rate(PB1, Some(800_000));
+    let mut n = 0;
+    while sw.port_delay(PB1, t0).is_none() {
+        sw.process_from_port(PB1, &mut tcp(B1, 1, B1, 2), t0);
+        n += 1;
+    }
+    assert!(n > 0 && sw.port_delay(PB1, t0).unwrap() > Duration::ZERO);
 }
