@@ -123,7 +123,9 @@ pub fn check_host(limits: &Limits) -> Result<(), LimitError> {
         if let Some(total) = total {
             if bytes > total {
                 return Err(LimitError::Unavailable(format!(
-                    "memory limit {bytes} bytes is more than this host's {total} bytes of memory"
+                    "memory limit {} MiB is more than this host's {} MiB of memory",
+                    bytes >> 20,
+                    total >> 20
                 )));
             }
         }

@@ -191,9 +191,8 @@ fn resolve_space(dir: &Path, spec: &InstanceSpec) -> Result<Space, CreateError> 
             let r = PathBuf::from(expand("rootfs", r)?);
             if !r.is_dir() {
                 return Err(CreateError::Input(format!(
-                    "rootfs {} is not a directory on host {}",
-                    r.display(),
-                    spec.name
+                    "rootfs {} is not a directory on this host",
+                    r.display()
                 )));
             }
             Some(r)
@@ -215,6 +214,13 @@ fn resolve_space(dir: &Path, spec: &InstanceSpec) -> Result<Space, CreateError> 
     for (target, source) in &spec.space.redirects {
         let target = PathBuf::from(expand("redirect", target)?);
         let source = PathBuf::from(expand("redirect", source)?);
+        if !target.is_absolute() || !source.is_absolute() {
+            return Err(CreateError::Input(format!(
+                "redirect {}={}: paths must be absolute once expanded",
+                target.display(),
+                source.display()
+            )));
+        }
         if !source.exists() {
             let seen = match &rootfs {
                 Some(r) => r.join(target.strip_prefix("/").unwrap_or(&target)),

@@ -317,6 +317,7 @@ pub fn redirect(s: &str) -> Result<(String, String), InputError> {
     if target.trim_end_matches('/').is_empty() {
         return Err(invalid("redirect", s, "target must not be /"));
     }
+    variables("redirect", s)?;
     if !(source.starts_with('/') || source.starts_with("{state}")) {
         return Err(invalid(
             "redirect",

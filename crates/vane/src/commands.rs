@@ -399,6 +399,7 @@ pub fn stats(c: &Client, name: &str, output: Output) -> Result<()> {
     table(
         &[
             "NAME", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "REFUSED", "SPOOFED", "DROPPED",
+            "LIMITED",
         ],
         vec![vec![
             s.name,
@@ -409,6 +410,7 @@ pub fn stats(c: &Client, name: &str, output: Output) -> Result<()> {
             p.refused.to_string(),
             p.spoofed.to_string(),
             p.dropped.to_string(),
+            p.rate_limited.to_string(),
         ]],
     );
     Ok(())
