@@ -352,7 +352,7 @@ impl Agent {
 
     async fn handle(self: Arc<Self>, req: AgentRequest) -> Result<AgentReply, String> {
         match req {
-            AgentRequest::Create { instance } => self.create(instance).await,
+            AgentRequest::Create { instance } => self.create(*instance).await,
             AgentRequest::Stop { id, timeout_secs } => {
                 self.stop(&id, Duration::from_secs(timeout_secs)).await?;
                 Ok(AgentReply::Done)

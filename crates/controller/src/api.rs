@@ -197,7 +197,12 @@ async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Js
     c.push_views();
     let result = c
         .agents
-        .request(&host, AgentRequest::Create { instance: spec })
+        .request(
+            &host,
+            AgentRequest::Create {
+                instance: Box::new(spec),
+            },
+        )
         .await;
     let answer = {
         let mut s = c.state();

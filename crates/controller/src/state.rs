@@ -737,6 +737,26 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+/// Checks the environment and file-system settings of a request or template: well-formed
+/// pairs and paths, known variables only. Limits are checked as they are parsed (CLI) and
+/// again by the agent, which knows what its host can give.
+fn check_settings(env: &[(String, String)], space: &SpaceSpec) -> Result<(), ApiError> {
+    for (k, v) in env {
+        validate::env_pair(&format!("{k}={v}"))?;
+        validate::variables("environment variable", v)?;
+    }
+    if let Some(root) = &space.rootfs {
+        validate::rootfs(root)?;
+    }
+    for (host, inside) in &space.volumes {
+        validate::volume(&format!("{host}:{inside}"))?;
+    }
+    for (target, source) in &space.redirects {
+        validate::redirect(&format!("{target}={source}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -890,24 +910,88 @@ mod tests {
         assert_eq!(v.members.len(), 2);
         assert_eq!(v.policies.len(), 1);
     }
-}
 
-/// Checks the environment and file-system settings of a request or template: well-formed
-/// pairs and paths, known variables only. Limits are checked as they are parsed (CLI) and
-/// again by the agent, which knows what its host can give.
-fn check_settings(env: &[(String, String)], space: &SpaceSpec) -> Result<(), ApiError> {
-    for (k, v) in env {
-        validate::env_pair(&format!("{k}={v}"))?;
-        validate::variables("environment variable", v)?;
+    #[test]
+    fn templates_apply_first_and_flags_override_them() {
+        use vane_proto::api::{Limits, SpaceSpec, Template};
+        let mut s = state_with_host();
+        net(&mut s, "red", "10.1.0.0/24", "a").unwrap();
+        s.put_template(Template {
+            name: "small".into(),
+            limits: Limits {
+                memory: Some(128 << 20),
+                cpu_millis: Some(250),
+                ..Limits::default()
+            },
+            env: vec![
+                ("HOME".into(), "/srv/{name}".into()),
+                ("A".into(), "1".into()),
+            ],
+            space: SpaceSpec {
+                redirects: vec![("/etc/app".into(), "{state}/app".into())],
+                ..SpaceSpec::default()
+            },
+        })
+        .unwrap();
+        let (spec, _) = s
+            .plan_instance(
+                RunSpec {
+                    name: Some("web".into()),
+                    net: "red".into(),
+                    cmd: vec!["true".into()],
+                    template: Some("small".into()),
+                    env: vec![("A".into(), "2".into())],
+                    limits: Limits {
+                        cpu_millis: Some(500),
+                        pids: Some(10),
+                        ..Limits::default()
+                    },
+                    ..Default::default()
+                },
+                "web-0123456789".into(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            spec.limits,
+            Limits {
+                memory: Some(128 << 20),
+                cpu_millis: Some(500),
+                pids: Some(10),
+                bandwidth: None
+            }
+        );
+        assert_eq!(
+            spec.env,
+            vec![
+                ("HOME".to_string(), "/srv/{name}".to_string()),
+                ("A".to_string(), "2".to_string())
+            ]
+        );
+        assert_eq!(spec.space.redirects.len(), 1);
+        assert_eq!(
+            s.instance_by_name("web").unwrap().template.as_deref(),
+            Some("small")
+        );
+
+        let unknown = RunSpec {
+            name: Some("x".into()),
+            net: "red".into(),
+            cmd: vec!["true".into()],
+            template: Some("nope".into()),
+            ..Default::default()
+        };
+        let e = s
+            .plan_instance(unknown, "x-0123456789".into(), 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown template \"nope\""), "{e}");
+        let bad = Template {
+            name: "bad".into(),
+            env: vec![("X".into(), "{nope}".into())],
+            ..Template::default()
+        };
+        assert!(s.put_template(bad).is_err());
+        assert!(s.remove_template("small").is_ok());
+        assert!(s.remove_template("small").is_err());
     }
-    if let Some(root) = &space.rootfs {
-        validate::rootfs(root)?;
-    }
-    for (host, inside) in &space.volumes {
-        validate::volume(&format!("{host}:{inside}"))?;
-    }
-    for (target, source) in &space.redirects {
-        validate::redirect(&format!("{target}={source}"))?;
-    }
-    Ok(())
 }

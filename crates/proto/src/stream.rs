@@ -49,7 +49,7 @@ pub enum ToAgent {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AgentRequest {
     Create {
-        instance: InstanceSpec,
+        instance: Box<InstanceSpec>,
     },
     /// SIGTERM, then SIGKILL after `timeout_secs`.
     Stop {
