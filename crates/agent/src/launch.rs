@@ -260,6 +260,23 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
     // Named network namespaces are nsfs bind mounts, which checkpointing cannot handle, and
     // the instance has no business with other namespaces anyway.
     let _ = umount2("/run/netns", MntFlags::MNT_DETACH);
+    // Host paths are opened before anything is mounted over them (the private /tmp hides
+    // the host's): the state directory and the sources of volumes and path rules. They are
+    // then reached through /proc/self/fd links, which work whatever the mounts.
+    let state =
+        File::open(dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    let state_at = fd_path(&state);
+    let mut sources = Vec::new();
+    for source in spec
+        .volumes
+        .iter()
+        .map(|(host, _)| host)
+        .chain(spec.redirects.iter().map(|(_, source)| source))
+    {
+        let f = open_path(source)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", source.display())))?;
+        sources.push((source.is_dir(), fd_path(&f), f));
+    }
     let root = match &spec.rootfs {
         Some(lower) => {
             let layer = dir.join(ROOTFS_DIR);
@@ -326,9 +343,17 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
         .iter()
         .map(|(host, inside)| (inside, host))
         .chain(spec.redirects.iter().map(|(t, s)| (t, s)));
-    for (n, (target, source)) in targets.enumerate() {
-        let dir_wanted = source.is_dir();
-        make_target(dir, &root, own_root, target, dir_wanted, n, &mut layered)?;
+    let (volume_sources, redirect_sources) = sources.split_at(spec.volumes.len());
+    for (n, ((target, _), (dir_wanted, _, _))) in targets.zip(&sources).enumerate() {
+        make_target(
+            &state_at,
+            &root,
+            own_root,
+            target,
+            *dir_wanted,
+            n,
+            &mut layered,
+        )?;
     }
     let etc = at(Path::new("/etc"));
     for (file, target) in [(HOSTS_FILE, "/etc/hosts"), (HOSTNAME_FILE, "/etc/hostname")] {
@@ -337,29 +362,50 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
             let _ = File::create(&target);
         }
         if target.exists() {
-            bind(&dir.join(file), &target, false)
+            bind(&state_at.join(file), &target, false)
                 .map_err(|e| io::Error::other(format!("bind {}: {e}", target.display())))?;
         }
     }
-    for (host, inside) in &spec.volumes {
-        bind(host, &at(inside), true)
+    for ((_, inside), (_, source, _)) in spec.volumes.iter().zip(volume_sources) {
+        bind(source, &at(inside), true)
             .map_err(|e| io::Error::other(format!("volume {}: {e}", inside.display())))?;
     }
-    for (target, source) in &spec.redirects {
+    for ((target, _), (_, source, _)) in spec.redirects.iter().zip(redirect_sources) {
         bind(source, &at(target), false)
             .map_err(|e| io::Error::other(format!("redirect {}: {e}", target.display())))?;
     }
-    if !own_root {
+    drop(sources);
+    // Where the state directory is still in view, init uses its path and keeps no
+    // descriptor from outside the instance (checkpointing wants none).
+    if !own_root && !dir.starts_with("/tmp") {
         return Ok(dir.to_path_buf());
     }
-    let state = File::open(dir)?;
-    std::env::set_current_dir(&root)?;
-    // The new root stacked over the old one; detaching the old leaves only the new.
-    nix::unistd::pivot_root(".", ".").map_err(|e| errno("pivot_root", e))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
-    std::env::set_current_dir("/")?;
+    if own_root {
+        std::env::set_current_dir(&root)?;
+        // The new root stacked over the old one; detaching the old leaves only the new.
+        nix::unistd::pivot_root(".", ".").map_err(|e| errno("pivot_root", e))?;
+        umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
+        std::env::set_current_dir("/")?;
+    }
     let fd = std::os::fd::IntoRawFd::into_raw_fd(state);
     Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+}
+
+/// Opens a path without reading it (`O_PATH`), for mounting it later by its descriptor.
+fn open_path(p: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(p)
+}
+
+/// The /proc link that reaches the file `f` holds, for this process.
+fn fd_path(f: &File) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(f)
+    ))
 }
 
 fn overlay(lower: &Path, upper: &Path, work: &Path, at: &Path) -> Result<(), nix::Error> {

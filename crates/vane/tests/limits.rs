@@ -399,7 +399,15 @@ fn a_rootfs_instance_writes_privately_and_the_directory_stays_unchanged() {
 #[test]
 fn proc_and_tmp_inside_are_the_instance_s_own() {
     let lab = lab_with_net("10.40.7.0/24");
-    run(&lab, &["--name", "a", "--", "sleep", "infinity"]);
+    // A host directory under the host's /tmp, shared at a path under the instance's own /tmp.
+    let shared = tempfile::tempdir().unwrap();
+    let volume = format!("{}:/tmp/shared", shared.path().display());
+    run(
+        &lab,
+        &[
+            "--name", "a", "--volume", &volume, "--", "sleep", "infinity",
+        ],
+    );
     run(&lab, &["--name", "b", "--", "sleep", "infinity"]);
     let pids = lab.ok(&[
         "exec",
@@ -441,6 +449,8 @@ fn proc_and_tmp_inside_are_the_instance_s_own() {
         lab.ok(&["exec", "a", "--", "cat", "/tmp/vane-limits-test"]),
         "a\n"
     );
+    lab.ok(&["exec", "a", "--", "sh", "-c", "echo v > /tmp/shared/file"]);
+    assert_eq!(read(&shared.path().join("file")), "v");
 }
 
 #[test]
