@@ -151,13 +151,26 @@ fn a_busy_loop_stays_within_its_cpu_quota() {
     let _turn = measuring();
     let usec = |lab: &TestLab| stats(lab, "busy")["usage"]["cpu_usec"].as_u64().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let (u0, t0) = (usec(&lab), std::time::Instant::now());
-    std::thread::sleep(Duration::from_secs(3));
-    let (u1, t1) = (usec(&lab), std::time::Instant::now());
-    let share = (u1 - u0) as f64 / 1e6 / (t1 - t0).as_secs_f64();
+    // Never above the quota; at it, unless something else on this shared machine took the
+    // cores for a while (then measure again, at most three times).
+    let mut shares = Vec::new();
+    for _ in 0..3 {
+        let (u0, t0) = (usec(&lab), std::time::Instant::now());
+        std::thread::sleep(Duration::from_secs(3));
+        let (u1, t1) = (usec(&lab), std::time::Instant::now());
+        let share = (u1 - u0) as f64 / 1e6 / (t1 - t0).as_secs_f64();
+        assert!(
+            share <= 0.5 * 1.15,
+            "a busy loop limited to 0.5 CPU used {share:.3} CPU"
+        );
+        shares.push(share);
+        if share >= 0.5 * 0.85 {
+            break;
+        }
+    }
     assert!(
-        (0.5 * 0.85..=0.5 * 1.15).contains(&share),
-        "a busy loop limited to 0.5 CPU used {share:.3} CPU"
+        shares.iter().any(|s| *s >= 0.5 * 0.85),
+        "a busy loop limited to 0.5 CPU got only {shares:.3?} CPU"
     );
     // `vane top` shows the same.
     let top: Vec<serde_json::Value> =
@@ -190,11 +203,25 @@ fn iperf(lab: &TestLab, client: &str, server: &str, reverse: bool) -> f64 {
         .expect("received rate")
 }
 
-fn assert_near(got: f64, limit: f64, what: &str) {
-    assert!(
-        (limit * 0.85..=limit * 1.15).contains(&got),
-        "{what}: {:.1} Mbit/s through a {:.0} Mbit/s limit",
-        got / 1e6,
+/// Measures with `measure` until the rate is within 15% of `limit`: never above it, and
+/// below it at most twice (a loaded machine may not reach the limit every time).
+fn assert_near(mut measure: impl FnMut() -> f64, limit: f64, what: &str) {
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let rate = measure();
+        assert!(
+            rate <= limit * 1.15,
+            "{what}: {:.1} Mbit/s through a {:.0} Mbit/s limit",
+            rate / 1e6,
+            limit / 1e6
+        );
+        got.push(rate / 1e6);
+        if rate >= limit * 0.85 {
+            return;
+        }
+    }
+    panic!(
+        "{what}: only {got:.1?} Mbit/s through a {:.0} Mbit/s limit",
         limit / 1e6
     );
 }
@@ -217,8 +244,8 @@ fn throughput_stays_within_the_bandwidth_limit_both_ways() {
         ],
     );
     let _turn = measuring();
-    assert_near(iperf(&lab, "cli", "srv", false), 50e6, "sending");
-    assert_near(iperf(&lab, "cli", "srv", true), 50e6, "receiving");
+    assert_near(|| iperf(&lab, "cli", "srv", false), 50e6, "sending");
+    assert_near(|| iperf(&lab, "cli", "srv", true), 50e6, "receiving");
     // Without a limit the same path is much faster: the limit is what held it.
     let fast = iperf(&lab, "free", "srv", false);
     assert!(fast > 100e6, "unlimited only {:.1} Mbit/s", fast / 1e6);
@@ -494,7 +521,7 @@ fn limits_survive_an_agent_restart() {
     assert_eq!(memory, (96u64 << 20).to_string());
     assert_eq!(read(&cgroup_file(&lab, "lim", "pids.max")), "30");
     let _turn = measuring();
-    assert_near(iperf(&lab, "lim", "srv", false), 20e6, "after a restart");
+    assert_near(|| iperf(&lab, "lim", "srv", false), 20e6, "after a restart");
 }
 
 #[test]
