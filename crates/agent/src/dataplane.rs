@@ -69,6 +69,8 @@ pub enum Command {
         tun: OwnedFd,
         net: NetConfig,
         ip: Ipv4Addr,
+        /// Bandwidth limit, bits per second each direction.
+        rate: Option<u64>,
         reply: oneshot::Sender<Result<(), String>>,
     },
     Detach {
@@ -147,6 +149,8 @@ impl Dataplane {
             Interest::READABLE,
         )?;
         let mut worker = Worker {
+            throttled: None,
+            was_throttled: false,
             poll,
             rx,
             switch: Switch::new(cfg.switch),
@@ -183,6 +187,7 @@ impl Dataplane {
         tun: OwnedFd,
         net: NetConfig,
         ip: Ipv4Addr,
+        rate: Option<u64>,
     ) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Attach {
@@ -190,6 +195,7 @@ impl Dataplane {
             tun,
             net,
             ip,
+            rate,
             reply,
         });
         rx.await
@@ -264,6 +270,10 @@ enum Source {
 }
 
 struct Worker {
+    /// Earliest time a device left unread for its bandwidth limit may be read again.
+    throttled: Option<Instant>,
+    /// Set when the last device serviced was left unread for its limit.
+    was_throttled: bool,
     poll: Poll,
     rx: mpsc::Receiver<Command>,
     switch: Switch,
@@ -304,11 +314,13 @@ impl Worker {
         };
         let mut backlog: Vec<Token> = Vec::new();
         let mut last_expiry = Instant::now();
+        // Whether a device in the backlog can be read at once (not only throttled ones).
+        let mut ready = false;
         loop {
-            let timeout = if backlog.is_empty() {
-                Duration::from_millis(100)
-            } else {
-                Duration::ZERO
+            let timeout = match (backlog.is_empty(), ready, self.throttled.take()) {
+                (true, _, _) => Duration::from_millis(100),
+                (false, false, Some(at)) => at.saturating_duration_since(Instant::now()),
+                _ => Duration::ZERO,
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -326,7 +338,9 @@ impl Worker {
                 }
             }
             // mio is edge-triggered: a source not drained to EAGAIN stays in the backlog.
+            ready = false;
             for token in std::mem::take(&mut backlog) {
+                self.was_throttled = false;
                 let drained = if token == UNDERLAY {
                     self.service_underlay(&mut bufs)
                 } else {
@@ -334,6 +348,7 @@ impl Worker {
                 };
                 if !drained {
                     backlog.push(token);
+                    ready |= !self.was_throttled;
                 }
             }
             let now = Instant::now();
@@ -365,9 +380,13 @@ impl Worker {
                 tun,
                 net,
                 ip,
+                rate,
                 reply,
             } => {
                 let result = self.attach(port, tun, net, ip);
+                if result.is_ok() {
+                    self.switch.set_port_rate(port, rate);
+                }
                 let _ = reply.send(result);
             }
             Command::Detach { port } => {
@@ -533,6 +552,17 @@ impl Worker {
                 Source::Port(port) => self.ports.get_mut(&port),
             };
             let Some(device) = device else { return true };
+            // Over its bandwidth limit (or its receiver's): leave the packets in the device,
+            // so the kernel slows the instance's sockets down instead of losing packets.
+            if let Source::Port(port) = source {
+                let now = Instant::now();
+                if let Some(wait) = self.switch.port_delay(port, now) {
+                    let at = now + wait;
+                    self.throttled = Some(self.throttled.map_or(at, |t| t.min(at)));
+                    self.was_throttled = true;
+                    return false;
+                }
+            }
             let n = match device.read(&mut bufs.device) {
                 Ok(0) => return true,
                 Ok(n) => n,

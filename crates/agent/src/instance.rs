@@ -93,18 +93,24 @@ fn create_inner(
         dir.join(launch::HOSTNAME_FILE),
         format!("{}\n", spec.hostname),
     )?;
+    cgroup::check_host(&spec.limits).map_err(limit_error)?;
+    let space = resolve_space(dir, spec)?;
     let netns = netns_name(&spec.id);
     netconf::create_netns(&netns)?;
     let tun = open_tun(&netns)?;
     netconf::configure(&netns, spec.ip, mtu)?;
     netconf::apply_rules(&netns, rules, None)?;
     let cgroups = layout.create(&spec.id)?;
+    cgroup::apply_limits(&cgroups, &spec.limits).map_err(limit_error)?;
     let launch_spec = LaunchSpec {
         hostname: spec.hostname.clone(),
         netns: netns.clone(),
         cmd: spec.cmd.clone(),
-        env: launch::instance_env(&spec.hostname, &spec.env),
+        env: launch::instance_env(&spec.hostname, &space.env),
         cgroups: cgroups.clone(),
+        rootfs: space.rootfs,
+        volumes: space.volumes,
+        redirects: space.redirects,
     };
     std::fs::write(
         dir.join(launch::LAUNCH_FILE),
@@ -128,7 +134,11 @@ fn create_inner(
     let launched: Launched = serde_json::from_slice(&out.stdout)
         .map_err(|e| CreateError::Host(format!("starting the instance: {e}")))?;
     let record = Record {
-        spec: spec.clone(),
+        // With its variables expanded: `vane exec` runs in the same environment.
+        spec: InstanceSpec {
+            env: space.env,
+            ..spec.clone()
+        },
         netns,
         cgroups,
         init_pid: launched.init_pid,
@@ -137,6 +147,115 @@ fn create_inner(
     };
     write_record(dir, &record)?;
     Ok((record, tun))
+}
+
+fn limit_error(e: cgroup::LimitError) -> CreateError {
+    match e {
+        cgroup::LimitError::Unavailable(m) => CreateError::Input(m),
+        cgroup::LimitError::Io(e) => CreateError::Host(format!("setting limits: {e}")),
+    }
+}
+
+/// An instance's environment and file-system settings with their variables expanded, and
+/// checked against this host.
+struct Space {
+    env: Vec<(String, String)>,
+    rootfs: Option<PathBuf>,
+    volumes: Vec<(PathBuf, PathBuf)>,
+    redirects: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Expands the per-instance variables of `spec` and prepares what its settings need on the
+/// host: a path rule's source that does not exist yet is created (a directory when the target
+/// is one, an empty file otherwise), so each instance starts with its own, empty, file.
+fn resolve_space(dir: &Path, spec: &InstanceSpec) -> Result<Space, CreateError> {
+    let ip = spec.ip.to_string();
+    let state = dir.to_string_lossy().into_owned();
+    let vars = [
+        ("name", spec.name.as_str()),
+        ("hostname", spec.hostname.as_str()),
+        ("ip", ip.as_str()),
+        ("net", spec.net.name.as_str()),
+        ("state", state.as_str()),
+    ];
+    let expand = |what: &'static str, s: &str| {
+        vane_proto::validate::expand(what, s, &vars).map_err(|e| CreateError::Input(e.to_string()))
+    };
+    let env = spec
+        .env
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), expand("environment variable", v)?)))
+        .collect::<Result<Vec<_>, CreateError>>()?;
+    let rootfs = match &spec.space.rootfs {
+        Some(r) => {
+            let r = PathBuf::from(expand("rootfs", r)?);
+            if !r.is_dir() {
+                return Err(CreateError::Input(format!(
+                    "rootfs {} is not a directory on this host",
+                    r.display()
+                )));
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let mut volumes = Vec::new();
+    for (host, inside) in &spec.space.volumes {
+        let host = PathBuf::from(expand("volume", host)?);
+        if !host.is_dir() {
+            return Err(CreateError::Input(format!(
+                "volume {} is not a directory on this host",
+                host.display()
+            )));
+        }
+        volumes.push((host, PathBuf::from(expand("volume", inside)?)));
+    }
+    let mut redirects = Vec::new();
+    for (target, source) in &spec.space.redirects {
+        let target = PathBuf::from(expand("redirect", target)?);
+        let source = PathBuf::from(expand("redirect", source)?);
+        if !target.is_absolute() || !source.is_absolute() {
+            return Err(CreateError::Input(format!(
+                "redirect {}={}: paths must be absolute once expanded",
+                target.display(),
+                source.display()
+            )));
+        }
+        if !source.exists() {
+            let seen = match &rootfs {
+                Some(r) => r.join(target.strip_prefix("/").unwrap_or(&target)),
+                None => target.clone(),
+            };
+            let made = if seen.is_dir() {
+                std::fs::create_dir_all(&source)
+            } else {
+                source
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|_| std::fs::File::create(&source).map(|_| ()))
+            };
+            made.map_err(|e| {
+                CreateError::Host(format!("redirect source {}: {e}", source.display()))
+            })?;
+        }
+        redirects.push((target, source));
+    }
+    Ok(Space {
+        env,
+        rootfs,
+        volumes,
+        redirects,
+    })
+}
+
+/// The exit status init recorded, marked out of memory when the program was killed and the
+/// instance's memory cgroup counted an out-of-memory kill.
+pub fn exit_status(dir: &Path, cgroups: &[PathBuf]) -> Option<ExitStatus> {
+    let mut exit = read_exit(dir)?;
+    if exit.signal == Some(9) && cgroup::oom_kills(cgroups) > 0 {
+        exit.oom = true;
+    }
+    Some(exit)
 }
 
 fn write_record(dir: &Path, record: &Record) -> io::Result<()> {

@@ -6,8 +6,9 @@
 //! ```text
 //! agent ──spawn──> __launch: join cgroups, join the net namespace, unshare mount/UTS/IPC/PID
 //!                      └─spawn──> __init (PID 1 of the instance): private mounts, /proc,
-//!                                 hostname, /etc/hosts; spawns the program, reaps,
-//!                                 forwards signals, records the exit status
+//!                                 /tmp, hostname, /etc/hosts, root, volumes, path rules;
+//!                                 spawns the program, reaps, forwards signals, records the
+//!                                 exit status
 //! ```
 //! `__launch` prints the pids and exits, so `__init` is adopted by the host's init and keeps
 //! running whatever happens to the agent.
@@ -38,7 +39,21 @@ pub struct LaunchSpec {
     pub cmd: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cgroups: Vec<PathBuf>,
+    /// The instance's root: a directory seen through a private copy-on-write layer.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
+    /// Host directories bind-mounted at paths inside: (host, inside).
+    #[serde(default)]
+    pub volumes: Vec<(PathBuf, PathBuf)>,
+    /// Path rules, variables expanded: (target inside, source on the host).
+    #[serde(default)]
+    pub redirects: Vec<(PathBuf, PathBuf)>,
 }
+
+/// Where `--rootfs` puts its copy-on-write layer, inside the instance's state directory.
+pub const ROOTFS_DIR: &str = "rootfs";
+/// Where the layers that make room for missing path-rule and volume targets go.
+pub const PATHS_DIR: &str = "paths";
 
 /// What `__launch` prints on success.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,13 +178,16 @@ const FORWARDED: &[Signal] = &[
 
 /// `vane __init DIR`: PID 1 of an instance.
 pub fn init_main(dir: &Path) -> i32 {
-    let spec = match read_spec(dir).and_then(|s| prepare_space(dir, &s).map(|_| s)) {
+    // With a root of its own, the state directory is outside the instance's view: init
+    // reaches it through a descriptor opened before (its /proc/self/fd link).
+    let (spec, state) = match read_spec(dir).and_then(|s| prepare_space(dir, &s).map(|d| (s, d))) {
         Ok(s) => s,
         Err(e) => {
             println!("error: setting up the instance: {e}");
             return 1;
         }
     };
+    let dir = state.as_path();
     let child = match spawn_program(dir, &spec) {
         Ok(c) => c,
         Err(msg) => {
@@ -226,8 +244,11 @@ pub fn init_main(dir: &Path) -> i32 {
 }
 
 /// Mounts of the instance: nothing propagates back to the host; /proc shows only the
-/// instance's processes, /sys only its network devices; its own hostname and /etc/hosts.
-fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<()> {
+/// instance's processes, /sys only its network devices; its own /tmp, hostname and
+/// /etc/hosts; with a root directory, that directory under a private copy-on-write layer;
+/// volumes and path rules. Returns the path at which init reaches the state directory
+/// afterwards.
+fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
     mount(
         None::<&str>,
         "/",
@@ -239,9 +260,49 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<()> {
     // Named network namespaces are nsfs bind mounts, which checkpointing cannot handle, and
     // the instance has no business with other namespaces anyway.
     let _ = umount2("/run/netns", MntFlags::MNT_DETACH);
+    // Host paths are opened before anything is mounted over them (the private /tmp hides
+    // the host's): the state directory and the sources of volumes and path rules. They are
+    // then reached through /proc/self/fd links, which work whatever the mounts.
+    let state =
+        File::open(dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    let state_at = fd_path(&state);
+    let mut sources = Vec::new();
+    for source in spec
+        .volumes
+        .iter()
+        .map(|(host, _)| host)
+        .chain(spec.redirects.iter().map(|(_, source)| source))
+    {
+        let f = open_path(source)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", source.display())))?;
+        sources.push((source.is_dir(), fd_path(&f), f));
+    }
+    let root = match &spec.rootfs {
+        Some(lower) => {
+            let layer = dir.join(ROOTFS_DIR);
+            let (upper, work, merged) = (
+                layer.join("upper"),
+                layer.join("work"),
+                layer.join("merged"),
+            );
+            for d in [&upper, &work, &merged] {
+                std::fs::create_dir_all(d)?;
+            }
+            overlay(lower, &upper, &work, &merged)
+                .map_err(|e| io::Error::other(format!("root {}: {e}", lower.display())))?;
+            merged
+        }
+        None => PathBuf::from("/"),
+    };
+    let own_root = spec.rootfs.is_some();
+    let at = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    if own_root {
+        std::fs::create_dir_all(at(Path::new("/proc")))?;
+        std::fs::create_dir_all(at(Path::new("/sys")))?;
+    }
     mount(
         Some("proc"),
-        "/proc",
+        &at(Path::new("/proc")),
         Some("proc"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
@@ -249,27 +310,211 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<()> {
     .map_err(|e| errno("mount /proc", e))?;
     // A sysfs of the instance's own network namespace, so /sys/class/net shows its devices
     // rather than the host's; read-only, as sysfs also reaches host-wide kernel settings.
-    let _ = umount2("/sys", MntFlags::MNT_DETACH);
+    if !own_root {
+        let _ = umount2("/sys", MntFlags::MNT_DETACH);
+    }
     mount(
         Some("sysfs"),
-        "/sys",
+        &at(Path::new("/sys")),
         Some("sysfs"),
         MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .map_err(|e| errno("mount /sys", e))?;
+    if own_root {
+        minimal_dev(&at(Path::new("/dev")))?;
+    }
+    let tmp = at(Path::new("/tmp"));
+    std::fs::create_dir_all(&tmp)?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )
+    .map_err(|e| errno("mount /tmp", e))?;
     sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))?;
+    // Room for targets that do not exist yet, before anything is bound below them (a layer
+    // laid over a directory hides the mounts under it).
+    let mut layered: Vec<PathBuf> = Vec::new();
+    let targets = spec
+        .volumes
+        .iter()
+        .map(|(host, inside)| (inside, host))
+        .chain(spec.redirects.iter().map(|(t, s)| (t, s)));
+    let (volume_sources, redirect_sources) = sources.split_at(spec.volumes.len());
+    for (n, ((target, _), (dir_wanted, _, _))) in targets.zip(&sources).enumerate() {
+        make_target(
+            &state_at,
+            &root,
+            own_root,
+            target,
+            *dir_wanted,
+            n,
+            &mut layered,
+        )?;
+    }
+    let etc = at(Path::new("/etc"));
     for (file, target) in [(HOSTS_FILE, "/etc/hosts"), (HOSTNAME_FILE, "/etc/hostname")] {
-        if Path::new(target).exists() {
-            mount(
-                Some(&dir.join(file)),
-                target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| errno(&format!("bind {target}"), e))?;
+        let target = at(Path::new(target));
+        if own_root && etc.is_dir() && !target.exists() {
+            let _ = File::create(&target);
         }
+        if target.exists() {
+            bind(&state_at.join(file), &target, false)
+                .map_err(|e| io::Error::other(format!("bind {}: {e}", target.display())))?;
+        }
+    }
+    for ((_, inside), (_, source, _)) in spec.volumes.iter().zip(volume_sources) {
+        bind(source, &at(inside), true)
+            .map_err(|e| io::Error::other(format!("volume {}: {e}", inside.display())))?;
+    }
+    for ((target, _), (_, source, _)) in spec.redirects.iter().zip(redirect_sources) {
+        bind(source, &at(target), false)
+            .map_err(|e| io::Error::other(format!("redirect {}: {e}", target.display())))?;
+    }
+    drop(sources);
+    // Where the state directory is still in view, init uses its path and keeps no
+    // descriptor from outside the instance (checkpointing wants none).
+    if !own_root && !dir.starts_with("/tmp") {
+        return Ok(dir.to_path_buf());
+    }
+    if own_root {
+        std::env::set_current_dir(&root)?;
+        // The new root stacked over the old one; detaching the old leaves only the new.
+        nix::unistd::pivot_root(".", ".").map_err(|e| errno("pivot_root", e))?;
+        umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
+        std::env::set_current_dir("/")?;
+    }
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(state);
+    Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+}
+
+/// Opens a path without reading it (`O_PATH`), for mounting it later by its descriptor.
+fn open_path(p: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(p)
+}
+
+/// The /proc link that reaches the file `f` holds, for this process.
+fn fd_path(f: &File) -> PathBuf {
+    PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(f)
+    ))
+}
+
+fn overlay(lower: &Path, upper: &Path, work: &Path, at: &Path) -> Result<(), nix::Error> {
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    mount(
+        Some("overlay"),
+        at,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+}
+
+fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), nix::Error> {
+    let flags = if recursive {
+        MsFlags::MS_BIND | MsFlags::MS_REC
+    } else {
+        MsFlags::MS_BIND
+    };
+    mount(Some(source), target, None::<&str>, flags, None::<&str>)
+}
+
+/// Makes `target` (a path inside the instance) exist, as a directory or an empty file, without
+/// changing the host: inside a root of its own or the private /tmp it is simply created;
+/// elsewhere the nearest existing directory above it gets a private copy-on-write layer
+/// (in the state directory) and the missing part is created in that layer.
+fn make_target(
+    dir: &Path,
+    root: &Path,
+    own_root: bool,
+    target: &Path,
+    dir_wanted: bool,
+    n: usize,
+    layered: &mut Vec<PathBuf>,
+) -> io::Result<()> {
+    let at = root.join(target.strip_prefix("/").unwrap_or(target));
+    if at.exists() {
+        return Ok(());
+    }
+    let private =
+        own_root || target.starts_with("/tmp") || layered.iter().any(|l| target.starts_with(l));
+    if !private {
+        let ancestor = target
+            .ancestors()
+            .skip(1)
+            .find(|a| a.is_dir())
+            .unwrap_or(Path::new("/"));
+        if ancestor == Path::new("/") {
+            return Err(io::Error::other(format!(
+                "cannot make {}: its top directory does not exist",
+                target.display()
+            )));
+        }
+        let layer = dir.join(PATHS_DIR).join(n.to_string());
+        let (upper, work) = (layer.join("upper"), layer.join("work"));
+        std::fs::create_dir_all(&upper)?;
+        std::fs::create_dir_all(&work)?;
+        overlay(ancestor, &upper, &work, ancestor)
+            .map_err(|e| io::Error::other(format!("layer over {}: {e}", ancestor.display())))?;
+        layered.push(ancestor.to_path_buf());
+    }
+    if dir_wanted {
+        std::fs::create_dir_all(&at)
+    } else {
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        File::create(&at).map(|_| ())
+    }
+    .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", target.display())))
+}
+
+/// A /dev for a root of its own: a tmpfs with the host's harmless character devices bound in.
+fn minimal_dev(dev: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dev)?;
+    mount(
+        Some("tmpfs"),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755"),
+    )
+    .map_err(|e| errno("mount /dev", e))?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        File::create(&target)?;
+        bind(&Path::new("/dev").join(name), &target, false)
+            .map_err(|e| errno(&format!("bind /dev/{name}"), e))?;
+    }
+    std::fs::create_dir_all(dev.join("shm"))?;
+    let _ = mount(
+        Some("tmpfs"),
+        &dev.join("shm"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    );
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(to, dev.join(link))?;
     }
     Ok(())
 }
@@ -305,6 +550,7 @@ fn record_exit(dir: &Path, code: Option<i32>, signal: Option<i32>) {
         code,
         signal,
         at: crate::now(),
+        oom: false,
     };
     let tmp = dir.join(".exit.json.tmp");
     if std::fs::write(&tmp, serde_json::to_vec(&status).expect("serializes")).is_ok() {

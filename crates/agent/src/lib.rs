@@ -245,7 +245,7 @@ impl Agent {
                             Err(e) => tracing::error!(instance = %id, "{e}"),
                         }
                     } else {
-                        let exit = instance::read_exit(&dir);
+                        let exit = instance::exit_status(&dir, &record.cgroups);
                         self.instances().insert(
                             id,
                             Local {
@@ -274,8 +274,10 @@ impl Agent {
     ) -> Result<(), String> {
         let port = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
         let net = net_config(&record.spec.net);
+        // The bandwidth limit lives in the switch, not the kernel: it comes from the record,
+        // so a restarted agent sets it again.
         self.dataplane
-            .attach(port, tun, net, record.spec.ip)
+            .attach(port, tun, net, record.spec.ip, record.spec.limits.bandwidth)
             .await?;
         let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
         let id = record.spec.id.clone();
@@ -317,11 +319,13 @@ impl Agent {
             let Some(local) = instances.get_mut(&id) else {
                 return;
             };
-            let exit = instance::read_exit(&local.dir).unwrap_or(ExitStatus {
-                code: None,
-                signal: None,
-                at: now(),
-            });
+            let exit =
+                instance::exit_status(&local.dir, &local.record.cgroups).unwrap_or(ExitStatus {
+                    code: None,
+                    signal: None,
+                    at: now(),
+                    oom: false,
+                });
             local.state = InstanceState::Exited;
             local.exit = Some(exit);
             // The port stays attached until the instance is removed: its network namespace
@@ -350,7 +354,7 @@ impl Agent {
 
     async fn handle(self: Arc<Self>, req: AgentRequest) -> Result<AgentReply, String> {
         match req {
-            AgentRequest::Create { instance } => self.create(instance).await,
+            AgentRequest::Create { instance } => self.create(*instance).await,
             AgentRequest::Stop { id, timeout_secs } => {
                 self.stop(&id, Duration::from_secs(timeout_secs)).await?;
                 Ok(AgentReply::Done)
@@ -373,13 +377,23 @@ impl Agent {
                 Ok(AgentReply::HostStats(stats))
             }
             AgentRequest::Stats { id } => {
-                let port = self
+                let (port, cgroups) = self
                     .instances()
                     .get(&id)
-                    .and_then(|l| l.port)
+                    .and_then(|l| {
+                        let running = l.state == InstanceState::Running;
+                        Some((l.port?, running.then(|| l.record.cgroups.clone())))
+                    })
                     .ok_or_else(|| format!("not found: instance {id} is not running here"))?;
                 let c = self.dataplane.stats(port).await.unwrap_or_default();
+                let usage = match cgroups {
+                    Some(paths) => tokio::task::spawn_blocking(move || cgroup::usage(&paths))
+                        .await
+                        .ok(),
+                    None => None,
+                };
                 Ok(AgentReply::Stats {
+                    usage,
                     port: PortStats {
                         tx_packets: c.tx_packets,
                         tx_bytes: c.tx_bytes,
@@ -388,6 +402,7 @@ impl Agent {
                         refused: c.refused,
                         spoofed: c.spoofed,
                         dropped: c.dropped,
+                        rate_limited: c.rate_limited,
                     },
                 })
             }
@@ -460,6 +475,7 @@ impl Agent {
                     code: None,
                     signal: Some(Signal::SIGKILL as i32),
                     at: now(),
+                    oom: false,
                 },
             );
             let _ = kill(init, Signal::SIGKILL);

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use vane_proto::api::{
     frame, ErrorBody, ExecSpec, Host, HostState, HostStats, Instance, InstanceState, InstanceStats,
-    JoinToken, Net, NetSpec, Policy, PolicySpec, RunSpec, Status, TokenSpec,
+    JoinToken, Net, NetSpec, Policy, PolicySpec, RunSpec, Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -64,6 +64,11 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/instances/{name}/stats", get(instance_stats))
         .route("/v1/policies", get(list_policies).post(create_policy))
         .route("/v1/policies/{id}", delete(remove_policy))
+        .route("/v1/templates", get(list_templates).post(put_template))
+        .route(
+            "/v1/templates/{name}",
+            get(get_template).delete(remove_template),
+        )
         .route("/v1/agents/connect", get(agent_connect))
         .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })
         .with_state(ctl)
@@ -81,6 +86,7 @@ async fn status(AxState(c): Ctl) -> Json<Status> {
         ("instances".to_string(), s.instances.len()),
         ("hosts".to_string(), s.hosts.len()),
         ("policies".to_string(), s.policies.len()),
+        ("templates".to_string(), s.templates.len()),
     ]
     .into_iter()
     .collect();
@@ -191,7 +197,12 @@ async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Js
     c.push_views();
     let result = c
         .agents
-        .request(&host, AgentRequest::Create { instance: spec })
+        .request(
+            &host,
+            AgentRequest::Create {
+                instance: Box::new(spec),
+            },
+        )
         .await;
     let answer = {
         let mut s = c.state();
@@ -351,7 +362,7 @@ async fn instance_stats(
 ) -> ApiResult<Json<InstanceStats>> {
     let (id, host) = running_instance(&c, &name)?;
     match c.agents.request(&host, AgentRequest::Stats { id }).await? {
-        AgentReply::Stats { port } => Ok(Json(InstanceStats { name, port })),
+        AgentReply::Stats { port, usage } => Ok(Json(InstanceStats { name, port, usage })),
         other => Err(ApiError::Internal(format!(
             "unexpected answer from host {host:?}: {other:?}"
         ))),
@@ -384,6 +395,34 @@ async fn remove_policy(AxState(c): Ctl, Path(id): Path<String>) -> ApiResult<Sta
         c.commit(batch)?;
     }
     c.push_views();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_templates(AxState(c): Ctl) -> Json<Vec<Template>> {
+    Json(c.state().templates.values().cloned().collect())
+}
+
+async fn get_template(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Template>> {
+    c.state()
+        .templates
+        .get(&name)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown template {name:?}")))
+}
+
+async fn put_template(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Template>)> {
+    let t: Template = parse(&body)?;
+    let mut s = c.state();
+    let (t, batch) = s.put_template(t)?;
+    c.commit(batch)?;
+    Ok((StatusCode::CREATED, Json(t)))
+}
+
+async fn remove_template(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    let mut s = c.state();
+    let batch = s.remove_template(&name)?;
+    c.commit(batch)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

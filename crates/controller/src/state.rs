@@ -9,7 +9,7 @@ use ipnet::Ipv4Net;
 
 use vane_proto::api::{
     ClusterConfig, Host, HostState, Instance, InstanceState, Net, NetSpec, Policy, PolicySpec,
-    RunSpec,
+    RunSpec, SpaceSpec, Template,
 };
 use vane_proto::stream::{
     AgentView, HostAuth, InstanceReport, InstanceSpec, Member, Peer, PolicyRule,
@@ -59,6 +59,8 @@ pub struct State {
     tokens: BTreeMap<String, TokenRecord>,
     /// By host name.
     enrollments: BTreeMap<String, Enrollment>,
+    /// Resource templates by name.
+    pub templates: BTreeMap<String, Template>,
 }
 
 impl State {
@@ -98,6 +100,11 @@ impl State {
                 .enrollments
                 .into_iter()
                 .map(|e| (e.host.clone(), e))
+                .collect(),
+            templates: snap
+                .templates
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
                 .collect(),
         };
         for host in state.hosts.values_mut() {
@@ -232,9 +239,27 @@ impl State {
         }
         let hostname = spec.hostname.unwrap_or_else(|| name.clone());
         validate::hostname(&hostname)?;
-        for (k, v) in &spec.env {
-            validate::env_pair(&format!("{k}={v}"))?;
+        // The template first, then what the request says.
+        let (limits, mut env, space) = match &spec.template {
+            Some(t) => {
+                let t = self.templates.get(t).ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "unknown template {t:?} (`vane template ls` lists them)"
+                    ))
+                })?;
+                (
+                    t.limits.overridden_by(spec.limits),
+                    t.env.clone(),
+                    t.space.overridden_by(&spec.space),
+                )
+            }
+            None => (spec.limits, Vec::new(), spec.space.clone()),
+        };
+        for (k, v) in spec.env {
+            env.retain(|(key, _)| *key != k);
+            env.push((k, v));
         }
+        check_settings(&env, &space)?;
         let host = match spec.host {
             Some(h) => {
                 let host = self
@@ -280,11 +305,14 @@ impl State {
             hostname: hostname.clone(),
             host,
             cmd: spec.cmd.clone(),
-            env: spec.env.clone(),
+            env: env.clone(),
             state: InstanceState::Creating,
             pid: None,
             exit: None,
             created: now,
+            template: spec.template.clone(),
+            limits,
+            space: space.clone(),
         };
         let mut batch = Batch::default();
         batch.put(&instance);
@@ -297,10 +325,32 @@ impl State {
                 ip,
                 hostname,
                 cmd: spec.cmd,
-                env: spec.env,
+                env,
+                limits,
+                space,
             },
             batch,
         ))
+    }
+
+    /// Adds or replaces a template.
+    pub fn put_template(&mut self, t: Template) -> Result<(Template, Batch), ApiError> {
+        validate::name("template name", &t.name)?;
+        check_settings(&t.env, &t.space)?;
+        let mut batch = Batch::default();
+        batch.put(&t);
+        self.templates.insert(t.name.clone(), t.clone());
+        Ok((t, batch))
+    }
+
+    pub fn remove_template(&mut self, name: &str) -> Result<Batch, ApiError> {
+        let t = self
+            .templates
+            .remove(name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown template {name:?}")))?;
+        let mut batch = Batch::default();
+        batch.delete(&t);
+        Ok(batch)
     }
 
     fn member_at(&self, net: &str, ip: Ipv4Addr) -> Option<&Instance> {
@@ -687,6 +737,26 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
+/// Checks the environment and file-system settings of a request or template: well-formed
+/// pairs and paths, known variables only. Limits are checked as they are parsed (CLI) and
+/// again by the agent, which knows what its host can give.
+fn check_settings(env: &[(String, String)], space: &SpaceSpec) -> Result<(), ApiError> {
+    for (k, v) in env {
+        validate::env_pair(&format!("{k}={v}"))?;
+        validate::variables("environment variable", v)?;
+    }
+    if let Some(root) = &space.rootfs {
+        validate::rootfs(root)?;
+    }
+    for (host, inside) in &space.volumes {
+        validate::volume(&format!("{host}:{inside}"))?;
+    }
+    for (target, source) in &space.redirects {
+        validate::redirect(&format!("{target}={source}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,5 +909,89 @@ mod tests {
         assert_eq!(names, ["green", "red"]);
         assert_eq!(v.members.len(), 2);
         assert_eq!(v.policies.len(), 1);
+    }
+
+    #[test]
+    fn templates_apply_first_and_flags_override_them() {
+        use vane_proto::api::{Limits, SpaceSpec, Template};
+        let mut s = state_with_host();
+        net(&mut s, "red", "10.1.0.0/24", "a").unwrap();
+        s.put_template(Template {
+            name: "small".into(),
+            limits: Limits {
+                memory: Some(128 << 20),
+                cpu_millis: Some(250),
+                ..Limits::default()
+            },
+            env: vec![
+                ("HOME".into(), "/srv/{name}".into()),
+                ("A".into(), "1".into()),
+            ],
+            space: SpaceSpec {
+                redirects: vec![("/etc/app".into(), "{state}/app".into())],
+                ..SpaceSpec::default()
+            },
+        })
+        .unwrap();
+        let (spec, _) = s
+            .plan_instance(
+                RunSpec {
+                    name: Some("web".into()),
+                    net: "red".into(),
+                    cmd: vec!["true".into()],
+                    template: Some("small".into()),
+                    env: vec![("A".into(), "2".into())],
+                    limits: Limits {
+                        cpu_millis: Some(500),
+                        pids: Some(10),
+                        ..Limits::default()
+                    },
+                    ..Default::default()
+                },
+                "web-0123456789".into(),
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            spec.limits,
+            Limits {
+                memory: Some(128 << 20),
+                cpu_millis: Some(500),
+                pids: Some(10),
+                bandwidth: None
+            }
+        );
+        assert_eq!(
+            spec.env,
+            vec![
+                ("HOME".to_string(), "/srv/{name}".to_string()),
+                ("A".to_string(), "2".to_string())
+            ]
+        );
+        assert_eq!(spec.space.redirects.len(), 1);
+        assert_eq!(
+            s.instance_by_name("web").unwrap().template.as_deref(),
+            Some("small")
+        );
+
+        let unknown = RunSpec {
+            name: Some("x".into()),
+            net: "red".into(),
+            cmd: vec!["true".into()],
+            template: Some("nope".into()),
+            ..Default::default()
+        };
+        let e = s
+            .plan_instance(unknown, "x-0123456789".into(), 0)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown template \"nope\""), "{e}");
+        let bad = Template {
+            name: "bad".into(),
+            env: vec![("X".into(), "{nope}".into())],
+            ..Template::default()
+        };
+        assert!(s.put_template(bad).is_err());
+        assert!(s.remove_template("small").is_ok());
+        assert!(s.remove_template("small").is_err());
     }
 }

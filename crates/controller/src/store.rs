@@ -8,7 +8,7 @@ use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use vane_proto::api::{ClusterConfig, Host, Instance, Net, Policy};
+use vane_proto::api::{ClusterConfig, Host, Instance, Net, Policy, Template};
 
 use crate::enroll::{Enrollment, TokenRecord};
 
@@ -19,6 +19,7 @@ const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
+const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -52,6 +53,7 @@ pub struct Snapshot {
     pub policies: Vec<Policy>,
     pub tokens: Vec<TokenRecord>,
     pub enrollments: Vec<Enrollment>,
+    pub templates: Vec<Template>,
 }
 
 /// Id counters, persisted so that ids are never reused (an id reused for another net would
@@ -118,6 +120,14 @@ impl Record for Enrollment {
     }
 }
 
+impl Record for Template {
+    const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = TEMPLATES;
+    const NAME: &'static str = "templates";
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Database::create(path).map_err(|source| StoreError::Open {
@@ -126,7 +136,16 @@ impl Store {
         })?;
         // Create every table up front so that readers never meet a missing one.
         let tx = db.begin_write().map_err(db_err)?;
-        for t in [NETS, INSTANCES, HOSTS, POLICIES, META, TOKENS, ENROLLMENTS] {
+        for t in [
+            NETS,
+            INSTANCES,
+            HOSTS,
+            POLICIES,
+            META,
+            TOKENS,
+            ENROLLMENTS,
+            TEMPLATES,
+        ] {
             tx.open_table(t).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
@@ -165,6 +184,7 @@ impl Store {
             policies: self.all::<Policy>(&tx)?,
             tokens: self.all::<TokenRecord>(&tx)?,
             enrollments: self.all::<Enrollment>(&tx)?,
+            templates: self.all::<Template>(&tx)?,
         })
     }
 

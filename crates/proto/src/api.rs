@@ -141,6 +141,97 @@ pub struct RunSpec {
     #[serde(default)]
     pub env: Vec<(String, String)>,
     pub cmd: Vec<String>,
+    /// Template whose limits, environment and space settings apply first; the fields below
+    /// override it.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Resource limits (each one overrides the template's).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Private view of the file system (added to the template's).
+    #[serde(default)]
+    pub space: SpaceSpec,
+}
+
+/// Resource limits of an instance; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory, bytes (cgroup memory.max / memory.limit_in_bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// CPU, thousandths of a CPU (500 = half a CPU; cgroup cpu.max / cfs quota).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+    /// Most processes (and threads) at once (cgroup pids.max).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    /// Bandwidth through the switch, bits per second, each direction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<u64>,
+}
+
+impl Limits {
+    /// `self`, with each limit `over` sets replacing ours.
+    pub fn overridden_by(self, over: Limits) -> Limits {
+        Limits {
+            memory: over.memory.or(self.memory),
+            cpu_millis: over.cpu_millis.or(self.cpu_millis),
+            pids: over.pids.or(self.pids),
+            bandwidth: over.bandwidth.or(self.bandwidth),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
+}
+
+/// What an instance sees of the file system beyond its own /proc, /sys and /tmp. Paths may
+/// hold the variables {name}, {hostname}, {ip}, {net} and {state}, expanded per instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceSpec {
+    /// A directory used as the instance's root, read-only below a private copy-on-write
+    /// layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
+    /// Host directories shared on purpose: (host directory, path inside).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<(String, String)>,
+    /// Path rules: the program sees `source` at `target` (both absolute).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirects: Vec<(String, String)>,
+}
+
+impl SpaceSpec {
+    /// The template's settings with `over`'s: its root if it gives one, volumes and path
+    /// rules added (a rule for the same target replaces the template's).
+    pub fn overridden_by(&self, over: &SpaceSpec) -> SpaceSpec {
+        let mut out = self.clone();
+        if over.rootfs.is_some() {
+            out.rootfs = over.rootfs.clone();
+        }
+        for v in &over.volumes {
+            out.volumes.retain(|(_, p)| *p != v.1);
+            out.volumes.push(v.clone());
+        }
+        for r in &over.redirects {
+            out.redirects.retain(|(t, _)| *t != r.0);
+            out.redirects.push(r.clone());
+        }
+        out
+    }
+}
+
+/// `POST /v1/templates` (`vane template create`); also what `GET /v1/templates` lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub name: String,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub space: SpaceSpec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,10 +266,16 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
     /// Unix time, seconds.
     pub at: u64,
+    /// The kernel killed it for going over the instance's memory limit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom: bool,
 }
 
 impl std::fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.oom {
+            return write!(f, "out of memory");
+        }
         match (self.code, self.signal) {
             (Some(c), _) => write!(f, "exit code {c}"),
             (None, Some(s)) => write!(f, "killed by signal {s}"),
@@ -205,6 +302,13 @@ pub struct Instance {
     pub exit: Option<ExitStatus>,
     /// Unix time, seconds.
     pub created: u64,
+    /// The template it was made from, if any (its settings are already merged below).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub space: SpaceSpec,
 }
 
 /// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).
@@ -244,6 +348,9 @@ pub struct PortStats {
     /// Packets the instance sent with a source address that is not its own.
     pub spoofed: u64,
     pub dropped: u64,
+    /// Packets dropped over the instance's bandwidth limit, both directions.
+    #[serde(default)]
+    pub rate_limited: u64,
 }
 
 /// `GET /v1/instances/{name}/stats`.
@@ -251,6 +358,22 @@ pub struct PortStats {
 pub struct InstanceStats {
     pub name: String,
     pub port: PortStats,
+    /// What the instance's cgroups account (absent when the instance has ended).
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+/// Resource use of a running instance, from its cgroups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// CPU time used since the instance started, microseconds.
+    pub cpu_usec: u64,
+    /// Memory in use now, bytes.
+    pub memory: u64,
+    /// Processes (and threads) now.
+    pub pids: u64,
+    /// Times the kernel killed a process of the instance for its memory limit.
+    pub oom_kills: u64,
 }
 
 /// Error body of every non-2xx answer.

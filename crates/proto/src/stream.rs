@@ -9,7 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ClusterConfig, ExitStatus, HostStats, InstanceState, Net, PortStats};
+use crate::api::{
+    ClusterConfig, ExitStatus, HostStats, InstanceState, Limits, Net, PortStats, SpaceSpec, Usage,
+};
 use crate::validate::PortSpec;
 
 /// Controller -> agent.
@@ -47,7 +49,7 @@ pub enum ToAgent {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AgentRequest {
     Create {
-        instance: InstanceSpec,
+        instance: Box<InstanceSpec>,
     },
     /// SIGTERM, then SIGKILL after `timeout_secs`.
     Stop {
@@ -86,15 +88,27 @@ pub struct InstanceSpec {
     pub ip: Ipv4Addr,
     pub hostname: String,
     pub cmd: Vec<String>,
+    /// Values may hold per-instance variables, expanded by the agent.
     pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Paths may hold per-instance variables, expanded by the agent.
+    #[serde(default)]
+    pub space: SpaceSpec,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AgentReply {
     Done,
-    Created { pid: u32 },
-    Stats { port: PortStats },
+    Created {
+        pid: u32,
+    },
+    Stats {
+        port: PortStats,
+        #[serde(default)]
+        usage: Option<Usage>,
+    },
     HostStats(HostStats),
 }
 

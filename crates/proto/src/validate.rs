@@ -14,6 +14,12 @@ pub enum InputError {
         value: String,
         why: &'static str,
     },
+    #[error("unknown variable {{{var}}} in {what} {value:?}: known are {{name}}, {{hostname}}, {{ip}}, {{net}}, {{state}}")]
+    UnknownVariable {
+        what: &'static str,
+        value: String,
+        var: String,
+    },
 }
 
 fn invalid(what: &'static str, value: &str, why: &'static str) -> InputError {
@@ -126,6 +132,230 @@ pub fn env_pair(s: &str) -> Result<(String, String), InputError> {
     Ok((k.to_string(), v.to_string()))
 }
 
+/// `--memory`: bytes, with an optional binary unit: `K`, `M`, `G`, `T` (also written `Ki`,
+/// `KiB`, `KB`...; all are powers of 1024, as with docker and podman), e.g. `256M`, `1.5G`.
+/// At least 4 MiB, so that the instance's init itself fits.
+pub fn size(s: &str) -> Result<u64, InputError> {
+    const WHY: &str = "expected a size like 256M, 1G or 512Ki";
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| invalid("size", s, WHY))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.strip_suffix('b').unwrap_or(&unit);
+    let unit = unit.strip_suffix('i').unwrap_or(unit);
+    let mult: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(invalid("size", s, WHY)),
+    };
+    let bytes = num * mult as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(invalid("size", s, "too large"));
+    }
+    let bytes = bytes as u64;
+    if bytes < 4 << 20 {
+        return Err(invalid("size", s, "a memory limit must be at least 4M"));
+    }
+    Ok(bytes)
+}
+
+/// `--bandwidth`: bits per second, e.g. `50Mbit`, `1Gbit`, `800kbit` (decimal units, as
+/// with `tc`; `k`, `m`, `g` alone and `Mbps`-style mean the same bits). At least 8kbit.
+pub fn rate(s: &str) -> Result<u64, InputError> {
+    const WHY: &str = "expected a rate like 50Mbit, 1Gbit or 800kbit";
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().map_err(|_| invalid("rate", s, WHY))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("bit")
+        .or_else(|| unit.strip_suffix("bps"))
+        .or_else(|| unit.strip_suffix("bit/s"))
+        .unwrap_or(&unit);
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        _ => return Err(invalid("rate", s, WHY)),
+    };
+    let bits = num * mult;
+    if !bits.is_finite() || bits >= 1e13 {
+        return Err(invalid("rate", s, "too large"));
+    }
+    if bits < 8e3 {
+        return Err(invalid(
+            "rate",
+            s,
+            "a bandwidth limit must be at least 8kbit",
+        ));
+    }
+    Ok(bits as u64)
+}
+
+/// `--cpus`: a number of CPUs, e.g. `0.5` or `2`, as thousandths of a CPU; at least 0.01.
+pub fn cpus(s: &str) -> Result<u32, InputError> {
+    let n: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| invalid("cpus", s, "expected a number of CPUs like 0.5 or 2"))?;
+    if !n.is_finite() || n < 0.01 {
+        return Err(invalid("cpus", s, "must be at least 0.01"));
+    }
+    if n > 4096.0 {
+        return Err(invalid("cpus", s, "too large"));
+    }
+    Ok((n * 1000.0).round() as u32)
+}
+
+/// `--pids`: most processes at once; at least 2 (the instance's init counts as one).
+pub fn pids(s: &str) -> Result<u32, InputError> {
+    let n: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| invalid("pids", s, "expected a number of processes like 100"))?;
+    if n < 2 {
+        return Err(invalid(
+            "pids",
+            s,
+            "must be at least 2 (the instance's init counts as one)",
+        ));
+    }
+    Ok(n)
+}
+
+/// Variables that paths and environment values may hold, expanded per instance.
+pub const VARIABLES: &[&str] = &["name", "hostname", "ip", "net", "state"];
+
+/// The `{identifier}` variables of `s`, in order: (byte range, identifier). Braces around
+/// anything else (JSON, shell code) are left as they are.
+fn variables_in(s: &str) -> Vec<(std::ops::Range<usize>, &str)> {
+    let mut out = Vec::new();
+    let mut rest = 0;
+    while let Some(open) = s[rest..].find('{').map(|i| i + rest) {
+        let after = &s[open + 1..];
+        let len = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        let ident = &after[..len];
+        if !ident.is_empty()
+            && !ident.starts_with(|c: char| c.is_ascii_digit())
+            && after[len..].starts_with('}')
+        {
+            out.push((open..open + len + 2, ident));
+            rest = open + len + 2;
+        } else {
+            rest = open + 1;
+        }
+    }
+    out
+}
+
+/// Checks that `s` (a path or an environment value, named `what`) only uses known variables.
+pub fn variables(what: &'static str, s: &str) -> Result<(), InputError> {
+    for (_, ident) in variables_in(s) {
+        if !VARIABLES.contains(&ident) {
+            return Err(InputError::UnknownVariable {
+                what,
+                value: s.to_string(),
+                var: ident.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `s` with each known variable replaced by its value from `vars`.
+pub fn expand(what: &'static str, s: &str, vars: &[(&str, &str)]) -> Result<String, InputError> {
+    let mut out = String::with_capacity(s.len());
+    let mut last = 0;
+    for (range, ident) in variables_in(s) {
+        let Some((_, value)) = vars.iter().find(|(k, _)| *k == ident) else {
+            return Err(InputError::UnknownVariable {
+                what,
+                value: s.to_string(),
+                var: ident.to_string(),
+            });
+        };
+        out.push_str(&s[last..range.start]);
+        out.push_str(value);
+        last = range.end;
+    }
+    out.push_str(&s[last..]);
+    Ok(out)
+}
+
+/// An absolute path (possibly starting with a variable that expands to one, like
+/// `{state}/config`), without `..` components.
+fn absolute_path(what: &'static str, whole: &str, p: &str) -> Result<(), InputError> {
+    if !(p.starts_with('/') || p.starts_with("{state}")) {
+        return Err(invalid(what, whole, "paths must be absolute"));
+    }
+    if p.split('/').any(|c| c == "..") {
+        return Err(invalid(what, whole, "paths must not contain '..'"));
+    }
+    variables(what, p)
+}
+
+/// `TARGET=SOURCE` of `--redirect`: the program sees SOURCE at TARGET.
+pub fn redirect(s: &str) -> Result<(String, String), InputError> {
+    let (target, source) = s
+        .split_once('=')
+        .ok_or_else(|| invalid("redirect", s, "expected TARGET=SOURCE"))?;
+    if !target.starts_with('/') {
+        return Err(invalid("redirect", s, "target must be an absolute path"));
+    }
+    if target.trim_end_matches('/').is_empty() {
+        return Err(invalid("redirect", s, "target must not be /"));
+    }
+    variables("redirect", s)?;
+    if !(source.starts_with('/') || source.starts_with("{state}")) {
+        return Err(invalid(
+            "redirect",
+            s,
+            "source must be an absolute path (or start with {state})",
+        ));
+    }
+    absolute_path("redirect", s, target)?;
+    absolute_path("redirect", s, source)?;
+    Ok((target.to_string(), source.to_string()))
+}
+
+/// `HOST_DIR:PATH` of `--volume`.
+pub fn volume(s: &str) -> Result<(String, String), InputError> {
+    let (host, inside) = s
+        .split_once(':')
+        .ok_or_else(|| invalid("volume", s, "expected HOST_DIR:PATH"))?;
+    absolute_path("volume", s, host)?;
+    if !inside.starts_with('/') || inside.trim_end_matches('/').is_empty() {
+        return Err(invalid(
+            "volume",
+            s,
+            "path inside must be absolute and not /",
+        ));
+    }
+    absolute_path("volume", s, inside)?;
+    Ok((host.to_string(), inside.to_string()))
+}
+
+/// `--rootfs DIR`.
+pub fn rootfs(s: &str) -> Result<(), InputError> {
+    absolute_path("rootfs", s, s)?;
+    if s.trim_end_matches('/').is_empty() {
+        return Err(invalid("rootfs", s, "must not be / itself"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +398,91 @@ mod tests {
         assert_eq!(env_pair("A=b=c").unwrap(), ("A".into(), "b=c".into()));
         assert!(env_pair("A").is_err());
         assert!(env_pair("=x").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("256M").unwrap(), 256 << 20);
+        assert_eq!(size("1G").unwrap(), 1 << 30);
+        assert_eq!(size("1gib").unwrap(), 1 << 30);
+        assert_eq!(size("512Mi").unwrap(), 512 << 20);
+        assert_eq!(size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(size("8388608").unwrap(), 8 << 20);
+        assert!(size("12Q").is_err());
+        assert!(size("lots").is_err());
+        assert!(size("1K").is_err(), "below 4M");
+        let e = size("12Q").unwrap_err().to_string();
+        assert!(e.contains("\"12Q\""), "{e}");
+    }
+
+    #[test]
+    fn rates_cpus_pids() {
+        assert_eq!(rate("50Mbit").unwrap(), 50_000_000);
+        assert_eq!(rate("1gbit").unwrap(), 1_000_000_000);
+        assert_eq!(rate("800kbit").unwrap(), 800_000);
+        assert_eq!(rate("10Mbps").unwrap(), 10_000_000);
+        assert_eq!(rate("2.5M").unwrap(), 2_500_000);
+        assert!(rate("fast").is_err());
+        assert!(rate("5MB/s").is_err());
+        assert!(rate("100").is_err(), "below 8kbit");
+        assert_eq!(cpus("0.5").unwrap(), 500);
+        assert_eq!(cpus("2").unwrap(), 2000);
+        assert!(cpus("0").is_err());
+        assert!(cpus("half").is_err());
+        assert_eq!(pids("100").unwrap(), 100);
+        assert!(pids("1").is_err());
+        assert!(pids("-3").is_err());
+    }
+
+    #[test]
+    fn variables_expand() {
+        let vars = [
+            ("name", "web1"),
+            ("state", "/var/lib/x"),
+            ("ip", "10.0.0.2"),
+        ];
+        assert_eq!(
+            expand("env", "/srv/{name}/{ip}", &vars).unwrap(),
+            "/srv/web1/10.0.0.2"
+        );
+        assert_eq!(
+            expand("env", "{state}/config", &vars).unwrap(),
+            "/var/lib/x/config"
+        );
+        // Braces that are not a variable stay.
+        assert_eq!(
+            expand("env", r#"{"a": 1} {} {1x}"#, &vars).unwrap(),
+            r#"{"a": 1} {} {1x}"#
+        );
+        let e = expand("env", "/srv/{nmae}", &vars).unwrap_err().to_string();
+        assert!(e.contains("unknown variable {nmae}"), "{e}");
+        assert!(variables("env", "{hostname}-{net}").is_ok());
+        assert!(variables("env", "{user}").is_err());
+    }
+
+    #[test]
+    fn path_rules() {
+        assert_eq!(
+            redirect("/etc/app/config={state}/config").unwrap(),
+            ("/etc/app/config".into(), "{state}/config".into())
+        );
+        assert!(redirect("/etc/app/config=/srv/{name}/config").is_ok());
+        let e = redirect("/etc/a=relative/x").unwrap_err().to_string();
+        assert!(e.contains("source must be an absolute path"), "{e}");
+        assert!(redirect("etc/a=/x").is_err());
+        assert!(redirect("/=/x").is_err());
+        assert!(redirect("/etc/a").is_err());
+        assert!(redirect("/etc/a=/x/../y").is_err());
+        assert!(redirect("/etc/a=/x/{bogus}").is_err());
+        assert_eq!(
+            volume("/srv/data:/data").unwrap(),
+            ("/srv/data".into(), "/data".into())
+        );
+        assert!(volume("/srv/data").is_err());
+        assert!(volume("data:/data").is_err());
+        assert!(volume("/srv:/").is_err());
+        assert!(rootfs("/srv/root").is_ok());
+        assert!(rootfs("root").is_err());
+        assert!(rootfs("/").is_err());
     }
 }

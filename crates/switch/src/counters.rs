@@ -20,6 +20,9 @@ pub struct PortCounters {
     pub spoofed: u64,
     /// Packets the instance sent that were dropped for any other reason.
     pub dropped: u64,
+    /// Packets to or from the instance dropped over its bandwidth limit
+    /// ([`DropReason::RateLimited`]).
+    pub rate_limited: u64,
 }
 
 /// Drops of the whole switch, one counter per [`DropReason`], whatever the packet's origin.
@@ -41,6 +44,8 @@ pub struct DropCounters {
     pub no_egress: u64,
     /// [`DropReason::FlowTableFull`].
     pub flow_table_full: u64,
+    /// [`DropReason::RateLimited`].
+    pub rate_limited: u64,
 }
 
 impl DropCounters {
@@ -68,6 +73,7 @@ impl DropCounters {
             DropReason::Refused => &self.refused,
             DropReason::NoEgress => &self.no_egress,
             DropReason::FlowTableFull => &self.flow_table_full,
+            DropReason::RateLimited => &self.rate_limited,
         }
     }
 
@@ -81,6 +87,7 @@ impl DropCounters {
             DropReason::Refused => &mut self.refused,
             DropReason::NoEgress => &mut self.no_egress,
             DropReason::FlowTableFull => &mut self.flow_table_full,
+            DropReason::RateLimited => &mut self.rate_limited,
         }
     }
 }

@@ -14,12 +14,13 @@
 //! rewrite addresses in place.
 //!
 //! Modules: `table` (where members are), `policy` (compiled allow rules), `flow`
-//! (stateful replies and egress NAT), `counters`, `config`.
+//! (stateful replies and egress NAT), `rate` (bandwidth limits), `counters`, `config`.
 
 mod config;
 mod counters;
 mod flow;
 mod policy;
+mod rate;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -27,13 +28,14 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vane_wire::{Ipv4Packet, L4Ports};
 
 pub use config::{NetConfig, SwitchConfig};
 pub use counters::{DropCounters, PortCounters};
 pub use policy::{L4Proto, PolicyRule};
+pub use rate::TokenBucket;
 
 use flow::{EgressFlow, FlowKey, FlowTable, NetFlow};
 use policy::Policy;
@@ -108,11 +110,13 @@ pub enum DropReason {
     NoEgress,
     /// It would open a new flow and the flow table is full.
     FlowTableFull,
+    /// Over the bandwidth limit of the sending or the receiving port.
+    RateLimited,
 }
 
 impl DropReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Malformed,
         DropReason::NotIpv4,
         DropReason::UnknownPort,
@@ -121,6 +125,7 @@ impl DropReason {
         DropReason::Refused,
         DropReason::NoEgress,
         DropReason::FlowTableFull,
+        DropReason::RateLimited,
     ];
 
     /// A short snake_case name, for logs and metric labels.
@@ -134,6 +139,7 @@ impl DropReason {
             DropReason::Refused => "refused",
             DropReason::NoEgress => "no_egress",
             DropReason::FlowTableFull => "flow_table_full",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }
@@ -201,6 +207,11 @@ struct PortState {
     ip: Ipv4Addr,
     egress_ip: Ipv4Addr,
     counters: PortCounters,
+    /// Bandwidth limit of what the instance sends, and of what it receives.
+    limit: Option<(TokenBucket, TokenBucket)>,
+    /// The local port this one last delivered to, if that port has a limit: the sender waits
+    /// while the receiver's bucket is in debt.
+    last_limited_peer: Option<PortId>,
 }
 
 /// The switch of one host. See the crate docs.
@@ -317,6 +328,8 @@ impl Switch {
                 ip,
                 egress_ip,
                 counters: PortCounters::default(),
+                limit: None,
+                last_limited_peer: None,
             },
         );
         self.members.set(net, ip, Location::Local(port));
@@ -337,6 +350,33 @@ impl Switch {
             .retain(|key| !matches!(key, FlowKey::Egress(f) if f.port == port));
     }
 
+    /// Limits what an attached port sends, and what is delivered to it, to `rate` bits per
+    /// second each (`None`: unlimited). Packets over the limit are dropped and counted as
+    /// [`DropReason::RateLimited`] and in the port's `rate_limited`.
+    pub fn set_port_rate(&mut self, port: PortId, rate: Option<u64>) {
+        if let Some(state) = self.ports.get_mut(&port) {
+            state.limit = rate.map(|r| (TokenBucket::new(r), TokenBucket::new(r)));
+        }
+    }
+
+    /// How long the shell should wait before reading the next packet from `port`: while its
+    /// own bandwidth bucket, or that of the limited local port it last sent to, is in debt.
+    /// `None`: read now. Waiting is how limits shape traffic without loss (see `rate`);
+    /// packets read regardless are dropped once a bucket is a full burst in debt.
+    pub fn port_delay(&mut self, port: PortId, now: Instant) -> Option<Duration> {
+        let state = self.ports.get_mut(&port)?;
+        let own = state.limit.as_mut().and_then(|(tx, _)| tx.delay(now));
+        let peer = state.last_limited_peer;
+        let theirs = peer.and_then(|p| {
+            let (_, rx) = self.ports.get_mut(&p)?.limit.as_mut()?;
+            rx.delay(now)
+        });
+        match (own, theirs) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Sets where member `ip` of `net` is.
     pub fn set_member(&mut self, net: NetId, ip: Ipv4Addr, loc: Location) {
         self.members.set(net, ip, loc);
@@ -351,24 +391,38 @@ impl Switch {
     /// has been rewritten in place.
     pub fn process_from_port(&mut self, port: PortId, pkt: &mut [u8], now: Instant) -> Verdict {
         let len = pkt.len() as u64;
-        let verdict = match self.ports.get_mut(&port) {
-            None => Verdict::Drop(DropReason::UnknownPort),
-            Some(state) => {
-                state.counters.tx_packets += 1;
-                state.counters.tx_bytes += len;
-                let state = *state;
-                let verdict = self.route_from_port(port, &state, pkt, now);
-                if let (Verdict::Drop(reason), Some(state)) = (verdict, self.ports.get_mut(&port)) {
-                    match reason {
-                        DropReason::Refused => state.counters.refused += 1,
-                        DropReason::Spoofed => state.counters.spoofed += 1,
-                        _ => state.counters.dropped += 1,
-                    }
-                }
-                verdict
-            }
+        let Some(state) = self.ports.get_mut(&port) else {
+            return self.account(len, Verdict::Drop(DropReason::UnknownPort), now);
         };
-        self.account(len, verdict)
+        state.counters.tx_packets += 1;
+        state.counters.tx_bytes += len;
+        if let Some((tx, _)) = &mut state.limit {
+            if !tx.take(pkt.len(), now) {
+                state.counters.rate_limited += 1;
+                return self.account(len, Verdict::Drop(DropReason::RateLimited), now);
+            }
+        }
+        let state = *state;
+        let routed = self.route_from_port(port, &state, pkt, now);
+        // A limited receiver makes this sender wait (`port_delay`) while it is in debt.
+        let peer = match routed {
+            Verdict::Deliver(to) if self.ports.get(&to).is_some_and(|p| p.limit.is_some()) => {
+                Some(to)
+            }
+            _ => None,
+        };
+        if let Some(state) = self.ports.get_mut(&port) {
+            state.last_limited_peer = peer;
+            if let Verdict::Drop(reason) = routed {
+                match reason {
+                    DropReason::Refused => state.counters.refused += 1,
+                    DropReason::Spoofed => state.counters.spoofed += 1,
+                    _ => state.counters.dropped += 1,
+                }
+            }
+        }
+        // Over the receiver's limit, counted on the receiver.
+        self.account(len, routed, now)
     }
 
     /// A packet from the outside world to an egress address. It passes only as the reply of
@@ -377,7 +431,7 @@ impl Switch {
     pub fn process_from_egress(&mut self, pkt: &mut [u8], now: Instant) -> Verdict {
         let len = pkt.len() as u64;
         let verdict = self.route_from_egress(pkt, now);
-        self.account(len, verdict)
+        self.account(len, verdict, now)
     }
 
     /// A packet another host's switch sent through the tunnel, claiming nets `src_net` and
@@ -393,7 +447,7 @@ impl Switch {
     ) -> Verdict {
         let len = pkt.len() as u64;
         let verdict = self.route_from_tunnel(src_net, dst_net, pkt, now);
-        self.account(len, verdict)
+        self.account(len, verdict, now)
     }
 
     /// Forgets flows idle for longer than their timeout. Call it periodically; an idle flow
@@ -448,11 +502,19 @@ impl Switch {
         (state.egress_ip == addr).then_some((port, state.ip))
     }
 
-    /// Counts a verdict: delivery on the receiving port, drops globally.
-    fn account(&mut self, len: u64, verdict: Verdict) -> Verdict {
+    /// Counts a verdict: delivery on the receiving port, drops globally. A delivery over the
+    /// receiving port's bandwidth limit becomes a drop.
+    fn account(&mut self, len: u64, verdict: Verdict, now: Instant) -> Verdict {
         match verdict {
             Verdict::Deliver(port) => {
                 if let Some(state) = self.ports.get_mut(&port) {
+                    if let Some((_, rx)) = &mut state.limit {
+                        if !rx.take(len as usize, now) {
+                            state.counters.rate_limited += 1;
+                            self.drops.bump(DropReason::RateLimited);
+                            return Verdict::Drop(DropReason::RateLimited);
+                        }
+                    }
                     state.counters.rx_packets += 1;
                     state.counters.rx_bytes += len;
                 }

@@ -869,3 +869,88 @@ fn random_packets_never_panic_or_cross_nets() {
     // The inputs are not all refused at the door: same-net packets do get through.
     assert!(delivered > 1000, "only {delivered} packets delivered");
 }
+
+#[test]
+fn bandwidth_limit_applies_both_directions_per_port() {
+    let mut sw = two_nets();
+    let t0 = Instant::now();
+    // A1 limited to 800 kbit/s = 100,000 bytes/s (burst: the 32 KiB minimum).
+    sw.set_port_rate(PA1, Some(800_000));
+    let len = tcp(A1, 1, A2, 2).len() as u64;
+    let (mut out, mut inn) = (0u64, 0u64);
+    // Two virtual seconds, a packet each way every 100 µs: far more than the limit.
+    for i in 0..20_000u64 {
+        let now = t0 + Duration::from_micros(100 * i);
+        if let Verdict::Deliver(_) = sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 2), now) {
+            out += len;
+        }
+        if let Verdict::Deliver(_) = sw.process_from_port(PA2, &mut tcp(A2, 2, A1, 1), now) {
+            inn += len;
+        }
+    }
+    // Two seconds at the rate, the full bucket, and one burst of debt.
+    let expected = 200_000 + 2 * 32 * 1024;
+    for got in [out, inn] {
+        assert!(
+            got <= expected && got >= expected - 2 * len,
+            "{got} bytes, expected about {expected}"
+        );
+    }
+    let a1 = sw.port_counters(PA1).unwrap();
+    assert_eq!(a1.tx_packets, 20_000);
+    assert_eq!(a1.rx_bytes, inn);
+    assert!(a1.rate_limited > 25_000);
+    assert_eq!(
+        sw.drop_counters().get(DropReason::RateLimited),
+        a1.rate_limited
+    );
+    // A2 is not limited: everything it was sent by others passed.
+    assert_eq!(sw.port_counters(PA2).unwrap().rate_limited, 0);
+    // Lifting the limit lets everything through.
+    sw.set_port_rate(PA1, None);
+    let now = t0 + Duration::from_secs(3);
+    for _ in 0..1000 {
+        assert_eq!(
+            sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 2), now),
+            Verdict::Deliver(PA2)
+        );
+    }
+}
+
+#[test]
+fn limited_ports_make_senders_wait_instead_of_dropping() {
+    let mut sw = two_nets();
+    let t0 = Instant::now();
+    // A2 receives at most 800 kbit/s; A1 sends to it as fast as the switch lets it.
+    sw.set_port_rate(PA2, Some(800_000));
+    assert_eq!(sw.port_delay(PA1, t0), None);
+    let mut now = t0;
+    let mut delivered = 0u64;
+    let end = t0 + Duration::from_secs(2);
+    while now < end {
+        if let Some(wait) = sw.port_delay(PA1, now) {
+            now += wait;
+            continue;
+        }
+        match sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 2), now) {
+            Verdict::Deliver(PA2) => delivered += 1,
+            v => panic!("a sender that waits loses nothing, got {v:?}"),
+        }
+    }
+    let len = tcp(A1, 1, A2, 2).len() as u64;
+    let bytes = delivered * len;
+    let expected = 200_000 + 32 * 1024;
+    assert!(
+        bytes <= expected + 2 * 32 * 1024 && bytes >= expected - 2 * len,
+        "{bytes} bytes, expected about {expected}"
+    );
+    assert_eq!(sw.port_counters(PA2).unwrap().rate_limited, 0);
+    // Its own limit makes a port wait too.
+    sw.set_port_rate(PB1, Some(800_000));
+    let mut n = 0;
+    while sw.port_delay(PB1, t0).is_none() {
+        sw.process_from_port(PB1, &mut tcp(B1, 1, B1, 2), t0);
+        n += 1;
+    }
+    assert!(n > 0 && sw.port_delay(PB1, t0).unwrap() > Duration::ZERO);
+}

@@ -44,6 +44,18 @@ pub enum Cmd {
     Run(RunArgs),
     /// List instances
     Ps(OutputArg),
+    /// Show each running instance's resource use and traffic: CPU, memory, processes,
+    /// packets and bytes in and out, packets refused by policy or over the bandwidth limit
+    Top {
+        /// Seconds over which CPU use is measured
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// Manage templates: named limits, environment and file-system settings for `run`
+    #[command(subcommand)]
+    Template(TemplateCmd),
     /// Show an instance as JSON
     Inspect { name: String },
     /// Print an instance's program output (stdout and stderr)
@@ -132,12 +144,63 @@ pub struct RunArgs {
     /// Host to run on [default: the least loaded]
     #[arg(long)]
     pub host: Option<String>,
-    /// Environment variable (KEY=VALUE), repeatable
+    /// Environment variable (KEY=VALUE), repeatable; the value may use {name}, {hostname},
+    /// {ip}, {net}, {state}
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// Start from this template's settings; the options given here override them
+    #[arg(long)]
+    pub template: Option<String>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
     /// The program and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// Limits and file-system settings, for `run` and `template create`.
+#[derive(Args)]
+pub struct SettingsArgs {
+    /// Memory limit, e.g. 256M or 1G; over it the program is killed (out of memory)
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// CPU limit as a number of CPUs, e.g. 0.5
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Most processes (and threads) at once, the instance's init included
+    #[arg(long)]
+    pub pids: Option<String>,
+    /// Bandwidth through the switch, each direction, e.g. 50Mbit
+    #[arg(long)]
+    pub bandwidth: Option<String>,
+    /// Use this directory as the root, below a private copy-on-write layer (the directory
+    /// itself is never written)
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<String>,
+    /// Share a host directory at PATH inside, repeatable
+    #[arg(long = "volume", short = 'v', value_name = "HOST_DIR:PATH")]
+    pub volumes: Vec<String>,
+    /// Path rule: the program sees SOURCE at TARGET, repeatable; paths may use {name},
+    /// {hostname}, {ip}, {net}, {state}
+    #[arg(long = "redirect", value_name = "TARGET=SOURCE")]
+    pub redirects: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum TemplateCmd {
+    /// Create (or replace) a template
+    Create {
+        name: String,
+        /// Environment variable (KEY=VALUE), repeatable
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        #[command(flatten)]
+        settings: SettingsArgs,
+    },
+    /// List templates
+    Ls(OutputArg),
+    /// Remove a template (instances made from it keep their settings)
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]

@@ -6,12 +6,12 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use vane_proto::api::{
-    frame, ExecSpec, Host, HostStats, Instance, InstanceStats, JoinToken, Net, NetSpec, Policy,
-    PolicySpec, RunSpec, TokenSpec,
+    frame, ExecSpec, Host, HostStats, Instance, InstanceState, InstanceStats, JoinToken, Limits,
+    Net, NetSpec, Policy, PolicySpec, RunSpec, SpaceSpec, Template, TokenSpec,
 };
 use vane_proto::validate::{self, PortSpec};
 
-use crate::cli::{HostCmd, NetCmd, Output, PolicyCmd, RunArgs};
+use crate::cli::{HostCmd, NetCmd, Output, PolicyCmd, RunArgs, SettingsArgs, TemplateCmd};
 use crate::client::Client;
 
 /// Prints rows as aligned columns under a header.
@@ -99,15 +99,53 @@ pub fn net(c: &Client, cmd: NetCmd) -> Result<()> {
     Ok(())
 }
 
+/// Parses and checks `--env` pairs, variables included.
+fn env_pairs(env: &[String]) -> Result<Vec<(String, String)>> {
+    env.iter()
+        .map(|e| {
+            let (k, v) = validate::env_pair(e)?;
+            validate::variables("environment variable", &v)?;
+            Ok((k, v))
+        })
+        .collect()
+}
+
+/// Parses and checks limits and file-system settings.
+fn settings(a: SettingsArgs) -> Result<(Limits, SpaceSpec)> {
+    let limits = Limits {
+        memory: a.memory.as_deref().map(validate::size).transpose()?,
+        cpu_millis: a.cpus.as_deref().map(validate::cpus).transpose()?,
+        pids: a.pids.as_deref().map(validate::pids).transpose()?,
+        bandwidth: a.bandwidth.as_deref().map(validate::rate).transpose()?,
+    };
+    if let Some(r) = &a.rootfs {
+        validate::rootfs(r)?;
+    }
+    let space = SpaceSpec {
+        rootfs: a.rootfs,
+        volumes: a
+            .volumes
+            .iter()
+            .map(|v| validate::volume(v))
+            .collect::<Result<_, _>>()?,
+        redirects: a
+            .redirects
+            .iter()
+            .map(|r| validate::redirect(r))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok((limits, space))
+}
+
 pub fn run(c: &Client, args: RunArgs) -> Result<()> {
-    let env = args
-        .env
-        .iter()
-        .map(|e| validate::env_pair(e))
-        .collect::<Result<Vec<_>, _>>()?;
+    let env = env_pairs(&args.env)?;
     if let Some(name) = &args.name {
         validate::name("instance name", name)?;
     }
+    if let Some(t) = &args.template {
+        validate::name("template name", t)?;
+    }
+    let (limits, space) = settings(args.settings)?;
     let inst: Instance = c.post(
         "/v1/instances",
         &RunSpec {
@@ -118,9 +156,181 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
             host: args.host,
             env,
             cmd: args.cmd,
+            template: args.template,
+            limits,
+            space,
         },
     )?;
     println!("{}", inst.name);
+    Ok(())
+}
+
+/// Bytes in binary units, as limits are given (`256M`).
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b}")
+    } else if v.fract() == 0.0 {
+        format!("{v:.0}{}", UNITS[u])
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+fn human_rate(bits: u64) -> String {
+    match bits {
+        b if b >= 1_000_000_000 && b % 1_000_000 == 0 => format!("{}Gbit", b as f64 / 1e9),
+        b if b >= 1_000_000 => format!("{}Mbit", b as f64 / 1e6),
+        b if b >= 1000 => format!("{}kbit", b as f64 / 1e3),
+        b => format!("{b}bit"),
+    }
+}
+
+fn limits_summary(l: &Limits) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = l.memory {
+        parts.push(format!("mem={}", human_bytes(m)));
+    }
+    if let Some(c) = l.cpu_millis {
+        parts.push(format!("cpus={}", c as f64 / 1000.0));
+    }
+    if let Some(p) = l.pids {
+        parts.push(format!("pids={p}"));
+    }
+    if let Some(b) = l.bandwidth {
+        parts.push(format!("bw={}", human_rate(b)));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+pub fn template(c: &Client, cmd: TemplateCmd) -> Result<()> {
+    match cmd {
+        TemplateCmd::Create {
+            name,
+            env,
+            settings: s,
+        } => {
+            validate::name("template name", &name)?;
+            let env = env_pairs(&env)?;
+            let (limits, space) = settings(s)?;
+            let t: Template = c.post(
+                "/v1/templates",
+                &Template {
+                    name,
+                    limits,
+                    env,
+                    space,
+                },
+            )?;
+            println!("{}", t.name);
+        }
+        TemplateCmd::Ls(o) => {
+            let list: Vec<Template> = c.get("/v1/templates")?;
+            if o.output == Output::Json {
+                json(&list);
+            } else {
+                table(
+                    &["NAME", "LIMITS", "ROOTFS", "VOLUMES", "REDIRECTS", "ENV"],
+                    list.into_iter()
+                        .map(|t| {
+                            vec![
+                                t.name,
+                                limits_summary(&t.limits),
+                                t.space.rootfs.unwrap_or_else(|| "-".into()),
+                                t.space.volumes.len().to_string(),
+                                t.space.redirects.len().to_string(),
+                                t.env.len().to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        TemplateCmd::Rm { name } => {
+            c.delete(&format!("/v1/templates/{}", path_segment(&name)?))?;
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
+
+/// `vane top`: two samples of every running instance's counters, `interval` apart.
+pub fn top(c: &Client, interval: f64, output: Output) -> Result<()> {
+    if !(interval.is_finite() && (0.1..=60.0).contains(&interval)) {
+        bail!("invalid interval {interval}: give 0.1 to 60 seconds");
+    }
+    let list: Vec<Instance> = c.get("/v1/instances")?;
+    let running: Vec<Instance> = list
+        .into_iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .collect();
+    let sample = |i: &Instance| -> Option<InstanceStats> {
+        c.get(&format!("/v1/instances/{}/stats", i.name)).ok()
+    };
+    let first: Vec<Option<InstanceStats>> = running.iter().map(sample).collect();
+    let start = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs_f64(interval));
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for (i, before) in running.iter().zip(first) {
+        let Some(after) = sample(i) else { continue };
+        let elapsed = start.elapsed().as_secs_f64();
+        let usage = after.usage.unwrap_or_default();
+        let cpu = match (before.and_then(|b| b.usage), after.usage) {
+            (Some(b), Some(a)) => {
+                100.0 * a.cpu_usec.saturating_sub(b.cpu_usec) as f64 / 1e6 / elapsed
+            }
+            _ => 0.0,
+        };
+        let p = after.port;
+        rows.push(vec![
+            i.name.clone(),
+            format!("{cpu:.1}%"),
+            format!(
+                "{}{}",
+                human_bytes(usage.memory),
+                i.limits
+                    .memory
+                    .map(|m| format!(" / {}", human_bytes(m)))
+                    .unwrap_or_default()
+            ),
+            usage.pids.to_string(),
+            p.rx_packets.to_string(),
+            human_bytes(p.rx_bytes),
+            p.tx_packets.to_string(),
+            human_bytes(p.tx_bytes),
+            p.refused.to_string(),
+            p.rate_limited.to_string(),
+        ]);
+        out.push(serde_json::json!({
+            "name": i.name,
+            "cpu_percent": (cpu * 10.0).round() / 10.0,
+            "usage": usage,
+            "port": p,
+            "limits": i.limits,
+        }));
+    }
+    if output == Output::Json {
+        json(&out);
+    } else {
+        table(
+            &[
+                "NAME", "CPU", "MEMORY", "PIDS", "RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES",
+                "REFUSED", "LIMITED",
+            ],
+            rows,
+        );
+    }
     Ok(())
 }
 
@@ -132,7 +342,7 @@ pub fn ps(c: &Client, output: Output) -> Result<()> {
     }
     table(
         &[
-            "NAME", "NET", "IP", "HOSTNAME", "HOST", "STATE", "PID", "COMMAND",
+            "NAME", "NET", "IP", "HOSTNAME", "HOST", "STATE", "PID", "LIMITS", "COMMAND",
         ],
         list.into_iter()
             .map(|i| {
@@ -148,6 +358,7 @@ pub fn ps(c: &Client, output: Output) -> Result<()> {
                     i.host,
                     state,
                     i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    limits_summary(&i.limits),
                     i.cmd.join(" "),
                 ]
             })
@@ -188,6 +399,7 @@ pub fn stats(c: &Client, name: &str, output: Output) -> Result<()> {
     table(
         &[
             "NAME", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "REFUSED", "SPOOFED", "DROPPED",
+            "LIMITED",
         ],
         vec![vec![
             s.name,
@@ -198,6 +410,7 @@ pub fn stats(c: &Client, name: &str, output: Output) -> Result<()> {
             p.refused.to_string(),
             p.spoofed.to_string(),
             p.dropped.to_string(),
+            p.rate_limited.to_string(),
         ]],
     );
     Ok(())

@@ -90,6 +90,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Net(cmd) => commands::net(&c(), cmd)?,
         Cmd::Run(args) => commands::run(&c(), args)?,
         Cmd::Ps(o) => commands::ps(&c(), o.output)?,
+        Cmd::Top { interval, output } => commands::top(&c(), interval, output.output)?,
+        Cmd::Template(cmd) => commands::template(&c(), cmd)?,
         Cmd::Inspect { name } => commands::inspect(&c(), &name)?,
         Cmd::Logs { name } => commands::logs(&c(), &name)?,
         Cmd::Stop { name } => commands::stop(&c(), &name)?,

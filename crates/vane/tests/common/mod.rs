@@ -152,10 +152,17 @@ impl TestLab {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+        // Gone, or a zombie whose every thread has ended: the leader turns zombie while other
+        // threads may still be exiting and holding the daemon's sockets (a restarted agent
+        // would then find its UDP port in use).
         wait_until(Duration::from_secs(5), || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .map(|s| s.contains(") Z"))
-                .unwrap_or(true)
+                .unwrap_or(true);
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            zombie && threads <= 1
         });
     }
 
