@@ -11,12 +11,11 @@
 //! are refused (existing ones keep working) instead of evicting: eviction would let a
 //! flooding instance break other instances' established connections.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use vane_wire::PROTO_TCP;
 
-use crate::{NetId, PortId};
+use crate::{Map, NetId, PortId};
 
 /// A cross-net flow, in the direction of the packet that opened it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,7 +77,7 @@ pub(crate) struct Full;
 #[derive(Debug)]
 pub(crate) struct FlowTable {
     /// Last time a packet of the flow was seen.
-    map: HashMap<FlowKey, Instant>,
+    map: Map<FlowKey, Instant>,
     max: usize,
     tcp_timeout: Duration,
     other_timeout: Duration,
@@ -87,7 +86,7 @@ pub(crate) struct FlowTable {
 impl FlowTable {
     pub(crate) fn new(max: usize, tcp_timeout: Duration, other_timeout: Duration) -> Self {
         FlowTable {
-            map: HashMap::new(),
+            map: Map::default(),
             max,
             tcp_timeout,
             other_timeout,

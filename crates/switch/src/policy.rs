@@ -12,13 +12,12 @@
 //! net id. Making overlapping allows unambiguous is the controller's job; this order only
 //! keeps the switch deterministic when it is not done.
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use vane_wire::{PROTO_TCP, PROTO_UDP};
 
-use crate::{NetConfig, NetId};
+use crate::{Map, NetConfig, NetId};
 
 /// A transport protocol a port policy can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -86,15 +85,15 @@ pub(crate) struct Opener {
 pub(crate) struct Policy {
     rules: Vec<PolicyRule>,
     /// For each source net, the destinations its members may open flows to, in match order.
-    outgoing: HashMap<NetId, Vec<Route>>,
+    outgoing: Map<NetId, Vec<Route>>,
     /// For each net, the nets with a rule into it, in match order: a packet from the net to an
     /// address outside it may be a reply to a flow one of these opened.
-    openers: HashMap<NetId, Vec<Opener>>,
+    openers: Map<NetId, Vec<Opener>>,
 }
 
 impl Policy {
     /// Replaces the rules and compiles them against `nets`.
-    pub(crate) fn set_rules(&mut self, rules: Vec<PolicyRule>, nets: &HashMap<NetId, NetConfig>) {
+    pub(crate) fn set_rules(&mut self, rules: Vec<PolicyRule>, nets: &Map<NetId, NetConfig>) {
         self.rules = rules;
         self.compile(nets);
     }
@@ -102,7 +101,7 @@ impl Policy {
     /// Recompiles after a net changed. Rules naming a net not (yet) known are kept but inert
     /// until the net arrives; rules within one net are inert because a net always reaches
     /// itself.
-    pub(crate) fn compile(&mut self, nets: &HashMap<NetId, NetConfig>) {
+    pub(crate) fn compile(&mut self, nets: &Map<NetId, NetConfig>) {
         self.outgoing.clear();
         self.openers.clear();
         for rule in &self.rules {
@@ -192,7 +191,7 @@ mod tests {
 
     #[test]
     fn most_specific_subnet_wins_whatever_the_rule_order() {
-        let nets: HashMap<_, _> = [
+        let nets: Map<_, _> = [
             net(1, "10.1.0.0/16"),
             net(2, "10.2.0.0/16"),
             net(3, "10.2.5.0/24"),
@@ -216,7 +215,7 @@ mod tests {
 
     #[test]
     fn port_rules_and_inert_rules() {
-        let nets: HashMap<_, _> = [net(1, "10.1.0.0/16"), net(2, "10.2.0.0/16")]
+        let nets: Map<_, _> = [net(1, "10.1.0.0/16"), net(2, "10.2.0.0/16")]
             .into_iter()
             .collect();
         let mut p = Policy::default();

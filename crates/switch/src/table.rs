@@ -5,14 +5,13 @@
 //! part of every key, and a single map gives one O(1) probe per packet however many nets and
 //! members there are.
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
-use crate::{Location, NetId};
+use crate::{Location, Map, NetId};
 
 #[derive(Debug, Default)]
 pub(crate) struct MemberTable {
-    map: HashMap<(NetId, u32), Location>,
+    map: Map<(NetId, u32), Location>,
 }
 
 impl MemberTable {
