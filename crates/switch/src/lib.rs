@@ -415,7 +415,9 @@ impl Switch {
             }
             _ => None,
         };
-        if let Some(state) = self.ports.get_mut(&port) {
+        // The port's entry again only when something changes (one probe less per packet).
+        let changed = peer != state.last_limited_peer || matches!(routed, Verdict::Drop(_));
+        if let Some(state) = self.ports.get_mut(&port).filter(|_| changed) {
             state.last_limited_peer = peer;
             if let Verdict::Drop(reason) = routed {
                 match reason {
