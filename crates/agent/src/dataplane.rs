@@ -142,7 +142,10 @@ impl Dataplane {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = mpsc::channel();
-        let underlay = Underlay::bind(cfg.listen)?;
+        // The largest datagram that crosses the underlay unfragmented: the inner packet and
+        // the encapsulation less the outer IP and UDP headers.
+        let largest = cfg.max_inner_packet + crate::netconf::ENCAPSULATION - 28;
+        let underlay = Underlay::bind(cfg.listen, largest)?;
         poll.registry().register(
             &mut SourceFd(&underlay.raw_fd()),
             UNDERLAY,
@@ -159,6 +162,7 @@ impl Dataplane {
             view_members: HashSet::new(),
             view_nets: HashSet::new(),
             underlay,
+            now: Instant::now(),
             coalescer: TcpCoalescer::default(),
             tunnels: Tunnels::new(cfg.tunnel, cfg.keypair),
             identity: None,
@@ -284,6 +288,9 @@ struct Worker {
     view_members: HashSet<(NetId, Ipv4Addr)>,
     view_nets: HashSet<NetId>,
     underlay: Underlay,
+    /// The time, read once per batch of packets rather than for each (a clock read costs
+    /// as much as a table lookup); batches last well under a millisecond.
+    now: Instant,
     /// Segments from the tunnel waiting to be merged for their device.
     coalescer: TcpCoalescer,
     tunnels: Tunnels,
@@ -328,6 +335,7 @@ impl Worker {
                     return;
                 }
             }
+            self.now = Instant::now();
             for ev in events.iter() {
                 if ev.token() == WAKER {
                     if !self.commands(&mut bufs) {
@@ -341,6 +349,7 @@ impl Worker {
             ready = false;
             for token in std::mem::take(&mut backlog) {
                 self.was_throttled = false;
+                self.now = Instant::now();
                 let drained = if token == UNDERLAY {
                     self.service_underlay(&mut bufs)
                 } else {
@@ -352,6 +361,7 @@ impl Worker {
                 }
             }
             let now = Instant::now();
+            self.now = now;
             self.timers(now, &mut bufs);
             // What this turn sealed leaves before the thread waits again.
             self.underlay.flush();
@@ -555,7 +565,7 @@ impl Worker {
             // Over its bandwidth limit (or its receiver's): leave the packets in the device,
             // so the kernel slows the instance's sockets down instead of losing packets.
             if let Source::Port(port) = source {
-                let now = Instant::now();
+                let now = self.now;
                 if let Some(wait) = self.switch.port_delay(port, now) {
                     let at = now + wait;
                     self.throttled = Some(self.throttled.map_or(at, |t| t.min(at)));
@@ -596,7 +606,7 @@ impl Worker {
         // partial checksum is the complement of such a one as far as the adjustment goes,
         // so complementing it around the call keeps it right.
         let partial = hdr.needs_csum() && vnet::complement_checksum_field(pkt, &hdr);
-        let now = Instant::now();
+        let now = self.now;
         let verdict = match source {
             Source::Egress => self.switch.process_from_egress(pkt, now),
             Source::Port(port) => self.switch.process_from_port(port, pkt, now),
@@ -732,22 +742,16 @@ impl Worker {
             self.underlay.commit(PLAIN_HEADER_LEN + inner_len);
             return;
         }
-        match self
-            .tunnels
-            .seal_in_place(host, slot, inner_len, Instant::now())
-        {
+        match self.tunnels.seal_in_place(host, slot, inner_len, self.now) {
             Seal::Data(len) => self.underlay.commit(len),
             Seal::NoSession => {
                 let frame = slot[at..at + inner_len].to_vec();
                 if peer.waiting.len() >= HANDSHAKE_QUEUE {
                     self.counters.handshake_queue_dropped += 1;
                 } else {
-                    peer.waiting.push_back((Instant::now(), frame));
+                    peer.waiting.push_back((self.now, frame));
                 }
-                if let Some(n) = self
-                    .tunnels
-                    .initiate(host, scratch, Instant::now(), wall_clock())
-                {
+                if let Some(n) = self.tunnels.initiate(host, scratch, self.now, wall_clock()) {
                     self.underlay.send_now(&scratch[..n], endpoint);
                 }
             }
@@ -876,7 +880,7 @@ impl Worker {
             self.deliver_from_tunnel(frame);
             return;
         }
-        let now = Instant::now();
+        let now = self.now;
         match self.tunnels.open_in_place(datagram, &mut bufs.scratch, now) {
             Open::Data { peer, len } => {
                 self.roam(peer, from);
@@ -935,7 +939,7 @@ impl Worker {
         let Some(endpoint) = io.endpoint else {
             return;
         };
-        let now = Instant::now();
+        let now = self.now;
         for (_, frame) in waiting {
             let slot = self
                 .underlay
@@ -959,7 +963,7 @@ impl Worker {
         let pkt = &mut frame[NETS_LEN..];
         let verdict = self
             .switch
-            .process_from_tunnel(src_net, dst_net, pkt, Instant::now());
+            .process_from_tunnel(src_net, dst_net, pkt, self.now);
         let Verdict::Deliver(port) = verdict else {
             return;
         };

@@ -19,7 +19,8 @@ use vane_proto::validate::{PortSpec, Proto};
 /// Name of the TUN device inside every instance's namespace.
 pub const TUN_NAME: &str = "vane0";
 /// Bytes the underlay adds to every tunnelled packet beyond the inner IPv4 packet: outer
-/// IPv4 and UDP headers (28), the tunnel's data header and AEAD tag (32), the nets (8).
+/// IPv4 and UDP headers (28), the tunnel's data header and AEAD tag (32), the frame header
+/// with the flags and both nets (12).
 pub const ENCAPSULATION: usize = 28 + vane_tunnel::DATA_OVERHEAD + vane_wire::overlay::NETS_LEN;
 
 /// MTU of the underlay device this host reaches `dst` through (`ip route get`), if iproute2

@@ -48,6 +48,9 @@ pub struct Underlay {
     to: Option<SocketAddr>,
     /// Whether the kernel takes segmented sends (it did so far).
     gso: bool,
+    /// Datagrams longer than this (which the underlay fragments) go alone: a segmented
+    /// send refuses segments larger than the path MTU.
+    largest_segment: usize,
     pub counters: UnderlayCounters,
 }
 
@@ -55,7 +58,7 @@ impl Underlay {
     /// Binds the switch's socket. An address in use is tried again for a few seconds: an
     /// agent restarted at once finds its predecessor's socket still bound while the last
     /// threads of that process exit.
-    pub fn bind(listen: SocketAddr) -> io::Result<Underlay> {
+    pub fn bind(listen: SocketAddr, largest_segment: usize) -> io::Result<Underlay> {
         let deadline = std::time::Instant::now() + BIND_PATIENCE;
         let socket = loop {
             match UdpSocket::bind(listen) {
@@ -84,6 +87,7 @@ impl Underlay {
             closed: false,
             to: None,
             gso: true,
+            largest_segment,
             counters: UnderlayCounters::default(),
         })
     }
@@ -111,6 +115,21 @@ impl Underlay {
 
     /// Queues the `n` bytes written at the start of the last [`Underlay::slot`].
     pub fn commit(&mut self, n: usize) {
+        if n > self.largest_segment {
+            // Too large to be a segment: the batch before it goes, then it alone.
+            let start = self.len;
+            let to = self.to;
+            self.flush();
+            if let Some(to) = to {
+                send_one(
+                    &self.socket,
+                    &mut self.counters,
+                    &self.batch[start..start + n],
+                    to,
+                );
+            }
+            return;
+        }
         if self.count > 0 && n > self.segment {
             // Longer than those before it: they go now, and it starts the next batch.
             let start = self.len;

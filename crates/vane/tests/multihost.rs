@@ -485,6 +485,22 @@ print('received', n, h.hexdigest())
         "{said}"
     );
     assert!(counter(&host_stats(&lab, "h2"), "frag_needed_sent") >= 1);
+    // Without DF the oversized packet goes whole, fragmented by the underlay, and arrives.
+    lab.ok(&[
+        "exec",
+        "dst",
+        "--",
+        "ping",
+        "-c",
+        "2",
+        "-M",
+        "dont",
+        "-s",
+        "1472",
+        "-W",
+        "2",
+        "10.10.2.1",
+    ]);
     // Below the learnt MTU, TCP still works both ways.
     assert!(wait_for_http_ok(&lab));
 }

@@ -116,24 +116,6 @@ impl VnetHdr {
     }
 }
 
-/// Finishes the partial checksum of `pkt` as `hdr` describes it: sums from `csum_start` to
-/// the end (the field holds the pseudo-header sum) and stores the complement. For a packet
-/// that leaves through a device that takes no partial checksums. False (nothing changed)
-/// if `hdr` points outside `pkt`.
-pub fn complete_checksum(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
-    let start = usize::from(hdr.csum_start);
-    let field = start + usize::from(hdr.csum_offset);
-    if field + 2 > pkt.len() {
-        return false;
-    }
-    let mut value = !fold(sum(&pkt[start..], 0));
-    if value == 0 && pkt.get(9) == Some(&PROTO_UDP) {
-        value = 0xffff;
-    }
-    pkt[field..field + 2].copy_from_slice(&value.to_be_bytes());
-    true
-}
-
 /// Complements the checksum field `hdr` points at. Rewriting an address adjusts a
 /// checksum incrementally as if it were complete (RFC 1624); for a partial one, the
 /// pseudo-header sum, the same adjustment is right on its complement. So a switch that
@@ -396,6 +378,23 @@ mod tests {
     use super::*;
     use crate::ipv4_l4_checksum;
     use std::net::Ipv4Addr;
+
+    /// Finishes the partial checksum of `pkt` as `hdr` describes it, as a device that took it
+    /// would: sums from `csum_start` to the end (the field holds the pseudo-header sum) and
+    /// stores the complement. False (nothing changed) if `hdr` points outside `pkt`.
+    fn complete_checksum(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
+        let start = usize::from(hdr.csum_start);
+        let field = start + usize::from(hdr.csum_offset);
+        if field + 2 > pkt.len() {
+            return false;
+        }
+        let mut value = !fold(sum(&pkt[start..], 0));
+        if value == 0 && pkt.get(9) == Some(&PROTO_UDP) {
+            value = 0xffff;
+        }
+        pkt[field..field + 2].copy_from_slice(&value.to_be_bytes());
+        true
+    }
 
     /// A TCP/IPv4 packet with `payload` bytes counting up, flags FIN|PSH|ACK|CWR, and the
     /// partial checksum a kernel leaves.
