@@ -258,7 +258,7 @@ pub fn exit_status(dir: &Path, cgroups: &[PathBuf]) -> Option<ExitStatus> {
     Some(exit)
 }
 
-fn write_record(dir: &Path, record: &Record) -> io::Result<()> {
+pub(crate) fn write_record(dir: &Path, record: &Record) -> io::Result<()> {
     let tmp = dir.join(".instance.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(record).expect("serializes"))?;
     std::fs::rename(tmp, dir.join(RECORD_FILE))

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use vane_proto::api::{
     frame, ErrorBody, ExecSpec, Host, HostState, HostStats, Instance, InstanceState, InstanceStats,
-    JoinToken, Net, NetSpec, Policy, PolicySpec, RunSpec, Status, Template, TokenSpec,
+    JoinToken, MigrateSpec, Migration, Net, NetSpec, Policy, PolicySpec, RunSpec, Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -59,6 +59,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             get(inspect_instance).delete(remove_instance),
         )
         .route("/v1/instances/{name}/stop", post(stop_instance))
+        .route("/v1/instances/{name}/migrate", post(migrate_instance))
         .route("/v1/instances/{name}/exec", post(exec_instance))
         .route("/v1/instances/{name}/logs", get(instance_logs))
         .route("/v1/instances/{name}/stats", get(instance_stats))
@@ -255,6 +256,226 @@ async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<J
     Ok(Json(s.instances.get(&id).cloned().ok_or_else(|| {
         ApiError::NotFound(format!("unknown instance {name:?}"))
     })?))
+}
+
+/// Size of the chunks in which packed images travel through the controller.
+const IMAGE_CHUNK: u32 = 4 << 20;
+
+/// Live migration (docs/api.md): prepare the destination, dump on the source, move the
+/// images through the controller over both agents' control streams, restore, flip the
+/// directory, clean the source up. A failed restore resumes the instance on the source.
+async fn migrate_instance(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Instance>> {
+    let spec: MigrateSpec = parse(&body)?;
+    let to = spec.to;
+    let (id, from, inst_spec) = {
+        let s = c.state();
+        let inst = s.instance_by_name(&name)?;
+        if inst.state != InstanceState::Running {
+            return Err(ApiError::Conflict(format!(
+                "instance {name:?} is not running ({})",
+                inst.state.as_str()
+            )));
+        }
+        let host = s
+            .hosts
+            .get(&to)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown host {to:?}")))?;
+        if host.state != HostState::Online || !c.agents.is_connected(&to) {
+            return Err(ApiError::Unavailable(format!("host {to:?} is offline")));
+        }
+        if inst.host == to {
+            return Err(ApiError::BadRequest(format!(
+                "instance {name:?} already runs on host {to:?}"
+            )));
+        }
+        (inst.id.clone(), inst.host.clone(), s.instance_spec(inst)?)
+    };
+    if !c.agents.is_connected(&from) {
+        return Err(ApiError::Unavailable(format!(
+            "host {from:?} of instance {name:?} is offline"
+        )));
+    }
+    let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
+    // Before anything is frozen: the destination checks its CRIU and makes the space.
+    c.agents
+        .request(
+            &to,
+            AgentRequest::Prepare {
+                instance: Box::new(inst_spec),
+            },
+        )
+        .await
+        .map_err(|e| on(&to, e))?;
+    let discard = |c: Arc<Controller>, id: String, to: String| async move {
+        let _ = c.agents.request(&to, AgentRequest::Discard { id }).await;
+    };
+    let frozen = std::time::Instant::now();
+    let bytes = match c
+        .agents
+        .request(
+            &from,
+            AgentRequest::Checkpoint {
+                id: id.clone(),
+                leave_running: false,
+            },
+        )
+        .await
+    {
+        Ok(AgentReply::Checkpointed { bytes }) => bytes,
+        Ok(other) => {
+            discard(c.clone(), id, to).await;
+            return Err(ApiError::Internal(format!(
+                "unexpected answer from host {from:?}: {other:?}"
+            )));
+        }
+        Err(e) => {
+            // A failed dump leaves the instance running where it was.
+            discard(c.clone(), id, to).await;
+            return Err(on(&from, e));
+        }
+    };
+    let moved = move_images(&c, &from, &to, &id, bytes).await;
+    let restored = match moved {
+        Ok(()) => c
+            .agents
+            .request(&to, AgentRequest::Restore { id: id.clone() })
+            .await
+            .map_err(|e| on(&to, e)),
+        Err(e) => Err(e),
+    };
+    let pid = match restored {
+        Ok(AgentReply::Created { pid }) => pid,
+        Ok(other) => {
+            return Err(ApiError::Internal(format!(
+                "unexpected answer from host {to:?}: {other:?}"
+            )))
+        }
+        Err(e) => {
+            discard(c.clone(), id.clone(), to.clone()).await;
+            let resumed = c
+                .agents
+                .request(&from, AgentRequest::Restore { id: id.clone() })
+                .await;
+            return Err(match resumed {
+                Ok(reply) => {
+                    if let AgentReply::Created { pid } = reply {
+                        let mut s = c.state();
+                        if let Some(inst) = s.instances.get_mut(&id) {
+                            inst.pid = Some(pid);
+                            let mut batch = crate::store::Batch::default();
+                            batch.put(&*inst);
+                            c.commit(batch)?;
+                        }
+                    }
+                    ApiError::Conflict(format!(
+                        "migration of instance {name:?} to host {to:?} failed, it runs on host {from:?} again: {e}"
+                    ))
+                }
+                Err(e2) => ApiError::Internal(format!(
+                    "migration of instance {name:?} to host {to:?} failed ({e}), and resuming it on host {from:?} failed too: {e2}"
+                )),
+            });
+        }
+    };
+    // The directory now sends to the destination; the source's switch, whose view says the
+    // same, forwards what its own instances still send there.
+    {
+        let mut s = c.state();
+        if let Some(inst) = s.instances.get_mut(&id) {
+            inst.host = to.clone();
+            inst.pid = Some(pid);
+            let mut batch = crate::store::Batch::default();
+            batch.put(&*inst);
+            c.commit(batch)?;
+        }
+    }
+    c.push_views();
+    let freeze_ms = frozen.elapsed().as_millis() as u64;
+    if let Err(e) = c
+        .agents
+        .request(&from, AgentRequest::Remove { id: id.clone() })
+        .await
+    {
+        tracing::warn!(instance = %name, host = %from, "cleaning up after migration: {e}");
+    }
+    let mut s = c.state();
+    let inst = s
+        .instances
+        .get_mut(&id)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))?;
+    inst.migrations.push(Migration {
+        from,
+        to,
+        at: now(),
+        freeze_ms,
+        image_bytes: bytes,
+    });
+    let inst = inst.clone();
+    let mut batch = crate::store::Batch::default();
+    batch.put(&inst);
+    c.commit(batch)?;
+    Ok(Json(inst))
+}
+
+/// Copies the packed images of instance `id` from host `from` to host `to`, in chunks,
+/// over the two agents' control streams.
+async fn move_images(
+    c: &Controller,
+    from: &str,
+    to: &str,
+    id: &str,
+    bytes: u64,
+) -> ApiResult<()> {
+    let mut offset = 0;
+    while offset < bytes {
+        let (len, data) = match c
+            .agents
+            .request(
+                from,
+                AgentRequest::ReadImages {
+                    id: id.to_string(),
+                    offset,
+                    len: IMAGE_CHUNK,
+                },
+            )
+            .await?
+        {
+            AgentReply::Images { len, data } if len > 0 => (len, data),
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "images of instance {id} from host {from:?} ended early: {other:?}"
+                )))
+            }
+        };
+        c.agents
+            .request(
+                to,
+                AgentRequest::WriteImages {
+                    id: id.to_string(),
+                    offset,
+                    data,
+                },
+            )
+            .await?;
+        offset += len;
+    }
+    if bytes == 0 {
+        c.agents
+            .request(
+                to,
+                AgentRequest::WriteImages {
+                    id: id.to_string(),
+                    offset: 0,
+                    data: String::new(),
+                },
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -309,6 +309,28 @@ pub struct Instance {
     pub limits: Limits,
     #[serde(default)]
     pub space: SpaceSpec,
+    /// Live migrations of this instance, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<Migration>,
+}
+
+/// One live migration of an instance (`vane migrate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    pub from: String,
+    pub to: String,
+    /// Unix time, seconds, when it completed.
+    pub at: u64,
+    /// From the freeze on the source until the directory sends to the destination.
+    pub freeze_ms: u64,
+    /// Size of the images moved.
+    pub image_bytes: u64,
+}
+
+/// `POST /v1/instances/{name}/migrate` (`vane migrate NAME --to HOST`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateSpec {
+    pub to: String,
 }
 
 /// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).

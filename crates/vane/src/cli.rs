@@ -62,6 +62,14 @@ pub enum Cmd {
     Logs { name: String },
     /// Stop an instance's program (SIGTERM, then SIGKILL after 10 s)
     Stop { name: String },
+    /// Move a running instance to another host, with its processes and open connections;
+    /// prints the freeze time and the size of the images moved
+    Migrate {
+        name: String,
+        /// The destination host
+        #[arg(long)]
+        to: String,
+    },
     /// Remove an instance, stopping it first
     Rm {
         name: String,

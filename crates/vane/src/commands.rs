@@ -350,6 +350,10 @@ pub fn ps(c: &Client, output: Output) -> Result<()> {
                     (Some(e), "exited") => format!("exited ({e})"),
                     (_, s) => s.to_string(),
                 };
+                let state = match i.migrations.len() {
+                    0 => state,
+                    n => format!("{state} (migrated {n}x)"),
+                };
                 vec![
                     i.name,
                     i.net,
@@ -379,6 +383,24 @@ pub fn stop(c: &Client, name: &str) -> Result<()> {
         &serde_json::json!({}),
     )?;
     println!("{name}");
+    Ok(())
+}
+
+pub fn migrate(c: &Client, name: &str, to: &str) -> Result<()> {
+    let inst: Instance = c.post(
+        &format!("/v1/instances/{}/migrate", path_segment(name)?),
+        &vane_proto::api::MigrateSpec { to: to.to_string() },
+    )?;
+    match inst.migrations.last() {
+        Some(m) => println!(
+            "{name}: {} -> {}, freeze {} ms, image {:.1} MiB",
+            m.from,
+            m.to,
+            m.freeze_ms,
+            m.image_bytes as f64 / (1024.0 * 1024.0)
+        ),
+        None => println!("{name}"),
+    }
     Ok(())
 }
 

@@ -95,6 +95,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Inspect { name } => commands::inspect(&c(), &name)?,
         Cmd::Logs { name } => commands::logs(&c(), &name)?,
         Cmd::Stop { name } => commands::stop(&c(), &name)?,
+        Cmd::Migrate { name, to } => commands::migrate(&c(), &name, &to)?,
         Cmd::Rm { name, force } => commands::rm(&c(), &name, force)?,
         Cmd::Exec { name, env, cmd } => return commands::exec(&c(), &name, env, cmd),
         Cmd::Stats { name, output } => commands::stats(&c(), &name, output.output)?,

@@ -1,0 +1,206 @@
+//! Live migration on namespace hosts with real CRIU (>= 4.2, scripts/install-criu.sh): a
+//! counter server keeps its clients' connections, its state and its identity while it
+//! moves from host to host; a failed migration leaves it running where it was.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, TestLab};
+
+/// Numbers every reply: per connection (the client checks they are consecutive) and in
+/// total (the server's state).
+const COUNTER: &str = r#"
+import socket, threading
+total = 0
+lock = threading.Lock()
+def serve(c):
+    global total
+    f = c.makefile('rwb')
+    n = 0
+    while True:
+        line = f.readline()
+        if not line:
+            return
+        n += 1
+        with lock:
+            total += 1
+            t = total
+        f.write(b'%d %d\n' % (n, t))
+        f.flush()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 7000))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks without pause; every reply must carry the next number. Exits 0 when the stop file
+/// appears, 1 on the first error or gap.
+const CLIENT: &str = r#"
+import os, socket, sys, time
+deadline = time.time() + 20
+while True:
+    try:
+        s = socket.create_connection((sys.argv[1], 7000), timeout=5)
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.1)
+s.settimeout(60)
+f = s.makefile('rwb')
+n = 0
+while not os.path.exists(sys.argv[2]):
+    f.write(b'x\n')
+    f.flush()
+    r = f.readline().split()
+    if not r or int(r[0]) != n + 1:
+        print('bad reply after', n, r, flush=True)
+        sys.exit(1)
+    n += 1
+    time.sleep(0.002)
+print('ok', n, flush=True)
+"#;
+
+fn run_on(lab: &TestLab, host: &str, name: &str, cmd: &[&str]) {
+    let mut args = vec!["run", "--net", "red", "--name", name, "--host", host, "--"];
+    args.extend(cmd);
+    assert_eq!(lab.ok(&args).trim(), name);
+}
+
+/// Packets the client's port has received so far: a measure of its progress.
+fn progress(lab: &TestLab, name: &str) -> u64 {
+    let out = lab.run(&["stats", name, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["port"]["rx_packets"].as_u64().unwrap_or(0)
+}
+
+fn start_client(lab: &TestLab, host: &str, name: &str, server: &str) -> String {
+    let stop = format!("{}/stop-{name}", lab.state_dir());
+    let _ = std::fs::remove_file(&stop);
+    run_on(lab, host, name, &["python3", "-c", CLIENT, server, &stop]);
+    assert!(
+        wait_until(Duration::from_secs(20), || progress(lab, name) > 50),
+        "client {name} never got going: {}",
+        lab.ok(&["logs", name])
+    );
+    stop
+}
+
+/// Checks that a client is still talking, stops it and checks it saw no error or gap.
+fn finish_client(lab: &TestLab, name: &str, stop: &str) {
+    let before = progress(lab, name);
+    assert!(
+        wait_until(Duration::from_secs(15), || progress(lab, name) > before + 50),
+        "client {name} stalled: {}",
+        lab.ok(&["logs", name])
+    );
+    std::fs::write(stop, "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(70), || lab.inspect(name)["state"] == "exited"),
+        "client {name} did not end"
+    );
+    let logs = lab.ok(&["logs", name]);
+    let _ = std::fs::remove_file(stop);
+    assert_eq!(
+        lab.inspect(name)["exit"]["code"],
+        0,
+        "client {name} failed: {logs}"
+    );
+    assert!(logs.starts_with("ok "), "client {name}: {logs}");
+}
+
+fn migrate(lab: &TestLab, name: &str, to: &str) -> String {
+    let out = lab.ok(&["migrate", name, "--to", to]);
+    assert!(out.contains("freeze") && out.contains("MiB"), "{out}");
+    eprintln!("{}", out.trim());
+    assert_eq!(lab.inspect(name)["host"], to);
+    out
+}
+
+#[test]
+fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations() {
+    let lab = TestLab::up(3);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.4.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let clients = [("h1", "c1"), ("h2", "c2"), ("h3", "c3")];
+    let stops: Vec<String> = clients
+        .iter()
+        .map(|(host, name)| start_client(&lab, host, name, &ip))
+        .collect();
+    for to in ["h2", "h3", "h1"] {
+        migrate(&lab, "srv", to);
+        for (_, name) in clients {
+            let before = progress(&lab, name);
+            assert!(
+                wait_until(Duration::from_secs(15), || progress(&lab, name) > before + 20),
+                "client {name} stalled after the migration to {to}: {}",
+                lab.ok(&["logs", name])
+            );
+        }
+    }
+    for ((_, name), stop) in clients.iter().zip(&stops) {
+        finish_client(&lab, name, stop);
+    }
+    let inst = lab.inspect("srv");
+    let history = inst["migrations"].as_array().expect("history");
+    let hops: Vec<(&str, &str)> = history
+        .iter()
+        .map(|m| (m["from"].as_str().unwrap(), m["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(hops, [("h1", "h2"), ("h2", "h3"), ("h3", "h1")]);
+    assert!(history.iter().all(|m| m["image_bytes"].as_u64() > Some(0)));
+    assert!(lab.ok(&["ps"]).contains("running (migrated 3x)"));
+    // Its hostname and address came along.
+    let out = lab.ok(&["exec", "srv", "--", "hostname"]);
+    assert_eq!(out.trim(), "srv");
+}
+
+#[test]
+fn refusals_come_before_anything_is_frozen() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.5.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let err = lab.fails(&["migrate", "srv", "--to", "h9"]);
+    assert!(err.contains("unknown host \"h9\""), "{err}");
+    let err = lab.fails(&["migrate", "srv", "--to", "h1"]);
+    assert!(err.contains("already runs on host"), "{err}");
+    let pid = lab.inspect("srv")["pid"].clone();
+    lab.kill("h2");
+    assert!(wait_until(Duration::from_secs(10), || {
+        lab.ok(&["host", "ls"]).lines().any(|l| l.starts_with("h2") && l.contains("offline"))
+    }));
+    let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
+    assert!(err.contains("offline"), "{err}");
+    let inst = lab.inspect("srv");
+    assert_eq!(inst["state"], "running");
+    assert_eq!(inst["pid"], pid);
+    assert_eq!(inst["host"], "h1");
+}
+
+#[test]
+fn a_failed_restore_resumes_the_instance_on_its_source() {
+    let lab = TestLab::up_with(2, &[], &[("VANE_TEST_FAIL_RESTORE", "h2")]);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.6.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let stop = start_client(&lab, "h2", "c2", &ip);
+    let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
+    assert!(
+        err.contains("failed, it runs on host \"h1\" again") && err.contains("on purpose"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let inst = lab.inspect("srv");
+    assert_eq!(inst["state"], "running");
+    assert_eq!(inst["host"], "h1");
+    assert!(inst.get("migrations").is_none());
+    finish_client(&lab, "c2", &stop);
+    // And it still migrates once the destination is fine.
+    let out = lab.ok(&["exec", "srv", "--", "hostname"]);
+    assert_eq!(out.trim(), "srv");
+}
