@@ -27,6 +27,13 @@ pub const IMAGES_DIR: &str = "images";
 pub const PACK_FILE: &str = "images.tar";
 /// The key under which the instance's network namespace travels in the images.
 const NET_KEY: &str = "vane-net";
+/// Where the dumped instance's state directory was (a file of the images): its log,
+/// which the tree holds open, is found by that path in the images.
+const ORIGIN_FILE: &str = "origin";
+/// The keys of the bind mounts of the instance's hosts and hostname files, which travel as
+/// external mounts and are bound from the restoring host's own files.
+const HOSTS_KEY: &str = "vane-hosts";
+const HOSTNAME_KEY: &str = "vane-hostname";
 /// The oldest CRIU that dumps TCP sockets on current kernels.
 const MIN_VERSION: (u32, u32) = (4, 2);
 
@@ -67,12 +74,12 @@ pub fn criu_version() -> Result<String, String> {
 fn last_lines(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
-    let lines: Vec<&str> = if errors.is_empty() {
-        text.lines().collect()
-    } else {
-        errors
-    };
-    lines[lines.len().saturating_sub(n)..].join(" | ")
+    if errors.is_empty() {
+        let lines: Vec<&str> = text.lines().collect();
+        return lines[lines.len().saturating_sub(n)..].join(" | ");
+    }
+    // The first errors say what went wrong, the last ones only that it failed.
+    errors[..errors.len().min(n)].join(" | ")
 }
 
 /// Dumps the process tree of the instance into `DIR/images` and packs it with the
@@ -82,6 +89,8 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
     let images = dir.join(IMAGES_DIR);
     let _ = std::fs::remove_dir_all(&images);
     std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
+    std::fs::write(images.join(ORIGIN_FILE), dir.to_string_lossy().as_bytes())
+        .map_err(|e| format!("{}: {e}", images.display()))?;
     let ns = netconf::netns_path(&record.netns);
     let inode = std::fs::metadata(&ns)
         .map_err(|e| format!("{}: {e}", ns.display()))?
@@ -97,7 +106,11 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
         .arg("--tcp-established")
         .arg("--file-locks")
         .arg("--external")
-        .arg(format!("net[{inode}]:{NET_KEY}"));
+        .arg(format!("net[{inode}]:{NET_KEY}"))
+        .arg("--external")
+        .arg(format!("mnt[/etc/hosts]:{HOSTS_KEY}"))
+        .arg("--external")
+        .arg(format!("mnt[/etc/hostname]:{HOSTNAME_KEY}"));
     if leave_running {
         cmd.arg("--leave-running");
     }
@@ -120,7 +133,7 @@ pub fn pack(dir: &Path) -> Result<u64, String> {
         .arg("-C")
         .arg(dir)
         .arg("-cf")
-        .arg(PACK_FILE)
+        .arg(dir.join(PACK_FILE))
         .arg(IMAGES_DIR)
         .arg(crate::launch::LOG_FILE)
         .stdin(Stdio::null())
@@ -144,7 +157,7 @@ pub fn unpack(dir: &Path) -> Result<(), String> {
         .arg("-C")
         .arg(dir)
         .arg("-xf")
-        .arg(PACK_FILE)
+        .arg(dir.join(PACK_FILE))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("running tar: {e}"))?;
@@ -190,6 +203,7 @@ pub struct Prepared {
 /// rules and cgroups, without starting anything. Undoes it all on failure.
 pub fn prepare(
     dir: &Path,
+    key: &str,
     layout: &Layout,
     spec: &InstanceSpec,
     rules: &OutboundRules,
@@ -200,9 +214,12 @@ pub fn prepare(
     if dir.join(instance::RECORD_FILE).exists() {
         return Err(format!("instance {} already exists on this host", spec.id));
     }
-    let result = prepare_inner(dir, layout, spec, rules, hosts, mtu);
+    if dir.exists() {
+        return Err(format!("instance {} already exists on this host", spec.id));
+    }
+    let result = prepare_inner(dir, key, layout, spec, rules, hosts, mtu);
     if result.is_err() {
-        instance::teardown(dir, &spec.id, layout);
+        instance::teardown(dir, key, layout);
     }
     result.map_err(|e| match e {
         CreateError::Input(m) | CreateError::Host(m) => m,
@@ -211,6 +228,7 @@ pub fn prepare(
 
 fn prepare_inner(
     dir: &Path,
+    key: &str,
     layout: &Layout,
     spec: &InstanceSpec,
     rules: &OutboundRules,
@@ -223,12 +241,12 @@ fn prepare_inner(
         dir.join(crate::launch::HOSTNAME_FILE),
         format!("{}\n", spec.hostname),
     )?;
-    let netns = instance::netns_name(&spec.id);
+    let netns = instance::netns_name(key);
     netconf::create_netns(&netns)?;
     let tun = instance::open_tun(&netns)?;
     netconf::configure(&netns, spec.ip, mtu)?;
     netconf::apply_rules(&netns, rules, None)?;
-    let cgroups = layout.create(&spec.id)?;
+    let cgroups = layout.create(key)?;
     cgroup::apply_limits(&cgroups, &spec.limits)
         .map_err(|e| CreateError::Host(format!("setting limits: {e}")))?;
     Ok(Prepared {
@@ -251,10 +269,25 @@ pub fn restore(dir: &Path, record: &mut Record) -> Result<(), String> {
     let pidfile = dir.join("restored.pid");
     let _ = std::fs::remove_file(&pidfile);
     let ns = netconf::netns_path(&record.netns);
-    // The shell opens the namespace as descriptor 3 for criu, which gives it to the
-    // restored tree as its external network namespace.
+    let origin = std::fs::read_to_string(images.join(ORIGIN_FILE))
+        .map_err(|e| format!("images without their origin: {e}"))?;
+    let log_key = Path::new(origin.trim()).join(crate::launch::LOG_FILE);
+    let log_key = log_key.to_string_lossy();
+    let cgroups: Vec<String> = record
+        .cgroups
+        .iter()
+        .map(|c| c.to_string_lossy().into_owned())
+        .collect();
+    // The shell joins the instance's cgroups (CRIU leaves cgroups alone: the source's may
+    // still exist on a shared kernel), opens the namespace as descriptor 3 and the log as
+    // descriptor 4 for criu, which gives them to the restored tree in place of the
+    // originals.
     let script = format!(
-        "exec \"$0\" restore -D \"$1\" -o restore.log --tcp-established --file-locks --root / -d --pidfile \"$2\" --inherit-fd 'fd[3]:{NET_KEY}' 3<\"$3\""
+        "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \
+         exec \"$0\" restore -D \"$1\" -o restore.log --tcp-established --file-locks --root / -d \
+         --manage-cgroups=ignore --pidfile \"$2\" --inherit-fd 'fd[3]:{NET_KEY}' \
+         --inherit-fd \"fd[4]:$VANE_LOG_KEY\" --external \"mnt[{HOSTS_KEY}]:$5\" \
+         --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\" 4>>\"$4\""
     );
     let out = Command::new("sh")
         .arg("-c")
@@ -263,6 +296,11 @@ pub fn restore(dir: &Path, record: &mut Record) -> Result<(), String> {
         .arg(&images)
         .arg(&pidfile)
         .arg(&ns)
+        .arg(dir.join(crate::launch::LOG_FILE))
+        .arg(dir.join(crate::launch::HOSTS_FILE))
+        .arg(dir.join(crate::launch::HOSTNAME_FILE))
+        .env("VANE_CGROUPS", cgroups.join(":"))
+        .env("VANE_LOG_KEY", log_key.trim_start_matches('/'))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("running criu: {e}"))?;

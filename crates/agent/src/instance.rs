@@ -34,6 +34,15 @@ pub struct Record {
 
 pub const RECORD_FILE: &str = "instance.json";
 
+impl Record {
+    /// What names the instance's namespace (`vane-KEY`) and cgroups (`vane/KEY`) on this
+    /// host: its id, or, for an instance migrated here, its id and the host's name (lab
+    /// hosts share one kernel, so the source's names are still taken while it moves).
+    pub fn space_key(&self) -> &str {
+        self.netns.strip_prefix("vane-").unwrap_or(&self.spec.id)
+    }
+}
+
 pub fn netns_name(id: &str) -> String {
     format!("vane-{id}")
 }

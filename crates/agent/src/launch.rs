@@ -176,8 +176,27 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGUSR2,
 ];
 
+/// Closes every descriptor but stdio that init inherited (the agent's own inheritance, say):
+/// opened outside the instance's mount namespace, they would keep CRIU from dumping it.
+fn close_inherited() {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
 /// `vane __init DIR`: PID 1 of an instance.
 pub fn init_main(dir: &Path) -> i32 {
+    // A session whose leader is inside the instance: CRIU dumps only trees whose session
+    // leader is in their PID namespace.
+    let _ = setsid();
+    close_inherited();
     // With a root of its own, the state directory is outside the instance's view: init
     // reaches it through a descriptor opened before (its /proc/self/fd link).
     let (spec, state) = match read_spec(dir).and_then(|s| prepare_space(dir, &s).map(|d| (s, d))) {
@@ -188,6 +207,9 @@ pub fn init_main(dir: &Path) -> i32 {
         }
     };
     let dir = state.as_path();
+    // Not the agent's directory, which may lie under a path the instance hides (its /tmp):
+    // CRIU could not find it again.
+    let _ = std::env::set_current_dir("/");
     let child = match spawn_program(dir, &spec) {
         Ok(c) => c,
         Err(msg) => {

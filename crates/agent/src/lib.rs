@@ -424,12 +424,13 @@ impl Agent {
             AgentRequest::Restore { id } => self.restore(&id).await,
             AgentRequest::Discard { id } => {
                 let prepared = self.prepared.lock().expect("prepared lock").remove(&id);
-                if prepared.is_some() {
+                if let Some(prepared) = prepared {
+                    let key = prepared.record.space_key().to_string();
                     drop(prepared);
                     let dir = self.instance_dir(&id);
                     let layout = self.layout.clone();
                     let _ = tokio::task::spawn_blocking(move || {
-                        instance::teardown(&dir, &id, &layout)
+                        instance::teardown(&dir, &key, &layout)
                     })
                     .await;
                 }
@@ -519,8 +520,9 @@ impl Agent {
         let layout = self.layout.clone();
         let mtu = self.instance_mtu;
         let id = spec.id.clone();
+        let key = format!("{}-{}", spec.id, self.cfg.name);
         let prepared = tokio::task::spawn_blocking(move || {
-            checkpoint::prepare(&dir, &layout, &spec, &rules, &hosts, mtu)
+            checkpoint::prepare(&dir, &key, &layout, &spec, &rules, &hosts, mtu)
         })
         .await
         .map_err(|e| e.to_string())??;
@@ -553,17 +555,25 @@ impl Agent {
                 .expect("dumped lock")
                 .insert(id.to_string());
         }
+        let record2 = record.clone();
         let result =
-            tokio::task::spawn_blocking(move || checkpoint::dump(&dir, &record, leave_running))
+            tokio::task::spawn_blocking(move || checkpoint::dump(&dir, &record2, leave_running))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
         match result {
             Ok(bytes) => Ok(AgentReply::Checkpointed { bytes }),
-            Err(e) => {
+            Err(e) if leave_running || instance::is_alive(&record) => {
                 // A failed dump leaves the tree running.
                 self.dumped.lock().expect("dumped lock").remove(id);
                 Err(e)
+            }
+            Err(e) => {
+                // Dumped, then failed (packing): bring the tree back from its images.
+                match self.clone().restore(id).await {
+                    Ok(_) => Err(e),
+                    Err(e2) => Err(format!("{e}, and restoring the instance failed: {e2}")),
+                }
             }
         }
     }
@@ -575,6 +585,7 @@ impl Agent {
         let prepared = self.prepared.lock().expect("prepared lock").remove(id);
         if let Some(prepared) = prepared {
             let checkpoint::Prepared { tun, mut record } = prepared;
+            let key = record.space_key().to_string();
             let dir2 = dir.clone();
             // For tests of a failed migration: the agent of the host named here fails its
             // restores.
@@ -595,9 +606,8 @@ impl Agent {
                 Err(e) => {
                     drop(tun);
                     let layout = self.layout.clone();
-                    let id2 = id.to_string();
                     let _ = tokio::task::spawn_blocking(move || {
-                        instance::teardown(&dir, &id2, &layout)
+                        instance::teardown(&dir, &key, &layout)
                     })
                     .await;
                     return Err(e);
@@ -683,11 +693,14 @@ impl Agent {
         }
         let dir = self.instance_dir(id);
         let layout = self.layout.clone();
-        let id2 = id.to_string();
+        let key = self
+            .instances()
+            .get(id)
+            .map_or_else(|| id.to_string(), |l| l.record.space_key().to_string());
         if let Some(port) = self.instances().get_mut(id).and_then(|l| l.port.take()) {
             self.dataplane.send(Command::Detach { port });
         }
-        tokio::task::spawn_blocking(move || instance::teardown(&dir, &id2, &layout))
+        tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
             .await
             .map_err(|e| e.to_string())?;
         self.instances().remove(id);
@@ -943,7 +956,7 @@ pub fn purge_instances(state_dir: &std::path::Path) {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 }
-                (record.spec.id, dir)
+                (record.space_key().to_string(), dir)
             }
             Found::HalfMade(id, dir) => (id, dir),
         };
