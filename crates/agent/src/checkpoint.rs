@@ -27,13 +27,11 @@ pub const IMAGES_DIR: &str = "images";
 pub const PACK_FILE: &str = "images.tar";
 /// The key under which the instance's network namespace travels in the images.
 const NET_KEY: &str = "vane-net";
-/// Where the dumped instance's state directory was (a file of the images): its log,
-/// which the tree holds open, is found by that path in the images.
-const ORIGIN_FILE: &str = "origin";
 /// The keys of the bind mounts of the instance's hosts and hostname files, which travel as
 /// external mounts and are bound from the restoring host's own files.
 const HOSTS_KEY: &str = "vane-hosts";
 const HOSTNAME_KEY: &str = "vane-hostname";
+const STATE_KEY: &str = "vane-state";
 /// The oldest CRIU that dumps TCP sockets on current kernels.
 const MIN_VERSION: (u32, u32) = (4, 2);
 
@@ -89,8 +87,6 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
     let images = dir.join(IMAGES_DIR);
     let _ = std::fs::remove_dir_all(&images);
     std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
-    std::fs::write(images.join(ORIGIN_FILE), dir.to_string_lossy().as_bytes())
-        .map_err(|e| format!("{}: {e}", images.display()))?;
     let ns = netconf::netns_path(&record.netns);
     let inode = std::fs::metadata(&ns)
         .map_err(|e| format!("{}: {e}", ns.display()))?
@@ -110,7 +106,9 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
         .arg("--external")
         .arg(format!("mnt[/etc/hosts]:{HOSTS_KEY}"))
         .arg("--external")
-        .arg(format!("mnt[/etc/hostname]:{HOSTNAME_KEY}"));
+        .arg(format!("mnt[/etc/hostname]:{HOSTNAME_KEY}"))
+        .arg("--external")
+        .arg(format!("mnt[{}]:{STATE_KEY}", crate::launch::STATE_MOUNT));
     if leave_running {
         cmd.arg("--leave-running");
     }
@@ -269,25 +267,21 @@ pub fn restore(dir: &Path, record: &mut Record) -> Result<(), String> {
     let pidfile = dir.join("restored.pid");
     let _ = std::fs::remove_file(&pidfile);
     let ns = netconf::netns_path(&record.netns);
-    let origin = std::fs::read_to_string(images.join(ORIGIN_FILE))
-        .map_err(|e| format!("images without their origin: {e}"))?;
-    let log_key = Path::new(origin.trim()).join(crate::launch::LOG_FILE);
-    let log_key = log_key.to_string_lossy();
     let cgroups: Vec<String> = record
         .cgroups
         .iter()
         .map(|c| c.to_string_lossy().into_owned())
         .collect();
     // The shell joins the instance's cgroups (CRIU leaves cgroups alone: the source's may
-    // still exist on a shared kernel), opens the namespace as descriptor 3 and the log as
-    // descriptor 4 for criu, which gives them to the restored tree in place of the
-    // originals.
+    // still exist on a shared kernel) and opens the namespace as descriptor 3 for criu,
+    // which gives it to the restored tree in place of the original. The state directory and
+    // the hosts and hostname files are bound from this host's.
     let script = format!(
         "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \
          exec \"$0\" restore -D \"$1\" -o restore.log --tcp-established --file-locks --root / -d \
          --manage-cgroups=ignore --pidfile \"$2\" --inherit-fd 'fd[3]:{NET_KEY}' \
-         --inherit-fd \"fd[4]:$VANE_LOG_KEY\" --external \"mnt[{HOSTS_KEY}]:$5\" \
-         --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\" 4>>\"$4\""
+         --external \"mnt[{STATE_KEY}]:$4\" --external \"mnt[{HOSTS_KEY}]:$5\" \
+         --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\""
     );
     let out = Command::new("sh")
         .arg("-c")
@@ -296,11 +290,10 @@ pub fn restore(dir: &Path, record: &mut Record) -> Result<(), String> {
         .arg(&images)
         .arg(&pidfile)
         .arg(&ns)
-        .arg(dir.join(crate::launch::LOG_FILE))
+        .arg(dir)
         .arg(dir.join(crate::launch::HOSTS_FILE))
         .arg(dir.join(crate::launch::HOSTNAME_FILE))
         .env("VANE_CGROUPS", cgroups.join(":"))
-        .env("VANE_LOG_KEY", log_key.trim_start_matches('/'))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("running criu: {e}"))?;

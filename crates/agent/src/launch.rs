@@ -67,6 +67,8 @@ pub struct Launched {
 pub const LAUNCH_FILE: &str = "launch.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "output.log";
+/// Where the instance's state directory is bound inside it (in its private /tmp).
+pub const STATE_MOUNT: &str = "/tmp/.vane";
 pub const HOSTS_FILE: &str = "hosts";
 pub const HOSTNAME_FILE: &str = "hostname";
 
@@ -356,6 +358,12 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
         Some("mode=1777"),
     )
     .map_err(|e| errno("mount /tmp", e))?;
+    // The state directory, bound at the same place in every instance: init writes there, the
+    // program's output goes there, and a checkpoint names it as an external mount, so a
+    // restored instance finds its own host's directory there.
+    let state_inside = tmp.join(STATE_MOUNT.trim_start_matches("/tmp/"));
+    std::fs::create_dir_all(&state_inside)?;
+    bind(&state_at, &state_inside, false).map_err(|e| errno("bind the state directory", e))?;
     sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))?;
     // Room for targets that do not exist yet, before anything is bound below them (a layer
     // laid over a directory hides the mounts under it).
@@ -397,11 +405,6 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
             .map_err(|e| io::Error::other(format!("redirect {}: {e}", target.display())))?;
     }
     drop(sources);
-    // Where the state directory is still in view, init uses its path and keeps no
-    // descriptor from outside the instance (checkpointing wants none).
-    if !own_root && !dir.starts_with("/tmp") {
-        return Ok(dir.to_path_buf());
-    }
     if own_root {
         std::env::set_current_dir(&root)?;
         // The new root stacked over the old one; detaching the old leaves only the new.
@@ -409,8 +412,9 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
         umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
         std::env::set_current_dir("/")?;
     }
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(state);
-    Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+    // Init keeps no descriptor from outside the instance (checkpointing wants none).
+    drop(state);
+    Ok(PathBuf::from(STATE_MOUNT))
 }
 
 /// Opens a path without reading it (`O_PATH`), for mounting it later by its descriptor.
