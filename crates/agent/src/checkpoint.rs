@@ -262,7 +262,7 @@ fn prepare_inner(
 
 /// Restores the tree dumped in `DIR/images` into the instance's namespace (prepared, or
 /// the one it was dumped from), detached. Fills in and writes the record's pids.
-pub fn restore(dir: &Path, record: &mut Record) -> Result<(), String> {
+pub fn restore(dir: &Path, record: &mut Record, tcp_close: bool) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
     let pidfile = dir.join("restored.pid");
     let _ = std::fs::remove_file(&pidfile);
@@ -276,9 +276,14 @@ pub fn restore(dir: &Path, record: &mut Record) -> Result<(), String> {
     // still exist on a shared kernel) and opens the namespace as descriptor 3 for criu,
     // which gives it to the restored tree in place of the original. The state directory and
     // the hosts and hostname files are bound from this host's.
+    let tcp = if tcp_close {
+        "--tcp-close"
+    } else {
+        "--tcp-established"
+    };
     let script = format!(
         "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \
-         exec \"$0\" restore -D \"$1\" -o restore.log --tcp-established --file-locks --root / -d \
+         exec \"$0\" restore -D \"$1\" -o restore.log {tcp} --file-locks --root / -d \
          --manage-cgroups=ignore --pidfile \"$2\" --inherit-fd 'fd[3]:{NET_KEY}' \
          --external \"mnt[{STATE_KEY}]:$4\" --external \"mnt[{HOSTS_KEY}]:$5\" \
          --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\""
@@ -309,6 +314,18 @@ pub fn restore(dir: &Path, record: &mut Record) -> Result<(), String> {
         .ok_or_else(|| "criu restore wrote no pid".to_string())?;
     let children = std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
         .unwrap_or_default();
+    // A clone gets its own hostname (the images hold the original's).
+    let named = Command::new("nsenter")
+        .arg("-t")
+        .arg(init_pid.to_string())
+        .arg("-u")
+        .arg("hostname")
+        .arg(&record.spec.hostname)
+        .stdin(Stdio::null())
+        .output();
+    if !named.is_ok_and(|o| o.status.success()) {
+        tracing::warn!(instance = %record.spec.name, "cannot set the restored instance's hostname");
+    }
     record.init_pid = init_pid;
     record.init_start = vane_sys::pidfd::start_time(init_pid).unwrap_or(0);
     record.pid = children

@@ -421,7 +421,7 @@ impl Agent {
                     .map_err(|e| format!("writing images of instance {id}: {e}"))?;
                 Ok(AgentReply::Done)
             }
-            AgentRequest::Restore { id } => self.restore(&id).await,
+            AgentRequest::Restore { id, tcp_close } => self.restore(&id, tcp_close).await,
             AgentRequest::Discard { id } => {
                 let prepared = self.prepared.lock().expect("prepared lock").remove(&id);
                 if let Some(prepared) = prepared {
@@ -570,7 +570,7 @@ impl Agent {
             }
             Err(e) => {
                 // Dumped, then failed (packing): bring the tree back from its images.
-                match self.clone().restore(id).await {
+                match self.clone().restore(id, false).await {
                     Ok(_) => Err(e),
                     Err(e2) => Err(format!("{e}, and restoring the instance failed: {e2}")),
                 }
@@ -580,7 +580,7 @@ impl Agent {
 
     /// Restores a dumped tree: into a prepared space (migration destination), or back into
     /// its own space (a source whose migration failed).
-    async fn restore(self: Arc<Self>, id: &str) -> Result<AgentReply, String> {
+    async fn restore(self: Arc<Self>, id: &str, tcp_close: bool) -> Result<AgentReply, String> {
         let dir = self.instance_dir(id);
         let prepared = self.prepared.lock().expect("prepared lock").remove(id);
         if let Some(prepared) = prepared {
@@ -595,7 +595,7 @@ impl Agent {
                     return Err("restore failed on purpose (VANE_TEST_FAIL_RESTORE)".to_string());
                 }
                 checkpoint::unpack(&dir2)?;
-                checkpoint::restore(&dir2, &mut record)?;
+                checkpoint::restore(&dir2, &mut record, tcp_close)?;
                 Ok::<_, String>(record)
             })
             .await
@@ -631,7 +631,7 @@ impl Agent {
             .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
         let dir2 = dir.clone();
         let record = tokio::task::spawn_blocking(move || {
-            checkpoint::restore(&dir2, &mut record).map(|_| record)
+            checkpoint::restore(&dir2, &mut record, tcp_close).map(|_| record)
         })
         .await
         .map_err(|e| e.to_string())??;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use vane_proto::api::{
     frame, ErrorBody, ExecSpec, Host, HostState, HostStats, Instance, InstanceState, InstanceStats,
-    JoinToken, MigrateSpec, Migration, Net, NetSpec, Policy, PolicySpec, RunSpec, Status, Template, TokenSpec,
+    JoinToken, MigrateSpec, Migration, Net, NetSpec, Policy, PolicySpec, RestoreSpec, RunSpec, Snapshot, SnapshotSpec, Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -60,6 +60,11 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         )
         .route("/v1/instances/{name}/stop", post(stop_instance))
         .route("/v1/instances/{name}/migrate", post(migrate_instance))
+        .route("/v1/instances/{name}/snapshot", post(snapshot_instance))
+        .route(
+            "/v1/restore",
+            post(restore_instance).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
+        )
         .route("/v1/instances/{name}/exec", post(exec_instance))
         .route("/v1/instances/{name}/logs", get(instance_logs))
         .route("/v1/instances/{name}/stats", get(instance_stats))
@@ -259,7 +264,9 @@ async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<J
 }
 
 /// Size of the chunks in which packed images travel through the controller.
-const IMAGE_CHUNK: u32 = 4 << 20;
+/// A multiple of 3, so that the base64 of consecutive chunks joins into the base64 of the
+/// whole.
+const IMAGE_CHUNK: u32 = 3 << 20;
 
 /// Live migration (docs/api.md): prepare the destination, dump on the source, move the
 /// images through the controller over both agents' control streams, restore, flip the
@@ -338,11 +345,19 @@ async fn migrate_instance(
             return Err(on(&from, e));
         }
     };
+    let dumped = frozen.elapsed();
     let moved = move_images(&c, &from, &to, &id, bytes).await;
+    let transferred = frozen.elapsed();
     let restored = match moved {
         Ok(()) => c
             .agents
-            .request(&to, AgentRequest::Restore { id: id.clone() })
+            .request(
+                &to,
+                AgentRequest::Restore {
+                    id: id.clone(),
+                    tcp_close: false,
+                },
+            )
             .await
             .map_err(|e| on(&to, e)),
         Err(e) => Err(e),
@@ -358,7 +373,13 @@ async fn migrate_instance(
             discard(c.clone(), id.clone(), to.clone()).await;
             let resumed = c
                 .agents
-                .request(&from, AgentRequest::Restore { id: id.clone() })
+                .request(
+                    &from,
+                    AgentRequest::Restore {
+                        id: id.clone(),
+                        tcp_close: false,
+                    },
+                )
                 .await;
             return Err(match resumed {
                 Ok(reply) => {
@@ -395,6 +416,12 @@ async fn migrate_instance(
     }
     c.push_views();
     let freeze_ms = frozen.elapsed().as_millis() as u64;
+    tracing::info!(
+        instance = %name, %from, %to, freeze_ms, image_bytes = bytes,
+        dump_ms = dumped.as_millis() as u64,
+        move_ms = (transferred - dumped).as_millis() as u64,
+        "migrated"
+    );
     if let Err(e) = c
         .agents
         .request(&from, AgentRequest::Remove { id: id.clone() })
@@ -476,6 +503,198 @@ async fn move_images(
             .await?;
     }
     Ok(())
+}
+
+/// Dumps a running instance, leaving it running (or stopping it), and answers its packed
+/// images.
+async fn snapshot_instance(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Snapshot>> {
+    let spec: SnapshotSpec = if body.is_empty() {
+        SnapshotSpec::default()
+    } else {
+        parse(&body)?
+    };
+    let (id, host) = running_instance(&c, &name)?;
+    let bytes = match c
+        .agents
+        .request(
+            &host,
+            AgentRequest::Checkpoint {
+                id: id.clone(),
+                leave_running: true,
+            },
+        )
+        .await?
+    {
+        AgentReply::Checkpointed { bytes } => bytes,
+        other => {
+            return Err(ApiError::Internal(format!(
+                "unexpected answer from host {host:?}: {other:?}"
+            )))
+        }
+    };
+    let mut images = String::new();
+    let mut offset = 0;
+    while offset < bytes {
+        match c
+            .agents
+            .request(
+                &host,
+                AgentRequest::ReadImages {
+                    id: id.clone(),
+                    offset,
+                    len: IMAGE_CHUNK,
+                },
+            )
+            .await?
+        {
+            AgentReply::Images { len, data } if len > 0 => {
+                images.push_str(&data);
+                offset += len;
+            }
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "images of instance {name:?} from host {host:?} ended early: {other:?}"
+                )))
+            }
+        }
+    }
+    if spec.stop {
+        c.agents
+            .request(
+                &host,
+                AgentRequest::Stop {
+                    id: id.clone(),
+                    timeout_secs: 10,
+                },
+            )
+            .await?;
+        c.push_views();
+    }
+    let instance = c.state().instance_by_name(&name)?.clone();
+    Ok(Json(Snapshot { instance, images }))
+}
+
+/// A new instance from a snapshot: with the snapshot's identity, or a clone with its own
+/// name, address and hostname.
+async fn restore_instance(
+    AxState(c): Ctl,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    let spec: RestoreSpec = parse(&body)?;
+    let from = spec.snapshot.instance;
+    // Under a new name it is a clone: a free address and its name as hostname unless told.
+    let clone = spec.name.is_some();
+    let run = RunSpec {
+        ip: spec.ip.or((!clone).then_some(from.ip)),
+        hostname: spec.hostname.or((!clone).then_some(from.hostname)),
+        name: Some(spec.name.unwrap_or(from.name)),
+        net: from.net,
+        host: spec.host,
+        env: from.env,
+        cmd: from.cmd,
+        template: None,
+        limits: from.limits,
+        space: from.space,
+    };
+    let (inst_spec, host) = {
+        let mut s = c.state();
+        let (inst_spec, batch) = s.plan_instance(run, new_instance_id(), now())?;
+        c.commit(batch)?;
+        let host = s.instances[&inst_spec.id].host.clone();
+        (inst_spec, host)
+    };
+    let id = inst_spec.id.clone();
+    c.push_views();
+    let result = restore_on(&c, &host, inst_spec, &spec.snapshot.images).await;
+    let answer = {
+        let mut s = c.state();
+        match result {
+            Ok(pid) => match s.instances.get_mut(&id) {
+                Some(inst) => {
+                    if inst.state == InstanceState::Creating {
+                        inst.state = InstanceState::Running;
+                        inst.pid = Some(pid);
+                    }
+                    let inst = inst.clone();
+                    let mut batch = crate::store::Batch::default();
+                    batch.put(&inst);
+                    c.commit(batch)?;
+                    Ok((StatusCode::CREATED, Json(inst)))
+                }
+                None => Err(ApiError::Internal(
+                    "instance vanished while restoring".into(),
+                )),
+            },
+            Err(e) => {
+                let batch = s.drop_instance(&id);
+                c.commit(batch)?;
+                Err(e)
+            }
+        }
+    };
+    c.push_views();
+    answer
+}
+
+/// Prepares `spec` on `host`, sends it the packed images (base64) and restores them there.
+async fn restore_on(
+    c: &Controller,
+    host: &str,
+    spec: vane_proto::stream::InstanceSpec,
+    images: &str,
+) -> ApiResult<u32> {
+    let id = spec.id.clone();
+    c.agents
+        .request(
+            host,
+            AgentRequest::Prepare {
+                instance: Box::new(spec),
+            },
+        )
+        .await?;
+    let result = async {
+        let chunk = (IMAGE_CHUNK as usize) / 3 * 4;
+        let mut offset = 0u64;
+        for part in images.as_bytes().chunks(chunk) {
+            let data = String::from_utf8_lossy(part).into_owned();
+            c.agents
+                .request(
+                    host,
+                    AgentRequest::WriteImages {
+                        id: id.clone(),
+                        offset,
+                        data,
+                    },
+                )
+                .await?;
+            offset += IMAGE_CHUNK as u64;
+        }
+        match c
+            .agents
+            .request(
+                host,
+                AgentRequest::Restore {
+                    id: id.clone(),
+                    tcp_close: true,
+                },
+            )
+            .await?
+        {
+            AgentReply::Created { pid } => Ok(pid),
+            other => Err(ApiError::Internal(format!(
+                "unexpected answer from host {host:?}: {other:?}"
+            ))),
+        }
+    }
+    .await;
+    if result.is_err() {
+        let _ = c.agents.request(host, AgentRequest::Discard { id }).await;
+    }
+    result
 }
 
 #[derive(Deserialize)]

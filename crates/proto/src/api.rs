@@ -333,6 +333,37 @@ pub struct MigrateSpec {
     pub to: String,
 }
 
+/// `POST /v1/instances/{name}/snapshot` (`vane snapshot NAME --out DIR [--stop]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    /// Stop the instance once it is dumped.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// A dump of a running instance: what it was and its packed CRIU images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub instance: Instance,
+    /// The packed images (a tar of CRIU's image files and the program's log), base64.
+    pub images: String,
+}
+
+/// `POST /v1/restore` (`vane restore DIR [--host H] [--name N --ip IP --hostname H]`): a new
+/// instance from a snapshot, with the snapshot's identity or (a clone) a new one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    pub snapshot: Snapshot,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
 /// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicySpec {

@@ -106,6 +106,10 @@ pub enum AgentRequest {
     /// own space after a failed migration (source).
     Restore {
         id: String,
+        /// Restore established TCP connections closed (a snapshot restored later, or a
+        /// clone with another address) rather than repaired (a migration).
+        #[serde(default)]
+        tcp_close: bool,
     },
     /// Forgets a prepared space that will not be restored.
     Discard {
