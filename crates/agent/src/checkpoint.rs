@@ -51,7 +51,9 @@ pub fn criu_version() -> Result<String, String> {
         .arg("--version")
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("criu is not installed on this host ({e}); scripts/install-criu.sh installs it"))?;
+        .map_err(|e| {
+            format!("criu is not installed on this host ({e}); scripts/install-criu.sh installs it")
+        })?;
     let text = String::from_utf8_lossy(&out.stdout);
     let version = text
         .lines()

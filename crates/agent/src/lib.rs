@@ -394,12 +394,11 @@ impl Agent {
             AgentRequest::ReadImages { id, offset, len } => {
                 let dir = self.instance_dir(&id);
                 let len = (len as usize).min(8 << 20);
-                let data = tokio::task::spawn_blocking(move || {
-                    checkpoint::read_pack(&dir, offset, len)
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("reading images of instance {id}: {e}"))?;
+                let data =
+                    tokio::task::spawn_blocking(move || checkpoint::read_pack(&dir, offset, len))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("reading images of instance {id}: {e}"))?;
                 use base64::Engine;
                 Ok(AgentReply::Images {
                     len: data.len() as u64,
@@ -407,7 +406,12 @@ impl Agent {
                 })
             }
             AgentRequest::WriteImages { id, offset, data } => {
-                if !self.prepared.lock().expect("prepared lock").contains_key(&id) {
+                if !self
+                    .prepared
+                    .lock()
+                    .expect("prepared lock")
+                    .contains_key(&id)
+                {
                     return Err(format!("not found: instance {id} is not prepared here"));
                 }
                 use base64::Engine;
@@ -510,9 +514,16 @@ impl Agent {
     /// Makes the space of an instance that is to be restored here (migration destination).
     async fn prepare(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, String> {
         if self.instances().contains_key(&spec.id)
-            || self.prepared.lock().expect("prepared lock").contains_key(&spec.id)
+            || self
+                .prepared
+                .lock()
+                .expect("prepared lock")
+                .contains_key(&spec.id)
         {
-            return Err(format!("instance {} already exists on this host", spec.name));
+            return Err(format!(
+                "instance {} already exists on this host",
+                spec.name
+            ));
         }
         let dir = self.instance_dir(&spec.id);
         let rules = self.rules_for(&spec.net);
@@ -545,7 +556,10 @@ impl Agent {
                 .get(id)
                 .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
             if local.state != InstanceState::Running {
-                return Err(format!("instance {} is not running", local.record.spec.name));
+                return Err(format!(
+                    "instance {} is not running",
+                    local.record.spec.name
+                ));
             }
             (local.record.clone(), local.dir.clone())
         };

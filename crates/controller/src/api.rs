@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 use vane_proto::api::{
     frame, ErrorBody, ExecSpec, Host, HostState, HostStats, Instance, InstanceState, InstanceStats,
-    JoinToken, MigrateSpec, Migration, Net, NetSpec, Policy, PolicySpec, RestoreSpec, RunSpec, Snapshot, SnapshotSpec, Status, Template, TokenSpec,
+    JoinToken, MigrateSpec, Migration, Net, NetSpec, Policy, PolicySpec, RestoreSpec, RunSpec,
+    Snapshot, SnapshotSpec, Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -450,13 +451,7 @@ async fn migrate_instance(
 
 /// Copies the packed images of instance `id` from host `from` to host `to`, in chunks,
 /// over the two agents' control streams.
-async fn move_images(
-    c: &Controller,
-    from: &str,
-    to: &str,
-    id: &str,
-    bytes: u64,
-) -> ApiResult<()> {
+async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64) -> ApiResult<()> {
     let mut offset = 0;
     while offset < bytes {
         let (len, data) = match c
@@ -580,10 +575,7 @@ async fn snapshot_instance(
 
 /// A new instance from a snapshot: with the snapshot's identity, or a clone with its own
 /// name, address and hostname.
-async fn restore_instance(
-    AxState(c): Ctl,
-    body: Bytes,
-) -> ApiResult<(StatusCode, Json<Instance>)> {
+async fn restore_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Instance>)> {
     let spec: RestoreSpec = parse(&body)?;
     let from = spec.snapshot.instance;
     // Under a new name it is a clone: a free address and its name as hostname unless told.

@@ -422,7 +422,8 @@ pub fn snapshot(c: &Client, name: &str, out: &std::path::Path, stop: bool) -> Re
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     let write = |file: &str, bytes: &[u8]| {
         let path = out.join(file);
-        std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+        std::fs::write(&path, bytes)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
     };
     write(
         SNAPSHOT_INSTANCE,
@@ -451,7 +452,10 @@ pub fn restore(
         std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
     };
     let instance: Instance = serde_json::from_slice(&read(SNAPSHOT_INSTANCE)?).map_err(|e| {
-        anyhow::anyhow!("{} is not a snapshot: {e}", dir.join(SNAPSHOT_INSTANCE).display())
+        anyhow::anyhow!(
+            "{} is not a snapshot: {e}",
+            dir.join(SNAPSHOT_INSTANCE).display()
+        )
     })?;
     let images = base64::engine::general_purpose::STANDARD.encode(read(SNAPSHOT_IMAGES)?);
     let inst: Instance = c.post(

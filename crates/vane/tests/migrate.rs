@@ -94,13 +94,15 @@ fn start_client(lab: &TestLab, host: &str, name: &str, server: &str) -> String {
 fn finish_client(lab: &TestLab, name: &str, stop: &str) {
     let before = progress(lab, name);
     assert!(
-        wait_until(Duration::from_secs(15), || progress(lab, name) > before + 50),
+        wait_until(Duration::from_secs(15), || progress(lab, name)
+            > before + 50),
         "client {name} stalled: {}",
         lab.ok(&["logs", name])
     );
     std::fs::write(stop, "").unwrap();
     assert!(
-        wait_until(Duration::from_secs(70), || lab.inspect(name)["state"] == "exited"),
+        wait_until(Duration::from_secs(70), || lab.inspect(name)["state"]
+            == "exited"),
         "client {name} did not end"
     );
     let logs = lab.ok(&["logs", name]);
@@ -137,7 +139,8 @@ fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations()
         for (_, name) in clients {
             let before = progress(&lab, name);
             assert!(
-                wait_until(Duration::from_secs(15), || progress(&lab, name) > before + 20),
+                wait_until(Duration::from_secs(15), || progress(&lab, name)
+                    > before + 20),
                 "client {name} stalled after the migration to {to}: {}",
                 lab.ok(&["logs", name])
             );
@@ -172,7 +175,9 @@ fn refusals_come_before_anything_is_frozen() {
     let pid = lab.inspect("srv")["pid"].clone();
     lab.kill("h2");
     assert!(wait_until(Duration::from_secs(10), || {
-        lab.ok(&["host", "ls"]).lines().any(|l| l.starts_with("h2") && l.contains("offline"))
+        lab.ok(&["host", "ls"])
+            .lines()
+            .any(|l| l.starts_with("h2") && l.contains("offline"))
     }));
     let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
     assert!(err.contains("offline"), "{err}");
@@ -203,4 +208,123 @@ fn a_failed_restore_resumes_the_instance_on_its_source() {
     // And it still migrates once the destination is fine.
     let out = lab.ok(&["exec", "srv", "--", "hostname"]);
     assert_eq!(out.trim(), "srv");
+}
+
+/// Asks the counter server at `server` three times from instance `client`; returns the
+/// replies' totals.
+fn ask(lab: &TestLab, client: &str, server: &str) -> Vec<u64> {
+    const ASK: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7000), timeout=5)
+f = s.makefile('rwb')
+for _ in range(3):
+    f.write(b'x\n')
+    f.flush()
+    print(f.readline().split()[1].decode())
+"#;
+    let mut out = String::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let o = lab.run(&["exec", client, "--", "python3", "-c", ASK, server]);
+        out = String::from_utf8_lossy(&o.stdout).into_owned();
+        o.status.success()
+    });
+    assert!(ok, "{server} never answered {client}");
+    out.lines().map(|l| l.trim().parse().unwrap()).collect()
+}
+
+/// A snapshot directory removed when the test ends, however it ends.
+struct SnapshotDir(std::path::PathBuf);
+
+impl SnapshotDir {
+    fn new(lab: &TestLab) -> SnapshotDir {
+        SnapshotDir(std::env::temp_dir().join(format!("vane-snapshot-{}", lab.name)))
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for SnapshotDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_snapshot_restored_on_another_host_keeps_its_state() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.7.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    run_on(&lab, "h2", "cli", &["sleep", "600"]);
+    assert_eq!(ask(&lab, "cli", "srv"), [1, 2, 3]);
+    let snap = SnapshotDir::new(&lab);
+    let out = lab.ok(&["snapshot", "srv", "--out", snap.path(), "--stop"]);
+    assert!(out.contains("MiB"), "{out}");
+    assert_eq!(lab.inspect("srv")["state"], "exited");
+    let ip = lab.inspect("srv")["ip"].clone();
+    lab.ok(&["rm", "srv"]);
+    assert_eq!(
+        lab.ok(&["restore", snap.path(), "--host", "h2"]).trim(),
+        "srv"
+    );
+    let inst = lab.inspect("srv");
+    assert_eq!(
+        (&inst["host"], &inst["ip"], &inst["state"]),
+        (&"h2".into(), &ip, &"running".into())
+    );
+    // The count goes on where it was.
+    assert_eq!(ask(&lab, "cli", "srv"), [4, 5, 6]);
+    assert_eq!(lab.ok(&["exec", "srv", "--", "hostname"]).trim(), "srv");
+}
+
+#[test]
+fn clones_of_one_snapshot_run_side_by_side_with_their_own_identities() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.8.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    run_on(&lab, "h2", "cli", &["sleep", "600"]);
+    assert_eq!(ask(&lab, "cli", "srv"), [1, 2, 3]);
+    let snap = SnapshotDir::new(&lab);
+    lab.ok(&["snapshot", "srv", "--out", snap.path()]);
+    assert_eq!(lab.inspect("srv")["state"], "running");
+    let clones = [
+        ("c1", "h1", "10.10.8.101"),
+        ("c2", "h2", "10.10.8.102"),
+        ("c3", "h2", "10.10.8.103"),
+    ];
+    for (name, host, ip) in clones {
+        let hostname = format!("{name}-host");
+        lab.ok(&[
+            "restore",
+            snap.path(),
+            "--host",
+            host,
+            "--name",
+            name,
+            "--ip",
+            ip,
+            "--hostname",
+            &hostname,
+        ]);
+    }
+    for (name, host, ip) in clones {
+        let inst = lab.inspect(name);
+        assert_eq!(
+            (inst["host"].as_str(), inst["ip"].as_str()),
+            (Some(host), Some(ip))
+        );
+        assert_eq!(
+            lab.ok(&["exec", name, "--", "hostname"]).trim(),
+            format!("{name}-host")
+        );
+        // Each with the snapshot's state, on its own address, by its name.
+        assert_eq!(ask(&lab, "cli", ip), [4, 5, 6]);
+        assert_eq!(ask(&lab, "cli", name), [7, 8, 9]);
+        // The same PIDs inside its own PID namespace: init 1, the program 2.
+        let cmdline = lab.ok(&["exec", name, "--", "cat", "/proc/2/cmdline"]);
+        assert!(cmdline.starts_with("python3"), "{cmdline}");
+    }
+    // The original goes on with its own count.
+    assert_eq!(ask(&lab, "cli", "srv"), [4, 5, 6]);
 }
