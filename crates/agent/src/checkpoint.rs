@@ -236,6 +236,7 @@ fn prepare_inner(
     mtu: usize,
 ) -> Result<Prepared, CreateError> {
     std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(instance::SPACE_FILE), key)?;
     netconf::rewrite_in_place(&dir.join(crate::launch::HOSTS_FILE), hosts)?;
     std::fs::write(
         dir.join(crate::launch::HOSTNAME_FILE),
