@@ -28,6 +28,13 @@ def serve(c):
             t = total
         f.write(b'%d %d\n' % (n, t))
         f.flush()
+def echo():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(('0.0.0.0', 7001))
+    while True:
+        d, a = u.recvfrom(100)
+        u.sendto(d, a)
+threading.Thread(target=echo, daemon=True).start()
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(('0.0.0.0', 7000))
@@ -65,6 +72,26 @@ while not os.path.exists(sys.argv[2]):
 print('ok', n, flush=True)
 "#;
 
+/// Sends a datagram every 10 ms to the server's UDP echo, one socket throughout; at the
+/// stop file, says whether replies were still coming (the flow resumed after the moves).
+const UDP_CLIENT: &str = r#"
+import os, socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(0.05)
+last, got, i = 0.0, 0, 0
+while not os.path.exists(sys.argv[2]):
+    i += 1
+    try:
+        u.sendto(b'%d' % i, (sys.argv[1], 7001))
+        u.recvfrom(100)
+        got += 1
+        last = time.time()
+    except OSError:
+        pass
+    time.sleep(0.01)
+print('ok' if time.time() - last < 2 else 'stale', got, i, flush=True)
+"#;
+
 fn run_on(lab: &TestLab, host: &str, name: &str, cmd: &[&str]) {
     let mut args = vec!["run", "--net", "red", "--name", name, "--host", host, "--"];
     args.extend(cmd);
@@ -79,9 +106,13 @@ fn progress(lab: &TestLab, name: &str) -> u64 {
 }
 
 fn start_client(lab: &TestLab, host: &str, name: &str, server: &str) -> String {
+    start_script(lab, host, name, server, CLIENT)
+}
+
+fn start_script(lab: &TestLab, host: &str, name: &str, server: &str, script: &str) -> String {
     let stop = format!("{}/stop-{name}", lab.state_dir());
     let _ = std::fs::remove_file(&stop);
-    run_on(lab, host, name, &["python3", "-c", CLIENT, server, &stop]);
+    run_on(lab, host, name, &["python3", "-c", script, server, &stop]);
     assert!(
         wait_until(Duration::from_secs(20), || progress(lab, name) > 50),
         "client {name} never got going: {}",
@@ -129,10 +160,17 @@ fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations()
     lab.ok(&["net", "create", "red", "--subnet", "10.10.4.0/24"]);
     run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
     let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
-    let clients = [("h1", "c1"), ("h2", "c2"), ("h3", "c3")];
+    let clients = [("h1", "c1"), ("h2", "c2"), ("h3", "c3"), ("h3", "u3")];
     let stops: Vec<String> = clients
         .iter()
-        .map(|(host, name)| start_client(&lab, host, name, &ip))
+        .map(|(host, name)| {
+            let script = if name.starts_with('u') {
+                UDP_CLIENT
+            } else {
+                CLIENT
+            };
+            start_script(&lab, host, name, &ip, script)
+        })
         .collect();
     for to in ["h2", "h3", "h1"] {
         migrate(&lab, "srv", to);
