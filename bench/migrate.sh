@@ -28,13 +28,13 @@ vane="${CARGO_TARGET_DIR:-target}/$profile/vane"
 lab="bm$$"
 octet=$((($$ % 200) + 30))
 export VANE_CONTROLLER="http://198.18.$octet.254:7946"
-stops=$(mktemp -d)
 cleanup() {
   "$vane" lab down --name "$lab" >/dev/null 2>&1 || true
-  rm -rf "$stops"
 }
 trap cleanup EXIT
 "$vane" lab up --hosts 3 --name "$lab" --underlay "198.18.$octet.0/24" >/dev/null
+# Where the clients look for their stop file: not /tmp, which instances have of their own.
+stops="/var/lib/vane/labs/$lab"
 "$vane" net create bench --subnet 10.77.0.0/24 >/dev/null
 server='
 import socket, threading
@@ -85,12 +85,16 @@ for i in $(seq "$count"); do
   sleep 0.5
 done
 touch "$stops/stop"
-sleep 2
 failed=0
 for h in h1 h2 h3; do
-  out=$("$vane" logs "c$h")
-  case "$out" in ok*) ;; *) echo "client c$h: $out"; failed=1 ;; esac
+  for _ in $(seq 100); do
+    out=$("$vane" logs "c$h")
+    [ -n "$out" ] && break
+    sleep 0.1
+  done
+  case "$out" in ok*) ;; *) echo "client c$h: ${out:-no answer after 10 s}"; failed=1 ;; esac
 done
+[ "$failed" = 0 ] || "$vane" ps
 rss=$("$vane" exec srv -- sh -c 'grep VmRSS /proc/2/status' | awk '{print $2}')
 median=$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
 echo "server resident: $((rss / 1024)) MiB; $count migrations ($profile build): median freeze $median ms"
