@@ -609,7 +609,7 @@ impl Agent {
                     return Err("restore failed on purpose (VANE_TEST_FAIL_RESTORE)".to_string());
                 }
                 checkpoint::unpack(&dir2)?;
-                checkpoint::restore(&dir2, &mut record, tcp_close)?;
+                checkpoint::restore(&dir2, &mut record, tcp_close, tcp_close)?;
                 Ok::<_, String>(record)
             })
             .await
@@ -645,7 +645,7 @@ impl Agent {
             .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
         let dir2 = dir.clone();
         let record = tokio::task::spawn_blocking(move || {
-            checkpoint::restore(&dir2, &mut record, tcp_close).map(|_| record)
+            checkpoint::restore(&dir2, &mut record, tcp_close, false).map(|_| record)
         })
         .await
         .map_err(|e| e.to_string())??;
