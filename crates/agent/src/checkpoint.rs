@@ -38,8 +38,12 @@ const NETWORK_LOCK: &str = "nftables";
 /// The oldest CRIU that dumps TCP sockets on current kernels.
 const MIN_VERSION: (u32, u32) = (4, 2);
 
-/// The CRIU binary: the one `scripts/install-criu.sh` installs, else the one on the PATH.
+/// The CRIU binary: `VANE_CRIU` if set, else the one `scripts/install-criu.sh` installs,
+/// else the one on the PATH.
 fn criu() -> PathBuf {
+    if let Some(path) = std::env::var_os("VANE_CRIU") {
+        return PathBuf::from(path);
+    }
     let local = Path::new("/usr/local/sbin/criu");
     if local.exists() {
         local.to_path_buf()
@@ -63,15 +67,21 @@ pub fn criu_version() -> Result<String, String> {
         .find_map(|l| l.strip_prefix("Version:"))
         .map(|v| v.trim().to_string())
         .ok_or_else(|| "criu on this host does not say its version".to_string())?;
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if found < MIN_VERSION {
+    if !usable(&version) {
         return Err(format!(
             "criu {version} on this host is too old (>= {}.{} needed; scripts/install-criu.sh installs it)",
             MIN_VERSION.0, MIN_VERSION.1
         ));
     }
     Ok(version)
+}
+
+/// Whether CRIU `version` ("4.2.1", "4.10") is at least `MIN_VERSION`.
+fn usable(version: &str) -> bool {
+    let mut parts = version
+        .split('.')
+        .map(|p| p.trim().parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= MIN_VERSION
 }
 
 fn last_lines(path: &Path, n: usize) -> String {
@@ -361,4 +371,19 @@ pub fn restore(
         .and_then(|p| p.parse().ok())
         .unwrap_or(init_pid);
     instance::write_record(dir, record).map_err(|e| format!("writing the record: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable;
+
+    #[test]
+    fn criu_from_4_2_is_usable() {
+        for v in ["4.2", "4.2.1", "4.10", "5.0"] {
+            assert!(usable(v), "{v}");
+        }
+        for v in ["3.17", "4.1.1", "4", "", "x"] {
+            assert!(!usable(v), "{v}");
+        }
+    }
 }

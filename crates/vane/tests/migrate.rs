@@ -366,3 +366,25 @@ fn clones_of_one_snapshot_run_side_by_side_with_their_own_identities() {
     // The original goes on with its own count.
     assert_eq!(ask(&lab, "cli", "srv"), [4, 5, 6]);
 }
+
+#[test]
+fn a_host_without_a_usable_criu_is_refused_before_anything_is_frozen() {
+    let lab = TestLab::up_with(2, &[], &[("VANE_CRIU", "/nonexistent/criu")]);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.3.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let pid = lab.inspect("srv")["pid"].clone();
+    let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
+    assert!(
+        err.contains("host \"h2\"") && err.contains("criu is not installed"),
+        "{err}"
+    );
+    let inst = lab.inspect("srv");
+    assert_eq!(
+        (&inst["state"], &inst["pid"], &inst["host"]),
+        (&"running".into(), &pid, &"h1".into())
+    );
+    // Nothing was left on the destination.
+    let dir = format!("{}/hosts/h2/instances", lab.state_dir());
+    let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "{dir} is not empty");
+}
