@@ -300,6 +300,11 @@ async fn migrate_instance(
                 "instance {name:?} already runs on host {to:?}"
             )));
         }
+        if let Some(other) = &inst.migrating {
+            return Err(ApiError::Conflict(format!(
+                "instance {name:?} is already moving to host {other:?}"
+            )));
+        }
         (inst.id.clone(), inst.host.clone(), s.instance_spec(inst)?)
     };
     if !c.agents.is_connected(&from) {
@@ -307,146 +312,169 @@ async fn migrate_instance(
             "host {from:?} of instance {name:?} is offline"
         )));
     }
-    let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
-    // Before anything is frozen: the destination checks its CRIU and makes the space.
-    c.agents
-        .request(
-            &to,
-            AgentRequest::Prepare {
-                instance: Box::new(inst_spec),
-            },
-        )
-        .await
-        .map_err(|e| on(&to, e))?;
-    let discard = |c: Arc<Controller>, id: String, to: String| async move {
-        let _ = c.agents.request(&to, AgentRequest::Discard { id }).await;
-    };
-    let frozen = std::time::Instant::now();
-    let bytes = match c
-        .agents
-        .request(
-            &from,
-            AgentRequest::Checkpoint {
-                id: id.clone(),
-                leave_running: false,
-            },
-        )
-        .await
-    {
-        Ok(AgentReply::Checkpointed { bytes }) => bytes,
-        Ok(other) => {
-            discard(c.clone(), id, to).await;
-            return Err(ApiError::Internal(format!(
-                "unexpected answer from host {from:?}: {other:?}"
-            )));
-        }
-        Err(e) => {
-            // A failed dump leaves the instance running where it was.
-            discard(c.clone(), id, to).await;
-            return Err(on(&from, e));
-        }
-    };
-    let dumped = frozen.elapsed();
-    let moved = move_images(&c, &from, &to, &id, bytes).await;
-    let transferred = frozen.elapsed();
-    let restored = match moved {
-        Ok(()) => c
-            .agents
+    set_migrating(&c, &id, Some(to.clone()))?;
+    let result: ApiResult<Json<Instance>> = async {
+        let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
+        // Before anything is frozen: the destination checks its CRIU and makes the space.
+        c.agents
             .request(
                 &to,
-                AgentRequest::Restore {
-                    id: id.clone(),
-                    tcp_close: false,
+                AgentRequest::Prepare {
+                    instance: Box::new(inst_spec),
                 },
             )
             .await
-            .map_err(|e| on(&to, e)),
-        Err(e) => Err(e),
-    };
-    let pid = match restored {
-        Ok(AgentReply::Created { pid }) => pid,
-        Ok(other) => {
-            return Err(ApiError::Internal(format!(
-                "unexpected answer from host {to:?}: {other:?}"
-            )))
-        }
-        Err(e) => {
-            discard(c.clone(), id.clone(), to.clone()).await;
-            let resumed = c
+            .map_err(|e| on(&to, e))?;
+        let discard = |c: Arc<Controller>, id: String, to: String| async move {
+            let _ = c.agents.request(&to, AgentRequest::Discard { id }).await;
+        };
+        let frozen = std::time::Instant::now();
+        let bytes = match c
+            .agents
+            .request(
+                &from,
+                AgentRequest::Checkpoint {
+                    id: id.clone(),
+                    leave_running: false,
+                },
+            )
+            .await
+        {
+            Ok(AgentReply::Checkpointed { bytes }) => bytes,
+            Ok(other) => {
+                discard(c.clone(), id.clone(), to.clone()).await;
+                return Err(ApiError::Internal(format!(
+                    "unexpected answer from host {from:?}: {other:?}"
+                )));
+            }
+            Err(e) => {
+                // A failed dump leaves the instance running where it was.
+                discard(c.clone(), id.clone(), to.clone()).await;
+                return Err(on(&from, e));
+            }
+        };
+        let dumped = frozen.elapsed();
+        let moved = move_images(&c, &from, &to, &id, bytes).await;
+        let transferred = frozen.elapsed();
+        let restored = match moved {
+            Ok(()) => c
                 .agents
                 .request(
-                    &from,
+                    &to,
                     AgentRequest::Restore {
                         id: id.clone(),
                         tcp_close: false,
                     },
                 )
-                .await;
-            return Err(match resumed {
-                Ok(reply) => {
-                    if let AgentReply::Created { pid } = reply {
-                        let mut s = c.state();
-                        if let Some(inst) = s.instances.get_mut(&id) {
-                            inst.pid = Some(pid);
-                            let mut batch = crate::store::Batch::default();
-                            batch.put(&*inst);
-                            c.commit(batch)?;
+                .await
+                .map_err(|e| on(&to, e)),
+            Err(e) => Err(e),
+        };
+        let pid = match restored {
+            Ok(AgentReply::Created { pid }) => pid,
+            Ok(other) => {
+                return Err(ApiError::Internal(format!(
+                    "unexpected answer from host {to:?}: {other:?}"
+                )))
+            }
+            Err(e) => {
+                discard(c.clone(), id.clone(), to.clone()).await;
+                let resumed = c
+                    .agents
+                    .request(
+                        &from,
+                        AgentRequest::Restore {
+                            id: id.clone(),
+                            tcp_close: false,
+                        },
+                    )
+                    .await;
+                return Err(match resumed {
+                    Ok(reply) => {
+                        if let AgentReply::Created { pid } = reply {
+                            let mut s = c.state();
+                            if let Some(inst) = s.instances.get_mut(&id) {
+                                inst.pid = Some(pid);
+                                let mut batch = crate::store::Batch::default();
+                                batch.put(&*inst);
+                                c.commit(batch)?;
+                            }
                         }
+                        ApiError::Conflict(format!(
+                            "migration of instance {name:?} to host {to:?} failed, it runs on host {from:?} again: {e}"
+                        ))
                     }
-                    ApiError::Conflict(format!(
-                        "migration of instance {name:?} to host {to:?} failed, it runs on host {from:?} again: {e}"
-                    ))
-                }
-                Err(e2) => ApiError::Internal(format!(
-                    "migration of instance {name:?} to host {to:?} failed ({e}), and resuming it on host {from:?} failed too: {e2}"
-                )),
-            });
+                    Err(e2) => ApiError::Internal(format!(
+                        "migration of instance {name:?} to host {to:?} failed ({e}), and resuming it on host {from:?} failed too: {e2}"
+                    )),
+                });
+            }
+        };
+        // The directory now sends to the destination; the source's switch, whose view says the
+        // same, forwards what its own instances still send there.
+        {
+            let mut s = c.state();
+            if let Some(inst) = s.instances.get_mut(&id) {
+                inst.host = to.clone();
+                inst.pid = Some(pid);
+                let mut batch = crate::store::Batch::default();
+                batch.put(&*inst);
+                c.commit(batch)?;
+            }
         }
-    };
-    // The directory now sends to the destination; the source's switch, whose view says the
-    // same, forwards what its own instances still send there.
-    {
+        c.push_views();
+        let freeze_ms = frozen.elapsed().as_millis() as u64;
+        tracing::info!(
+            instance = %name, %from, %to, freeze_ms, image_bytes = bytes,
+            dump_ms = dumped.as_millis() as u64,
+            move_ms = (transferred - dumped).as_millis() as u64,
+            "migrated"
+        );
+        if let Err(e) = c
+            .agents
+            .request(&from, AgentRequest::Remove { id: id.clone() })
+            .await
+        {
+            tracing::warn!(instance = %name, host = %from, "cleaning up after migration: {e}");
+        }
         let mut s = c.state();
-        if let Some(inst) = s.instances.get_mut(&id) {
-            inst.host = to.clone();
-            inst.pid = Some(pid);
-            let mut batch = crate::store::Batch::default();
-            batch.put(&*inst);
-            c.commit(batch)?;
-        }
+        let inst = s
+            .instances
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))?;
+        inst.migrations.push(Migration {
+            from,
+            to,
+            at: now(),
+            freeze_ms,
+            image_bytes: bytes,
+        });
+        let inst = inst.clone();
+        let mut batch = crate::store::Batch::default();
+        batch.put(&inst);
+        c.commit(batch)?;
+        Ok(Json(inst))
     }
-    c.push_views();
-    let freeze_ms = frozen.elapsed().as_millis() as u64;
-    tracing::info!(
-        instance = %name, %from, %to, freeze_ms, image_bytes = bytes,
-        dump_ms = dumped.as_millis() as u64,
-        move_ms = (transferred - dumped).as_millis() as u64,
-        "migrated"
-    );
-    if let Err(e) = c
-        .agents
-        .request(&from, AgentRequest::Remove { id: id.clone() })
-        .await
-    {
-        tracing::warn!(instance = %name, host = %from, "cleaning up after migration: {e}");
+    .await;
+    set_migrating(&c, &id, None)?;
+    let inst = c.state().instances.get(&id).cloned();
+    match (result, inst) {
+        (Ok(_), Some(inst)) => Ok(Json(inst)),
+        (Ok(j), None) => Ok(j),
+        (Err(e), _) => Err(e),
     }
+}
+
+/// Marks instance `id` as moving to a host (`vane ps` shows it), or no longer.
+fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> {
     let mut s = c.state();
-    let inst = s
-        .instances
-        .get_mut(&id)
-        .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))?;
-    inst.migrations.push(Migration {
-        from,
-        to,
-        at: now(),
-        freeze_ms,
-        image_bytes: bytes,
-    });
-    let inst = inst.clone();
-    let mut batch = crate::store::Batch::default();
-    batch.put(&inst);
-    c.commit(batch)?;
-    Ok(Json(inst))
+    if let Some(inst) = s.instances.get_mut(id) {
+        inst.migrating = to;
+        let mut batch = crate::store::Batch::default();
+        batch.put(&*inst);
+        c.commit(batch)?;
+    }
+    Ok(())
 }
 
 /// Copies the packed images of instance `id` from host `from` to host `to`, in chunks,

@@ -313,6 +313,7 @@ impl State {
             template: spec.template.clone(),
             limits,
             space: space.clone(),
+            migrating: None,
             migrations: Vec::new(),
         };
         let mut batch = Batch::default();

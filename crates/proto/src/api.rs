@@ -309,6 +309,9 @@ pub struct Instance {
     pub limits: Limits,
     #[serde(default)]
     pub space: SpaceSpec,
+    /// The host it is moving to, while a migration is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating: Option<String>,
     /// Live migrations of this instance, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<Migration>,

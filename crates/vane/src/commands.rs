@@ -350,9 +350,10 @@ pub fn ps(c: &Client, output: Output) -> Result<()> {
                     (Some(e), "exited") => format!("exited ({e})"),
                     (_, s) => s.to_string(),
                 };
-                let state = match i.migrations.len() {
-                    0 => state,
-                    n => format!("{state} (migrated {n}x)"),
+                let state = match (&i.migrating, i.migrations.len()) {
+                    (Some(to), _) => format!("{state} (migrating to {to})"),
+                    (None, 0) => state,
+                    (None, n) => format!("{state} (migrated {n}x)"),
                 };
                 vec![
                     i.name,

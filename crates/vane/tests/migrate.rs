@@ -195,6 +195,7 @@ fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations()
         .collect();
     assert_eq!(hops, [("h1", "h2"), ("h2", "h3"), ("h3", "h1")]);
     assert!(history.iter().all(|m| m["image_bytes"].as_u64() > Some(0)));
+    assert!(inst.get("migrating").is_none(), "{inst}");
     assert!(lab.ok(&["ps"]).contains("running (migrated 3x)"));
     // Its hostname and address came along.
     let out = lab.ok(&["exec", "srv", "--", "hostname"]);
