@@ -604,12 +604,19 @@ impl Agent {
             // For tests of a failed migration: the agent of the host named here fails its
             // restores.
             let fail = std::env::var("VANE_TEST_FAIL_RESTORE").ok() == Some(self.cfg.name.clone());
+            let started = std::time::Instant::now();
             let restored = tokio::task::spawn_blocking(move || {
                 if fail {
                     return Err("restore failed on purpose (VANE_TEST_FAIL_RESTORE)".to_string());
                 }
                 checkpoint::unpack(&dir2)?;
+                let unpacked = started.elapsed();
                 checkpoint::restore(&dir2, &mut record, tcp_close, tcp_close)?;
+                tracing::debug!(
+                    unpack_ms = unpacked.as_millis() as u64,
+                    criu_ms = (started.elapsed() - unpacked).as_millis() as u64,
+                    "restored"
+                );
                 Ok::<_, String>(record)
             })
             .await
@@ -634,7 +641,11 @@ impl Agent {
                 local.rules = Some(self.rules_for(&spec.net));
                 local.hosts = Some(self.hosts_for(&spec));
             }
-            tracing::info!(instance = %spec.name, ip = %spec.ip, pid, "instance restored");
+            tracing::info!(
+                instance = %spec.name, ip = %spec.ip, pid,
+                ms = started.elapsed().as_millis() as u64,
+                "instance restored"
+            );
             return Ok(AgentReply::Created { pid });
         }
         // Back on the source: same namespace, same port.
