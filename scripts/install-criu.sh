@@ -59,6 +59,8 @@ if [ -z "$tarball" ]; then
   apt-get source --download-only criu >/dev/null 2>&1 || true
   tarball=$(ls criu_4.*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
 fi
+# Only the source was wanted from sid: leave the machine's package sources as they were.
+rm -f "$src_list"
 [ -n "$tarball" ] || { echo "install-criu: no criu 4.x source tarball from Debian sid" >&2; exit 1; }
 dir=$(tar tf "$tarball" | sed -n 1p | cut -d/ -f1)
 [ -d "$dir" ] || tar xf "$tarball"
