@@ -636,7 +636,18 @@ impl Agent {
             };
             let pid = record.pid;
             let spec = record.spec.clone();
-            self.adopt(record, dir, tun).await?;
+            let init = record.init_pid;
+            if let Err(e) = self.adopt(record, dir.clone(), tun).await {
+                // Not reachable here: end it, so that it does not run twice once the source
+                // resumes it.
+                let _ = kill(Pid::from_raw(init as i32), Signal::SIGKILL);
+                self.instances().remove(id);
+                let layout = self.layout.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
+                        .await;
+                return Err(e);
+            }
             if let Some(local) = self.instances().get_mut(id) {
                 local.rules = Some(self.rules_for(&spec.net));
                 local.hosts = Some(self.hosts_for(&spec));
