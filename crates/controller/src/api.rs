@@ -267,7 +267,7 @@ async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<J
 /// Size of the chunks in which packed images travel through the controller.
 /// A multiple of 3, so that the base64 of consecutive chunks joins into the base64 of the
 /// whole.
-const IMAGE_CHUNK: u32 = 3 << 20;
+const IMAGE_CHUNK: u32 = 6 << 20;
 
 /// Live migration (docs/api.md): prepare the destination, dump on the source, move the
 /// images through the controller over both agents' control streams, restore, flip the
