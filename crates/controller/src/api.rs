@@ -247,7 +247,7 @@ async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Js
 }
 
 async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
-    let (id, host) = locate(&c, &name)?;
+    let (id, host) = settled(&c, &name)?;
     c.agents
         .request(
             &host,
@@ -728,7 +728,7 @@ async fn remove_instance(
     Path(name): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> ApiResult<StatusCode> {
-    let (id, host) = locate(&c, &name)?;
+    let (id, host) = settled(&c, &name)?;
     if c.agents.is_connected(&host) {
         c.agents
             .request(&host, AgentRequest::Remove { id: id.clone() })
@@ -751,6 +751,18 @@ async fn remove_instance(
 fn locate(c: &Controller, name: &str) -> ApiResult<(String, String)> {
     let s = c.state();
     let inst = s.instance_by_name(name)?;
+    Ok((inst.id.clone(), inst.host.clone()))
+}
+
+/// The id and host of instance `name`, which must not be moving between hosts.
+fn settled(c: &Controller, name: &str) -> ApiResult<(String, String)> {
+    let s = c.state();
+    let inst = s.instance_by_name(name)?;
+    if let Some(to) = &inst.migrating {
+        return Err(ApiError::Conflict(format!(
+            "instance {name:?} is moving to host {to:?}; try again once it has"
+        )));
+    }
     Ok((inst.id.clone(), inst.host.clone()))
 }
 
