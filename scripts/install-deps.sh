@@ -17,3 +17,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 modprobe tun 2>/dev/null || true
 [ -e /dev/net/tun ] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
+# CRIU >= 4.2 for migrations, snapshots and restores (built from source when missing).
+"$(dirname "$0")/install-criu.sh"

@@ -33,6 +33,17 @@ pub struct Record {
 }
 
 pub const RECORD_FILE: &str = "instance.json";
+/// In a space prepared for a migration, before its record exists: its space key.
+pub const SPACE_FILE: &str = "space";
+
+impl Record {
+    /// What names the instance's namespace (`vane-KEY`) and cgroups (`vane/KEY`) on this
+    /// host: its id, or, for an instance migrated here, its id and the host's name (lab
+    /// hosts share one kernel, so the source's names are still taken while it moves).
+    pub fn space_key(&self) -> &str {
+        self.netns.strip_prefix("vane-").unwrap_or(&self.spec.id)
+    }
+}
 
 pub fn netns_name(id: &str) -> String {
     format!("vane-{id}")
@@ -258,7 +269,7 @@ pub fn exit_status(dir: &Path, cgroups: &[PathBuf]) -> Option<ExitStatus> {
     Some(exit)
 }
 
-fn write_record(dir: &Path, record: &Record) -> io::Result<()> {
+pub(crate) fn write_record(dir: &Path, record: &Record) -> io::Result<()> {
     let tmp = dir.join(".instance.json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(record).expect("serializes"))?;
     std::fs::rename(tmp, dir.join(RECORD_FILE))
@@ -299,7 +310,8 @@ pub fn record_exit_if_missing(dir: &Path, status: ExitStatus) {
 /// What the agent finds in its state directory at start.
 pub enum Found {
     Instance(Box<Record>, PathBuf),
-    /// A directory without a record: an interrupted create, to remove.
+    /// A directory without a record: an interrupted create (or a space prepared for a
+    /// migration that never came), to remove; with its space key.
     HalfMade(String, PathBuf),
 }
 
@@ -316,7 +328,13 @@ pub fn scan(instances_dir: &Path) -> Vec<Found> {
             .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
         {
             Some(r) => found.push(Found::Instance(Box::new(r), dir)),
-            None => found.push(Found::HalfMade(id, dir)),
+            None => {
+                // A space prepared for a migration names its key.
+                let key = std::fs::read_to_string(dir.join(SPACE_FILE))
+                    .map(|k| k.trim().to_string())
+                    .unwrap_or(id);
+                found.push(Found::HalfMade(key, dir))
+            }
         }
     }
     found

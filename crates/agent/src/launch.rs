@@ -67,6 +67,8 @@ pub struct Launched {
 pub const LAUNCH_FILE: &str = "launch.json";
 pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "output.log";
+/// Where the instance's state directory is bound inside it (in its private /tmp).
+pub const STATE_MOUNT: &str = "/tmp/.vane";
 pub const HOSTS_FILE: &str = "hosts";
 pub const HOSTNAME_FILE: &str = "hostname";
 
@@ -176,8 +178,27 @@ const FORWARDED: &[Signal] = &[
     Signal::SIGUSR2,
 ];
 
+/// Closes every descriptor but stdio that init inherited (the agent's own inheritance, say):
+/// opened outside the instance's mount namespace, they would keep CRIU from dumping it.
+fn close_inherited() {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
 /// `vane __init DIR`: PID 1 of an instance.
 pub fn init_main(dir: &Path) -> i32 {
+    // A session whose leader is inside the instance: CRIU dumps only trees whose session
+    // leader is in their PID namespace.
+    let _ = setsid();
+    close_inherited();
     // With a root of its own, the state directory is outside the instance's view: init
     // reaches it through a descriptor opened before (its /proc/self/fd link).
     let (spec, state) = match read_spec(dir).and_then(|s| prepare_space(dir, &s).map(|d| (s, d))) {
@@ -188,6 +209,9 @@ pub fn init_main(dir: &Path) -> i32 {
         }
     };
     let dir = state.as_path();
+    // Not the agent's directory, which may lie under a path the instance hides (its /tmp):
+    // CRIU could not find it again.
+    let _ = std::env::set_current_dir("/");
     let child = match spawn_program(dir, &spec) {
         Ok(c) => c,
         Err(msg) => {
@@ -334,6 +358,12 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
         Some("mode=1777"),
     )
     .map_err(|e| errno("mount /tmp", e))?;
+    // The state directory, bound at the same place in every instance: init writes there, the
+    // program's output goes there, and a checkpoint names it as an external mount, so a
+    // restored instance finds its own host's directory there.
+    let state_inside = tmp.join(STATE_MOUNT.trim_start_matches("/tmp/"));
+    std::fs::create_dir_all(&state_inside)?;
+    bind(&state_at, &state_inside, false).map_err(|e| errno("bind the state directory", e))?;
     sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))?;
     // Room for targets that do not exist yet, before anything is bound below them (a layer
     // laid over a directory hides the mounts under it).
@@ -375,11 +405,6 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
             .map_err(|e| io::Error::other(format!("redirect {}: {e}", target.display())))?;
     }
     drop(sources);
-    // Where the state directory is still in view, init uses its path and keeps no
-    // descriptor from outside the instance (checkpointing wants none).
-    if !own_root && !dir.starts_with("/tmp") {
-        return Ok(dir.to_path_buf());
-    }
     if own_root {
         std::env::set_current_dir(&root)?;
         // The new root stacked over the old one; detaching the old leaves only the new.
@@ -387,8 +412,9 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
         umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
         std::env::set_current_dir("/")?;
     }
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(state);
-    Ok(PathBuf::from(format!("/proc/self/fd/{fd}")))
+    // Init keeps no descriptor from outside the instance (checkpointing wants none).
+    drop(state);
+    Ok(PathBuf::from(STATE_MOUNT))
 }
 
 /// Opens a path without reading it (`O_PATH`), for mounting it later by its descriptor.

@@ -6,6 +6,7 @@
 //! takes them back (`Agent::recover`) before it reconnects.
 
 pub mod cgroup;
+mod checkpoint;
 mod control;
 pub use control::exec_helper_main;
 mod dataplane;
@@ -102,6 +103,11 @@ pub(crate) struct Agent {
     next_port: AtomicU32,
     view: Mutex<AgentView>,
     global_space: Mutex<Ipv4Net>,
+    /// Spaces prepared for instances migrating here, until restored or discarded.
+    prepared: Mutex<BTreeMap<String, checkpoint::Prepared>>,
+    /// Instances whose tree was dumped and killed for a migration: their init's end is not
+    /// an exit.
+    dumped: Mutex<std::collections::BTreeSet<String>>,
     /// Messages to the controller, while connected.
     outbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<control::Out>>>,
 }
@@ -153,6 +159,8 @@ pub async fn run(
         next_port: AtomicU32::new(1),
         view: Mutex::new(AgentView::default()),
         outbox: Mutex::new(None),
+        prepared: Mutex::new(BTreeMap::new()),
+        dumped: Mutex::new(std::collections::BTreeSet::new()),
         identity: Mutex::new(identity),
         controller_addr,
         instance_mtu: max_inner_packet,
@@ -314,6 +322,9 @@ impl Agent {
                 return;
             }
         }
+        if self.dumped.lock().expect("dumped lock").contains(&id) {
+            return;
+        }
         let report = {
             let mut instances = self.instances();
             let Some(local) = instances.get_mut(&id) else {
@@ -375,6 +386,59 @@ impl Agent {
                     .ok_or("switch thread is gone")?;
                 stats.host = self.cfg.name.clone();
                 Ok(AgentReply::HostStats(stats))
+            }
+            AgentRequest::Prepare { instance } => self.prepare(*instance).await,
+            AgentRequest::Checkpoint { id, leave_running } => {
+                self.checkpoint(&id, leave_running).await
+            }
+            AgentRequest::ReadImages { id, offset, len } => {
+                let dir = self.instance_dir(&id);
+                let len = (len as usize).min(8 << 20);
+                let data =
+                    tokio::task::spawn_blocking(move || checkpoint::read_pack(&dir, offset, len))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("reading images of instance {id}: {e}"))?;
+                use base64::Engine;
+                Ok(AgentReply::Images {
+                    len: data.len() as u64,
+                    data: base64::engine::general_purpose::STANDARD.encode(data),
+                })
+            }
+            AgentRequest::WriteImages { id, offset, data } => {
+                if !self
+                    .prepared
+                    .lock()
+                    .expect("prepared lock")
+                    .contains_key(&id)
+                {
+                    return Err(format!("not found: instance {id} is not prepared here"));
+                }
+                use base64::Engine;
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .map_err(|e| format!("bad request: images of instance {id}: {e}"))?;
+                let dir = self.instance_dir(&id);
+                tokio::task::spawn_blocking(move || checkpoint::write_pack(&dir, offset, &data))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("writing images of instance {id}: {e}"))?;
+                Ok(AgentReply::Done)
+            }
+            AgentRequest::Restore { id, tcp_close } => self.restore(&id, tcp_close).await,
+            AgentRequest::Discard { id } => {
+                let prepared = self.prepared.lock().expect("prepared lock").remove(&id);
+                if let Some(prepared) = prepared {
+                    let key = prepared.record.space_key().to_string();
+                    drop(prepared);
+                    let dir = self.instance_dir(&id);
+                    let layout = self.layout.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        instance::teardown(&dir, &key, &layout)
+                    })
+                    .await;
+                }
+                Ok(AgentReply::Done)
             }
             AgentRequest::Stats { id } => {
                 let (port, cgroups) = self
@@ -447,6 +511,180 @@ impl Agent {
         Ok(AgentReply::Created { pid })
     }
 
+    /// Makes the space of an instance that is to be restored here (migration destination).
+    async fn prepare(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, String> {
+        if self.instances().contains_key(&spec.id)
+            || self
+                .prepared
+                .lock()
+                .expect("prepared lock")
+                .contains_key(&spec.id)
+        {
+            return Err(format!(
+                "instance {} already exists on this host",
+                spec.name
+            ));
+        }
+        let dir = self.instance_dir(&spec.id);
+        let rules = self.rules_for(&spec.net);
+        let hosts = self.hosts_for(&spec);
+        let layout = self.layout.clone();
+        let mtu = self.instance_mtu;
+        let id = spec.id.clone();
+        let key = format!("{}-{}", spec.id, self.cfg.name);
+        let prepared = tokio::task::spawn_blocking(move || {
+            checkpoint::prepare(&dir, &key, &layout, &spec, &rules, &hosts, mtu)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.prepared
+            .lock()
+            .expect("prepared lock")
+            .insert(id, prepared);
+        Ok(AgentReply::Done)
+    }
+
+    /// Dumps an instance's tree and packs its images (migration source, snapshots).
+    async fn checkpoint(
+        self: Arc<Self>,
+        id: &str,
+        leave_running: bool,
+    ) -> Result<AgentReply, String> {
+        let (record, dir) = {
+            let instances = self.instances();
+            let local = instances
+                .get(id)
+                .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+            if local.state != InstanceState::Running {
+                return Err(format!(
+                    "instance {} is not running",
+                    local.record.spec.name
+                ));
+            }
+            (local.record.clone(), local.dir.clone())
+        };
+        if !leave_running {
+            self.dumped
+                .lock()
+                .expect("dumped lock")
+                .insert(id.to_string());
+        }
+        let record2 = record.clone();
+        let result =
+            tokio::task::spawn_blocking(move || checkpoint::dump(&dir, &record2, leave_running))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+        match result {
+            Ok(bytes) => Ok(AgentReply::Checkpointed { bytes }),
+            Err(e) if leave_running || instance::is_alive(&record) => {
+                // A failed dump leaves the tree running.
+                self.dumped.lock().expect("dumped lock").remove(id);
+                Err(e)
+            }
+            Err(e) => {
+                // Dumped, then failed (packing): bring the tree back from its images.
+                match self.clone().restore(id, false).await {
+                    Ok(_) => Err(e),
+                    Err(e2) => Err(format!("{e}, and restoring the instance failed: {e2}")),
+                }
+            }
+        }
+    }
+
+    /// Restores a dumped tree: into a prepared space (migration destination), or back into
+    /// its own space (a source whose migration failed).
+    async fn restore(self: Arc<Self>, id: &str, tcp_close: bool) -> Result<AgentReply, String> {
+        let dir = self.instance_dir(id);
+        let prepared = self.prepared.lock().expect("prepared lock").remove(id);
+        if let Some(prepared) = prepared {
+            let checkpoint::Prepared { tun, mut record } = prepared;
+            let key = record.space_key().to_string();
+            let dir2 = dir.clone();
+            // For tests of a failed migration: the agent of the host named here fails its
+            // restores.
+            let fail = std::env::var("VANE_TEST_FAIL_RESTORE").ok() == Some(self.cfg.name.clone());
+            let started = std::time::Instant::now();
+            let restored = tokio::task::spawn_blocking(move || {
+                if fail {
+                    return Err("restore failed on purpose (VANE_TEST_FAIL_RESTORE)".to_string());
+                }
+                checkpoint::unpack(&dir2)?;
+                let unpacked = started.elapsed();
+                checkpoint::restore(&dir2, &mut record, tcp_close, tcp_close)?;
+                tracing::debug!(
+                    unpack_ms = unpacked.as_millis() as u64,
+                    criu_ms = (started.elapsed() - unpacked).as_millis() as u64,
+                    "restored"
+                );
+                Ok::<_, String>(record)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let record = match restored {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(tun);
+                    let layout = self.layout.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        instance::teardown(&dir, &key, &layout)
+                    })
+                    .await;
+                    return Err(e);
+                }
+            };
+            let pid = record.pid;
+            let spec = record.spec.clone();
+            let init = record.init_pid;
+            if let Err(e) = self.adopt(record, dir.clone(), tun).await {
+                // Not reachable here: end it, so that it does not run twice once the source
+                // resumes it.
+                let _ = kill(Pid::from_raw(init as i32), Signal::SIGKILL);
+                self.instances().remove(id);
+                let layout = self.layout.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
+                        .await;
+                return Err(e);
+            }
+            if let Some(local) = self.instances().get_mut(id) {
+                local.rules = Some(self.rules_for(&spec.net));
+                local.hosts = Some(self.hosts_for(&spec));
+            }
+            tracing::info!(
+                instance = %spec.name, ip = %spec.ip, pid,
+                ms = started.elapsed().as_millis() as u64,
+                "instance restored"
+            );
+            return Ok(AgentReply::Created { pid });
+        }
+        // Back on the source: same namespace, same port.
+        let mut record = self
+            .instances()
+            .get(id)
+            .map(|l| l.record.clone())
+            .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+        let dir2 = dir.clone();
+        let record = tokio::task::spawn_blocking(move || {
+            checkpoint::restore(&dir2, &mut record, tcp_close, false).map(|_| record)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
+        let pid = record.pid;
+        if let Some(local) = self.instances().get_mut(id) {
+            local.record = record;
+            local.state = InstanceState::Running;
+        }
+        self.dumped.lock().expect("dumped lock").remove(id);
+        let agent = self.clone();
+        let id2 = id.to_string();
+        tokio::spawn(async move { agent.watch_exit(id2, pidfd).await });
+        tracing::info!(instance = %id, pid, "instance resumed after a failed migration");
+        Ok(AgentReply::Created { pid })
+    }
+
     /// SIGTERM to the instance's init (which passes it to the program), SIGKILL after
     /// `timeout`. Returns once the program has ended and the controller has been told.
     async fn stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
@@ -485,14 +723,20 @@ impl Agent {
     }
 
     async fn remove(&self, id: &str) -> Result<(), String> {
-        self.stop(id, Duration::from_secs(10)).await?;
+        // A tree dumped for a migration is already gone (its init pid may be reused).
+        if !self.dumped.lock().expect("dumped lock").remove(id) {
+            self.stop(id, Duration::from_secs(10)).await?;
+        }
         let dir = self.instance_dir(id);
         let layout = self.layout.clone();
-        let id2 = id.to_string();
+        let key = self
+            .instances()
+            .get(id)
+            .map_or_else(|| id.to_string(), |l| l.record.space_key().to_string());
         if let Some(port) = self.instances().get_mut(id).and_then(|l| l.port.take()) {
             self.dataplane.send(Command::Detach { port });
         }
-        tokio::task::spawn_blocking(move || instance::teardown(&dir, &id2, &layout))
+        tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
             .await
             .map_err(|e| e.to_string())?;
         self.instances().remove(id);
@@ -748,7 +992,7 @@ pub fn purge_instances(state_dir: &std::path::Path) {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 }
-                (record.spec.id, dir)
+                (record.space_key().to_string(), dir)
             }
             Found::HalfMade(id, dir) => (id, dir),
         };

@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 use vane_proto::api::{
     frame, ErrorBody, ExecSpec, Host, HostState, HostStats, Instance, InstanceState, InstanceStats,
-    JoinToken, Net, NetSpec, Policy, PolicySpec, RunSpec, Status, Template, TokenSpec,
+    JoinToken, MigrateSpec, Migration, Net, NetSpec, Policy, PolicySpec, RestoreSpec, RunSpec,
+    Snapshot, SnapshotSpec, Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -59,6 +60,12 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             get(inspect_instance).delete(remove_instance),
         )
         .route("/v1/instances/{name}/stop", post(stop_instance))
+        .route("/v1/instances/{name}/migrate", post(migrate_instance))
+        .route("/v1/instances/{name}/snapshot", post(snapshot_instance))
+        .route(
+            "/v1/restore",
+            post(restore_instance).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
+        )
         .route("/v1/instances/{name}/exec", post(exec_instance))
         .route("/v1/instances/{name}/logs", get(instance_logs))
         .route("/v1/instances/{name}/stats", get(instance_stats))
@@ -240,7 +247,7 @@ async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Js
 }
 
 async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
-    let (id, host) = locate(&c, &name)?;
+    let (id, host) = settled(&c, &name)?;
     c.agents
         .request(
             &host,
@@ -257,6 +264,459 @@ async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<J
     })?))
 }
 
+/// Size of the chunks in which packed images travel through the controller.
+/// A multiple of 3, so that the base64 of consecutive chunks joins into the base64 of the
+/// whole.
+const IMAGE_CHUNK: u32 = 6 << 20;
+
+/// Live migration (docs/api.md): prepare the destination, dump on the source, move the
+/// images through the controller over both agents' control streams, restore, flip the
+/// directory, clean the source up. A failed restore resumes the instance on the source.
+async fn migrate_instance(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Instance>> {
+    let spec: MigrateSpec = parse(&body)?;
+    let to = spec.to;
+    let (id, from, inst_spec) = {
+        let s = c.state();
+        let inst = s.instance_by_name(&name)?;
+        if inst.state != InstanceState::Running {
+            return Err(ApiError::Conflict(format!(
+                "instance {name:?} is not running ({})",
+                inst.state.as_str()
+            )));
+        }
+        let host = s
+            .hosts
+            .get(&to)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown host {to:?}")))?;
+        if host.state != HostState::Online || !c.agents.is_connected(&to) {
+            return Err(ApiError::Unavailable(format!("host {to:?} is offline")));
+        }
+        if inst.host == to {
+            return Err(ApiError::BadRequest(format!(
+                "instance {name:?} already runs on host {to:?}"
+            )));
+        }
+        if let Some(other) = &inst.migrating {
+            return Err(ApiError::Conflict(format!(
+                "instance {name:?} is already moving to host {other:?}"
+            )));
+        }
+        (inst.id.clone(), inst.host.clone(), s.instance_spec(inst)?)
+    };
+    if !c.agents.is_connected(&from) {
+        return Err(ApiError::Unavailable(format!(
+            "host {from:?} of instance {name:?} is offline"
+        )));
+    }
+    set_migrating(&c, &id, Some(to.clone()))?;
+    let result: ApiResult<Json<Instance>> = async {
+        let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
+        // Before anything is frozen: the destination checks its CRIU and makes the space.
+        c.agents
+            .request(
+                &to,
+                AgentRequest::Prepare {
+                    instance: Box::new(inst_spec),
+                },
+            )
+            .await
+            .map_err(|e| on(&to, e))?;
+        let discard = |c: Arc<Controller>, id: String, to: String| async move {
+            let _ = c.agents.request(&to, AgentRequest::Discard { id }).await;
+        };
+        let frozen = std::time::Instant::now();
+        let bytes = match c
+            .agents
+            .request(
+                &from,
+                AgentRequest::Checkpoint {
+                    id: id.clone(),
+                    leave_running: false,
+                },
+            )
+            .await
+        {
+            Ok(AgentReply::Checkpointed { bytes }) => bytes,
+            Ok(other) => {
+                discard(c.clone(), id.clone(), to.clone()).await;
+                return Err(ApiError::Internal(format!(
+                    "unexpected answer from host {from:?}: {other:?}"
+                )));
+            }
+            Err(e) => {
+                // A failed dump leaves the instance running where it was.
+                discard(c.clone(), id.clone(), to.clone()).await;
+                return Err(on(&from, e));
+            }
+        };
+        let dumped = frozen.elapsed();
+        let moved = move_images(&c, &from, &to, &id, bytes).await;
+        let transferred = frozen.elapsed();
+        let restored = match moved {
+            Ok(()) => c
+                .agents
+                .request(
+                    &to,
+                    AgentRequest::Restore {
+                        id: id.clone(),
+                        tcp_close: false,
+                    },
+                )
+                .await
+                .map_err(|e| on(&to, e)),
+            Err(e) => Err(e),
+        };
+        let pid = match restored {
+            Ok(AgentReply::Created { pid }) => pid,
+            Ok(other) => {
+                return Err(ApiError::Internal(format!(
+                    "unexpected answer from host {to:?}: {other:?}"
+                )))
+            }
+            Err(e) => {
+                discard(c.clone(), id.clone(), to.clone()).await;
+                let resumed = c
+                    .agents
+                    .request(
+                        &from,
+                        AgentRequest::Restore {
+                            id: id.clone(),
+                            tcp_close: false,
+                        },
+                    )
+                    .await;
+                return Err(match resumed {
+                    Ok(reply) => {
+                        if let AgentReply::Created { pid } = reply {
+                            let mut s = c.state();
+                            if let Some(inst) = s.instances.get_mut(&id) {
+                                inst.pid = Some(pid);
+                                let mut batch = crate::store::Batch::default();
+                                batch.put(&*inst);
+                                c.commit(batch)?;
+                            }
+                        }
+                        ApiError::Conflict(format!(
+                            "migration of instance {name:?} to host {to:?} failed, it runs on host {from:?} again: {e}"
+                        ))
+                    }
+                    Err(e2) => ApiError::Internal(format!(
+                        "migration of instance {name:?} to host {to:?} failed ({e}), and resuming it on host {from:?} failed too: {e2}"
+                    )),
+                });
+            }
+        };
+        // The directory now sends to the destination; the source's switch, whose view says the
+        // same, forwards what its own instances still send there.
+        {
+            let mut s = c.state();
+            if let Some(inst) = s.instances.get_mut(&id) {
+                inst.host = to.clone();
+                inst.pid = Some(pid);
+                let mut batch = crate::store::Batch::default();
+                batch.put(&*inst);
+                c.commit(batch)?;
+            }
+        }
+        c.push_views();
+        let freeze_ms = frozen.elapsed().as_millis() as u64;
+        tracing::info!(
+            instance = %name, %from, %to, freeze_ms, image_bytes = bytes,
+            dump_ms = dumped.as_millis() as u64,
+            move_ms = (transferred - dumped).as_millis() as u64,
+            "migrated"
+        );
+        if let Err(e) = c
+            .agents
+            .request(&from, AgentRequest::Remove { id: id.clone() })
+            .await
+        {
+            tracing::warn!(instance = %name, host = %from, "cleaning up after migration: {e}");
+        }
+        let mut s = c.state();
+        let inst = s
+            .instances
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))?;
+        inst.migrations.push(Migration {
+            from,
+            to,
+            at: now(),
+            freeze_ms,
+            image_bytes: bytes,
+        });
+        let inst = inst.clone();
+        let mut batch = crate::store::Batch::default();
+        batch.put(&inst);
+        c.commit(batch)?;
+        Ok(Json(inst))
+    }
+    .await;
+    set_migrating(&c, &id, None)?;
+    let inst = c.state().instances.get(&id).cloned();
+    match (result, inst) {
+        (Ok(_), Some(inst)) => Ok(Json(inst)),
+        (Ok(j), None) => Ok(j),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// Marks instance `id` as moving to a host (`vane ps` shows it), or no longer.
+fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> {
+    let mut s = c.state();
+    if let Some(inst) = s.instances.get_mut(id) {
+        inst.migrating = to;
+        let mut batch = crate::store::Batch::default();
+        batch.put(&*inst);
+        c.commit(batch)?;
+    }
+    Ok(())
+}
+
+/// Copies the packed images of instance `id` from host `from` to host `to`, in chunks,
+/// over the two agents' control streams.
+async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64) -> ApiResult<()> {
+    let mut offset = 0;
+    while offset < bytes {
+        let (len, data) = match c
+            .agents
+            .request(
+                from,
+                AgentRequest::ReadImages {
+                    id: id.to_string(),
+                    offset,
+                    len: IMAGE_CHUNK,
+                },
+            )
+            .await?
+        {
+            AgentReply::Images { len, data } if len > 0 => (len, data),
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "images of instance {id} from host {from:?} ended early: {other:?}"
+                )))
+            }
+        };
+        c.agents
+            .request(
+                to,
+                AgentRequest::WriteImages {
+                    id: id.to_string(),
+                    offset,
+                    data,
+                },
+            )
+            .await?;
+        offset += len;
+    }
+    if bytes == 0 {
+        c.agents
+            .request(
+                to,
+                AgentRequest::WriteImages {
+                    id: id.to_string(),
+                    offset: 0,
+                    data: String::new(),
+                },
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Dumps a running instance, leaving it running (or stopping it), and answers its packed
+/// images.
+async fn snapshot_instance(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Snapshot>> {
+    let spec: SnapshotSpec = if body.is_empty() {
+        SnapshotSpec::default()
+    } else {
+        parse(&body)?
+    };
+    let (id, host) = running_instance(&c, &name)?;
+    let bytes = match c
+        .agents
+        .request(
+            &host,
+            AgentRequest::Checkpoint {
+                id: id.clone(),
+                leave_running: true,
+            },
+        )
+        .await?
+    {
+        AgentReply::Checkpointed { bytes } => bytes,
+        other => {
+            return Err(ApiError::Internal(format!(
+                "unexpected answer from host {host:?}: {other:?}"
+            )))
+        }
+    };
+    let mut images = String::new();
+    let mut offset = 0;
+    while offset < bytes {
+        match c
+            .agents
+            .request(
+                &host,
+                AgentRequest::ReadImages {
+                    id: id.clone(),
+                    offset,
+                    len: IMAGE_CHUNK,
+                },
+            )
+            .await?
+        {
+            AgentReply::Images { len, data } if len > 0 => {
+                images.push_str(&data);
+                offset += len;
+            }
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "images of instance {name:?} from host {host:?} ended early: {other:?}"
+                )))
+            }
+        }
+    }
+    if spec.stop {
+        c.agents
+            .request(
+                &host,
+                AgentRequest::Stop {
+                    id: id.clone(),
+                    timeout_secs: 10,
+                },
+            )
+            .await?;
+        c.push_views();
+    }
+    let instance = c.state().instance_by_name(&name)?.clone();
+    Ok(Json(Snapshot { instance, images }))
+}
+
+/// A new instance from a snapshot: with the snapshot's identity, or a clone with its own
+/// name, address and hostname.
+async fn restore_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Instance>)> {
+    let spec: RestoreSpec = parse(&body)?;
+    let from = spec.snapshot.instance;
+    // Under a new name it is a clone: a free address and its name as hostname unless told.
+    let clone = spec.name.is_some();
+    let run = RunSpec {
+        ip: spec.ip.or((!clone).then_some(from.ip)),
+        hostname: spec.hostname.or((!clone).then_some(from.hostname)),
+        name: Some(spec.name.unwrap_or(from.name)),
+        net: from.net,
+        host: spec.host,
+        env: from.env,
+        cmd: from.cmd,
+        template: None,
+        limits: from.limits,
+        space: from.space,
+    };
+    let (inst_spec, host) = {
+        let mut s = c.state();
+        let (inst_spec, batch) = s.plan_instance(run, new_instance_id(), now())?;
+        c.commit(batch)?;
+        let host = s.instances[&inst_spec.id].host.clone();
+        (inst_spec, host)
+    };
+    let id = inst_spec.id.clone();
+    c.push_views();
+    let result = restore_on(&c, &host, inst_spec, &spec.snapshot.images).await;
+    let answer = {
+        let mut s = c.state();
+        match result {
+            Ok(pid) => match s.instances.get_mut(&id) {
+                Some(inst) => {
+                    if inst.state == InstanceState::Creating {
+                        inst.state = InstanceState::Running;
+                        inst.pid = Some(pid);
+                    }
+                    let inst = inst.clone();
+                    let mut batch = crate::store::Batch::default();
+                    batch.put(&inst);
+                    c.commit(batch)?;
+                    Ok((StatusCode::CREATED, Json(inst)))
+                }
+                None => Err(ApiError::Internal(
+                    "instance vanished while restoring".into(),
+                )),
+            },
+            Err(e) => {
+                let batch = s.drop_instance(&id);
+                c.commit(batch)?;
+                Err(e)
+            }
+        }
+    };
+    c.push_views();
+    answer
+}
+
+/// Prepares `spec` on `host`, sends it the packed images (base64) and restores them there.
+async fn restore_on(
+    c: &Controller,
+    host: &str,
+    spec: vane_proto::stream::InstanceSpec,
+    images: &str,
+) -> ApiResult<u32> {
+    let id = spec.id.clone();
+    c.agents
+        .request(
+            host,
+            AgentRequest::Prepare {
+                instance: Box::new(spec),
+            },
+        )
+        .await?;
+    let result = async {
+        let chunk = (IMAGE_CHUNK as usize) / 3 * 4;
+        let mut offset = 0u64;
+        for part in images.as_bytes().chunks(chunk) {
+            let data = String::from_utf8_lossy(part).into_owned();
+            c.agents
+                .request(
+                    host,
+                    AgentRequest::WriteImages {
+                        id: id.clone(),
+                        offset,
+                        data,
+                    },
+                )
+                .await?;
+            offset += IMAGE_CHUNK as u64;
+        }
+        match c
+            .agents
+            .request(
+                host,
+                AgentRequest::Restore {
+                    id: id.clone(),
+                    tcp_close: true,
+                },
+            )
+            .await?
+        {
+            AgentReply::Created { pid } => Ok(pid),
+            other => Err(ApiError::Internal(format!(
+                "unexpected answer from host {host:?}: {other:?}"
+            ))),
+        }
+    }
+    .await;
+    if result.is_err() {
+        let _ = c.agents.request(host, AgentRequest::Discard { id }).await;
+    }
+    result
+}
+
 #[derive(Deserialize)]
 struct RemoveQuery {
     #[serde(default)]
@@ -268,7 +728,7 @@ async fn remove_instance(
     Path(name): Path<String>,
     Query(q): Query<RemoveQuery>,
 ) -> ApiResult<StatusCode> {
-    let (id, host) = locate(&c, &name)?;
+    let (id, host) = settled(&c, &name)?;
     if c.agents.is_connected(&host) {
         c.agents
             .request(&host, AgentRequest::Remove { id: id.clone() })
@@ -291,6 +751,18 @@ async fn remove_instance(
 fn locate(c: &Controller, name: &str) -> ApiResult<(String, String)> {
     let s = c.state();
     let inst = s.instance_by_name(name)?;
+    Ok((inst.id.clone(), inst.host.clone()))
+}
+
+/// The id and host of instance `name`, which must not be moving between hosts.
+fn settled(c: &Controller, name: &str) -> ApiResult<(String, String)> {
+    let s = c.state();
+    let inst = s.instance_by_name(name)?;
+    if let Some(to) = &inst.migrating {
+        return Err(ApiError::Conflict(format!(
+            "instance {name:?} is moving to host {to:?}; try again once it has"
+        )));
+    }
     Ok((inst.id.clone(), inst.host.clone()))
 }
 

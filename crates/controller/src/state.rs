@@ -110,6 +110,13 @@ impl State {
         for host in state.hosts.values_mut() {
             host.state = HostState::Offline;
         }
+        // A migration the controller was running when it stopped is over: the instance is
+        // where its agents report it.
+        for inst in state.instances.values_mut() {
+            if inst.migrating.take().is_some() {
+                batch.put(&*inst);
+            }
+        }
         (state, batch)
     }
 
@@ -313,6 +320,8 @@ impl State {
             template: spec.template.clone(),
             limits,
             space: space.clone(),
+            migrating: None,
+            migrations: Vec::new(),
         };
         let mut batch = Batch::default();
         batch.put(&instance);
@@ -406,6 +415,21 @@ impl State {
     }
 
     /// Forgets an instance (after its host removed it, or when it failed to start).
+    /// What an agent needs to set up instance `inst` again (the destination of a migration).
+    pub fn instance_spec(&self, inst: &Instance) -> Result<InstanceSpec, ApiError> {
+        Ok(InstanceSpec {
+            id: inst.id.clone(),
+            name: inst.name.clone(),
+            net: self.net(&inst.net)?.clone(),
+            ip: inst.ip,
+            hostname: inst.hostname.clone(),
+            cmd: inst.cmd.clone(),
+            env: inst.env.clone(),
+            limits: inst.limits,
+            space: inst.space.clone(),
+        })
+    }
+
     pub fn drop_instance(&mut self, id: &str) -> Batch {
         let mut batch = Batch::default();
         if let Some(inst) = self.instances.remove(id) {

@@ -309,6 +309,62 @@ pub struct Instance {
     pub limits: Limits,
     #[serde(default)]
     pub space: SpaceSpec,
+    /// The host it is moving to, while a migration is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating: Option<String>,
+    /// Live migrations of this instance, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrations: Vec<Migration>,
+}
+
+/// One live migration of an instance (`vane migrate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    pub from: String,
+    pub to: String,
+    /// Unix time, seconds, when it completed.
+    pub at: u64,
+    /// From the freeze on the source until the directory sends to the destination.
+    pub freeze_ms: u64,
+    /// Size of the images moved.
+    pub image_bytes: u64,
+}
+
+/// `POST /v1/instances/{name}/migrate` (`vane migrate NAME --to HOST`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateSpec {
+    pub to: String,
+}
+
+/// `POST /v1/instances/{name}/snapshot` (`vane snapshot NAME --out DIR [--stop]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SnapshotSpec {
+    /// Stop the instance once it is dumped.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// A dump of a running instance: what it was and its packed CRIU images.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub instance: Instance,
+    /// The packed images (a tar of CRIU's image files and the program's log), base64.
+    pub images: String,
+}
+
+/// `POST /v1/restore` (`vane restore DIR [--host H] [--name N --ip IP --hostname H]`): a new
+/// instance from a snapshot, with the snapshot's identity or (a clone) a new one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    pub snapshot: Snapshot,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).

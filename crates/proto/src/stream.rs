@@ -77,6 +77,44 @@ pub enum AgentRequest {
     },
     /// The host's switch and tunnel counters.
     HostStats,
+    /// Migration, destination side: check that CRIU is usable and make the instance's
+    /// space (namespace with its address, rules, cgroups, state directory) without
+    /// starting anything.
+    Prepare {
+        instance: Box<InstanceSpec>,
+    },
+    /// Migration, source side: freeze and dump the instance's process tree and pack the
+    /// images. Without `leave_running` the tree is gone afterwards (until `Restore`).
+    Checkpoint {
+        id: String,
+        leave_running: bool,
+    },
+    /// Up to `len` bytes of the packed images of `id` from `offset`.
+    ReadImages {
+        id: String,
+        offset: u64,
+        len: u32,
+    },
+    /// Bytes of the packed images of a prepared instance, at `offset`.
+    WriteImages {
+        id: String,
+        offset: u64,
+        /// Base64.
+        data: String,
+    },
+    /// Restores the dumped tree: into the prepared space (destination), or back into its
+    /// own space after a failed migration (source).
+    Restore {
+        id: String,
+        /// Restore established TCP connections closed (a snapshot restored later, or a
+        /// clone with another address) rather than repaired (a migration).
+        #[serde(default)]
+        tcp_close: bool,
+    },
+    /// Forgets a prepared space that will not be restored.
+    Discard {
+        id: String,
+    },
 }
 
 /// What an agent needs to create an instance.
@@ -110,6 +148,15 @@ pub enum AgentReply {
         usage: Option<Usage>,
     },
     HostStats(HostStats),
+    /// The instance was dumped; its packed images are `bytes` long.
+    Checkpointed {
+        bytes: u64,
+    },
+    /// `len` bytes of packed images, in base64; none past the end.
+    Images {
+        len: u64,
+        data: String,
+    },
 }
 
 /// Agent -> controller.

@@ -62,6 +62,42 @@ pub enum Cmd {
     Logs { name: String },
     /// Stop an instance's program (SIGTERM, then SIGKILL after 10 s)
     Stop { name: String },
+    /// Move a running instance to another host, with its processes and open connections;
+    /// prints the freeze time and the size of the images moved
+    Migrate {
+        name: String,
+        /// The destination host
+        #[arg(long)]
+        to: String,
+    },
+    /// Dump a running instance (its processes, memory, open files) to a directory, leaving
+    /// it running unless --stop
+    Snapshot {
+        name: String,
+        /// Directory to write the snapshot to (made if missing)
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop the instance once dumped
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Bring a snapshot back as a new instance; with --name (and --ip, --hostname) a clone
+    /// with its own identity
+    Restore {
+        dir: PathBuf,
+        /// Host to restore on [default: the least busy online host]
+        #[arg(long)]
+        host: Option<String>,
+        /// Name of the restored instance [default: the snapshot's]
+        #[arg(long)]
+        name: Option<String>,
+        /// Virtual IP [default: the snapshot's, or a free one for a clone]
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        /// Hostname [default: the snapshot's, or the new name for a clone]
+        #[arg(long)]
+        hostname: Option<String>,
+    },
     /// Remove an instance, stopping it first
     Rm {
         name: String,

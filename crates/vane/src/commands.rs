@@ -350,6 +350,11 @@ pub fn ps(c: &Client, output: Output) -> Result<()> {
                     (Some(e), "exited") => format!("exited ({e})"),
                     (_, s) => s.to_string(),
                 };
+                let state = match (&i.migrating, i.migrations.len()) {
+                    (Some(to), _) => format!("{state} (migrating to {to})"),
+                    (None, 0) => state,
+                    (None, n) => format!("{state} (migrated {n}x)"),
+                };
                 vec![
                     i.name,
                     i.net,
@@ -379,6 +384,92 @@ pub fn stop(c: &Client, name: &str) -> Result<()> {
         &serde_json::json!({}),
     )?;
     println!("{name}");
+    Ok(())
+}
+
+pub fn migrate(c: &Client, name: &str, to: &str) -> Result<()> {
+    let inst: Instance = c.post(
+        &format!("/v1/instances/{}/migrate", path_segment(name)?),
+        &vane_proto::api::MigrateSpec { to: to.to_string() },
+    )?;
+    match inst.migrations.last() {
+        Some(m) => println!(
+            "{name}: {} -> {}, freeze {} ms, image {:.1} MiB",
+            m.from,
+            m.to,
+            m.freeze_ms,
+            m.image_bytes as f64 / (1024.0 * 1024.0)
+        ),
+        None => println!("{name}"),
+    }
+    Ok(())
+}
+
+/// The snapshot's description in its directory.
+const SNAPSHOT_INSTANCE: &str = "instance.json";
+/// The snapshot's packed CRIU images in its directory.
+const SNAPSHOT_IMAGES: &str = "images.tar";
+
+pub fn snapshot(c: &Client, name: &str, out: &std::path::Path, stop: bool) -> Result<()> {
+    use base64::Engine;
+    let snap: vane_proto::api::Snapshot = c.post(
+        &format!("/v1/instances/{}/snapshot", path_segment(name)?),
+        &vane_proto::api::SnapshotSpec { stop },
+    )?;
+    let images = base64::engine::general_purpose::STANDARD
+        .decode(&snap.images)
+        .map_err(|e| anyhow::anyhow!("snapshot of {name}: bad images from the controller: {e}"))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    let write = |file: &str, bytes: &[u8]| {
+        let path = out.join(file);
+        std::fs::write(&path, bytes)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    };
+    write(
+        SNAPSHOT_INSTANCE,
+        &serde_json::to_vec_pretty(&snap.instance).expect("serializes"),
+    )?;
+    write(SNAPSHOT_IMAGES, &images)?;
+    println!(
+        "{name}: snapshot in {}, {:.1} MiB",
+        out.display(),
+        images.len() as f64 / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
+pub fn restore(
+    c: &Client,
+    dir: &std::path::Path,
+    host: Option<String>,
+    name: Option<String>,
+    ip: Option<std::net::Ipv4Addr>,
+    hostname: Option<String>,
+) -> Result<()> {
+    use base64::Engine;
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+    };
+    let instance: Instance = serde_json::from_slice(&read(SNAPSHOT_INSTANCE)?).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a snapshot: {e}",
+            dir.join(SNAPSHOT_INSTANCE).display()
+        )
+    })?;
+    let images = base64::engine::general_purpose::STANDARD.encode(read(SNAPSHOT_IMAGES)?);
+    let inst: Instance = c.post(
+        "/v1/restore",
+        &vane_proto::api::RestoreSpec {
+            snapshot: vane_proto::api::Snapshot { instance, images },
+            host,
+            name,
+            ip,
+            hostname,
+        },
+    )?;
+    println!("{}", inst.name);
     Ok(())
 }
 

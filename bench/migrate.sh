@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Freeze time of live migration: a small counter server (well under 50 MiB resident) with
+# three open connections (clients on three hosts asking without pause) migrates 10 times
+# between two hosts of a lab; prints each freeze time (from the freeze on the source until
+# the directory sends to the destination) and the median. The clients must see no error.
+#
+#   bench/migrate.sh [--debug] [COUNT]
+#
+# Builds vane in release mode unless --debug (then uses the debug build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  exec sudo -E "$0" "$@"
+fi
+profile=release
+if [ "${1:-}" = "--debug" ]; then
+  profile=debug
+  shift
+fi
+count=${1:-10}
+bash scripts/install-deps.sh
+if [ "$profile" = release ]; then
+  cargo build --release --quiet
+else
+  cargo build --quiet
+fi
+vane="${CARGO_TARGET_DIR:-target}/$profile/vane"
+lab="bm$$"
+octet=$((($$ % 200) + 30))
+export VANE_CONTROLLER="http://198.18.$octet.254:7946"
+cleanup() {
+  "$vane" lab down --name "$lab" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+"$vane" lab up --hosts 3 --name "$lab" --underlay "198.18.$octet.0/24" >/dev/null
+# Where the clients look for their stop file: not /tmp, which instances have of their own.
+stops="/var/lib/vane/labs/$lab"
+"$vane" net create bench --subnet 10.77.0.0/24 >/dev/null
+server='
+import socket, threading
+def serve(c):
+    f = c.makefile("rwb")
+    n = 0
+    while f.readline():
+        n += 1
+        f.write(b"%d\n" % n)
+        f.flush()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+'
+client='
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], 7000), timeout=10)
+s.settimeout(60)
+f = s.makefile("rwb")
+n = 0
+while not os.path.exists(sys.argv[2]):
+    f.write(b"x\n")
+    f.flush()
+    if int(f.readline()) != n + 1:
+        print("gap after", n, flush=True)
+        sys.exit(1)
+    n += 1
+    time.sleep(0.002)
+print("ok", n, flush=True)
+'
+"$vane" run --net bench --name srv --host h1 -- python3 -c "$server" >/dev/null
+sleep 0.5
+for h in h1 h2 h3; do
+  "$vane" run --net bench --name "c$h" --host "$h" -- python3 -c "$client" srv "$stops/stop" >/dev/null
+done
+sleep 1
+times=()
+to=h2
+for i in $(seq "$count"); do
+  line=$("$vane" migrate srv --to "$to")
+  echo "$line"
+  times+=("$(echo "$line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')")
+  if [ "$to" = h2 ]; then to=h1; else to=h2; fi
+  sleep 0.5
+done
+touch "$stops/stop"
+failed=0
+for h in h1 h2 h3; do
+  for _ in $(seq 100); do
+    out=$("$vane" logs "c$h")
+    [ -n "$out" ] && break
+    sleep 0.1
+  done
+  case "$out" in ok*) ;; *) echo "client c$h: ${out:-no answer after 10 s}"; failed=1 ;; esac
+done
+[ "$failed" = 0 ] || "$vane" ps
+rss=$("$vane" exec srv -- sh -c 'grep VmRSS /proc/2/status' | awk '{print $2}')
+median=$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
+echo "server resident: $((rss / 1024)) MiB; $count migrations ($profile build): median freeze $median ms"
+exit $failed

@@ -1,0 +1,389 @@
+//! Checkpoints of running instances with CRIU (>= 4.2): dumping an instance's whole process
+//! tree with its established TCP connections into an images directory, packing the images
+//! for the trip to another host, preparing an instance's space without starting a program,
+//! and restoring a dumped tree into such a space.
+//!
+//! The instance's network namespace is not dumped: it is marked external
+//! (`--external net[INODE]:vane-net`), and on restore the prepared namespace, which holds a
+//! new `vane0` with the same address, is handed to CRIU as an inherited descriptor. TCP
+//! repair puts the connections back on sockets bound to that address.
+//!
+//! Blocking: run these off the async runtime.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use vane_proto::stream::InstanceSpec;
+
+use crate::cgroup::{self, Layout};
+use crate::instance::{self, CreateError, Record};
+use crate::netconf::{self, OutboundRules};
+
+/// The images of an instance's last dump, in its state directory.
+pub const IMAGES_DIR: &str = "images";
+/// The images packed for transfer (a tar of `images/` and `output.log`).
+pub const PACK_FILE: &str = "images.tar";
+/// The key under which the instance's network namespace travels in the images.
+const NET_KEY: &str = "vane-net";
+/// The keys of the bind mounts of the instance's hosts and hostname files, which travel as
+/// external mounts and are bound from the restoring host's own files.
+const HOSTS_KEY: &str = "vane-hosts";
+const HOSTNAME_KEY: &str = "vane-hostname";
+const STATE_KEY: &str = "vane-state";
+/// How CRIU keeps the instance's connections quiet while it dumps them: nftables from
+/// inside CRIU is quicker than running iptables.
+const NETWORK_LOCK: &str = "nftables";
+/// The oldest CRIU that dumps TCP sockets on current kernels.
+const MIN_VERSION: (u32, u32) = (4, 2);
+
+/// The CRIU binary: `VANE_CRIU` if set, else the one `scripts/install-criu.sh` installs,
+/// else the one on the PATH.
+fn criu() -> PathBuf {
+    if let Some(path) = std::env::var_os("VANE_CRIU") {
+        return PathBuf::from(path);
+    }
+    let local = Path::new("/usr/local/sbin/criu");
+    if local.exists() {
+        local.to_path_buf()
+    } else {
+        PathBuf::from("criu")
+    }
+}
+
+/// CRIU's version if it is usable here (>= 4.2), or why not.
+pub fn criu_version() -> Result<String, String> {
+    let out = Command::new(criu())
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!("criu is not installed on this host ({e}); scripts/install-criu.sh installs it")
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| "criu on this host does not say its version".to_string())?;
+    if !usable(&version) {
+        return Err(format!(
+            "criu {version} on this host is too old (>= {}.{} needed; scripts/install-criu.sh installs it)",
+            MIN_VERSION.0, MIN_VERSION.1
+        ));
+    }
+    Ok(version)
+}
+
+/// Whether CRIU `version` ("4.2.1", "4.10") is at least `MIN_VERSION`.
+fn usable(version: &str) -> bool {
+    let mut parts = version
+        .split('.')
+        .map(|p| p.trim().parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= MIN_VERSION
+}
+
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Harmless here: no CAP_SYS_RESOURCE to raise the descriptor limit; no dump lock to lift
+    // in a namespace prepared for the restore.
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error"))
+        .filter(|l| !l.contains("RLIMIT_NOFILE") && !l.contains("Could not process rule"))
+        .collect();
+    if errors.is_empty() {
+        let lines: Vec<&str> = text.lines().collect();
+        return lines[lines.len().saturating_sub(n)..].join(" | ");
+    }
+    // The first errors say what went wrong, the last ones only that it failed.
+    errors[..errors.len().min(n)].join(" | ")
+}
+
+/// Dumps the process tree of the instance into `DIR/images` and packs it with the
+/// program's log into `DIR/images.tar`. Without `leave_running` the tree is gone
+/// afterwards. Returns the size of the pack.
+pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, String> {
+    let images = dir.join(IMAGES_DIR);
+    let _ = std::fs::remove_dir_all(&images);
+    std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
+    let ns = netconf::netns_path(&record.netns);
+    let inode = std::fs::metadata(&ns)
+        .map_err(|e| format!("{}: {e}", ns.display()))?
+        .ino();
+    let mut cmd = Command::new(criu());
+    cmd.arg("dump")
+        .arg("-t")
+        .arg(record.init_pid.to_string())
+        .arg("-D")
+        .arg(&images)
+        .arg("-o")
+        .arg("dump.log")
+        .arg("--tcp-established")
+        .arg("--file-locks")
+        .arg("--network-lock")
+        .arg(NETWORK_LOCK)
+        .arg("--external")
+        .arg(format!("net[{inode}]:{NET_KEY}"))
+        .arg("--external")
+        .arg(format!("mnt[/etc/hosts]:{HOSTS_KEY}"))
+        .arg("--external")
+        .arg(format!("mnt[/etc/hostname]:{HOSTNAME_KEY}"))
+        .arg("--external")
+        .arg(format!("mnt[{}]:{STATE_KEY}", crate::launch::STATE_MOUNT));
+    if leave_running {
+        cmd.arg("--leave-running");
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running criu: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "criu dump failed: {}",
+            last_lines(&images.join("dump.log"), 2)
+        ));
+    }
+    pack(dir)
+}
+
+/// Packs `DIR/images` and `DIR/output.log` into `DIR/images.tar`; returns its size.
+pub fn pack(dir: &Path) -> Result<u64, String> {
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-cf")
+        .arg(dir.join(PACK_FILE))
+        .arg(IMAGES_DIR)
+        .arg(crate::launch::LOG_FILE)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running tar: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "packing images: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    std::fs::metadata(dir.join(PACK_FILE))
+        .map(|m| m.len())
+        .map_err(|e| format!("packing images: {e}"))
+}
+
+/// Unpacks `DIR/images.tar` (received from another host) into `DIR`.
+pub fn unpack(dir: &Path) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(dir.join(IMAGES_DIR));
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-xf")
+        .arg(dir.join(PACK_FILE))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running tar: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "unpacking images: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// Reads up to `len` bytes of `DIR/images.tar` from `offset`.
+pub fn read_pack(dir: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(dir.join(PACK_FILE))?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// Writes `data` at `offset` of `DIR/images.tar` (the first chunk truncates it).
+pub fn write_pack(dir: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(offset == 0)
+        .open(dir.join(PACK_FILE))?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(data)
+}
+
+/// An instance's space made ready for a restore: what `instance::create` makes before it
+/// starts the program.
+pub struct Prepared {
+    pub tun: std::os::fd::OwnedFd,
+    pub record: Record,
+}
+
+/// Makes the instance's state directory, network namespace with its `vane0` and address,
+/// rules and cgroups, without starting anything. Undoes it all on failure.
+pub fn prepare(
+    dir: &Path,
+    key: &str,
+    layout: &Layout,
+    spec: &InstanceSpec,
+    rules: &OutboundRules,
+    hosts: &str,
+    mtu: usize,
+) -> Result<Prepared, String> {
+    criu_version()?;
+    if dir.join(instance::RECORD_FILE).exists() {
+        return Err(format!("instance {} already exists on this host", spec.id));
+    }
+    if dir.exists() {
+        return Err(format!("instance {} already exists on this host", spec.id));
+    }
+    let result = prepare_inner(dir, key, layout, spec, rules, hosts, mtu);
+    if result.is_err() {
+        instance::teardown(dir, key, layout);
+    }
+    result.map_err(|e| match e {
+        CreateError::Input(m) | CreateError::Host(m) => m,
+    })
+}
+
+fn prepare_inner(
+    dir: &Path,
+    key: &str,
+    layout: &Layout,
+    spec: &InstanceSpec,
+    rules: &OutboundRules,
+    hosts: &str,
+    mtu: usize,
+) -> Result<Prepared, CreateError> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(instance::SPACE_FILE), key)?;
+    netconf::rewrite_in_place(&dir.join(crate::launch::HOSTS_FILE), hosts)?;
+    std::fs::write(
+        dir.join(crate::launch::HOSTNAME_FILE),
+        format!("{}\n", spec.hostname),
+    )?;
+    let netns = instance::netns_name(key);
+    netconf::create_netns(&netns)?;
+    let tun = instance::open_tun(&netns)?;
+    netconf::configure(&netns, spec.ip, mtu)?;
+    netconf::apply_rules(&netns, rules, None)?;
+    let cgroups = layout.create(key)?;
+    cgroup::apply_limits(&cgroups, &spec.limits)
+        .map_err(|e| CreateError::Host(format!("setting limits: {e}")))?;
+    Ok(Prepared {
+        tun,
+        record: Record {
+            spec: spec.clone(),
+            netns,
+            cgroups,
+            init_pid: 0,
+            init_start: 0,
+            pid: 0,
+        },
+    })
+}
+
+/// Restores the tree dumped in `DIR/images` into the instance's namespace (prepared, or
+/// the one it was dumped from), detached. Fills in and writes the record's pids. CRIU lifts
+/// the dump's network lock (the method is in the images) once the connections are back.
+/// `rename`: set the restored UTS namespace's hostname to the record's (a clone).
+pub fn restore(
+    dir: &Path,
+    record: &mut Record,
+    tcp_close: bool,
+    rename: bool,
+) -> Result<(), String> {
+    let images = dir.join(IMAGES_DIR);
+    let pidfile = dir.join("restored.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let ns = netconf::netns_path(&record.netns);
+    let cgroups: Vec<String> = record
+        .cgroups
+        .iter()
+        .map(|c| c.to_string_lossy().into_owned())
+        .collect();
+    // The shell joins the instance's cgroups (CRIU leaves cgroups alone: the source's may
+    // still exist on a shared kernel) and opens the namespace as descriptor 3 for criu,
+    // which gives it to the restored tree in place of the original. The state directory and
+    // the hosts and hostname files are bound from this host's.
+    let tcp = if tcp_close {
+        "--tcp-close"
+    } else {
+        "--tcp-established"
+    };
+    let script = format!(
+        "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \
+         exec \"$0\" restore -D \"$1\" -o restore.log {tcp} --file-locks --root / -d \
+         --manage-cgroups=ignore --pidfile \"$2\" --inherit-fd 'fd[3]:{NET_KEY}' \
+         --external \"mnt[{STATE_KEY}]:$4\" --external \"mnt[{HOSTS_KEY}]:$5\" \
+         --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\""
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(criu())
+        .arg(&images)
+        .arg(&pidfile)
+        .arg(&ns)
+        .arg(dir)
+        .arg(dir.join(crate::launch::HOSTS_FILE))
+        .arg(dir.join(crate::launch::HOSTNAME_FILE))
+        .env("VANE_CGROUPS", cgroups.join(":"))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running criu: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "criu restore failed: {}",
+            last_lines(&images.join("restore.log"), 2)
+        ));
+    }
+    let init_pid: u32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| "criu restore wrote no pid".to_string())?;
+    let children = std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
+        .unwrap_or_default();
+    // A clone gets its own hostname (the images hold the original's).
+    let named = if !rename {
+        Ok(())
+    } else {
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(init_pid.to_string())
+            .arg("-u")
+            .arg("hostname")
+            .arg(&record.spec.hostname)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|_| ())
+            .and_then(|o| if o.status.success() { Ok(()) } else { Err(()) })
+    };
+    if named.is_err() {
+        tracing::warn!(instance = %record.spec.name, "cannot set the restored instance's hostname");
+    }
+    record.init_pid = init_pid;
+    record.init_start = vane_sys::pidfd::start_time(init_pid).unwrap_or(0);
+    record.pid = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(init_pid);
+    instance::write_record(dir, record).map_err(|e| format!("writing the record: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usable;
+
+    #[test]
+    fn criu_from_4_2_is_usable() {
+        for v in ["4.2", "4.2.1", "4.10", "5.0"] {
+            assert!(usable(v), "{v}");
+        }
+        for v in ["3.17", "4.1.1", "4", "", "x"] {
+            assert!(!usable(v), "{v}");
+        }
+    }
+}

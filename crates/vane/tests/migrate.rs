@@ -1,0 +1,391 @@
+//! Live migration on namespace hosts with real CRIU (>= 4.2, scripts/install-criu.sh): a
+//! counter server keeps its clients' connections, its state and its identity while it
+//! moves from host to host; a failed migration leaves it running where it was.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, TestLab};
+
+/// Numbers every reply: per connection (the client checks they are consecutive) and in
+/// total (the server's state).
+const COUNTER: &str = r#"
+import socket, threading
+total = 0
+lock = threading.Lock()
+def serve(c):
+    global total
+    f = c.makefile('rwb')
+    n = 0
+    while True:
+        line = f.readline()
+        if not line:
+            return
+        n += 1
+        with lock:
+            total += 1
+            t = total
+        f.write(b'%d %d\n' % (n, t))
+        f.flush()
+def echo():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(('0.0.0.0', 7001))
+    while True:
+        d, a = u.recvfrom(100)
+        u.sendto(d, a)
+threading.Thread(target=echo, daemon=True).start()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 7000))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Asks without pause; every reply must carry the next number. Exits 0 when the stop file
+/// appears, 1 on the first error or gap.
+const CLIENT: &str = r#"
+import os, socket, sys, time
+deadline = time.time() + 20
+while True:
+    try:
+        s = socket.create_connection((sys.argv[1], 7000), timeout=5)
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.1)
+s.settimeout(60)
+f = s.makefile('rwb')
+n = 0
+while not os.path.exists(sys.argv[2]):
+    f.write(b'x\n')
+    f.flush()
+    r = f.readline().split()
+    if not r or int(r[0]) != n + 1:
+        print('bad reply after', n, r, flush=True)
+        sys.exit(1)
+    n += 1
+    time.sleep(0.002)
+print('ok', n, flush=True)
+"#;
+
+/// Sends a datagram every 10 ms to the server's UDP echo, one socket throughout; at the
+/// stop file, says whether replies were still coming (the flow resumed after the moves).
+const UDP_CLIENT: &str = r#"
+import os, socket, sys, time
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(0.05)
+last, got, i = 0.0, 0, 0
+while not os.path.exists(sys.argv[2]):
+    i += 1
+    try:
+        u.sendto(b'%d' % i, (sys.argv[1], 7001))
+        u.recvfrom(100)
+        got += 1
+        last = time.time()
+    except OSError:
+        pass
+    time.sleep(0.01)
+print('ok' if time.time() - last < 2 else 'stale', got, i, flush=True)
+"#;
+
+fn run_on(lab: &TestLab, host: &str, name: &str, cmd: &[&str]) {
+    let mut args = vec!["run", "--net", "red", "--name", name, "--host", host, "--"];
+    args.extend(cmd);
+    assert_eq!(lab.ok(&args).trim(), name);
+}
+
+/// Packets the client's port has received so far: a measure of its progress.
+fn progress(lab: &TestLab, name: &str) -> u64 {
+    let out = lab.run(&["stats", name, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["port"]["rx_packets"].as_u64().unwrap_or(0)
+}
+
+fn start_client(lab: &TestLab, host: &str, name: &str, server: &str) -> String {
+    start_script(lab, host, name, server, CLIENT)
+}
+
+fn start_script(lab: &TestLab, host: &str, name: &str, server: &str, script: &str) -> String {
+    let stop = format!("{}/stop-{name}", lab.state_dir());
+    let _ = std::fs::remove_file(&stop);
+    run_on(lab, host, name, &["python3", "-c", script, server, &stop]);
+    assert!(
+        wait_until(Duration::from_secs(20), || progress(lab, name) > 50),
+        "client {name} never got going: {}",
+        lab.ok(&["logs", name])
+    );
+    stop
+}
+
+/// Checks that a client is still talking, stops it and checks it saw no error or gap.
+fn finish_client(lab: &TestLab, name: &str, stop: &str) {
+    let before = progress(lab, name);
+    assert!(
+        wait_until(Duration::from_secs(15), || progress(lab, name)
+            > before + 50),
+        "client {name} stalled: {}",
+        lab.ok(&["logs", name])
+    );
+    std::fs::write(stop, "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(70), || lab.inspect(name)["state"]
+            == "exited"),
+        "client {name} did not end"
+    );
+    let logs = lab.ok(&["logs", name]);
+    let _ = std::fs::remove_file(stop);
+    assert_eq!(
+        lab.inspect(name)["exit"]["code"],
+        0,
+        "client {name} failed: {logs}"
+    );
+    assert!(logs.starts_with("ok "), "client {name}: {logs}");
+}
+
+fn migrate(lab: &TestLab, name: &str, to: &str) -> String {
+    let out = lab.ok(&["migrate", name, "--to", to]);
+    assert!(out.contains("freeze") && out.contains("MiB"), "{out}");
+    eprintln!("{}", out.trim());
+    assert_eq!(lab.inspect(name)["host"], to);
+    out
+}
+
+#[test]
+fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations() {
+    let lab = TestLab::up(3);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.4.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let clients = [("h1", "c1"), ("h2", "c2"), ("h3", "c3"), ("h3", "u3")];
+    let stops: Vec<String> = clients
+        .iter()
+        .map(|(host, name)| {
+            let script = if name.starts_with('u') {
+                UDP_CLIENT
+            } else {
+                CLIENT
+            };
+            start_script(&lab, host, name, &ip, script)
+        })
+        .collect();
+    for to in ["h2", "h3", "h1"] {
+        migrate(&lab, "srv", to);
+        for (_, name) in clients {
+            let before = progress(&lab, name);
+            assert!(
+                wait_until(Duration::from_secs(15), || progress(&lab, name)
+                    > before + 20),
+                "client {name} stalled after the migration to {to}: {}",
+                lab.ok(&["logs", name])
+            );
+        }
+    }
+    for ((_, name), stop) in clients.iter().zip(&stops) {
+        finish_client(&lab, name, stop);
+    }
+    let inst = lab.inspect("srv");
+    let history = inst["migrations"].as_array().expect("history");
+    let hops: Vec<(&str, &str)> = history
+        .iter()
+        .map(|m| (m["from"].as_str().unwrap(), m["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(hops, [("h1", "h2"), ("h2", "h3"), ("h3", "h1")]);
+    assert!(history.iter().all(|m| m["image_bytes"].as_u64() > Some(0)));
+    assert!(inst.get("migrating").is_none(), "{inst}");
+    assert!(lab.ok(&["ps"]).contains("running (migrated 3x)"));
+    // Its hostname and address came along.
+    let out = lab.ok(&["exec", "srv", "--", "hostname"]);
+    assert_eq!(out.trim(), "srv");
+}
+
+#[test]
+fn refusals_come_before_anything_is_frozen() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.5.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let err = lab.fails(&["migrate", "srv", "--to", "h9"]);
+    assert!(err.contains("unknown host \"h9\""), "{err}");
+    let err = lab.fails(&["migrate", "srv", "--to", "h1"]);
+    assert!(err.contains("already runs on host"), "{err}");
+    let pid = lab.inspect("srv")["pid"].clone();
+    lab.kill("h2");
+    assert!(wait_until(Duration::from_secs(10), || {
+        lab.ok(&["host", "ls"])
+            .lines()
+            .any(|l| l.starts_with("h2") && l.contains("offline"))
+    }));
+    let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
+    assert!(err.contains("offline"), "{err}");
+    let inst = lab.inspect("srv");
+    assert_eq!(inst["state"], "running");
+    assert_eq!(inst["pid"], pid);
+    assert_eq!(inst["host"], "h1");
+}
+
+#[test]
+fn a_failed_restore_resumes_the_instance_on_its_source() {
+    let lab = TestLab::up_with(2, &[], &[("VANE_TEST_FAIL_RESTORE", "h2")]);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.6.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let stop = start_client(&lab, "h2", "c2", &ip);
+    let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
+    assert!(
+        err.contains("failed, it runs on host \"h1\" again") && err.contains("on purpose"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let inst = lab.inspect("srv");
+    assert_eq!(inst["state"], "running");
+    assert_eq!(inst["host"], "h1");
+    assert!(inst.get("migrations").is_none());
+    finish_client(&lab, "c2", &stop);
+    // And it still migrates once the destination is fine.
+    let out = lab.ok(&["exec", "srv", "--", "hostname"]);
+    assert_eq!(out.trim(), "srv");
+}
+
+/// Asks the counter server at `server` three times from instance `client`; returns the
+/// replies' totals.
+fn ask(lab: &TestLab, client: &str, server: &str) -> Vec<u64> {
+    const ASK: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7000), timeout=5)
+f = s.makefile('rwb')
+for _ in range(3):
+    f.write(b'x\n')
+    f.flush()
+    print(f.readline().split()[1].decode())
+"#;
+    let mut out = String::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let o = lab.run(&["exec", client, "--", "python3", "-c", ASK, server]);
+        out = String::from_utf8_lossy(&o.stdout).into_owned();
+        o.status.success()
+    });
+    assert!(ok, "{server} never answered {client}");
+    out.lines().map(|l| l.trim().parse().unwrap()).collect()
+}
+
+/// A snapshot directory removed when the test ends, however it ends.
+struct SnapshotDir(std::path::PathBuf);
+
+impl SnapshotDir {
+    fn new(lab: &TestLab) -> SnapshotDir {
+        SnapshotDir(std::env::temp_dir().join(format!("vane-snapshot-{}", lab.name)))
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for SnapshotDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_snapshot_restored_on_another_host_keeps_its_state() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.7.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    run_on(&lab, "h2", "cli", &["sleep", "600"]);
+    assert_eq!(ask(&lab, "cli", "srv"), [1, 2, 3]);
+    let snap = SnapshotDir::new(&lab);
+    let out = lab.ok(&["snapshot", "srv", "--out", snap.path(), "--stop"]);
+    assert!(out.contains("MiB"), "{out}");
+    assert_eq!(lab.inspect("srv")["state"], "exited");
+    let ip = lab.inspect("srv")["ip"].clone();
+    lab.ok(&["rm", "srv"]);
+    assert_eq!(
+        lab.ok(&["restore", snap.path(), "--host", "h2"]).trim(),
+        "srv"
+    );
+    let inst = lab.inspect("srv");
+    assert_eq!(
+        (&inst["host"], &inst["ip"], &inst["state"]),
+        (&"h2".into(), &ip, &"running".into())
+    );
+    // The count goes on where it was.
+    assert_eq!(ask(&lab, "cli", "srv"), [4, 5, 6]);
+    assert_eq!(lab.ok(&["exec", "srv", "--", "hostname"]).trim(), "srv");
+}
+
+#[test]
+fn clones_of_one_snapshot_run_side_by_side_with_their_own_identities() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.8.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    run_on(&lab, "h2", "cli", &["sleep", "600"]);
+    assert_eq!(ask(&lab, "cli", "srv"), [1, 2, 3]);
+    let snap = SnapshotDir::new(&lab);
+    lab.ok(&["snapshot", "srv", "--out", snap.path()]);
+    assert_eq!(lab.inspect("srv")["state"], "running");
+    let clones = [
+        ("c1", "h1", "10.10.8.101"),
+        ("c2", "h2", "10.10.8.102"),
+        ("c3", "h2", "10.10.8.103"),
+    ];
+    for (name, host, ip) in clones {
+        let hostname = format!("{name}-host");
+        lab.ok(&[
+            "restore",
+            snap.path(),
+            "--host",
+            host,
+            "--name",
+            name,
+            "--ip",
+            ip,
+            "--hostname",
+            &hostname,
+        ]);
+    }
+    for (name, host, ip) in clones {
+        let inst = lab.inspect(name);
+        assert_eq!(
+            (inst["host"].as_str(), inst["ip"].as_str()),
+            (Some(host), Some(ip))
+        );
+        assert_eq!(
+            lab.ok(&["exec", name, "--", "hostname"]).trim(),
+            format!("{name}-host")
+        );
+        // Each with the snapshot's state, on its own address, by its name.
+        assert_eq!(ask(&lab, "cli", ip), [4, 5, 6]);
+        assert_eq!(ask(&lab, "cli", name), [7, 8, 9]);
+        // The same PIDs inside its own PID namespace: init 1, the program 2.
+        let cmdline = lab.ok(&["exec", name, "--", "cat", "/proc/2/cmdline"]);
+        assert!(cmdline.starts_with("python3"), "{cmdline}");
+    }
+    // The original goes on with its own count.
+    assert_eq!(ask(&lab, "cli", "srv"), [4, 5, 6]);
+}
+
+#[test]
+fn a_host_without_a_usable_criu_is_refused_before_anything_is_frozen() {
+    let lab = TestLab::up_with(2, &[], &[("VANE_CRIU", "/nonexistent/criu")]);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.3.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let pid = lab.inspect("srv")["pid"].clone();
+    let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
+    assert!(
+        err.contains("host \"h2\"") && err.contains("criu is not installed"),
+        "{err}"
+    );
+    let inst = lab.inspect("srv");
+    assert_eq!(
+        (&inst["state"], &inst["pid"], &inst["host"]),
+        (&"running".into(), &pid, &"h1".into())
+    );
+    // Nothing was left on the destination.
+    let dir = format!("{}/hosts/h2/instances", lab.state_dir());
+    let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "{dir} is not empty");
+}

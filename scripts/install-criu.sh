@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Installs CRIU >= 4.2 (needed by `vane migrate`, `snapshot` and `restore`) as
+# /usr/local/sbin/criu. Debian 12's criu 3.17 fails on recent kernels (vDSO layout) and
+# 4.1 fails on TCP sockets with kernels >= 6.16, so this builds 4.2.1 from Debian sid's
+# source tarball (the system's libraries stay as they are). Also installs iptables, which
+# CRIU can use to lock the network during a dump. Idempotent: does nothing when a criu on
+# the PATH already says version >= 4.2 (and, for the one built here, keeps its cache dir).
+#
+# CRIU probes the kernel's features at every start (some 40 ms, inside a migration's freeze)
+# unless it can cache them in a file on tmpfs. Where /run is not a tmpfs, the CRIU built here
+# caches in /run/criu, which this script mounts as a small tmpfs (again after a reboot: run
+# it again; without the mount CRIU only starts slower).
+set -euo pipefail
+
+want_major=4 want_minor=2
+have_ok() {
+  local v
+  v=$(PATH="/usr/local/sbin:$PATH" criu --version 2>/dev/null | sed -n 's/^Version: *//p' | head -1)
+  [ -n "$v" ] || return 1
+  local major=${v%%.*} rest=${v#*.}
+  local minor=${rest%%.*}
+  [ "$major" -gt "$want_major" ] || { [ "$major" -eq "$want_major" ] && [ "$minor" -ge "$want_minor" ]; }
+}
+
+export DEBIAN_FRONTEND=noninteractive
+deps=(iptables libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler
+  python3-protobuf libnl-3-dev libnet1-dev libnftables-dev libcap-dev libgnutls28-dev
+  libbsd-dev pkg-config libaio-dev uuid-dev gcc make xz-utils dpkg-dev)
+missing=()
+for p in "${deps[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+rundir=/run/criu
+keep_cache() {
+  mkdir -p "$rundir"
+  if [ "$(stat -f -c %T "$rundir")" != tmpfs ]; then
+    mount -t tmpfs -o mode=0700,size=4m vane-criu "$rundir"
+  fi
+}
+built_here_ok() {
+  # A criu of ours must cache in $rundir (older builds of this script did not).
+  [ ! -x /usr/local/sbin/criu ] || grep -qa "$rundir/criu.kdat" /usr/local/sbin/criu
+}
+
+if have_ok && built_here_ok; then
+  [ ! -x /usr/local/sbin/criu ] || keep_cache
+  # iptables is needed at run time even with a criu already there.
+  if ! command -v iptables >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq iptables >/dev/null
+  fi
+  exit 0
+fi
+
+src_list=/etc/apt/sources.list.d/vane-criu-sid-src.sources
+if [ ! -f "$src_list" ]; then
+  cat >"$src_list" <<SRC
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+apt-get update -qq
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+work=/usr/local/src/vane-criu
+mkdir -p "$work"
+cd "$work"
+tarball=$(ls criu_4.*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
+if [ -z "$tarball" ]; then
+  # The debian.tar.xz part has been seen to answer 404 after the orig tarball arrived:
+  # tolerate the failure and look for the tarball.
+  apt-get source --download-only criu >/dev/null 2>&1 || true
+  tarball=$(ls criu_4.*.orig.tar.* 2>/dev/null | sort -V | tail -1 || true)
+fi
+# Only the source was wanted from sid: leave the machine's package sources as they were.
+rm -f "$src_list"
+[ -n "$tarball" ] || { echo "install-criu: no criu 4.x source tarball from Debian sid" >&2; exit 1; }
+dir=$(tar tf "$tarball" | sed -n 1p | cut -d/ -f1)
+[ -d "$dir" ] || tar xf "$tarball"
+# The cache directory is compiled into kerndat.o: make it again, whatever was there.
+rm -f "$dir/criu/kerndat.o"
+make -C "$dir" -j"$(nproc)" RUNDIR="$rundir" criu >/dev/null
+install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
+keep_cache
+have_ok || { echo "install-criu: /usr/local/sbin/criu does not report version >= 4.2" >&2; exit 1; }
+echo "install-criu: $(/usr/local/sbin/criu --version | head -1)"
