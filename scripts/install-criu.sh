@@ -53,10 +53,13 @@ if have_ok && built_here_ok; then
 fi
 
 src_list=/etc/apt/sources.list.d/vane-criu-sid-src.sources
+# The same mirror as the machine's own Debian source, where it names one.
+mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+mirror=${mirror:-http://deb.debian.org/debian}
 if [ ! -f "$src_list" ]; then
   cat >"$src_list" <<SRC
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: sid
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
