@@ -84,6 +84,18 @@ fn usable(version: &str) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= MIN_VERSION
 }
 
+/// Runs a CRIU command to its end; when it fails, says so with the end of its log.
+fn run_criu(cmd: &mut Command, what: &str, log: &Path) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running criu: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("criu {what} failed: {}", last_lines(log, 2)));
+    }
+    Ok(())
+}
+
 fn last_lines(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     // Harmless here: no CAP_SYS_RESOURCE to raise the descriptor limit; no dump lock to lift
@@ -135,16 +147,7 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
     if leave_running {
         cmd.arg("--leave-running");
     }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running criu: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "criu dump failed: {}",
-            last_lines(&images.join("dump.log"), 2)
-        ));
-    }
+    run_criu(&mut cmd, "dump", &images.join("dump.log"))?;
     pack(dir)
 }
 
@@ -319,8 +322,8 @@ pub fn restore(
          --external \"mnt[{STATE_KEY}]:$4\" --external \"mnt[{HOSTS_KEY}]:$5\" \
          --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\""
     );
-    let out = Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
         .arg(script)
         .arg(criu())
         .arg(&images)
@@ -329,16 +332,8 @@ pub fn restore(
         .arg(dir)
         .arg(dir.join(crate::launch::HOSTS_FILE))
         .arg(dir.join(crate::launch::HOSTNAME_FILE))
-        .env("VANE_CGROUPS", cgroups.join(":"))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running criu: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "criu restore failed: {}",
-            last_lines(&images.join("restore.log"), 2)
-        ));
-    }
+        .env("VANE_CGROUPS", cgroups.join(":"));
+    run_criu(&mut cmd, "restore", &images.join("restore.log"))?;
     let init_pid: u32 = std::fs::read_to_string(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse().ok())

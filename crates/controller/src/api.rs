@@ -191,51 +191,70 @@ fn new_instance_id() -> String {
 
 async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Instance>)> {
     let spec: RunSpec = parse(&body)?;
+    let agents = &c.agents;
+    start_instance(&c, spec, |spec, host| async move {
+        let reply = agents
+            .request(
+                &host,
+                AgentRequest::Create {
+                    instance: Box::new(spec),
+                },
+            )
+            .await?;
+        Ok(match reply {
+            AgentReply::Created { pid } => Some(pid),
+            _ => None,
+        })
+    })
+    .await
+}
+
+/// Plans an instance from `run` (recorded as creating), has `start` set it up on its host,
+/// and settles the record: running with the pid `start` returns, or forgotten if it failed
+/// (the host has cleaned up its side: nothing half-made). The host gets the net's policies
+/// and members before `start`, so the instance starts with its rules in place.
+async fn start_instance<F, Fut>(
+    c: &Controller,
+    run: RunSpec,
+    start: F,
+) -> ApiResult<(StatusCode, Json<Instance>)>
+where
+    F: FnOnce(vane_proto::stream::InstanceSpec, String) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<Option<u32>>>,
+{
     let (spec, host) = {
         let mut s = c.state();
-        let (spec, batch) = s.plan_instance(spec, new_instance_id(), now())?;
+        let (spec, batch) = s.plan_instance(run, new_instance_id(), now())?;
         c.commit(batch)?;
         let host = s.instances[&spec.id].host.clone();
         (spec, host)
     };
     let id = spec.id.clone();
-    // The host gets the net's policies and members before it sets the instance up, so the
-    // instance starts with its rules in place.
     c.push_views();
-    let result = c
-        .agents
-        .request(
-            &host,
-            AgentRequest::Create {
-                instance: Box::new(spec),
-            },
-        )
-        .await;
+    let result = start(spec, host).await;
     let answer = {
         let mut s = c.state();
         match result {
-            Ok(reply) => {
-                if let Some(inst) = s.instances.get_mut(&id) {
-                    // A report that the program already exited may have overtaken us.
-                    if inst.state == InstanceState::Creating {
-                        inst.state = InstanceState::Running;
-                        if let AgentReply::Created { pid } = reply {
-                            inst.pid = Some(pid);
-                        }
-                    }
-                    let inst = inst.clone();
-                    let mut batch = crate::store::Batch::default();
-                    batch.put(&inst);
-                    c.commit(batch)?;
-                    Ok((StatusCode::CREATED, Json(inst)))
-                } else {
-                    Err(ApiError::Internal(
+            Ok(pid) => {
+                let Some(inst) = s.instances.get_mut(&id) else {
+                    return Err(ApiError::Internal(
                         "instance vanished while starting".into(),
-                    ))
+                    ));
+                };
+                // A report that the program already exited may have overtaken us.
+                if inst.state == InstanceState::Creating {
+                    inst.state = InstanceState::Running;
+                    if pid.is_some() {
+                        inst.pid = pid;
+                    }
                 }
+                let inst = inst.clone();
+                let mut batch = crate::store::Batch::default();
+                batch.put(&inst);
+                c.commit(batch)?;
+                Ok((StatusCode::CREATED, Json(inst)))
             }
             Err(e) => {
-                // Nothing half-made: the agent cleaned up its side, we forget ours.
                 let batch = s.drop_instance(&id);
                 c.commit(batch)?;
                 Err(e)
@@ -620,44 +639,12 @@ async fn restore_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode
         limits: from.limits,
         space: from.space,
     };
-    let (inst_spec, host) = {
-        let mut s = c.state();
-        let (inst_spec, batch) = s.plan_instance(run, new_instance_id(), now())?;
-        c.commit(batch)?;
-        let host = s.instances[&inst_spec.id].host.clone();
-        (inst_spec, host)
-    };
-    let id = inst_spec.id.clone();
-    c.push_views();
-    let result = restore_on(&c, &host, inst_spec, &spec.snapshot.images).await;
-    let answer = {
-        let mut s = c.state();
-        match result {
-            Ok(pid) => match s.instances.get_mut(&id) {
-                Some(inst) => {
-                    if inst.state == InstanceState::Creating {
-                        inst.state = InstanceState::Running;
-                        inst.pid = Some(pid);
-                    }
-                    let inst = inst.clone();
-                    let mut batch = crate::store::Batch::default();
-                    batch.put(&inst);
-                    c.commit(batch)?;
-                    Ok((StatusCode::CREATED, Json(inst)))
-                }
-                None => Err(ApiError::Internal(
-                    "instance vanished while restoring".into(),
-                )),
-            },
-            Err(e) => {
-                let batch = s.drop_instance(&id);
-                c.commit(batch)?;
-                Err(e)
-            }
-        }
-    };
-    c.push_views();
-    answer
+    let images = &spec.snapshot.images;
+    let ctl: &Controller = &c;
+    start_instance(ctl, run, |spec, host| async move {
+        restore_on(ctl, &host, spec, images).await.map(Some)
+    })
+    .await
 }
 
 /// Prepares `spec` on `host`, sends it the packed images (base64) and restores them there.
