@@ -7,16 +7,6 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
   exec sudo -E "$0" "$@"
 fi
-bash scripts/install-deps.sh
-need=(iperf3 nebula wireguard-go wireguard-tools)
-missing=()
-for p in "${need[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+bash scripts/install-deps.sh nebula wireguard-go wireguard-tools
 cargo build --release --quiet
 exec python3 bench/overlay.py "$@"
