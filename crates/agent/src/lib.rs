@@ -601,14 +601,8 @@ impl Agent {
             let checkpoint::Prepared { tun, mut record } = prepared;
             let key = record.space_key().to_string();
             let dir2 = dir.clone();
-            // For tests of a failed migration: the agent of the host named here fails its
-            // restores.
-            let fail = std::env::var("VANE_TEST_FAIL_RESTORE").ok() == Some(self.cfg.name.clone());
             let started = std::time::Instant::now();
             let restored = tokio::task::spawn_blocking(move || {
-                if fail {
-                    return Err("restore failed on purpose (VANE_TEST_FAIL_RESTORE)".to_string());
-                }
                 checkpoint::unpack(&dir2)?;
                 let unpacked = started.elapsed();
                 checkpoint::restore(&dir2, &mut record, tcp_close, tcp_close)?;

@@ -228,14 +228,44 @@ fn refusals_come_before_anything_is_frozen() {
 
 #[test]
 fn a_failed_restore_resumes_the_instance_on_its_source() {
-    let lab = TestLab::up_with(2, &[], &[("VANE_TEST_FAIL_RESTORE", "h2")]);
+    // The real CRIU everywhere, except that it cannot restore on h2: a wrapper that fails
+    // there (writing its reason where CRIU writes its log) and hands everything else on.
+    let wrapper = format!("/tmp/vane-criu-fail-{}", std::process::id());
+    let real = ["/usr/local/sbin/criu", "/usr/sbin/criu"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("scripts/install-criu.sh installs criu");
+    let _cleanup = RemoveOnDrop(wrapper.clone());
+    // The lab's name is only known once it is up, so the wrapper reads it from a file.
+    let target = format!("{wrapper}.netns");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = restore ] && [ \"$(ip netns identify $$)\" = \"$(cat {target})\" ]; then\n\
+             \x20 echo 'Error: this host cannot restore (test)' > \"$3/restore.log\"\n\
+             \x20 exit 1\n\
+             fi\n\
+             exec {real} \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let _cleanup_target = RemoveOnDrop(target.clone());
+    let lab = TestLab::up_with(2, &[], &[("VANE_CRIU", wrapper.as_str())]);
+    std::fs::write(&target, lab.netns(2)).unwrap();
     lab.ok(&["net", "create", "red", "--subnet", "10.10.6.0/24"]);
     run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
     let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
     let stop = start_client(&lab, "h2", "c2", &ip);
     let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
     assert!(
-        err.contains("failed, it runs on host \"h1\" again") && err.contains("on purpose"),
+        err.contains("failed, it runs on host \"h1\" again")
+            && err.contains("cannot restore (test)"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -388,4 +418,13 @@ fn a_host_without_a_usable_criu_is_refused_before_anything_is_frozen() {
     let dir = format!("{}/hosts/h2/instances", lab.state_dir());
     let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "{dir} is not empty");
+}
+
+/// Removes a file when dropped, also when the test fails.
+struct RemoveOnDrop(String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
