@@ -5,6 +5,7 @@
 //! their TUN devices are persistent, and their state lives in files. A restarted agent
 //! takes them back (`Agent::recover`) before it reconnects.
 
+mod binary;
 pub mod cgroup;
 mod checkpoint;
 mod control;
@@ -120,6 +121,14 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     vane_proto::validate::name("host name", &cfg.name)?;
+    let mut cfg = cfg;
+    match binary::install(&cfg.exe) {
+        Ok(copy) => cfg.exe = copy,
+        Err(e) => tracing::warn!(
+            "cannot copy {} for instances to run: {e}; instances started from it cannot be checkpointed where it is hidden",
+            cfg.exe.display()
+        ),
+    }
     std::fs::create_dir_all(cfg.state_dir.join("instances"))
         .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
     let identity = identity::Identity::load_or_create(&cfg.state_dir)?;

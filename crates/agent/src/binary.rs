@@ -1,0 +1,58 @@
+//! The copy of the vane binary that instances run as their init (and that enters them).
+//!
+//! An instance's init maps the binary it was started from for as long as it runs, and
+//! checkpointing needs that file at the same path inside the instance's mount namespace.
+//! The binary the agent was started from may not be there: instances get a private /tmp,
+//! and a build tree under /tmp disappears behind it. So the agent runs its helpers from a
+//! copy under /var/lib/vane/bin, named by its content: several versions coexist while
+//! instances started by an older agent still run.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+const DIR: &str = "/var/lib/vane/bin";
+/// Copies unused for this long are removed when an agent installs its own.
+const UNUSED_FOR: Duration = Duration::from_secs(600);
+
+/// The path of this binary's copy, made if missing; old copies no process runs are removed.
+pub fn install(exe: &Path) -> io::Result<PathBuf> {
+    let bytes = std::fs::read(exe)?;
+    let digest = Sha256::digest(&bytes);
+    let name = format!("vane-{}", vane_proto::hex::encode(&digest[..8]));
+    let dir = Path::new(DIR);
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(&name);
+    if !path.exists() {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    prune(dir, &path);
+    Ok(path)
+}
+
+/// Removes copies that no running process executes and that were not touched lately.
+fn prune(dir: &Path, keep: &Path) {
+    let running: Vec<PathBuf> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path().join("exe")).ok())
+        .collect();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > UNUSED_FOR);
+        if path != keep && old && !running.contains(&path) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
