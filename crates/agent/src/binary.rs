@@ -4,7 +4,8 @@
 //! checkpointing needs that file at the same path inside the instance's mount namespace.
 //! The binary the agent was started from may not be there: instances get a private /tmp,
 //! and a build tree under /tmp disappears behind it. So the agent runs its helpers from a
-//! copy under /var/lib/vane/bin, named by its content: several versions coexist while
+//! copy under /var/lib/vane/bin/DIGEST/vane, one directory per content (the file keeps its
+//! name, so instances' processes are still called `vane`): several versions coexist while
 //! instances started by an older agent still run.
 
 use std::io;
@@ -21,38 +22,37 @@ const UNUSED_FOR: Duration = Duration::from_secs(600);
 pub fn install(exe: &Path) -> io::Result<PathBuf> {
     let bytes = std::fs::read(exe)?;
     let digest = Sha256::digest(&bytes);
-    let name = format!("vane-{}", vane_proto::hex::encode(&digest[..8]));
-    let dir = Path::new(DIR);
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join(&name);
+    let dir = Path::new(DIR).join(vane_proto::hex::encode(&digest[..8]));
+    let path = dir.join("vane");
     if !path.exists() {
-        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".vane.{}", std::process::id()));
         std::fs::write(&tmp, &bytes)?;
         std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         std::fs::rename(&tmp, &path)?;
     }
-    prune(dir, &path);
+    prune(&path);
     Ok(path)
 }
 
-/// Removes copies that no running process executes and that were not touched lately.
-fn prune(dir: &Path, keep: &Path) {
+/// Removes copies that no running process executes and that were not made lately.
+fn prune(keep: &Path) {
     let running: Vec<PathBuf> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| std::fs::read_link(e.path().join("exe")).ok())
         .collect();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
+    for entry in std::fs::read_dir(DIR).into_iter().flatten().flatten() {
+        let copy = entry.path().join("vane");
         let old = entry
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > UNUSED_FOR);
-        if path != keep && old && !running.contains(&path) {
-            let _ = std::fs::remove_file(&path);
+        if copy != keep && old && !running.contains(&copy) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
