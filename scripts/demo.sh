@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up vane on a fresh machine and shows what it does: a three-host lab, two tenants with
 # the same subnet spread over the hosts, a web server reached by name from another host
-# through an encrypted tunnel, the underlay showing no plaintext, a refused connection and a
-# policy.
+# through an encrypted tunnel, the underlay showing no plaintext, a refused connection, a
+# policy, and a live migration of the web server to another host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -50,4 +50,9 @@ try: socket.create_connection(('10.10.2.1', 80), timeout=5)
 except OSError as e: print('connect:', e)"
 step policy allow green red --port 80/tcp
 step exec g1 -- curl -s http://10.10.2.1/
+
+printf '\n# web1 moves to h2 with its address, name and state; clients notice nothing\n'
+step migrate web1 --to h2
+step exec cli1 -- curl -s http://web1/
+step ps
 printf '\nvane is installed as /usr/local/bin/vane. The lab stays up: try more vane commands,\nthen `vane lab down`.\n'
