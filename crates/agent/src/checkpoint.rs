@@ -153,22 +153,16 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
 
 /// Packs `DIR/images` and `DIR/output.log` into `DIR/images.tar`; returns its size.
 pub fn pack(dir: &Path) -> Result<u64, String> {
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(dir)
-        .arg("-cf")
-        .arg(dir.join(PACK_FILE))
-        .arg(IMAGES_DIR)
-        .arg(crate::launch::LOG_FILE)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running tar: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "packing images: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
+    run_tar(
+        Command::new("tar")
+            .arg("-C")
+            .arg(dir)
+            .arg("-cf")
+            .arg(dir.join(PACK_FILE))
+            .arg(IMAGES_DIR)
+            .arg(crate::launch::LOG_FILE),
+        "packing images",
+    )?;
     std::fs::metadata(dir.join(PACK_FILE))
         .map(|m| m.len())
         .map_err(|e| format!("packing images: {e}"))
@@ -177,17 +171,25 @@ pub fn pack(dir: &Path) -> Result<u64, String> {
 /// Unpacks `DIR/images.tar` (received from another host) into `DIR`.
 pub fn unpack(dir: &Path) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(dir.join(IMAGES_DIR));
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(dir)
-        .arg("-xf")
-        .arg(dir.join(PACK_FILE))
+    run_tar(
+        Command::new("tar")
+            .arg("-C")
+            .arg(dir)
+            .arg("-xf")
+            .arg(dir.join(PACK_FILE)),
+        "unpacking images",
+    )
+}
+
+/// Runs a tar command to its end; when it fails, says what it was `doing` and tar's error.
+fn run_tar(cmd: &mut Command, doing: &str) -> Result<(), String> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("running tar: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "unpacking images: {}",
+            "{doing}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }

@@ -265,18 +265,24 @@ where
     answer
 }
 
-async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
-    let (id, host) = settled(&c, &name)?;
+/// Stops instance `id` on `host` (SIGTERM, SIGKILL after 10 s) and pushes the views.
+async fn stop_on(c: &Controller, host: &str, id: &str) -> ApiResult<()> {
     c.agents
         .request(
-            &host,
+            host,
             AgentRequest::Stop {
-                id: id.clone(),
+                id: id.to_string(),
                 timeout_secs: 10,
             },
         )
         .await?;
     c.push_views();
+    Ok(())
+}
+
+async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
+    let (id, host) = settled(&c, &name)?;
+    stop_on(&c, &host, &id).await?;
     let s = c.state();
     Ok(Json(s.instances.get(&id).cloned().ok_or_else(|| {
         ApiError::NotFound(format!("unknown instance {name:?}"))
@@ -605,16 +611,7 @@ async fn snapshot_instance(
         }
     }
     if spec.stop {
-        c.agents
-            .request(
-                &host,
-                AgentRequest::Stop {
-                    id: id.clone(),
-                    timeout_secs: 10,
-                },
-            )
-            .await?;
-        c.push_views();
+        stop_on(&c, &host, &id).await?;
     }
     let instance = c.state().instance_by_name(&name)?.clone();
     Ok(Json(Snapshot { instance, images }))
