@@ -20,14 +20,17 @@ const UNUSED_FOR: Duration = Duration::from_secs(600);
 
 /// The path of this binary's copy, made if missing; old copies no process runs are removed.
 pub fn install(exe: &Path) -> io::Result<PathBuf> {
-    let bytes = std::fs::read(exe)?;
-    let digest = Sha256::digest(&bytes);
+    // Streamed: the binary is tens of MiB, and reading it whole made that the agent's peak
+    // memory use.
+    let mut hasher = Sha256::new();
+    io::copy(&mut std::fs::File::open(exe)?, &mut hasher)?;
+    let digest = hasher.finalize();
     let dir = Path::new(DIR).join(vane_proto::hex::encode(&digest[..8]));
     let path = dir.join("vane");
     if !path.exists() {
         std::fs::create_dir_all(&dir)?;
         let tmp = dir.join(format!(".vane.{}", std::process::id()));
-        std::fs::write(&tmp, &bytes)?;
+        std::fs::copy(exe, &tmp)?;
         std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         std::fs::rename(&tmp, &path)?;
     }
