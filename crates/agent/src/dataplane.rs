@@ -154,6 +154,8 @@ impl Dataplane {
         let mut worker = Worker {
             throttled: None,
             was_throttled: false,
+            lone: false,
+            written: None,
             poll,
             rx,
             switch: Switch::new(cfg.switch),
@@ -278,6 +280,13 @@ struct Worker {
     throttled: Option<Instant>,
     /// Set when the last device serviced was left unread for its limit.
     was_throttled: bool,
+    /// Nothing has been sent yet in this turn of the loop. The first packet a turn switches
+    /// leaves at once, and a reply the kernel queued on a device while this thread wrote
+    /// to it is read at once: a lone packet (a request, its reply) is answered before the
+    /// reads that find the queues empty, the timers and the next wait, not after.
+    lone: bool,
+    /// The device the last packet from the tunnel was written to.
+    written: Option<PortId>,
     poll: Poll,
     rx: mpsc::Receiver<Command>,
     switch: Switch,
@@ -336,6 +345,8 @@ impl Worker {
                 }
             }
             self.now = Instant::now();
+            self.lone = true;
+            self.written = None;
             for ev in events.iter() {
                 if ev.token() == WAKER {
                     if !self.commands(&mut bufs) {
@@ -584,6 +595,9 @@ impl Worker {
                 }
             };
             self.switch_device_packet(source, n, bufs, false);
+            if std::mem::take(&mut self.lone) {
+                self.underlay.flush();
+            }
         }
         false
     }
@@ -841,6 +855,11 @@ impl Worker {
                 at = end;
             }
             self.flush_coalesced();
+            if self.lone {
+                if let Some(port) = self.written.take() {
+                    self.service_device(Token(port.0 as usize), bufs);
+                }
+            }
         }
         false
     }
@@ -850,6 +869,7 @@ impl Worker {
         if let Some((port, bytes)) = self.coalescer.take() {
             if let Some(f) = self.ports.get_mut(&PortId(port)) {
                 let _ = f.write(bytes);
+                self.written = Some(PortId(port));
             }
         }
     }
@@ -992,6 +1012,7 @@ impl Worker {
         hdr.write(written);
         if let Some(f) = self.ports.get_mut(&port) {
             let _ = f.write(written);
+            self.written = Some(port);
         }
     }
 
