@@ -855,10 +855,11 @@ impl Worker {
                 at = end;
             }
             self.flush_coalesced();
-            if self.lone {
-                if let Some(port) = self.written.take() {
-                    self.service_device(Token(port.0 as usize), bufs);
-                }
+            // Once per turn: a device with nothing to read costs a read for nothing, and
+            // bulk traffic would pay it for every run of datagrams.
+            if let Some(port) = self.written.take().filter(|_| self.lone) {
+                self.service_device(Token(port.0 as usize), bufs);
+                self.lone = false;
             }
         }
         false
