@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-const DIR: &str = "/var/lib/vane/bin";
+pub(crate) const DIR: &str = "/var/lib/vane/bin";
 /// Copies unused for this long are removed when an agent installs its own.
 const UNUSED_FOR: Duration = Duration::from_secs(600);
 

@@ -229,6 +229,14 @@ pub fn join(paths: &[PathBuf], pid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// The processes in the instance's cgroups (every one is in each of them).
+pub fn procs(paths: &[PathBuf]) -> Vec<u32> {
+    with_file(paths, "cgroup.procs")
+        .and_then(|f| fs::read_to_string(f).ok())
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 /// Kills every process in the cgroups of `paths` (what is left of an instance whose init is
 /// unknown, for example after an interrupted create).
 pub fn kill_all(paths: &[PathBuf]) {

@@ -17,21 +17,31 @@ use std::process::{Command, Stdio};
 
 use vane_proto::stream::InstanceSpec;
 
-use crate::cgroup::{self, Layout};
-use crate::instance::{self, CreateError, Record};
-use crate::netconf::{self, OutboundRules};
+use crate::cgroup;
+use crate::instance::{self, CreateError, Record, Setup};
+use crate::netconf;
 
 /// The images of an instance's last dump, in its state directory.
 pub const IMAGES_DIR: &str = "images";
 /// The images packed for transfer (a tar of `images/` and `output.log`).
 pub const PACK_FILE: &str = "images.tar";
 /// The key under which the instance's network namespace travels in the images.
-const NET_KEY: &str = "vane-net";
+pub(crate) const NET_KEY: &str = "vane-net";
 /// The keys of the bind mounts of the instance's hosts and hostname files, which travel as
 /// external mounts and are bound from the restoring host's own files.
 const HOSTS_KEY: &str = "vane-hosts";
 const HOSTNAME_KEY: &str = "vane-hostname";
 const STATE_KEY: &str = "vane-state";
+/// The mounts of a confined instance that are not dumped but bound from the restoring
+/// host's: (key, path inside, name in `__restore`'s staging directory). /dev holds device
+/// nodes, which the instance's root could not make again; vane's binaries are the host's.
+pub(crate) const CONFINED_EXTERNALS: &[(&str, &str, &str)] = &[
+    (STATE_KEY, crate::launch::STATE_MOUNT, "shared"),
+    (HOSTS_KEY, "/etc/hosts", "hosts"),
+    (HOSTNAME_KEY, "/etc/hostname", "hostname"),
+    ("vane-dev", "/dev", "dev"),
+    ("vane-bin", crate::binary::DIR, "bin"),
+];
 /// How CRIU keeps the instance's connections quiet while it dumps them: nftables from
 /// inside CRIU is quicker than running iptables.
 const NETWORK_LOCK: &str = "nftables";
@@ -137,13 +147,20 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
         .arg("--network-lock")
         .arg(NETWORK_LOCK)
         .arg("--external")
-        .arg(format!("net[{inode}]:{NET_KEY}"))
-        .arg("--external")
-        .arg(format!("mnt[/etc/hosts]:{HOSTS_KEY}"))
-        .arg("--external")
-        .arg(format!("mnt[/etc/hostname]:{HOSTNAME_KEY}"))
-        .arg("--external")
-        .arg(format!("mnt[{}]:{STATE_KEY}", crate::launch::STATE_MOUNT));
+        .arg(format!("net[{inode}]:{NET_KEY}"));
+    if record.confinement().privileged() {
+        for (key, inside) in [
+            (HOSTS_KEY, "/etc/hosts"),
+            (HOSTNAME_KEY, "/etc/hostname"),
+            (STATE_KEY, crate::launch::STATE_MOUNT),
+        ] {
+            cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));
+        }
+    } else {
+        for (key, inside, _) in CONFINED_EXTERNALS {
+            cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));
+        }
+    }
     if leave_running {
         cmd.arg("--leave-running");
     }
@@ -160,7 +177,7 @@ pub fn pack(dir: &Path) -> Result<u64, String> {
             .arg("-cf")
             .arg(dir.join(PACK_FILE))
             .arg(IMAGES_DIR)
-            .arg(crate::launch::LOG_FILE),
+            .arg(shared_log()),
         "packing images",
     )?;
     std::fs::metadata(dir.join(PACK_FILE))
@@ -168,17 +185,30 @@ pub fn pack(dir: &Path) -> Result<u64, String> {
         .map_err(|e| format!("packing images: {e}"))
 }
 
-/// Unpacks `DIR/images.tar` (received from another host) into `DIR`.
-pub fn unpack(dir: &Path) -> Result<(), String> {
+/// The program's log, as packed: in the shared directory.
+fn shared_log() -> String {
+    format!("{}/{}", crate::launch::SHARED_DIR, crate::launch::LOG_FILE)
+}
+
+/// Unpacks `DIR/images.tar` (received from another host) into `DIR`; the log becomes the
+/// instance's (`owner`: its root's host id here).
+pub fn unpack(dir: &Path, owner: Option<u32>) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(dir.join(IMAGES_DIR));
     run_tar(
         Command::new("tar")
             .arg("-C")
             .arg(dir)
+            .arg("--no-same-owner")
             .arg("-xf")
             .arg(dir.join(PACK_FILE)),
         "unpacking images",
-    )
+    )?;
+    if let Some(owner) = owner {
+        let log = dir.join(shared_log());
+        std::os::unix::fs::lchown(&log, Some(owner), Some(owner))
+            .map_err(|e| format!("unpacking images: {}: {e}", log.display()))?;
+    }
+    Ok(())
 }
 
 /// Runs a tar command to its end; when it fails, says what it was `doing` and tar's error.
@@ -230,11 +260,8 @@ pub struct Prepared {
 pub fn prepare(
     dir: &Path,
     key: &str,
-    layout: &Layout,
     spec: &InstanceSpec,
-    rules: &OutboundRules,
-    hosts: &str,
-    mtu: usize,
+    setup: &Setup,
 ) -> Result<Prepared, String> {
     criu_version()?;
     if dir.join(instance::RECORD_FILE).exists() {
@@ -243,65 +270,108 @@ pub fn prepare(
     if dir.exists() {
         return Err(format!("instance {} already exists on this host", spec.id));
     }
-    let result = prepare_inner(dir, key, layout, spec, rules, hosts, mtu);
+    let result = instance::make_space(dir, key, spec, setup);
     if result.is_err() {
-        instance::teardown(dir, key, layout);
+        instance::teardown(dir, key, &setup.layout);
     }
-    result.map_err(|e| match e {
-        CreateError::Input(m) | CreateError::Host(m) => m,
-    })
-}
-
-fn prepare_inner(
-    dir: &Path,
-    key: &str,
-    layout: &Layout,
-    spec: &InstanceSpec,
-    rules: &OutboundRules,
-    hosts: &str,
-    mtu: usize,
-) -> Result<Prepared, CreateError> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join(instance::SPACE_FILE), key)?;
-    netconf::rewrite_in_place(&dir.join(crate::launch::HOSTS_FILE), hosts)?;
-    std::fs::write(
-        dir.join(crate::launch::HOSTNAME_FILE),
-        format!("{}\n", spec.hostname),
-    )?;
-    let netns = instance::netns_name(key);
-    netconf::create_netns(&netns)?;
-    let tun = instance::open_tun(&netns)?;
-    netconf::configure(&netns, spec.ip, mtu)?;
-    netconf::apply_rules(&netns, rules, None)?;
-    let cgroups = layout.create(key)?;
-    cgroup::apply_limits(&cgroups, &spec.limits)
-        .map_err(|e| CreateError::Host(format!("setting limits: {e}")))?;
-    Ok(Prepared {
-        tun,
-        record: Record {
-            spec: spec.clone(),
-            netns,
-            cgroups,
-            init_pid: 0,
-            init_start: 0,
-            pid: 0,
-        },
-    })
+    result
+        .map(|(record, tun)| Prepared { tun, record })
+        .map_err(|e| match e {
+            CreateError::Input(m) | CreateError::Host(m) => m,
+        })
 }
 
 /// Restores the tree dumped in `DIR/images` into the instance's namespace (prepared, or
 /// the one it was dumped from), detached. Fills in and writes the record's pids. CRIU lifts
 /// the dump's network lock (the method is in the images) once the connections are back.
-/// `rename`: set the restored UTS namespace's hostname to the record's (a clone).
-pub fn restore(
+/// `tcp_close`: restore the connections closed (a clone). The restored tree takes the
+/// record's hostname.
+pub fn restore(dir: &Path, exe: &Path, record: &mut Record, tcp_close: bool) -> Result<(), String> {
+    let images = dir.join(IMAGES_DIR);
+    let pidfile = images.join("restored.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let confinement = record.confinement();
+    match confinement.idmap {
+        Some(idmap) => restore_confined(dir, exe, record, idmap.base, tcp_close)?,
+        None => restore_privileged(dir, record, tcp_close)?,
+    }
+    let init_pid: u32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| "criu restore wrote no pid".to_string())?;
+    record.init_pid = init_pid;
+    record.init_start = vane_sys::pidfd::start_time(init_pid).unwrap_or(0);
+    if let Err(e) = check_confined(record) {
+        cgroup::kill_all(&record.cgroups);
+        return Err(e);
+    }
+    let children = std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
+        .unwrap_or_default();
+    record.pid = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(init_pid);
+    instance::write_record(dir, record).map_err(|e| format!("writing the record: {e}"))
+}
+
+/// Restores a confined instance: CRIU runs in its user namespace (`vane __restore`), with
+/// the images' own user namespace taken out of them, so the tree is the instance's root's
+/// here (host id `owner` up) whatever the images say.
+fn restore_confined(
     dir: &Path,
-    record: &mut Record,
+    exe: &Path,
+    record: &Record,
+    owner: u32,
     tcp_close: bool,
-    rename: bool,
 ) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
-    let pidfile = dir.join("restored.pid");
-    let _ = std::fs::remove_file(&pidfile);
+    crate::images::inherit_namespaces(&images)?;
+    // CRIU, as the instance's root, reads the images and writes its log and pid file there.
+    chown_tree(&images, owner).map_err(|e| format!("{}: {e}", images.display()))?;
+    let spec = crate::launch::RestoreSpec {
+        criu: criu(),
+        netns: record.netns.clone(),
+        cgroups: record.cgroups.clone(),
+        hostname: record.spec.hostname.clone(),
+        tcp_close,
+    };
+    instance::write_private(
+        &dir.join(crate::launch::RESTORE_FILE),
+        &serde_json::to_vec(&spec).expect("serializes"),
+    )
+    .map_err(|e| format!("writing the restore spec: {e}"))?;
+    let out = Command::new(exe)
+        .arg("__restore")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running criu: {e}"))?;
+    if !out.status.success() {
+        let log = images.join("restore.log");
+        let why = if log.exists() {
+            last_lines(&log, 2)
+        } else {
+            String::from_utf8_lossy(&out.stderr).trim().to_string()
+        };
+        return Err(format!("criu restore failed: {why}"));
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, owner: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(owner), Some(owner))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            chown_tree(&e?.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
+/// Restores a privileged instance as the host's root, as CRIU dumped it.
+fn restore_privileged(dir: &Path, record: &Record, tcp_close: bool) -> Result<(), String> {
+    let images = dir.join(IMAGES_DIR);
     let ns = netconf::netns_path(&record.netns);
     let cgroups: Vec<String> = record
         .cgroups
@@ -329,45 +399,65 @@ pub fn restore(
         .arg(script)
         .arg(criu())
         .arg(&images)
-        .arg(&pidfile)
+        .arg(images.join("restored.pid"))
         .arg(&ns)
-        .arg(dir)
+        .arg(dir.join(crate::launch::SHARED_DIR))
         .arg(dir.join(crate::launch::HOSTS_FILE))
         .arg(dir.join(crate::launch::HOSTNAME_FILE))
         .env("VANE_CGROUPS", cgroups.join(":"));
     run_criu(&mut cmd, "restore", &images.join("restore.log"))?;
-    let init_pid: u32 = std::fs::read_to_string(&pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| "criu restore wrote no pid".to_string())?;
-    let children = std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
-        .unwrap_or_default();
-    // A clone gets its own hostname (the images hold the original's).
-    let named = if !rename {
-        Ok(())
-    } else {
-        Command::new("nsenter")
-            .arg("-t")
-            .arg(init_pid.to_string())
-            .arg("-u")
-            .arg("hostname")
-            .arg(&record.spec.hostname)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|_| ())
-            .and_then(|o| if o.status.success() { Ok(()) } else { Err(()) })
-    };
-    if named.is_err() {
+    // The images hold the original's hostname; a clone has its own.
+    let init_pid = std::fs::read_to_string(images.join("restored.pid")).unwrap_or_default();
+    let named = Command::new("nsenter")
+        .arg("-t")
+        .arg(init_pid.trim())
+        .arg("-u")
+        .arg("hostname")
+        .arg(&record.spec.hostname)
+        .stdin(Stdio::null())
+        .output();
+    if !named.is_ok_and(|o| o.status.success()) {
         tracing::warn!(instance = %record.spec.name, "cannot set the restored instance's hostname");
     }
-    record.init_pid = init_pid;
-    record.init_start = vane_sys::pidfd::start_time(init_pid).unwrap_or(0);
-    record.pid = children
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(init_pid);
-    instance::write_record(dir, record).map_err(|e| format!("writing the record: {e}"))
+    Ok(())
+}
+
+/// Checks that every process of a restored confined instance is confined as the agent
+/// decided: its user namespace's mapping, its bounding set within the instance's
+/// capabilities, its seccomp filter. Images are the instance's word; a tree that claims
+/// more is not let run.
+fn check_confined(record: &Record) -> Result<(), String> {
+    let confinement = record.confinement();
+    let Some(idmap) = confinement.idmap else {
+        return Ok(());
+    };
+    let want_map = idmap.map_line();
+    let pids = cgroup::procs(&record.cgroups);
+    if pids.is_empty() {
+        return Err("the restored instance has no process".into());
+    }
+    for pid in pids {
+        let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let bounding = field("CapBnd:").and_then(|v| u64::from_str_radix(&v, 16).ok());
+        let seccomp = field("Seccomp:");
+        let mapped = map.split_whitespace().collect::<Vec<_>>()
+            == want_map.split_whitespace().collect::<Vec<_>>();
+        let bounded = bounding.is_some_and(|b| b & !confinement.caps == 0);
+        if !mapped || !bounded || seccomp.as_deref() != Some("2") {
+            return Err(format!(
+                "the restored instance is not confined as this host requires (process {pid}); \
+                 it was stopped"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

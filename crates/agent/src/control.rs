@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use vane_proto::api::{frame, InstanceState};
 use vane_proto::stream::{encode_stream_data, AgentReply, FromAgent, HostAuth, ToAgent};
 
-use crate::{launch, Agent};
+use crate::{instance, launch, Agent};
 
 /// A message for the controller.
 pub enum Out {
@@ -215,6 +215,7 @@ where
 pub struct ExecArgs {
     pub init_pid: u32,
     pub cgroups: Vec<std::path::PathBuf>,
+    pub confinement: crate::sandbox::Confinement,
     pub env: Vec<(String, String)>,
     pub cmd: Vec<String>,
 }
@@ -244,6 +245,7 @@ pub async fn exec(
         ExecArgs {
             init_pid: local.record.init_pid,
             cgroups: local.record.cgroups.clone(),
+            confinement: local.record.confinement(),
             env: full_env,
             cmd,
         }
@@ -294,7 +296,8 @@ pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply
             .map(|l| l.dir.clone())
             .ok_or_else(|| format!("not found: instance {id} is not on this host"))?
     };
-    let file = tokio::fs::File::open(dir.join(launch::LOG_FILE)).await;
+    // The log lies in the instance's shared directory: opened without following links.
+    let file = instance::open_shared(&dir, launch::LOG_FILE).map(tokio::fs::File::from_std);
     tokio::spawn(async move {
         if let Ok(file) = file {
             pump(&agent, stream, frame::STDOUT, file).await;
@@ -311,7 +314,7 @@ pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply
 /// `vane __exec JSON`.
 pub fn exec_helper_main(json: &str) -> i32 {
     match serde_json::from_str::<ExecArgs>(json) {
-        Ok(a) => launch::exec_main(a.init_pid, &a.cgroups, &a.env, &a.cmd),
+        Ok(a) => launch::exec_main(a.init_pid, &a.cgroups, &a.confinement, &a.env, &a.cmd),
         Err(e) => {
             eprintln!("vane: exec: bad arguments: {e}");
             2

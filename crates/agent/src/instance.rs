@@ -1,10 +1,14 @@
 //! Instances on this host: setting one up (namespace, TUN device, rules, cgroups, program),
 //! taking them back after an agent restart, tearing them down.
 //!
-//! Each instance has a directory `STATE/instances/ID/` holding `launch.json` (what to start),
-//! `instance.json` (written once it runs: its spec and pids; an instance directory without it
-//! was half-made and is removed), `exit.json` (written by the instance's init when the
-//! program ends), `output.log`, and the `hosts` and `hostname` files bind-mounted into it.
+//! Each instance has a directory `STATE/instances/ID/` (0700, the agent's alone) holding
+//! `launch.json` (what to start), `instance.json` (written once it runs: its spec, pids and
+//! confinement; an instance directory without it was half-made and is removed), the
+//! `hosts` and `hostname` files bound read-only into it, and `shared/`: the one part the
+//! instance sees and writes (at /tmp/.vane), owned by its root, with `output.log` and the
+//! `exit.json` its init writes when the program ends. The agent reads what lies in
+//! `shared/` as the instance's word: without following links, bounded, never trusted for
+//! anything about the host.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -19,6 +23,7 @@ use vane_proto::stream::InstanceSpec;
 use crate::cgroup::{self, Layout};
 use crate::launch::{self, LaunchSpec, Launched};
 use crate::netconf::{self, OutboundRules};
+use crate::sandbox::{self, Confinement};
 
 /// What the agent keeps of a running (or once running) instance.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,6 +35,10 @@ pub struct Record {
     /// Start time of init, so that a reused pid is not taken for it.
     pub init_start: u64,
     pub pid: u32,
+    /// How the agent confined it; none in records of instances started before sandboxes,
+    /// which run privileged.
+    #[serde(default)]
+    pub confinement: Option<Confinement>,
 }
 
 pub const RECORD_FILE: &str = "instance.json";
@@ -43,6 +52,45 @@ impl Record {
     pub fn space_key(&self) -> &str {
         self.netns.strip_prefix("vane-").unwrap_or(&self.spec.id)
     }
+
+    pub fn confinement(&self) -> Confinement {
+        self.confinement.unwrap_or(Confinement {
+            idmap: None,
+            caps: u64::MAX,
+        })
+    }
+}
+
+/// Makes an instance's directory: the agent's part (0700) with the hosts and hostname files,
+/// and the shared part owned by the instance's root; claims the instance's range of host
+/// ids (held as long as the directory exists) unless it runs privileged.
+pub fn make_dir(dir: &Path, spec: &InstanceSpec, hosts: &str) -> Result<Confinement, CreateError> {
+    use std::os::unix::fs::PermissionsExt;
+    let caps = vane_proto::validate::capability_set(&spec.space.cap_add, &spec.space.cap_drop)
+        .map_err(|e| CreateError::Input(e.to_string()))?;
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))?;
+    }
+    std::fs::create_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let idmap = if spec.space.privileged {
+        None
+    } else {
+        Some(sandbox::allocate(Path::new(sandbox::CLAIMS_DIR), dir)?)
+    };
+    let shared = dir.join(launch::SHARED_DIR);
+    std::fs::create_dir(&shared)?;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(m) = idmap {
+        std::os::unix::fs::chown(&shared, Some(m.base), Some(m.base))?;
+    }
+    netconf::rewrite_in_place(&dir.join(launch::HOSTS_FILE), hosts)?;
+    std::fs::write(
+        dir.join(launch::HOSTNAME_FILE),
+        format!("{}\n", spec.hostname),
+    )?;
+    Ok(Confinement { idmap, caps })
 }
 
 pub fn netns_name(id: &str) -> String {
@@ -65,16 +113,27 @@ impl From<io::Error> for CreateError {
     }
 }
 
+/// What this host decides about an instance's space, beside its spec.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub layout: Layout,
+    /// The rules of its net.
+    pub rules: OutboundRules,
+    /// Its hosts file.
+    pub hosts: String,
+    /// Its device's MTU.
+    pub mtu: usize,
+    /// Host directories it must not see (the agent's state directory).
+    pub hide: Vec<PathBuf>,
+}
+
 /// Sets up and starts an instance. On failure everything made so far is removed again.
 /// Blocking: run it off the async runtime.
 pub fn create(
     dir: &Path,
     exe: &Path,
-    layout: &Layout,
     spec: &InstanceSpec,
-    rules: &OutboundRules,
-    hosts: &str,
-    mtu: usize,
+    setup: &Setup,
 ) -> Result<(Record, OwnedFd), CreateError> {
     if dir.exists() {
         return Err(CreateError::Host(format!(
@@ -82,9 +141,9 @@ pub fn create(
             spec.id
         )));
     }
-    let result = create_inner(dir, exe, layout, spec, rules, hosts, mtu);
+    let result = create_inner(dir, exe, spec, setup);
     if result.is_err() {
-        teardown(dir, &spec.id, layout);
+        teardown(dir, &spec.id, &setup.layout);
     }
     result
 }
@@ -92,27 +151,14 @@ pub fn create(
 fn create_inner(
     dir: &Path,
     exe: &Path,
-    layout: &Layout,
     spec: &InstanceSpec,
-    rules: &OutboundRules,
-    hosts: &str,
-    mtu: usize,
+    setup: &Setup,
 ) -> Result<(Record, OwnedFd), CreateError> {
-    std::fs::create_dir_all(dir)?;
-    netconf::rewrite_in_place(&dir.join(launch::HOSTS_FILE), hosts)?;
-    std::fs::write(
-        dir.join(launch::HOSTNAME_FILE),
-        format!("{}\n", spec.hostname),
-    )?;
     cgroup::check_host(&spec.limits).map_err(limit_error)?;
-    let space = resolve_space(dir, spec)?;
-    let netns = netns_name(&spec.id);
-    netconf::create_netns(&netns)?;
-    let tun = open_tun(&netns)?;
-    netconf::configure(&netns, spec.ip, mtu)?;
-    netconf::apply_rules(&netns, rules, None)?;
-    let cgroups = layout.create(&spec.id)?;
-    cgroup::apply_limits(&cgroups, &spec.limits).map_err(limit_error)?;
+    let (mut record, tun) = make_space(dir, &spec.id, spec, setup)?;
+    let confinement = record.confinement();
+    let (netns, cgroups) = (record.netns.clone(), record.cgroups.clone());
+    let space = resolve_space(dir, spec, &confinement)?;
     let launch_spec = LaunchSpec {
         hostname: spec.hostname.clone(),
         netns: netns.clone(),
@@ -122,10 +168,12 @@ fn create_inner(
         rootfs: space.rootfs,
         volumes: space.volumes,
         redirects: space.redirects,
+        confinement,
+        hide: setup.hide.clone(),
     };
-    std::fs::write(
-        dir.join(launch::LAUNCH_FILE),
-        serde_json::to_vec_pretty(&launch_spec).expect("serializes"),
+    write_private(
+        &dir.join(launch::LAUNCH_FILE),
+        &serde_json::to_vec_pretty(&launch_spec).expect("serializes"),
     )?;
     let out = std::process::Command::new(exe)
         .arg("__launch")
@@ -144,19 +192,50 @@ fn create_inner(
     }
     let launched: Launched = serde_json::from_slice(&out.stdout)
         .map_err(|e| CreateError::Host(format!("starting the instance: {e}")))?;
+    // With its variables expanded: `vane exec` runs in the same environment.
+    record.spec.env = space.env;
+    record.init_pid = launched.init_pid;
+    record.init_start = vane_sys::pidfd::start_time(launched.init_pid).unwrap_or(0);
+    record.pid = launched.pid;
+    write_record(dir, &record)?;
+    Ok((record, tun))
+}
+
+/// Makes what an instance needs before its program starts, for a new instance and for one
+/// about to be restored alike: its directory, its user namespace (unless privileged) and a
+/// network namespace owned by it with `vane0`, its address and rules, its cgroups with their
+/// limits. Returns its record without pids, and its TUN device. `key` names the namespace
+/// and cgroups.
+pub fn make_space(
+    dir: &Path,
+    key: &str,
+    spec: &InstanceSpec,
+    setup: &Setup,
+) -> Result<(Record, OwnedFd), CreateError> {
+    let confinement = make_dir(dir, spec, &setup.hosts)?;
+    // First: an agent restarted halfway finds what to remove under this key.
+    std::fs::write(dir.join(SPACE_FILE), key)?;
+    let userns = confinement
+        .idmap
+        .map(|m| vane_sys::confine::new_userns(&m.map_line()))
+        .transpose()
+        .map_err(|e| CreateError::Host(format!("user namespace: {e}")))?;
+    let netns = netns_name(key);
+    netconf::create_netns(&netns, userns.as_ref())?;
+    let tun = open_tun(&netns)?;
+    netconf::configure(&netns, spec.ip, setup.mtu)?;
+    netconf::apply_rules(&netns, &setup.rules, None)?;
+    let cgroups = setup.layout.create(key)?;
+    cgroup::apply_limits(&cgroups, &spec.limits).map_err(limit_error)?;
     let record = Record {
-        // With its variables expanded: `vane exec` runs in the same environment.
-        spec: InstanceSpec {
-            env: space.env,
-            ..spec.clone()
-        },
+        spec: spec.clone(),
         netns,
         cgroups,
-        init_pid: launched.init_pid,
-        init_start: vane_sys::pidfd::start_time(launched.init_pid).unwrap_or(0),
-        pid: launched.pid,
+        init_pid: 0,
+        init_start: 0,
+        pid: 0,
+        confinement: Some(confinement),
     };
-    write_record(dir, &record)?;
     Ok((record, tun))
 }
 
@@ -179,9 +258,14 @@ struct Space {
 /// Expands the per-instance variables of `spec` and prepares what its settings need on the
 /// host: a path rule's source that does not exist yet is created (a directory when the target
 /// is one, an empty file otherwise), so each instance starts with its own, empty, file.
-fn resolve_space(dir: &Path, spec: &InstanceSpec) -> Result<Space, CreateError> {
+fn resolve_space(
+    dir: &Path,
+    spec: &InstanceSpec,
+    confinement: &Confinement,
+) -> Result<Space, CreateError> {
     let ip = spec.ip.to_string();
-    let state = dir.to_string_lossy().into_owned();
+    let shared = dir.join(launch::SHARED_DIR);
+    let state = shared.to_string_lossy().into_owned();
     let vars = [
         ("name", spec.name.as_str()),
         ("hostname", spec.hostname.as_str()),
@@ -245,7 +329,22 @@ fn resolve_space(dir: &Path, spec: &InstanceSpec) -> Result<Space, CreateError> 
                     .map_or(Ok(()), std::fs::create_dir_all)
                     .and_then(|_| std::fs::File::create(&source).map(|_| ()))
             };
-            made.map_err(|e| {
+            // What the agent makes in the shared directory is the instance's, like the rest
+            // of it.
+            let owned = match confinement.idmap {
+                Some(m) if source.starts_with(&shared) => made.and_then(|_| {
+                    source
+                        .strip_prefix(&shared)
+                        .into_iter()
+                        .flat_map(|rel| rel.ancestors())
+                        .filter(|a| !a.as_os_str().is_empty())
+                        .try_for_each(|a| {
+                            std::os::unix::fs::lchown(shared.join(a), Some(m.base), Some(m.base))
+                        })
+                }),
+                _ => made,
+            };
+            owned.map_err(|e| {
                 CreateError::Host(format!("redirect source {}: {e}", source.display()))
             })?;
         }
@@ -270,9 +369,27 @@ pub fn exit_status(dir: &Path, cgroups: &[PathBuf]) -> Option<ExitStatus> {
 }
 
 pub(crate) fn write_record(dir: &Path, record: &Record) -> io::Result<()> {
-    let tmp = dir.join(".instance.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(record).expect("serializes"))?;
-    std::fs::rename(tmp, dir.join(RECORD_FILE))
+    write_private(
+        &dir.join(RECORD_FILE),
+        &serde_json::to_vec_pretty(record).expect("serializes"),
+    )
+}
+
+/// Replaces `path` atomically with a file only root can read (0600).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    std::fs::rename(tmp, path)
 }
 
 /// Opens (or, after an agent restart, re-opens) the instance's TUN device from inside its
@@ -291,18 +408,46 @@ pub fn is_alive(record: &Record) -> bool {
         && vane_sys::pidfd::start_time(record.init_pid).ok() == Some(record.init_start)
 }
 
-/// The exit status init recorded, if any.
+/// The exit status init recorded (in the shared directory), or the one the agent recorded
+/// when init could not, if any.
 pub fn read_exit(dir: &Path) -> Option<ExitStatus> {
-    let bytes = std::fs::read(dir.join(launch::EXIT_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    let from_init = open_shared(dir, launch::EXIT_FILE).ok().and_then(|f| {
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(f, 4096), &mut bytes).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    });
+    from_init.or_else(|| {
+        let bytes = std::fs::read(dir.join(launch::EXIT_FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    })
 }
 
-/// Records an exit status when init could not (it was killed).
+/// Opens the regular file `name` of the instance's shared directory for reading, refusing
+/// links the instance may have planted (a link to a host file would make the agent read
+/// that file for it) and anything but a regular file (a FIFO would block the agent).
+pub fn open_shared(dir: &Path, name: &str) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::FileTypeExt;
+    let shared = std::fs::File::open(dir.join(launch::SHARED_DIR))?;
+    let f = vane_sys::confine::open_beneath(
+        &shared,
+        Path::new(name),
+        libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY,
+        0,
+    )?;
+    let kind = f.metadata()?.file_type();
+    if !kind.is_file() || kind.is_fifo() {
+        return Err(io::Error::other(format!("{name} is not a regular file")));
+    }
+    Ok(f)
+}
+
+/// Records an exit status when init could not (it was killed), in the agent's part of the
+/// directory.
 pub fn record_exit_if_missing(dir: &Path, status: ExitStatus) {
     if read_exit(dir).is_none() {
-        let _ = std::fs::write(
-            dir.join(launch::EXIT_FILE),
-            serde_json::to_vec(&status).expect("serializes"),
+        let _ = write_private(
+            &dir.join(launch::EXIT_FILE),
+            &serde_json::to_vec(&status).expect("serializes"),
         );
     }
 }

@@ -4,9 +4,13 @@
 //! not be a child of the agent, so that it outlives the agent.
 //!
 //! ```text
-//! agent ──spawn──> __launch: join cgroups, join the net namespace, unshare mount/UTS/IPC/PID
-//!                      └─spawn──> __init (PID 1 of the instance): private mounts, /proc,
-//!                                 /tmp, hostname, /etc/hosts, root, volumes, path rules;
+//! agent ──spawn──> __launch: join cgroups and the net namespace; in a mount namespace of
+//!                  its own, as the host's root, build the instance's root (read-only host
+//!                  root, fresh /proc /sys /dev, private /tmp /run, state directory, hosts,
+//!                  volumes, path rules, vane's state hidden) and pivot into it; enter the
+//!                  instance's user namespace; unshare mount/UTS/IPC/PID/cgroup
+//!                      └─spawn──> __init (PID 1 of the instance): its /proc (host-wide parts
+//!                                 masked), hostname; bounding set and seccomp filter;
 //!                                 spawns the program, reaps, forwards signals, records the
 //!                                 exit status
 //! ```
@@ -14,8 +18,10 @@
 //! running whatever happens to the agent.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -23,12 +29,13 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{sethostname, setsid, Pid};
+use nix::unistd::{setgroups, sethostname, setresgid, setresuid, setsid, Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
 
 use vane_proto::api::ExitStatus;
 
 use crate::cgroup;
+use crate::sandbox::Confinement;
 
 /// Everything `__launch` and `__init` need, written by the agent as `launch.json` in the
 /// instance's state directory.
@@ -48,6 +55,11 @@ pub struct LaunchSpec {
     /// Path rules, variables expanded: (target inside, source on the host).
     #[serde(default)]
     pub redirects: Vec<(PathBuf, PathBuf)>,
+    pub confinement: Confinement,
+    /// Directories of the host's that the instance must not see (the agent's state
+    /// directory when it lies outside /var/lib/vane).
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
 }
 
 /// Where `--rootfs` puts its copy-on-write layer, inside the instance's state directory.
@@ -65,6 +77,10 @@ pub struct Launched {
 }
 
 pub const LAUNCH_FILE: &str = "launch.json";
+/// The part of an instance's directory that it sees (at `STATE_MOUNT`) and writes: its
+/// output, its exit status, files of `{state}` path rules. Owned by the instance's root;
+/// everything else in the directory is the agent's alone.
+pub const SHARED_DIR: &str = "shared";
 pub const EXIT_FILE: &str = "exit.json";
 pub const LOG_FILE: &str = "output.log";
 /// Where the instance's state directory is bound inside it (in its private /tmp).
@@ -115,34 +131,59 @@ pub fn launch_main(dir: &Path) -> i32 {
     }
 }
 
+/// Sets up the instance's view of the file system as the host's root (in a mount namespace
+/// of its own), then enters the instance's user namespace and makes the namespaces it owns,
+/// and starts init there. Mounts made before entering the user namespace are locked in the
+/// instance: root inside can neither unmount them nor make them writable.
 fn launch(dir: &Path) -> io::Result<Launched> {
     let spec = read_spec(dir)?;
     cgroup::join(&spec.cgroups, std::process::id())?;
     let ns = File::open(crate::netconf::netns_path(&spec.netns))?;
     setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| errno("join net namespace", e))?;
+    // The agent made the instance's user namespace with its network namespace.
+    let userns = if spec.confinement.privileged() {
+        None
+    } else {
+        Some(
+            vane_sys::confine::owning_userns(&ns)
+                .map_err(|e| io::Error::new(e.kind(), format!("user namespace: {e}")))?,
+        )
+    };
     drop(ns);
-    unshare(
-        CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWPID,
-    )
-    .map_err(|e| errno("create namespaces", e))?;
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno("create mount namespace", e))?;
+    // Init mounts its own /proc: keep a handle on the host's, where init's pid means init.
+    let host_proc = File::open("/proc")?;
+    build_root(dir, &spec, userns.as_ref())?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWPID;
+    if let Some(userns) = &userns {
+        enter_userns(userns)?;
+        flags |= CloneFlags::CLONE_NEWCGROUP;
+    }
+    unshare(flags).map_err(|e| errno("create namespaces", e))?;
     // A session of its own: signals for the agent's terminal never reach instances.
     let _ = setsid();
-    let exe = std::env::current_exe()?;
-    // Init mounts its own /proc over ours (we share its mount namespace): keep a handle on
-    // the host's, where init's pid means init.
-    let host_proc = File::open("/proc")?;
+    // The binary's path is visible in the host's root (its copy under /var/lib/vane/bin is
+    // bound back in), not always in a root of the instance's own.
+    let exe = std::env::current_exe()
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
     // The first child after unsharing the PID namespace is its PID 1.
     let mut init = Command::new(exe)
+        .arg0("vane")
         .arg("__init")
-        .arg(dir)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
     let init_pid = init.id();
+    // Init reads its spec from the pipe: the agent's directory is out of its sight.
+    if let Some(mut stdin) = init.stdin.take() {
+        let _ = stdin.write_all(&serde_json::to_vec(&spec).expect("serializes"));
+    }
     let mut line = String::new();
     BufReader::new(init.stdout.take().expect("piped")).read_line(&mut line)?;
     let line = line.trim();
@@ -166,6 +207,16 @@ fn launch(dir: &Path) -> io::Result<Launched> {
     // Do not wait for init: it must outlive us, and the host's init adopts it.
     std::mem::forget(init);
     Ok(Launched { init_pid, pid })
+}
+
+/// Joins the user namespace `userns` as its root: every capability there, none outside.
+fn enter_userns(userns: &OwnedFd) -> io::Result<()> {
+    setns(userns, CloneFlags::CLONE_NEWUSER).map_err(|e| errno("join user namespace", e))?;
+    let root_gid = Gid::from_raw(0);
+    let root_uid = Uid::from_raw(0);
+    setresgid(root_gid, root_gid, root_gid).map_err(|e| errno("become root inside", e))?;
+    setgroups(&[]).map_err(|e| errno("become root inside", e))?;
+    setresuid(root_uid, root_uid, root_uid).map_err(|e| errno("become root inside", e))
 }
 
 /// Signals that init forwards to the program.
@@ -193,25 +244,35 @@ fn close_inherited() {
     }
 }
 
-/// `vane __init DIR`: PID 1 of an instance.
-pub fn init_main(dir: &Path) -> i32 {
+/// `vane __init`: PID 1 of an instance, already inside all its namespaces; reads its spec
+/// from standard input.
+pub fn init_main() -> i32 {
     // A session whose leader is inside the instance: CRIU dumps only trees whose session
     // leader is in their PID namespace.
     let _ = setsid();
     close_inherited();
-    // With a root of its own, the state directory is outside the instance's view: init
-    // reaches it through a descriptor opened before (its /proc/self/fd link).
-    let (spec, state) = match read_spec(dir).and_then(|s| prepare_space(dir, &s).map(|d| (s, d))) {
+    let mut json = Vec::new();
+    let spec = io::stdin()
+        .read_to_end(&mut json)
+        .and_then(|_| serde_json::from_slice::<LaunchSpec>(&json).map_err(io::Error::other))
+        .and_then(|spec| prepare_inside(&spec).map(|_| spec));
+    let spec = match spec {
         Ok(s) => s,
         Err(e) => {
             println!("error: setting up the instance: {e}");
             return 1;
         }
     };
-    let dir = state.as_path();
-    // Not the agent's directory, which may lie under a path the instance hides (its /tmp):
-    // CRIU could not find it again.
+    // Checkpointing needs init to hold nothing from outside the instance.
+    if let Ok(null) = File::open("/dev/null") {
+        let _ = nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0);
+    }
+    let dir = Path::new(STATE_MOUNT);
     let _ = std::env::set_current_dir("/");
+    if let Err(e) = crate::sandbox::confine(&spec.confinement) {
+        println!("error: confining the instance: {e}");
+        return 1;
+    }
     let child = match spawn_program(dir, &spec) {
         Ok(c) => c,
         Err(msg) => {
@@ -267,12 +328,79 @@ pub fn init_main(dir: &Path) -> i32 {
     }
 }
 
-/// Mounts of the instance: nothing propagates back to the host; /proc shows only the
-/// instance's processes, /sys only its network devices; its own /tmp, hostname and
-/// /etc/hosts; with a root directory, that directory under a private copy-on-write layer;
-/// volumes and path rules. Returns the path at which init reaches the state directory
-/// afterwards.
-fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
+/// Files of /proc that tell about the host's kernel and hardware: hidden (bound to
+/// /dev/null, or an empty read-only directory), as OCI runtimes do.
+const PROC_MASKED: &[&str] = &[
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "acpi",
+    "asound",
+    "scsi",
+];
+/// Parts of /proc that reach host-wide kernel settings: read-only.
+const PROC_READONLY: &[&str] = &["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
+/// What init sets up inside the instance's own namespaces: its /proc (with the host-wide
+/// parts masked or read-only when confined), its POSIX message queues, its hostname.
+fn prepare_inside(spec: &LaunchSpec) -> io::Result<()> {
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| errno("mount /proc", e))?;
+    if !spec.confinement.privileged() {
+        for name in PROC_MASKED {
+            let path = Path::new("/proc").join(name);
+            let masked = match std::fs::metadata(&path) {
+                Ok(m) if m.is_dir() => mount(
+                    Some("tmpfs"),
+                    &path,
+                    Some("tmpfs"),
+                    MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some("size=0"),
+                ),
+                Ok(_) => bind(Path::new("/dev/null"), &path, false),
+                Err(_) => continue,
+            };
+            masked.map_err(|e| errno(&format!("mask {}", path.display()), e))?;
+        }
+        for name in PROC_READONLY {
+            let path = Path::new("/proc").join(name);
+            if path.exists() {
+                read_only_bind(&path, &path)
+                    .map_err(|e| errno(&format!("{} read-only", path.display()), e))?;
+            }
+        }
+    }
+    if Path::new("/dev/mqueue").is_dir() {
+        mount(
+            Some("mqueue"),
+            "/dev/mqueue",
+            Some("mqueue"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| errno("mount /dev/mqueue", e))?;
+    }
+    sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))
+}
+
+/// Where the instance's root is staged (bound from the host's) in its private directory.
+pub const ROOT_DIR: &str = "root";
+
+/// Builds the instance's root in its mount namespace and moves into it: the host's root
+/// (read-only when confined) or a directory under a private copy-on-write layer; fresh
+/// /proc, /sys, /dev; private /tmp and /run; the state directory at /tmp/.vane; vane's own
+/// state hidden; hosts and hostname files; volumes and path rules (idmapped when confined,
+/// so root inside owns what root owns on the host).
+fn build_root(dir: &Path, spec: &LaunchSpec, userns: Option<&OwnedFd>) -> io::Result<()> {
     mount(
         None::<&str>,
         "/",
@@ -284,12 +412,15 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
     // Named network namespaces are nsfs bind mounts, which checkpointing cannot handle, and
     // the instance has no business with other namespaces anyway.
     let _ = umount2("/run/netns", MntFlags::MNT_DETACH);
-    // Host paths are opened before anything is mounted over them (the private /tmp hides
-    // the host's): the state directory and the sources of volumes and path rules. They are
-    // then reached through /proc/self/fd links, which work whatever the mounts.
-    let state =
-        File::open(dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-    let state_at = fd_path(&state);
+    let confined = !spec.confinement.privileged();
+    let owner = spec.confinement.idmap.map_or(0, |m| m.base);
+    // Host paths are opened before anything is mounted over them: the shared directory,
+    // vane's binaries, the sources of volumes and path rules. They are reached afterwards
+    // through /proc/self/fd links, which work whatever the mounts.
+    let shared_dir = dir.join(SHARED_DIR);
+    let shared = open_path(&shared_dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", shared_dir.display())))?;
+    let bin = open_path(Path::new(crate::binary::DIR)).ok();
     let mut sources = Vec::new();
     for source in spec
         .volumes
@@ -299,34 +430,73 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
     {
         let f = open_path(source)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", source.display())))?;
-        sources.push((source.is_dir(), fd_path(&f), f));
+        // Files of the shared directory are the instance's own ids already.
+        let idmap = userns.filter(|_| !source.starts_with(&shared_dir));
+        sources.push((source.is_dir(), fd_path(&f), f, idmap));
     }
+    let own_root = spec.rootfs.is_some();
     let root = match &spec.rootfs {
         Some(lower) => {
             let layer = dir.join(ROOTFS_DIR);
-            let (upper, work, merged) = (
+            let (upper, work, merged, mapped) = (
                 layer.join("upper"),
                 layer.join("work"),
                 layer.join("merged"),
+                layer.join("lower"),
             );
-            for d in [&upper, &work, &merged] {
+            for d in [&upper, &work, &merged, &mapped] {
                 std::fs::create_dir_all(d)?;
             }
-            overlay(lower, &upper, &work, &merged)
+            if confined {
+                std::os::unix::fs::chown(&upper, Some(owner), Some(owner))?;
+            }
+            // Seen through the instance's id mapping, the directory's files are root's
+            // inside as they are outside.
+            let lower = match userns {
+                Some(ns) => vane_sys::confine::bind_idmapped(lower, &mapped, ns.as_fd())
+                    .map(|_| mapped.clone())
+                    .unwrap_or_else(|_| lower.clone()),
+                None => lower.clone(),
+            };
+            overlay(&lower, &upper, &work, &merged)
                 .map_err(|e| io::Error::other(format!("root {}: {e}", lower.display())))?;
             merged
         }
-        None => PathBuf::from("/"),
+        None => {
+            let stage = dir.join(ROOT_DIR);
+            std::fs::create_dir_all(&stage)?;
+            // Confined, the host's root file system alone: none of the host's other mounts
+            // (its /run, its other disks) is seen, nor hidden below the instance's own
+            // (checkpoints could not take those). Privileged, every host mount as it is.
+            if confined {
+                read_only_bind(Path::new("/"), &stage)
+                    .map_err(|e| errno("bind the host's root", e))?;
+            } else {
+                bind(Path::new("/"), &stage, true).map_err(|e| errno("bind the host's root", e))?;
+            }
+            stage
+        }
     };
-    let own_root = spec.rootfs.is_some();
-    let at = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
-    if own_root {
-        std::fs::create_dir_all(at(Path::new("/proc")))?;
-        std::fs::create_dir_all(at(Path::new("/sys")))?;
+    let at = |p: &str| root.join(p.trim_start_matches('/'));
+    // The kernel's views are the instance's own; privileged instances keep the host's
+    // devices and /run.
+    let fresh: &[&str] = if confined {
+        &["proc", "sys", "dev", "run", "tmp"]
+    } else {
+        &["proc", "sys", "tmp"]
+    };
+    for d in fresh {
+        if !own_root {
+            let _ = umount2(&at(d), MntFlags::MNT_DETACH);
+        }
+        std::fs::create_dir_all(at(d))?;
     }
+    // A proc of the host's PID namespace, covered by init's own: the kernel lets init mount
+    // a proc only where one is fully visible already. Locked below init's, it cannot be
+    // uncovered.
     mount(
         Some("proc"),
-        &at(Path::new("/proc")),
+        &at("/proc"),
         Some("proc"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
@@ -334,37 +504,32 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
     .map_err(|e| errno("mount /proc", e))?;
     // A sysfs of the instance's own network namespace, so /sys/class/net shows its devices
     // rather than the host's; read-only, as sysfs also reaches host-wide kernel settings.
-    if !own_root {
-        let _ = umount2("/sys", MntFlags::MNT_DETACH);
-    }
     mount(
         Some("sysfs"),
-        &at(Path::new("/sys")),
+        &at("/sys"),
         Some("sysfs"),
         MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .map_err(|e| errno("mount /sys", e))?;
-    if own_root {
-        minimal_dev(&at(Path::new("/dev")))?;
+    if confined {
+        mask_dir(&at("/sys/firmware"))?;
+        minimal_dev(&at("/dev"), owner)?;
+        private_tmpfs(&at("/run"), owner, "0755").map_err(|e| errno("mount /run", e))?;
+    } else if own_root {
+        minimal_dev(&at("/dev"), owner)?;
     }
-    let tmp = at(Path::new("/tmp"));
-    std::fs::create_dir_all(&tmp)?;
-    mount(
-        Some("tmpfs"),
-        &tmp,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    )
-    .map_err(|e| errno("mount /tmp", e))?;
+    private_tmpfs(&at("/tmp"), owner, "1777").map_err(|e| errno("mount /tmp", e))?;
     // The state directory, bound at the same place in every instance: init writes there, the
     // program's output goes there, and a checkpoint names it as an external mount, so a
     // restored instance finds its own host's directory there.
-    let state_inside = tmp.join(STATE_MOUNT.trim_start_matches("/tmp/"));
+    let state_inside = at(STATE_MOUNT);
     std::fs::create_dir_all(&state_inside)?;
-    bind(&state_at, &state_inside, false).map_err(|e| errno("bind the state directory", e))?;
-    sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))?;
+    bind(&fd_path(&shared), &state_inside, false)
+        .map_err(|e| errno("bind the state directory", e))?;
+    if confined && !own_root {
+        hide_vane_state(&at, &spec.hide, bin.as_ref())?;
+    }
     // Room for targets that do not exist yet, before anything is bound below them (a layer
     // laid over a directory hides the mounts under it).
     let mut layered: Vec<PathBuf> = Vec::new();
@@ -374,47 +539,149 @@ fn prepare_space(dir: &Path, spec: &LaunchSpec) -> io::Result<PathBuf> {
         .map(|(host, inside)| (inside, host))
         .chain(spec.redirects.iter().map(|(t, s)| (t, s)));
     let (volume_sources, redirect_sources) = sources.split_at(spec.volumes.len());
-    for (n, ((target, _), (dir_wanted, _, _))) in targets.zip(&sources).enumerate() {
-        make_target(
-            &state_at,
-            &root,
-            own_root,
-            target,
-            *dir_wanted,
-            n,
-            &mut layered,
-        )?;
+    for (n, ((target, _), (dir_wanted, _, _, _))) in targets.zip(&sources).enumerate() {
+        make_target(dir, &root, own_root, target, *dir_wanted, n, &mut layered)?;
     }
-    let etc = at(Path::new("/etc"));
     for (file, target) in [(HOSTS_FILE, "/etc/hosts"), (HOSTNAME_FILE, "/etc/hostname")] {
-        let target = at(Path::new(target));
-        if own_root && etc.is_dir() && !target.exists() {
+        let target = at(target);
+        if own_root && at("/etc").is_dir() && !target.exists() {
             let _ = File::create(&target);
         }
         if target.exists() {
-            bind(&state_at.join(file), &target, false)
+            read_only_bind(&dir.join(file), &target)
                 .map_err(|e| io::Error::other(format!("bind {}: {e}", target.display())))?;
         }
     }
-    for ((_, inside), (_, source, _)) in spec.volumes.iter().zip(volume_sources) {
-        bind(source, &at(inside), true)
-            .map_err(|e| io::Error::other(format!("volume {}: {e}", inside.display())))?;
+    for ((_, inside), (_, source, _, idmap)) in spec.volumes.iter().zip(volume_sources) {
+        bind_source(
+            source,
+            &root.join(inside.strip_prefix("/").unwrap_or(inside)),
+            *idmap,
+            true,
+        )
+        .map_err(|e| io::Error::other(format!("volume {}: {e}", inside.display())))?;
     }
-    for ((target, _), (_, source, _)) in spec.redirects.iter().zip(redirect_sources) {
-        bind(source, &at(target), false)
-            .map_err(|e| io::Error::other(format!("redirect {}: {e}", target.display())))?;
+    for ((target, _), (_, source, _, idmap)) in spec.redirects.iter().zip(redirect_sources) {
+        bind_source(
+            source,
+            &root.join(target.strip_prefix("/").unwrap_or(target)),
+            *idmap,
+            false,
+        )
+        .map_err(|e| io::Error::other(format!("redirect {}: {e}", target.display())))?;
     }
     drop(sources);
-    if own_root {
-        std::env::set_current_dir(&root)?;
-        // The new root stacked over the old one; detaching the old leaves only the new.
-        nix::unistd::pivot_root(".", ".").map_err(|e| errno("pivot_root", e))?;
-        umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
-        std::env::set_current_dir("/")?;
+    std::env::set_current_dir(&root)?;
+    // The new root stacked over the old one; detaching the old leaves only the new.
+    nix::unistd::pivot_root(".", ".").map_err(|e| errno("pivot_root", e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
+    std::env::set_current_dir("/")
+}
+
+/// Binds a volume or path rule's source: through the instance's id mapping where the file
+/// system allows it (root inside writes as root on the host), plainly otherwise.
+fn bind_source(
+    source: &Path,
+    target: &Path,
+    idmap: Option<&OwnedFd>,
+    recursive: bool,
+) -> io::Result<()> {
+    if let Some(ns) = idmap {
+        if vane_sys::confine::bind_idmapped(source, target, ns.as_fd()).is_ok() {
+            return Ok(());
+        }
     }
-    // Init keeps no descriptor from outside the instance (checkpointing wants none).
-    drop(state);
-    Ok(PathBuf::from(STATE_MOUNT))
+    bind(source, target, recursive).map_err(io::Error::from)
+}
+
+/// Hides vane's own state (keys, credentials, other instances' directories) under empty
+/// read-only directories; only vane's binaries stay, read-only, for the instance's init.
+fn hide_vane_state(
+    at: &dyn Fn(&str) -> PathBuf,
+    extra: &[PathBuf],
+    bin: Option<&File>,
+) -> io::Result<()> {
+    let vane = at(VANE_DIR);
+    for hidden in extra.iter().map(|p| at(&p.to_string_lossy())) {
+        if !hidden.starts_with(&vane) && hidden.is_dir() {
+            mask_dir(&hidden)?;
+        }
+    }
+    if !vane.is_dir() {
+        return Ok(());
+    }
+    mount(
+        Some("tmpfs"),
+        &vane,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(|e| errno(&format!("hide {VANE_DIR}"), e))?;
+    if let Some(bin) = bin {
+        let inside = vane.join("bin");
+        std::fs::create_dir_all(&inside)?;
+        read_only_bind(&fd_path(bin), &inside).map_err(|e| errno("bind vane's binaries", e))?;
+    }
+    mount(
+        None::<&str>,
+        &vane,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(|e| errno(&format!("hide {VANE_DIR}"), e))
+}
+
+/// Where vane keeps its state on every host (agents, controllers, labs, binaries).
+const VANE_DIR: &str = "/var/lib/vane";
+
+/// An empty read-only directory over `path`.
+fn mask_dir(path: &Path) -> io::Result<()> {
+    if !path.is_dir() {
+        return Ok(());
+    }
+    mount(
+        Some("tmpfs"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=0"),
+    )
+    .map_err(|e| errno(&format!("hide {}", path.display()), e))
+}
+
+/// A tmpfs owned by the instance's root (host id `owner`).
+fn private_tmpfs(path: &Path, owner: u32, mode: &str) -> Result<(), nix::Error> {
+    mount(
+        Some("tmpfs"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("mode={mode},uid={owner},gid={owner}").as_str()),
+    )
+}
+
+/// Binds `source` at `target` and makes that binding read-only, keeping its other flags
+/// (inside a user namespace, dropping nosuid or nodev from a mount is refused).
+fn read_only_bind(source: &Path, target: &Path) -> Result<(), nix::Error> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    bind(source, target, false)?;
+    let have = statvfs(target)?.flags();
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+    for (st, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if have.contains(st) {
+            flags |= ms;
+        }
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
 }
 
 /// Opens a path without reading it (`O_PATH`), for mounting it later by its descriptor.
@@ -460,9 +727,9 @@ fn bind(source: &Path, target: &Path, recursive: bool) -> Result<(), nix::Error>
 }
 
 /// Makes `target` (a path inside the instance) exist, as a directory or an empty file, without
-/// changing the host: inside a root of its own or the private /tmp it is simply created;
-/// elsewhere the nearest existing directory above it gets a private copy-on-write layer
-/// (in the state directory) and the missing part is created in that layer.
+/// changing the host: inside a root of its own or the private /tmp and /run it is simply
+/// created; elsewhere the nearest existing directory above it gets a private copy-on-write
+/// layer (in the instance's directory `dir`) and the missing part is created in that layer.
 fn make_target(
     dir: &Path,
     root: &Path,
@@ -472,17 +739,20 @@ fn make_target(
     n: usize,
     layered: &mut Vec<PathBuf>,
 ) -> io::Result<()> {
-    let at = root.join(target.strip_prefix("/").unwrap_or(target));
-    if at.exists() {
+    let at = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let seen = at(target);
+    if seen.exists() {
         return Ok(());
     }
-    let private =
-        own_root || target.starts_with("/tmp") || layered.iter().any(|l| target.starts_with(l));
+    let private = own_root
+        || target.starts_with("/tmp")
+        || target.starts_with("/run")
+        || layered.iter().any(|l| target.starts_with(l));
     if !private {
         let ancestor = target
             .ancestors()
             .skip(1)
-            .find(|a| a.is_dir())
+            .find(|a| at(a).is_dir())
             .unwrap_or(Path::new("/"));
         if ancestor == Path::new("/") {
             return Err(io::Error::other(format!(
@@ -494,47 +764,70 @@ fn make_target(
         let (upper, work) = (layer.join("upper"), layer.join("work"));
         std::fs::create_dir_all(&upper)?;
         std::fs::create_dir_all(&work)?;
-        overlay(ancestor, &upper, &work, ancestor)
+        overlay(&at(ancestor), &upper, &work, &at(ancestor))
             .map_err(|e| io::Error::other(format!("layer over {}: {e}", ancestor.display())))?;
         layered.push(ancestor.to_path_buf());
     }
     if dir_wanted {
-        std::fs::create_dir_all(&at)
+        std::fs::create_dir_all(&seen)
     } else {
-        if let Some(parent) = at.parent() {
+        if let Some(parent) = seen.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        File::create(&at).map(|_| ())
+        File::create(&seen).map(|_| ())
     }
     .map_err(|e| io::Error::new(e.kind(), format!("create {}: {e}", target.display())))
 }
 
-/// A /dev for a root of its own: a tmpfs with the host's harmless character devices bound in.
-fn minimal_dev(dev: &Path) -> io::Result<()> {
+/// A minimal /dev: `dev_tree`, with a pseudo-terminal instance of the instance's own and
+/// shared memory owned by its root (host id `owner`); its message queues are mounted by init,
+/// in the instance's IPC namespace.
+pub fn minimal_dev(dev: &Path, owner: u32) -> io::Result<()> {
+    dev_tree(dev)?;
+    private_tmpfs(&dev.join("shm"), owner, "1777").map_err(|e| errno("mount /dev/shm", e))?;
+    mount(
+        Some("devpts"),
+        &dev.join("pts"),
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(|e| errno("mount /dev/pts", e))
+}
+
+/// A tmpfs at `dev` with the harmless character devices (made here by the host's root: the
+/// instance's cannot make device nodes), mount points for pseudo-terminals, shared memory
+/// and message queues, and the usual links.
+fn dev_tree(dev: &Path) -> io::Result<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
     std::fs::create_dir_all(dev)?;
     mount(
         Some("tmpfs"),
         dev,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=755"),
+        Some("mode=755,size=64k"),
     )
     .map_err(|e| errno("mount /dev", e))?;
-    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let target = dev.join(name);
-        File::create(&target)?;
-        bind(&Path::new("/dev").join(name), &target, false)
-            .map_err(|e| errno(&format!("bind /dev/{name}"), e))?;
+    for (name, major, minor) in DEVICES {
+        mknod(
+            &dev.join(name),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )
+        .map_err(|e| errno(&format!("make /dev/{name}"), e))?;
+        // The umask took bits away.
+        std::fs::set_permissions(
+            dev.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )?;
     }
-    std::fs::create_dir_all(dev.join("shm"))?;
-    let _ = mount(
-        Some("tmpfs"),
-        &dev.join("shm"),
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
-    );
+    for d in ["shm", "pts", "mqueue"] {
+        std::fs::create_dir_all(dev.join(d))?;
+    }
     for (link, to) in [
+        ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
         ("stdout", "/proc/self/fd/1"),
@@ -545,12 +838,23 @@ fn minimal_dev(dev: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// The devices of a minimal /dev: (name, major, minor).
+const DEVICES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
 fn spawn_program(dir: &Path, spec: &LaunchSpec) -> Result<std::process::Child, String> {
     // Opened here, inside the instance's mount namespace, so that the program holds no file
     // of the host's mount namespace (checkpoint/restore requires it).
     let log = OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(dir.join(LOG_FILE))
         .map_err(|e| format!("open log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("open log: {e}"))?;
@@ -584,15 +888,16 @@ fn record_exit(dir: &Path, code: Option<i32>, signal: Option<i32>) {
     }
 }
 
-/// `vane __exec PID CGROUPS -- CMD...`: runs CMD inside the namespaces and cgroups of the
-/// instance whose init is PID, with `env`, and exits with CMD's exit code.
+/// `vane __exec`: runs CMD inside the namespaces and cgroups of the instance whose init is
+/// `init_pid`, confined as the instance is, with `env`, and exits with CMD's exit code.
 pub fn exec_main(
     init_pid: u32,
     cgroups: &[PathBuf],
+    confinement: &Confinement,
     env: &[(String, String)],
     cmd: &[String],
 ) -> i32 {
-    match exec(init_pid, cgroups, env, cmd) {
+    match exec(init_pid, cgroups, confinement, env, cmd) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vane: exec: {e}");
@@ -608,30 +913,48 @@ pub fn exec_main(
 fn exec(
     init_pid: u32,
     cgroups: &[PathBuf],
+    confinement: &Confinement,
     env: &[(String, String)],
     cmd: &[String],
 ) -> io::Result<i32> {
     cgroup::join(cgroups, std::process::id())?;
-    // Open every namespace before joining any: after joining the mount namespace,
-    // /proc is the instance's and the init pid means something else there.
-    let kinds = [
+    let open = |name: &str| {
+        File::open(format!("/proc/{init_pid}/ns/{name}"))
+            .map_err(|e| io::Error::new(e.kind(), format!("instance is gone: {e}")))
+    };
+    // Every namespace is opened before any is joined: after joining the mount namespace,
+    // /proc is the instance's and the init pid means something else there. The network
+    // namespace belongs to the host's user namespace: joined first, while this process is
+    // still root there; then the instance's user namespace, which owns the others.
+    let net = open("net")?;
+    let user = if confinement.privileged() {
+        None
+    } else {
+        Some(OwnedFd::from(open("user")?))
+    };
+    let mut kinds = vec![
         ("ipc", CloneFlags::CLONE_NEWIPC),
         ("uts", CloneFlags::CLONE_NEWUTS),
-        ("net", CloneFlags::CLONE_NEWNET),
         ("pid", CloneFlags::CLONE_NEWPID),
-        ("mnt", CloneFlags::CLONE_NEWNS),
     ];
+    if user.is_some() {
+        kinds.push(("cgroup", CloneFlags::CLONE_NEWCGROUP));
+    }
+    kinds.push(("mnt", CloneFlags::CLONE_NEWNS));
     let mut files = Vec::new();
     for (name, flag) in kinds {
-        let f = File::open(format!("/proc/{init_pid}/ns/{name}"))
-            .map_err(|e| io::Error::new(e.kind(), format!("instance is gone: {e}")))?;
-        files.push((f, flag, name));
+        files.push((open(name)?, flag, name));
+    }
+    setns(&net, CloneFlags::CLONE_NEWNET).map_err(|e| errno("join net namespace", e))?;
+    if let Some(user) = &user {
+        enter_userns(user)?;
     }
     for (f, flag, name) in &files {
         setns(f, *flag).map_err(|e| errno(&format!("join {name} namespace"), e))?;
     }
     drop(files);
     std::env::set_current_dir("/")?;
+    crate::sandbox::confine(confinement)?;
     let program = &cmd[0];
     // Spawned after joining: the child is the one in the instance's PID namespace.
     let status = Command::new(program)
@@ -650,4 +973,136 @@ fn exec(
     Ok(status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// What `vane __restore` needs: written by the agent as `restore.json` in the instance's
+/// directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    pub criu: PathBuf,
+    pub netns: String,
+    pub cgroups: Vec<PathBuf>,
+    pub hostname: String,
+    /// Close the dumped connections rather than restore them (clones).
+    pub tcp_close: bool,
+}
+
+pub const RESTORE_FILE: &str = "restore.json";
+/// Where `__restore` lays out what CRIU reads, in a private mount namespace: CRIU runs as
+/// the instance's root, which cannot enter the agent's directory.
+const RESTORE_STAGE: &str = "/tmp";
+
+/// `vane __restore DIR`: restores the tree dumped in DIR/images into the instance's prepared
+/// space, running CRIU inside the instance's user namespace (its root, no more) so that the
+/// tree lands in that namespace with this host's id range, whatever the images held.
+/// Execs CRIU; prints one error line when it cannot get that far.
+pub fn restore_main(dir: &Path) -> i32 {
+    let err = match restore(dir) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    eprintln!("{err}");
+    1
+}
+
+fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
+    let spec: RestoreSpec = serde_json::from_slice(&std::fs::read(dir.join(RESTORE_FILE))?)
+        .map_err(io::Error::other)?;
+    cgroup::join(&spec.cgroups, std::process::id())?;
+    let net = File::open(crate::netconf::netns_path(&spec.netns))?;
+    let userns = vane_sys::confine::owning_userns(&net)
+        .map_err(|e| io::Error::new(e.kind(), format!("user namespace: {e}")))?;
+    // As the host's root, in a mount namespace of this process's: what CRIU will bind into
+    // the instance, at paths the instance's root can reach. The root and /dev are made here
+    // read-only or by root, so the instance gets them locked.
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno("create mount namespace", e))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| errno("make mounts private", e))?;
+    let stage = Path::new(RESTORE_STAGE);
+    mount(
+        Some("tmpfs"),
+        stage,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=1m"),
+    )
+    .map_err(|e| errno("stage the restore", e))?;
+    let at = |name: &str| stage.join(name);
+    for d in ["root", "dev", "images", "shared", "bin"] {
+        std::fs::create_dir(at(d))?;
+    }
+    for f in [HOSTS_FILE, HOSTNAME_FILE] {
+        File::create(at(f))?;
+        read_only_bind(&dir.join(f), &at(f)).map_err(|e| errno(&format!("stage {f}"), e))?;
+    }
+    read_only_bind(Path::new("/"), &at("root")).map_err(|e| errno("stage the root", e))?;
+    dev_tree(&at("dev"))?;
+    bind(
+        &dir.join(crate::checkpoint::IMAGES_DIR),
+        &at("images"),
+        false,
+    )
+    .map_err(|e| errno("stage the images", e))?;
+    bind(&dir.join(SHARED_DIR), &at("shared"), false)
+        .map_err(|e| errno("stage the state directory", e))?;
+    if Path::new(crate::binary::DIR).is_dir() {
+        read_only_bind(Path::new(crate::binary::DIR), &at("bin"))
+            .map_err(|e| errno("stage vane's binaries", e))?;
+    }
+    // The instance's network namespace goes to CRIU as descriptor 3 (`--inherit-fd`).
+    nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&net), 3)
+        .and_then(|_| {
+            // dup2 onto itself keeps close-on-exec.
+            nix::fcntl::fcntl(
+                3,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+        })
+        .map_err(|e| errno("hand over the network namespace", e))?;
+    setns(&net, CloneFlags::CLONE_NEWNET).map_err(|e| errno("join net namespace", e))?;
+    enter_userns(&userns)?;
+    // The tree inherits CRIU's UTS and cgroup namespaces (see `images`): fresh ones, named
+    // here.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| errno("create namespaces", e))?;
+    sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))?;
+    let s = |name: &str| at(name).into_os_string();
+    let ext = |key: &str, name: &str| {
+        let mut a = std::ffi::OsString::from(format!("mnt[{key}]:"));
+        a.push(s(name));
+        a
+    };
+    let mut cmd = Command::new(&spec.criu);
+    cmd.arg("restore")
+        .arg("-D")
+        .arg(s("images"))
+        .arg("-o")
+        .arg("restore.log")
+        .arg(if spec.tcp_close {
+            "--tcp-close"
+        } else {
+            "--tcp-established"
+        })
+        .args([
+            "--file-locks",
+            "-d",
+            "--unprivileged",
+            "--manage-cgroups=ignore",
+        ])
+        .arg("--root")
+        .arg(s("root"))
+        .arg("--pidfile")
+        .arg(at("images").join("restored.pid"))
+        .arg("--inherit-fd")
+        .arg(format!("fd[3]:{}", crate::checkpoint::NET_KEY));
+    for (key, _, name) in crate::checkpoint::CONFINED_EXTERNALS {
+        cmd.arg("--external").arg(ext(key, name));
+    }
+    Err(cmd.exec())
 }

@@ -12,9 +12,11 @@ mod control;
 pub use control::exec_helper_main;
 mod dataplane;
 mod identity;
+mod images;
 mod instance;
 pub mod launch;
 pub mod netconf;
+pub mod sandbox;
 mod underlay;
 
 use std::collections::BTreeMap;
@@ -484,24 +486,19 @@ impl Agent {
 
     async fn create(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, String> {
         let dir = self.instance_dir(&spec.id);
-        let rules = self.rules_for(&spec.net);
-        let hosts = self.hosts_for(&spec);
+        let setup = self.setup_for(&spec);
+        let (rules, hosts) = (setup.rules.clone(), setup.hosts.clone());
         let exe = self.cfg.exe.clone();
-        let layout = self.layout.clone();
         let spec2 = spec.clone();
         let dir2 = dir.clone();
-        let rules2 = rules.clone();
-        let hosts2 = hosts.clone();
-        let mtu = self.instance_mtu;
-        let (record, tun) = tokio::task::spawn_blocking(move || {
-            instance::create(&dir2, &exe, &layout, &spec2, &rules2, &hosts2, mtu)
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| match e {
-            CreateError::Input(m) => format!("bad request: {m}"),
-            CreateError::Host(m) => m,
-        })?;
+        let (record, tun) =
+            tokio::task::spawn_blocking(move || instance::create(&dir2, &exe, &spec2, &setup))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| match e {
+                    CreateError::Input(m) => format!("bad request: {m}"),
+                    CreateError::Host(m) => m,
+                })?;
         let pid = record.pid;
         if let Err(e) = self.adopt(record, dir.clone(), tun).await {
             let _ = self.stop(&spec.id, Duration::from_secs(1)).await;
@@ -535,17 +532,13 @@ impl Agent {
             ));
         }
         let dir = self.instance_dir(&spec.id);
-        let rules = self.rules_for(&spec.net);
-        let hosts = self.hosts_for(&spec);
-        let layout = self.layout.clone();
-        let mtu = self.instance_mtu;
+        let setup = self.setup_for(&spec);
         let id = spec.id.clone();
         let key = format!("{}-{}", spec.id, self.cfg.name);
-        let prepared = tokio::task::spawn_blocking(move || {
-            checkpoint::prepare(&dir, &key, &layout, &spec, &rules, &hosts, mtu)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        let prepared =
+            tokio::task::spawn_blocking(move || checkpoint::prepare(&dir, &key, &spec, &setup))
+                .await
+                .map_err(|e| e.to_string())??;
         self.prepared
             .lock()
             .expect("prepared lock")
@@ -610,11 +603,13 @@ impl Agent {
             let checkpoint::Prepared { tun, mut record } = prepared;
             let key = record.space_key().to_string();
             let dir2 = dir.clone();
+            let exe = self.cfg.exe.clone();
             let started = std::time::Instant::now();
             let restored = tokio::task::spawn_blocking(move || {
-                checkpoint::unpack(&dir2)?;
+                let owner = record.confinement().idmap.map(|m| m.base);
+                checkpoint::unpack(&dir2, owner)?;
                 let unpacked = started.elapsed();
-                checkpoint::restore(&dir2, &mut record, tcp_close, tcp_close)?;
+                checkpoint::restore(&dir2, &exe, &mut record, tcp_close)?;
                 tracing::debug!(
                     unpack_ms = unpacked.as_millis() as u64,
                     criu_ms = (started.elapsed() - unpacked).as_millis() as u64,
@@ -669,8 +664,9 @@ impl Agent {
             .map(|l| l.record.clone())
             .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
         let dir2 = dir.clone();
+        let exe = self.cfg.exe.clone();
         let record = tokio::task::spawn_blocking(move || {
-            checkpoint::restore(&dir2, &mut record, tcp_close, false).map(|_| record)
+            checkpoint::restore(&dir2, &exe, &mut record, tcp_close).map(|_| record)
         })
         .await
         .map_err(|e| e.to_string())??;
@@ -747,6 +743,16 @@ impl Agent {
     }
 
     /// Outbound rules for an instance of `net`, from the current view.
+    fn setup_for(&self, spec: &InstanceSpec) -> instance::Setup {
+        instance::Setup {
+            layout: self.layout.clone(),
+            rules: self.rules_for(&spec.net),
+            hosts: self.hosts_for(spec),
+            mtu: self.instance_mtu,
+            hide: vec![self.cfg.state_dir.clone()],
+        }
+    }
+
     fn rules_for(&self, net: &vane_proto::api::Net) -> OutboundRules {
         let view = self.view.lock().expect("view lock");
         let subnet_of = |id: u32| view.nets.iter().find(|n| n.id == id).map(|n| n.subnet);

@@ -80,8 +80,20 @@ pub fn netns_path(netns: &str) -> std::path::PathBuf {
     Path::new("/run/netns").join(netns)
 }
 
-pub fn create_netns(netns: &str) -> io::Result<()> {
-    run(Command::new("ip").args(["netns", "add", netns]), None)
+/// Makes the named network namespace, owned by the user namespace `owner` when given (an
+/// instance's: its root then holds its capabilities over its own network, such as raw
+/// sockets, and CRIU finds every namespace of the instance in its user namespace).
+pub fn create_netns(netns: &str, owner: Option<&std::os::fd::OwnedFd>) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let Some(owner) = owner else {
+        return run(Command::new("ip").args(["netns", "add", netns]), None);
+    };
+    let holder = vane_sys::confine::Holder::spawn(Some(owner.as_fd()), libc::CLONE_NEWNET)
+        .map_err(|e| io::Error::new(e.kind(), format!("network namespace {netns}: {e}")))?;
+    run(
+        Command::new("ip").args(["netns", "attach", netns, &holder.pid().to_string()]),
+        None,
+    )
 }
 
 pub fn delete_netns(netns: &str) -> io::Result<()> {

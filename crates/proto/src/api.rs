@@ -200,6 +200,16 @@ pub struct SpaceSpec {
     /// Path rules: the program sees `source` at `target` (both absolute).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redirects: Vec<(String, String)>,
+    /// Capabilities added to the default set (names as `validate::CAPABILITIES`, or ALL).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_add: Vec<String>,
+    /// Capabilities removed from the default set (or ALL).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cap_drop: Vec<String>,
+    /// Runs outside the sandbox: no user namespace, every capability, no seccomp filter,
+    /// the host's files writable. Never the default; shown by `ps` and `inspect`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
 }
 
 impl SpaceSpec {
@@ -218,6 +228,16 @@ impl SpaceSpec {
             out.redirects.retain(|(t, _)| *t != r.0);
             out.redirects.push(r.clone());
         }
+        // The instance's own word on a capability wins over the template's.
+        for c in &over.cap_add {
+            out.cap_drop.retain(|d| !d.eq_ignore_ascii_case(c));
+            out.cap_add.push(c.clone());
+        }
+        for c in &over.cap_drop {
+            out.cap_add.retain(|a| !a.eq_ignore_ascii_case(c));
+            out.cap_drop.push(c.clone());
+        }
+        out.privileged |= over.privileged;
         out
     }
 }

@@ -356,8 +356,157 @@ pub fn rootfs(s: &str) -> Result<(), InputError> {
     Ok(())
 }
 
+/// Capability names as `capabilities(7)` gives them without the `CAP_` prefix, indexed by
+/// number.
+pub const CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// The capabilities an instance's root holds unless told otherwise: the set mainstream
+/// container engines give (Docker's default), everything else dropped.
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+];
+
+/// The bit of capability `name` (`NET_ADMIN`, `cap_net_admin`), or all bits for `ALL`.
+pub fn capability(name: &str) -> Result<u64, InputError> {
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    if bare == "ALL" {
+        return Ok((1u64 << CAPABILITIES.len()) - 1);
+    }
+    CAPABILITIES
+        .iter()
+        .position(|c| *c == bare)
+        .map(|n| 1u64 << n)
+        .ok_or_else(|| {
+            invalid(
+                "capability",
+                name,
+                "not a Linux capability (see capabilities(7))",
+            )
+        })
+}
+
+/// The capability set of an instance: the default set less `drop`, plus `add`; a capability
+/// dropped by name stays dropped even with `--cap-add ALL`.
+pub fn capability_set(add: &[String], drop: &[String]) -> Result<u64, InputError> {
+    let mut set = 0u64;
+    for c in DEFAULT_CAPABILITIES {
+        set |= capability(c)?;
+    }
+    let drops = drop
+        .iter()
+        .map(|c| capability(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let adds = add
+        .iter()
+        .map(|c| capability(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    for d in &drops {
+        set &= !d;
+    }
+    for a in adds {
+        // An explicit drop of one capability still holds against `--cap-add ALL`.
+        let all = a.count_ones() > 1;
+        set |= if all {
+            a & !drops
+                .iter()
+                .filter(|d| d.count_ones() == 1)
+                .fold(0, |m, d| m | d)
+        } else {
+            a
+        };
+    }
+    Ok(set)
+}
+
+/// Names of the capabilities in `set`, in number order.
+pub fn capability_names(set: u64) -> Vec<&'static str> {
+    CAPABILITIES
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| set & (1 << n) != 0)
+        .map(|(_, c)| *c)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn capability_sets() {
+        use super::*;
+        let default = capability_set(&[], &[]).unwrap();
+        assert_eq!(capability_names(default).len(), 14);
+        assert!(capability_names(default).contains(&"NET_RAW"));
+        assert!(!capability_names(default).contains(&"SYS_ADMIN"));
+        let s = capability_set(&["net_admin".into()], &["CAP_NET_RAW".into()]).unwrap();
+        assert!(capability_names(s).contains(&"NET_ADMIN"));
+        assert!(!capability_names(s).contains(&"NET_RAW"));
+        let none = capability_set(&[], &["ALL".into()]).unwrap();
+        assert_eq!(none, 0);
+        let one = capability_set(&["KILL".into()], &["ALL".into()]).unwrap();
+        assert_eq!(capability_names(one), vec!["KILL"]);
+        let all_but = capability_set(&["ALL".into()], &["SYS_ADMIN".into()]).unwrap();
+        assert!(!capability_names(all_but).contains(&"SYS_ADMIN"));
+        assert!(capability_names(all_but).contains(&"SYS_MODULE"));
+        let e = capability("SYS_FOO").unwrap_err().to_string();
+        assert!(e.contains("SYS_FOO"), "{e}");
+    }
+
     use super::*;
 
     #[test]

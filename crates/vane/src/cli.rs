@@ -41,7 +41,7 @@ pub enum Cmd {
     #[command(subcommand)]
     Net(NetCmd),
     /// Start a program detached in a new instance; prints the instance's name
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List instances
     Ps(OutputArg),
     /// Show each running instance's resource use and traffic: CPU, memory, processes,
@@ -137,9 +137,11 @@ pub enum Cmd {
     #[command(name = "__launch", hide = true)]
     InternalLaunch { dir: PathBuf },
     #[command(name = "__init", hide = true)]
-    InternalInit { dir: PathBuf },
+    InternalInit,
     #[command(name = "__exec", hide = true)]
     InternalExec { args: String },
+    #[command(name = "__restore", hide = true)]
+    InternalRestore { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -220,6 +222,17 @@ pub struct SettingsArgs {
     /// {hostname}, {ip}, {net}, {state}
     #[arg(long = "redirect", value_name = "TARGET=SOURCE")]
     pub redirects: Vec<String>,
+    /// Give root inside this capability beyond the default set (e.g. NET_ADMIN, or ALL),
+    /// repeatable
+    #[arg(long = "cap-add", value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Take this capability from the default set (or ALL), repeatable
+    #[arg(long = "cap-drop", value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// Run outside the sandbox (no user namespace: root inside is root on the host); for
+    /// trusted programs only
+    #[arg(long)]
+    pub privileged: bool,
 }
 
 #[derive(Subcommand)]
@@ -231,7 +244,7 @@ pub enum TemplateCmd {
         #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
         env: Vec<String>,
         #[command(flatten)]
-        settings: SettingsArgs,
+        settings: Box<SettingsArgs>,
     },
     /// List templates
     Ls(OutputArg),

@@ -121,7 +121,11 @@ fn settings(a: SettingsArgs) -> Result<(Limits, SpaceSpec)> {
     if let Some(r) = &a.rootfs {
         validate::rootfs(r)?;
     }
+    validate::capability_set(&a.cap_add, &a.cap_drop)?;
     let space = SpaceSpec {
+        cap_add: a.cap_add,
+        cap_drop: a.cap_drop,
+        privileged: a.privileged,
         rootfs: a.rootfs,
         volumes: a
             .volumes
@@ -222,7 +226,7 @@ pub fn template(c: &Client, cmd: TemplateCmd) -> Result<()> {
         } => {
             validate::name("template name", &name)?;
             let env = env_pairs(&env)?;
-            let (limits, space) = settings(s)?;
+            let (limits, space) = settings(*s)?;
             let t: Template = c.post(
                 "/v1/templates",
                 &Template {

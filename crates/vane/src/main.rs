@@ -88,7 +88,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
     let c = || client(&cli.controller);
     match cli.command {
         Cmd::Net(cmd) => commands::net(&c(), cmd)?,
-        Cmd::Run(args) => commands::run(&c(), args)?,
+        Cmd::Run(args) => commands::run(&c(), *args)?,
         Cmd::Ps(o) => commands::ps(&c(), o.output)?,
         Cmd::Top { interval, output } => commands::top(&c(), interval, output.output)?,
         Cmd::Template(cmd) => commands::template(&c(), cmd)?,
@@ -155,8 +155,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
             ))?;
         }
         Cmd::InternalLaunch { dir } => return Ok(vane_agent::launch::launch_main(&dir)),
-        Cmd::InternalInit { dir } => return Ok(vane_agent::launch::init_main(&dir)),
+        Cmd::InternalInit => return Ok(vane_agent::launch::init_main()),
         Cmd::InternalExec { args } => return Ok(vane_agent::exec_helper_main(&args)),
+        Cmd::InternalRestore { dir } => return Ok(vane_agent::launch::restore_main(&dir)),
     }
     Ok(0)
 }
