@@ -30,11 +30,14 @@ octet=$((($$ % 200) + 30))
 export VANE_CONTROLLER="http://198.18.$octet.254:7946"
 cleanup() {
   "$vane" lab down --name "$lab" >/dev/null 2>&1 || true
+  rm -rf "/var/tmp/vane-bench-$lab"
 }
 trap cleanup EXIT
 "$vane" lab up --hosts 3 --name "$lab" --underlay "198.18.$octet.0/24" >/dev/null
-# Where the clients look for their stop file: not /tmp, which instances have of their own.
-stops="/var/lib/vane/labs/$lab"
+# Where the clients look for their stop file: not /tmp, which instances have of their own,
+# nor /var/lib/vane, which they do not see.
+stops="/var/tmp/vane-bench-$lab"
+mkdir -p "$stops"
 "$vane" net create bench --subnet 10.77.0.0/24 >/dev/null
 server='
 import socket, threading

@@ -153,7 +153,11 @@ fn launch(dir: &Path) -> io::Result<Launched> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno("create mount namespace", e))?;
     // Init mounts its own /proc: keep a handle on the host's, where init's pid means init.
     let host_proc = File::open("/proc")?;
-    build_root(dir, &spec, userns.as_ref())?;
+    let root = build_root(dir, &spec, userns.as_ref())?;
+    // Init starts in the instance's root: the path leads through the agent's directory,
+    // which the instance's root may not enter, and the namespaces made below move the
+    // working directory along to their copy of the mount.
+    std::env::set_current_dir(&root)?;
     let mut flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
@@ -165,16 +169,11 @@ fn launch(dir: &Path) -> io::Result<Launched> {
     unshare(flags).map_err(|e| errno("create namespaces", e))?;
     // A session of its own: signals for the agent's terminal never reach instances.
     let _ = setsid();
-    // The binary's path is visible in the host's root (its copy under /var/lib/vane/bin is
-    // bound back in), not always in a root of the instance's own.
-    let exe = std::env::current_exe()
-        .ok()
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
     // The first child after unsharing the PID namespace is its PID 1.
-    let mut init = Command::new(exe)
+    let mut init = Command::new(std::env::current_exe()?)
         .arg0("vane")
         .arg("__init")
+        .current_dir(".")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -246,16 +245,46 @@ fn close_inherited() {
 
 /// `vane __init`: PID 1 of an instance, already inside all its namespaces; reads its spec
 /// from standard input.
-pub fn init_main() -> i32 {
-    // A session whose leader is inside the instance: CRIU dumps only trees whose session
-    // leader is in their PID namespace.
-    let _ = setsid();
-    close_inherited();
-    let mut json = Vec::new();
-    let spec = io::stdin()
-        .read_to_end(&mut json)
-        .and_then(|_| serde_json::from_slice::<LaunchSpec>(&json).map_err(io::Error::other))
-        .and_then(|spec| prepare_inside(&spec).map(|_| spec));
+///
+/// Init starts outside the instance's root (its binary needs the host's libraries), moves
+/// in, then starts again from the binary as the instance sees it (vane's binaries are bound
+/// in), `pivoted` holding its spec: a checkpoint finds init's binary in the instance's own
+/// mounts. Where that binary cannot start (a root without the C library), it goes on as it
+/// is, and such an instance cannot be checkpointed.
+pub fn init_main(pivoted: Option<&str>) -> i32 {
+    let spec = match pivoted {
+        Some(json) => serde_json::from_str::<LaunchSpec>(json).map_err(io::Error::other),
+        None => {
+            // A session whose leader is inside the instance: CRIU dumps only trees whose
+            // session leader is in their PID namespace.
+            let _ = setsid();
+            close_inherited();
+            let exe = std::env::current_exe();
+            let mut json = String::new();
+            io::stdin()
+                .read_to_string(&mut json)
+                .and_then(|_| enter_root())
+                .and_then(|_| {
+                    // Checkpointing needs init to hold nothing from outside the instance:
+                    // standard input and error from the instance's own /dev.
+                    let null = File::open("/dev/null")?;
+                    for fd in [0, 2] {
+                        nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd)?;
+                    }
+                    if let Ok(exe) = exe {
+                        // Returns only if it could not start.
+                        let _ = Command::new(exe)
+                            .arg0("vane")
+                            .arg("__init")
+                            .arg("--pivoted")
+                            .arg(&json)
+                            .exec();
+                    }
+                    serde_json::from_str::<LaunchSpec>(&json).map_err(io::Error::other)
+                })
+        }
+    };
+    let spec = spec.and_then(|spec| prepare_inside(&spec).map(|_| spec));
     let spec = match spec {
         Ok(s) => s,
         Err(e) => {
@@ -263,10 +292,6 @@ pub fn init_main() -> i32 {
             return 1;
         }
     };
-    // Checkpointing needs init to hold nothing from outside the instance.
-    if let Ok(null) = File::open("/dev/null") {
-        let _ = nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0);
-    }
     let dir = Path::new(STATE_MOUNT);
     let _ = std::env::set_current_dir("/");
     if let Err(e) = crate::sandbox::confine(&spec.confinement) {
@@ -400,7 +425,7 @@ pub const ROOT_DIR: &str = "root";
 /// /proc, /sys, /dev; private /tmp and /run; the state directory at /tmp/.vane; vane's own
 /// state hidden; hosts and hostname files; volumes and path rules (idmapped when confined,
 /// so root inside owns what root owns on the host).
-fn build_root(dir: &Path, spec: &LaunchSpec, userns: Option<&OwnedFd>) -> io::Result<()> {
+fn build_root(dir: &Path, spec: &LaunchSpec, userns: Option<&OwnedFd>) -> io::Result<PathBuf> {
     mount(
         None::<&str>,
         "/",
@@ -527,7 +552,15 @@ fn build_root(dir: &Path, spec: &LaunchSpec, userns: Option<&OwnedFd>) -> io::Re
     std::fs::create_dir_all(&state_inside)?;
     bind(&fd_path(&shared), &state_inside, false)
         .map_err(|e| errno("bind the state directory", e))?;
-    if confined && !own_root {
+    if own_root {
+        // Init runs from vane's binary: it must be where it was (a checkpoint finds the
+        // files of the tree by their paths).
+        if let Some(bin) = &bin {
+            let inside = at(crate::binary::DIR);
+            std::fs::create_dir_all(&inside)?;
+            read_only_bind(&fd_path(bin), &inside).map_err(|e| errno("bind vane's binaries", e))?;
+        }
+    } else if confined {
         hide_vane_state(&at, &spec.hide, bin.as_ref())?;
     }
     // Room for targets that do not exist yet, before anything is bound below them (a layer
@@ -571,8 +604,18 @@ fn build_root(dir: &Path, spec: &LaunchSpec, userns: Option<&OwnedFd>) -> io::Re
         .map_err(|e| io::Error::other(format!("redirect {}: {e}", target.display())))?;
     }
     drop(sources);
-    std::env::set_current_dir(&root)?;
-    // The new root stacked over the old one; detaching the old leaves only the new.
+    Ok(root)
+}
+
+/// Moves into the instance's root, the working directory (set by `__launch`), leaving the
+/// host's behind: the new root stacked over the old one; detaching the old leaves only the
+/// new. Done by init, after it started from vane's binary (a root of the instance's own may
+/// lack what the binary needs to start, such as the C library), in the instance's mount
+/// namespace, where the host's root is the one mount not locked and may go.
+fn enter_root() -> io::Result<()> {
+    // The root was built by the host's root, so it is locked here: pivot into a copy.
+    vane_sys::confine::restack_cwd()
+        .map_err(|e| io::Error::new(e.kind(), format!("copy the root: {e}")))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| errno("pivot_root", e))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| errno("detach the host's root", e))?;
     std::env::set_current_dir("/")

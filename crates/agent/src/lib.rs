@@ -133,6 +133,12 @@ pub async fn run(
     }
     std::fs::create_dir_all(cfg.state_dir.join("instances"))
         .with_context(|| format!("create state directory {}", cfg.state_dir.display()))?;
+    // The host's key and credential, and every instance's record: the agent's alone.
+    for dir in [cfg.state_dir.clone(), cfg.state_dir.join("instances")] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("protect state directory {}", dir.display()))?;
+    }
     let identity = identity::Identity::load_or_create(&cfg.state_dir)?;
     if identity.credential.is_none() && cfg.join_token.is_none() {
         anyhow::bail!(

@@ -205,6 +205,38 @@ pub fn bind_idmapped(source: &Path, target: &Path, userns: BorrowedFd<'_>) -> io
     .map(drop)
 }
 
+/// Stacks a copy of the mount tree at the working directory on top of it and moves the
+/// working directory into the copy. The copy's top is a mount of this mount namespace's own
+/// (not locked), which pivot_root(2) requires; the mounts below it keep their locks.
+pub fn restack_cwd() -> io::Result<()> {
+    let here = CString::new(".").expect("no NUL");
+    // SAFETY: `here` is NUL-terminated and outlives the call.
+    let tree = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            here.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    })?;
+    // SAFETY: open_tree just returned this descriptor; we are its only owner.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let empty = CString::default();
+    // SAFETY: both strings are NUL-terminated and outlive the call; `tree` is a detached
+    // mount made by open_tree above.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            here.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })?;
+    nix::unistd::fchdir(tree.as_raw_fd()).map_err(io::Error::from)
+}
+
 /// The highest capability number this kernel knows.
 pub fn last_capability() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")

@@ -137,7 +137,10 @@ pub enum Cmd {
     #[command(name = "__launch", hide = true)]
     InternalLaunch { dir: PathBuf },
     #[command(name = "__init", hide = true)]
-    InternalInit,
+    InternalInit {
+        #[arg(long)]
+        pivoted: Option<String>,
+    },
     #[command(name = "__exec", hide = true)]
     InternalExec { args: String },
     #[command(name = "__restore", hide = true)]

@@ -359,6 +359,12 @@ pub fn ps(c: &Client, output: Output) -> Result<()> {
                     (None, 0) => state,
                     (None, n) => format!("{state} (migrated {n}x)"),
                 };
+                // Outside the sandbox: worth seeing at a glance.
+                let state = if i.space.privileged {
+                    format!("{state} (privileged)")
+                } else {
+                    state
+                };
                 vec![
                     i.name,
                     i.net,

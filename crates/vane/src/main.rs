@@ -155,7 +155,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
             ))?;
         }
         Cmd::InternalLaunch { dir } => return Ok(vane_agent::launch::launch_main(&dir)),
-        Cmd::InternalInit => return Ok(vane_agent::launch::init_main()),
+        Cmd::InternalInit { pivoted } => {
+            return Ok(vane_agent::launch::init_main(pivoted.as_deref()))
+        }
         Cmd::InternalExec { args } => return Ok(vane_agent::exec_helper_main(&args)),
         Cmd::InternalRestore { dir } => return Ok(vane_agent::launch::restore_main(&dir)),
     }

@@ -160,8 +160,27 @@ fn the_switch_drops_what_rules_inside_would_have_refused() {
         Some("10.10.2.3"),
         &["sleep", "infinity"],
     );
-    run(&lab, "green", "rogue", None, &["sleep", "infinity"]);
-    // A root program inside removes the friendly rules and routes...
+    run(&lab, "green", "tame", None, &["sleep", "infinity"]);
+    // Root inside holds no NET_ADMIN by default: the rules stay.
+    let refused = lab.fails(&["exec", "tame", "--", "nft", "flush", "ruleset"]);
+    assert!(refused.contains("Operation not permitted"), "{refused}");
+    // Given NET_ADMIN, a root program inside removes the friendly rules and routes...
+    assert_eq!(
+        lab.ok(&[
+            "run",
+            "--net",
+            "green",
+            "--name",
+            "rogue",
+            "--cap-add",
+            "NET_ADMIN",
+            "--",
+            "sleep",
+            "infinity",
+        ])
+        .trim(),
+        "rogue"
+    );
     lab.ok(&["exec", "rogue", "--", "nft", "flush", "ruleset"]);
     lab.ok(&[
         "exec",

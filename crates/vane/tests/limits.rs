@@ -319,9 +319,9 @@ fn two_instances_with_the_same_path_rule_keep_separate_files() {
         !Path::new("/etc/vane-test-app").exists(),
         "the host's /etc was changed"
     );
-    // The files live in each instance's state directory.
+    // The files live in the part of each instance's state directory it shares.
     let id = lab.inspect("one")["id"].as_str().unwrap().to_string();
-    let file = format!("{}/hosts/h1/instances/{id}/config", lab.state_dir());
+    let file = format!("{}/hosts/h1/instances/{id}/shared/config", lab.state_dir());
     assert_eq!(read(Path::new(&file)), "one");
     lab.ok(&["template", "rm", "app"]);
     let e = lab.fails(&["run", "--net", "red", "--template", "app", "--", "true"]);

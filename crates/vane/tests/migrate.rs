@@ -110,7 +110,7 @@ fn start_client(lab: &TestLab, host: &str, name: &str, server: &str) -> String {
 }
 
 fn start_script(lab: &TestLab, host: &str, name: &str, server: &str, script: &str) -> String {
-    let stop = format!("{}/stop-{name}", lab.state_dir());
+    let stop = format!("{}/stop-{name}", lab.exchange_dir());
     let _ = std::fs::remove_file(&stop);
     run_on(lab, host, name, &["python3", "-c", script, server, &stop]);
     assert!(

@@ -86,7 +86,7 @@ print('ok', n, flush=True)
 
 /// Starts a talker instance on `host` towards `server`; returns the file that stops it.
 fn start_talker(lab: &TestLab, host: &str, net: &str, name: &str, server: &str) -> String {
-    let stop = format!("{}/stop-{name}", lab.state_dir());
+    let stop = format!("{}/stop-{name}", lab.exchange_dir());
     let _ = std::fs::remove_file(&stop);
     run_on(
         lab,

@@ -137,6 +137,15 @@ impl TestLab {
         format!("/var/lib/vane/labs/{}", self.name)
     }
 
+    /// A host directory the lab's instances see (read-only, as they see the host's root
+    /// file system): where a test leaves them files, such as stop files. Not under
+    /// /var/lib/vane (hidden from instances) nor /tmp (each has its own).
+    pub fn exchange_dir(&self) -> String {
+        let dir = format!("/var/tmp/vane-tests/{}", self.name);
+        std::fs::create_dir_all(&dir).expect("create the exchange directory");
+        dir
+    }
+
     pub fn pid_of(&self, what: &str) -> i32 {
         std::fs::read_to_string(format!("{}/{what}.pid", self.state_dir()))
             .expect("pid file")
@@ -205,6 +214,7 @@ impl Drop for TestLab {
                 }
             }
         }
+        let _ = std::fs::remove_dir_all(format!("/var/tmp/vane-tests/{}", self.name));
         let out = Command::new(vane_bin())
             .args(["lab", "down", "--name", &self.name])
             .output()
