@@ -327,6 +327,7 @@ fn restore_confined(
 ) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
     crate::images::inherit_namespaces(&images)?;
+    crate::images::forget_thread_cgroups(&images)?;
     // CRIU, as the instance's root, reads the images and writes its log and pid file there.
     chown_tree(&images, owner).map_err(|e| format!("{}: {e}", images.display()))?;
     let spec = crate::launch::RestoreSpec {

@@ -16,6 +16,10 @@ use std::path::Path;
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const INVENTORY_MAGIC: u32 = 0x5831_3116;
 const IDS_MAGIC: u32 = 0x5443_2030;
+const CORE_MAGIC: u32 = 0x5505_3847;
+/// `core_entry.thread_core`, and its `cg_set`.
+const THREAD_CORE: u32 = 5;
+const THREAD_CG_SET: u32 = 16;
 /// `inventory_entry.root_ids`.
 const ROOT_IDS: u32 = 3;
 /// `task_kobj_ids_entry` fields: the namespaces the restoring CRIU lends the tree its own.
@@ -186,6 +190,32 @@ pub fn inherit_namespaces(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Takes the cgroup set out of every thread's core image. vane restores with
+/// `--manage-cgroups=ignore` (the agent puts the tree in the instance's cgroups), yet CRIU
+/// 4.2.1 still moves each thread whose recorded set differs from its process's, and they do
+/// differ for a tree dumped in a cgroup namespace (a thread's cgroups are read inside it, the
+/// process's outside): the move then fails. Without a set, a thread stays with its process.
+pub fn forget_thread_cgroups(dir: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("core-") && name.ends_with(".img")) {
+            continue;
+        }
+        let (header, core) = read_entry(&e.path(), CORE_MAGIC)?;
+        let mut core = decode(&core)?;
+        for (field, value) in core.iter_mut() {
+            if let (THREAD_CORE, Value::Bytes(bytes)) = (*field, &mut *value) {
+                let mut thread = decode(bytes)?;
+                thread.retain(|(f, _)| *f != THREAD_CG_SET);
+                *bytes = encode(&thread);
+            }
+        }
+        write_entry(&e.path(), &header, &encode(&core))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +261,29 @@ mod tests {
         assert!(!dir.path().join("userns-13.img").exists());
         assert!(!dir.path().join("utsns-14.img").exists());
         assert!(dir.path().join("pages-1.img").exists());
+    }
+
+    #[test]
+    fn threads_forget_their_cgroup_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let thread = encode(&[(1, Value::Varint(5)), (THREAD_CG_SET, Value::Varint(3))]);
+        let core = encode(&[
+            (1, Value::Varint(1)),
+            (THREAD_CORE, Value::Bytes(thread)),
+            (9, Value::Fixed32([1, 2, 3, 4])),
+        ]);
+        let header = [IMG_COMMON_MAGIC.to_le_bytes(), CORE_MAGIC.to_le_bytes()].concat();
+        let path = dir.path().join("core-12.img");
+        write_entry(&path, &header, &core).unwrap();
+        forget_thread_cgroups(dir.path()).unwrap();
+        let (h, back) = read_entry(&path, CORE_MAGIC).unwrap();
+        assert_eq!(h, header);
+        let back = decode(&back).unwrap();
+        assert_eq!(back.len(), 3);
+        let Some((_, Value::Bytes(t))) = back.iter().find(|(f, _)| *f == THREAD_CORE) else {
+            panic!("no thread core");
+        };
+        assert_eq!(decode(t).unwrap(), vec![(1, Value::Varint(5))]);
     }
 
     #[test]

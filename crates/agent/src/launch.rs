@@ -1031,9 +1031,9 @@ pub struct RestoreSpec {
 }
 
 pub const RESTORE_FILE: &str = "restore.json";
-/// Where `__restore` lays out what CRIU reads, in a private mount namespace: CRIU runs as
-/// the instance's root, which cannot enter the agent's directory.
-const RESTORE_STAGE: &str = "/tmp";
+/// Where `__restore` lays out what CRIU reads, on a tmpfs of its private mount namespace:
+/// CRIU runs as the instance's root, which cannot enter the agent's directory.
+const RESTORE_STAGE: &str = "/var/lib/vane/restore";
 
 /// `vane __restore DIR`: restores the tree dumped in DIR/images into the instance's prepared
 /// space, running CRIU inside the instance's user namespace (its root, no more) so that the
@@ -1068,6 +1068,7 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
     )
     .map_err(|e| errno("make mounts private", e))?;
     let stage = Path::new(RESTORE_STAGE);
+    std::fs::create_dir_all(stage)?;
     mount(
         Some("tmpfs"),
         stage,
@@ -1108,7 +1109,6 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
             )
         })
         .map_err(|e| errno("hand over the network namespace", e))?;
-    setns(&net, CloneFlags::CLONE_NEWNET).map_err(|e| errno("join net namespace", e))?;
     enter_userns(&userns)?;
     // The tree inherits CRIU's UTS and cgroup namespaces (see `images`): fresh ones, named
     // here.

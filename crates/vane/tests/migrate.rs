@@ -202,6 +202,63 @@ fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations()
     assert_eq!(out.trim(), "srv");
 }
 
+/// The host uid a process runs as.
+fn host_uid(pid: u64) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("uid")
+}
+
+#[test]
+fn a_server_that_switched_to_another_user_migrates_with_its_clients() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.9.0/24"]);
+    // A threaded server that dropped root inside its instance: on this host root lacks
+    // CAP_SYS_RESOURCE, and only the instance's user namespace lets CRIU read its limits.
+    run_on(
+        &lab,
+        "h1",
+        "srv",
+        &[
+            "setpriv",
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+            "python3",
+            "-c",
+            COUNTER,
+        ],
+    );
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let stop = start_client(&lab, "h2", "c2", &ip);
+    let before = host_uid(lab.inspect("srv")["pid"].as_u64().unwrap());
+    for to in ["h2", "h1"] {
+        migrate(&lab, "srv", to);
+        let pid = lab.inspect("srv")["pid"].as_u64().unwrap();
+        let uid = host_uid(pid);
+        // Inside it is still user 1000; outside, 1000 into this host's range for it, never
+        // an id the images chose.
+        assert!(uid >= 65_536 && uid % 65_536 == 1000, "uid {uid}");
+        let out = lab.ok(&["exec", "srv", "--", "sh", "-c", "ps -o uid= -p 2"]);
+        assert_eq!(out.trim(), "1000");
+        let before_progress = progress(&lab, "c2");
+        assert!(
+            wait_until(Duration::from_secs(15), || progress(&lab, "c2")
+                > before_progress + 20),
+            "client stalled after the migration to {to}: {}",
+            lab.ok(&["logs", "c2"])
+        );
+    }
+    assert!(before >= 65_536);
+    finish_client(&lab, "c2", &stop);
+}
+
 #[test]
 fn refusals_come_before_anything_is_frozen() {
     let lab = TestLab::up(2);
