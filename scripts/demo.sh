@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up vane on a fresh machine and shows what it does: a three-host lab, two tenants with
 # the same subnet spread over the hosts, a web server reached by name from another host
-# through an encrypted tunnel, the underlay showing no plaintext, a refused connection, a
-# policy, and a live migration of the web server to another host.
+# through an encrypted tunnel, the underlay showing no plaintext, root inside an instance
+# confined, a refused connection, a policy, and a live migration of the web server to
+# another host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -27,6 +28,12 @@ step run --net blue --name cli2 --host h3 -- sleep infinity
 step run --net green --name g1 --host h2 -- sleep infinity
 sleep 1
 step ps
+
+printf '\n# root inside an instance is nobody outside: an unprivileged host uid, the host read-only\n'
+step exec cli1 -- sh -c 'id -u; touch /usr/local/bin/x 2>&1; cat /etc/shadow 2>&1; ls /var/lib/vane'
+pid=$(vane inspect cli1 | python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])')
+printf '$ ps -o uid,pid,args -p %s   # on the host\n' "$pid"
+ps -o uid,pid,args -p "$pid"
 
 printf '\n# cli1 (red, on h3) fetches from web1 (red, on h1) by name, while the underlay is captured\n'
 capture=$(mktemp)
