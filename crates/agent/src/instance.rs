@@ -502,6 +502,7 @@ pub fn teardown(dir: &Path, id: &str, layout: &Layout) {
             tracing::warn!(instance = id, "removing {}: {e}", dir.display());
         }
     }
+    sandbox::release(Path::new(sandbox::CLAIMS_DIR), dir);
 }
 
 /// Hosts-file entries (name, hostname, ip) of a net's members.

@@ -99,16 +99,28 @@ pub fn allocate(dir: &Path, owner: &Path) -> io::Result<IdMap> {
     ))
 }
 
-/// Gives back the range `map` if `owner` holds it.
-pub fn release(dir: &Path, map: &IdMap, owner: &Path) {
-    let path = claim_path(dir, map.base / ID_COUNT);
-    let mut holder = String::new();
-    if File::open(&path)
-        .and_then(|mut f| f.read_to_string(&mut holder))
-        .is_ok()
-        && Path::new(holder.trim()) == owner
-    {
-        let _ = std::fs::remove_file(path);
+/// Gives back whatever range `owner` holds (when its directory goes).
+pub fn release(dir: &Path, owner: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let mut holder = String::new();
+        if File::open(e.path())
+            .and_then(|mut f| f.read_to_string(&mut holder))
+            .is_ok()
+            && Path::new(holder.trim()) == owner
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -279,26 +291,26 @@ mod tests {
     fn ranges_are_claimed_once_and_taken_back() {
         let dir = tempfile::tempdir().unwrap();
         let claims = dir.path().join("claims");
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        std::fs::create_dir_all(&a).unwrap();
-        std::fs::create_dir_all(&b).unwrap();
+        let owner = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        };
+        let (a, b, c, d) = (owner("a"), owner("b"), owner("c"), owner("d"));
         let ma = allocate(&claims, &a).unwrap();
         let mb = allocate(&claims, &b).unwrap();
         assert_ne!(ma.base, mb.base);
         assert!(ma.base >= FIRST_SLOT * ID_COUNT);
         assert_eq!(ma.map_line(), format!("0 {} 65536\n", ma.base));
-        // Someone else's release does nothing.
-        release(&claims, &ma, &b);
-        assert_ne!(allocate(&claims, &b).unwrap().base, ma.base);
-        release(&claims, &ma, &a);
-        let c = dir.path().join("c");
-        std::fs::create_dir_all(&c).unwrap();
-        assert_eq!(allocate(&claims, &c).unwrap().base, ma.base);
-        // A claim whose owner is gone is stale.
+        // Someone else's release does nothing; the owner's gives the range back.
+        release(&claims, &c);
+        assert_ne!(allocate(&claims, &c).unwrap().base, ma.base);
+        release(&claims, &a);
+        assert_eq!(allocate(&claims, &d).unwrap().base, ma.base);
+        // A claim whose owner directory is gone is stale, and taken over.
         std::fs::remove_dir(&b).unwrap();
-        let d = dir.path().join("d");
-        std::fs::create_dir_all(&d).unwrap();
-        assert_eq!(allocate(&claims, &d).unwrap().base, mb.base);
+        let e = owner("e");
+        assert_eq!(allocate(&claims, &e).unwrap().base, mb.base);
     }
 
     #[test]
