@@ -10,22 +10,8 @@
 # Builds vane in release mode unless --debug (then uses the debug build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-  exec sudo -E "$0" "$@"
-fi
-profile=release
-if [ "${1:-}" = "--debug" ]; then
-  profile=debug
-  shift
-fi
+. bench/build.sh
 count=${1:-30}
-bash scripts/install-deps.sh
-if [ "$profile" = release ]; then
-  cargo build --release --quiet
-else
-  cargo build --quiet
-fi
-vane="${CARGO_TARGET_DIR:-target}/$profile/vane"
 lab="br$$"
 octet=$((($$ % 200) + 30))
 export VANE_CONTROLLER="http://198.18.$octet.254:7946"

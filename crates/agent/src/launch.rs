@@ -173,7 +173,6 @@ fn launch(dir: &Path) -> io::Result<Launched> {
     let mut init = Command::new(std::env::current_exe()?)
         .arg0("vane")
         .arg("__init")
-        .current_dir(".")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -417,6 +416,19 @@ fn prepare_inside(spec: &LaunchSpec) -> io::Result<()> {
     sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))
 }
 
+/// Makes every mount of this (new) mount namespace private: nothing mounted here reaches
+/// the host's.
+fn make_mounts_private() -> io::Result<()> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| errno("make mounts private", e))
+}
+
 /// Where the instance's root is staged (bound from the host's) in its private directory.
 pub const ROOT_DIR: &str = "root";
 
@@ -426,14 +438,7 @@ pub const ROOT_DIR: &str = "root";
 /// state hidden; hosts and hostname files; volumes and path rules (idmapped when confined,
 /// so root inside owns what root owns on the host).
 fn build_root(dir: &Path, spec: &LaunchSpec, userns: Option<&OwnedFd>) -> io::Result<PathBuf> {
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| errno("make mounts private", e))?;
+    make_mounts_private()?;
     // Named network namespaces are nsfs bind mounts, which checkpointing cannot handle, and
     // the instance has no business with other namespaces anyway.
     let _ = umount2("/run/netns", MntFlags::MNT_DETACH);
@@ -906,7 +911,6 @@ fn spawn_program(dir: &Path, spec: &LaunchSpec) -> Result<std::process::Child, S
         .args(&spec.cmd[1..])
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -1059,14 +1063,7 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
     // the instance, at paths the instance's root can reach. The root and /dev are made here
     // read-only or by root, so the instance gets them locked.
     unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno("create mount namespace", e))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| errno("make mounts private", e))?;
+    make_mounts_private()?;
     let stage = Path::new(RESTORE_STAGE);
     std::fs::create_dir_all(stage)?;
     mount(

@@ -778,6 +778,7 @@ fn check_settings(env: &[(String, String)], space: &SpaceSpec) -> Result<(), Api
     for (target, source) in &space.redirects {
         validate::redirect(&format!("{target}={source}"))?;
     }
+    validate::capability_set(&space.cap_add, &space.cap_drop)?;
     Ok(())
 }
 
@@ -1015,6 +1016,16 @@ mod tests {
             ..Template::default()
         };
         assert!(s.put_template(bad).is_err());
+        let bad_cap = Template {
+            name: "bad".into(),
+            space: SpaceSpec {
+                cap_add: vec!["SYS_FOO".into()],
+                ..SpaceSpec::default()
+            },
+            ..Template::default()
+        };
+        let e = s.put_template(bad_cap).unwrap_err();
+        assert!(e.to_string().contains("SYS_FOO"), "{e}");
         assert!(s.remove_template("small").is_ok());
         assert!(s.remove_template("small").is_err());
     }

@@ -160,38 +160,27 @@ pub fn make_tree_readonly(path: &Path) -> io::Result<()> {
     )
 }
 
-/// Binds `source` at `target` through the id mapping of the user namespace `userns`
-/// (an idmapped mount): a file owned by on-disk id N is seen as owned by whatever N maps to
-/// in that namespace, so root inside owns what root owns on the host, and what it creates
-/// is owned by root on disk. Fails where the file system does not support idmapped mounts.
-pub fn bind_idmapped(source: &Path, target: &Path, userns: BorrowedFd<'_>) -> io::Result<()> {
-    let src = cstring(source)?;
-    // SAFETY: `src` is NUL-terminated and outlives the call.
-    let tree = check(unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            src.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
-        )
-    })?;
+/// A detached copy of the mount at `path` (open_tree(2) with OPEN_TREE_CLONE), with the
+/// mounts below it when `recursive`.
+fn clone_tree(path: &Path, recursive: bool) -> io::Result<OwnedFd> {
+    let p = cstring(path)?;
+    let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
+    // SAFETY: `p` is NUL-terminated and outlives the call.
+    let tree =
+        check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, p.as_ptr(), flags) })?;
     // SAFETY: open_tree just returned this descriptor; we are its only owner.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
-    mount_setattr(
-        tree.as_fd(),
-        Path::new(""),
-        libc::AT_EMPTY_PATH as libc::c_uint,
-        &MountAttr {
-            attr_set: MOUNT_ATTR_IDMAP,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: userns.as_raw_fd() as u64,
-        },
-    )?;
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as i32) })
+}
+
+/// Attaches the detached mount `tree` at `target` (move_mount(2)).
+fn attach(tree: &OwnedFd, target: &Path) -> io::Result<()> {
     let empty = CString::default();
     let dst = cstring(target)?;
     // SAFETY: both strings are NUL-terminated and outlive the call; `tree` is a detached
-    // mount made by open_tree above.
+    // mount made by open_tree.
     check(unsafe {
         libc::syscall(
             libc::SYS_move_mount,
@@ -205,35 +194,33 @@ pub fn bind_idmapped(source: &Path, target: &Path, userns: BorrowedFd<'_>) -> io
     .map(drop)
 }
 
+/// Binds `source` at `target` through the id mapping of the user namespace `userns`
+/// (an idmapped mount): a file owned by on-disk id N is seen as owned by whatever N maps to
+/// in that namespace, so root inside owns what root owns on the host, and what it creates
+/// is owned by root on disk. Fails where the file system does not support idmapped mounts.
+pub fn bind_idmapped(source: &Path, target: &Path, userns: BorrowedFd<'_>) -> io::Result<()> {
+    let tree = clone_tree(source, false)?;
+    mount_setattr(
+        tree.as_fd(),
+        Path::new(""),
+        libc::AT_EMPTY_PATH as libc::c_uint,
+        &MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: userns.as_raw_fd() as u64,
+        },
+    )?;
+    attach(&tree, target)
+}
+
 /// Stacks a copy of the mount tree at the working directory on top of it and moves the
 /// working directory into the copy. The copy's top is a mount of this mount namespace's own
 /// (not locked), which pivot_root(2) requires; the mounts below it keep their locks.
 pub fn restack_cwd() -> io::Result<()> {
-    let here = CString::new(".").expect("no NUL");
-    // SAFETY: `here` is NUL-terminated and outlives the call.
-    let tree = check(unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            here.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as libc::c_uint,
-        )
-    })?;
-    // SAFETY: open_tree just returned this descriptor; we are its only owner.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
-    let empty = CString::default();
-    // SAFETY: both strings are NUL-terminated and outlive the call; `tree` is a detached
-    // mount made by open_tree above.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            here.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    })?;
+    let here = Path::new(".");
+    let tree = clone_tree(here, true)?;
+    attach(&tree, here)?;
     nix::unistd::fchdir(tree.as_raw_fd()).map_err(io::Error::from)
 }
 

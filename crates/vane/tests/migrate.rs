@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_until, TestLab};
+use common::{host_uid, wait_until, TestLab};
 
 /// Numbers every reply: per connection (the client checks they are consecutive) and in
 /// total (the server's state).
@@ -202,17 +202,6 @@ fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations()
     assert_eq!(out.trim(), "srv");
 }
 
-/// The host uid a process runs as.
-fn host_uid(pid: u64) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("status")
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("uid")
-}
-
 #[test]
 fn a_server_that_switched_to_another_user_migrates_with_its_clients() {
     let lab = TestLab::up(2);
@@ -237,7 +226,8 @@ fn a_server_that_switched_to_another_user_migrates_with_its_clients() {
     );
     let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
     let stop = start_client(&lab, "h2", "c2", &ip);
-    let before = host_uid(lab.inspect("srv")["pid"].as_u64().unwrap());
+    let mut last = host_uid(lab.inspect("srv")["pid"].as_u64().unwrap());
+    assert!(last >= 65_536 && last % 65_536 == 1000, "uid {last}");
     for to in ["h2", "h1"] {
         migrate(&lab, "srv", to);
         let pid = lab.inspect("srv")["pid"].as_u64().unwrap();
@@ -245,6 +235,9 @@ fn a_server_that_switched_to_another_user_migrates_with_its_clients() {
         // Inside it is still user 1000; outside, 1000 into this host's range for it, never
         // an id the images chose.
         assert!(uid >= 65_536 && uid % 65_536 == 1000, "uid {uid}");
+        // The restoring host's own range: not the one the images were dumped from.
+        assert_ne!(uid, last, "the images chose the mapping");
+        last = uid;
         let out = lab.ok(&["exec", "srv", "--", "sh", "-c", "ps -o uid= -p 2"]);
         assert_eq!(out.trim(), "1000");
         let before_progress = progress(&lab, "c2");
@@ -255,7 +248,6 @@ fn a_server_that_switched_to_another_user_migrates_with_its_clients() {
             lab.ok(&["logs", "c2"])
         );
     }
-    assert!(before >= 65_536);
     finish_client(&lab, "c2", &stop);
 }
 

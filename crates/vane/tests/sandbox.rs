@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{wait_until, TestLab};
+use common::{host_uid, wait_until, TestLab};
 
 fn lab_with_net(hosts: u8) -> TestLab {
     let lab = TestLab::up(hosts);
@@ -37,17 +37,6 @@ fn all_fail(lab: &TestLab, name: &str, attempts: &[(&str, &str)]) {
         }
     }
     assert!(escaped.is_empty(), "escapes: {escaped:#?}");
-}
-
-/// The host id that the instance's program runs as.
-fn host_uid(pid: u64) -> u32 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("uid")
 }
 
 fn agent_dir(lab: &TestLab, host: u8) -> String {

@@ -215,6 +215,8 @@ impl Drop for TestLab {
             }
         }
         let _ = std::fs::remove_dir_all(format!("/var/tmp/vane-tests/{}", self.name));
+        // The last lab out leaves nothing either.
+        let _ = std::fs::remove_dir("/var/tmp/vane-tests");
         let out = Command::new(vane_bin())
             .args(["lab", "down", "--name", &self.name])
             .output()
@@ -223,6 +225,17 @@ impl Drop for TestLab {
             eprintln!("lab down failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
+}
+
+/// The host uid a process runs as.
+pub fn host_uid(pid: u64) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("uid")
 }
 
 pub fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
