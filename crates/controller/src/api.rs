@@ -614,13 +614,29 @@ async fn snapshot_instance(
         stop_on(&c, &host, &id).await?;
     }
     let instance = c.state().instance_by_name(&name)?.clone();
-    Ok(Json(Snapshot { instance, images }))
+    let seal = c
+        .sealer
+        .seal(&instance, &images)
+        .map_err(ApiError::Internal)?;
+    Ok(Json(Snapshot {
+        instance,
+        images,
+        seal,
+    }))
 }
 
 /// A new instance from a snapshot: with the snapshot's identity, or a clone with its own
 /// name, address and hostname.
 async fn restore_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Instance>)> {
     let spec: RestoreSpec = parse(&body)?;
+    let snap = &spec.snapshot;
+    if !c.sealer.verify(&snap.instance, &snap.images, &snap.seal) {
+        return Err(ApiError::BadRequest(
+            "the snapshot is not sealed by this cluster: it was changed since it was made, \
+             or another cluster made it"
+                .into(),
+        ));
+    }
     let from = spec.snapshot.instance;
     // Under a new name it is a clone: a free address and its name as hostname unless told.
     let clone = spec.name.is_some();

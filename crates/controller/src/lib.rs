@@ -5,6 +5,7 @@
 mod agents;
 mod api;
 pub mod enroll;
+mod seal;
 mod session;
 pub mod state;
 pub mod store;
@@ -32,6 +33,8 @@ pub(crate) struct Controller {
     state: Mutex<State>,
     store: Store,
     agents: Agents,
+    /// Seals snapshots that leave the cluster, and checks them when they come back.
+    sealer: seal::Sealer,
     /// Turns true when the controller stops, so that agent sessions (long-lived WebSockets
     /// that a graceful HTTP shutdown would otherwise wait for) end.
     shutdown: tokio::sync::watch::Sender<bool>,
@@ -45,10 +48,12 @@ impl Controller {
         let snapshot = store.load()?;
         let (state, batch) = State::from_snapshot(snapshot, cfg.cluster.clone());
         store.commit(batch)?;
+        let sealer = seal::Sealer::load_or_create(&cfg.data_dir)?;
         Ok(Controller {
             state: Mutex::new(state),
             store,
             agents: Agents::default(),
+            sealer,
             shutdown: tokio::sync::watch::channel(false).0,
         })
     }

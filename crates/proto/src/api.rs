@@ -370,6 +370,10 @@ pub struct Snapshot {
     pub instance: Instance,
     /// The packed images (a tar of CRIU's image files and the program's log), base64.
     pub images: String,
+    /// The cluster's seal of `instance` and `images` (HMAC-SHA256, hex): a restore
+    /// accepts only snapshots sealed by its own cluster, unchanged.
+    #[serde(default)]
+    pub seal: String,
 }
 
 /// `POST /v1/restore` (`vane restore DIR [--host H] [--name N --ip IP --hostname H]`): a new

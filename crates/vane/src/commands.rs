@@ -419,6 +419,8 @@ pub fn migrate(c: &Client, name: &str, to: &str) -> Result<()> {
 const SNAPSHOT_INSTANCE: &str = "instance.json";
 /// The snapshot's packed CRIU images in its directory.
 const SNAPSHOT_IMAGES: &str = "images.tar";
+/// The cluster's seal of the other two files.
+const SNAPSHOT_SEAL: &str = "seal";
 
 pub fn snapshot(c: &Client, name: &str, out: &std::path::Path, stop: bool) -> Result<()> {
     use base64::Engine;
@@ -429,11 +431,28 @@ pub fn snapshot(c: &Client, name: &str, out: &std::path::Path, stop: bool) -> Re
     let images = base64::engine::general_purpose::STANDARD
         .decode(&snap.images)
         .map_err(|e| anyhow::anyhow!("snapshot of {name}: bad images from the controller: {e}"))?;
-    std::fs::create_dir_all(out)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    // A snapshot holds the instance's memory: the directory and its files are the user's
+    // alone, and nothing already there (a link, say) is written through.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out)
+            .and_then(|_| std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+    }
     let write = |file: &str, bytes: &[u8]| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = out.join(file);
-        std::fs::write(&path, bytes)
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(bytes))
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
     };
     write(
@@ -441,6 +460,7 @@ pub fn snapshot(c: &Client, name: &str, out: &std::path::Path, stop: bool) -> Re
         &serde_json::to_vec_pretty(&snap.instance).expect("serializes"),
     )?;
     write(SNAPSHOT_IMAGES, &images)?;
+    write(SNAPSHOT_SEAL, format!("{}\n", snap.seal).as_bytes())?;
     println!(
         "{name}: snapshot in {}, {:.1} MiB",
         out.display(),
@@ -469,10 +489,17 @@ pub fn restore(
         )
     })?;
     let images = base64::engine::general_purpose::STANDARD.encode(read(SNAPSHOT_IMAGES)?);
+    let seal = String::from_utf8_lossy(&read(SNAPSHOT_SEAL)?)
+        .trim()
+        .to_string();
     let inst: Instance = c.post(
         "/v1/restore",
         &vane_proto::api::RestoreSpec {
-            snapshot: vane_proto::api::Snapshot { instance, images },
+            snapshot: vane_proto::api::Snapshot {
+                instance,
+                images,
+                seal,
+            },
             host,
             name,
             ip,

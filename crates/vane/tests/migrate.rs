@@ -397,6 +397,47 @@ fn a_snapshot_restored_on_another_host_keeps_its_state() {
 }
 
 #[test]
+fn a_changed_snapshot_is_refused_and_a_snapshot_is_its_owner_s_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = TestLab::up(1);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.10.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let snap = SnapshotDir::new(&lab);
+    lab.ok(&["snapshot", "srv", "--out", snap.path()]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&snap.0), 0o700);
+    for f in ["images.tar", "instance.json", "seal"] {
+        assert_eq!(mode(&snap.0.join(f)), 0o600, "{f}");
+    }
+    let images = std::fs::read(snap.0.join("images.tar")).unwrap();
+    let record = std::fs::read_to_string(snap.0.join("instance.json")).unwrap();
+    // One image byte changed.
+    let mut changed = images.clone();
+    let at = changed.len() / 2;
+    changed[at] ^= 0x20;
+    std::fs::write(snap.0.join("images.tar"), &changed).unwrap();
+    let e = lab.fails(&["restore", snap.path(), "--name", "c1"]);
+    assert!(e.contains("not sealed by this cluster"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    // The record changed to run it outside the sandbox.
+    std::fs::write(snap.0.join("images.tar"), &images).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&record).unwrap();
+    v["space"]["privileged"] = true.into();
+    std::fs::write(snap.0.join("instance.json"), v.to_string()).unwrap();
+    let e = lab.fails(&["restore", snap.path(), "--name", "c2"]);
+    assert!(e.contains("not sealed by this cluster"), "{e}");
+    // A missing seal.
+    std::fs::write(snap.0.join("instance.json"), &record).unwrap();
+    std::fs::write(snap.0.join("seal"), "\n").unwrap();
+    let e = lab.fails(&["restore", snap.path(), "--name", "c3"]);
+    assert!(e.contains("not sealed by this cluster"), "{e}");
+    // Nothing was made of them.
+    for name in ["c1", "c2", "c3"] {
+        assert!(!lab.run(&["inspect", name]).status.success(), "{name}");
+    }
+}
+
+#[test]
 fn clones_of_one_snapshot_run_side_by_side_with_their_own_identities() {
     let lab = TestLab::up(2);
     lab.ok(&["net", "create", "red", "--subnet", "10.10.8.0/24"]);
