@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 count=${1:-10}
 lab="bm$$"
 octet=$((($$ % 200) + 30))
-export VANE_CONTROLLER="http://198.18.$octet.254:7946"
+export VANE_CONTROLLER="https://198.18.$octet.254:7946"
 cleanup() {
   "$vane" lab down --name "$lab" >/dev/null 2>&1 || true
   rm -rf "/var/tmp/vane-bench-$lab"

@@ -41,7 +41,7 @@ OCTET = 250
 UNDERLAY = f"198.18.{OCTET}.0/24"
 H1, H2 = f"198.18.{OCTET}.1", f"198.18.{OCTET}.2"
 NS1, NS2 = f"vane-{LAB}-h1", f"vane-{LAB}-h2"
-CONTROLLER = f"http://198.18.{OCTET}.254:7946"
+CONTROLLER = f"https://198.18.{OCTET}.254:7946"
 ALL_PATHS = ["veth", "kernel-vxlan", "vane", "vane-plaintext", "nebula", "wireguard-go"]
 BASELINE = "kernel-vxlan"
 

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 count=${1:-30}
 lab="br$$"
 octet=$((($$ % 200) + 30))
-export VANE_CONTROLLER="http://198.18.$octet.254:7946"
+export VANE_CONTROLLER="https://198.18.$octet.254:7946"
 cleanup() {
   "$vane" lab down --name "$lab" >/dev/null 2>&1 || true
 }

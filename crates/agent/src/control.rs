@@ -70,16 +70,28 @@ pub async fn connect_loop(agent: Arc<Agent>) -> String {
             .cfg
             .controller
             .trim_end_matches('/')
-            .replacen("http://", "ws://", 1)
             .replacen("https://", "wss://", 1)
+            .replacen("http://", "wss://", 1)
     );
+    let pin = agent
+        .identity
+        .lock()
+        .expect("identity lock")
+        .ca_pin
+        .expect("checked at start");
+    let tls = crate::pin::client_config(pin);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match tokio_tungstenite::connect_async(&url).await {
+        let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
+        match tokio_tungstenite::connect_async_tls_with_config(&url, None, false, Some(connector))
+            .await
+        {
             Ok((ws, _)) => {
                 backoff = Duration::from_millis(100);
                 match session(agent.clone(), ws).await {
-                    SessionEnd::Refused(reason) => return reason,
+                    SessionEnd::Refused(reason) => {
+                        return format!("the controller refused this host: {reason}")
+                    }
                     SessionEnd::Moved => {
                         tracing::info!("this host's underlay address changed, reconnecting");
                         continue;
@@ -87,7 +99,24 @@ pub async fn connect_loop(agent: Arc<Agent>) -> String {
                     SessionEnd::Lost => tracing::warn!("lost the controller, reconnecting"),
                 }
             }
-            Err(e) => tracing::debug!("cannot reach controller at {url}: {e}"),
+            // A controller that fails the pin is worth a line; a stopped one is routine. A
+            // host that has not joined yet gives up: its token names another controller.
+            // One that has keeps trying (an impostor on the underlay must not stop it).
+            Err(e) if e.to_string().contains("pinned") => {
+                let enrolled = agent
+                    .identity
+                    .lock()
+                    .expect("identity lock")
+                    .credential
+                    .is_some();
+                if !enrolled {
+                    return format!(
+                        "the controller at {url} is not the one the join token names: {e}"
+                    );
+                }
+                tracing::warn!("refusing the controller at {url}: {e}")
+            }
+            Err(e) => tracing::debug!("cannot reach the controller at {url}: {e}"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -115,7 +144,10 @@ where
         let id = agent.identity.lock().expect("identity lock");
         let auth = match (&id.credential, &agent.cfg.join_token) {
             (Some(c), _) => HostAuth::Credential(c.clone()),
-            (None, Some(t)) => HostAuth::Token(t.clone()),
+            // The secret alone: the pin is this side's business.
+            (None, Some(t)) => HostAuth::Token(
+                vane_proto::trust::split_join_token(t).map_or(t.clone(), |(s, _)| s.into()),
+            ),
             (None, None) => return SessionEnd::Refused("no credential and no join token".into()),
         };
         (id.public_key_hex(), auth)

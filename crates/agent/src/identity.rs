@@ -19,11 +19,16 @@ const FILE: &str = "host.json";
 struct OnDisk {
     private_key: String,
     credential: Option<String>,
+    /// The pin of the controller's CA (hex), from the join token.
+    #[serde(default)]
+    ca_pin: Option<String>,
 }
 
 pub struct Identity {
     pub keypair: Keypair,
     pub credential: Option<String>,
+    /// The controller's CA, pinned when the host joined.
+    pub ca_pin: Option<vane_proto::trust::Pin>,
     path: PathBuf,
 }
 
@@ -41,6 +46,7 @@ impl Identity {
                 Ok(Identity {
                     keypair: Keypair::from_private(private),
                     credential: disk.credential,
+                    ca_pin: disk.ca_pin.as_deref().and_then(hex::decode::<32>),
                     path,
                 })
             }
@@ -48,6 +54,7 @@ impl Identity {
                 let id = Identity {
                     keypair: Keypair::generate(),
                     credential: None,
+                    ca_pin: None,
                     path,
                 };
                 id.save()?;
@@ -67,12 +74,19 @@ impl Identity {
         self.save()
     }
 
+    /// Pins the controller's CA (from a join token).
+    pub fn set_ca_pin(&mut self, pin: vane_proto::trust::Pin) -> anyhow::Result<()> {
+        self.ca_pin = Some(pin);
+        self.save()
+    }
+
     /// Writes the file whole under a temporary name, then renames it: a crash leaves the
     /// old identity or the new one, never half of one.
     fn save(&self) -> anyhow::Result<()> {
         let disk = OnDisk {
             private_key: hex::encode(&self.keypair.private),
             credential: self.credential.clone(),
+            ca_pin: self.ca_pin.map(|p| hex::encode(&p)),
         };
         let tmp = self.path.with_extension("json.tmp");
         let mut f = std::fs::OpenOptions::new()

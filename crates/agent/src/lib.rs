@@ -16,6 +16,7 @@ mod images;
 mod instance;
 pub mod launch;
 pub mod netconf;
+mod pin;
 pub mod sandbox;
 mod underlay;
 
@@ -139,7 +140,24 @@ pub async fn run(
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("protect state directory {}", dir.display()))?;
     }
-    let identity = identity::Identity::load_or_create(&cfg.state_dir)?;
+    let mut identity = identity::Identity::load_or_create(&cfg.state_dir)?;
+    // A join token carries the pin of the controller's CA: kept from now on.
+    if let Some(token) = &cfg.join_token {
+        let (_, pin) = vane_proto::trust::split_join_token(token).ok_or_else(|| {
+            anyhow::anyhow!(
+                "the join token carries no controller pin: make one with `vane host token`"
+            )
+        })?;
+        if identity.ca_pin != Some(pin) {
+            identity.set_ca_pin(pin)?;
+        }
+    }
+    if identity.ca_pin.is_none() {
+        anyhow::bail!(
+            "host {:?} knows no controller to trust: start its agent with --join TOKEN (`vane host token` makes one)",
+            cfg.name
+        );
+    }
     if identity.credential.is_none() && cfg.join_token.is_none() {
         anyhow::bail!(
             "host {:?} is not enrolled yet: start its agent with --join TOKEN (`vane host token` makes one)",
@@ -190,9 +208,7 @@ pub async fn run(
     tokio::spawn(control::forward_lookups(agent.clone(), lookups_rx));
     tracing::info!(host = %agent.cfg.name, controller = %agent.cfg.controller, "agent ready");
     tokio::select! {
-        refused = control::connect_loop(agent.clone()) => {
-            anyhow::bail!("the controller refused this host: {refused}")
-        }
+        refused = control::connect_loop(agent.clone()) => anyhow::bail!("{refused}"),
         _ = shutdown => tracing::info!("agent stopping; instances keep running"),
     }
     Ok(())

@@ -34,6 +34,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         };
         (
             status,
@@ -76,9 +77,38 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             "/v1/templates/{name}",
             get(get_template).delete(remove_template),
         )
-        .route("/v1/agents/connect", get(agent_connect))
         .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            ctl.clone(),
+            authenticate,
+        ))
+        // Agents prove who they are in their hello, inside TLS (join token or credential).
+        .route("/v1/agents/connect", get(agent_connect))
         .with_state(ctl)
+}
+
+/// Lets through only requests that carry the admin credential (`Authorization: Bearer`).
+async fn authenticate(
+    AxState(c): Ctl,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if c.credentials.is_admin(token) => next.run(req).await,
+        Some(_) => ApiError::Unauthorized("the controller does not accept this credential".into())
+            .into_response(),
+        None => ApiError::Unauthorized(
+            "no credential: give one with --token or VANE_TOKEN (the admin credential is in the \
+             controller's data directory, admin.token)"
+                .into(),
+        )
+        .into_response(),
+    }
 }
 
 /// Parses a JSON body with an error that says what is wrong with it.
@@ -141,6 +171,8 @@ async fn create_token(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Js
     let mut s = c.state();
     let (token, expires, batch) = s.create_token(spec.ttl_secs, now())?;
     c.commit(batch)?;
+    // The agent that joins with it checks the controller against the pin it carries.
+    let token = vane_proto::trust::join_token(&token, &c.tls_pin);
     Ok((StatusCode::CREATED, Json(JoinToken { token, expires })))
 }
 

@@ -101,7 +101,9 @@ pub fn admit(
         }
         (HostAuth::Credential(_), None) => Err(Refusal::NotEnrolled(name.into())),
         (HostAuth::Token(t), enrolled) => {
-            if !token_valid(&hash(t)) {
+            // The secret alone: a token as printed also carries the CA's pin.
+            let secret = vane_proto::trust::split_join_token(t).map_or(t.as_str(), |(s, _)| s);
+            if !token_valid(&hash(secret)) {
                 return Err(Refusal::BadToken);
             }
             if enrolled.is_some_and(|e| e.public_key != public_key) {

@@ -4,11 +4,13 @@
 
 mod agents;
 mod api;
+pub mod auth;
 pub mod enroll;
 mod seal;
 mod session;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,13 +37,16 @@ pub(crate) struct Controller {
     agents: Agents,
     /// Seals snapshots that leave the cluster, and checks them when they come back.
     sealer: seal::Sealer,
+    credentials: auth::Credentials,
+    /// The pin of the cluster's CA, which join tokens carry.
+    tls_pin: vane_proto::trust::Pin,
     /// Turns true when the controller stops, so that agent sessions (long-lived WebSockets
     /// that a graceful HTTP shutdown would otherwise wait for) end.
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl Controller {
-    fn open(cfg: &ControllerConfig) -> anyhow::Result<Controller> {
+    fn open(cfg: &ControllerConfig, tls_pin: vane_proto::trust::Pin) -> anyhow::Result<Controller> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
         let store = Store::open(&cfg.data_dir.join("store.redb"))?;
@@ -49,7 +54,10 @@ impl Controller {
         let (state, batch) = State::from_snapshot(snapshot, cfg.cluster.clone());
         store.commit(batch)?;
         let sealer = seal::Sealer::load_or_create(&cfg.data_dir)?;
+        let credentials = auth::Credentials::load_or_create(&cfg.data_dir)?;
         Ok(Controller {
+            credentials,
+            tls_pin,
             state: Mutex::new(state),
             store,
             agents: Agents::default(),
@@ -94,20 +102,57 @@ pub async fn run(
     cfg: ControllerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let controller = Arc::new(Controller::open(&cfg)?);
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("protect {}", cfg.data_dir.display()))?;
+    }
+    let tls = tls::Tls::load_or_create(&cfg.data_dir, cfg.listen)?;
+    let controller = Arc::new(Controller::open(&cfg, tls.pin)?);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, data = %cfg.data_dir.display(), "controller ready");
     let app = api::router(controller.clone());
-    let stopping = controller.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("controller stopping");
-            stopping.shutdown.send_replace(true);
-        })
-        .await
-        .context("serve API")?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            // A peer that does not finish its handshake in time holds nothing for long.
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "TLS handshake: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+        });
+    }
+    tracing::info!("controller stopping");
+    controller.shutdown.send_replace(true);
     Ok(())
 }

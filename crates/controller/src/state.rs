@@ -32,6 +32,8 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    #[error("{0}")]
+    Unauthorized(String),
 }
 
 impl From<validate::InputError> for ApiError {

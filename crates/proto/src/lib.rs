@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod stream;
+pub mod trust;
 pub mod validate;
 
 /// Default TCP port of the controller's API.

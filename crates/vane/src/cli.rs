@@ -17,6 +17,13 @@ pub struct Cli {
     /// Controller API URL [default: the running lab's, else http://127.0.0.1:7946]
     #[arg(long, global = true, env = "VANE_CONTROLLER")]
     pub controller: Option<String>,
+    /// The controller's CA certificate (PEM) [default: the lab's, on the machine that runs it]
+    #[arg(long, global = true, env = "VANE_CA")]
+    pub ca: Option<PathBuf>,
+    /// The credential to present [default: the lab's admin credential, on the machine that
+    /// runs it]
+    #[arg(long, global = true, env = "VANE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Cmd,
 }

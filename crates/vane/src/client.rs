@@ -1,6 +1,8 @@
 //! The CLI's HTTP client of the controller API: one clear error line for every failure.
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
@@ -18,26 +20,134 @@ pub fn default_controller() -> String {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("http://127.0.0.1:{}", vane_proto::DEFAULT_API_PORT))
+        .unwrap_or_else(|| format!("https://127.0.0.1:{}", vane_proto::DEFAULT_API_PORT))
+}
+
+/// Where labs keep their state, each with its controller's data directory.
+pub const LABS_DIR: &str = "/var/lib/vane/labs";
+/// The data directory of a `vane controller` started with the defaults.
+const DEFAULT_DATA_DIR: &str = "/var/lib/vane/controller";
+
+/// What the CLI needs to talk to a controller: its URL, the CA that certifies it, the
+/// credential it presents.
+pub struct Access {
+    pub url: String,
+    pub ca: Option<PathBuf>,
+    pub token: Option<String>,
+}
+
+impl Access {
+    /// The controller at `url` (its API speaks only HTTPS: `http://` is taken to mean
+    /// `https://`), with the CA certificate and credential given, or else those of the lab
+    /// (or of the default `vane controller`) on this machine that serves that URL.
+    pub fn resolve(url: &str, ca: Option<PathBuf>, token: Option<String>) -> Access {
+        let url = match url.strip_prefix("http://") {
+            Some(rest) => format!("https://{rest}"),
+            None => url.to_string(),
+        };
+        let local = local_data_dir(&url);
+        let ca = ca.or_else(|| {
+            local
+                .as_ref()
+                .map(|d| d.join(vane_controller::tls::CA_CERT_FILE))
+        });
+        let token = token.or_else(|| {
+            let file = local
+                .as_ref()?
+                .join(vane_controller::auth::ADMIN_TOKEN_FILE);
+            std::fs::read_to_string(file)
+                .ok()
+                .map(|t| t.trim().to_string())
+        });
+        Access { url, ca, token }
+    }
+
+    /// The controller of the lab whose state is in `lab_dir`.
+    pub fn of_lab(url: &str, lab_dir: &Path) -> Access {
+        let data = lab_dir.join("controller");
+        Access {
+            url: url.to_string(),
+            ca: Some(data.join(vane_controller::tls::CA_CERT_FILE)),
+            token: std::fs::read_to_string(data.join(vane_controller::auth::ADMIN_TOKEN_FILE))
+                .ok()
+                .map(|t| t.trim().to_string()),
+        }
+    }
+}
+
+/// The data directory of the controller on this machine that serves `url`: a lab's, or
+/// the default one for a local address.
+fn local_data_dir(url: &str) -> Option<PathBuf> {
+    let authority = |u: &str| {
+        u.split_once("://")
+            .map_or(u, |(_, r)| r)
+            .trim_end_matches('/')
+            .to_string()
+    };
+    let wanted = authority(url);
+    for entry in std::fs::read_dir(LABS_DIR).into_iter().flatten().flatten() {
+        let file = entry.path().join("lab.json");
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        let lab: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if lab["controller"].as_str().map(authority) == Some(wanted.clone()) {
+            return Some(entry.path().join("controller"));
+        }
+    }
+    let local = wanted.starts_with("127.0.0.1:") || wanted.starts_with("localhost:");
+    (local && Path::new(DEFAULT_DATA_DIR).is_dir()).then(|| PathBuf::from(DEFAULT_DATA_DIR))
 }
 
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// The `Authorization` header, if there is a credential.
+    auth: Option<String>,
 }
 
 type Resp = ureq::http::Response<ureq::Body>;
 
 impl Client {
-    pub fn new(base: &str) -> Client {
+    pub fn new(access: &Access) -> Result<Client> {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = &access.ca {
+            let pem = std::fs::read(ca).map_err(|e| {
+                anyhow!(
+                    "cannot read the controller's CA certificate {}: {e} (give it with --ca or VANE_CA)",
+                    ca.display()
+                )
+            })?;
+            let cert = ureq::tls::Certificate::from_pem(&pem)
+                .map_err(|e| anyhow!("{} is not a PEM certificate: {e}", ca.display()))?;
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![cert])));
+        }
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(3)))
+            .tls_config(tls.build())
             .build()
             .into();
-        Client {
-            base: base.trim_end_matches('/').to_string(),
+        Ok(Client {
+            base: access.url.trim_end_matches('/').to_string(),
             agent,
+            auth: access.token.as_deref().map(vane_proto::trust::bearer),
+        })
+    }
+
+    fn get_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let req = self.agent.get(&self.url(path));
+        match &self.auth {
+            Some(a) => req.header("Authorization", a),
+            None => req,
+        }
+    }
+
+    fn post_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let req = self.agent.post(&self.url(path));
+        match &self.auth {
+            Some(a) => req.header("Authorization", a),
+            None => req,
         }
     }
 
@@ -66,37 +176,33 @@ impl Client {
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self
-            .agent
-            .get(&self.url(path))
-            .call()
-            .map_err(|e| self.unreachable(e))?;
+        let resp = self.get_req(path).call().map_err(|e| self.unreachable(e))?;
         read_json(self.check(resp)?)
     }
 
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let resp = self
-            .agent
-            .post(&self.url(path))
+            .post_req(path)
             .send_json(body)
             .map_err(|e| self.unreachable(e))?;
         read_json(self.check(resp)?)
     }
 
     pub fn delete(&self, path: &str) -> Result<()> {
-        let resp = self
-            .agent
-            .delete(&self.url(path))
-            .call()
-            .map_err(|e| self.unreachable(e))?;
+        let req = self.agent.delete(&self.url(path));
+        let req = match &self.auth {
+            Some(a) => req.header("Authorization", a),
+            None => req,
+        };
+        let resp = req.call().map_err(|e| self.unreachable(e))?;
         self.check(resp).map(|_| ())
     }
 
     /// A request whose answer is a stream of frames (exec, logs).
     pub fn stream<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<impl Read> {
         let resp = match body {
-            Some(b) => self.agent.post(&self.url(path)).send_json(b),
-            None => self.agent.get(&self.url(path)).call(),
+            Some(b) => self.post_req(path).send_json(b),
+            None => self.get_req(path).call(),
         }
         .map_err(|e| self.unreachable(e))?;
         Ok(self.check(resp)?.into_body().into_reader())

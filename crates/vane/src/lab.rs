@@ -20,9 +20,8 @@ use serde::{Deserialize, Serialize};
 use vane_proto::api::{Host, HostState, JoinToken, TokenSpec};
 
 use crate::cli::LabUpArgs;
-use crate::client::{Client, CURRENT_CONTROLLER_FILE};
+use crate::client::{Access, Client, CURRENT_CONTROLLER_FILE, LABS_DIR};
 
-const LABS_DIR: &str = "/var/lib/vane/labs";
 const DEFAULT_LAB: &str = "lab";
 
 #[derive(Serialize, Deserialize)]
@@ -157,7 +156,7 @@ pub fn up(args: LabUpArgs) -> Result<()> {
     let hosts = args.hosts.max(previous.as_ref().map_or(0, |p| p.hosts));
     let gateway = nth(underlay, 254);
     let controller_addr = SocketAddr::from((gateway, vane_proto::DEFAULT_API_PORT));
-    let controller_url = format!("http://{controller_addr}");
+    let controller_url = format!("https://{controller_addr}");
 
     // Underlay: a bridge in the root namespace holding the controller's address.
     let bridge = lab.bridge();
@@ -195,11 +194,13 @@ pub fn up(args: LabUpArgs) -> Result<()> {
             &lab.pid_file("controller"),
         )?;
     }
-    let client = Client::new(&controller_url);
+    // Its CA and admin credential appear with its data directory.
+    let connect = || Client::new(&Access::of_lab(&controller_url, &lab.dir));
     wait_for(Duration::from_secs(15), "the controller to answer", || {
-        client.get::<serde_json::Value>("/v1/status").is_ok()
+        connect().is_ok_and(|c| c.get::<serde_json::Value>("/v1/status").is_ok())
     })
     .with_context(|| format!("see {}", lab.dir.join("controller.log").display()))?;
+    let client = connect()?;
 
     // Agents. Each enrolls with a join token the first time (passed in the environment,
     // not on the command line where `ps` would show it); later it has its credential.

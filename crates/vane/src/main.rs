@@ -49,12 +49,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn client(cli_controller: &Option<String>) -> Client {
-    Client::new(
-        &cli_controller
-            .clone()
-            .unwrap_or_else(client::default_controller),
-    )
+fn client(
+    controller: &Option<String>,
+    ca: &Option<std::path::PathBuf>,
+    token: &Option<String>,
+) -> anyhow::Result<Client> {
+    let url = controller
+        .clone()
+        .unwrap_or_else(client::default_controller);
+    Client::new(&client::Access::resolve(&url, ca.clone(), token.clone()))
 }
 
 fn init_logging() {
@@ -85,30 +88,31 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn dispatch(cli: Cli) -> Result<i32> {
-    let c = || client(&cli.controller);
+    let (controller, ca, token) = (cli.controller.clone(), cli.ca.clone(), cli.token.clone());
+    let c = || client(&controller, &ca, &token);
     match cli.command {
-        Cmd::Net(cmd) => commands::net(&c(), cmd)?,
-        Cmd::Run(args) => commands::run(&c(), *args)?,
-        Cmd::Ps(o) => commands::ps(&c(), o.output)?,
-        Cmd::Top { interval, output } => commands::top(&c(), interval, output.output)?,
-        Cmd::Template(cmd) => commands::template(&c(), cmd)?,
-        Cmd::Inspect { name } => commands::inspect(&c(), &name)?,
-        Cmd::Logs { name } => commands::logs(&c(), &name)?,
-        Cmd::Stop { name } => commands::stop(&c(), &name)?,
-        Cmd::Migrate { name, to } => commands::migrate(&c(), &name, &to)?,
-        Cmd::Snapshot { name, out, stop } => commands::snapshot(&c(), &name, &out, stop)?,
+        Cmd::Net(cmd) => commands::net(&c()?, cmd)?,
+        Cmd::Run(args) => commands::run(&c()?, *args)?,
+        Cmd::Ps(o) => commands::ps(&c()?, o.output)?,
+        Cmd::Top { interval, output } => commands::top(&c()?, interval, output.output)?,
+        Cmd::Template(cmd) => commands::template(&c()?, cmd)?,
+        Cmd::Inspect { name } => commands::inspect(&c()?, &name)?,
+        Cmd::Logs { name } => commands::logs(&c()?, &name)?,
+        Cmd::Stop { name } => commands::stop(&c()?, &name)?,
+        Cmd::Migrate { name, to } => commands::migrate(&c()?, &name, &to)?,
+        Cmd::Snapshot { name, out, stop } => commands::snapshot(&c()?, &name, &out, stop)?,
         Cmd::Restore {
             dir,
             host,
             name,
             ip,
             hostname,
-        } => commands::restore(&c(), &dir, host, name, ip, hostname)?,
-        Cmd::Rm { name, force } => commands::rm(&c(), &name, force)?,
-        Cmd::Exec { name, env, cmd } => return commands::exec(&c(), &name, env, cmd),
-        Cmd::Stats { name, output } => commands::stats(&c(), &name, output.output)?,
-        Cmd::Policy(cmd) => commands::policy(&c(), cmd)?,
-        Cmd::Host(cmd) => commands::host(&c(), cmd)?,
+        } => commands::restore(&c()?, &dir, host, name, ip, hostname)?,
+        Cmd::Rm { name, force } => commands::rm(&c()?, &name, force)?,
+        Cmd::Exec { name, env, cmd } => return commands::exec(&c()?, &name, env, cmd),
+        Cmd::Stats { name, output } => commands::stats(&c()?, &name, output.output)?,
+        Cmd::Policy(cmd) => commands::policy(&c()?, cmd)?,
+        Cmd::Host(cmd) => commands::host(&c()?, cmd)?,
         Cmd::Lab(LabCmd::Up(args)) => lab::up(args)?,
         Cmd::Lab(LabCmd::Down(args)) => lab::down(&args.name)?,
         Cmd::Controller(args) => {

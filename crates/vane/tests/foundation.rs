@@ -351,7 +351,7 @@ fn bad_input_gets_one_clear_line_and_leaves_nothing() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cannot reach the controller at http://127.0.0.1:1"),
+        err.contains("cannot reach the controller at https://127.0.0.1:1"),
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1);

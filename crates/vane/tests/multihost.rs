@@ -889,15 +889,30 @@ fn plaintext_clusters_work_only_when_chosen_and_enrollment_refuses_strangers() {
             .args(["agent", "--name", name, "--state-dir", &stranger_dir])
             .args(["--controller", &lab.controller, "--netns", &lab.netns(2)])
             .args(["--listen", "0.0.0.0:7950"])
+            .stdin(std::process::Stdio::null())
             .env("VANE_JOIN_TOKEN", token)
             .output()
             .unwrap()
     };
-    let out = agent("h3", "vanejoin-0000");
+    let token = lab.ok(&["host", "token", "--ttl", "5m"]);
+    // The right controller, a made-up secret.
+    let (_, pin) = token
+        .trim()
+        .rsplit_once('.')
+        .expect("a token carries a pin");
+    let out = agent("h3", &format!("vanejoin-0000.{pin}"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bad join token"), "{err}");
-    let token = lab.ok(&["host", "token", "--ttl", "5m"]);
+    // A token without the controller's pin, or with another controller's.
+    let out = agent("h3", "vanejoin-0000");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("carries no controller pin"), "{err}");
+    let (secret, _) = token.trim().rsplit_once('.').unwrap();
+    let out = agent("h3", &format!("{secret}.{}", "ab".repeat(32)));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not the one the join token names"), "{err}");
     let out = agent("h1", token.trim());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -42,7 +42,7 @@ impl TestLab {
         let name = format!("t{tag:x}");
         let octet = (tag % 250 + 2) as u8;
         let lab = TestLab {
-            controller: format!("http://198.18.{octet}.254:7946"),
+            controller: format!("https://198.18.{octet}.254:7946"),
             name,
             octet,
         };
@@ -173,6 +173,25 @@ impl TestLab {
                 .unwrap_or(0);
             zombie && threads <= 1
         });
+    }
+
+    /// Brings the lab to `hosts` hosts (new ones enroll with a join token).
+    pub fn grow(&self, hosts: u8) {
+        let out = self.run(&[
+            "lab",
+            "up",
+            "--hosts",
+            &hosts.to_string(),
+            "--name",
+            &self.name,
+            "--underlay",
+            &format!("198.18.{}.0/24", self.octet),
+        ]);
+        assert!(
+            out.status.success(),
+            "lab up --hosts {hosts} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn restart(&self) {

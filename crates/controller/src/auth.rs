@@ -1,0 +1,79 @@
+//! Who may use the API. An admin credential is made with the controller's data directory
+//! (`admin.token`, 0600): whoever can read that file is the cluster's administrator. Every
+//! request but an agent's stream must carry it (`Authorization: Bearer`), inside TLS. The
+//! controller keeps its hash, and compares hashes.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::enroll::{hash, new_secret};
+
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+pub struct Credentials {
+    admin_hash: String,
+}
+
+impl Credentials {
+    /// Reads the admin credential from `data_dir`, or makes it.
+    pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Credentials> {
+        let path = data_dir.join(ADMIN_TOKEN_FILE);
+        let token = match std::fs::read_to_string(&path) {
+            Ok(t) => t.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let token = new_secret("vaneadmin-");
+                let mut f = std::fs::OpenOptions::new()
+                    .create_new(true)
+                    .write(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("create {}", path.display()))?;
+                writeln!(f, "{token}").with_context(|| format!("write {}", path.display()))?;
+                token
+            }
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        anyhow::ensure!(!token.is_empty(), "{}: empty credential", path.display());
+        Ok(Credentials {
+            admin_hash: hash(&token),
+        })
+    }
+
+    /// Whether `token` is the admin credential. Hashes are compared, every byte of them,
+    /// so the time says nothing of the credential.
+    pub fn is_admin(&self, token: &str) -> bool {
+        let given = hash(token);
+        given.len() == self.admin_hash.len()
+            && given
+                .bytes()
+                .zip(self.admin_hash.bytes())
+                .fold(0u8, |d, (a, b)| d | (a ^ b))
+                == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_credential_is_made_once_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = Credentials::load_or_create(dir.path()).unwrap();
+        let token = std::fs::read_to_string(dir.path().join(ADMIN_TOKEN_FILE)).unwrap();
+        assert!(creds.is_admin(token.trim()));
+        assert!(!creds.is_admin(""));
+        assert!(!creds.is_admin("vaneadmin-00"));
+        let again = Credentials::load_or_create(dir.path()).unwrap();
+        assert!(again.is_admin(token.trim()));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(ADMIN_TOKEN_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,158 @@
+//! The control plane's trust, attacked: requests without the admin credential or with a
+//! wrong one, plain HTTP, and a capture of the underlay while hosts enroll and commands run
+//! (the agents' refusal of a controller that fails their pin is in multihost.rs, with the
+//! other enrollment refusals).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{wait_until, TestLab};
+
+/// `curl` against the lab's API: (HTTP status, body); status 0 when no HTTP answer came.
+fn curl(lab: &TestLab, args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let _ = lab;
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn requests_without_the_admin_credential_are_refused_and_change_nothing() {
+    let lab = TestLab::up(1);
+    let ca = format!("{}/controller/ca.crt", lab.state_dir());
+    let url = |path: &str| format!("{}{path}", lab.controller);
+    let create = r#"{"name":"evil","subnet":"10.66.0.0/24","tenant":"x"}"#;
+    for header in [
+        None,
+        Some("Authorization: Bearer vaneadmin-0000"),
+        Some("Authorization: Basic x"),
+    ] {
+        let mut args = vec![
+            "--cacert",
+            &ca,
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+        ];
+        if let Some(h) = header {
+            args.extend(["-H", h]);
+        }
+        let target = url("/v1/nets");
+        args.extend(["-d", create, &target]);
+        let (code, body) = curl(&lab, &args);
+        assert_eq!(code, 401, "{header:?}: {body}");
+        assert!(body.contains("credential"), "{body}");
+        for path in ["/v1/instances", "/v1/hosts", "/v1/status"] {
+            let target = url(path);
+            let mut args = vec!["--cacert", ca.as_str()];
+            if let Some(h) = header {
+                args.extend(["-H", h]);
+            }
+            args.push(&target);
+            assert_eq!(curl(&lab, &args).0, 401, "{path} {header:?}");
+        }
+        let target = url("/v1/hosts/tokens");
+        let mut args = vec![
+            "--cacert",
+            ca.as_str(),
+            "-X",
+            "POST",
+            "-d",
+            "{\"ttl_secs\":60}",
+        ];
+        if let Some(h) = header {
+            args.extend(["-H", h]);
+        }
+        args.push(&target);
+        assert_eq!(curl(&lab, &args).0, 401, "tokens {header:?}");
+    }
+    // Nothing was made.
+    assert!(!lab.ok(&["net", "ls"]).contains("evil"));
+    // No plain HTTP at all.
+    let plain = lab.controller.replacen("https://", "http://", 1);
+    let (code, _) = curl(&lab, &[&format!("{plain}/v1/nets")]);
+    assert_eq!(code, 0, "plain HTTP answered");
+    // And a client that does not know the cluster's CA refuses the controller.
+    let (code, _) = curl(&lab, &[&url("/v1/nets")]);
+    assert_eq!(
+        code, 0,
+        "the controller's certificate passed without its CA"
+    );
+    // The CLI with a wrong credential: one line.
+    let out = Command::new(common::vane_bin())
+        .args(["net", "ls"])
+        .env("VANE_CONTROLLER", &lab.controller)
+        .env("VANE_TOKEN", "vaneadmin-0000")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("does not accept this credential"), "{err}");
+}
+
+#[test]
+fn the_underlay_carries_no_credential_token_or_output_in_clear() {
+    let lab = TestLab::up(1);
+    let capture = format!("{}/control.pcap", lab.exchange_dir());
+    let mut tcpdump = Command::new("tcpdump")
+        .args(["-U", "-s", "0", "--immediate-mode", "-i"])
+        .arg(lab.bridge())
+        .args(["-w", &capture, "tcp", "port", "7946"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump");
+    std::thread::sleep(Duration::from_millis(1500));
+    // A second host enrolls (join token, then its credential), commands run on it.
+    lab.grow(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.67.0.0/24"]);
+    lab.ok(&[
+        "run",
+        "--net",
+        "red",
+        "--name",
+        "x",
+        "--host",
+        "h2",
+        "--",
+        "sh",
+        "-c",
+        "echo logged-marker-4711; exec sleep infinity",
+    ]);
+    assert!(wait_until(Duration::from_secs(5), || lab
+        .ok(&["logs", "x"])
+        .contains("logged-marker-4711")));
+    let out = lab.ok(&["exec", "x", "--", "echo", "exec-marker-4712"]);
+    assert!(out.contains("exec-marker-4712"));
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = tcpdump.wait();
+    let bytes = std::fs::read(&capture).expect("capture");
+    assert!(bytes.len() > 4096, "the capture saw no control traffic");
+    let text = String::from_utf8_lossy(&bytes);
+    for secret in [
+        "vanejoin-",
+        "vanecred-",
+        "vaneadmin-",
+        "logged-marker-4711",
+        "exec-marker-4712",
+        "public_key",
+    ] {
+        assert!(
+            !text.contains(secret),
+            "{secret} crossed the underlay in clear"
+        );
+    }
+}
