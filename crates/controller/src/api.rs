@@ -52,7 +52,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/nets", get(list_nets).post(create_net))
         .route("/v1/nets/{name}", delete(remove_net))
         .route("/v1/hosts", get(list_hosts))
-        .route("/v1/hosts/tokens", post(create_token))
+        .route("/v1/hosts/tokens", post(create_token).get(list_tokens))
+        .route("/v1/hosts/tokens/{id}", delete(revoke_token))
         .route("/v1/hosts/{name}", delete(remove_host))
         .route("/v1/hosts/{name}/stats", get(host_stats))
         .route("/v1/instances", get(list_instances).post(run_instance))
@@ -169,11 +170,22 @@ async fn list_hosts(AxState(c): Ctl) -> Json<Vec<Host>> {
 async fn create_token(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<JoinToken>)> {
     let spec: TokenSpec = parse(&body)?;
     let mut s = c.state();
-    let (token, expires, batch) = s.create_token(spec.ttl_secs, now())?;
+    let (token, expires, id, batch) = s.create_token(spec.ttl_secs, spec.reusable, now())?;
     c.commit(batch)?;
     // The agent that joins with it checks the controller against the pin it carries.
     let token = vane_proto::trust::join_token(&token, &c.tls_pin);
-    Ok((StatusCode::CREATED, Json(JoinToken { token, expires })))
+    Ok((StatusCode::CREATED, Json(JoinToken { token, expires, id })))
+}
+
+async fn list_tokens(AxState(c): Ctl) -> Json<Vec<vane_proto::api::TokenInfo>> {
+    Json(c.state().tokens(now()))
+}
+
+async fn revoke_token(AxState(c): Ctl, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let mut s = c.state();
+    let batch = s.revoke_token(&id)?;
+    c.commit(batch)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn remove_host(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<StatusCode> {

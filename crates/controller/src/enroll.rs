@@ -19,6 +19,17 @@ use vane_proto::stream::HostAuth;
 pub struct TokenRecord {
     pub hash: String,
     pub expires: u64,
+    /// Spent by the first host that joins with it.
+    #[serde(default)]
+    pub single_use: bool,
+}
+
+impl TokenRecord {
+    /// What names the token in listings and revocations: the start of its hash (the
+    /// secret itself is never shown again).
+    pub fn id(&self) -> &str {
+        &self.hash[..12.min(self.hash.len())]
+    }
 }
 
 /// An enrolled host: the key it joined with and the hash of its credential.

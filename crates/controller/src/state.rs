@@ -499,12 +499,15 @@ impl State {
         Ok(batch)
     }
 
-    /// A join token valid for `ttl_secs` from `now`. Expired tokens are forgotten.
+    /// A join token valid for `ttl_secs` from `now`, spent by the first host that joins
+    /// with it unless `reusable`. Expired tokens are forgotten. Returns the token, its
+    /// expiry and its id.
     pub fn create_token(
         &mut self,
         ttl_secs: u64,
+        reusable: bool,
         now: u64,
-    ) -> Result<(String, u64, Batch), ApiError> {
+    ) -> Result<(String, u64, String, Batch), ApiError> {
         if ttl_secs == 0 || ttl_secs > 365 * 24 * 3600 {
             return Err(ApiError::BadRequest(
                 "token lifetime must be between 1 second and 365 days".into(),
@@ -525,10 +528,42 @@ impl State {
         let record = TokenRecord {
             hash: enroll::hash(&token),
             expires: now + ttl_secs,
+            single_use: !reusable,
         };
         batch.put(&record);
         self.tokens.insert(record.hash.clone(), record.clone());
-        Ok((token, record.expires, batch))
+        Ok((token, record.expires, record.id().to_string(), batch))
+    }
+
+    /// Join tokens still valid at `now`, soonest to expire first.
+    pub fn tokens(&self, now: u64) -> Vec<vane_proto::api::TokenInfo> {
+        let mut list: Vec<_> = self
+            .tokens
+            .values()
+            .filter(|t| t.expires > now)
+            .map(|t| vane_proto::api::TokenInfo {
+                id: t.id().to_string(),
+                expires: t.expires,
+                single_use: t.single_use,
+            })
+            .collect();
+        list.sort_by(|a, b| (a.expires, &a.id).cmp(&(b.expires, &b.id)));
+        list
+    }
+
+    /// Revokes the join token whose id is `id`: no host joins with it any more.
+    pub fn revoke_token(&mut self, id: &str) -> Result<Batch, ApiError> {
+        let hash = self
+            .tokens
+            .values()
+            .find(|t| t.id() == id)
+            .map(|t| t.hash.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("unknown join token {id:?}")))?;
+        let mut batch = Batch::default();
+        if let Some(t) = self.tokens.remove(&hash) {
+            batch.delete(&t);
+        }
+        Ok(batch)
     }
 
     /// Decides whether the agent of `name` may join, and records a new enrollment. Returns
@@ -552,6 +587,17 @@ impl State {
                 enrollment,
                 credential,
             } => {
+                // A single-use token is spent.
+                if let HostAuth::Token(t) = auth {
+                    let secret =
+                        vane_proto::trust::split_join_token(t).map_or(t.as_str(), |(s, _)| s);
+                    let hash = enroll::hash(secret);
+                    if self.tokens.get(&hash).is_some_and(|t| t.single_use) {
+                        if let Some(t) = self.tokens.remove(&hash) {
+                            batch.delete(&t);
+                        }
+                    }
+                }
                 batch.put(&enrollment);
                 self.enrollments.insert(name.to_string(), enrollment);
                 Ok((Some(credential), batch))
@@ -936,6 +982,40 @@ mod tests {
         assert_eq!(names, ["green", "red"]);
         assert_eq!(v.members.len(), 2);
         assert_eq!(v.policies.len(), 1);
+    }
+
+    #[test]
+    fn join_tokens_are_spent_listed_and_revoked() {
+        let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
+        let key = |n: u8| format!("{n:02x}").repeat(32);
+        let join = |s: &mut State, name: &str, n: u8, token: &str| {
+            s.admit_host(name, &key(n), &HostAuth::Token(token.into()), 10)
+        };
+        let (once, _, id, _) = s.create_token(60, false, 0).unwrap();
+        let (many, _, _, _) = s.create_token(60, true, 0).unwrap();
+        assert_eq!(s.tokens(0).len(), 2);
+        assert!(s.tokens(0).iter().any(|t| t.id == id && t.single_use));
+        // The single-use token enrolls one host, then no other.
+        assert!(join(&mut s, "a", 1, &once).unwrap().0.is_some());
+        assert!(matches!(
+            join(&mut s, "b", 2, &once),
+            Err(Refusal::BadToken)
+        ));
+        assert_eq!(s.tokens(0).len(), 1);
+        // The reusable one enrolls several (a token as printed carries the CA's pin).
+        let printed = vane_proto::trust::join_token(&many, &[9; 32]);
+        assert!(join(&mut s, "b", 2, &printed).unwrap().0.is_some());
+        assert!(join(&mut s, "c", 3, &many).unwrap().0.is_some());
+        // Revoked, it enrolls nobody; expired tokens are not listed.
+        let many_id = s.tokens(0)[0].id.clone();
+        s.revoke_token(&many_id).unwrap();
+        assert!(matches!(
+            join(&mut s, "d", 4, &many),
+            Err(Refusal::BadToken)
+        ));
+        assert!(s.revoke_token(&many_id).is_err());
+        s.create_token(5, false, 0).unwrap();
+        assert!(s.tokens(10).is_empty());
     }
 
     #[test]

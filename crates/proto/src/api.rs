@@ -88,6 +88,18 @@ pub struct Host {
 pub struct TokenSpec {
     /// How long the token may be used to enroll hosts, in seconds.
     pub ttl_secs: u64,
+    /// Enrolls any number of hosts until it expires; otherwise the first one spends it.
+    #[serde(default)]
+    pub reusable: bool,
+}
+
+/// `GET /v1/hosts/tokens` (`vane host token ls`): a join token not yet spent or expired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The start of the token's hash: `vane host token rm ID` revokes it.
+    pub id: String,
+    pub expires: u64,
+    pub single_use: bool,
 }
 
 /// A join token: a new host's agent presents it once (`vane agent --join TOKEN`) and gets
@@ -97,6 +109,8 @@ pub struct JoinToken {
     pub token: String,
     /// Unix time, seconds, after which the token is refused.
     pub expires: u64,
+    #[serde(default)]
+    pub id: String,
 }
 
 /// `GET /v1/hosts/{name}/stats` (`vane host stats`): the host's switch and tunnels.

@@ -286,14 +286,29 @@ pub enum PolicyCmd {
 }
 
 #[derive(Subcommand)]
+pub enum TokenCmd {
+    /// List join tokens not yet spent or expired (their ids, never their secrets)
+    Ls(OutputArg),
+    /// Revoke a join token: no host joins with it any more
+    Rm { id: String },
+}
+
+#[derive(Subcommand)]
 pub enum HostCmd {
     /// List hosts: name, underlay locator, state, instance count
     Ls(OutputArg),
-    /// Print a join token for new hosts (`vane agent --join TOKEN`)
+    /// Print a join token for a new host (`vane agent --join TOKEN`); `ls` and `rm` list
+    /// and revoke tokens
+    #[command(args_conflicts_with_subcommands = true)]
     Token {
+        #[command(subcommand)]
+        cmd: Option<TokenCmd>,
         /// How long the token can be used: seconds, or with a unit (30m, 12h, 7d)
-        #[arg(long, default_value = "24h")]
+        #[arg(long, default_value = "1h")]
         ttl: String,
+        /// Let it enroll any number of hosts until it expires (else the first spends it)
+        #[arg(long)]
+        reusable: bool,
     },
     /// Show a host's switch and tunnel counters (handshakes, drops by reason, peers)
     Stats {

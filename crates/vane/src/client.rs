@@ -209,10 +209,14 @@ impl Client {
     }
 }
 
-fn read_json<T: DeserializeOwned>(mut resp: Resp) -> Result<T> {
-    let text = resp
-        .body_mut()
-        .read_to_string()
-        .map_err(|e| anyhow!("reading the controller's answer: {e}"))?;
-    serde_json::from_str(&text).map_err(|e| anyhow!("unexpected answer from the controller: {e}"))
+/// Parses an answer as it arrives, whatever its size (a snapshot's is its images).
+fn read_json<T: DeserializeOwned>(resp: Resp) -> Result<T> {
+    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    serde_json::from_reader(reader).map_err(|e| {
+        if e.is_io() {
+            anyhow!("reading the controller's answer: {e}")
+        } else {
+            anyhow!("unexpected answer from the controller: {e}")
+        }
+    })
 }

@@ -11,7 +11,9 @@ use vane_proto::api::{
 };
 use vane_proto::validate::{self, PortSpec};
 
-use crate::cli::{HostCmd, NetCmd, Output, PolicyCmd, RunArgs, SettingsArgs, TemplateCmd};
+use crate::cli::{
+    HostCmd, NetCmd, Output, PolicyCmd, RunArgs, SettingsArgs, TemplateCmd, TokenCmd,
+};
 use crate::client::Client;
 
 /// Prints rows as aligned columns under a header.
@@ -668,10 +670,44 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
                 );
             }
         }
-        HostCmd::Token { ttl } => {
+        HostCmd::Token {
+            cmd: None,
+            ttl,
+            reusable,
+        } => {
             let ttl_secs = parse_duration(&ttl)?;
-            let token: JoinToken = c.post("/v1/hosts/tokens", &TokenSpec { ttl_secs })?;
+            let token: JoinToken = c.post("/v1/hosts/tokens", &TokenSpec { ttl_secs, reusable })?;
             println!("{}", token.token);
+        }
+        HostCmd::Token {
+            cmd: Some(TokenCmd::Ls(o)),
+            ..
+        } => {
+            let list: Vec<vane_proto::api::TokenInfo> = c.get("/v1/hosts/tokens")?;
+            if o.output == Output::Json {
+                json(&list);
+            } else {
+                let now = vane_proto::unix_now();
+                table(
+                    &["ID", "EXPIRES IN", "USES"],
+                    list.into_iter()
+                        .map(|t| {
+                            vec![
+                                t.id,
+                                format!("{}s", t.expires.saturating_sub(now)),
+                                if t.single_use { "once" } else { "until expiry" }.into(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        HostCmd::Token {
+            cmd: Some(TokenCmd::Rm { id }),
+            ..
+        } => {
+            c.delete(&format!("/v1/hosts/tokens/{}", path_segment(&id)?))?;
+            println!("{id}");
         }
         HostCmd::Stats { name, output } => {
             vane_proto::validate::name("host name", &name)?;

@@ -212,7 +212,14 @@ pub fn up(args: LabUpArgs) -> Result<()> {
             continue;
         }
         if token.is_none() {
-            token = Some(client.post("/v1/hosts/tokens", &TokenSpec { ttl_secs: 600 })?);
+            // One token for the lab's hosts, short-lived.
+            token = Some(client.post(
+                "/v1/hosts/tokens",
+                &TokenSpec {
+                    ttl_secs: 600,
+                    reusable: true,
+                },
+            )?);
         }
         let join = token.as_ref().map(|t| t.token.as_str()).unwrap_or_default();
         spawn_daemon(

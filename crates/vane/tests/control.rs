@@ -115,24 +115,28 @@ fn the_underlay_carries_no_credential_token_or_output_in_clear() {
     // A second host enrolls (join token, then its credential), commands run on it.
     lab.grow(2);
     lab.ok(&["net", "create", "red", "--subnet", "10.67.0.0/24"]);
+    // Its memory holds a marker that its images carry (built at run time: the command
+    // line does not hold it whole).
+    let program = "import time; m = ('memory-marker-' + '4713') * 1000; \
+                   print('logged-marker-4711', flush=True); time.sleep(1e9)";
     lab.ok(&[
-        "run",
-        "--net",
-        "red",
-        "--name",
-        "x",
-        "--host",
-        "h2",
-        "--",
-        "sh",
-        "-c",
-        "echo logged-marker-4711; exec sleep infinity",
+        "run", "--net", "red", "--name", "x", "--host", "h2", "--", "python3", "-c", program,
     ]);
     assert!(wait_until(Duration::from_secs(5), || lab
         .ok(&["logs", "x"])
         .contains("logged-marker-4711")));
     let out = lab.ok(&["exec", "x", "--", "echo", "exec-marker-4712"]);
     assert!(out.contains("exec-marker-4712"));
+    // Images cross the underlay too: a snapshot's, and a migration's.
+    let snapshot = format!("{}/snap", lab.exchange_dir());
+    lab.ok(&["snapshot", "x", "--out", &snapshot]);
+    let images = std::fs::read(format!("{snapshot}/images.tar")).unwrap();
+    let marker = b"memory-marker-4713memory-marker-4713";
+    assert!(
+        images.windows(marker.len()).any(|w| w == marker),
+        "the images do not hold the marker: the capture would prove nothing"
+    );
+    lab.ok(&["migrate", "x", "--to", "h1"]);
     std::thread::sleep(Duration::from_millis(500));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(tcpdump.id() as i32),
@@ -148,6 +152,7 @@ fn the_underlay_carries_no_credential_token_or_output_in_clear() {
         "vaneadmin-",
         "logged-marker-4711",
         "exec-marker-4712",
+        "memory-marker-4713memory-marker-4713",
         "public_key",
     ] {
         assert!(
@@ -155,4 +160,27 @@ fn the_underlay_carries_no_credential_token_or_output_in_clear() {
             "{secret} crossed the underlay in clear"
         );
     }
+}
+
+#[test]
+fn join_tokens_are_listed_and_revoked_by_id_and_never_shown_again() {
+    let lab = TestLab::up(1);
+    let token = lab.ok(&["host", "token", "--ttl", "10m"]);
+    let (secret, pin) = token
+        .trim()
+        .rsplit_once('.')
+        .expect("a token carries a pin");
+    assert_eq!(pin.len(), 64);
+    let list = lab.ok(&["host", "token", "ls"]);
+    assert!(!list.contains(secret), "the secret is listed: {list}");
+    let line = list
+        .lines()
+        .find(|l| l.contains("once"))
+        .unwrap_or_else(|| panic!("{list}"));
+    let id = line.split_whitespace().next().unwrap().to_string();
+    assert_eq!(lab.ok(&["host", "token", "rm", &id]).trim(), id);
+    assert!(!lab.ok(&["host", "token", "ls"]).contains(&id));
+    let e = lab.fails(&["host", "token", "rm", &id]);
+    assert!(e.contains("unknown join token"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
 }

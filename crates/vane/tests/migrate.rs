@@ -437,6 +437,47 @@ fn a_changed_snapshot_is_refused_and_a_snapshot_is_its_owner_s_alone() {
     }
 }
 
+/// Holds 256 MiB of random bytes and tells their SHA-256 to whoever connects.
+const BIG: &str = r#"
+import hashlib, os, socket
+b = bytearray(os.urandom(1 << 20)) * 256
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', 7002))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(hashlib.sha256(b).hexdigest().encode())
+    c.close()
+"#;
+
+/// The digest the big server of `name` tells, asked from inside it.
+fn digest_of(lab: &TestLab, name: &str) -> String {
+    const ASK: &str = "import socket; print(socket.create_connection(('127.0.0.1', 7002), timeout=30).recv(100).decode())";
+    let mut out = String::new();
+    assert!(wait_until(Duration::from_secs(30), || {
+        let o = lab.run(&["exec", name, "--", "python3", "-c", ASK]);
+        out = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        o.status.success() && out.len() == 64
+    }));
+    out
+}
+
+#[test]
+fn a_snapshot_of_256_mib_is_taken_and_restored_whole() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.11.0/24"]);
+    run_on(&lab, "h1", "big", &["python3", "-c", BIG]);
+    let digest = digest_of(&lab, "big");
+    let snap = SnapshotDir::new(&lab);
+    let out = lab.ok(&["snapshot", "big", "--out", snap.path(), "--stop"]);
+    assert!(out.contains("MiB"), "{out}");
+    let size = std::fs::metadata(snap.0.join("images.tar")).unwrap().len();
+    assert!(size > 256 << 20, "{size} bytes of images");
+    lab.ok(&["restore", snap.path(), "--name", "big2", "--host", "h2"]);
+    assert_eq!(digest_of(&lab, "big2"), digest);
+}
+
 #[test]
 fn clones_of_one_snapshot_run_side_by_side_with_their_own_identities() {
     let lab = TestLab::up(2);
