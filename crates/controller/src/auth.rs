@@ -3,11 +3,7 @@
 //! request but an agent's stream must carry it (`Authorization: Bearer`), inside TLS. The
 //! controller keeps its hash, and compares hashes.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-
-use anyhow::Context;
 
 use crate::enroll::{hash, new_secret};
 
@@ -21,21 +17,10 @@ impl Credentials {
     /// Reads the admin credential from `data_dir`, or makes it.
     pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Credentials> {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
-        let token = match std::fs::read_to_string(&path) {
-            Ok(t) => t.trim().to_string(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let token = new_secret("vaneadmin-");
-                let mut f = std::fs::OpenOptions::new()
-                    .create_new(true)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .with_context(|| format!("create {}", path.display()))?;
-                writeln!(f, "{token}").with_context(|| format!("write {}", path.display()))?;
-                token
-            }
-            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
-        };
+        let bytes = crate::secrets::read_or_create(&path, || {
+            format!("{}\n", new_secret("vaneadmin-")).into_bytes()
+        })?;
+        let token = String::from_utf8_lossy(&bytes).trim().to_string();
         anyhow::ensure!(!token.is_empty(), "{}: empty credential", path.display());
         Ok(Credentials {
             admin_hash: hash(&token),

@@ -7,6 +7,7 @@ mod api;
 pub mod auth;
 pub mod enroll;
 mod seal;
+mod secrets;
 mod session;
 pub mod state;
 pub mod store;

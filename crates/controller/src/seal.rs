@@ -6,11 +6,8 @@
 //! with its store (`image.key`, 0600, in the data directory), and refuses to restore what
 //! does not carry a valid seal: a snapshot changed on disk, or made by another cluster.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use anyhow::Context;
 use base64::Engine;
 use ring::hmac;
 
@@ -30,23 +27,11 @@ impl Sealer {
     /// The controller's key, made (random, 0600) when the data directory has none.
     pub fn load_or_create(data_dir: &Path) -> anyhow::Result<Sealer> {
         let path = data_dir.join(KEY_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                rand::Rng::fill(&mut rand::thread_rng(), &mut key);
-                let mut f = std::fs::OpenOptions::new()
-                    .create_new(true)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .with_context(|| format!("create {}", path.display()))?;
-                f.write_all(&key)
-                    .with_context(|| format!("write {}", path.display()))?;
-                key.to_vec()
-            }
-            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
-        };
+        let bytes = crate::secrets::read_or_create(&path, || {
+            let mut key = [0u8; 32];
+            rand::Rng::fill(&mut rand::thread_rng(), &mut key);
+            key.to_vec()
+        })?;
         anyhow::ensure!(bytes.len() == 32, "{}: not a 32-byte key", path.display());
         Ok(Sealer {
             key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),

@@ -4,9 +4,7 @@
 //! certificate, which join tokens carry; the CLI trusts it from `ca.crt`. No listener
 //! speaks plain HTTP.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -40,17 +38,6 @@ fn ca_params() -> anyhow::Result<CertificateParams> {
     Ok(params)
 }
 
-fn write_new(path: &Path, mode: u32, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("write {}", path.display()))
-}
-
 /// The DER of the first certificate in a PEM text.
 fn pem_to_der(pem: &str) -> anyhow::Result<Vec<u8>> {
     use base64::Engine;
@@ -73,9 +60,9 @@ impl Tls {
         if !key_path.exists() {
             let key = KeyPair::generate()?;
             let cert = ca_params()?.self_signed(&key)?;
-            write_new(&key_path, 0o600, key.serialize_pem().as_bytes())?;
+            crate::secrets::write_new(&key_path, 0o600, key.serialize_pem().as_bytes())?;
             let _ = std::fs::remove_file(&cert_path);
-            write_new(&cert_path, 0o644, cert.pem().as_bytes())?;
+            crate::secrets::write_new(&cert_path, 0o644, cert.pem().as_bytes())?;
         }
         let key_pem = std::fs::read_to_string(&key_path)
             .with_context(|| format!("read {}", key_path.display()))?;

@@ -175,39 +175,26 @@ impl TestLab {
         });
     }
 
-    /// Brings the lab to `hosts` hosts (new ones enroll with a join token).
-    pub fn grow(&self, hosts: u8) {
-        let out = self.run(&[
-            "lab",
-            "up",
-            "--hosts",
-            &hosts.to_string(),
-            "--name",
-            &self.name,
-            "--underlay",
-            &format!("198.18.{}.0/24", self.octet),
-        ]);
-        assert!(
-            out.status.success(),
-            "lab up --hosts {hosts} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    pub fn restart(&self) {
-        let out = self.run(&[
-            "lab",
-            "up",
-            "--name",
-            &self.name,
-            "--underlay",
-            &format!("198.18.{}.0/24", self.octet),
-        ]);
+    /// `lab up` again, with `extra` arguments: restarts what is not running.
+    fn up_again(&self, extra: &[&str]) {
+        let underlay = format!("198.18.{}.0/24", self.octet);
+        let mut args = vec!["lab", "up", "--name", &self.name, "--underlay", &underlay];
+        args.extend(extra);
+        let out = self.run(&args);
         assert!(
             out.status.success(),
             "lab up again failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Brings the lab to `hosts` hosts (new ones enroll with a join token).
+    pub fn grow(&self, hosts: u8) {
+        self.up_again(&["--hosts", &hosts.to_string()]);
+    }
+
+    pub fn restart(&self) {
+        self.up_again(&[]);
     }
 }
 
