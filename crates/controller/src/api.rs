@@ -20,6 +20,7 @@ use vane_proto::api::{
 use vane_proto::stream::{AgentReply, AgentRequest};
 
 use crate::agents::StreamFrame;
+use crate::auth::Caller;
 use crate::state::ApiError;
 use crate::{now, Controller};
 
@@ -35,6 +36,7 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
         (
             status,
@@ -47,16 +49,21 @@ impl IntoResponse for ApiError {
 }
 
 pub fn router(ctl: Arc<Controller>) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/nets", get(list_nets).post(create_net))
-        .route("/v1/nets/{name}", delete(remove_net))
+    // The administrator's alone: hosts, join tokens, credentials.
+    let admin = Router::new()
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/tokens", post(create_token).get(list_tokens))
         .route("/v1/hosts/tokens/{id}", delete(revoke_token))
         .route("/v1/hosts/{name}", delete(remove_host))
         .route("/v1/hosts/{name}/stats", get(host_stats))
-        .route("/v1/instances", get(list_instances).post(run_instance))
+        .route(
+            "/v1/credentials",
+            post(create_credential).get(list_credentials),
+        )
+        .route("/v1/credentials/{id}", delete(revoke_credential))
+        .route_layer(axum::middleware::from_fn(admin_only));
+    // One instance: its tenant's, or the administrator's.
+    let instance = Router::new()
         .route(
             "/v1/instances/{name}",
             get(inspect_instance).delete(remove_instance),
@@ -64,13 +71,22 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/instances/{name}/stop", post(stop_instance))
         .route("/v1/instances/{name}/migrate", post(migrate_instance))
         .route("/v1/instances/{name}/snapshot", post(snapshot_instance))
+        .route("/v1/instances/{name}/exec", post(exec_instance))
+        .route("/v1/instances/{name}/logs", get(instance_logs))
+        .route("/v1/instances/{name}/stats", get(instance_stats))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctl.clone(),
+            instance_scope,
+        ));
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/nets", get(list_nets).post(create_net))
+        .route("/v1/nets/{name}", delete(remove_net))
+        .route("/v1/instances", get(list_instances).post(run_instance))
         .route(
             "/v1/restore",
             post(restore_instance).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
         )
-        .route("/v1/instances/{name}/exec", post(exec_instance))
-        .route("/v1/instances/{name}/logs", get(instance_logs))
-        .route("/v1/instances/{name}/stats", get(instance_stats))
         .route("/v1/policies", get(list_policies).post(create_policy))
         .route("/v1/policies/{id}", delete(remove_policy))
         .route("/v1/templates", get(list_templates).post(put_template))
@@ -78,6 +94,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             "/v1/templates/{name}",
             get(get_template).delete(remove_template),
         )
+        .merge(admin)
+        .merge(instance)
         .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
@@ -88,22 +106,70 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .with_state(ctl)
 }
 
-/// Lets through only requests that carry the admin credential (`Authorization: Bearer`).
+type Who = axum::Extension<Caller>;
+
+async fn admin_only(
+    axum::Extension(who): Who,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match who.admin_only("managing hosts, join tokens and credentials") {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Lets a request about instance `name` through if the caller may see its net's tenant.
+async fn instance_scope(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(params): Path<std::collections::HashMap<String, String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let name = params.get("name").cloned().unwrap_or_default();
+    let allowed = {
+        let s = c.state();
+        s.instance_by_name(&name)
+            .and_then(|i| s.net_tenant(&i.net))
+            .and_then(|t| who.check(&t, &format!("instance {name:?}")))
+    };
+    match allowed {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Lets through only requests that carry a credential (`Authorization: Bearer`): the
+/// admin credential or a tenant's; says who asks to the handlers (a `Caller`).
 async fn authenticate(
     AxState(c): Ctl,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let given = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if c.credentials.is_admin(token) => next.run(req).await,
-        Some(_) => ApiError::Unauthorized("the controller does not accept this credential".into())
-            .into_response(),
-        None => ApiError::Unauthorized(
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let caller = given.as_deref().and_then(|token| {
+        if c.credentials.is_admin(token) {
+            Some(Caller::Admin)
+        } else {
+            c.state().tenant_of(token, now()).map(Caller::Tenant)
+        }
+    });
+    match (caller, given) {
+        (Some(who), _) => {
+            req.extensions_mut().insert(who);
+            next.run(req).await
+        }
+        (None, Some(_)) => {
+            ApiError::Unauthorized("the controller does not accept this credential".into())
+                .into_response()
+        }
+        (None, None) => ApiError::Unauthorized(
             "no credential: give one with --token or VANE_TOKEN (the admin credential is in the \
              controller's data directory, admin.token)"
                 .into(),
@@ -135,20 +201,43 @@ async fn status(AxState(c): Ctl) -> Json<Status> {
     })
 }
 
-async fn list_nets(AxState(c): Ctl) -> Json<Vec<Net>> {
-    Json(c.state().nets.values().cloned().collect())
+async fn list_nets(AxState(c): Ctl, axum::Extension(who): Who) -> Json<Vec<Net>> {
+    Json(
+        c.state()
+            .nets
+            .values()
+            .filter(|n| who.may(&n.tenant))
+            .cloned()
+            .collect(),
+    )
 }
 
-async fn create_net(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Net>)> {
-    let spec: NetSpec = parse(&body)?;
+async fn create_net(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Net>)> {
+    let mut spec: NetSpec = parse(&body)?;
+    // A tenant's nets are its own: the default tenant means the caller's.
+    if let Caller::Tenant(t) = &who {
+        if spec.tenant == vane_proto::api::default_tenant() {
+            spec.tenant = t.clone();
+        }
+        who.check(&spec.tenant, &format!("tenant {:?}", spec.tenant))?;
+    }
     let mut s = c.state();
     let (net, batch) = s.create_net(spec, now())?;
     c.commit(batch)?;
     Ok((StatusCode::CREATED, Json(net)))
 }
 
-async fn remove_net(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn remove_net(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     let mut s = c.state();
+    who.check(&s.net_tenant(&name)?, &format!("net {name:?}"))?;
     let batch = s.remove_net(&name)?;
     c.commit(batch)?;
     Ok(StatusCode::NO_CONTENT)
@@ -175,6 +264,28 @@ async fn create_token(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Js
     // The agent that joins with it checks the controller against the pin it carries.
     let token = vane_proto::trust::join_token(&token, &c.tls_pin);
     Ok((StatusCode::CREATED, Json(JoinToken { token, expires, id })))
+}
+
+async fn create_credential(
+    AxState(c): Ctl,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<vane_proto::api::TenantCredential>)> {
+    let spec: vane_proto::api::CredentialSpec = parse(&body)?;
+    let mut s = c.state();
+    let (cred, batch) = s.create_credential(&spec.tenant, spec.ttl_secs, now())?;
+    c.commit(batch)?;
+    Ok((StatusCode::CREATED, Json(cred)))
+}
+
+async fn list_credentials(AxState(c): Ctl) -> Json<Vec<vane_proto::api::CredentialInfo>> {
+    Json(c.state().credentials(now()))
+}
+
+async fn revoke_credential(AxState(c): Ctl, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let mut s = c.state();
+    let batch = s.revoke_credential(&id)?;
+    c.commit(batch)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_tokens(AxState(c): Ctl) -> Json<Vec<vane_proto::api::TokenInfo>> {
@@ -218,9 +329,14 @@ async fn host_stats(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json
     }
 }
 
-async fn list_instances(AxState(c): Ctl) -> Json<Vec<Instance>> {
+async fn list_instances(AxState(c): Ctl, axum::Extension(who): Who) -> Json<Vec<Instance>> {
     let s = c.state();
-    let mut v: Vec<Instance> = s.instances.values().cloned().collect();
+    let mut v: Vec<Instance> = s
+        .instances
+        .values()
+        .filter(|i| s.net_tenant(&i.net).is_ok_and(|t| who.may(&t)))
+        .cloned()
+        .collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
     Json(v)
 }
@@ -233,8 +349,21 @@ fn new_instance_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-async fn run_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Instance>)> {
+async fn run_instance(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
     let spec: RunSpec = parse(&body)?;
+    {
+        let s = c.state();
+        who.check(&s.net_tenant(&spec.net)?, &format!("net {:?}", spec.net))?;
+        if let Some(t) = &spec.template {
+            if let Some(owner) = s.templates.get(t).and_then(|t| t.tenant.clone()) {
+                who.check(&owner, &format!("template {t:?}"))?;
+            }
+        }
+    }
     let agents = &c.agents;
     start_instance(&c, spec, |spec, host| async move {
         let reply = agents
@@ -671,9 +800,17 @@ async fn snapshot_instance(
 
 /// A new instance from a snapshot: with the snapshot's identity, or a clone with its own
 /// name, address and hostname.
-async fn restore_instance(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Instance>)> {
+async fn restore_instance(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
     let spec: RestoreSpec = parse(&body)?;
     let snap = &spec.snapshot;
+    {
+        let net = &snap.instance.net;
+        who.check(&c.state().net_tenant(net)?, &format!("net {net:?}"))?;
+    }
     if !c.sealer.verify(&snap.instance, &snap.images, &snap.seal) {
         return Err(ApiError::BadRequest(
             "the snapshot is not sealed by this cluster: it was changed since it was made, \
@@ -885,14 +1022,39 @@ async fn instance_stats(
     }
 }
 
-async fn list_policies(AxState(c): Ctl) -> Json<Vec<Policy>> {
-    Json(c.state().policies.values().cloned().collect())
+/// Whether the caller may see and change a policy between nets `from` and `to`: both
+/// nets its tenant's (one that crosses tenants is the administrator's).
+fn may_touch_policy(s: &crate::state::State, who: &Caller, from: &str, to: &str) -> bool {
+    [from, to]
+        .iter()
+        .all(|n| s.net_tenant(n).is_ok_and(|t| who.may(&t)))
 }
 
-async fn create_policy(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Policy>)> {
+async fn list_policies(AxState(c): Ctl, axum::Extension(who): Who) -> Json<Vec<Policy>> {
+    let s = c.state();
+    Json(
+        s.policies
+            .values()
+            .filter(|p| may_touch_policy(&s, &who, &p.from, &p.to))
+            .cloned()
+            .collect(),
+    )
+}
+
+async fn create_policy(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Policy>)> {
     let spec: PolicySpec = parse(&body)?;
     let policy = {
         let mut s = c.state();
+        if !may_touch_policy(&s, &who, &spec.from, &spec.to) {
+            return Err(ApiError::Forbidden(
+                "a policy between nets of other tenants (or across tenants) is the administrator's"
+                    .into(),
+            ));
+        }
         let (policy, batch) = s.add_policy(spec)?;
         c.commit(batch)?;
         policy
@@ -901,12 +1063,23 @@ async fn create_policy(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, J
     Ok((StatusCode::CREATED, Json(policy)))
 }
 
-async fn remove_policy(AxState(c): Ctl, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn remove_policy(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     let id: u32 = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("invalid policy id {id:?}")))?;
     {
         let mut s = c.state();
+        if let Some(p) = s.policies.get(&id) {
+            if !may_touch_policy(&s, &who, &p.from, &p.to) {
+                return Err(ApiError::Forbidden(format!(
+                    "policy {id} belongs to another tenant"
+                )));
+            }
+        }
         let batch = s.remove_policy(id)?;
         c.commit(batch)?;
     }
@@ -914,29 +1087,79 @@ async fn remove_policy(AxState(c): Ctl, Path(id): Path<String>) -> ApiResult<Sta
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_templates(AxState(c): Ctl) -> Json<Vec<Template>> {
-    Json(c.state().templates.values().cloned().collect())
+/// A template is its tenant's, or everybody's when it has none.
+fn sees_template(who: &Caller, t: &Template) -> bool {
+    t.tenant.as_deref().is_none_or(|owner| who.may(owner))
 }
 
-async fn get_template(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Template>> {
+async fn list_templates(AxState(c): Ctl, axum::Extension(who): Who) -> Json<Vec<Template>> {
+    Json(
+        c.state()
+            .templates
+            .values()
+            .filter(|t| sees_template(&who, t))
+            .cloned()
+            .collect(),
+    )
+}
+
+async fn get_template(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Template>> {
     c.state()
         .templates
         .get(&name)
+        .filter(|t| sees_template(&who, t))
         .cloned()
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("unknown template {name:?}")))
 }
 
-async fn put_template(AxState(c): Ctl, body: Bytes) -> ApiResult<(StatusCode, Json<Template>)> {
-    let t: Template = parse(&body)?;
+async fn put_template(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    let mut t: Template = parse(&body)?;
     let mut s = c.state();
+    // A tenant's templates are its own; it changes no other (shared ones included).
+    if let Caller::Tenant(tenant) = &who {
+        if let Some(existing) = s.templates.get(&t.name) {
+            if existing.tenant.as_ref() != Some(tenant) {
+                return Err(ApiError::Forbidden(format!(
+                    "template {:?} belongs to another tenant",
+                    t.name
+                )));
+            }
+        }
+        t.tenant = Some(tenant.clone());
+    }
     let (t, batch) = s.put_template(t)?;
     c.commit(batch)?;
     Ok((StatusCode::CREATED, Json(t)))
 }
 
-async fn remove_template(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn remove_template(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
     let mut s = c.state();
+    if let Some(t) = s.templates.get(&name) {
+        // Shared templates are the administrator's to remove.
+        let mine = match (&who, &t.tenant) {
+            (Caller::Admin, _) => true,
+            (Caller::Tenant(me), Some(owner)) => me == owner,
+            (Caller::Tenant(_), None) => false,
+        };
+        if !mine {
+            return Err(ApiError::Forbidden(format!(
+                "template {name:?} belongs to another tenant"
+            )));
+        }
+    }
     let batch = s.remove_template(&name)?;
     c.commit(batch)?;
     Ok(StatusCode::NO_CONTENT)

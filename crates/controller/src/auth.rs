@@ -5,7 +5,82 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 use crate::enroll::{hash, new_secret};
+use crate::state::ApiError;
+
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    /// A tenant credential's holder: sees and changes only that tenant's nets, instances,
+    /// templates and policies.
+    Tenant(String),
+}
+
+impl Caller {
+    /// Only the administrator may (hosts, join tokens, credentials).
+    pub fn admin_only(&self, what: &str) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Tenant(t) => Err(ApiError::Forbidden(format!(
+                "{what} is for the administrator, not for tenant {t:?}"
+            ))),
+        }
+    }
+
+    /// Whether the caller may see and change what belongs to `tenant`.
+    pub fn may(&self, tenant: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Tenant(t) => t == tenant,
+        }
+    }
+
+    /// `may`, as an answer naming `what` is refused.
+    pub fn check(&self, tenant: &str, what: &str) -> Result<(), ApiError> {
+        if self.may(tenant) {
+            return Ok(());
+        }
+        Err(ApiError::Forbidden(format!(
+            "{what} belongs to another tenant"
+        )))
+    }
+}
+
+/// A tenant credential as stored: its hash, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub hash: String,
+    pub tenant: String,
+    pub expires: Option<u64>,
+}
+
+impl CredentialRecord {
+    pub fn id(&self) -> &str {
+        &self.hash[..12.min(self.hash.len())]
+    }
+
+    pub fn info(&self) -> vane_proto::api::CredentialInfo {
+        vane_proto::api::CredentialInfo {
+            id: self.id().to_string(),
+            tenant: self.tenant.clone(),
+            expires: self.expires,
+        }
+    }
+}
+
+/// A new tenant credential: the secret (shown once) and what is stored of it.
+pub fn new_tenant_credential(tenant: &str, expires: Option<u64>) -> (String, CredentialRecord) {
+    let secret = new_secret("vanetenant-");
+    let record = CredentialRecord {
+        hash: hash(&secret),
+        tenant: tenant.to_string(),
+        expires,
+    };
+    (secret, record)
+}
 
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 

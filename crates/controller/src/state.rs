@@ -34,6 +34,8 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl From<validate::InputError> for ApiError {
@@ -63,6 +65,8 @@ pub struct State {
     enrollments: BTreeMap<String, Enrollment>,
     /// Resource templates by name.
     pub templates: BTreeMap<String, Template>,
+    /// Tenant credentials by hash.
+    credentials: BTreeMap<String, crate::auth::CredentialRecord>,
 }
 
 impl State {
@@ -97,6 +101,11 @@ impl State {
                 .tokens
                 .into_iter()
                 .map(|t| (t.hash.clone(), t))
+                .collect(),
+            credentials: snap
+                .credentials
+                .into_iter()
+                .map(|c| (c.hash.clone(), c))
                 .collect(),
             enrollments: snap
                 .enrollments
@@ -551,6 +560,77 @@ impl State {
         list
     }
 
+    /// A credential for `tenant`, valid for `ttl_secs` from `now` (or until revoked).
+    pub fn create_credential(
+        &mut self,
+        tenant: &str,
+        ttl_secs: Option<u64>,
+        now: u64,
+    ) -> Result<(vane_proto::api::TenantCredential, Batch), ApiError> {
+        validate::name("tenant", tenant)?;
+        if ttl_secs.is_some_and(|t| t == 0 || t > 10 * 365 * 24 * 3600) {
+            return Err(ApiError::BadRequest(
+                "credential lifetime must be between 1 second and 10 years".into(),
+            ));
+        }
+        let (secret, record) =
+            crate::auth::new_tenant_credential(tenant, ttl_secs.map(|t| now + t));
+        let mut batch = Batch::default();
+        batch.put(&record);
+        let info = record.info();
+        self.credentials.insert(record.hash.clone(), record);
+        Ok((
+            vane_proto::api::TenantCredential {
+                credential: secret,
+                info,
+            },
+            batch,
+        ))
+    }
+
+    /// Tenant credentials still valid at `now`.
+    pub fn credentials(&self, now: u64) -> Vec<vane_proto::api::CredentialInfo> {
+        let mut list: Vec<_> = self
+            .credentials
+            .values()
+            .filter(|c| c.expires.is_none_or(|e| e > now))
+            .map(|c| c.info())
+            .collect();
+        list.sort_by(|a, b| (&a.tenant, &a.id).cmp(&(&b.tenant, &b.id)));
+        list
+    }
+
+    /// Revokes the tenant credential whose id is `id`.
+    pub fn revoke_credential(&mut self, id: &str) -> Result<Batch, ApiError> {
+        let hash = self
+            .credentials
+            .values()
+            .find(|c| c.id() == id)
+            .map(|c| c.hash.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("unknown credential {id:?}")))?;
+        let mut batch = Batch::default();
+        if let Some(c) = self.credentials.remove(&hash) {
+            batch.delete(&c);
+        }
+        Ok(batch)
+    }
+
+    /// The tenant whose valid credential `secret` is.
+    pub fn tenant_of(&self, secret: &str, now: u64) -> Option<String> {
+        self.credentials
+            .get(&enroll::hash(secret))
+            .filter(|c| c.expires.is_none_or(|e| e > now))
+            .map(|c| c.tenant.clone())
+    }
+
+    /// The tenant of net `name`.
+    pub fn net_tenant(&self, name: &str) -> Result<String, ApiError> {
+        self.nets
+            .get(name)
+            .map(|n| n.tenant.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("unknown net {name:?}")))
+    }
+
     /// Revokes the join token whose id is `id`: no host joins with it any more.
     pub fn revoke_token(&mut self, id: &str) -> Result<Batch, ApiError> {
         let hash = self
@@ -985,6 +1065,24 @@ mod tests {
     }
 
     #[test]
+    fn tenant_credentials_name_their_tenant_until_they_expire_or_are_revoked() {
+        let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
+        let (a, _) = s.create_credential("a", None, 0).unwrap();
+        let (b, _) = s.create_credential("b", Some(100), 0).unwrap();
+        assert_eq!(s.tenant_of(&a.credential, 50).as_deref(), Some("a"));
+        assert_eq!(s.tenant_of(&b.credential, 50).as_deref(), Some("b"));
+        assert_eq!(s.tenant_of(&b.credential, 100), None);
+        assert_eq!(s.tenant_of("vanetenant-00", 0), None);
+        assert_eq!(s.credentials(50).len(), 2);
+        assert_eq!(s.credentials(200).len(), 1);
+        s.revoke_credential(&a.info.id).unwrap();
+        assert_eq!(s.tenant_of(&a.credential, 50), None);
+        assert!(s.revoke_credential(&a.info.id).is_err());
+        assert!(s.create_credential("Not A Name", None, 0).is_err());
+        assert!(s.create_credential("a", Some(0), 0).is_err());
+    }
+
+    #[test]
     fn join_tokens_are_spent_listed_and_revoked() {
         let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
         let key = |n: u8| format!("{n:02x}").repeat(32);
@@ -1025,6 +1123,7 @@ mod tests {
         net(&mut s, "red", "10.1.0.0/24", "a").unwrap();
         s.put_template(Template {
             name: "small".into(),
+            tenant: None,
             limits: Limits {
                 memory: Some(128 << 20),
                 cpu_millis: Some(250),

@@ -20,6 +20,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
 const TEMPLATES: TableDefinition<&str, &[u8]> = TableDefinition::new("templates");
+const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("credentials");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,6 +55,7 @@ pub struct Snapshot {
     pub tokens: Vec<TokenRecord>,
     pub enrollments: Vec<Enrollment>,
     pub templates: Vec<Template>,
+    pub credentials: Vec<crate::auth::CredentialRecord>,
 }
 
 /// Id counters, persisted so that ids are never reused (an id reused for another net would
@@ -120,6 +122,14 @@ impl Record for Enrollment {
     }
 }
 
+impl Record for crate::auth::CredentialRecord {
+    const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = CREDENTIALS;
+    const NAME: &'static str = "credentials";
+    fn key(&self) -> String {
+        self.hash.clone()
+    }
+}
+
 impl Record for Template {
     const TABLE: TableDefinition<'static, &'static str, &'static [u8]> = TEMPLATES;
     const NAME: &'static str = "templates";
@@ -145,6 +155,7 @@ impl Store {
             TOKENS,
             ENROLLMENTS,
             TEMPLATES,
+            CREDENTIALS,
         ] {
             tx.open_table(t).map_err(db_err)?;
         }
@@ -185,6 +196,7 @@ impl Store {
             tokens: self.all::<TokenRecord>(&tx)?,
             enrollments: self.all::<Enrollment>(&tx)?,
             templates: self.all::<Template>(&tx)?,
+            credentials: self.all::<crate::auth::CredentialRecord>(&tx)?,
         })
     }
 

@@ -93,6 +93,33 @@ pub struct TokenSpec {
     pub reusable: bool,
 }
 
+/// `POST /v1/credentials` (`vane token create --tenant T`): a credential for a tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialSpec {
+    pub tenant: String,
+    /// Its lifetime in seconds; none: until revoked.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A tenant credential: `credential` is shown in this answer only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantCredential {
+    pub credential: String,
+    #[serde(flatten)]
+    pub info: CredentialInfo,
+}
+
+/// `GET /v1/credentials` (`vane token ls`): a tenant credential, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialInfo {
+    /// `vane token rm ID` revokes it.
+    pub id: String,
+    pub tenant: String,
+    /// Unix time, seconds, after which it is refused; none: until revoked.
+    pub expires: Option<u64>,
+}
+
 /// `GET /v1/hosts/tokens` (`vane host token ls`): a join token not yet spent or expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenInfo {
@@ -260,6 +287,9 @@ impl SpaceSpec {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Template {
     pub name: String,
+    /// The tenant that owns it; none: shared by every tenant (made by the administrator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]

@@ -134,6 +134,10 @@ pub enum Cmd {
     /// Hosts of the cluster
     #[command(subcommand)]
     Host(HostCmd),
+    /// Credentials for tenants: each sees and changes only its tenant's nets, instances,
+    /// templates and policies
+    #[command(subcommand)]
+    Token(CredentialCmd),
     /// A local multi-host lab: test hosts as network namespaces on a bridge underlay
     #[command(subcommand)]
     Lab(LabCmd),
@@ -283,6 +287,23 @@ pub enum PolicyCmd {
         #[arg(long)]
         port: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum CredentialCmd {
+    /// Print a new credential for a tenant (shown once; give it with --token or VANE_TOKEN)
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// How long it is accepted: seconds, or with a unit (30m, 12h, 7d) [default: until
+        /// revoked]
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+    /// List tenant credentials (their ids and tenants, never their secrets)
+    Ls(OutputArg),
+    /// Revoke a tenant credential
+    Rm { id: String },
 }
 
 #[derive(Subcommand)]

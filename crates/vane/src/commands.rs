@@ -12,7 +12,7 @@ use vane_proto::api::{
 use vane_proto::validate::{self, PortSpec};
 
 use crate::cli::{
-    HostCmd, NetCmd, Output, PolicyCmd, RunArgs, SettingsArgs, TemplateCmd, TokenCmd,
+    CredentialCmd, HostCmd, NetCmd, Output, PolicyCmd, RunArgs, SettingsArgs, TemplateCmd, TokenCmd,
 };
 use crate::client::Client;
 
@@ -236,6 +236,7 @@ pub fn template(c: &Client, cmd: TemplateCmd) -> Result<()> {
                     limits,
                     env,
                     space,
+                    tenant: None,
                 },
             )?;
             println!("{}", t.name);
@@ -640,6 +641,44 @@ pub fn policy(c: &Client, cmd: PolicyCmd) -> Result<()> {
                 c.delete(&format!("/v1/policies/{id}"))?;
                 println!("{id}");
             }
+        }
+    }
+    Ok(())
+}
+
+pub fn credential(c: &Client, cmd: CredentialCmd) -> Result<()> {
+    match cmd {
+        CredentialCmd::Create { tenant, ttl } => {
+            validate::name("tenant", &tenant)?;
+            let ttl_secs = ttl.as_deref().map(parse_duration).transpose()?;
+            let cred: vane_proto::api::TenantCredential = c.post(
+                "/v1/credentials",
+                &vane_proto::api::CredentialSpec { tenant, ttl_secs },
+            )?;
+            println!("{}", cred.credential);
+        }
+        CredentialCmd::Ls(o) => {
+            let list: Vec<vane_proto::api::CredentialInfo> = c.get("/v1/credentials")?;
+            if o.output == Output::Json {
+                json(&list);
+            } else {
+                let now = vane_proto::unix_now();
+                table(
+                    &["ID", "TENANT", "EXPIRES IN"],
+                    list.into_iter()
+                        .map(|t| {
+                            let expires = t.expires.map_or("never".to_string(), |e| {
+                                format!("{}s", e.saturating_sub(now))
+                            });
+                            vec![t.id, t.tenant, expires]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        CredentialCmd::Rm { id } => {
+            c.delete(&format!("/v1/credentials/{}", path_segment(&id)?))?;
+            println!("{id}");
         }
     }
     Ok(())

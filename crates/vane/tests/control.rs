@@ -184,3 +184,114 @@ fn join_tokens_are_listed_and_revoked_by_id_and_never_shown_again() {
     assert!(e.contains("unknown join token"), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
+
+#[test]
+fn a_tenant_credential_reaches_its_own_tenant_only() {
+    let lab = TestLab::up(1);
+    lab.ok(&[
+        "net",
+        "create",
+        "a-net",
+        "--subnet",
+        "10.68.1.0/24",
+        "--tenant",
+        "a",
+    ]);
+    lab.ok(&[
+        "net",
+        "create",
+        "b-net",
+        "--subnet",
+        "10.68.2.0/24",
+        "--tenant",
+        "b",
+    ]);
+    lab.ok(&[
+        "run", "--net", "b-net", "--name", "b1", "--", "sleep", "infinity",
+    ]);
+    let cred = lab
+        .ok(&["token", "create", "--tenant", "a"])
+        .trim()
+        .to_string();
+    assert!(cred.starts_with("vanetenant-"), "{cred}");
+    let as_a = |args: &[&str]| {
+        Command::new(common::vane_bin())
+            .args(args)
+            .env("VANE_CONTROLLER", &lab.controller)
+            .env("VANE_TOKEN", &cred)
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let out = as_a(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Its own tenant: as usual. A net made without --tenant is its tenant's.
+    ok(&[
+        "run", "--net", "a-net", "--name", "a1", "--", "sleep", "infinity",
+    ]);
+    ok(&["net", "create", "a-two", "--subnet", "10.68.4.0/24"]);
+    ok(&["policy", "allow", "a-two", "a-net"]);
+    let ps = ok(&["ps"]);
+    assert!(ps.contains("a1") && !ps.contains("b1"), "{ps}");
+    let nets = ok(&["net", "ls"]);
+    assert!(nets.contains("a-net") && !nets.contains("b-net"), "{nets}");
+    assert_eq!(ok(&["exec", "a1", "--", "hostname"]).trim(), "a1");
+    // Another tenant's, and what is the administrator's: refused, one line each.
+    let snap = format!("{}/snap", lab.exchange_dir());
+    let refused: [&[&str]; 15] = [
+        &["inspect", "b1"],
+        &["exec", "b1", "--", "true"],
+        &["logs", "b1"],
+        &["stop", "b1"],
+        &["snapshot", "b1", "--out", &snap],
+        &["migrate", "b1", "--to", "h1"],
+        &["rm", "b1"],
+        &["run", "--net", "b-net", "--", "true"],
+        &["net", "rm", "b-net"],
+        &[
+            "net",
+            "create",
+            "x",
+            "--subnet",
+            "10.68.3.0/24",
+            "--tenant",
+            "b",
+        ],
+        &["policy", "allow", "a-net", "b-net"],
+        &["host", "ls"],
+        &["host", "token"],
+        &["token", "ls"],
+        &["token", "create", "--tenant", "a"],
+    ];
+    for args in refused {
+        let out = as_a(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was let through");
+        assert!(
+            err.contains("another tenant") || err.contains("administrator"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    // Nothing of tenant b changed.
+    assert_eq!(lab.inspect("b1")["state"], "running");
+    assert!(lab.ok(&["net", "ls"]).contains("b-net"));
+    assert!(!lab.ok(&["net", "ls"]).contains(" x "));
+    // A revoked credential is refused.
+    let list = lab.ok(&["token", "ls"]);
+    let id = list
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("a"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{list}"))
+        .to_string();
+    lab.ok(&["token", "rm", &id]);
+    let out = as_a(&["ps"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not accept this credential"));
+}
