@@ -79,6 +79,16 @@ impl Agents {
         }
     }
 
+    /// Tells the agent of `host` it is refused, and closes its stream.
+    pub fn evict(&self, host: &str, reason: &str) {
+        if let Some(conn) = self.conns.lock().expect("agents lock").remove(host) {
+            let _ = conn.tx.send(Outgoing::Json(Box::new(ToAgent::Refused {
+                reason: reason.to_string(),
+            })));
+            let _ = conn.tx.send(Outgoing::Close);
+        }
+    }
+
     pub fn is_connected(&self, host: &str) -> bool {
         self.conns.lock().expect("agents lock").contains_key(host)
     }

@@ -299,13 +299,25 @@ async fn revoke_token(AxState(c): Ctl, Path(id): Path<String>) -> ApiResult<Stat
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn remove_host(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<StatusCode> {
+async fn remove_host(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult<StatusCode> {
     {
         let mut s = c.state();
-        let batch = s.remove_host(&name)?;
+        let batch = s.remove_host(&name, q.force)?;
         c.commit(batch)?;
     }
-    // The other switches forget its key: it can no longer open a tunnel to them.
+    if q.force {
+        // Evicted: its stream ends with the reason, and its credential no longer admits it.
+        c.agents.evict(
+            &name,
+            "this host was evicted from the cluster (vane host rm --force)",
+        );
+    }
+    // The other switches forget its key: they drop their sessions with it at once and
+    // accept no new one.
     c.push_views();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -686,12 +686,33 @@ impl State {
     }
 
     /// Forgets a host that is offline and has no instances, with its enrollment, so that
-    /// its name can be enrolled again (by a reinstalled machine, with a new key).
-    pub fn remove_host(&mut self, name: &str) -> Result<Batch, ApiError> {
+    /// its name can be enrolled again (by a reinstalled machine, with a new key). `evict`:
+    /// whatever its state, with its instances (an untrusted host is cut off: its credential
+    /// and key are gone, the other hosts stop talking to it).
+    pub fn remove_host(&mut self, name: &str, evict: bool) -> Result<Batch, ApiError> {
         let host = self
             .hosts
             .get(name)
             .ok_or_else(|| ApiError::NotFound(format!("unknown host {name:?}")))?;
+        if evict {
+            let mut batch = Batch::default();
+            let ids: Vec<String> = self
+                .instances
+                .values()
+                .filter(|i| i.host == name)
+                .map(|i| i.id.clone())
+                .collect();
+            for id in ids {
+                batch.extend(self.drop_instance(&id));
+            }
+            if let Some(host) = self.hosts.remove(name) {
+                batch.delete(&host);
+            }
+            if let Some(e) = self.enrollments.remove(name) {
+                batch.delete(&e);
+            }
+            return Ok(batch);
+        }
         if host.state == HostState::Online {
             return Err(ApiError::Conflict(format!(
                 "host {name:?} is online: stop its agent first"

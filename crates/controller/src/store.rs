@@ -278,6 +278,12 @@ impl Batch {
         self
     }
 
+    /// Adds the operations of `other`, after this batch's.
+    pub fn extend(&mut self, other: Batch) -> &mut Self {
+        self.ops.extend(other.ops);
+        self
+    }
+
     pub fn config(&mut self, c: &ClusterConfig) -> &mut Self {
         self.meta("config", serde_json::to_vec(c).expect("config serializes"))
     }

@@ -337,8 +337,14 @@ pub enum HostCmd {
         #[command(flatten)]
         output: OutputArg,
     },
-    /// Forget an offline host without instances, with its enrollment
-    Rm { name: String },
+    /// Forget an offline host without instances, with its enrollment; --force evicts a
+    /// host whatever its state (its credential and key revoked, its instances forgotten,
+    /// every other host drops its sessions with it)
+    Rm {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]

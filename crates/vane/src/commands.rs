@@ -802,9 +802,10 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
                     .collect(),
             );
         }
-        HostCmd::Rm { name } => {
+        HostCmd::Rm { name, force } => {
             vane_proto::validate::name("host name", &name)?;
-            c.delete(&format!("/v1/hosts/{name}"))?;
+            let q = if force { "?force=true" } else { "" };
+            c.delete(&format!("/v1/hosts/{name}{q}"))?;
             println!("{name}");
         }
     }

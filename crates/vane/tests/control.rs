@@ -295,3 +295,51 @@ fn a_tenant_credential_reaches_its_own_tenant_only() {
     let out = as_a(&["ps"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not accept this credential"));
 }
+
+#[test]
+fn an_evicted_host_is_cut_off_at_once() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.69.0.0/24"]);
+    lab.ok(&[
+        "run", "--net", "red", "--name", "a", "--host", "h1", "--", "sleep", "infinity",
+    ]);
+    lab.ok(&[
+        "run", "--net", "red", "--name", "b", "--host", "h2", "--", "sleep", "infinity",
+    ]);
+    let b_ip = lab.inspect("b")["ip"].as_str().unwrap().to_string();
+    let ping = |lab: &TestLab| {
+        lab.run(&["exec", "a", "--", "ping", "-c", "1", "-W", "1", &b_ip])
+            .status
+            .success()
+    };
+    assert!(wait_until(Duration::from_secs(10), || ping(&lab)));
+    let h1_peers = |lab: &TestLab| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.ok(&["host", "stats", "h1", "-o", "json"])).unwrap();
+        v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["host"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert!(h1_peers(&lab).contains(&"h2".to_string()));
+    let agent = lab.pid_of("h2");
+    // Online, with an instance: only --force removes it.
+    let e = lab.fails(&["host", "rm", "h2"]);
+    assert!(e.contains("online"), "{e}");
+    lab.ok(&["host", "rm", "h2", "--force"]);
+    // Its agent is told and stops; the other host forgets it; its instance is gone.
+    assert!(wait_until(Duration::from_secs(10), || {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), None).is_err()
+            || std::fs::read_to_string(format!("/proc/{agent}/stat"))
+                .is_ok_and(|s| s.contains(") Z"))
+    }));
+    let log = std::fs::read_to_string(format!("{}/h2.log", lab.state_dir())).unwrap();
+    assert!(log.contains("evicted"), "{log}");
+    assert!(wait_until(Duration::from_secs(5), || !h1_peers(&lab)
+        .contains(&"h2".to_string())));
+    assert!(!lab.ok(&["host", "ls"]).contains("h2"));
+    assert!(!lab.run(&["inspect", "b"]).status.success());
+    assert!(!ping(&lab), "a still reaches the evicted host's instance");
+}
