@@ -898,7 +898,7 @@ impl Worker {
             };
             peer.plain_rx.0 += 1;
             peer.plain_rx.1 += frame.len() as u64;
-            self.deliver_from_tunnel(frame);
+            self.deliver_from_tunnel(sender, frame);
             return;
         }
         let now = self.now;
@@ -906,7 +906,10 @@ impl Worker {
             Open::Data { peer, len } => {
                 self.roam(peer, from);
                 if len > 0 {
-                    self.deliver_from_tunnel(&mut datagram[DATA_HEADER_LEN..DATA_HEADER_LEN + len]);
+                    self.deliver_from_tunnel(
+                        peer,
+                        &mut datagram[DATA_HEADER_LEN..DATA_HEADER_LEN + len],
+                    );
                 }
             }
             Open::Respond { peer, len } => {
@@ -976,7 +979,7 @@ impl Worker {
     /// An inner frame from another host: checked again by this host's switch (FIG. 7), then
     /// written to a local instance's device, its checksum marked partial if the sender's
     /// was. The virtio header takes the place of the frame header.
-    fn deliver_from_tunnel(&mut self, frame: &mut [u8]) {
+    fn deliver_from_tunnel(&mut self, from: HostId, frame: &mut [u8]) {
         let Some((src_net, dst_net, flags, _)) = overlay::split_frame(frame) else {
             self.counters.drop_bad_offload += 1;
             return;
@@ -984,7 +987,7 @@ impl Worker {
         let pkt = &mut frame[NETS_LEN..];
         let verdict = self
             .switch
-            .process_from_tunnel(src_net, dst_net, pkt, self.now);
+            .process_from_tunnel(from, src_net, dst_net, pkt, self.now);
         let Verdict::Deliver(port) = verdict else {
             return;
         };

@@ -46,6 +46,8 @@ pub struct DropCounters {
     pub flow_table_full: u64,
     /// [`DropReason::RateLimited`].
     pub rate_limited: u64,
+    /// [`DropReason::WrongHost`].
+    pub wrong_host: u64,
 }
 
 impl DropCounters {
@@ -74,6 +76,7 @@ impl DropCounters {
             DropReason::NoEgress => &self.no_egress,
             DropReason::FlowTableFull => &self.flow_table_full,
             DropReason::RateLimited => &self.rate_limited,
+            DropReason::WrongHost => &self.wrong_host,
         }
     }
 
@@ -88,6 +91,7 @@ impl DropCounters {
             DropReason::NoEgress => &mut self.no_egress,
             DropReason::FlowTableFull => &mut self.flow_table_full,
             DropReason::RateLimited => &mut self.rate_limited,
+            DropReason::WrongHost => &mut self.wrong_host,
         }
     }
 }

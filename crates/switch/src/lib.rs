@@ -116,11 +116,14 @@ pub enum DropReason {
     FlowTableFull,
     /// Over the bandwidth limit of the sending or the receiving port.
     RateLimited,
+    /// A tunnel frame whose source member the directory does not place on the host whose
+    /// session carried it: an enrolled host speaking for members it does not host.
+    WrongHost,
 }
 
 impl DropReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::Malformed,
         DropReason::NotIpv4,
         DropReason::UnknownPort,
@@ -130,6 +133,7 @@ impl DropReason {
         DropReason::NoEgress,
         DropReason::FlowTableFull,
         DropReason::RateLimited,
+        DropReason::WrongHost,
     ];
 
     /// A short snake_case name, for logs and metric labels.
@@ -144,6 +148,7 @@ impl DropReason {
             DropReason::NoEgress => "no_egress",
             DropReason::FlowTableFull => "flow_table_full",
             DropReason::RateLimited => "rate_limited",
+            DropReason::WrongHost => "wrong_host",
         }
     }
 }
@@ -440,19 +445,21 @@ impl Switch {
         self.account(len, verdict, now)
     }
 
-    /// A packet another host's switch sent through the tunnel, claiming nets `src_net` and
-    /// `dst_net`. Checked again against this host's own tables: the destination must be a
-    /// local member of `dst_net`, and the packet must stay in one net, be allowed by a rule
+    /// A packet the switch of host `from` sent through their tunnel, claiming nets `src_net`
+    /// and `dst_net`. Checked again against this host's own tables: the source must be a
+    /// member of `src_net` that the directory places on `from`, the destination a local
+    /// member of `dst_net`, and the packet must stay in one net, be allowed by a rule
     /// `src_net -> dst_net`, or belong to a known flow.
     pub fn process_from_tunnel(
         &mut self,
+        from: HostId,
         src_net: NetId,
         dst_net: NetId,
         pkt: &mut [u8],
         now: Instant,
     ) -> Verdict {
         let len = pkt.len() as u64;
-        let verdict = self.route_from_tunnel(src_net, dst_net, pkt, now);
+        let verdict = self.route_from_tunnel(from, src_net, dst_net, pkt, now);
         self.account(len, verdict, now)
     }
 
@@ -657,6 +664,7 @@ impl Switch {
     /// The incoming check (FIG. 7) for a packet from another host.
     fn route_from_tunnel(
         &mut self,
+        from: HostId,
         src_net: NetId,
         dst_net: NetId,
         pkt: &mut [u8],
@@ -684,6 +692,10 @@ impl Switch {
         };
         if !src_cfg.subnet.contains(&src) {
             return Verdict::Drop(DropReason::Spoofed);
+        }
+        // Sender binding: a host speaks only for the members it hosts.
+        if self.members.get(src_net, src) != Some(Location::Remote(from)) {
+            return Verdict::Drop(DropReason::WrongHost);
         }
         if src_net == dst_net {
             return Verdict::Deliver(port);

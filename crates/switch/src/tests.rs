@@ -547,7 +547,7 @@ fn tunnel_ingress_is_checked_again() {
     sw.set_member(NET_B, remote_b, Location::Remote(3));
 
     // Allowed by rule, then the local instance's reply goes back to the remote host.
-    let v = sw.process_from_tunnel(NET_A, NET_B, &mut tcp(remote_a, 5000, B1, 80), now);
+    let v = sw.process_from_tunnel(3, NET_A, NET_B, &mut tcp(remote_a, 5000, B1, 80), now);
     assert_eq!(v, Verdict::Deliver(PB1));
     assert_eq!(
         sw.process_from_port(PB1, &mut tcp(B1, 80, remote_a, 5000), now),
@@ -560,11 +560,11 @@ fn tunnel_ingress_is_checked_again() {
 
     // Refused: wrong port, wrong direction.
     assert_eq!(
-        sw.process_from_tunnel(NET_A, NET_B, &mut tcp(remote_a, 5000, B1, 81), now),
+        sw.process_from_tunnel(3, NET_A, NET_B, &mut tcp(remote_a, 5000, B1, 81), now),
         REFUSED
     );
     assert_eq!(
-        sw.process_from_tunnel(NET_B, NET_A, &mut tcp(remote_b, 5000, A1, 80), now),
+        sw.process_from_tunnel(3, NET_B, NET_A, &mut tcp(remote_b, 5000, A1, 80), now),
         REFUSED
     );
 
@@ -578,27 +578,27 @@ fn tunnel_ingress_is_checked_again() {
         }
     );
     assert_eq!(
-        sw.process_from_tunnel(NET_B, NET_A, &mut tcp(remote_b, 80, A1, 6000), now),
+        sw.process_from_tunnel(3, NET_B, NET_A, &mut tcp(remote_b, 80, A1, 6000), now),
         Verdict::Deliver(PA1)
     );
 
     // Same net passes without rules.
     assert_eq!(
-        sw.process_from_tunnel(NET_A, NET_A, &mut udp(remote_a, 1, A2, 53), now),
+        sw.process_from_tunnel(3, NET_A, NET_A, &mut udp(remote_a, 1, A2, 53), now),
         Verdict::Deliver(PA2)
     );
 
     // A source outside the claimed net, a destination not local, an unknown net.
     assert_eq!(
-        sw.process_from_tunnel(NET_A, NET_A, &mut udp(remote_b, 1, A2, 53), now),
+        sw.process_from_tunnel(3, NET_A, NET_A, &mut udp(remote_b, 1, A2, 53), now),
         Verdict::Drop(DropReason::Spoofed)
     );
     assert_eq!(
-        sw.process_from_tunnel(NET_A, NET_A, &mut udp(A1, 1, remote_a, 53), now),
+        sw.process_from_tunnel(3, NET_A, NET_A, &mut udp(A1, 1, remote_a, 53), now),
         Verdict::Drop(DropReason::NoRoute)
     );
     assert_eq!(
-        sw.process_from_tunnel(NET_A, 99, &mut udp(remote_a, 1, A2, 53), now),
+        sw.process_from_tunnel(3, NET_A, 99, &mut udp(remote_a, 1, A2, 53), now),
         Verdict::Drop(DropReason::NoRoute)
     );
     assert_eq!(sw.port_counters(PA1).unwrap().rx_packets, 1);
@@ -632,7 +632,7 @@ fn two_hosts_talk_through_the_tunnel() {
         }
     );
     assert_eq!(
-        h2.process_from_tunnel(NET_A, NET_B, &mut syn, now),
+        h2.process_from_tunnel(1, NET_A, NET_B, &mut syn, now),
         Verdict::Deliver(PB1)
     );
 
@@ -646,7 +646,7 @@ fn two_hosts_talk_through_the_tunnel() {
         }
     );
     assert_eq!(
-        h1.process_from_tunnel(NET_B, NET_A, &mut syn_ack, now),
+        h1.process_from_tunnel(2, NET_B, NET_A, &mut syn_ack, now),
         Verdict::Deliver(PA1)
     );
 
@@ -654,8 +654,45 @@ fn two_hosts_talk_through_the_tunnel() {
     let mut sneaky = tcp(B1, 80, A1, 22);
     assert_eq!(h2.process_from_port(PB1, &mut sneaky, now), REFUSED);
     assert_eq!(
-        h1.process_from_tunnel(NET_B, NET_A, &mut sneaky, now),
+        h1.process_from_tunnel(2, NET_B, NET_A, &mut sneaky, now),
         REFUSED
+    );
+}
+
+#[test]
+fn a_host_speaks_only_for_the_members_it_hosts() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let on_3 = Ipv4Addr::new(10, 1, 5, 5);
+    let on_4 = Ipv4Addr::new(10, 1, 6, 6);
+    sw.set_member(NET_A, on_3, Location::Remote(3));
+    sw.set_member(NET_A, on_4, Location::Remote(4));
+    // Host 3 for its own member: delivered.
+    assert_eq!(
+        sw.process_from_tunnel(3, NET_A, NET_A, &mut udp(on_3, 1, A2, 53), now),
+        Verdict::Deliver(PA2)
+    );
+    // Host 3 for host 4's member, for a member nobody has, for one of this host's own:
+    // dropped and counted, whatever else the frame gets right.
+    let unknown = Ipv4Addr::new(10, 1, 7, 7);
+    for src in [on_4, unknown, A1] {
+        assert_eq!(
+            sw.process_from_tunnel(3, NET_A, NET_A, &mut udp(src, 1, A2, 53), now),
+            Verdict::Drop(DropReason::WrongHost),
+            "{src}"
+        );
+    }
+    assert_eq!(sw.drop_counters().get(DropReason::WrongHost), 3);
+    assert_eq!(sw.port_counters(PA2).unwrap().rx_packets, 1);
+    // A member that moved to host 4 (a migration): host 3 no longer speaks for it.
+    sw.set_member(NET_A, on_3, Location::Remote(4));
+    assert_eq!(
+        sw.process_from_tunnel(3, NET_A, NET_A, &mut udp(on_3, 1, A2, 53), now),
+        Verdict::Drop(DropReason::WrongHost)
+    );
+    assert_eq!(
+        sw.process_from_tunnel(4, NET_A, NET_A, &mut udp(on_3, 1, A2, 53), now),
+        Verdict::Deliver(PA2)
     );
 }
 
@@ -684,7 +721,7 @@ fn non_ipv4_and_malformed_are_dropped() {
         Verdict::Drop(DropReason::NotIpv4)
     );
     assert_eq!(
-        sw.process_from_tunnel(NET_A, NET_A, &mut v6, now),
+        sw.process_from_tunnel(3, NET_A, NET_A, &mut v6, now),
         Verdict::Drop(DropReason::NotIpv4)
     );
 
@@ -851,7 +888,7 @@ fn random_packets_never_panic_or_cross_nets() {
         let from_port = [PA1, PA2, PB1][(i % 3) as usize];
         let verdict = match i % 5 {
             3 => sw.process_from_egress(&mut pkt, now),
-            4 => sw.process_from_tunnel(NET_A, NET_B, &mut pkt, now),
+            4 => sw.process_from_tunnel(3, NET_A, NET_B, &mut pkt, now),
             _ => sw.process_from_port(from_port, &mut pkt, now),
         };
         if let Verdict::Deliver(to) = verdict {

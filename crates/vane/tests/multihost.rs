@@ -926,3 +926,98 @@ fn plaintext_clusters_work_only_when_chosen_and_enrollment_refuses_strangers() {
     let err = lab.fails(&["run", "--net", "red", "--host", "h2", "--", "true"]);
     assert!(err.contains("offline"), "{err}");
 }
+
+/// Sends, from lab host `from`'s namespace, plaintext overlay datagrams to host `to`'s
+/// switch in the name of host id `sender`, carrying a UDP packet `src` -> `dst`:9999 of net
+/// `net`: what a host (or whoever holds its address on a plaintext underlay) can forge.
+fn forge_plain(lab: &TestLab, from: u8, to: u8, sender: u64, net: u64, src: &str, dst: &str) {
+    let script = format!(
+        r#"
+import socket, struct
+def csum(b):
+    s = sum(struct.unpack('!10H', b))
+    s = (s >> 16) + (s & 0xffff)
+    s += s >> 16
+    return (~s) & 0xffff
+src, dst = socket.inet_aton('{src}'), socket.inet_aton('{dst}')
+udp = struct.pack('!HHHH', 5555, 9999, 8 + 6, 0) + b'forged'
+hdr = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0, src, dst)
+hdr = hdr[:10] + struct.pack('!H', csum(hdr)) + hdr[12:]
+frame = bytes([0, 0, 0, 0]) + struct.pack('!II', {net}, {net}) + hdr + udp
+datagram = bytes([4, 0, 0, 0]) + struct.pack('!I', {sender}) + frame
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5):
+    s.sendto(datagram, ('{to_addr}', 7947))
+"#,
+        to_addr = lab.host_addr(to),
+    );
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.netns(from), "python3", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_host_speaking_for_members_it_does_not_host_is_dropped_and_counted() {
+    // Plaintext, so that the test can speak as host h2 without its key: the check is the
+    // same behind the encryption, where only h2's switch could send this.
+    let lab = TestLab::up_with(3, &["--plaintext"], &[]);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.12.0/24"]);
+    run_on(
+        &lab,
+        "h1",
+        "red",
+        "sink",
+        None,
+        &["python3", "-c", UDP_SINK_LOG],
+    );
+    run_on(&lab, "h2", "red", "mine", None, &["sleep", "infinity"]);
+    run_on(&lab, "h3", "red", "theirs", None, &["sleep", "infinity"]);
+    let ip = |n: &str| lab.inspect(n)["ip"].as_str().unwrap().to_string();
+    let nets: serde_json::Value =
+        serde_json::from_str(&lab.ok(&["net", "ls", "-o", "json"])).unwrap();
+    let net = nets[0]["id"].as_u64().unwrap();
+    let hosts: serde_json::Value =
+        serde_json::from_str(&lab.ok(&["host", "ls", "-o", "json"])).unwrap();
+    let id_of = |name: &str| {
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .and_then(|h| h["id"].as_u64())
+            .unwrap()
+    };
+    let h2 = id_of("h2");
+    // h2 for its own member: delivered (the forgery is well made).
+    forge_plain(&lab, 2, 1, h2, net, &ip("mine"), &ip("sink"));
+    assert!(wait_until(Duration::from_secs(5), || lab
+        .ok(&["logs", "sink"])
+        .contains(&format!("from {}", ip("mine")))));
+    // h2 for h3's member, for an address nobody has: dropped and counted.
+    let before = counter(&host_stats(&lab, "h1"), "switch_drop_wrong_host");
+    forge_plain(&lab, 2, 1, h2, net, &ip("theirs"), &ip("sink"));
+    forge_plain(&lab, 2, 1, h2, net, "10.10.12.200", &ip("sink"));
+    assert!(wait_until(Duration::from_secs(5), || counter(
+        &host_stats(&lab, "h1"),
+        "switch_drop_wrong_host"
+    ) >= before + 10));
+    std::thread::sleep(Duration::from_millis(300));
+    let logs = lab.ok(&["logs", "sink"]);
+    assert!(!logs.contains(&format!("from {}", ip("theirs"))), "{logs}");
+    assert!(!logs.contains("from 10.10.12.200"), "{logs}");
+}
+
+const UDP_SINK_LOG: &str = "
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', 9999))
+while True:
+    data, addr = s.recvfrom(2048)
+    print('from', addr[0], flush=True)
+";
