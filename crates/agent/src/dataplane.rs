@@ -1163,6 +1163,8 @@ fn tunnel_drop_name(reason: vane_tunnel::DropReason) -> &'static str {
         R::StaleInitiation => "stale_initiation",
         R::Expired => "expired",
         R::TooLarge => "too_large",
+        R::BadMac => "bad_mac",
+        R::RateLimited => "rate_limited",
     }
 }
 

@@ -42,6 +42,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use ring::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
+use ring::hmac;
 use snow::params::{DHChoice, NoiseParams};
 use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::{Builder, HandshakeState};
@@ -68,8 +69,17 @@ pub const TAG_LEN: usize = 16;
 /// What a data message adds to the inner bytes.
 pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
 /// Length of a handshake initiation: header 8, ephemeral 32, encrypted static 48,
-/// encrypted timestamp 28.
-pub const INITIATION_LEN: usize = 8 + 32 + 48 + TIMESTAMP_LEN + TAG_LEN;
+/// encrypted timestamp 28, mac1 16.
+pub const INITIATION_LEN: usize = 8 + 32 + 48 + TIMESTAMP_LEN + TAG_LEN + MAC_LEN;
+/// The MAC that ends an initiation: HMAC-SHA256, truncated, under a key derived from the
+/// responder's public key (WireGuard's mac1, whitepaper section 5.4). The responder checks
+/// it before any Diffie-Hellman: a flood of initiations from whoever does not know its
+/// public key costs it one HMAC each.
+pub const MAC_LEN: usize = 16;
+/// Initiations that pass mac1 and get Diffie-Hellman work, per second, after a burst of
+/// as many: a flood of valid-looking initiations (replays, or a peer gone mad) takes at
+/// most that much of the switch thread; established sessions keep the rest.
+pub const HANDSHAKES_PER_SECOND: u32 = 100;
 /// Length of a handshake response: header 12, ephemeral 32, empty encrypted payload 16.
 pub const RESPONSE_LEN: usize = 12 + 32 + TAG_LEN;
 
@@ -304,11 +314,16 @@ pub enum DropReason {
     Expired,
     /// The result would not fit `out`.
     TooLarge,
+    /// An initiation whose mac1 is not made with our public key (dropped before any
+    /// public-key work).
+    BadMac,
+    /// An initiation over the handshake budget ([`HANDSHAKES_PER_SECOND`]).
+    RateLimited,
 }
 
 impl DropReason {
     /// Every reason, for reporting counters.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::UnknownType,
         DropReason::UnknownPeer,
@@ -318,6 +333,8 @@ impl DropReason {
         DropReason::StaleInitiation,
         DropReason::Expired,
         DropReason::TooLarge,
+        DropReason::BadMac,
+        DropReason::RateLimited,
     ];
 
     fn index(self) -> usize {
@@ -440,6 +457,8 @@ struct Pending {
 
 struct Peer {
     public: [u8; 32],
+    /// The key of the mac1 of our initiations to it.
+    mac1: hmac::Key,
     /// The session we send on.
     current: Option<Session>,
     /// The session before the last rekey: still accepted for receiving until it expires.
@@ -458,6 +477,7 @@ impl Peer {
     fn new(public: [u8; 32]) -> Peer {
         Peer {
             public,
+            mac1: mac1_key(&public),
             current: None,
             previous: None,
             next: None,
@@ -501,6 +521,24 @@ pub struct Tunnels {
     /// wall clock stalls.
     last_timestamp_sent: u64,
     counters: Counters,
+    /// The key of the mac1 of initiations to us.
+    mac1: hmac::Key,
+    /// Initiations that may still get Diffie-Hellman work now, and when it was counted.
+    budget: (u32, Option<Instant>),
+}
+
+/// The mac1 key for initiations to the host whose public key is `public`.
+fn mac1_key(public: &[u8; 32]) -> hmac::Key {
+    let label = ring::digest::digest(&ring::digest::SHA256, &[b"vane mac1\0" as &[u8], public].concat());
+    hmac::Key::new(hmac::HMAC_SHA256, label.as_ref())
+}
+
+/// The mac1 of `message` under `key`.
+fn mac1(key: &hmac::Key, message: &[u8]) -> [u8; MAC_LEN] {
+    let tag = hmac::sign(key, message);
+    let mut out = [0; MAC_LEN];
+    out.copy_from_slice(&tag.as_ref()[..MAC_LEN]);
+    out
 }
 
 impl Tunnels {
@@ -508,7 +546,6 @@ impl Tunnels {
     pub fn new(cfg: Config, local: Keypair) -> Tunnels {
         Tunnels {
             cfg,
-            local,
             chacha: Cipher::ChaChaPoly
                 .noise_pattern()
                 .parse()
@@ -522,7 +559,30 @@ impl Tunnels {
             indexes: HashMap::new(),
             last_timestamp_sent: 0,
             counters: Counters::default(),
+            mac1: mac1_key(&local.public),
+            budget: (HANDSHAKES_PER_SECOND, None),
+            local,
         }
+    }
+
+    /// Takes one initiation's worth of the handshake budget, refilled at
+    /// [`HANDSHAKES_PER_SECOND`] up to as many; false when there is none left.
+    fn spend_handshake(&mut self, now: Instant) -> bool {
+        let (tokens, since) = &mut self.budget;
+        let since = *since.get_or_insert(now);
+        let refill = now.saturating_duration_since(since).as_millis() as u64
+            * u64::from(HANDSHAKES_PER_SECOND)
+            / 1000;
+        if refill > 0 {
+            *tokens = (u64::from(*tokens) + refill).min(u64::from(HANDSHAKES_PER_SECOND)) as u32;
+            self.budget.1 = Some(now);
+        }
+        let tokens = &mut self.budget.0;
+        if *tokens == 0 {
+            return false;
+        }
+        *tokens -= 1;
+        true
     }
 
     fn params(&self, cipher: Cipher) -> &NoiseParams {
@@ -810,6 +870,9 @@ impl Tunnels {
         let index = new_index(&mut self.indexes, peer);
         out[..4].copy_from_slice(&[cipher.initiation_type(), 0, 0, 0]);
         out[4..8].copy_from_slice(&index.to_be_bytes());
+        // Over the whole message, header included.
+        let tag = mac1(&p.mac1, &out[..8 + n]);
+        out[8 + n..8 + n + MAC_LEN].copy_from_slice(&tag);
         let first = match p.pending.take() {
             Some(old) => {
                 self.indexes.remove(&old.index);
@@ -825,7 +888,7 @@ impl Tunnels {
             first,
         });
         self.counters.handshakes_initiated += 1;
-        Some(8 + n)
+        Some(8 + n + MAC_LEN)
     }
 
     /// Opens a data message in place: the inner bytes end up at `datagram[DATA_HEADER_LEN..]`.
@@ -897,6 +960,15 @@ impl Tunnels {
         if out.len() < RESPONSE_LEN {
             return Open::Drop(DropReason::TooLarge);
         }
+        // Cheap checks first: whoever does not know our public key costs one HMAC.
+        let (message, tag) = datagram.split_at(INITIATION_LEN - MAC_LEN);
+        let expected = mac1(&self.mac1, message);
+        if expected.iter().zip(tag).fold(0u8, |d, (a, b)| d | (a ^ b)) != 0 {
+            return Open::Drop(DropReason::BadMac);
+        }
+        if !self.spend_handshake(now) {
+            return Open::Drop(DropReason::RateLimited);
+        }
         let Ok(mut handshake) = Builder::new(self.params(cipher).clone())
             .local_private_key(&self.local.private)
             .and_then(|b| b.build_responder())
@@ -904,7 +976,7 @@ impl Tunnels {
             return Open::Drop(DropReason::AuthFailed);
         };
         let mut payload = [0; INITIATION_LEN];
-        let Ok(TIMESTAMP_LEN) = handshake.read_message(&datagram[8..], &mut payload) else {
+        let Ok(TIMESTAMP_LEN) = handshake.read_message(&message[8..], &mut payload) else {
             return Open::Drop(DropReason::AuthFailed);
         };
         let Some(&peer) = handshake

@@ -270,12 +270,60 @@ fn initiation_from_an_unknown_key_is_dropped() {
     };
     assert_eq!(p.deliver(1, &out[..n]), Open::Drop(DropReason::UnknownPeer));
     assert_eq!(p.t[1].counters().drops(DropReason::UnknownPeer), 1);
-    // An initiation meant for another host's key does not even decrypt.
+    // An initiation meant for another host's key is dropped on its mac1, before any
+    // public-key work.
     p.send(0, b"x");
     let init = p.inbox[1].pop().unwrap();
     assert_eq!(
         stranger.open(&init, &mut out, p.now),
-        Open::Drop(DropReason::AuthFailed)
+        Open::Drop(DropReason::BadMac)
+    );
+    assert_eq!(stranger.counters().handshakes_completed, 0);
+}
+
+#[test]
+fn initiations_cost_an_hmac_unless_they_know_the_key_and_the_budget_bounds_the_rest() {
+    let mut p = Pair::new(Config::default());
+    // Random initiations, and a genuine one with any bit of it changed: dropped on mac1.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = [0; 256];
+    for _ in 0..1000 {
+        let mut d = [0u8; INITIATION_LEN];
+        for b in d.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        d[..4].copy_from_slice(&[1, 0, 0, 0]);
+        assert_eq!(p.t[1].open(&d, &mut out, p.now), Open::Drop(DropReason::BadMac));
+    }
+    p.send(0, b"x");
+    let genuine = p.inbox[1].pop().unwrap();
+    for at in [8, 40, INITIATION_LEN - MAC_LEN - 1, INITIATION_LEN - 1] {
+        let mut d = genuine.clone();
+        d[at] ^= 1;
+        assert_eq!(p.t[1].open(&d, &mut out, p.now), Open::Drop(DropReason::BadMac));
+    }
+    assert_eq!(p.t[1].counters().handshakes_completed, 0);
+    // Replays of a genuine one: Diffie-Hellman for the budget's worth, then refused at
+    // once until the budget refills.
+    let mut dh = 0;
+    for _ in 0..(2 * HANDSHAKES_PER_SECOND) {
+        match p.t[1].open(&genuine, &mut out, p.now) {
+            Open::Drop(DropReason::RateLimited) => {}
+            _ => dh += 1,
+        }
+    }
+    assert_eq!(dh, HANDSHAKES_PER_SECOND);
+    p.advance(Duration::from_millis(100));
+    assert!(!matches!(
+        p.t[1].open(&genuine, &mut out, p.now),
+        Open::Drop(DropReason::RateLimited)
+    ));
+    assert_eq!(
+        p.t[1].counters().drops(DropReason::RateLimited),
+        u64::from(HANDSHAKES_PER_SECOND)
     );
 }
 
