@@ -529,7 +529,10 @@ pub struct Tunnels {
 
 /// The mac1 key for initiations to the host whose public key is `public`.
 fn mac1_key(public: &[u8; 32]) -> hmac::Key {
-    let label = ring::digest::digest(&ring::digest::SHA256, &[b"vane mac1\0" as &[u8], public].concat());
+    let label = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"vane mac1\0" as &[u8], public].concat(),
+    );
     hmac::Key::new(hmac::HMAC_SHA256, label.as_ref())
 }
 

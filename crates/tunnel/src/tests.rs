@@ -296,14 +296,20 @@ fn initiations_cost_an_hmac_unless_they_know_the_key_and_the_budget_bounds_the_r
             *b = x as u8;
         }
         d[..4].copy_from_slice(&[1, 0, 0, 0]);
-        assert_eq!(p.t[1].open(&d, &mut out, p.now), Open::Drop(DropReason::BadMac));
+        assert_eq!(
+            p.t[1].open(&d, &mut out, p.now),
+            Open::Drop(DropReason::BadMac)
+        );
     }
     p.send(0, b"x");
     let genuine = p.inbox[1].pop().unwrap();
     for at in [8, 40, INITIATION_LEN - MAC_LEN - 1, INITIATION_LEN - 1] {
         let mut d = genuine.clone();
         d[at] ^= 1;
-        assert_eq!(p.t[1].open(&d, &mut out, p.now), Open::Drop(DropReason::BadMac));
+        assert_eq!(
+            p.t[1].open(&d, &mut out, p.now),
+            Open::Drop(DropReason::BadMac)
+        );
     }
     assert_eq!(p.t[1].counters().handshakes_completed, 0);
     // Replays of a genuine one: Diffie-Hellman for the budget's worth, then refused at
