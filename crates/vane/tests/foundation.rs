@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{wait_for_http, wait_until, TestLab};
+use common::{wait_for_http, wait_until, TestLab, UDP_SINK};
 
 const WEB: &[&str] = &["python3", "-m", "http.server", "80"];
 
@@ -231,15 +231,6 @@ fn the_switch_drops_what_rules_inside_would_have_refused() {
         serde_json::from_str(&lab.ok(&["stats", "peer", "-o", "json"])).unwrap();
     assert!(peer["port"]["spoofed"].as_u64().unwrap() >= 1, "{peer}");
 }
-
-const UDP_SINK: &str = "
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(('0.0.0.0', 9999))
-while True:
-    data, addr = s.recvfrom(2048)
-    print('from', addr[0], flush=True)
-";
 
 fn send_udp(to: &str, count: u32) -> String {
     format!(

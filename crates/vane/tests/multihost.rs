@@ -974,7 +974,7 @@ fn a_host_speaking_for_members_it_does_not_host_is_dropped_and_counted() {
         "red",
         "sink",
         None,
-        &["python3", "-c", UDP_SINK_LOG],
+        &["python3", "-c", common::UDP_SINK],
     );
     run_on(&lab, "h2", "red", "mine", None, &["sleep", "infinity"]);
     run_on(&lab, "h3", "red", "theirs", None, &["sleep", "infinity"]);
@@ -1012,12 +1012,3 @@ fn a_host_speaking_for_members_it_does_not_host_is_dropped_and_counted() {
     assert!(!logs.contains(&format!("from {}", ip("theirs"))), "{logs}");
     assert!(!logs.contains("from 10.10.12.200"), "{logs}");
 }
-
-const UDP_SINK_LOG: &str = "
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(('0.0.0.0', 9999))
-while True:
-    data, addr = s.recvfrom(2048)
-    print('from', addr[0], flush=True)
-";

@@ -233,6 +233,16 @@ impl Drop for TestLab {
     }
 }
 
+/// A UDP server on port 9999 that logs the source address of every datagram.
+pub const UDP_SINK: &str = "
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', 9999))
+while True:
+    data, addr = s.recvfrom(2048)
+    print('from', addr[0], flush=True)
+";
+
 /// The host uid a process runs as.
 pub fn host_uid(pid: u64) -> u32 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
