@@ -602,17 +602,7 @@ impl State {
 
     /// Revokes the tenant credential whose id is `id`.
     pub fn revoke_credential(&mut self, id: &str) -> Result<Batch, ApiError> {
-        let hash = self
-            .credentials
-            .values()
-            .find(|c| c.id() == id)
-            .map(|c| c.hash.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("unknown credential {id:?}")))?;
-        let mut batch = Batch::default();
-        if let Some(c) = self.credentials.remove(&hash) {
-            batch.delete(&c);
-        }
-        Ok(batch)
+        remove_by_id(&mut self.credentials, id, |c| c.id(), "credential")
     }
 
     /// The tenant whose valid credential `secret` is.
@@ -633,17 +623,7 @@ impl State {
 
     /// Revokes the join token whose id is `id`: no host joins with it any more.
     pub fn revoke_token(&mut self, id: &str) -> Result<Batch, ApiError> {
-        let hash = self
-            .tokens
-            .values()
-            .find(|t| t.id() == id)
-            .map(|t| t.hash.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("unknown join token {id:?}")))?;
-        let mut batch = Batch::default();
-        if let Some(t) = self.tokens.remove(&hash) {
-            batch.delete(&t);
-        }
-        Ok(batch)
+        remove_by_id(&mut self.tokens, id, |t| t.id(), "join token")
     }
 
     /// Decides whether the agent of `name` may join, and records a new enrollment. Returns
@@ -904,6 +884,26 @@ impl State {
             .filter(|i| i.net == name && i.ip == ip)
             .find_map(|i| self.member(i))
     }
+}
+
+/// Removes from `records` (secrets' records by hash) the one whose id (`id_of`) is `id`;
+/// `what` names its kind in the error.
+fn remove_by_id<R: crate::store::Record>(
+    records: &mut BTreeMap<String, R>,
+    id: &str,
+    id_of: impl Fn(&R) -> &str,
+    what: &str,
+) -> Result<Batch, ApiError> {
+    let key = records
+        .iter()
+        .find(|(_, r)| id_of(r) == id)
+        .map(|(k, _)| k.clone())
+        .ok_or_else(|| ApiError::NotFound(format!("unknown {what} {id:?}")))?;
+    let mut batch = Batch::default();
+    if let Some(r) = records.remove(&key) {
+        batch.delete(&r);
+    }
+    Ok(batch)
 }
 
 fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
