@@ -328,10 +328,15 @@ pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply
             .map(|l| l.dir.clone())
             .ok_or_else(|| format!("not found: instance {id} is not on this host"))?
     };
-    // The log lies in the instance's shared directory: opened without following links.
-    let file = instance::open_shared(&dir, launch::LOG_FILE).map(tokio::fs::File::from_std);
+    // The log lies in the instance's shared directory: opened without following links;
+    // its rotated part first.
+    let files: Vec<_> = [instance::OLD_LOG_FILE, launch::LOG_FILE]
+        .iter()
+        .filter_map(|name| instance::open_shared(&dir, name).ok())
+        .map(tokio::fs::File::from_std)
+        .collect();
     tokio::spawn(async move {
-        if let Ok(file) = file {
+        for file in files {
             pump(&agent, stream, frame::STDOUT, file).await;
         }
         agent.send(Out::Stream(

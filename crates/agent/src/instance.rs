@@ -441,6 +441,52 @@ pub fn open_shared(dir: &Path, name: &str) -> io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// The rotated part of an instance's output log, in its shared directory.
+pub const OLD_LOG_FILE: &str = "output.log.1";
+
+/// Rotates the instance's output log when it holds more than `cap` bytes: its newest half
+/// goes to `output.log.1` (replacing the one before) and the log starts again empty (the
+/// program appends, so it writes on at the start). What the program writes between the copy
+/// and the truncation is lost. A link or anything but a regular file where the old log
+/// goes is not written through: the log is then only cut.
+pub fn rotate_log(dir: &Path, cap: u64) -> io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::FileTypeExt;
+    let shared = std::fs::File::open(dir.join(launch::SHARED_DIR))?;
+    let mut log = vane_sys::confine::open_beneath(
+        &shared,
+        Path::new(launch::LOG_FILE),
+        libc::O_RDWR | libc::O_NONBLOCK | libc::O_NOCTTY,
+        0,
+    )?;
+    let meta = log.metadata()?;
+    if !meta.file_type().is_file() || meta.file_type().is_fifo() || meta.len() <= cap {
+        return Ok(false);
+    }
+    let keep = cap / 2;
+    let old = vane_sys::confine::open_beneath(
+        &shared,
+        Path::new(OLD_LOG_FILE),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NONBLOCK | libc::O_NOCTTY,
+        0o600,
+    );
+    if let Ok(mut old) = old.and_then(|f| {
+        let m = f.metadata()?;
+        if m.file_type().is_file() {
+            Ok(f)
+        } else {
+            Err(io::Error::other("not a regular file"))
+        }
+    }) {
+        log.seek(SeekFrom::Start(meta.len() - keep))?;
+        let mut tail = Vec::with_capacity(keep as usize);
+        (&mut log).take(keep).read_to_end(&mut tail)?;
+        old.write_all(&tail)?;
+    }
+    log.set_len(0)?;
+    Ok(true)
+}
+
 /// Records an exit status when init could not (it was killed), in the agent's part of the
 /// directory.
 pub fn record_exit_if_missing(dir: &Path, status: ExitStatus) {

@@ -61,6 +61,8 @@ pub struct AgentConfig {
     pub rekey_after: Duration,
     /// The `vane` binary, for the helper processes that enter instances.
     pub exe: PathBuf,
+    /// Bytes an instance's output log may reach before it is rotated.
+    pub log_cap: u64,
 }
 
 /// Name of the host-side egress device.
@@ -206,6 +208,7 @@ pub async fn run(
     agent.clone().recover().await;
     agent.load_saved_view().await;
     tokio::spawn(control::forward_lookups(agent.clone(), lookups_rx));
+    tokio::spawn(agent.clone().rotate_logs());
     tracing::info!(host = %agent.cfg.name, controller = %agent.cfg.controller, "agent ready");
     tokio::select! {
         refused = control::connect_loop(agent.clone()) => anyhow::bail!("{refused}"),
@@ -765,6 +768,25 @@ impl Agent {
     }
 
     /// Outbound rules for an instance of `net`, from the current view.
+    /// Keeps every instance's output log under the cap, for ever: an instance that writes
+    /// without end fills no disk through its log.
+    async fn rotate_logs(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let dirs: Vec<PathBuf> = self.instances().values().map(|l| l.dir.clone()).collect();
+            let cap = self.cfg.log_cap;
+            let _ = tokio::task::spawn_blocking(move || {
+                for dir in dirs {
+                    if let Err(e) = instance::rotate_log(&dir, cap) {
+                        tracing::debug!("rotating the log in {}: {e}", dir.display());
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
     fn setup_for(&self, spec: &InstanceSpec) -> instance::Setup {
         instance::Setup {
             layout: self.layout.clone(),

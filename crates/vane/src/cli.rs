@@ -418,6 +418,10 @@ pub struct AgentArgs {
     /// Seconds after which a tunnel session is rekeyed
     #[arg(long, env = "VANE_REKEY_AFTER", default_value_t = 120)]
     pub rekey_after: u64,
+    /// Bytes an instance's output log may reach before it is rotated (its newest half kept
+    /// as output.log.1)
+    #[arg(long, env = "VANE_LOG_CAP", default_value_t = 16 << 20)]
+    pub log_cap: u64,
     /// Run in this named network namespace (/run/netns/NAME), as the lab's hosts do
     #[arg(long)]
     pub netns: Option<String>,

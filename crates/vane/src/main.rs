@@ -153,6 +153,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     listen: args.listen,
                     locator: args.locator,
                     tunnel_idle: std::time::Duration::from_secs(args.tunnel_idle),
+                    log_cap: args.log_cap,
                     rekey_after: std::time::Duration::from_secs(args.rekey_after),
                     exe: std::env::current_exe().context("find the vane binary")?,
                 },

@@ -327,3 +327,36 @@ fn capabilities_follow_cap_add_and_cap_drop_and_privileged_is_explicit() {
     assert!(e.contains("SYS_FOO") && e.lines().count() == 1, "{e}");
     assert!(lab.run(&["inspect", "bad"]).status.code() != Some(0));
 }
+
+#[test]
+fn a_chatty_program_s_log_is_capped_and_rotated() {
+    let cap: u64 = 1 << 20;
+    let lab = TestLab::up_with(1, &[], &[("VANE_LOG_CAP", &cap.to_string())]);
+    lab.ok(&["net", "create", "t", "--subnet", "10.70.1.0/24"]);
+    lab.ok(&[
+        "run",
+        "--net",
+        "t",
+        "--name",
+        "chatty",
+        "--",
+        "sh",
+        "-c",
+        "yes 0123456789abcdef | head -c 20000000; echo END-OF-CHATTER; exec sleep infinity",
+    ]);
+    let id = lab.inspect("chatty")["id"].as_str().unwrap().to_string();
+    let shared = format!("{}/hosts/h1/instances/{id}/shared", lab.state_dir());
+    let size = |f: &str| std::fs::metadata(format!("{shared}/{f}")).map_or(0, |m| m.len());
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            size("output.log.1") > 0 && size("output.log") <= cap
+        }),
+        "output.log is {} bytes",
+        size("output.log")
+    );
+    assert!(size("output.log.1") <= cap / 2);
+    // What it said last is still there for `vane logs`, whose output is bounded too.
+    let logs = lab.ok(&["logs", "chatty"]);
+    assert!(logs.contains("END-OF-CHATTER"));
+    assert!((logs.len() as u64) <= cap + cap / 2, "{} bytes", logs.len());
+}
