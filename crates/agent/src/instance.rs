@@ -68,10 +68,7 @@ pub fn make_dir(dir: &Path, spec: &InstanceSpec, hosts: &str) -> Result<Confinem
     use std::os::unix::fs::PermissionsExt;
     let caps = vane_proto::validate::capability_set(&spec.space.cap_add, &spec.space.cap_drop)
         .map_err(|e| CreateError::Input(e.to_string()))?;
-    if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))?;
-    }
+    // Its parent, STATE/instances, the agent made (0700) when it started.
     std::fs::create_dir(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let idmap = if spec.space.privileged {

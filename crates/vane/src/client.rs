@@ -135,20 +135,20 @@ impl Client {
         })
     }
 
-    fn get_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        let req = self.agent.get(&self.url(path));
+    /// `req` with the credential, if there is one.
+    fn authorized<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
         match &self.auth {
             Some(a) => req.header("Authorization", a),
             None => req,
         }
     }
 
+    fn get_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        self.authorized(self.agent.get(&self.url(path)))
+    }
+
     fn post_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
-        let req = self.agent.post(&self.url(path));
-        match &self.auth {
-            Some(a) => req.header("Authorization", a),
-            None => req,
-        }
+        self.authorized(self.agent.post(&self.url(path)))
     }
 
     fn url(&self, path: &str) -> String {
@@ -189,11 +189,7 @@ impl Client {
     }
 
     pub fn delete(&self, path: &str) -> Result<()> {
-        let req = self.agent.delete(&self.url(path));
-        let req = match &self.auth {
-            Some(a) => req.header("Authorization", a),
-            None => req,
-        };
+        let req = self.authorized(self.agent.delete(&self.url(path)));
         let resp = req.call().map_err(|e| self.unreachable(e))?;
         self.check(resp).map(|_| ())
     }
