@@ -226,28 +226,6 @@ fn run_tar(cmd: &mut Command, doing: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads up to `len` bytes of `DIR/images.tar` from `offset`.
-pub fn read_pack(dir: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(dir.join(PACK_FILE))?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut buf = Vec::with_capacity(len);
-    f.take(len as u64).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
-/// Writes `data` at `offset` of `DIR/images.tar` (the first chunk truncates it).
-pub fn write_pack(dir: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
-    use std::io::{Seek, SeekFrom, Write};
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(offset == 0)
-        .open(dir.join(PACK_FILE))?;
-    f.seek(SeekFrom::Start(offset))?;
-    f.write_all(data)
-}
-
 /// An instance's space made ready for a restore: what `instance::create` makes before it
 /// starts the program.
 pub struct Prepared {

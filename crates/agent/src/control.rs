@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use vane_proto::api::{frame, InstanceState};
-use vane_proto::stream::{encode_stream_data, AgentReply, FromAgent, HostAuth, ToAgent};
+use vane_proto::stream::{
+    encode_stream_data, AgentError, AgentReply, FromAgent, HostAuth, ToAgent,
+};
 
 use crate::{instance, launch, Agent};
 
@@ -258,17 +260,17 @@ pub async fn exec(
     stream: u64,
     cmd: Vec<String>,
     env: Vec<(String, String)>,
-) -> Result<AgentReply, String> {
+) -> Result<AgentReply, AgentError> {
     let args = {
         let instances = agent.instances();
         let local = instances
             .get(id)
-            .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+            .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?;
         if local.state != InstanceState::Running {
-            return Err(format!(
-                "conflict: instance {} is not running",
+            return Err(AgentError::conflict(format!(
+                "instance {} is not running",
                 local.record.spec.name
-            ));
+            )));
         }
         let full_env = launch::instance_env(
             &local.record.spec.hostname,
@@ -320,13 +322,13 @@ async fn pump(agent: &Agent, stream: u64, kind: u8, mut r: impl tokio::io::Async
     }
 }
 
-pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply, String> {
+pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply, AgentError> {
     let dir = {
         let instances = agent.instances();
         instances
             .get(id)
             .map(|l| l.dir.clone())
-            .ok_or_else(|| format!("not found: instance {id} is not on this host"))?
+            .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?
     };
     // The log lies in the instance's shared directory: opened without following links;
     // its rotated part first.

@@ -18,6 +18,7 @@ pub mod launch;
 pub mod netconf;
 mod pin;
 pub mod sandbox;
+mod transfer;
 mod underlay;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
 use vane_proto::api::{ExitStatus, InstanceState, PortStats};
-use vane_proto::stream::{AgentReply, AgentRequest, AgentView, InstanceReport, InstanceSpec};
+use vane_proto::stream::{
+    AgentError, AgentReply, AgentRequest, AgentView, InstanceReport, InstanceSpec,
+};
 use vane_switch::{L4Proto, Location, NetConfig, PolicyRule, PortId, SwitchConfig};
 
 use crate::cgroup::Layout;
@@ -399,7 +402,7 @@ impl Agent {
         self.instances().values().map(Local::report).collect()
     }
 
-    async fn handle(self: Arc<Self>, req: AgentRequest) -> Result<AgentReply, String> {
+    async fn handle(self: Arc<Self>, req: AgentRequest) -> Result<AgentReply, AgentError> {
         match req {
             AgentRequest::Create { instance } => self.create(*instance).await,
             AgentRequest::Stop { id, timeout_secs } => {
@@ -427,38 +430,29 @@ impl Agent {
             AgentRequest::Checkpoint { id, leave_running } => {
                 self.checkpoint(&id, leave_running).await
             }
-            AgentRequest::ReadImages { id, offset, len } => {
-                let dir = self.instance_dir(&id);
-                let len = (len as usize).min(8 << 20);
-                let data =
-                    tokio::task::spawn_blocking(move || checkpoint::read_pack(&dir, offset, len))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("reading images of instance {id}: {e}"))?;
-                use base64::Engine;
-                Ok(AgentReply::Images {
-                    len: data.len() as u64,
-                    data: base64::engine::general_purpose::STANDARD.encode(data),
-                })
+            AgentRequest::SendImages { id, ticket } => {
+                let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
+                let sent = transfer::send(&self, &ticket, &path).await;
+                // Sent or not, the pack is not needed again: the images it was made of stay
+                // (a source whose migration fails resumes from them).
+                let _ = tokio::fs::remove_file(&path).await;
+                let bytes = sent?;
+                tracing::debug!(instance = %id, bytes, "images sent");
+                Ok(AgentReply::Done)
             }
-            AgentRequest::WriteImages { id, offset, data } => {
+            AgentRequest::ReceiveImages { id, ticket, bytes } => {
                 if !self
                     .prepared
                     .lock()
                     .expect("prepared lock")
                     .contains_key(&id)
                 {
-                    return Err(format!("not found: instance {id} is not prepared here"));
+                    return Err(AgentError::not_found(format!(
+                        "instance {id} is not prepared here"
+                    )));
                 }
-                use base64::Engine;
-                let data = base64::engine::general_purpose::STANDARD
-                    .decode(data)
-                    .map_err(|e| format!("bad request: images of instance {id}: {e}"))?;
-                let dir = self.instance_dir(&id);
-                tokio::task::spawn_blocking(move || checkpoint::write_pack(&dir, offset, &data))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("writing images of instance {id}: {e}"))?;
+                let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
+                transfer::receive(&self, &ticket, &path, bytes).await?;
                 Ok(AgentReply::Done)
             }
             AgentRequest::Restore { id, tcp_close } => self.restore(&id, tcp_close).await,
@@ -484,7 +478,9 @@ impl Agent {
                         let running = l.state == InstanceState::Running;
                         Some((l.port?, running.then(|| l.record.cgroups.clone())))
                     })
-                    .ok_or_else(|| format!("not found: instance {id} is not running here"))?;
+                    .ok_or_else(|| {
+                        AgentError::not_found(format!("instance {id} is not running here"))
+                    })?;
                 let c = self.dataplane.stats(port).await.unwrap_or_default();
                 let usage = match cgroups {
                     Some(paths) => tokio::task::spawn_blocking(move || cgroup::usage(&paths))
@@ -509,7 +505,7 @@ impl Agent {
         }
     }
 
-    async fn create(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, String> {
+    async fn create(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, AgentError> {
         let dir = self.instance_dir(&spec.id);
         let setup = self.setup_for(&spec);
         let (rules, hosts) = (setup.rules.clone(), setup.hosts.clone());
@@ -521,8 +517,8 @@ impl Agent {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| match e {
-                    CreateError::Input(m) => format!("bad request: {m}"),
-                    CreateError::Host(m) => m,
+                    CreateError::Input(m) => AgentError::bad_request(m),
+                    CreateError::Host(m) => AgentError::from(m),
                 })?;
         let pid = record.pid;
         if let Err(e) = self.adopt(record, dir.clone(), tun).await {
@@ -532,7 +528,7 @@ impl Agent {
             let _ =
                 tokio::task::spawn_blocking(move || instance::teardown(&dir, &id, &layout)).await;
             self.instances().remove(&spec.id);
-            return Err(e);
+            return Err(e.into());
         }
         if let Some(local) = self.instances().get_mut(&spec.id) {
             local.rules = Some(rules);
@@ -543,7 +539,7 @@ impl Agent {
     }
 
     /// Makes the space of an instance that is to be restored here (migration destination).
-    async fn prepare(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, String> {
+    async fn prepare(self: Arc<Self>, spec: InstanceSpec) -> Result<AgentReply, AgentError> {
         if self.instances().contains_key(&spec.id)
             || self
                 .prepared
@@ -551,10 +547,10 @@ impl Agent {
                 .expect("prepared lock")
                 .contains_key(&spec.id)
         {
-            return Err(format!(
+            return Err(AgentError::conflict(format!(
                 "instance {} already exists on this host",
                 spec.name
-            ));
+            )));
         }
         let dir = self.instance_dir(&spec.id);
         let setup = self.setup_for(&spec);
@@ -576,17 +572,17 @@ impl Agent {
         self: Arc<Self>,
         id: &str,
         leave_running: bool,
-    ) -> Result<AgentReply, String> {
+    ) -> Result<AgentReply, AgentError> {
         let (record, dir) = {
             let instances = self.instances();
-            let local = instances
-                .get(id)
-                .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+            let local = instances.get(id).ok_or_else(|| {
+                AgentError::not_found(format!("instance {id} is not on this host"))
+            })?;
             if local.state != InstanceState::Running {
-                return Err(format!(
+                return Err(AgentError::conflict(format!(
                     "instance {} is not running",
                     local.record.spec.name
-                ));
+                )));
             }
             (local.record.clone(), local.dir.clone())
         };
@@ -607,13 +603,13 @@ impl Agent {
             Err(e) if leave_running || instance::is_alive(&record) => {
                 // A failed dump leaves the tree running.
                 self.dumped.lock().expect("dumped lock").remove(id);
-                Err(e)
+                Err(e.into())
             }
             Err(e) => {
                 // Dumped, then failed (packing): bring the tree back from its images.
                 match self.clone().restore(id, false).await {
-                    Ok(_) => Err(e),
-                    Err(e2) => Err(format!("{e}, and restoring the instance failed: {e2}")),
+                    Ok(_) => Err(e.into()),
+                    Err(e2) => Err(format!("{e}, and restoring the instance failed: {e2}").into()),
                 }
             }
         }
@@ -621,7 +617,7 @@ impl Agent {
 
     /// Restores a dumped tree: into a prepared space (migration destination), or back into
     /// its own space (a source whose migration failed).
-    async fn restore(self: Arc<Self>, id: &str, tcp_close: bool) -> Result<AgentReply, String> {
+    async fn restore(self: Arc<Self>, id: &str, tcp_close: bool) -> Result<AgentReply, AgentError> {
         let dir = self.instance_dir(id);
         let prepared = self.prepared.lock().expect("prepared lock").remove(id);
         if let Some(prepared) = prepared {
@@ -654,7 +650,7 @@ impl Agent {
                         instance::teardown(&dir, &key, &layout)
                     })
                     .await;
-                    return Err(e);
+                    return Err(e.into());
                 }
             };
             let pid = record.pid;
@@ -669,7 +665,7 @@ impl Agent {
                 let _ =
                     tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
                         .await;
-                return Err(e);
+                return Err(e.into());
             }
             if let Some(local) = self.instances().get_mut(id) {
                 local.rules = Some(self.rules_for(&spec.net));
@@ -687,7 +683,7 @@ impl Agent {
             .instances()
             .get(id)
             .map(|l| l.record.clone())
-            .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+            .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?;
         let dir2 = dir.clone();
         let exe = self.cfg.exe.clone();
         let record = tokio::task::spawn_blocking(move || {
@@ -711,12 +707,12 @@ impl Agent {
 
     /// SIGTERM to the instance's init (which passes it to the program), SIGKILL after
     /// `timeout`. Returns once the program has ended and the controller has been told.
-    async fn stop(&self, id: &str, timeout: Duration) -> Result<(), String> {
+    async fn stop(&self, id: &str, timeout: Duration) -> Result<(), AgentError> {
         let (init, mut exited, dir) = {
             let instances = self.instances();
-            let local = instances
-                .get(id)
-                .ok_or_else(|| format!("not found: instance {id} is not on this host"))?;
+            let local = instances.get(id).ok_or_else(|| {
+                AgentError::not_found(format!("instance {id} is not on this host"))
+            })?;
             if local.state != InstanceState::Running {
                 return Ok(());
             }
@@ -746,7 +742,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn remove(&self, id: &str) -> Result<(), String> {
+    async fn remove(&self, id: &str) -> Result<(), AgentError> {
         // A tree dumped for a migration is already gone (its init pid may be reused).
         if !self.dumped.lock().expect("dumped lock").remove(id) {
             self.stop(id, Duration::from_secs(10)).await?;

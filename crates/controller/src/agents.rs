@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use vane_proto::stream::{AgentReply, AgentRequest, AgentView, ToAgent};
+use vane_proto::stream::{AgentError, AgentReply, AgentRequest, AgentView, ErrorKind, ToAgent};
 
 use crate::state::ApiError;
 
@@ -28,7 +28,7 @@ struct Conn {
     /// Distinguishes this connection from a later one of the same host.
     epoch: u64,
     tx: mpsc::UnboundedSender<Outgoing>,
-    pending: HashMap<u64, oneshot::Sender<Result<AgentReply, String>>>,
+    pending: HashMap<u64, oneshot::Sender<Result<AgentReply, AgentError>>>,
     streams: HashMap<u64, mpsc::Sender<StreamFrame>>,
     last_view: Option<AgentView>,
 }
@@ -95,6 +95,16 @@ impl Agents {
 
     /// Sends `body` to the agent of `host` and waits for its answer.
     pub async fn request(&self, host: &str, body: AgentRequest) -> Result<AgentReply, ApiError> {
+        self.request_within(host, body, REQUEST_TIMEOUT).await
+    }
+
+    /// `request`, waiting up to `timeout` (a transfer's answer takes as long as its data).
+    pub async fn request_within(
+        &self,
+        host: &str,
+        body: AgentRequest,
+        timeout: Duration,
+    ) -> Result<AgentReply, ApiError> {
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         {
@@ -107,9 +117,9 @@ impl Agents {
                 .send(Outgoing::Json(Box::new(ToAgent::Request { id, body })))
                 .map_err(|_| ApiError::Unavailable(format!("host {host:?} is offline")))?;
         }
-        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(msg))) => Err(agent_error(msg)),
+            Ok(Ok(Err(e))) => Err(agent_error(e)),
             Ok(Err(_)) => Err(ApiError::Unavailable(format!(
                 "host {host:?} disconnected before answering"
             ))),
@@ -119,7 +129,7 @@ impl Agents {
                 }
                 Err(ApiError::Unavailable(format!(
                     "host {host:?} did not answer within {}s",
-                    REQUEST_TIMEOUT.as_secs()
+                    timeout.as_secs()
                 )))
             }
         }
@@ -143,7 +153,7 @@ impl Agents {
         }
     }
 
-    pub fn resolve(&self, host: &str, id: u64, result: Result<AgentReply, String>) {
+    pub fn resolve(&self, host: &str, id: u64, result: Result<AgentReply, AgentError>) {
         let waiter = self
             .conns
             .lock()
@@ -194,16 +204,12 @@ impl Agents {
     }
 }
 
-/// Agents prefix their errors with the class of failure so that the CLI can tell a user
-/// error (bad program name) from a host failure.
-fn agent_error(msg: String) -> ApiError {
-    if let Some(m) = msg.strip_prefix("bad request: ") {
-        ApiError::BadRequest(m.to_string())
-    } else if let Some(m) = msg.strip_prefix("not found: ") {
-        ApiError::NotFound(m.to_string())
-    } else if let Some(m) = msg.strip_prefix("conflict: ") {
-        ApiError::Conflict(m.to_string())
-    } else {
-        ApiError::Internal(msg)
+/// The answer to a request an agent could not carry out.
+fn agent_error(e: AgentError) -> ApiError {
+    match e.kind {
+        ErrorKind::BadRequest => ApiError::BadRequest(e.message),
+        ErrorKind::NotFound => ApiError::NotFound(e.message),
+        ErrorKind::Conflict => ApiError::Conflict(e.message),
+        ErrorKind::Failed => ApiError::Internal(e.message),
     }
 }

@@ -15,14 +15,15 @@ use serde::Deserialize;
 use vane_proto::api::{
     frame, ErrorBody, ExecSpec, Host, HostState, HostStats, Instance, InstanceState, InstanceStats,
     JoinToken, MigrateSpec, Migration, Net, NetSpec, Policy, PolicySpec, RestoreSpec, RunSpec,
-    Snapshot, SnapshotSpec, Status, Template, TokenSpec,
+    SnapshotSpec, Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
 use crate::agents::StreamFrame;
 use crate::auth::Caller;
 use crate::state::ApiError;
-use crate::{now, Controller};
+use crate::{now, transfers, Controller};
+use tokio::sync::mpsc;
 
 type Ctl = AxState<Arc<Controller>>;
 type ApiResult<T> = Result<T, ApiError>;
@@ -85,7 +86,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/instances", get(list_instances).post(run_instance))
         .route(
             "/v1/restore",
-            post(restore_instance).layer(axum::extract::DefaultBodyLimit::max(4 << 30)),
+            // Streamed: frames are bounded, the images as long as they say.
+            post(restore_instance).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/v1/policies", get(list_policies).post(create_policy))
         .route("/v1/policies/{id}", delete(remove_policy))
@@ -101,8 +103,10 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             ctl.clone(),
             authenticate,
         ))
-        // Agents prove who they are in their hello, inside TLS (join token or credential).
+        // Agents prove who they are in their hello, inside TLS (join token or credential),
+        // and with their credential when they claim a transfer.
         .route("/v1/agents/connect", get(agent_connect))
+        .route("/v1/agents/transfers/{ticket}", get(agent_transfer))
         .with_state(ctl)
 }
 
@@ -474,14 +478,9 @@ async fn stop_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<J
     })?))
 }
 
-/// Size of the chunks in which packed images travel through the controller.
-/// A multiple of 3, so that the base64 of consecutive chunks joins into the base64 of the
-/// whole.
-const IMAGE_CHUNK: u32 = 6 << 20;
-
-/// Live migration (docs/api.md): prepare the destination, dump on the source, move the
-/// images through the controller over both agents' control streams, restore, flip the
-/// directory, clean the source up. A failed restore resumes the instance on the source.
+/// Live migration (docs/api.md): prepare the destination, dump on the source, stream the
+/// images from the source to the destination (`transfers`), restore, flip the directory,
+/// clean the source up. A failed restore resumes the instance on the source.
 async fn migrate_instance(
     AxState(c): Ctl,
     Path(name): Path<String>,
@@ -687,64 +686,67 @@ fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> 
     Ok(())
 }
 
-/// Copies the packed images of instance `id` from host `from` to host `to`, in chunks,
-/// over the two agents' control streams.
+/// Streams the packed images of instance `id` (`bytes` long) from host `from` to host `to`.
 async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64) -> ApiResult<()> {
-    let mut offset = 0;
-    while offset < bytes {
-        let (len, data) = match c
-            .agents
-            .request(
-                from,
-                AgentRequest::ReadImages {
-                    id: id.to_string(),
-                    offset,
-                    len: IMAGE_CHUNK,
-                },
-            )
-            .await?
-        {
-            AgentReply::Images { len, data } if len > 0 => (len, data),
-            other => {
-                return Err(ApiError::Internal(format!(
-                    "images of instance {id} from host {from:?} ended early: {other:?}"
-                )))
-            }
-        };
-        c.agents
-            .request(
-                to,
-                AgentRequest::WriteImages {
-                    id: id.to_string(),
-                    offset,
-                    data,
-                },
-            )
-            .await?;
-        offset += len;
-    }
-    if bytes == 0 {
-        c.agents
-            .request(
-                to,
-                AgentRequest::WriteImages {
-                    id: id.to_string(),
-                    offset: 0,
-                    data: String::new(),
-                },
-            )
-            .await?;
+    let (up, rx) = c.transfers.sent_by(from);
+    let (down, tx) = c.transfers.sent_to(to);
+    let within = transfers::answer_within(bytes);
+    let send = agent_transfer_request(
+        c,
+        from,
+        &up,
+        AgentRequest::SendImages {
+            id: id.to_string(),
+            ticket: up.clone(),
+        },
+        within,
+    );
+    let receive = agent_transfer_request(
+        c,
+        to,
+        &down,
+        AgentRequest::ReceiveImages {
+            id: id.to_string(),
+            ticket: down.clone(),
+            bytes,
+        },
+        within,
+    );
+    let (sent, received, piped) = tokio::join!(send, receive, transfers::pipe(rx, tx));
+    let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
+    sent.map_err(|e| on(from, e))?;
+    received.map_err(|e| on(to, e))?;
+    let piped = piped?;
+    if piped != bytes {
+        return Err(ApiError::Internal(format!(
+            "host {from:?} sent {piped} bytes of images, not the {bytes} it dumped"
+        )));
     }
     Ok(())
 }
 
-/// Dumps a running instance, leaving it running (or stopping it), and answers its packed
-/// images.
+/// Asks `host` to move transfer `ticket`; once it answers, the ticket goes, so that a
+/// transfer its agent never claimed ends for the other side too.
+async fn agent_transfer_request(
+    c: &Controller,
+    host: &str,
+    ticket: &str,
+    request: AgentRequest,
+    within: std::time::Duration,
+) -> ApiResult<AgentReply> {
+    let answer = c.agents.request_within(host, request, within).await;
+    c.transfers.cancel(ticket);
+    answer
+}
+
+/// Dumps a running instance, leaving it running (or stopping it), and streams it to the
+/// caller (`RestoreSpec`): its record, its packed images as they arrive from its host, then
+/// the cluster's seal of both (or an error frame).
 async fn snapshot_instance(
     AxState(c): Ctl,
     Path(name): Path<String>,
     body: Bytes,
-) -> ApiResult<Json<Snapshot>> {
+) -> ApiResult<Response> {
     let spec: SnapshotSpec = if body.is_empty() {
         SnapshotSpec::default()
     } else {
@@ -769,68 +771,189 @@ async fn snapshot_instance(
             )))
         }
     };
-    let mut images = String::new();
-    let mut offset = 0;
-    while offset < bytes {
-        match c
-            .agents
-            .request(
-                &host,
-                AgentRequest::ReadImages {
-                    id: id.clone(),
-                    offset,
-                    len: IMAGE_CHUNK,
-                },
-            )
-            .await?
-        {
-            AgentReply::Images { len, data } if len > 0 => {
-                images.push_str(&data);
-                offset += len;
+    let instance = c.state().instance_by_name(&name)?.clone();
+    let (out, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::spawn(async move {
+        let mut sealing = c.sealer.begin(&instance);
+        let record = serde_json::to_vec(&instance).expect("serializes");
+        let _ = out.send(Ok(framed(frame::RECORD, &record))).await;
+        let (ticket, mut rx) = c.transfers.sent_by(&host);
+        let send = agent_transfer_request(
+            &c,
+            &host,
+            &ticket,
+            AgentRequest::SendImages {
+                id: id.clone(),
+                ticket: ticket.clone(),
+            },
+            transfers::answer_within(bytes),
+        );
+        let out2 = out.clone();
+        let from = host.clone();
+        let forward = async move {
+            let mut seen = 0u64;
+            loop {
+                match transfers::next(&mut rx).await? {
+                    transfers::Piece::Data(d) => {
+                        sealing.update(&d);
+                        seen += d.len() as u64;
+                        if out2.send(Ok(framed(frame::IMAGES, &d))).await.is_err() {
+                            return Err(ApiError::Unavailable("the client went away".into()));
+                        }
+                    }
+                    transfers::Piece::End if seen == bytes => return Ok(sealing),
+                    transfers::Piece::End => {
+                        return Err(ApiError::Internal(format!(
+                            "host {from:?} sent {seen} bytes of images, not the {bytes} it dumped"
+                        )))
+                    }
+                }
             }
-            other => {
-                return Err(ApiError::Internal(format!(
-                    "images of instance {name:?} from host {host:?} ended early: {other:?}"
-                )))
+        };
+        let (sent, forwarded) = tokio::join!(send, forward);
+        let result = match (sent, forwarded) {
+            (Ok(_), Ok(sealing)) => Ok(sealing),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let result = match result {
+            Ok(sealing) if spec.stop => stop_on(&c, &host, &id).await.map(|_| sealing),
+            other => other,
+        };
+        let last = match result {
+            Ok(sealing) => framed(frame::SEAL, sealing.seal().as_bytes()),
+            Err(e) => {
+                tracing::warn!(instance = %name, "snapshot: {e}");
+                framed(frame::ERROR, e.to_string().as_bytes())
+            }
+        };
+        let _ = out.send(Ok(last)).await;
+    });
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            vane_proto::api::SNAPSHOT_MEDIA_TYPE,
+        )],
+        Body::from_stream(receiver_stream(body)),
+    )
+        .into_response())
+}
+
+/// One frame (`vane_proto::api::frame`) as bytes.
+fn framed(kind: u8, data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + data.len());
+    frame::encode(&mut out, kind, data);
+    out.into()
+}
+
+/// The items of `rx` as a stream.
+fn receiver_stream<T>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Frames (`vane_proto::api::frame`) read from a request body as it arrives.
+struct FrameReader {
+    body: axum::body::BodyDataStream,
+    buf: bytes::BytesMut,
+}
+
+impl FrameReader {
+    fn new(body: Body) -> FrameReader {
+        FrameReader {
+            body: body.into_data_stream(),
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Reads what is left of the body, for nothing.
+    async fn drain(&mut self) {
+        use futures_util::StreamExt;
+        self.buf.clear();
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(transfers::STALL, self.body.next()).await {
+        }
+    }
+
+    /// The next frame, `None` at a clean end of the body.
+    async fn next(&mut self) -> ApiResult<Option<(u8, Bytes)>> {
+        use futures_util::StreamExt;
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
+                if len > frame::MAX_LEN {
+                    return Err(ApiError::BadRequest(format!(
+                        "a frame of {len} bytes is over the limit of {}",
+                        frame::MAX_LEN
+                    )));
+                }
+                if self.buf.len() >= 5 + len {
+                    let mut whole = self.buf.split_to(5 + len);
+                    let kind = whole[0];
+                    let data = whole.split_off(5).freeze();
+                    return Ok(Some((kind, data)));
+                }
+            }
+            match tokio::time::timeout(transfers::STALL, self.body.next()).await {
+                Ok(Some(Ok(chunk))) => self.buf.extend_from_slice(&chunk),
+                Ok(Some(Err(e))) => {
+                    return Err(ApiError::BadRequest(format!("reading the request: {e}")))
+                }
+                Ok(None) if self.buf.is_empty() => return Ok(None),
+                Ok(None) => {
+                    return Err(ApiError::BadRequest(
+                        "the request ends inside a frame".into(),
+                    ))
+                }
+                Err(_) => {
+                    return Err(ApiError::BadRequest(format!(
+                        "the request made no progress for {}s",
+                        transfers::STALL.as_secs()
+                    )))
+                }
             }
         }
     }
-    if spec.stop {
-        stop_on(&c, &host, &id).await?;
-    }
-    let instance = c.state().instance_by_name(&name)?.clone();
-    let seal = c
-        .sealer
-        .seal(&instance, &images)
-        .map_err(ApiError::Internal)?;
-    Ok(Json(Snapshot {
-        instance,
-        images,
-        seal,
-    }))
 }
 
-/// A new instance from a snapshot: with the snapshot's identity, or a clone with its own
-/// name, address and hostname.
+/// A new instance from a snapshot (a stream: `RestoreSpec`): with the snapshot's
+/// identity, or a clone with its own name, address and hostname. The images go to the
+/// host as they arrive; the host restores them only once the seal has checked out.
 async fn restore_instance(
     AxState(c): Ctl,
     axum::Extension(who): Who,
-    body: Bytes,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
-    let spec: RestoreSpec = parse(&body)?;
-    let snap = &spec.snapshot;
+    let frames = Arc::new(tokio::sync::Mutex::new(FrameReader::new(body)));
+    let answer = restore_stream(c, who, frames.clone()).await;
+    if answer.is_err() {
+        // A client blocked sending the rest of its images would never read the answer: the
+        // images are read to their end (and thrown away) first.
+        frames.lock().await.drain().await;
+    }
+    answer
+}
+
+async fn restore_stream(
+    c: Arc<Controller>,
+    who: Caller,
+    frames: Arc<tokio::sync::Mutex<FrameReader>>,
+) -> ApiResult<(StatusCode, Json<Instance>)> {
+    let first = frames.lock().await.next().await?;
+    let spec: RestoreSpec = match first {
+        Some((frame::RECORD, record)) => parse(&record)?,
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "a restore is a snapshot stream ({}): its record first",
+                vane_proto::api::SNAPSHOT_MEDIA_TYPE
+            )))
+        }
+    };
     {
-        let net = &snap.instance.net;
+        let net = &spec.instance.net;
         who.check(&c.state().net_tenant(net)?, &format!("net {net:?}"))?;
     }
-    if !c.sealer.verify(&snap.instance, &snap.images, &snap.seal) {
-        return Err(ApiError::BadRequest(
-            "the snapshot is not sealed by this cluster: it was changed since it was made, \
-             or another cluster made it"
-                .into(),
-        ));
+    if vane_proto::hex::decode::<32>(&spec.seal).is_none() {
+        return Err(not_sealed());
     }
-    let from = spec.snapshot.instance;
+    let from = spec.instance.clone();
     // Under a new name it is a clone: a free address and its name as hostname unless told.
     let clone = spec.name.is_some();
     let run = RunSpec {
@@ -845,7 +968,13 @@ async fn restore_instance(
         limits: from.limits,
         space: from.space,
     };
-    let images = &spec.snapshot.images;
+    let sealing = c.sealer.begin(&spec.instance);
+    let images = Incoming {
+        frames,
+        bytes: spec.images_bytes,
+        sealing,
+        seal: spec.seal,
+    };
     let ctl: &Controller = &c;
     start_instance(ctl, run, |spec, host| async move {
         restore_on(ctl, &host, spec, images).await.map(Some)
@@ -853,12 +982,62 @@ async fn restore_instance(
     .await
 }
 
-/// Prepares `spec` on `host`, sends it the packed images (base64) and restores them there.
+fn not_sealed() -> ApiError {
+    ApiError::BadRequest(
+        "the snapshot is not sealed by this cluster: it was changed since it was made, \
+         or another cluster made it"
+            .into(),
+    )
+}
+
+/// The images of a restore, as they arrive, with what they must add up to.
+struct Incoming {
+    frames: Arc<tokio::sync::Mutex<FrameReader>>,
+    bytes: u64,
+    sealing: crate::seal::Sealing,
+    seal: String,
+}
+
+impl Incoming {
+    /// Passes the images on to `tx`; the end only if they are all there and sealed.
+    async fn forward(mut self, tx: mpsc::Sender<transfers::Piece>) -> ApiResult<()> {
+        let mut seen = 0u64;
+        let mut frames = self.frames.lock().await;
+        while let Some((kind, data)) = frames.next().await? {
+            if kind != frame::IMAGES {
+                return Err(ApiError::BadRequest(format!(
+                    "unexpected frame of kind {kind} in a snapshot's images"
+                )));
+            }
+            seen += data.len() as u64;
+            if seen > self.bytes {
+                return Err(ApiError::BadRequest(format!(
+                    "the snapshot's images are longer than the {} bytes announced",
+                    self.bytes
+                )));
+            }
+            self.sealing.update(&data);
+            transfers::put(&tx, transfers::Piece::Data(data)).await?;
+        }
+        if seen != self.bytes {
+            return Err(ApiError::BadRequest(format!(
+                "the snapshot's images end after {seen} of {} bytes",
+                self.bytes
+            )));
+        }
+        if !self.sealing.verify(&self.seal) {
+            return Err(not_sealed());
+        }
+        transfers::put(&tx, transfers::Piece::End).await
+    }
+}
+
+/// Prepares `spec` on `host`, streams it the images and restores them there.
 async fn restore_on(
     c: &Controller,
     host: &str,
     spec: vane_proto::stream::InstanceSpec,
-    images: &str,
+    images: Incoming,
 ) -> ApiResult<u32> {
     let id = spec.id.clone();
     c.agents
@@ -870,22 +1049,23 @@ async fn restore_on(
         )
         .await?;
     let result = async {
-        let chunk = (IMAGE_CHUNK as usize) / 3 * 4;
-        let mut offset = 0u64;
-        for part in images.as_bytes().chunks(chunk) {
-            let data = String::from_utf8_lossy(part).into_owned();
-            c.agents
-                .request(
-                    host,
-                    AgentRequest::WriteImages {
-                        id: id.clone(),
-                        offset,
-                        data,
-                    },
-                )
-                .await?;
-            offset += IMAGE_CHUNK as u64;
-        }
+        let (ticket, tx) = c.transfers.sent_to(host);
+        let bytes = images.bytes;
+        let receive = agent_transfer_request(
+            c,
+            host,
+            &ticket,
+            AgentRequest::ReceiveImages {
+                id: id.clone(),
+                ticket: ticket.clone(),
+                bytes,
+            },
+            transfers::answer_within(bytes),
+        );
+        let (received, forwarded) = tokio::join!(receive, images.forward(tx));
+        // What the client sent says more than what the host made of it.
+        forwarded?;
+        received?;
         match c
             .agents
             .request(
@@ -1180,4 +1360,30 @@ async fn remove_template(
 
 async fn agent_connect(AxState(c): Ctl, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |socket| crate::session::run(c, socket))
+}
+
+/// An agent claims a transfer of images (`transfers`): its host name and credential, then
+/// a ticket the controller gave that host.
+async fn agent_transfer(
+    AxState(c): Ctl,
+    Path(ticket): Path<String>,
+    headers: axum::http::HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = header("x-vane-host").unwrap_or_default();
+    let credential = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if !c.state().host_credential_ok(host, credential) {
+        return ApiError::Unauthorized("a transfer is claimed with a host's credential".into())
+            .into_response();
+    }
+    match c.transfers.claim(&ticket, host) {
+        Some(claimed) => ws
+            .max_message_size(2 * crate::transfers::MAX_PIECE)
+            .on_upgrade(move |socket| claimed.serve(socket)),
+        None => ApiError::NotFound("no such transfer (unknown, spent or expired)".into())
+            .into_response(),
+    }
 }

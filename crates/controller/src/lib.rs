@@ -12,6 +12,7 @@ mod session;
 pub mod state;
 pub mod store;
 pub mod tls;
+mod transfers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub(crate) struct Controller {
     state: Mutex<State>,
     store: Store,
     agents: Agents,
+    /// Images on their way between agents, the CLI and back.
+    transfers: transfers::Transfers,
     /// Seals snapshots that leave the cluster, and checks them when they come back.
     sealer: seal::Sealer,
     credentials: auth::Credentials,
@@ -62,6 +65,7 @@ impl Controller {
             state: Mutex::new(state),
             store,
             agents: Agents::default(),
+            transfers: transfers::Transfers::default(),
             sealer,
             shutdown: tokio::sync::watch::channel(false).0,
         })

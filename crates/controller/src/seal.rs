@@ -8,7 +8,6 @@
 
 use std::path::Path;
 
-use base64::Engine;
 use ring::hmac;
 
 use vane_proto::api::Instance;
@@ -16,8 +15,6 @@ use vane_proto::api::Instance;
 const KEY_FILE: &str = "image.key";
 /// What the seal is of, so that it can never be taken for a MAC of something else.
 const DOMAIN: &[u8] = b"vane snapshot v1\0";
-/// Base64 is decoded in pieces this long (a multiple of 4 characters).
-const PIECE: usize = 4 << 20;
 
 pub struct Sealer {
     key: hmac::Key,
@@ -38,38 +35,38 @@ impl Sealer {
         })
     }
 
-    fn context(&self, instance: &Instance, images: &str) -> Result<hmac::Context, String> {
+    /// Starts the seal of a snapshot of `instance`; its images follow, as they stream.
+    pub fn begin(&self, instance: &Instance) -> Sealing {
         let mut ctx = hmac::Context::with_key(&self.key);
         ctx.update(DOMAIN);
         let record = serde_json::to_vec(instance).expect("serializes");
         ctx.update(&(record.len() as u64).to_be_bytes());
         ctx.update(&record);
-        // The images as bytes, whatever the base64 around them looked like.
-        for piece in images.as_bytes().chunks(PIECE) {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(piece)
-                .map_err(|e| format!("the snapshot's images are not base64: {e}"))?;
-            ctx.update(&raw);
-        }
-        Ok(ctx)
+        Sealing(ctx)
+    }
+}
+
+/// A seal being computed over a snapshot's images.
+pub struct Sealing(hmac::Context);
+
+impl Sealing {
+    /// The next bytes of the packed images.
+    pub fn update(&mut self, images: &[u8]) {
+        self.0.update(images);
     }
 
-    /// The seal of a snapshot: its record and its packed images (base64), in hex.
-    pub fn seal(&self, instance: &Instance, images: &str) -> Result<String, String> {
-        let tag = self.context(instance, images)?.sign();
-        Ok(tag.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    /// The seal, in hex.
+    pub fn seal(self) -> String {
+        vane_proto::hex::encode(self.0.sign().as_ref())
     }
 
-    /// Whether `seal` is this cluster's seal of the snapshot (compared in constant time).
-    pub fn verify(&self, instance: &Instance, images: &str, seal: &str) -> bool {
+    /// Whether `seal` is this cluster's seal of what was fed (compared in constant time).
+    pub fn verify(self, seal: &str) -> bool {
         let Some(tag) = vane_proto::hex::decode::<32>(seal) else {
             return false;
         };
-        let Ok(ctx) = self.context(instance, images) else {
-            return false;
-        };
         // Every byte compared, whatever the first difference: the time says nothing.
-        let expected = ctx.sign();
+        let expected = self.0.sign();
         expected
             .as_ref()
             .iter()
@@ -92,29 +89,46 @@ mod tests {
         .unwrap()
     }
 
+    /// The seal of `images` under `sealer`, fed in uneven pieces as a stream would be.
+    fn seal(sealer: &Sealer, instance: &Instance, images: &[u8]) -> String {
+        let mut sealing = sealer.begin(instance);
+        for piece in images.chunks(7_777) {
+            sealing.update(piece);
+        }
+        sealing.seal()
+    }
+
+    fn verify(sealer: &Sealer, instance: &Instance, images: &[u8], seal: &str) -> bool {
+        let mut sealing = sealer.begin(instance);
+        for piece in images.chunks(1 << 16) {
+            sealing.update(piece);
+        }
+        sealing.verify(seal)
+    }
+
     #[test]
     fn seals_hold_for_this_cluster_and_this_snapshot_only() {
         let dir = tempfile::tempdir().unwrap();
         let sealer = Sealer::load_or_create(dir.path()).unwrap();
-        let images = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 100_000]);
-        let seal = sealer.seal(&instance(), &images).unwrap();
-        assert!(sealer.verify(&instance(), &images, &seal));
+        let images = vec![7u8; 100_000];
+        let seal = seal(&sealer, &instance(), &images);
+        assert!(verify(&sealer, &instance(), &images, &seal));
         // The same key after a restart.
         let again = Sealer::load_or_create(dir.path()).unwrap();
-        assert!(again.verify(&instance(), &images, &seal));
-        // A changed image byte, a changed record, another cluster's key, a bad seal.
-        let mut bytes = vec![7u8; 100_000];
-        bytes[5000] ^= 1;
-        let changed = base64::engine::general_purpose::STANDARD.encode(bytes);
-        assert!(!sealer.verify(&instance(), &changed, &seal));
+        assert!(verify(&again, &instance(), &images, &seal));
+        // A changed image byte, a missing one, a changed record, another cluster's key, a
+        // bad seal.
+        let mut changed = images.clone();
+        changed[5000] ^= 1;
+        assert!(!verify(&sealer, &instance(), &changed, &seal));
+        assert!(!verify(&sealer, &instance(), &images[1..], &seal));
         let mut privileged = instance();
         privileged.space.privileged = true;
-        assert!(!sealer.verify(&privileged, &images, &seal));
+        assert!(!verify(&sealer, &privileged, &images, &seal));
         let other = tempfile::tempdir().unwrap();
         let foreign = Sealer::load_or_create(other.path()).unwrap();
-        assert!(!foreign.verify(&instance(), &images, &seal));
-        assert!(!sealer.verify(&instance(), &images, "00"));
-        assert!(!sealer.verify(&instance(), "not base64!", &seal));
+        assert!(!verify(&foreign, &instance(), &images, &seal));
+        assert!(!verify(&sealer, &instance(), &images, "00"));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join(KEY_FILE))
             .unwrap()

@@ -626,6 +626,13 @@ impl State {
         remove_by_id(&mut self.tokens, id, |t| t.id(), "join token")
     }
 
+    /// Whether `credential` is the one host `name` enrolled with (compared as hashes).
+    pub fn host_credential_ok(&self, name: &str, credential: &str) -> bool {
+        self.enrollments
+            .get(name)
+            .is_some_and(|e| enroll::hash(credential) == e.credential_hash)
+    }
+
     /// Decides whether the agent of `name` may join, and records a new enrollment. Returns
     /// the credential to hand to a newly enrolled agent.
     pub fn admit_host(

@@ -408,23 +408,23 @@ pub struct SnapshotSpec {
     pub stop: bool,
 }
 
-/// A dump of a running instance: what it was and its packed CRIU images.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub instance: Instance,
-    /// The packed images (a tar of CRIU's image files and the program's log), base64.
-    pub images: String,
-    /// The cluster's seal of `instance` and `images` (HMAC-SHA256, hex): a restore
-    /// accepts only snapshots sealed by its own cluster, unchanged.
-    #[serde(default)]
-    pub seal: String,
-}
-
 /// `POST /v1/restore` (`vane restore DIR [--host H] [--name N --ip IP --hostname H]`): a new
 /// instance from a snapshot, with the snapshot's identity or (a clone) a new one.
+///
+/// Snapshots travel as a stream of frames (`frame`), never whole: the answer of
+/// `POST /v1/instances/NAME/snapshot` is a `RECORD` frame (the `Instance`, JSON), `IMAGES`
+/// frames (the packed images: a tar of CRIU's image files and the program's log) and a
+/// `SEAL` frame, or an `ERROR` frame where it failed; the body of `POST /v1/restore` is a
+/// `RECORD` frame (this, JSON) followed by the `IMAGES` frames.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoreSpec {
-    pub snapshot: Snapshot,
+    /// The instance the snapshot was made of.
+    pub instance: Instance,
+    /// The cluster's seal of `instance` and the images (HMAC-SHA256, hex): a restore
+    /// accepts only snapshots sealed by its own cluster, unchanged.
+    pub seal: String,
+    /// Length of the packed images that follow.
+    pub images_bytes: u64,
     #[serde(default)]
     pub host: Option<String>,
     #[serde(default)]
@@ -434,6 +434,9 @@ pub struct RestoreSpec {
     #[serde(default)]
     pub hostname: Option<String>,
 }
+
+/// Media type of snapshot streams (`RestoreSpec`).
+pub const SNAPSHOT_MEDIA_TYPE: &str = "application/vnd.vane.snapshot";
 
 /// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -522,6 +525,12 @@ pub mod frame {
     pub const STDERR: u8 = 2;
     pub const EXIT: u8 = 3;
     pub const ERROR: u8 = 4;
+    /// Snapshot streams (`RestoreSpec`): the record, packed images, the seal.
+    pub const RECORD: u8 = 5;
+    pub const IMAGES: u8 = 6;
+    pub const SEAL: u8 = 7;
+    /// Largest frame a reader accepts.
+    pub const MAX_LEN: usize = 16 << 20;
 
     /// Appends one frame to `out`.
     pub fn encode(out: &mut Vec<u8>, kind: u8, data: &[u8]) {
@@ -540,7 +549,7 @@ pub mod frame {
         }
         r.read_exact(&mut head[1..])?;
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > 16 << 20 {
+        if len > MAX_LEN {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "stream frame larger than 16 MiB",

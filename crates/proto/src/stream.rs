@@ -89,18 +89,19 @@ pub enum AgentRequest {
         id: String,
         leave_running: bool,
     },
-    /// Up to `len` bytes of the packed images of `id` from `offset`.
-    ReadImages {
+    /// Sends the packed images of `id` (after `Checkpoint`) to the controller over a
+    /// transfer connection (`GET /v1/agents/transfers/TICKET`, WebSocket): binary messages,
+    /// then a text message `end`. Answered when all are sent.
+    SendImages {
         id: String,
-        offset: u64,
-        len: u32,
+        ticket: String,
     },
-    /// Bytes of the packed images of a prepared instance, at `offset`.
-    WriteImages {
+    /// Receives `bytes` bytes of packed images for the prepared instance `id` over a
+    /// transfer connection: binary messages, then `end`. Answered when all are on disk.
+    ReceiveImages {
         id: String,
-        offset: u64,
-        /// Base64.
-        data: String,
+        ticket: String,
+        bytes: u64,
     },
     /// Restores the dumped tree: into the prepared space (destination), or back into its
     /// own space after a failed migration (source).
@@ -152,11 +153,62 @@ pub enum AgentReply {
     Checkpointed {
         bytes: u64,
     },
-    /// `len` bytes of packed images, in base64; none past the end.
-    Images {
-        len: u64,
-        data: String,
-    },
+}
+
+/// Why an agent could not do what was asked: a kind the controller maps to its answer's
+/// status, and one line for the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request makes no sense (a bad argument).
+    BadRequest,
+    /// The instance is not on this host.
+    NotFound,
+    /// The instance is not in a state that allows it.
+    Conflict,
+    /// It was tried and failed.
+    Failed,
+}
+
+impl AgentError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> AgentError {
+        AgentError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> AgentError {
+        AgentError::new(ErrorKind::NotFound, message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> AgentError {
+        AgentError::new(ErrorKind::Conflict, message)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> AgentError {
+        AgentError::new(ErrorKind::BadRequest, message)
+    }
+}
+
+/// Anything that only says what failed.
+impl From<String> for AgentError {
+    fn from(message: String) -> AgentError {
+        AgentError::new(ErrorKind::Failed, message)
+    }
+}
+
+impl From<&str> for AgentError {
+    fn from(message: &str) -> AgentError {
+        AgentError::new(ErrorKind::Failed, message)
+    }
 }
 
 /// Agent -> controller.
@@ -177,7 +229,7 @@ pub enum FromAgent {
     Lookup { net: u32, ip: Ipv4Addr },
     Response {
         id: u64,
-        result: Result<AgentReply, String>,
+        result: Result<AgentReply, AgentError>,
     },
     /// An instance changed state (for example its program exited).
     Report(InstanceReport),

@@ -205,6 +205,23 @@ impl Client {
     }
 }
 
+impl Client {
+    /// A request whose body is a stream (`content_type`), answered with JSON.
+    pub fn post_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Read + 'static,
+    ) -> Result<T> {
+        let resp = self
+            .post_req(path)
+            .header("Content-Type", content_type)
+            .send(ureq::SendBody::from_owned_reader(body))
+            .map_err(|e| self.unreachable(e))?;
+        read_json(self.check(resp)?)
+    }
+}
+
 /// Parses an answer as it arrives, whatever its size (a snapshot's is its images).
 fn read_json<T: DeserializeOwned>(resp: Resp) -> Result<T> {
     let reader = std::io::BufReader::new(resp.into_body().into_reader());

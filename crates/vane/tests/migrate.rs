@@ -463,6 +463,19 @@ fn digest_of(lab: &TestLab, name: &str) -> String {
     out
 }
 
+/// The most memory the process of `what` (`controller`, `h1`, ...) has held, in bytes.
+fn peak_memory(lab: &TestLab, what: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", lab.pid_of(what))).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib << 10
+}
+
+/// Images stream through the controller and the agents: none of them holds one whole.
 #[test]
 fn a_snapshot_of_256_mib_is_taken_and_restored_whole() {
     let lab = TestLab::up(2);
@@ -476,6 +489,16 @@ fn a_snapshot_of_256_mib_is_taken_and_restored_whole() {
     assert!(size > 256 << 20, "{size} bytes of images");
     lab.ok(&["restore", snap.path(), "--name", "big2", "--host", "h2"]);
     assert_eq!(digest_of(&lab, "big2"), digest);
+    migrate(&lab, "big2", "h1");
+    assert_eq!(digest_of(&lab, "big2"), digest);
+    for process in ["controller", "h1", "h2"] {
+        let peak = peak_memory(&lab, process);
+        assert!(
+            peak < 64 << 20,
+            "{process} held {} MiB at its peak",
+            peak >> 20
+        );
+    }
 }
 
 #[test]

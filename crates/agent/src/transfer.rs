@@ -1,0 +1,172 @@
+//! Bulk transfers of packed images between this agent and the controller.
+//!
+//! Images are too large for the control stream: they would hold up the directory lookups
+//! and views behind them, and travel as base64 in JSON. Each transfer has a connection of
+//! its own, opened by the agent (so that agents behind NAT keep working) to
+//! `/v1/agents/transfers/TICKET` on the controller, inside TLS with the controller's pinned
+//! certificate: a WebSocket carrying binary messages of up to [`CHUNK`] bytes, then a text
+//! message `end`. The ticket comes with the request on the control stream and is good for
+//! one connection; the agent also presents its host credential. The file is read and
+//! written a chunk at a time: memory does not grow with the images, and a slow reader
+//! slows the writer down (TCP's flow control all the way through).
+
+use std::path::Path;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use vane_proto::stream::AgentError;
+
+use crate::Agent;
+
+/// Bytes per message.
+pub const CHUNK: usize = 1 << 20;
+/// The text message that ends a transfer: anything short of it is a broken transfer.
+pub const END: &str = "end";
+/// Header naming the host whose credential the request carries.
+pub const HOST_HEADER: &str = "x-vane-host";
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the transfer connection of `ticket`.
+async fn connect(agent: &Agent, ticket: &str) -> Result<Socket, AgentError> {
+    let url = format!(
+        "{}/v1/agents/transfers/{ticket}",
+        agent
+            .cfg
+            .controller
+            .trim_end_matches('/')
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "wss://", 1)
+    );
+    let (pin, credential) = {
+        let id = agent.identity.lock().expect("identity lock");
+        (id.ca_pin.expect("checked at start"), id.credential.clone())
+    };
+    let credential = credential.ok_or("this host has no credential yet")?;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("transfer {url}: {e}"))?;
+    let headers = req.headers_mut();
+    let value = |s: &str| {
+        s.parse()
+            .map_err(|_| AgentError::from(format!("transfer: a header cannot carry {s:?}")))
+    };
+    headers.insert("authorization", value(&format!("Bearer {credential}"))?);
+    headers.insert(HOST_HEADER, value(&agent.cfg.name)?);
+    let connector = tokio_tungstenite::Connector::Rustls(crate::pin::client_config(pin));
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+            .await
+            .map_err(|e| format!("cannot open the transfer connection to the controller: {e}"))?;
+    Ok(ws)
+}
+
+/// Sends the file at `path` as transfer `ticket`; returns its length.
+pub async fn send(agent: &Agent, ticket: &str, path: &Path) -> Result<u64, AgentError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut ws = connect(agent, ticket).await?;
+    let lost = |e| AgentError::from(format!("the transfer connection broke: {e}"));
+    let mut sent = 0u64;
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        // Full chunks (a short read is not the end of the file).
+        while filled < CHUNK {
+            let n = file
+                .read(&mut buf[filled..])
+                .await
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        sent += filled as u64;
+        ws.send(Message::Binary(buf.into())).await.map_err(lost)?;
+    }
+    ws.send(Message::Text(END.into())).await.map_err(lost)?;
+    // The controller closes once it has everything.
+    while let Some(msg) = ws.next().await {
+        if msg.is_err() {
+            break;
+        }
+    }
+    Ok(sent)
+}
+
+/// Receives transfer `ticket`, `bytes` long, into a new file at `path` (0600); a transfer
+/// that ends early or runs long leaves no file.
+pub async fn receive(
+    agent: &Agent,
+    ticket: &str,
+    path: &Path,
+    bytes: u64,
+) -> Result<(), AgentError> {
+    let result = receive_into(agent, ticket, path, bytes).await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(path).await;
+    }
+    result
+}
+
+async fn receive_into(
+    agent: &Agent,
+    ticket: &str,
+    path: &Path,
+    bytes: u64,
+) -> Result<(), AgentError> {
+    let _ = tokio::fs::remove_file(path).await;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let mut ws = connect(agent, ticket).await?;
+    let mut received = 0u64;
+    loop {
+        let msg = match ws.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(format!("the transfer connection broke: {e}").into()),
+            None => break,
+        };
+        match msg {
+            Message::Binary(data) => {
+                received += data.len() as u64;
+                if received > bytes {
+                    return Err(
+                        format!("the images are longer than the {bytes} bytes announced").into(),
+                    );
+                }
+                file.write_all(&data)
+                    .await
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+            Message::Text(t) if t.as_str() == END => {
+                if received != bytes {
+                    break;
+                }
+                file.sync_all()
+                    .await
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    Err(format!("the images ended after {received} of {bytes} bytes").into())
+}

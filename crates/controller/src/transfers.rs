@@ -1,0 +1,220 @@
+//! Bulk transfers of packed images, streamed: from an agent to the CLI (`vane snapshot`),
+//! from the CLI to an agent (`vane restore`), from one agent to another (`vane migrate`).
+//!
+//! The controller never holds an image whole. An agent moves images over a connection of
+//! its own (`GET /v1/agents/transfers/TICKET`, a WebSocket inside TLS), named by a ticket
+//! the controller gave it with the request on its control stream: single use, bound to that
+//! host, claimed with the host's credential, forgotten after [`UNCLAIMED`]. Each transfer is
+//! a bounded channel of pieces of up to 1 MiB: a slow reader holds the writer back, and
+//! memory stays at a few pieces per transfer, whatever the images' size. A transfer that
+//! makes no progress for [`STALL`] is broken off.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket};
+use tokio::sync::mpsc;
+
+use crate::state::ApiError;
+
+/// What flows through a transfer.
+#[derive(Debug)]
+pub enum Piece {
+    Data(Bytes),
+    /// Everything was sent. A channel that closes without it is a broken transfer.
+    End,
+}
+
+/// The largest piece an agent sends (its messages are 1 MiB).
+pub const MAX_PIECE: usize = 1 << 20;
+/// Pieces in flight per transfer.
+const DEPTH: usize = 4;
+/// How long a ticket waits for its agent.
+const UNCLAIMED: Duration = Duration::from_secs(60);
+/// How long a transfer may make no progress.
+pub const STALL: Duration = Duration::from_secs(30);
+/// The text message that ends a transfer on the agent's connection.
+const END: &str = "end";
+
+enum Side {
+    /// The agent sends: its pieces go into this.
+    FromAgent(mpsc::Sender<Piece>),
+    /// The agent receives what comes out of this.
+    ToAgent(mpsc::Receiver<Piece>),
+}
+
+struct Slot {
+    host: String,
+    made: Instant,
+    side: Side,
+}
+
+#[derive(Default)]
+pub struct Transfers {
+    open: Mutex<HashMap<String, Slot>>,
+}
+
+impl Transfers {
+    fn add(&self, host: &str, side: Side) -> String {
+        let ticket = crate::enroll::new_secret("vanexfer-");
+        let mut open = self.open.lock().expect("transfers lock");
+        open.retain(|_, s| s.made.elapsed() < UNCLAIMED);
+        open.insert(
+            ticket.clone(),
+            Slot {
+                host: host.to_string(),
+                made: Instant::now(),
+                side,
+            },
+        );
+        ticket
+    }
+
+    /// A transfer `host` will send: its ticket, and where its pieces arrive.
+    pub fn sent_by(&self, host: &str) -> (String, mpsc::Receiver<Piece>) {
+        let (tx, rx) = mpsc::channel(DEPTH);
+        (self.add(host, Side::FromAgent(tx)), rx)
+    }
+
+    /// A transfer `host` will receive: its ticket, and where to put its pieces.
+    pub fn sent_to(&self, host: &str) -> (String, mpsc::Sender<Piece>) {
+        let (tx, rx) = mpsc::channel(DEPTH);
+        (self.add(host, Side::ToAgent(rx)), tx)
+    }
+
+    /// Forgets `ticket` if its agent never claimed it, which ends the transfer for whoever
+    /// waits on the other side.
+    pub fn cancel(&self, ticket: &str) {
+        self.open.lock().expect("transfers lock").remove(ticket);
+    }
+
+    /// Takes `ticket` for `host` (once): `None` when it is unknown, spent, expired or
+    /// another host's.
+    pub fn claim(&self, ticket: &str, host: &str) -> Option<Claimed> {
+        let mut open = self.open.lock().expect("transfers lock");
+        let slot = open.get(ticket)?;
+        if slot.host != host || slot.made.elapsed() >= UNCLAIMED {
+            return None;
+        }
+        open.remove(ticket).map(|s| Claimed(s.side))
+    }
+}
+
+/// A transfer its agent has claimed (`GET /v1/agents/transfers/{ticket}`).
+pub struct Claimed(Side);
+
+impl Claimed {
+    /// Moves the transfer's pieces over the agent's connection.
+    pub async fn serve(self, ws: WebSocket) {
+        let result = match self.0 {
+            Side::FromAgent(tx) => from_agent(ws, tx).await,
+            Side::ToAgent(rx) => to_agent(ws, rx).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!("transfer: {e}");
+        }
+    }
+}
+
+/// Pieces the agent sends, into `tx`, up to its `end`.
+async fn from_agent(mut ws: WebSocket, tx: mpsc::Sender<Piece>) -> Result<(), String> {
+    loop {
+        let msg = match tokio::time::timeout(STALL, ws.recv()).await {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => return Err(format!("the agent's connection broke: {e}")),
+            Ok(None) => return Err("the agent closed its connection early".into()),
+            Err(_) => return Err(stalled()),
+        };
+        let piece = match msg {
+            Message::Binary(data) => Piece::Data(data),
+            Message::Text(t) if t.as_str() == END => Piece::End,
+            Message::Close(_) => return Err("the agent closed its connection early".into()),
+            _ => continue,
+        };
+        let end = matches!(piece, Piece::End);
+        if tx.send(piece).await.is_err() {
+            return Err("nobody waits for the images any more".into());
+        }
+        if end {
+            let _ = ws.send(Message::Close(None)).await;
+            return Ok(());
+        }
+    }
+}
+
+/// Pieces from `rx`, to the agent, and `end` if they all came.
+async fn to_agent(mut ws: WebSocket, mut rx: mpsc::Receiver<Piece>) -> Result<(), String> {
+    loop {
+        let piece = match tokio::time::timeout(STALL, rx.recv()).await {
+            Ok(Some(p)) => p,
+            // The sending side gave up: the agent sees a transfer without its end.
+            Ok(None) => {
+                let _ = ws.send(Message::Close(None)).await;
+                return Err("the images ended early".into());
+            }
+            Err(_) => return Err(stalled()),
+        };
+        let msg = match piece {
+            Piece::Data(data) => Message::Binary(data),
+            Piece::End => Message::Text(END.into()),
+        };
+        let end = matches!(msg, Message::Text(_));
+        tokio::time::timeout(STALL, ws.send(msg))
+            .await
+            .map_err(|_| stalled())?
+            .map_err(|e| format!("the agent's connection broke: {e}"))?;
+        if end {
+            // The agent closes once the images are on its disk.
+            let _ = tokio::time::timeout(STALL, ws.recv()).await;
+            return Ok(());
+        }
+    }
+}
+
+fn stalled() -> String {
+    format!("the transfer made no progress for {}s", STALL.as_secs())
+}
+
+/// The next piece from `rx`, with [`STALL`] as the limit.
+pub async fn next(rx: &mut mpsc::Receiver<Piece>) -> Result<Piece, ApiError> {
+    match tokio::time::timeout(STALL, rx.recv()).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(ApiError::Unavailable("the images ended early".into())),
+        Err(_) => Err(ApiError::Unavailable(stalled())),
+    }
+}
+
+/// Puts `piece` into `tx`, with [`STALL`] as the limit.
+pub async fn put(tx: &mpsc::Sender<Piece>, piece: Piece) -> Result<(), ApiError> {
+    match tokio::time::timeout(STALL, tx.send(piece)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(ApiError::Unavailable(
+            "the receiving host stopped taking the images".into(),
+        )),
+        Err(_) => Err(ApiError::Unavailable(stalled())),
+    }
+}
+
+/// Moves pieces from `rx` to `tx` up to the end; returns the number of bytes.
+pub async fn pipe(mut rx: mpsc::Receiver<Piece>, tx: mpsc::Sender<Piece>) -> Result<u64, ApiError> {
+    let mut bytes = 0u64;
+    loop {
+        let piece = next(&mut rx).await?;
+        let end = matches!(piece, Piece::End);
+        if let Piece::Data(d) = &piece {
+            bytes += d.len() as u64;
+        }
+        put(&tx, piece).await?;
+        if end {
+            return Ok(bytes);
+        }
+    }
+}
+
+/// How long an agent may take to answer a transfer of `bytes`: generous, since a stalled
+/// transfer is broken off much earlier ([`STALL`]).
+pub fn answer_within(bytes: u64) -> Duration {
+    Duration::from_secs(60 + bytes / (1 << 20))
+}
