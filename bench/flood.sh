@@ -38,8 +38,9 @@ ip -n "$flooder" addr add "198.18.$octet.200/24" dev eth0
 ip -n "$flooder" link set eth0 up
 ip -n "$flooder" link set lo up
 
-# vane_tunnel::INITIATION_LEN: header 8, ephemeral 32, static 48, timestamp 28, mac1 16.
-len=132
+# vane_tunnel::INITIATION_LEN: header 8, ephemeral 32, static 48, timestamp 28, mac1 16,
+# mac2 16.
+len=148
 
 stream() {
   "$vane" exec cli -- iperf3 -c srv -t "$secs" -J |
@@ -74,7 +75,7 @@ rm -f "$flood_log"
 counters=$("$vane" host stats h2 -o json | python3 -c '
 import json, sys
 c = json.load(sys.stdin)["counters"]
-print(" ".join("%s=%d" % (k, v) for k, v in sorted(c.items()) if k in ("drop_bad_mac", "drop_rate_limited", "drop_auth_failed", "handshakes_completed")))')
+print(" ".join("%s=%d" % (k, v) for k, v in sorted(c.items()) if k in ("drop_bad_mac", "drop_rate_limited", "drop_cookie_sent", "drop_under_load", "drop_source_rate_limited", "drop_auth_failed", "handshakes_completed")))')
 
 printf 'handshake flood against h2 (%s s per run, %s build)\n' "$secs" "$profile"
 printf '  TCP h1 -> h2 alone          %s Gbit/s\n' "$alone"

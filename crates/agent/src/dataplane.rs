@@ -902,7 +902,10 @@ impl Worker {
             return;
         }
         let now = self.now;
-        match self.tunnels.open_in_place(datagram, &mut bufs.scratch, now) {
+        match self
+            .tunnels
+            .open_in_place(datagram, from, &mut bufs.scratch, now)
+        {
             Open::Data { peer, len } => {
                 self.roam(peer, from);
                 if len > 0 {
@@ -921,6 +924,11 @@ impl Worker {
                 self.underlay.send_now(&bufs.scratch[..len], from);
                 self.flush_waiting(peer);
             }
+            // This host is under load: the initiator proves its address with the cookie on
+            // its next try. To the source only, and no roaming: nothing is authenticated.
+            Open::CookieReply { len } => self.underlay.send_now(&bufs.scratch[..len], from),
+            // The peer is under load; the tunnels put the cookie in the next initiation.
+            Open::Cookie { .. } => {}
             Open::Drop(vane_tunnel::DropReason::UnknownIndex) => {
                 // Data for a session this host does not have: its agent restarted, or the
                 // peer kept a session this side tore down. Rebuild from this side.
@@ -1165,6 +1173,9 @@ fn tunnel_drop_name(reason: vane_tunnel::DropReason) -> &'static str {
         R::TooLarge => "too_large",
         R::BadMac => "bad_mac",
         R::RateLimited => "rate_limited",
+        R::CookieSent => "cookie_sent",
+        R::UnderLoad => "under_load",
+        R::SourceRateLimited => "source_rate_limited",
     }
 }
 

@@ -4,6 +4,7 @@
 //! in place, the frame split. For each cipher. Run: `cargo bench -p vane-tunnel`.
 
 use std::hint::black_box;
+use std::net::SocketAddr;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -11,6 +12,11 @@ use vane_tunnel::{Cipher, Config, Keypair, Open, Seal, Tunnels, DATA_HEADER_LEN,
 use vane_wire::overlay::{self, NETS_LEN};
 
 const PACKET: usize = 1400;
+
+/// The underlay addresses of hosts 0 and 1.
+fn addr(host: u8) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, host + 1], 7947))
+}
 
 /// Two hosts with a session from 0 to 1.
 fn pair(cipher: Cipher) -> (Tunnels, Tunnels) {
@@ -31,14 +37,14 @@ fn pair(cipher: Cipher) -> (Tunnels, Tunnels) {
     let Seal::Handshake(n) = a.seal(1, b"", &mut m1, now, 1) else {
         panic!("expected a handshake")
     };
-    let Open::Respond { len, .. } = b.open(&m1[..n], &mut m2, now) else {
+    let Open::Respond { len, .. } = b.open(&m1[..n], addr(0), &mut m2, now) else {
         panic!("expected a response")
     };
-    let Open::Established { len: k, .. } = a.open(&m2[..len], &mut m1, now) else {
+    let Open::Established { len: k, .. } = a.open(&m2[..len], addr(1), &mut m1, now) else {
         panic!("expected a session")
     };
     // The keepalive confirms the session to the responder.
-    let _ = b.open(&m1[..k], &mut m2, now);
+    let _ = b.open(&m1[..k], addr(0), &mut m2, now);
     (a, b)
 }
 
@@ -76,7 +82,7 @@ fn bench(c: &mut Criterion) {
                     }
                     let start = Instant::now();
                     for m in &mut chunk[..n] {
-                        let opened = b.open_in_place(m, &mut scratch, now);
+                        let opened = b.open_in_place(m, addr(0), &mut scratch, now);
                         let Open::Data { len, .. } = opened else {
                             panic!("not opened: {opened:?}")
                         };

@@ -32,13 +32,36 @@
 //!
 //! Sealing and opening data messages allocate nothing; handshakes do. Nothing from the
 //! network can make this crate panic: every malformed input ends in [`Open::Drop`].
+//!
+//! # Handshake floods
+//!
+//! A responder does Diffie-Hellman work for each initiation it processes, so initiations
+//! are what a flood would send. They are turned away as cheaply as possible, in this order
+//! (WireGuard's scheme, whitepaper sections 5.3 and 5.4.7, with vane's own numbers):
+//! 1. mac1, an HMAC under a key derived from the responder's public key: whoever does not
+//!    know the key costs one HMAC ([`DropReason::BadMac`]).
+//! 2. Under load ([`UNDER_LOAD_PER_SECOND`]), an initiation must also carry mac2, a MAC
+//!    under a cookie that only the datagram's source address can have received: one the
+//!    responder derives from a secret and that address, and sends encrypted in a
+//!    [`TYPE_COOKIE_REPLY`] message. Without a valid mac2 the initiation gets a cookie reply
+//!    ([`Open::CookieReply`]) and no public-key work; the initiator's next try carries
+//!    mac2. A flood from spoofed addresses never sees the cookies, so it ends here.
+//! 3. Per source address, [`SOURCE_HANDSHAKES_PER_SECOND`]: one source (a peer gone mad,
+//!    or one replaying a captured initiation from its real address) cannot use the whole
+//!    budget ([`DropReason::SourceRateLimited`]).
+//! 4. The global budget, [`HANDSHAKES_PER_SECOND`] ([`DropReason::RateLimited`]).
+//!
+//! Established sessions need none of this: data messages are opened by index, and a
+//! handshake is only needed to rekey, with a minute of margin before the session expires.
 
+mod limit;
 mod replay;
 #[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ring::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
@@ -47,6 +70,7 @@ use snow::params::{DHChoice, NoiseParams};
 use snow::resolvers::{CryptoResolver, DefaultResolver};
 use snow::{Builder, HandshakeState};
 
+use limit::{Bucket, Rate, Sources};
 use replay::ReplayWindow;
 
 /// Cluster-wide id of a peer host, chosen by the caller (the controller's host id).
@@ -61,6 +85,9 @@ pub const TYPE_INITIATION_AESGCM: u8 = 5;
 pub const TYPE_RESPONSE: u8 = 2;
 /// Message type of a data message (or keepalive).
 pub const TYPE_DATA: u8 = 3;
+/// Message type of a cookie reply: the answer to an initiation while under load (whitepaper
+/// section 5.4.7).
+pub const TYPE_COOKIE_REPLY: u8 = 6;
 
 /// Header of a data message: type, 3 zero bytes, receiver index, counter.
 pub const DATA_HEADER_LEN: usize = 16;
@@ -69,17 +96,83 @@ pub const TAG_LEN: usize = 16;
 /// What a data message adds to the inner bytes.
 pub const DATA_OVERHEAD: usize = DATA_HEADER_LEN + TAG_LEN;
 /// Length of a handshake initiation: header 8, ephemeral 32, encrypted static 48,
-/// encrypted timestamp 28, mac1 16.
-pub const INITIATION_LEN: usize = 8 + 32 + 48 + TIMESTAMP_LEN + TAG_LEN + MAC_LEN;
-/// The MAC that ends an initiation: HMAC-SHA256, truncated, under a key derived from the
-/// responder's public key (WireGuard's mac1, whitepaper section 5.4). The responder checks
-/// it before any Diffie-Hellman: a flood of initiations from whoever does not know its
-/// public key costs it one HMAC each.
+/// encrypted timestamp 28, mac1 16, mac2 16.
+pub const INITIATION_LEN: usize = 8 + 32 + 48 + TIMESTAMP_LEN + TAG_LEN + MAC_LEN + MAC_LEN;
+/// The length of each of the two MACs that end an initiation (whitepaper section 5.4.4).
+///
+/// mac1: HMAC-SHA256, truncated, under a key derived from the responder's public key, over
+/// the message before it. The responder checks it before any Diffie-Hellman: a flood of
+/// initiations from whoever does not know its public key costs it one HMAC each.
+///
+/// mac2: HMAC-SHA256, truncated, under the cookie of the last [`TYPE_COOKIE_REPLY`] from
+/// the responder if it is younger than [`COOKIE_LIFETIME`], over the message up to mac2
+/// (mac1 included); all zero without one. Only checked under load. WireGuard uses keyed
+/// BLAKE2s for both; ring has no BLAKE2s, and HMAC-SHA256 costs about as much.
 pub const MAC_LEN: usize = 16;
 /// Initiations that pass mac1 and get Diffie-Hellman work, per second, after a burst of
 /// as many: a flood of valid-looking initiations (replays, or a peer gone mad) takes at
 /// most that much of the switch thread; established sessions keep the rest.
 pub const HANDSHAKES_PER_SECOND: u32 = 100;
+/// A responder is under load when more initiations than this pass mac1 in a second (or in
+/// one burst: the meter is a bucket of as many), and stays so for [`UNDER_LOAD_HOLD`] after
+/// the last one over: half the handshake budget, so that cookies are asked for before
+/// that budget runs out rather than after. The meter counts arrivals, not the work done:
+/// a flood keeps the host under load even though none of it gets processed. Genuine
+/// traffic stays far below: a peer handshakes every two minutes plus retries, so it takes
+/// thousands of peers rekeying at once to get there, and then they pay one round trip more.
+pub const UNDER_LOAD_PER_SECOND: u32 = HANDSHAKES_PER_SECOND / 2;
+/// How long a responder stays under load after the meter last overflowed: long enough
+/// that an initiator that got a cookie reply and retries after [`Config::handshake_retry`]
+/// (1 s by default) is still asked for its mac2, rather than flapping with each burst.
+pub const UNDER_LOAD_HOLD: Duration = Duration::from_secs(1);
+/// Initiations given Diffie-Hellman work per source address and second, after a burst of
+/// [`SOURCE_BURST`]. A genuine peer retries once a second; 20 leaves room for several
+/// peers behind one address and for simultaneous rekeys, and is a fifth of the global
+/// budget, so that one flooding source leaves most of it to the others. The same limit
+/// applies, separately, to the cookie replies sent to a source.
+pub const SOURCE_HANDSHAKES_PER_SECOND: u32 = 20;
+/// The burst of [`SOURCE_HANDSHAKES_PER_SECOND`].
+pub const SOURCE_BURST: u32 = 5;
+/// Source addresses whose limits are tracked (IPv6 by /64). A source's entry is forgotten
+/// once its buckets are full again (250 ms of silence), so only sources sending now count;
+/// past this many the oldest entry is evicted. At most about 64 bytes each: 256 KiB.
+pub const MAX_SOURCES: usize = 4096;
+/// Cookie replies sent per second by the whole host, after a burst of as many. A cookie
+/// reply is smaller than the initiation it answers and goes only to that initiation's
+/// source, so it amplifies nothing; this bounds what a flood from many spoofed addresses
+/// gets us to send (52 KB/s) and the work (an HMAC and a 16-byte seal each). Ten times the
+/// handshake budget, because under load each processed handshake needs a cookie first and
+/// a cookie serves its initiator for two minutes.
+pub const COOKIE_REPLIES_PER_SECOND: u32 = 1000;
+/// How long a cookie secret is used before a new random one replaces it, and how long an
+/// initiator uses a cookie (whitepaper section 5.4.7: "changing every two minutes"; section
+/// 5.4.4: a cookie older than 120 s is not used). A cookie made just before the secret
+/// changes is refused when used after: the initiator gets a new one in the cookie reply
+/// to that try.
+pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
+/// Length of a cookie reply: header 8 (type, 3 zero, the initiator's sender index), nonce
+/// 12, encrypted cookie 16 + 16.
+pub const COOKIE_REPLY_LEN: usize = 8 + COOKIE_NONCE_LEN + COOKIE_LEN + TAG_LEN;
+/// A cookie: a truncated HMAC-SHA256 of the source address.
+const COOKIE_LEN: usize = 16;
+/// The nonce of a cookie reply's AEAD. WireGuard uses XChaCha20-Poly1305 with a random
+/// 24-byte nonce (section 5.4.7); ring has no XChaCha, so this is ChaCha20-Poly1305 with a
+/// random 12-byte nonce. All cookie replies of a host are sealed under one key (derived
+/// from its public key, so the initiator can derive it too), and random 96-bit nonces are
+/// safe for 2^32 messages per key (NIST SP 800-38D, 8.3): at
+/// [`COOKIE_REPLIES_PER_SECOND`], more than 130 years of replies. A counter nonce is not an
+/// option: it would restart with the process while the key, tied to the long-lived public
+/// key, stays the same.
+const COOKIE_NONCE_LEN: usize = 12;
+
+// A cookie reply must never be larger than what it answers (no amplification), and it is
+// written into the `out` that holds a response.
+const _: () = assert!(COOKIE_REPLY_LEN < INITIATION_LEN && COOKIE_REPLY_LEN <= RESPONSE_LEN);
+
+const HANDSHAKE_RATE: Rate = Rate::new(HANDSHAKES_PER_SECOND, HANDSHAKES_PER_SECOND);
+const LOAD_RATE: Rate = Rate::new(UNDER_LOAD_PER_SECOND, UNDER_LOAD_PER_SECOND);
+const SOURCE_RATE: Rate = Rate::new(SOURCE_HANDSHAKES_PER_SECOND, SOURCE_BURST);
+const COOKIE_REPLY_RATE: Rate = Rate::new(COOKIE_REPLIES_PER_SECOND, COOKIE_REPLIES_PER_SECOND);
 /// Length of a handshake response: header 12, ephemeral 32, empty encrypted payload 16.
 pub const RESPONSE_LEN: usize = 12 + 32 + TAG_LEN;
 
@@ -158,13 +251,15 @@ impl Cipher {
 /// The initiation payload: wall clock nanoseconds (u64) and 4 zero bytes.
 const TIMESTAMP_LEN: usize = 12;
 
-/// The type of a vane tunnel datagram (1, 2 or 3), or `None` if it is not one. Lets a shell
-/// that shares a socket with other traffic tell them apart without opening.
+/// The type of a vane tunnel datagram (1, 2, 3, 5 or 6), or `None` if it is not one. Lets a
+/// shell that shares a socket with other traffic tell them apart without opening.
 pub fn message_type(datagram: &[u8]) -> Option<u8> {
     match datagram {
-        [t @ (TYPE_INITIATION | TYPE_INITIATION_AESGCM | TYPE_RESPONSE | TYPE_DATA), 0, 0, 0, ..] => {
-            Some(*t)
-        }
+        [t @ (TYPE_INITIATION
+        | TYPE_INITIATION_AESGCM
+        | TYPE_RESPONSE
+        | TYPE_DATA
+        | TYPE_COOKIE_REPLY), 0, 0, 0, ..] => Some(*t),
         _ => None,
     }
 }
@@ -289,6 +384,22 @@ pub enum Open {
         /// Length of the keepalive in `out`.
         len: usize,
     },
+    /// An initiation that arrived under load without a valid mac2 was not processed:
+    /// `out[..len]` is a cookie reply to send to the datagram's source, and only there (it
+    /// is smaller than the initiation, so that address gets less than it sent). Nothing is
+    /// authenticated yet: not a reason to roam. Counted as [`DropReason::CookieSent`].
+    CookieReply {
+        /// Length of the cookie reply in `out`.
+        len: usize,
+    },
+    /// A cookie reply to our pending initiation to `peer`: the peer is under load. The
+    /// cookie is kept, and the next initiation to the peer (the retry after
+    /// [`Config::handshake_retry`], from [`Tunnels::poll_timers`]) carries mac2. Nothing to
+    /// send now, and not a reason to roam: anyone who saw our initiation can make one.
+    Cookie {
+        /// The responder.
+        peer: PeerId,
+    },
     /// The datagram is of no use.
     Drop(DropReason),
 }
@@ -319,11 +430,21 @@ pub enum DropReason {
     BadMac,
     /// An initiation over the handshake budget ([`HANDSHAKES_PER_SECOND`]).
     RateLimited,
+    /// An initiation under load without a valid mac2, answered with a cookie reply
+    /// ([`Open::CookieReply`], counted here because the initiation itself was not
+    /// processed).
+    CookieSent,
+    /// An initiation under load without a valid mac2, when its source or the host had no
+    /// cookie replies left to send ([`SOURCE_HANDSHAKES_PER_SECOND`],
+    /// [`COOKIE_REPLIES_PER_SECOND`]).
+    UnderLoad,
+    /// An initiation over its source address's limit ([`SOURCE_HANDSHAKES_PER_SECOND`]).
+    SourceRateLimited,
 }
 
 impl DropReason {
     /// Every reason, for reporting counters.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::UnknownType,
         DropReason::UnknownPeer,
@@ -335,6 +456,9 @@ impl DropReason {
         DropReason::TooLarge,
         DropReason::BadMac,
         DropReason::RateLimited,
+        DropReason::CookieSent,
+        DropReason::UnderLoad,
+        DropReason::SourceRateLimited,
     ];
 
     fn index(self) -> usize {
@@ -451,6 +575,9 @@ struct Pending {
     handshake: HandshakeState,
     cipher: Cipher,
     index: u32,
+    /// The initiation's mac1: the associated data of a cookie reply to it, which ties the
+    /// reply to this initiation (whitepaper section 5.4.7).
+    mac1: [u8; MAC_LEN],
     sent: Instant,
     first: Instant,
 }
@@ -459,6 +586,11 @@ struct Peer {
     public: [u8; 32],
     /// The key of the mac1 of our initiations to it.
     mac1: hmac::Key,
+    /// The key that opens its cookie replies.
+    cookie_key: LessSafeKey,
+    /// The last cookie it sent us, and when it came: the key of our mac2 for
+    /// [`COOKIE_LIFETIME`].
+    cookie: Option<([u8; COOKIE_LEN], Instant)>,
     /// The session we send on.
     current: Option<Session>,
     /// The session before the last rekey: still accepted for receiving until it expires.
@@ -478,6 +610,8 @@ impl Peer {
         Peer {
             public,
             mac1: mac1_key(&public),
+            cookie_key: cookie_key(&public),
+            cookie: None,
             current: None,
             previous: None,
             next: None,
@@ -523,8 +657,22 @@ pub struct Tunnels {
     counters: Counters,
     /// The key of the mac1 of initiations to us.
     mac1: hmac::Key,
-    /// Initiations that may still get Diffie-Hellman work now, and when it was counted.
-    budget: (u32, Option<Instant>),
+    /// Initiations that may still get Diffie-Hellman work ([`HANDSHAKES_PER_SECOND`]).
+    budget: Bucket,
+    /// Initiations that passed mac1, metered at [`UNDER_LOAD_PER_SECOND`].
+    load: Bucket,
+    /// Under load until then: the last time the load meter ran dry, plus
+    /// [`UNDER_LOAD_HOLD`].
+    loaded_until: Option<Instant>,
+    /// The secret our cookies are made with, and when it was made (replaced after
+    /// [`COOKIE_LIFETIME`]); made when first needed.
+    cookie_secret: Option<(hmac::Key, Instant)>,
+    /// The key that seals our cookie replies.
+    cookie_key: LessSafeKey,
+    /// Cookie replies we may still send ([`COOKIE_REPLIES_PER_SECOND`]).
+    cookie_budget: Bucket,
+    /// Per-source limits of initiations and cookie replies.
+    sources: Sources,
 }
 
 /// The mac1 key for initiations to the host whose public key is `public`.
@@ -536,12 +684,36 @@ fn mac1_key(public: &[u8; 32]) -> hmac::Key {
     hmac::Key::new(hmac::HMAC_SHA256, label.as_ref())
 }
 
-/// The mac1 of `message` under `key`.
+/// The mac1 (or mac2, or cookie) of `message` under `key`.
 fn mac1(key: &hmac::Key, message: &[u8]) -> [u8; MAC_LEN] {
     let tag = hmac::sign(key, message);
     let mut out = [0; MAC_LEN];
     out.copy_from_slice(&tag.as_ref()[..MAC_LEN]);
     out
+}
+
+/// The mac2 of `message` under `cookie`.
+fn mac2(cookie: &[u8; COOKIE_LEN], message: &[u8]) -> [u8; MAC_LEN] {
+    mac1(&hmac::Key::new(hmac::HMAC_SHA256, cookie), message)
+}
+
+/// Whether two MACs are equal, in time that does not depend on where they differ (an
+/// early exit would tell a forger how many leading bytes were right).
+fn macs_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// The key of the cookie replies of the host whose public key is `public`: anyone may
+/// derive it (like WireGuard's, whitepaper section 5.4.7); what binds a reply to one
+/// initiation is that initiation's mac1 as associated data.
+fn cookie_key(public: &[u8; 32]) -> LessSafeKey {
+    let key = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"vane cookie\0" as &[u8], public].concat(),
+    );
+    LessSafeKey::new(
+        UnboundKey::new(&CHACHA20_POLY1305, key.as_ref()).expect("a SHA-256 is a 32-byte key"),
+    )
 }
 
 impl Tunnels {
@@ -563,29 +735,54 @@ impl Tunnels {
             last_timestamp_sent: 0,
             counters: Counters::default(),
             mac1: mac1_key(&local.public),
-            budget: (HANDSHAKES_PER_SECOND, None),
+            budget: Bucket::default(),
+            load: Bucket::default(),
+            loaded_until: None,
+            cookie_secret: None,
+            cookie_key: cookie_key(&local.public),
+            cookie_budget: Bucket::default(),
+            sources: Sources::new(MAX_SOURCES),
             local,
         }
     }
 
-    /// Takes one initiation's worth of the handshake budget, refilled at
-    /// [`HANDSHAKES_PER_SECOND`] up to as many; false when there is none left.
-    fn spend_handshake(&mut self, now: Instant) -> bool {
-        let (tokens, since) = &mut self.budget;
-        let since = *since.get_or_insert(now);
-        let refill = now.saturating_duration_since(since).as_millis() as u64
-            * u64::from(HANDSHAKES_PER_SECOND)
-            / 1000;
-        if refill > 0 {
-            *tokens = (u64::from(*tokens) + refill).min(u64::from(HANDSHAKES_PER_SECOND)) as u32;
-            self.budget.1 = Some(now);
+    /// Meters one initiation that passed mac1 and says whether the host is under load.
+    fn under_load(&mut self, now: Instant) -> bool {
+        if !self.load.take(LOAD_RATE, now) {
+            self.loaded_until = now.checked_add(UNDER_LOAD_HOLD);
         }
-        let tokens = &mut self.budget.0;
-        if *tokens == 0 {
-            return false;
+        self.loaded_until.is_some_and(|until| now < until)
+    }
+
+    /// The cookie of source `from` (whitepaper section 5.4.7: a MAC of the source IP address
+    /// and port under a secret that changes every two minutes). Only the holder of that
+    /// address gets it, in a cookie reply; so a valid mac2 shows the initiation really
+    /// comes from its source address, and the per-source limit cannot be dodged by spoofing.
+    fn cookie(&mut self, from: SocketAddr, now: Instant) -> [u8; COOKIE_LEN] {
+        if self
+            .cookie_secret
+            .as_ref()
+            .is_some_and(|(_, made)| now.saturating_duration_since(*made) >= COOKIE_LIFETIME)
+        {
+            self.cookie_secret = None;
         }
-        *tokens -= 1;
-        true
+        let (secret, _) = self.cookie_secret.get_or_insert_with(|| {
+            let secret: [u8; 32] = rand::random();
+            (hmac::Key::new(hmac::HMAC_SHA256, &secret), now)
+        });
+        let mut input = [0; 18];
+        let n = match from.ip().to_canonical() {
+            IpAddr::V4(ip) => {
+                input[..4].copy_from_slice(&ip.octets());
+                4
+            }
+            IpAddr::V6(ip) => {
+                input[..16].copy_from_slice(&ip.octets());
+                16
+            }
+        };
+        input[n..n + 2].copy_from_slice(&from.port().to_be_bytes());
+        mac1(secret, &input[..n + 2])
     }
 
     fn params(&self, cipher: Cipher) -> &NoiseParams {
@@ -713,9 +910,17 @@ impl Tunnels {
         Some(n)
     }
 
-    /// Handles one datagram from the underlay. `out` must hold `datagram.len()` bytes, and
-    /// [`RESPONSE_LEN`] (or [`DATA_OVERHEAD`] for the keepalive of [`Open::Established`]).
-    pub fn open(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+    /// Handles one datagram from the underlay, which came from `from` (its source address:
+    /// initiations are limited per source, and a cookie reply is for that address only).
+    /// `out` must hold `datagram.len()` bytes, and [`RESPONSE_LEN`] (or [`DATA_OVERHEAD`]
+    /// for the keepalive of [`Open::Established`]).
+    pub fn open(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        now: Instant,
+    ) -> Open {
         let result = match datagram {
             [TYPE_DATA, 0, 0, 0, ..] => match out.get_mut(..datagram.len()) {
                 None => Open::Drop(DropReason::TooLarge),
@@ -728,7 +933,7 @@ impl Tunnels {
                     opened
                 }
             },
-            _ => self.open_handshake(datagram, out, now),
+            _ => self.open_handshake(datagram, from, out, now),
         };
         self.count(result)
     }
@@ -736,30 +941,48 @@ impl Tunnels {
     /// Like [`Tunnels::open`], but a data message is opened where it lies: on
     /// [`Open::Data`] the inner bytes are `datagram[DATA_HEADER_LEN..][..len]`. `out` is
     /// only written for handshake messages (see [`Tunnels::open`] for its size).
-    pub fn open_in_place(&mut self, datagram: &mut [u8], out: &mut [u8], now: Instant) -> Open {
+    pub fn open_in_place(
+        &mut self,
+        datagram: &mut [u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        now: Instant,
+    ) -> Open {
         let result = match datagram {
             [TYPE_DATA, 0, 0, 0, ..] => self.open_data(datagram, now),
-            _ => self.open_handshake(datagram, out, now),
+            _ => self.open_handshake(datagram, from, out, now),
         };
         self.count(result)
     }
 
     fn count(&mut self, result: Open) -> Open {
-        if let Open::Drop(reason) = result {
-            self.counters.drops[reason.index()] += 1;
-        }
+        let reason = match result {
+            Open::Drop(reason) => reason,
+            Open::CookieReply { .. } => DropReason::CookieSent,
+            _ => return result,
+        };
+        self.counters.drops[reason.index()] += 1;
         result
     }
 
     /// Any datagram but a well-formed data message's header.
-    fn open_handshake(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {
+    fn open_handshake(
+        &mut self,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        now: Instant,
+    ) -> Open {
         match datagram {
             [_, a, b, c, ..] if (a | b | c) != 0 => Open::Drop(DropReason::Malformed),
-            [TYPE_INITIATION, ..] => self.open_initiation(datagram, out, now, Cipher::ChaChaPoly),
+            [TYPE_INITIATION, ..] => {
+                self.open_initiation(datagram, from, out, now, Cipher::ChaChaPoly)
+            }
             [TYPE_INITIATION_AESGCM, ..] => {
-                self.open_initiation(datagram, out, now, Cipher::AesGcm)
+                self.open_initiation(datagram, from, out, now, Cipher::AesGcm)
             }
             [TYPE_RESPONSE, ..] => self.open_response(datagram, out, now),
+            [TYPE_COOKIE_REPLY, ..] => self.open_cookie_reply(datagram, now),
             [_, _, _, _, ..] => Open::Drop(DropReason::UnknownType),
             _ => Open::Drop(DropReason::Malformed),
         }
@@ -876,6 +1099,15 @@ impl Tunnels {
         // Over the whole message, header included.
         let tag = mac1(&p.mac1, &out[..8 + n]);
         out[8 + n..8 + n + MAC_LEN].copy_from_slice(&tag);
+        // Over the message up to mac2, mac1 included (whitepaper section 5.4.4).
+        let end = 8 + n + MAC_LEN;
+        let mac2 = match p.cookie {
+            Some((cookie, at)) if now.saturating_duration_since(at) < COOKIE_LIFETIME => {
+                mac2(&cookie, &out[..end])
+            }
+            _ => [0; MAC_LEN],
+        };
+        out[end..end + MAC_LEN].copy_from_slice(&mac2);
         let first = match p.pending.take() {
             Some(old) => {
                 self.indexes.remove(&old.index);
@@ -887,11 +1119,12 @@ impl Tunnels {
             handshake,
             cipher,
             index,
+            mac1: tag,
             sent: now,
             first,
         });
         self.counters.handshakes_initiated += 1;
-        Some(8 + n + MAC_LEN)
+        Some(end + MAC_LEN)
     }
 
     /// Opens a data message in place: the inner bytes end up at `datagram[DATA_HEADER_LEN..]`.
@@ -953,6 +1186,7 @@ impl Tunnels {
     fn open_initiation(
         &mut self,
         datagram: &[u8],
+        from: SocketAddr,
         out: &mut [u8],
         now: Instant,
         cipher: Cipher,
@@ -963,13 +1197,37 @@ impl Tunnels {
         if out.len() < RESPONSE_LEN {
             return Open::Drop(DropReason::TooLarge);
         }
-        // Cheap checks first: whoever does not know our public key costs one HMAC.
-        let (message, tag) = datagram.split_at(INITIATION_LEN - MAC_LEN);
-        let expected = mac1(&self.mac1, message);
-        if expected.iter().zip(tag).fold(0u8, |d, (a, b)| d | (a ^ b)) != 0 {
+        // Cheap checks first, in order of cost, all before any public-key work (see the
+        // crate's documentation). Whoever does not know our public key costs one HMAC.
+        let (message, macs) = datagram.split_at(INITIATION_LEN - 2 * MAC_LEN);
+        let (tag1, tag2) = macs.split_at(MAC_LEN);
+        if !macs_equal(&mac1(&self.mac1, message), tag1) {
             return Open::Drop(DropReason::BadMac);
         }
-        if !self.spend_handshake(now) {
+        if self.under_load(now) {
+            let cookie = self.cookie(from, now);
+            let expected = mac2(&cookie, &datagram[..INITIATION_LEN - MAC_LEN]);
+            if !macs_equal(&expected, tag2) {
+                // No cookie, an old one, or one for another address: send the current one.
+                // Per source first, so that one source cannot take all the host's replies.
+                let source = self.sources.get(from.ip(), now);
+                if !source.cookies.take(SOURCE_RATE, now)
+                    || !self.cookie_budget.take(COOKIE_REPLY_RATE, now)
+                {
+                    return Open::Drop(DropReason::UnderLoad);
+                }
+                return self.cookie_reply(datagram, tag1, &cookie, out);
+            }
+        }
+        if !self
+            .sources
+            .get(from.ip(), now)
+            .handshakes
+            .take(SOURCE_RATE, now)
+        {
+            return Open::Drop(DropReason::SourceRateLimited);
+        }
+        if !self.budget.take(HANDSHAKE_RATE, now) {
             return Open::Drop(DropReason::RateLimited);
         }
         let Ok(mut handshake) = Builder::new(self.params(cipher).clone())
@@ -1020,6 +1278,73 @@ impl Tunnels {
         p.stats.handshakes += 1;
         self.counters.handshakes_completed += 1;
         Open::Respond { peer, len: 12 + n }
+    }
+
+    /// Writes to `out` the cookie reply to `initiation`, whose mac1 is `initiation_mac1`
+    /// (whitepaper section 5.4.7): the cookie, sealed under our cookie key with the mac1 as
+    /// associated data, so that only who saw the initiation (its sender, normally) can
+    /// make or use a reply to it.
+    fn cookie_reply(
+        &self,
+        initiation: &[u8],
+        initiation_mac1: &[u8],
+        cookie: &[u8; COOKIE_LEN],
+        out: &mut [u8],
+    ) -> Open {
+        let Some(out) = out.get_mut(..COOKIE_REPLY_LEN) else {
+            return Open::Drop(DropReason::TooLarge);
+        };
+        let nonce: [u8; COOKIE_NONCE_LEN] = rand::random();
+        let sealed = 8 + COOKIE_NONCE_LEN;
+        out[sealed..sealed + COOKIE_LEN].copy_from_slice(cookie);
+        let Ok(tag) = self.cookie_key.seal_in_place_separate_tag(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(initiation_mac1),
+            &mut out[sealed..sealed + COOKIE_LEN],
+        ) else {
+            return Open::Drop(DropReason::UnderLoad);
+        };
+        out[sealed + COOKIE_LEN..].copy_from_slice(tag.as_ref());
+        out[..4].copy_from_slice(&[TYPE_COOKIE_REPLY, 0, 0, 0]);
+        // The initiator's sender index: it finds its pending handshake by it.
+        out[4..8].copy_from_slice(&initiation[4..8]);
+        out[8..sealed].copy_from_slice(&nonce);
+        Open::CookieReply {
+            len: COOKIE_REPLY_LEN,
+        }
+    }
+
+    /// A cookie reply to one of our initiations: keep the cookie for the next.
+    fn open_cookie_reply(&mut self, datagram: &[u8], now: Instant) -> Open {
+        if datagram.len() != COOKIE_REPLY_LEN {
+            return Open::Drop(DropReason::Malformed);
+        }
+        let index = u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
+        let Some(&peer) = self.indexes.get(&index) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let Some(pending) = p.pending.as_ref().filter(|h| h.index == index) else {
+            return Open::Drop(DropReason::UnknownIndex);
+        };
+        let sealed = 8 + COOKIE_NONCE_LEN;
+        let mut nonce = [0; COOKIE_NONCE_LEN];
+        nonce.copy_from_slice(&datagram[8..sealed]);
+        let mut cookie = [0; COOKIE_LEN + TAG_LEN];
+        cookie.copy_from_slice(&datagram[sealed..]);
+        let Ok(opened) = p.cookie_key.open_in_place(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(pending.mac1),
+            &mut cookie,
+        ) else {
+            return Open::Drop(DropReason::AuthFailed);
+        };
+        let mut kept = [0; COOKIE_LEN];
+        kept.copy_from_slice(opened);
+        p.cookie = Some((kept, now));
+        Open::Cookie { peer }
     }
 
     fn open_response(&mut self, datagram: &[u8], out: &mut [u8], now: Instant) -> Open {

@@ -1,6 +1,7 @@
 //! Behaviour of the sessions, driven between hosts in one process with virtual time: the
 //! "network" is a Vec of datagrams per host, which tests may reorder, replay or lose.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -34,6 +35,55 @@ fn host(cfg: &Config, i: usize) -> Tunnels {
 
 fn other(i: usize) -> PeerId {
     (1 - i) as PeerId
+}
+
+/// The underlay address of host `i`.
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, i as u8 + 1], 7947))
+}
+
+/// The address of a host on the underlay that is not one of the pair.
+fn flooder() -> SocketAddr {
+    SocketAddr::from(([198, 51, 100, 66], 40000))
+}
+
+/// The `k`th of many distinct source addresses.
+fn source(k: u32) -> SocketAddr {
+    SocketAddr::from(([10, (k >> 16) as u8, (k >> 8) as u8, k as u8], 5000))
+}
+
+/// A host that host 1 does not know, and its initiation to host 1: it passes mac1 (made
+/// with host 1's public key, which is no secret) and is refused only after the
+/// Diffie-Hellman work, as [`DropReason::UnknownPeer`]. What a flood that knows the key
+/// (or replays a captured initiation) looks like.
+fn stranger(p: &Pair) -> (Tunnels, Vec<u8>) {
+    let mut t = Tunnels::new(Config::default(), keys(7));
+    t.set_peer(1, keys(1).public);
+    let mut out = [0; 256];
+    let Seal::Handshake(n) = t.seal(1, b"", &mut out, p.now, p.wall) else {
+        panic!("expected an initiation")
+    };
+    (t, out[..n].to_vec())
+}
+
+/// `initiation` with a mac2 made with `t`'s cookie for `from`, as if its sender had been
+/// sent that cookie.
+fn with_mac2(t: &mut Tunnels, initiation: &[u8], from: SocketAddr, now: Instant) -> Vec<u8> {
+    let cookie = t.cookie(from, now);
+    let mut d = initiation.to_vec();
+    let tag = mac2(&cookie, &d[..INITIATION_LEN - MAC_LEN]);
+    d[INITIATION_LEN - MAC_LEN..].copy_from_slice(&tag);
+    d
+}
+
+/// The mac2 of an initiation.
+fn mac2_of(initiation: &[u8]) -> &[u8] {
+    &initiation[INITIATION_LEN - MAC_LEN..]
+}
+
+/// How many of `results` match.
+fn how_many(results: &[(Open, Vec<u8>)], f: impl Fn(&Open) -> bool) -> usize {
+    results.iter().filter(|(r, _)| f(r)).count()
 }
 
 impl Pair {
@@ -90,14 +140,22 @@ impl Pair {
         }
     }
 
-    /// Host `i` handles `datagram` as its shell would.
+    /// Host `i` handles `datagram` from the other host as its shell would.
     fn deliver(&mut self, i: usize, datagram: &[u8]) -> Open {
+        self.deliver_from(i, datagram, addr(1 - i))
+    }
+
+    /// Host `i` handles `datagram` from `from` as its shell would (what it sends back goes
+    /// to the other host, whatever `from` is).
+    fn deliver_from(&mut self, i: usize, datagram: &[u8], from: SocketAddr) -> Open {
         let mut out = [0; 2048];
-        let r = self.t[i].open(datagram, &mut out, self.now);
+        let r = self.t[i].open(datagram, from, &mut out, self.now);
         match r {
             Open::Data { len, .. } if len > 0 => self.got[i].push(out[..len].to_vec()),
-            Open::Data { .. } => {}
-            Open::Respond { len, .. } => self.inbox[1 - i].push(out[..len].to_vec()),
+            Open::Data { .. } | Open::Cookie { .. } => {}
+            Open::Respond { len, .. } | Open::CookieReply { len } => {
+                self.inbox[1 - i].push(out[..len].to_vec())
+            }
             Open::Established { len, .. } => {
                 self.inbox[1 - i].push(out[..len].to_vec());
                 for inner in std::mem::take(&mut self.queue[i]) {
@@ -107,6 +165,36 @@ impl Pair {
             Open::Drop(reason) => self.drops[i].push(reason),
         }
         r
+    }
+
+    /// Host `i` gets `n` copies of `datagram` from `from`, not one of the pair; what it
+    /// makes of each, with the bytes it would send back to `from`.
+    fn flood(
+        &mut self,
+        i: usize,
+        datagram: &[u8],
+        n: usize,
+        from: SocketAddr,
+    ) -> Vec<(Open, Vec<u8>)> {
+        let mut out = [0; 256];
+        (0..n)
+            .map(|_| {
+                let r = self.t[i].open(datagram, from, &mut out, self.now);
+                let sent = match r {
+                    Open::Respond { len, .. } | Open::CookieReply { len } => out[..len].to_vec(),
+                    _ => Vec::new(),
+                };
+                (r, sent)
+            })
+            .collect()
+    }
+
+    /// Puts host 1 under load (or keeps it so): a burst of initiations from [`flooder`]
+    /// that pass mac1, twice what the load meter lets by.
+    fn overload(&mut self, flood: &[u8]) {
+        let n = 2 * UNDER_LOAD_PER_SECOND as usize;
+        self.flood(1, flood, n, flooder());
+        assert!(self.t[1].loaded_until.is_some_and(|u| self.now < u));
     }
 
     /// Delivers everything in flight, and what that causes, until the network is quiet.
@@ -275,7 +363,7 @@ fn initiation_from_an_unknown_key_is_dropped() {
     p.send(0, b"x");
     let init = p.inbox[1].pop().unwrap();
     assert_eq!(
-        stranger.open(&init, &mut out, p.now),
+        stranger.open(&init, addr(0), &mut out, p.now),
         Open::Drop(DropReason::BadMac)
     );
     assert_eq!(stranger.counters().handshakes_completed, 0);
@@ -297,36 +385,49 @@ fn initiations_cost_an_hmac_unless_they_know_the_key_and_the_budget_bounds_the_r
         }
         d[..4].copy_from_slice(&[1, 0, 0, 0]);
         assert_eq!(
-            p.t[1].open(&d, &mut out, p.now),
+            p.t[1].open(&d, flooder(), &mut out, p.now),
             Open::Drop(DropReason::BadMac)
         );
     }
     p.send(0, b"x");
     let genuine = p.inbox[1].pop().unwrap();
-    for at in [8, 40, INITIATION_LEN - MAC_LEN - 1, INITIATION_LEN - 1] {
+    // Any bit of what mac1 covers, or of mac1 itself.
+    for at in [
+        8,
+        40,
+        INITIATION_LEN - 2 * MAC_LEN - 1,
+        INITIATION_LEN - MAC_LEN - 1,
+    ] {
         let mut d = genuine.clone();
         d[at] ^= 1;
         assert_eq!(
-            p.t[1].open(&d, &mut out, p.now),
+            p.t[1].open(&d, addr(0), &mut out, p.now),
             Open::Drop(DropReason::BadMac)
         );
     }
     assert_eq!(p.t[1].counters().handshakes_completed, 0);
-    // Replays of a genuine one: Diffie-Hellman for the budget's worth, then refused at
-    // once until the budget refills.
+    // Replays of a genuine one from many addresses, each with a valid mac2 for its address
+    // (so neither the load nor the per-source limit turns them away): Diffie-Hellman for
+    // the budget's worth, then refused at once until the budget refills.
     let mut dh = 0;
-    for _ in 0..(2 * HANDSHAKES_PER_SECOND) {
-        match p.t[1].open(&genuine, &mut out, p.now) {
+    for k in 0..(2 * HANDSHAKES_PER_SECOND) {
+        let from = source(k);
+        let d = with_mac2(&mut p.t[1], &genuine, from, p.now);
+        match p.t[1].open(&d, from, &mut out, p.now) {
             Open::Drop(DropReason::RateLimited) => {}
-            _ => dh += 1,
+            Open::Respond { .. } | Open::Drop(DropReason::StaleInitiation) => dh += 1,
+            r => panic!("{r:?}"),
         }
     }
     assert_eq!(dh, HANDSHAKES_PER_SECOND);
     p.advance(Duration::from_millis(100));
-    assert!(!matches!(
-        p.t[1].open(&genuine, &mut out, p.now),
-        Open::Drop(DropReason::RateLimited)
-    ));
+    let from = source(10_000);
+    let d = with_mac2(&mut p.t[1], &genuine, from, p.now);
+    assert_eq!(
+        p.t[1].open(&d, from, &mut out, p.now),
+        Open::Drop(DropReason::StaleInitiation),
+        "Diffie-Hellman work again"
+    );
     assert_eq!(
         p.t[1].counters().drops(DropReason::RateLimited),
         u64::from(HANDSHAKES_PER_SECOND)
@@ -571,7 +672,7 @@ fn message_types_and_short_buffers() {
     );
     let d = p.seal_held(0, &[7; 100]);
     assert_eq!(
-        p.t[1].open(&d, &mut small, p.now),
+        p.t[1].open(&d, addr(0), &mut small, p.now),
         Open::Drop(DropReason::TooLarge)
     );
     assert!(matches!(p.deliver(1, &d), Open::Data { len: 100, .. }));
@@ -596,7 +697,7 @@ fn random_datagrams_never_panic() {
                 let len = rng.gen_range(0..300);
                 let mut d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
                 if len >= 4 && rng.gen_bool(0.8) {
-                    d[0] = rng.gen_range(0..5);
+                    d[0] = rng.gen_range(0..8);
                     d[1..4].fill(0);
                 }
                 d
@@ -606,10 +707,17 @@ fn random_datagrams_never_panic() {
                 let len = [
                     INITIATION_LEN,
                     RESPONSE_LEN,
+                    COOKIE_REPLY_LEN,
                     DATA_OVERHEAD + rng.gen_range(0..64),
-                ][rng.gen_range(0..3)];
+                ][rng.gen_range(0..4)];
                 let mut d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                d[0] = rng.gen_range(1..4);
+                d[0] = [
+                    TYPE_INITIATION,
+                    TYPE_INITIATION_AESGCM,
+                    TYPE_RESPONSE,
+                    TYPE_DATA,
+                    TYPE_COOKIE_REPLY,
+                ][rng.gen_range(0..5)];
                 d[1..4].fill(0);
                 d
             }
@@ -628,11 +736,13 @@ fn random_datagrams_never_panic() {
         };
         let out_len = rng.gen_range(0..out.len());
         for t in &mut p.t {
-            match t.open(&d, &mut out[..out_len], p.now) {
+            match t.open(&d, flooder(), &mut out[..out_len], p.now) {
                 Open::Drop(_) => {}
-                // Flips in the unauthenticated header indexes (or flips that cancel out)
-                // can leave a valid message valid; the contents cannot be forged.
-                Open::Respond { .. } | Open::Data { .. } if round % 3 == 2 => {}
+                // Flips in the unauthenticated header indexes or in mac2 (or flips that
+                // cancel out) can leave a valid message valid, and enough of those put the
+                // host under load; the contents cannot be forged.
+                Open::Respond { .. } | Open::Data { .. } | Open::CookieReply { .. }
+                    if round % 3 == 2 => {}
                 r => panic!("{r:?} from {d:?}"),
             }
         }
@@ -711,4 +821,282 @@ fn hosts_with_different_ciphers_talk_both_ways() {
     q.send(1, b"from an aes host");
     q.run();
     assert_eq!(q.got[0], vec![b"from an aes host".to_vec()]);
+}
+
+/// Under load, an initiation without mac2 gets a cookie reply and no work; the initiator
+/// keeps the cookie, and its retry, with mac2, makes the session.
+#[test]
+fn under_load_an_initiation_without_mac2_gets_a_cookie_and_the_retry_completes() {
+    let mut p = Pair::new(Config::default());
+    let (_, flood) = stranger(&p);
+    let r = p.flood(1, &flood, 2 * UNDER_LOAD_PER_SECOND as usize, flooder());
+    // Before the load: the flooder's burst gets Diffie-Hellman work (and is refused for
+    // its key), the rest of its initiations its own limit. Then the load: cookie replies,
+    // as many as the flooder's limit allows, then nothing.
+    let unknown = |o: &Open| *o == Open::Drop(DropReason::UnknownPeer);
+    assert_eq!(how_many(&r, unknown), SOURCE_BURST as usize);
+    let cookies = |o: &Open| matches!(o, Open::CookieReply { .. });
+    assert_eq!(how_many(&r, cookies), SOURCE_BURST as usize);
+    let c = p.t[1].counters();
+    assert_eq!(c.drops(DropReason::CookieSent), u64::from(SOURCE_BURST));
+    assert!(c.drops(DropReason::UnderLoad) > 0);
+    assert!(c.drops(DropReason::SourceRateLimited) > 0);
+
+    p.send(0, b"hello");
+    let init = p.inbox[1].pop().unwrap();
+    assert_eq!(mac2_of(&init), [0; MAC_LEN], "no cookie yet: mac2 is zero");
+    assert_eq!(
+        p.deliver(1, &init),
+        Open::CookieReply {
+            len: COOKIE_REPLY_LEN
+        }
+    );
+    assert!(p.t[1].peers[&0].next.is_none() && !p.t[1].has_session(0));
+    assert_eq!(p.t[1].counters().handshakes_completed, 0);
+    let reply = p.inbox[0].pop().unwrap();
+    assert_eq!(message_type(&reply), Some(TYPE_COOKIE_REPLY));
+    assert_eq!(p.deliver(0, &reply), Open::Cookie { peer: 1 });
+    assert!(p.inbox.iter().all(Vec::is_empty), "a cookie sends nothing");
+    assert!(!p.t[0].has_session(1));
+
+    // A second later, still under load, the retry carries mac2 and is answered.
+    p.advance(Duration::from_secs(1));
+    p.overload(&flood);
+    assert_eq!(p.timers(), 1);
+    let retry = p.inbox[1][0].clone();
+    assert_ne!(mac2_of(&retry), [0; MAC_LEN]);
+    // (Without it, it would not be.)
+    let mut out = [0; 256];
+    assert!(matches!(
+        p.t[1].open(&init, addr(0), &mut out, p.now),
+        Open::CookieReply { .. }
+    ));
+    assert!(matches!(
+        p.deliver(1, &retry),
+        Open::Respond { peer: 0, .. }
+    ));
+    p.run();
+    assert_eq!(p.got[1], vec![b"hello".to_vec()]);
+    assert!(p.t[0].has_session(1) && p.t[1].has_session(0));
+    p.assert_talks(b"under load");
+}
+
+/// Under load, mac2 must be made with the cookie of the datagram's own source address and
+/// port; a forged one, or one for another source, gets a cookie reply and no work. A
+/// cookie reply itself must be the one sealed for our initiation.
+#[test]
+fn forged_mac2_and_cookies_for_other_sources_are_refused() {
+    let mut p = Pair::new(Config::default());
+    let (_, flood) = stranger(&p);
+    p.overload(&flood);
+    p.send(0, b"hello");
+    p.run();
+    assert!(p.t[0].peers[&1].cookie.is_some());
+    p.advance(Duration::from_secs(1));
+    p.overload(&flood);
+    assert_eq!(p.timers(), 1);
+    let retry = p.inbox[1].pop().unwrap();
+    let mut out = [0; 256];
+    let refused = |r: Open| matches!(r, Open::CookieReply { .. });
+
+    let mut forged = retry.clone();
+    forged[INITIATION_LEN - 1] ^= 1;
+    assert!(refused(p.t[1].open(&forged, addr(0), &mut out, p.now)));
+    // A valid cookie, but the flooder's.
+    let theirs = with_mac2(&mut p.t[1], &retry, flooder(), p.now);
+    assert!(refused(p.t[1].open(&theirs, addr(0), &mut out, p.now)));
+    // The genuine one, from another port of the same address, or from another address.
+    let mut other_port = addr(0);
+    other_port.set_port(7948);
+    assert!(refused(p.t[1].open(&retry, other_port, &mut out, p.now)));
+    let elsewhere = SocketAddr::from(([192, 0, 2, 77], 7947));
+    assert!(refused(p.t[1].open(&retry, elsewhere, &mut out, p.now)));
+    assert_eq!(p.t[1].counters().handshakes_completed, 0);
+    assert!(p.t[1].peers[&0].next.is_none());
+
+    // Cookie replies that are not for host 0's pending initiation do not replace its
+    // cookie: tampered, or sealed for another initiation (the mac1 is the associated data).
+    let kept = p.t[0].peers[&1].cookie;
+    let Open::CookieReply { len } = p.t[1].open(&retry, elsewhere, &mut out, p.now) else {
+        panic!("expected a cookie reply")
+    };
+    let mut tampered = out[..len].to_vec();
+    tampered[COOKIE_REPLY_LEN - 20] ^= 1;
+    assert_eq!(p.deliver(0, &tampered), Open::Drop(DropReason::AuthFailed));
+    let mut other = out[..len].to_vec();
+    let Open::CookieReply { len } = p.t[1].open(&flood, elsewhere, &mut out, p.now) else {
+        panic!("expected a cookie reply")
+    };
+    // Addressed to host 0's pending index, sealed for the flooder's initiation.
+    let index = other[4..8].to_vec();
+    other.copy_from_slice(&out[..len]);
+    other[4..8].copy_from_slice(&index);
+    assert_eq!(p.deliver(0, &other), Open::Drop(DropReason::AuthFailed));
+    assert_eq!(p.t[0].peers[&1].cookie, kept);
+
+    // The genuine one from its own address is answered.
+    assert!(matches!(
+        p.deliver(1, &retry),
+        Open::Respond { peer: 0, .. }
+    ));
+    p.run();
+    assert_eq!(p.got[1], vec![b"hello".to_vec()]);
+}
+
+/// A source that floods initiations with a valid mac1 and, having a real address, a valid
+/// mac2 gets no more than its own limit; the global budget is never reached, and a peer
+/// from another address completes its handshake in the middle of the flood.
+#[test]
+fn a_flooding_source_is_limited_and_other_sources_still_handshake() {
+    let mut p = Pair::new(Config::default());
+    let (mut s, first) = stranger(&p);
+    // The flooder gets a cookie the honest way.
+    let r = p.flood(1, &first, 2 * UNDER_LOAD_PER_SECOND as usize, flooder());
+    let (_, reply) = r
+        .iter()
+        .find(|(o, _)| matches!(o, Open::CookieReply { .. }))
+        .expect("a cookie reply");
+    let mut out = [0; 256];
+    assert_eq!(
+        s.open(reply, addr(1), &mut out, p.now),
+        Open::Cookie { peer: 1 }
+    );
+    let n = s.start_handshake(1, &mut out, p.now, p.wall).unwrap();
+    let valid = out[..n].to_vec();
+    assert_ne!(mac2_of(&valid), [0; MAC_LEN]);
+
+    // 1000 a second for two seconds; host 0 starts a handshake half a second in.
+    let mut flood = Vec::new();
+    for ms in 0..2000 {
+        p.advance(Duration::from_millis(1));
+        flood.extend(p.flood(1, &valid, 1, flooder()));
+        if ms == 500 {
+            p.send(0, b"hello");
+        }
+        p.timers();
+        p.run();
+    }
+    let dh = how_many(&flood, |o| *o == Open::Drop(DropReason::UnknownPeer));
+    let limited = how_many(&flood, |o| *o == Open::Drop(DropReason::SourceRateLimited));
+    let most = SOURCE_BURST + 2 * SOURCE_HANDSHAKES_PER_SECOND;
+    assert!(
+        dh >= 2 * SOURCE_HANDSHAKES_PER_SECOND as usize && dh <= most as usize,
+        "{dh} Diffie-Hellman for the flooder"
+    );
+    assert_eq!(dh + limited, 2000, "all with a valid mac2, under load");
+    assert_eq!(p.t[1].counters().drops(DropReason::RateLimited), 0);
+    assert!(p.t[0].peers[&1].cookie.is_some(), "host 0 needed a cookie");
+    assert_eq!(p.got[1], vec![b"hello".to_vec()]);
+    assert!(p.t[0].has_session(1) && p.t[1].has_session(0));
+    assert!(p.t[1].loaded_until.is_some_and(|u| p.now < u));
+}
+
+/// A cookie reply is smaller than the initiation it answers, a source gets no more than
+/// its limit of them, and all sources together no more than the host's.
+#[test]
+fn cookie_replies_are_smaller_than_initiations_and_rate_limited() {
+    let mut p = Pair::new(Config::default());
+    let (_, flood) = stranger(&p);
+    // A victim's address, spoofed: the victim gets a few small replies for many
+    // initiations.
+    let victim = SocketAddr::from(([203, 0, 113, 9], 53));
+    let r = p.flood(1, &flood, 1000, victim);
+    let received: usize = 1000 * flood.len();
+    let sent: Vec<_> = r.iter().filter(|(_, b)| !b.is_empty()).collect();
+    assert_eq!(sent.len(), SOURCE_BURST as usize);
+    for (o, bytes) in &r {
+        if let Open::CookieReply { len } = o {
+            assert_eq!(*len, COOKIE_REPLY_LEN);
+            assert_eq!(bytes.len(), COOKIE_REPLY_LEN);
+            assert!(bytes.len() < flood.len());
+        }
+    }
+    assert_eq!(flood.len(), INITIATION_LEN);
+    assert!(sent.iter().map(|(_, b)| b.len()).sum::<usize>() * 100 < received);
+    // Many spoofed sources at once: the host's own limit.
+    let mut replies = 0;
+    for k in 0..(COOKIE_REPLIES_PER_SECOND + 500) {
+        let r = p.flood(1, &flood, 1, source(k));
+        replies += how_many(&r, |o| matches!(o, Open::CookieReply { .. }));
+    }
+    assert_eq!(
+        replies,
+        COOKIE_REPLIES_PER_SECOND as usize - SOURCE_BURST as usize
+    );
+    p.advance(Duration::from_millis(100));
+    let r = p.flood(1, &flood, 1, source(1_000_000));
+    assert_eq!(how_many(&r, |o| matches!(o, Open::CookieReply { .. })), 1);
+}
+
+/// The cookie secret is replaced every two minutes: a cookie is the same for its source
+/// for that long and no longer; an initiator whose cookie was made with the old secret is
+/// sent a new one, and gets through with that.
+#[test]
+fn cookie_secret_rotates_every_two_minutes() {
+    let mut p = Pair::new(Config::default());
+    let t0 = p.now;
+    let secs = Duration::from_secs;
+    let c = p.t[1].cookie(addr(0), t0);
+    assert_eq!(c, p.t[1].cookie(addr(0), t0 + secs(119)));
+    assert_ne!(c, p.t[1].cookie(flooder(), t0 + secs(119)));
+    let mut other_port = addr(0);
+    other_port.set_port(1);
+    assert_ne!(c, p.t[1].cookie(other_port, t0 + secs(119)));
+    let c2 = p.t[1].cookie(addr(0), t0 + COOKIE_LIFETIME);
+    assert_ne!(c, c2);
+    assert_eq!(c2, p.t[1].cookie(addr(0), t0 + secs(239)));
+
+    // End to end: host 0 gets a cookie 110 s into the secret's life and uses it 11 s later.
+    let mut p = Pair::new(Config::default());
+    let (_, flood) = stranger(&p);
+    p.overload(&flood);
+    p.advance(secs(110));
+    p.overload(&flood);
+    p.send(0, b"hello");
+    p.run();
+    let first = p.t[0].peers[&1].cookie.expect("a cookie").0;
+    p.advance(secs(11));
+    p.overload(&flood);
+    assert_eq!(p.timers(), 1);
+    let retry = p.inbox[1].pop().unwrap();
+    assert_ne!(
+        mac2_of(&retry),
+        [0; MAC_LEN],
+        "the cookie is 11 s old: still used"
+    );
+    assert!(matches!(p.deliver(1, &retry), Open::CookieReply { .. }));
+    assert!(!p.t[1].has_session(0) && p.t[1].peers[&0].next.is_none());
+    p.run();
+    let second = p.t[0].peers[&1].cookie.expect("a cookie").0;
+    assert_ne!(first, second, "a cookie of the new secret");
+    p.advance(secs(1));
+    p.overload(&flood);
+    assert_eq!(p.timers(), 1);
+    p.run();
+    assert_eq!(p.got[1], vec![b"hello".to_vec()]);
+    assert!(p.t[0].has_session(1) && p.t[1].has_session(0));
+}
+
+/// An initiator puts its cookie in mac2 for two minutes after it came, then zeros.
+#[test]
+fn initiators_use_a_cookie_for_two_minutes() {
+    let mut p = Pair::new(Config::default());
+    let (_, flood) = stranger(&p);
+    p.overload(&flood);
+    p.send(0, b"hello");
+    p.run();
+    let (cookie, at) = p.t[0].peers[&1].cookie.expect("a cookie");
+    assert_eq!(cookie, p.t[1].cookie(addr(0), p.now));
+    let mut out = [0; 256];
+    for (age, used) in [(0, true), (119, true), (120, false), (500, false)] {
+        let now = at + Duration::from_secs(age);
+        let n = p.t[0].start_handshake(1, &mut out, now, p.wall).unwrap();
+        assert_eq!(n, INITIATION_LEN);
+        let expected = if used {
+            mac2(&cookie, &out[..INITIATION_LEN - MAC_LEN])
+        } else {
+            [0; MAC_LEN]
+        };
+        assert_eq!(mac2_of(&out[..n]), expected, "{age} s");
+    }
 }

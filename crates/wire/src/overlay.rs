@@ -26,7 +26,7 @@ use crate::{ipv4_checksum, Ipv4Packet, PROTO_ICMP};
 pub const NETS_LEN: usize = 12;
 /// Frame flag: the packet's L4 checksum is partial (see the module docs).
 pub const FLAG_CSUM_PARTIAL: u8 = 1;
-/// Message type of a plaintext datagram (tunnel messages are of types 1, 2, 3 and 5).
+/// Message type of a plaintext datagram (tunnel messages are of types 1, 2, 3, 5 and 6).
 pub const PLAIN_TYPE: u8 = 4;
 /// Length of the plaintext datagram header.
 pub const PLAIN_HEADER_LEN: usize = 8;
