@@ -10,18 +10,15 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use vane_proto::api::{frame, InstanceState};
-use vane_proto::stream::{
-    encode_stream_data, AgentError, AgentReply, FromAgent, HostAuth, ToAgent,
-};
+use vane_proto::stream::{AgentError, AgentReply, FromAgent, HostAuth, ToAgent};
 
 use crate::{instance, launch, Agent};
 
-/// A message for the controller.
-pub enum Out {
-    Json(FromAgent),
-    Report(vane_proto::stream::InstanceReport),
-    Stream(u64, u8, Vec<u8>),
-}
+/// Messages waiting for the controller. A controller that falls this far behind is treated
+/// as lost: the agent reconnects, and its hello says where things stand.
+pub const OUTBOX: usize = 1024;
+/// Frames of one exec or logs stream waiting for the transfer connection.
+const STREAM_DEPTH: usize = 8;
 
 /// The controller's address, from its base URL (`http://HOST:PORT`).
 pub fn controller_addr(url: &str) -> Option<SocketAddr> {
@@ -56,9 +53,9 @@ impl Agent {
 
 /// Passes the switch's directory lookups to the controller. While disconnected they are
 /// dropped: the packets that wait for them expire, as they would for a missing member.
-pub async fn forward_lookups(agent: Arc<Agent>, mut rx: mpsc::UnboundedReceiver<(u32, Ipv4Addr)>) {
+pub async fn forward_lookups(agent: Arc<Agent>, mut rx: mpsc::Receiver<(u32, Ipv4Addr)>) {
     while let Some((net, ip)) = rx.recv().await {
-        agent.send(Out::Json(FromAgent::Lookup { net, ip }));
+        agent.send(FromAgent::Lookup { net, ip });
     }
 }
 
@@ -138,7 +135,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut stream) = ws.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Out>();
+    let (tx, mut rx) = mpsc::channel::<FromAgent>(OUTBOX);
     // Registered before the hello is built, so no report can fall between the two.
     *agent.outbox.lock().expect("outbox lock") = Some(tx);
     let locator = agent.locator();
@@ -165,21 +162,9 @@ where
     if sink.send(Message::Text(hello.into())).await.is_err() {
         return SessionEnd::Lost;
     }
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            let msg = match out {
-                Out::Json(m) => {
-                    Message::Text(serde_json::to_string(&m).expect("serializes").into())
-                }
-                Out::Report(r) => Message::Text(
-                    serde_json::to_string(&FromAgent::Report(r))
-                        .expect("serializes")
-                        .into(),
-                ),
-                Out::Stream(id, kind, data) => {
-                    Message::Binary(encode_stream_data(id, kind, &data).into())
-                }
-            };
+    let mut writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let msg = Message::Text(serde_json::to_string(&m).expect("serializes").into());
             if sink.send(msg).await.is_err() {
                 break;
             }
@@ -189,6 +174,8 @@ where
     let end = loop {
         let msg = tokio::select! {
             m = stream.next() => m,
+            // The connection broke, or the outbox overflowed (`Agent::send`).
+            _ = &mut writer => break SessionEnd::Lost,
             _ = check.tick() => {
                 if agent.cfg.locator.is_none() && agent.locator() != locator {
                     break SessionEnd::Moved;
@@ -234,7 +221,7 @@ where
                 let agent = agent.clone();
                 tokio::spawn(async move {
                     let result = agent.clone().handle(body).await;
-                    agent.send(Out::Json(FromAgent::Response { id, result }));
+                    agent.send(FromAgent::Response { id, result });
                 });
             }
         }
@@ -257,7 +244,7 @@ pub struct ExecArgs {
 pub async fn exec(
     agent: Arc<Agent>,
     id: &str,
-    stream: u64,
+    ticket: String,
     cmd: Vec<String>,
     env: Vec<(String, String)>,
 ) -> Result<AgentReply, AgentError> {
@@ -295,34 +282,56 @@ pub async fn exec(
         .map_err(|e| format!("cannot start exec helper: {e}"))?;
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel(STREAM_DEPTH);
     tokio::spawn(async move {
-        let a = pump(&agent, stream, frame::STDOUT, stdout);
-        let b = pump(&agent, stream, frame::STDERR, stderr);
-        tokio::join!(a, b);
-        let code = match child.wait().await {
-            Ok(s) => s.code().unwrap_or(128),
-            Err(_) => 128,
+        let output = async move {
+            tokio::join!(
+                pump(&tx, frame::STDOUT, stdout),
+                pump(&tx, frame::STDERR, stderr)
+            );
+            let code = match child.wait().await {
+                Ok(s) => s.code().unwrap_or(128),
+                Err(_) => 128,
+            };
+            let _ = tx.send(framed(frame::EXIT, &code.to_be_bytes())).await;
         };
-        agent.send(Out::Stream(
-            stream,
-            frame::EXIT,
-            code.to_be_bytes().to_vec(),
-        ));
+        let send = crate::transfer::send_frames(&agent, &ticket, rx);
+        tokio::pin!(send, output);
+        // A reader that goes away takes the command with it: `output` dropped, the child
+        // killed.
+        let sent = tokio::select! {
+            sent = &mut send => sent,
+            () = &mut output => send.await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!("exec output: {e}");
+        }
     });
     Ok(AgentReply::Done)
 }
 
-async fn pump(agent: &Agent, stream: u64, kind: u8, mut r: impl tokio::io::AsyncRead + Unpin) {
+fn framed(kind: u8, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + data.len());
+    frame::encode(&mut out, kind, data);
+    out
+}
+
+/// Frames of `kind` from `r` into `tx`, until either ends.
+async fn pump(tx: &mpsc::Sender<Vec<u8>>, kind: u8, mut r: impl tokio::io::AsyncRead + Unpin) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => agent.send(Out::Stream(stream, kind, buf[..n].to_vec())),
+            Ok(n) => {
+                if tx.send(framed(kind, &buf[..n])).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
 
-pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply, AgentError> {
+pub async fn logs(agent: Arc<Agent>, id: &str, ticket: String) -> Result<AgentReply, AgentError> {
     let dir = {
         let instances = agent.instances();
         instances
@@ -337,15 +346,23 @@ pub async fn logs(agent: Arc<Agent>, id: &str, stream: u64) -> Result<AgentReply
         .filter_map(|name| instance::open_shared(&dir, name).ok())
         .map(tokio::fs::File::from_std)
         .collect();
+    let (tx, rx) = mpsc::channel(STREAM_DEPTH);
     tokio::spawn(async move {
-        for file in files {
-            pump(&agent, stream, frame::STDOUT, file).await;
+        let output = async move {
+            for file in files {
+                pump(&tx, frame::STDOUT, file).await;
+            }
+            let _ = tx.send(framed(frame::EXIT, &0i32.to_be_bytes())).await;
+        };
+        let send = crate::transfer::send_frames(&agent, &ticket, rx);
+        tokio::pin!(send, output);
+        let sent = tokio::select! {
+            sent = &mut send => sent,
+            () = &mut output => send.await,
+        };
+        if let Err(e) = sent {
+            tracing::debug!("logs: {e}");
         }
-        agent.send(Out::Stream(
-            stream,
-            frame::EXIT,
-            0i32.to_be_bytes().to_vec(),
-        ));
     });
     Ok(AgentReply::Done)
 }

@@ -54,7 +54,7 @@ const MAX_DEVICE_READ: usize = VNET_HDR_LEN + 65535;
 const MISS_WAIT: Duration = Duration::from_secs(2);
 /// Packets held per unresolved address, and unresolved addresses held at once.
 const MISS_QUEUE: usize = 16;
-const MISS_ADDRESSES: usize = 256;
+pub(crate) const MISS_ADDRESSES: usize = 256;
 /// How long "no such member" is remembered, so a program sending to nobody does not make
 /// the switch ask the directory for every packet.
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
@@ -127,7 +127,7 @@ pub struct DataplaneConfig {
     /// Largest IPv4 packet that fits one underlay datagram after the overlay's headers.
     pub max_inner_packet: usize,
     /// Where directory lookups go (to the controller, through the agent's control stream).
-    pub lookups: tokio::sync::mpsc::UnboundedSender<(NetId, Ipv4Addr)>,
+    pub lookups: tokio::sync::mpsc::Sender<(NetId, Ipv4Addr)>,
 }
 
 /// Handle to the data-plane thread.
@@ -308,7 +308,7 @@ struct Worker {
     peers: HashMap<HostId, PeerIo>,
     misses: HashMap<(NetId, Ipv4Addr), Miss>,
     negative: HashMap<(NetId, Ipv4Addr), Instant>,
-    lookups: tokio::sync::mpsc::UnboundedSender<(NetId, Ipv4Addr)>,
+    lookups: tokio::sync::mpsc::Sender<(NetId, Ipv4Addr)>,
     max_inner_packet: usize,
     counters: ShellCounters,
 }
@@ -823,7 +823,8 @@ impl Worker {
                 return;
             }
             self.counters.lookups += 1;
-            let _ = self.lookups.send(key);
+            // Full only while the controller is away: the miss expires like any other.
+            let _ = self.lookups.try_send(key);
             self.misses.insert(
                 key,
                 Miss {

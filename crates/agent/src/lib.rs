@@ -33,11 +33,11 @@ use ipnet::Ipv4Net;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use vane_proto::api::{ExitStatus, InstanceState, PortStats};
 use vane_proto::stream::{
-    AgentError, AgentReply, AgentRequest, AgentView, InstanceReport, InstanceSpec,
+    AgentError, AgentReply, AgentRequest, AgentView, FromAgent, InstanceReport, InstanceSpec,
 };
 use vane_switch::{L4Proto, Location, NetConfig, PolicyRule, PortId, SwitchConfig};
 
@@ -118,7 +118,7 @@ pub(crate) struct Agent {
     /// an exit.
     dumped: Mutex<std::collections::BTreeSet<String>>,
     /// Messages to the controller, while connected.
-    outbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<control::Out>>>,
+    outbox: Mutex<Option<mpsc::Sender<FromAgent>>>,
 }
 
 pub(crate) use vane_proto::unix_now as now;
@@ -175,7 +175,7 @@ pub async fn run(
         .unwrap_or(1500);
     let max_inner_packet = underlay_mtu.saturating_sub(netconf::ENCAPSULATION).max(576);
     let switch_cfg = SwitchConfig::default();
-    let (lookups_tx, lookups_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (lookups_tx, lookups_rx) = mpsc::channel(dataplane::MISS_ADDRESSES);
     let dataplane = Dataplane::start(DataplaneConfig {
         switch: switch_cfg.clone(),
         listen: cfg.listen,
@@ -386,15 +386,28 @@ impl Agent {
         };
         tracing::info!(instance = %id, exit = ?report.exit, "instance ended");
         // The report goes out before anyone waiting on `exited` answers the controller.
-        self.send(control::Out::Report(report));
+        self.send(FromAgent::Report(report));
         if let Some(local) = self.instances().get(&id) {
             local.exited.send_replace(true);
         }
     }
 
-    fn send(&self, msg: control::Out) {
-        if let Some(tx) = self.outbox.lock().expect("outbox lock").as_ref() {
-            let _ = tx.send(msg);
+    /// Queues `msg` for the controller. When the outbox is full the controller is not
+    /// keeping up: a lookup is dropped (the switch asks again), anything else ends the
+    /// session (the reconnection's hello carries the instances' states).
+    fn send(&self, msg: FromAgent) {
+        let mut outbox = self.outbox.lock().expect("outbox lock");
+        let Some(tx) = outbox.as_ref() else { return };
+        match tx.try_send(msg) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(FromAgent::Lookup { .. })) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(
+                    "{} messages wait for the controller: reconnecting",
+                    control::OUTBOX
+                );
+                *outbox = None;
+            }
         }
     }
 
@@ -412,11 +425,11 @@ impl Agent {
             AgentRequest::Remove { id } => self.remove(&id).await.map(|_| AgentReply::Done),
             AgentRequest::Exec {
                 id,
-                stream,
+                ticket,
                 cmd,
                 env,
-            } => control::exec(self, &id, stream, cmd, env).await,
-            AgentRequest::Logs { id, stream } => control::logs(self, &id, stream).await,
+            } => control::exec(self, &id, ticket, cmd, env).await,
+            AgentRequest::Logs { id, ticket } => control::logs(self, &id, ticket).await,
             AgentRequest::HostStats => {
                 let mut stats = self
                     .dataplane

@@ -105,6 +105,28 @@ pub async fn send(agent: &Agent, ticket: &str, path: &Path) -> Result<u64, Agent
     Ok(sent)
 }
 
+/// Sends what comes out of `frames` (each an encoded `api::frame`) as transfer `ticket`,
+/// then the end. The channel is bounded: a slow reader at the far end holds the producer
+/// back (the output of `vane exec` waits in the program's pipe, not in memory).
+pub async fn send_frames(
+    agent: &Agent,
+    ticket: &str,
+    mut frames: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<(), AgentError> {
+    let mut ws = connect(agent, ticket).await?;
+    let lost = |e| AgentError::from(format!("the transfer connection broke: {e}"));
+    while let Some(frame) = frames.recv().await {
+        ws.send(Message::Binary(frame.into())).await.map_err(lost)?;
+    }
+    ws.send(Message::Text(END.into())).await.map_err(lost)?;
+    while let Some(msg) = ws.next().await {
+        if msg.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// Receives transfer `ticket`, `bytes` long, into a new file at `path` (0600); a transfer
 /// that ends early or runs long leaves no file.
 pub async fn receive(

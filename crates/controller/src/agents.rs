@@ -1,13 +1,13 @@
 //! Connected agents: one control stream each. Requests to an agent carry an id and are
-//! answered on the same stream; streamed answers (exec, logs) arrive as binary messages
-//! tagged with a stream id and are routed to whoever waits for them.
+//! answered on the same stream. Streamed answers (exec, logs) and images come over
+//! transfer connections of their own (`transfers`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use vane_proto::stream::{AgentError, AgentReply, AgentRequest, AgentView, ErrorKind, ToAgent};
 
@@ -21,17 +21,34 @@ pub enum Outgoing {
     Close,
 }
 
-/// A frame of a streamed answer: (kind, bytes) as in `vane_proto::api::frame`.
-pub type StreamFrame = (u8, Vec<u8>);
-
 struct Conn {
     /// Distinguishes this connection from a later one of the same host.
     epoch: u64,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    tx: mpsc::Sender<Outgoing>,
+    /// Told when the agent does not keep up: its session ends (`session::run`).
+    overflow: Arc<Notify>,
     pending: HashMap<u64, oneshot::Sender<Result<AgentReply, AgentError>>>,
-    streams: HashMap<u64, mpsc::Sender<StreamFrame>>,
     last_view: Option<AgentView>,
 }
+
+impl Conn {
+    /// Queues `msg` for the agent's socket; false if it cannot be. An agent that falls
+    /// [`OUTBOX`] messages behind is disconnected: it reconnects, and its hello and the
+    /// view it then gets put both sides back in step.
+    fn queue(&self, msg: Outgoing) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.overflow.notify_one();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// Messages waiting for one agent's socket.
+const OUTBOX: usize = 1024;
 
 #[derive(Default)]
 pub struct Agents {
@@ -48,23 +65,27 @@ impl Agents {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Registers the connection of `host`, replacing (and closing) an older one.
-    pub fn attach(&self, host: &str, tx: mpsc::UnboundedSender<Outgoing>) -> u64 {
+    /// Registers the connection of `host`, replacing (and closing) an older one. Returns
+    /// its epoch, the messages for its socket, and what tells the session that the agent
+    /// fell [`OUTBOX`] messages behind.
+    pub fn attach(&self, host: &str) -> (u64, mpsc::Receiver<Outgoing>, Arc<Notify>) {
         let epoch = self.next_id();
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        let overflow = Arc::new(Notify::new());
         let old = self.conns.lock().expect("agents lock").insert(
             host.to_string(),
             Conn {
                 epoch,
                 tx,
+                overflow: overflow.clone(),
                 pending: HashMap::new(),
-                streams: HashMap::new(),
                 last_view: None,
             },
         );
         if let Some(old) = old {
-            let _ = old.tx.send(Outgoing::Close);
+            old.queue(Outgoing::Close);
         }
-        epoch
+        (epoch, rx, overflow)
     }
 
     /// Forgets the connection of `host` if it is still the one of `epoch`; pending requests
@@ -82,10 +103,10 @@ impl Agents {
     /// Tells the agent of `host` it is refused, and closes its stream.
     pub fn evict(&self, host: &str, reason: &str) {
         if let Some(conn) = self.conns.lock().expect("agents lock").remove(host) {
-            let _ = conn.tx.send(Outgoing::Json(Box::new(ToAgent::Refused {
+            conn.queue(Outgoing::Json(Box::new(ToAgent::Refused {
                 reason: reason.to_string(),
             })));
-            let _ = conn.tx.send(Outgoing::Close);
+            conn.queue(Outgoing::Close);
         }
     }
 
@@ -112,10 +133,12 @@ impl Agents {
             let conn = conns
                 .get_mut(host)
                 .ok_or_else(|| ApiError::Unavailable(format!("host {host:?} is offline")))?;
+            if !conn.queue(Outgoing::Json(Box::new(ToAgent::Request { id, body }))) {
+                return Err(ApiError::Unavailable(format!(
+                    "host {host:?} is not keeping up with its control stream"
+                )));
+            }
             conn.pending.insert(id, tx);
-            conn.tx
-                .send(Outgoing::Json(Box::new(ToAgent::Request { id, body })))
-                .map_err(|_| ApiError::Unavailable(format!("host {host:?} is offline")))?;
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
@@ -135,24 +158,6 @@ impl Agents {
         }
     }
 
-    /// Opens a stream for a streamed answer from `host`; frames arrive on the receiver.
-    pub fn open_stream(&self, host: &str) -> Result<(u64, mpsc::Receiver<StreamFrame>), ApiError> {
-        let id = self.next_id();
-        let (tx, rx) = mpsc::channel(256);
-        let mut conns = self.conns.lock().expect("agents lock");
-        let conn = conns
-            .get_mut(host)
-            .ok_or_else(|| ApiError::Unavailable(format!("host {host:?} is offline")))?;
-        conn.streams.insert(id, tx);
-        Ok((id, rx))
-    }
-
-    pub fn close_stream(&self, host: &str, id: u64) {
-        if let Some(c) = self.conns.lock().expect("agents lock").get_mut(host) {
-            c.streams.remove(&id);
-        }
-    }
-
     pub fn resolve(&self, host: &str, id: u64, result: Result<AgentReply, AgentError>) {
         let waiter = self
             .conns
@@ -165,18 +170,9 @@ impl Agents {
         }
     }
 
-    /// The sender of stream `id` of `host`, if someone still listens.
-    pub fn stream_sender(&self, host: &str, id: u64) -> Option<mpsc::Sender<StreamFrame>> {
-        self.conns
-            .lock()
-            .expect("agents lock")
-            .get(host)
-            .and_then(|c| c.streams.get(&id).cloned())
-    }
-
     pub fn send(&self, host: &str, msg: ToAgent) {
         if let Some(c) = self.conns.lock().expect("agents lock").get(host) {
-            let _ = c.tx.send(Outgoing::Json(Box::new(msg)));
+            c.queue(Outgoing::Json(Box::new(msg)));
         }
     }
 
@@ -186,7 +182,7 @@ impl Agents {
         if let Some(c) = conns.get_mut(host) {
             if c.last_view.as_ref() != Some(&view) {
                 c.last_view = Some(view.clone());
-                let _ = c.tx.send(Outgoing::Json(Box::new(ToAgent::View(view))));
+                c.queue(Outgoing::Json(Box::new(ToAgent::View(view))));
             }
         }
     }

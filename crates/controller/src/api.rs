@@ -19,7 +19,6 @@ use vane_proto::api::{
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
-use crate::agents::StreamFrame;
 use crate::auth::Caller;
 use crate::state::ApiError;
 use crate::{now, transfers, Controller};
@@ -1164,9 +1163,9 @@ async fn exec_instance(
         ));
     }
     let (id, host) = running_instance(&c, &name)?;
-    streamed(c, host, |stream| AgentRequest::Exec {
+    streamed(c, host, |ticket| AgentRequest::Exec {
         id,
-        stream,
+        ticket,
         cmd: spec.cmd,
         env: spec.env,
     })
@@ -1175,25 +1174,28 @@ async fn exec_instance(
 
 async fn instance_logs(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Response> {
     let (id, host) = locate(&c, &name)?;
-    streamed(c, host, |stream| AgentRequest::Logs { id, stream }).await
+    streamed(c, host, |ticket| AgentRequest::Logs { id, ticket }).await
 }
 
-/// Sends a request whose answer is a stream, and turns the stream into the response body.
+/// Sends a request whose answer is a stream of frames (the agent sends it over a transfer
+/// connection), and passes the frames on as the response body, at the pace the client
+/// reads them.
 async fn streamed(
     c: Arc<Controller>,
     host: String,
-    request: impl FnOnce(u64) -> AgentRequest,
+    request: impl FnOnce(String) -> AgentRequest,
 ) -> ApiResult<Response> {
-    let (stream, rx) = c.agents.open_stream(&host)?;
-    if let Err(e) = c.agents.request(&host, request(stream)).await {
-        c.agents.close_stream(&host, stream);
+    let (ticket, rx) = c.transfers.output_of(&host);
+    if let Err(e) = c.agents.request(&host, request(ticket.clone())).await {
+        c.transfers.cancel(&ticket);
         return Err(e);
     }
+    // A broken stream ends the body without its exit frame: the client says so.
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        let (kind, data): StreamFrame = rx.recv().await?;
-        let mut out = Vec::with_capacity(5 + data.len());
-        frame::encode(&mut out, kind, &data);
-        Some((Ok::<_, std::convert::Infallible>(Bytes::from(out)), rx))
+        match rx.recv().await? {
+            transfers::Piece::Data(frame) => Some((Ok::<_, std::convert::Infallible>(frame), rx)),
+            transfers::Piece::End => None,
+        }
     });
     Ok(Response::builder()
         .header("content-type", "application/vnd.vane.stream")

@@ -5,10 +5,8 @@ use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 
-use vane_proto::api::frame;
-use vane_proto::stream::{decode_stream_data, AgentRequest, FromAgent, ToAgent};
+use vane_proto::stream::{AgentRequest, FromAgent, ToAgent};
 use vane_proto::validate;
 
 use crate::agents::Outgoing;
@@ -52,8 +50,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
         }
     };
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let epoch = c.agents.attach(&name, tx);
+    let (epoch, mut rx, overflow) = c.agents.attach(&name);
     let (host_id, unknown) = {
         let mut s = c.state();
         let batch = s.host_online(&name, locator, Some(&public_key), now());
@@ -108,6 +105,10 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
         let msg = tokio::select! {
             m = stream.next() => m,
             _ = shutdown.wait_for(|stop| *stop) => break,
+            () = overflow.notified() => {
+                tracing::warn!(host = %name, "agent is not keeping up with its control stream, disconnecting it");
+                break;
+            }
         };
         let Some(Ok(msg)) = msg else { break };
         match msg {
@@ -115,7 +116,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
                 Ok(m) => handle(&c, &name, m),
                 Err(e) => tracing::warn!(host = %name, "bad message from agent: {e}"),
             },
-            Message::Binary(b) => route_stream_data(&c, &name, &b).await,
+            Message::Binary(_) => tracing::warn!(host = %name, "binary message ignored"),
             Message::Close(_) => break,
             Message::Ping(_) | Message::Pong(_) => {}
         }
@@ -156,21 +157,5 @@ fn handle(c: &Controller, host: &str, msg: FromAgent) {
                 c.push_views();
             }
         }
-    }
-}
-
-async fn route_stream_data(c: &Controller, host: &str, msg: &[u8]) {
-    let Some((id, mut bytes)) = decode_stream_data(msg) else {
-        return;
-    };
-    let Ok(Some((kind, data))) = frame::read(&mut bytes) else {
-        return;
-    };
-    let Some(tx) = c.agents.stream_sender(host, id) else {
-        return;
-    };
-    let last = kind == frame::EXIT || kind == frame::ERROR;
-    if tx.send((kind, data)).await.is_err() || last {
-        c.agents.close_stream(host, id);
     }
 }

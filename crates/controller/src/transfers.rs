@@ -49,6 +49,9 @@ struct Slot {
     host: String,
     made: Instant,
     side: Side,
+    /// How long the agent's side may be silent: [`STALL`] for images, none for the
+    /// output of a command (which may say nothing for hours).
+    stall: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -57,7 +60,7 @@ pub struct Transfers {
 }
 
 impl Transfers {
-    fn add(&self, host: &str, side: Side) -> String {
+    fn add(&self, host: &str, side: Side, stall: Option<Duration>) -> String {
         let ticket = crate::enroll::new_secret("vanexfer-");
         let mut open = self.open.lock().expect("transfers lock");
         open.retain(|_, s| s.made.elapsed() < UNCLAIMED);
@@ -67,6 +70,7 @@ impl Transfers {
                 host: host.to_string(),
                 made: Instant::now(),
                 side,
+                stall,
             },
         );
         ticket
@@ -75,13 +79,20 @@ impl Transfers {
     /// A transfer `host` will send: its ticket, and where its pieces arrive.
     pub fn sent_by(&self, host: &str) -> (String, mpsc::Receiver<Piece>) {
         let (tx, rx) = mpsc::channel(DEPTH);
-        (self.add(host, Side::FromAgent(tx)), rx)
+        (self.add(host, Side::FromAgent(tx), Some(STALL)), rx)
+    }
+
+    /// The output of a command `host` will send (exec, logs): frames, each a piece, with
+    /// no limit on silence.
+    pub fn output_of(&self, host: &str) -> (String, mpsc::Receiver<Piece>) {
+        let (tx, rx) = mpsc::channel(DEPTH);
+        (self.add(host, Side::FromAgent(tx), None), rx)
     }
 
     /// A transfer `host` will receive: its ticket, and where to put its pieces.
     pub fn sent_to(&self, host: &str) -> (String, mpsc::Sender<Piece>) {
         let (tx, rx) = mpsc::channel(DEPTH);
-        (self.add(host, Side::ToAgent(rx)), tx)
+        (self.add(host, Side::ToAgent(rx), Some(STALL)), tx)
     }
 
     /// Forgets `ticket` if its agent never claimed it, which ends the transfer for whoever
@@ -98,18 +109,18 @@ impl Transfers {
         if slot.host != host || slot.made.elapsed() >= UNCLAIMED {
             return None;
         }
-        open.remove(ticket).map(|s| Claimed(s.side))
+        open.remove(ticket).map(|s| Claimed(s.side, s.stall))
     }
 }
 
 /// A transfer its agent has claimed (`GET /v1/agents/transfers/{ticket}`).
-pub struct Claimed(Side);
+pub struct Claimed(Side, Option<Duration>);
 
 impl Claimed {
     /// Moves the transfer's pieces over the agent's connection.
     pub async fn serve(self, ws: WebSocket) {
         let result = match self.0 {
-            Side::FromAgent(tx) => from_agent(ws, tx).await,
+            Side::FromAgent(tx) => from_agent(ws, tx, self.1).await,
             Side::ToAgent(rx) => to_agent(ws, rx).await,
         };
         if let Err(e) = result {
@@ -119,13 +130,22 @@ impl Claimed {
 }
 
 /// Pieces the agent sends, into `tx`, up to its `end`.
-async fn from_agent(mut ws: WebSocket, tx: mpsc::Sender<Piece>) -> Result<(), String> {
+async fn from_agent(
+    mut ws: WebSocket,
+    tx: mpsc::Sender<Piece>,
+    stall: Option<Duration>,
+) -> Result<(), String> {
     loop {
-        let msg = match tokio::time::timeout(STALL, ws.recv()).await {
-            Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(format!("the agent's connection broke: {e}")),
-            Ok(None) => return Err("the agent closed its connection early".into()),
-            Err(_) => return Err(stalled()),
+        let next = match stall {
+            Some(limit) => tokio::time::timeout(limit, ws.recv())
+                .await
+                .map_err(|_| stalled())?,
+            None => ws.recv().await,
+        };
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(format!("the agent's connection broke: {e}")),
+            None => return Err("the agent closed its connection early".into()),
         };
         let piece = match msg {
             Message::Binary(data) => Piece::Data(data),

@@ -1,9 +1,9 @@
 //! Messages of the control stream: one WebSocket per agent, opened by the agent
 //! (`GET /v1/agents/connect`), so that agents behind NAT or firewalls can be reached.
 //!
-//! Text messages carry JSON (`ToAgent`, `FromAgent`). Binary messages carry the data of
-//! streamed answers (exec, logs): an 8-byte big-endian stream id followed by one frame as
-//! encoded by `api::frame`.
+//! Messages are text, JSON (`ToAgent`, `FromAgent`). What is long or unbounded (images, the
+//! output of exec and logs) does not travel here but over a transfer connection of its own
+//! (see `SendImages`), so that it neither holds up the messages behind it nor fills memory.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -60,17 +60,18 @@ pub enum AgentRequest {
     Remove {
         id: String,
     },
-    /// Run a command inside the instance; output and exit code on binary stream `stream`.
+    /// Run a command inside the instance. Its output and exit code go as `api::frame`s,
+    /// one per binary message, over the transfer connection of `ticket`.
     Exec {
         id: String,
-        stream: u64,
+        ticket: String,
         cmd: Vec<String>,
         env: Vec<(String, String)>,
     },
-    /// The program's output so far, on binary stream `stream`.
+    /// The program's output so far, as `Exec`'s.
     Logs {
         id: String,
-        stream: u64,
+        ticket: String,
     },
     Stats {
         id: String,
@@ -290,21 +291,4 @@ pub struct PolicyRule {
     pub from: u32,
     pub to: u32,
     pub port: Option<PortSpec>,
-}
-
-/// Encodes a binary stream message.
-pub fn encode_stream_data(stream: u64, kind: u8, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(13 + data.len());
-    out.extend_from_slice(&stream.to_be_bytes());
-    crate::api::frame::encode(&mut out, kind, data);
-    out
-}
-
-/// Splits a binary stream message into its stream id and frame bytes.
-pub fn decode_stream_data(msg: &[u8]) -> Option<(u64, &[u8])> {
-    if msg.len() < 13 {
-        return None;
-    }
-    let (id, frame) = msg.split_at(8);
-    Some((u64::from_be_bytes(id.try_into().ok()?), frame))
 }

@@ -343,3 +343,57 @@ fn an_evicted_host_is_cut_off_at_once() {
     assert!(!lab.run(&["inspect", "b"]).status.success());
     assert!(!ping(&lab), "a still reaches the evicted host's instance");
 }
+
+/// Output travels at the pace it is read: a command that writes without end, read for a
+/// while and then not at all, holds no more than a few MiB in the controller or the agent,
+/// and ends when its reader goes away.
+#[test]
+fn a_command_s_output_is_carried_at_its_reader_s_pace_and_ends_with_it() {
+    use std::io::Read;
+    let lab = TestLab::up(1);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.13.0/24"]);
+    lab.ok(&[
+        "run", "--net", "red", "--name", "x", "--", "sleep", "infinity",
+    ]);
+    // `yes` with the lab's name: a writer of its own, found by its command line.
+    let mut cli = Command::new(common::vane_bin())
+        .args(["exec", "x", "--", "yes", &lab.name])
+        .env("VANE_CONTROLLER", &lab.controller)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("vane exec");
+    let mut out = cli.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0usize;
+    while read < 128 << 20 {
+        let n = out.read(&mut buf).expect("reading the output");
+        assert!(n > 0, "the output ended after {read} bytes");
+        read += n;
+    }
+    // The reader stops: the writer must wait, not pile its output up anywhere.
+    std::thread::sleep(Duration::from_secs(3));
+    for process in ["controller", "h1"] {
+        let peak = lab.peak_memory(process);
+        assert!(
+            peak < 64 << 20,
+            "{process} held {} MiB at its peak",
+            peak >> 20
+        );
+    }
+    let writer = format!("^yes {}$", lab.name);
+    let running = || {
+        Command::new("pgrep")
+            .args(["-f", &writer])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(running(), "the command is gone while its reader waits");
+    drop(out);
+    let _ = cli.kill();
+    let _ = cli.wait();
+    assert!(
+        wait_until(Duration::from_secs(10), || !running()),
+        "the command outlived its reader"
+    );
+}

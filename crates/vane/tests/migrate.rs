@@ -463,18 +463,6 @@ fn digest_of(lab: &TestLab, name: &str) -> String {
     out
 }
 
-/// The most memory the process of `what` (`controller`, `h1`, ...) has held, in bytes.
-fn peak_memory(lab: &TestLab, what: &str) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", lab.pid_of(what))).expect("status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
-    kib << 10
-}
-
 /// Images stream through the controller and the agents: none of them holds one whole.
 #[test]
 fn a_snapshot_of_256_mib_is_taken_and_restored_whole() {
@@ -492,7 +480,7 @@ fn a_snapshot_of_256_mib_is_taken_and_restored_whole() {
     migrate(&lab, "big2", "h1");
     assert_eq!(digest_of(&lab, "big2"), digest);
     for process in ["controller", "h1", "h2"] {
-        let peak = peak_memory(&lab, process);
+        let peak = lab.peak_memory(process);
         assert!(
             peak < 64 << 20,
             "{process} held {} MiB at its peak",

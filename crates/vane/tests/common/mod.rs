@@ -146,6 +146,18 @@ impl TestLab {
         dir
     }
 
+    /// The most memory the process of `what` (`controller`, `h1`, ...) has held, in bytes.
+    pub fn peak_memory(&self, what: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid_of(what))).expect("status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        kib << 10
+    }
+
     pub fn pid_of(&self, what: &str) -> i32 {
         std::fs::read_to_string(format!("{}/{what}.pid", self.state_dir()))
             .expect("pid file")
