@@ -325,7 +325,7 @@ impl Worker {
         let mut events = Events::with_capacity(256);
         let mut bufs = Buffers {
             device: vec![0u8; MAX_DEVICE_READ],
-            datagrams: vec![0u8; MAX_DATAGRAM],
+            datagrams: vec![0u8; MAX_DATAGRAM * vane_sys::udp::RECV_SLOTS],
             scratch: vec![0u8; 512],
         };
         let mut backlog: Vec<Token> = Vec::new();
@@ -841,21 +841,31 @@ impl Worker {
         miss.packets.push((port, read.to_vec()));
     }
 
-    /// Reads up to `BATCH` runs of datagrams from the underlay. Returns whether it was
-    /// drained.
+    /// Reads up to `BATCH` batches of receptions (runs of datagrams) from the underlay.
+    /// Returns whether it was drained.
     fn service_underlay(&mut self, bufs: &mut Buffers) -> bool {
+        let mut received = [vane_sys::udp::Received {
+            len: 0,
+            from: SocketAddr::from(([0, 0, 0, 0], 0)),
+            segment: 0,
+        }; vane_sys::udp::RECV_SLOTS];
         for _ in 0..BATCH {
-            let Some(received) = self.underlay.recv(&mut bufs.datagrams) else {
+            let n = self.underlay.recv(&mut bufs.datagrams, &mut received);
+            if n == 0 {
                 return true;
-            };
-            let segment = received.segment.max(1);
-            let mut at = 0;
-            while at < received.len {
-                let end = (at + segment).min(received.len);
-                self.datagram(at..end, received.from, bufs);
-                at = end;
             }
-            self.flush_coalesced();
+            for (i, r) in received[..n].iter().enumerate() {
+                let base = i * MAX_DATAGRAM;
+                let segment = r.segment.max(1);
+                let mut at = 0;
+                while at < r.len {
+                    let end = (at + segment).min(r.len);
+                    self.datagram(base + at..base + end, r.from, bufs);
+                    at = end;
+                }
+                // A run is one sender's: what it merged goes out before the next run's.
+                self.flush_coalesced();
+            }
             // Once per turn: a device with nothing to read costs a read for nothing, and
             // bulk traffic would pay it for every run of datagrams.
             if let Some(port) = self.written.take().filter(|_| self.lone) {

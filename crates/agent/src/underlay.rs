@@ -51,6 +51,11 @@ pub struct Underlay {
     /// Datagrams longer than this (which the underlay fragments) go alone: a segmented
     /// send refuses segments larger than the path MTU.
     largest_segment: usize,
+    /// Whether the last receptions were coalesced runs (bulk traffic): then one run per
+    /// call, into the same hot buffer; otherwise (small datagrams of many senders, a
+    /// flood of forged handshakes) up to [`udp::RECV_SLOTS`] per call. Eight 64 KiB runs
+    /// per call measured 0.55x the throughput of one (cache misses on a 512 KiB buffer).
+    bulk: bool,
     pub counters: UnderlayCounters,
 }
 
@@ -81,6 +86,7 @@ impl Underlay {
         Ok(Underlay {
             socket,
             batch: vec![0; BATCH_BYTES + MAX_DATAGRAM],
+            bulk: false,
             len: 0,
             count: 0,
             segment: 0,
@@ -184,21 +190,28 @@ impl Underlay {
         send_one(&self.socket, &mut self.counters, datagram, to);
     }
 
-    /// Receives without blocking: `None` when nothing waits.
-    pub fn recv(&mut self, buf: &mut [u8]) -> Option<udp::Received> {
+    /// Receives without blocking, up to [`udp::RECV_SLOTS`] receptions in one call, the
+    /// `i`-th into `buf[i * MAX_DATAGRAM..]`; 0 when nothing waits.
+    pub fn recv(&mut self, buf: &mut [u8], out: &mut [udp::Received; udp::RECV_SLOTS]) -> usize {
+        let slots = if self.bulk { 1 } else { udp::RECV_SLOTS };
+        let len = (slots * MAX_DATAGRAM).min(buf.len());
+        let buf = &mut buf[..len];
         loop {
-            match udp::recv_nonblocking(&self.socket, buf) {
-                Ok(r) => {
-                    self.counters.receives += 1;
-                    self.counters.datagrams_received += r.len.div_ceil(r.segment.max(1)) as u64;
-                    return Some(r);
+            match udp::recv_many(&self.socket, buf, MAX_DATAGRAM, out) {
+                Ok(n) => {
+                    if n > 0 {
+                        self.counters.receives += 1;
+                        self.bulk = out[..n].iter().any(|r| r.len > r.segment);
+                    }
+                    for r in &out[..n] {
+                        self.counters.datagrams_received += r.len.div_ceil(r.segment.max(1)) as u64;
+                    }
+                    return n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::debug!("read from the underlay: {e}");
-                    }
-                    return None;
+                    tracing::debug!("read from the underlay: {e}");
+                    return 0;
                 }
             }
         }
