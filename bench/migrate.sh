@@ -3,6 +3,9 @@
 # three open connections (clients on three hosts asking without pause) migrates 10 times
 # between two hosts of a lab; prints each freeze time (from the freeze on the source until
 # the directory sends to the destination) and the median. The clients must see no error.
+# Then an idle program with 512 MiB resident migrates once: its freeze, the command's whole
+# time, next to the time a plain TCP stream takes to move 512 MiB between the same two
+# hosts' namespaces, and the controller's peak memory.
 #
 #   bench/migrate.sh [--debug] [COUNT]
 #
@@ -86,5 +89,51 @@ done
 [ "$failed" = 0 ] || "$vane" ps
 rss=$("$vane" exec srv -- sh -c 'grep VmRSS /proc/2/status' | awk '{print $2}')
 median=$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
-echo "server resident: $((rss / 1024)) MiB; $count migrations ($profile build): median freeze $median ms"
+small="server resident: $((rss / 1024)) MiB; $count migrations ($profile build): median freeze $median ms"
+
+# 512 MiB resident, idle.
+big='
+import os, time
+b = bytearray(os.urandom(1 << 20)) * 512
+print("ready", flush=True)
+time.sleep(1e9)
+'
+"$vane" run --net bench --name big --host h1 -- python3 -c "$big" >/dev/null
+for _ in $(seq 300); do
+  "$vane" logs big 2>/dev/null | grep -q ready && break
+  sleep 0.1
+done
+start=$(date +%s%N)
+line=$("$vane" migrate big --to h2)
+total_ms=$((($(date +%s%N) - start) / 1000000))
+echo "$line"
+# The same bytes over a plain TCP stream between the hosts' namespaces.
+addr2=$(ip -n "vane-$lab-h2" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
+ip netns exec "vane-$lab-h2" python3 -c '
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7900)); s.listen(1)
+c, _ = s.accept()
+while c.recv(1 << 20): pass
+' &
+sink=$!
+sleep 0.5
+tcp_ms=$(ip netns exec "vane-$lab-h1" python3 -c '
+import socket, sys, time
+b = bytes(1 << 20)
+s = socket.create_connection((sys.argv[1], 7900))
+t = time.time()
+for _ in range(512): s.sendall(b)
+s.shutdown(socket.SHUT_WR); s.recv(1)
+print(int((time.time() - t) * 1000))
+' "$addr2")
+wait "$sink" || true
+peak=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$(cat "/var/lib/vane/labs/$lab/controller.pid")/status")
+big_freeze=$(echo "$line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
+
+echo
+echo "migration ($profile build)"
+echo "  small server, 3 connections     $small"
+echo "  512 MiB resident, idle          freeze $big_freeze ms; migrate took $total_ms ms, plain TCP 512 MiB $tcp_ms ms ($(awk -v a="$total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x)"
+echo "  controller peak RSS             $peak MiB"
 exit $failed

@@ -578,6 +578,7 @@ async fn migrate_instance(
                 .map_err(|e| on(&to, e)),
             Err(e) => Err(e),
         };
+        let restored_at = frozen.elapsed();
         let pid = match restored {
             Ok(AgentReply::Created { pid }) => pid,
             Ok(other) => {
@@ -631,11 +632,18 @@ async fn migrate_instance(
             }
         }
         c.push_views();
-        let freeze_ms = frozen.elapsed().as_millis() as u64;
+        let switched = frozen.elapsed();
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        // Differences of whole milliseconds, so that the phases add up to the freeze.
+        let phases = vane_proto::api::Phases {
+            dump_ms: ms(dumped),
+            transfer_ms: ms(transferred) - ms(dumped),
+            restore_ms: ms(restored_at) - ms(transferred),
+            switch_ms: ms(switched) - ms(restored_at),
+        };
+        let freeze_ms = ms(switched);
         tracing::info!(
-            instance = %name, %from, %to, freeze_ms, image_bytes = bytes,
-            dump_ms = dumped.as_millis() as u64,
-            move_ms = (transferred - dumped).as_millis() as u64,
+            instance = %name, %from, %to, freeze_ms, image_bytes = bytes, ?phases,
             "migrated"
         );
         if let Err(e) = c
@@ -656,6 +664,7 @@ async fn migrate_instance(
             at: now(),
             freeze_ms,
             image_bytes: bytes,
+            phases,
         });
         let inst = inst.clone();
         let mut batch = crate::store::Batch::default();

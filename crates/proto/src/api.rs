@@ -392,6 +392,22 @@ pub struct Migration {
     pub freeze_ms: u64,
     /// Size of the images moved.
     pub image_bytes: u64,
+    /// Where the freeze went.
+    #[serde(default)]
+    pub phases: Phases,
+}
+
+/// The parts of a migration's freeze, in milliseconds: they add up to `freeze_ms`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phases {
+    /// Freezing and dumping the tree on the source, packing its images.
+    pub dump_ms: u64,
+    /// Moving the images to the destination.
+    pub transfer_ms: u64,
+    /// Unpacking and restoring them there.
+    pub restore_ms: u64,
+    /// Recording the new host and sending the directory's views.
+    pub switch_ms: u64,
 }
 
 /// `POST /v1/instances/{name}/migrate` (`vane migrate NAME --to HOST`).

@@ -70,12 +70,15 @@ pub enum Cmd {
     /// Stop an instance's program (SIGTERM, then SIGKILL after 10 s)
     Stop { name: String },
     /// Move a running instance to another host, with its processes and open connections;
-    /// prints the freeze time and the size of the images moved
+    /// prints the freeze time, its phases (dump, transfer, restore, switch) and the size of
+    /// the images moved
     Migrate {
         name: String,
         /// The destination host
         #[arg(long)]
         to: String,
+        #[command(flatten)]
+        output: OutputArg,
     },
     /// Dump a running instance (its processes, memory, open files) to a directory, leaving
     /// it running unless --stop

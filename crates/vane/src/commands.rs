@@ -400,19 +400,31 @@ pub fn stop(c: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn migrate(c: &Client, name: &str, to: &str) -> Result<()> {
+pub fn migrate(c: &Client, name: &str, to: &str, output: Output) -> Result<()> {
     let inst: Instance = c.post(
         &format!("/v1/instances/{}/migrate", path_segment(name)?),
         &vane_proto::api::MigrateSpec { to: to.to_string() },
     )?;
-    match inst.migrations.last() {
-        Some(m) => println!(
-            "{name}: {} -> {}, freeze {} ms, image {:.1} MiB",
-            m.from,
-            m.to,
-            m.freeze_ms,
-            m.image_bytes as f64 / (1024.0 * 1024.0)
-        ),
+    let last = inst.migrations.last();
+    if output == Output::Json {
+        json(&last);
+        return Ok(());
+    }
+    match last {
+        Some(m) => {
+            let p = m.phases;
+            println!(
+                "{name}: {} -> {}, freeze {} ms (dump {}, transfer {}, restore {}, switch {}), image {:.1} MiB",
+                m.from,
+                m.to,
+                m.freeze_ms,
+                p.dump_ms,
+                p.transfer_ms,
+                p.restore_ms,
+                p.switch_ms,
+                m.image_bytes as f64 / (1024.0 * 1024.0)
+            )
+        }
         None => println!("{name}"),
     }
     Ok(())

@@ -99,7 +99,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Inspect { name } => commands::inspect(&c()?, &name)?,
         Cmd::Logs { name } => commands::logs(&c()?, &name)?,
         Cmd::Stop { name } => commands::stop(&c()?, &name)?,
-        Cmd::Migrate { name, to } => commands::migrate(&c()?, &name, &to)?,
+        Cmd::Migrate { name, to, output } => commands::migrate(&c()?, &name, &to, output.output)?,
         Cmd::Snapshot { name, out, stop } => commands::snapshot(&c()?, &name, &out, stop)?,
         Cmd::Restore {
             dir,

@@ -150,7 +150,24 @@ fn migrate(lab: &TestLab, name: &str, to: &str) -> String {
     let out = lab.ok(&["migrate", name, "--to", to]);
     assert!(out.contains("freeze") && out.contains("MiB"), "{out}");
     eprintln!("{}", out.trim());
-    assert_eq!(lab.inspect(name)["host"], to);
+    let inst = lab.inspect(name);
+    assert_eq!(inst["host"], to);
+    // Where the freeze went: the phases add up to it, and each says what it took.
+    let last = inst["migrations"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    let phase = |p: &str| last["phases"][p].as_u64().unwrap();
+    let phases = ["dump_ms", "transfer_ms", "restore_ms", "switch_ms"];
+    assert_eq!(
+        phases.iter().map(|p| phase(p)).sum::<u64>(),
+        last["freeze_ms"].as_u64().unwrap(),
+        "{last}"
+    );
+    assert!(phase("dump_ms") > 0 && phase("restore_ms") > 0, "{last}");
+    assert!(out.contains(&format!("dump {}", phase("dump_ms"))), "{out}");
     out
 }
 
