@@ -11,6 +11,7 @@ mod checkpoint;
 mod control;
 pub use control::exec_helper_main;
 mod dataplane;
+mod direct;
 mod identity;
 mod images;
 mod instance;
@@ -23,7 +24,7 @@ mod underlay;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -119,6 +120,15 @@ pub(crate) struct Agent {
     dumped: Mutex<std::collections::BTreeSet<String>>,
     /// Messages to the controller, while connected.
     outbox: Mutex<Option<mpsc::Sender<FromAgent>>>,
+    /// Images this host expects straight from another's (`direct`), by ticket.
+    inbound: Mutex<BTreeMap<String, Inbound>>,
+}
+
+/// A direct transfer this host waits for: from whom, what, and who waits for its end.
+struct Inbound {
+    from: [u8; 32],
+    expected: direct::Expected,
+    done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 pub(crate) use vane_proto::unix_now as now;
@@ -199,6 +209,7 @@ pub async fn run(
         next_port: AtomicU32::new(1),
         view: Mutex::new(AgentView::default()),
         outbox: Mutex::new(None),
+        inbound: Mutex::new(BTreeMap::new()),
         prepared: Mutex::new(BTreeMap::new()),
         dumped: Mutex::new(std::collections::BTreeSet::new()),
         identity: Mutex::new(identity),
@@ -212,6 +223,15 @@ pub async fn run(
     agent.load_saved_view().await;
     tokio::spawn(control::forward_lookups(agent.clone(), lookups_rx));
     tokio::spawn(agent.clone().rotate_logs());
+    match tokio::net::TcpListener::bind(agent.cfg.listen).await {
+        Ok(listener) => {
+            tokio::spawn(agent.clone().accept_direct(listener));
+        }
+        Err(e) => tracing::warn!(
+            "cannot listen for direct transfers on {} (migrations to this host go through the controller): {e}",
+            agent.cfg.listen
+        ),
+    }
     tracing::info!(host = %agent.cfg.name, controller = %agent.cfg.controller, "agent ready");
     tokio::select! {
         refused = control::connect_loop(agent.clone()) => anyhow::bail!("{refused}"),
@@ -443,9 +463,12 @@ impl Agent {
             AgentRequest::Checkpoint { id, leave_running } => {
                 self.checkpoint(&id, leave_running).await
             }
-            AgentRequest::SendImages { id, ticket } => {
+            AgentRequest::SendImages { id, ticket, to } => {
                 let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
-                let sent = transfer::send(&self, &ticket, &path).await;
+                let sent = match to {
+                    Some(peer) => self.send_direct(&ticket, &peer, &path).await,
+                    None => transfer::send(&self, &ticket, &path).await,
+                };
                 // Sent or not, the pack is not needed again: the images it was made of stay
                 // (a source whose migration fails resumes from them).
                 let _ = tokio::fs::remove_file(&path).await;
@@ -453,7 +476,12 @@ impl Agent {
                 tracing::debug!(instance = %id, bytes, "images sent");
                 Ok(AgentReply::Done)
             }
-            AgentRequest::ReceiveImages { id, ticket, bytes } => {
+            AgentRequest::ReceiveImages {
+                id,
+                ticket,
+                bytes,
+                from,
+            } => {
                 if !self
                     .prepared
                     .lock()
@@ -465,7 +493,10 @@ impl Agent {
                     )));
                 }
                 let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
-                transfer::receive(&self, &ticket, &path, bytes).await?;
+                match from {
+                    Some(key) => self.receive_direct(ticket, &key, path, bytes).await?,
+                    None => transfer::receive(&self, &ticket, &path, bytes).await?,
+                }
                 Ok(AgentReply::Done)
             }
             AgentRequest::Restore { id, tcp_close } => self.restore(&id, tcp_close).await,
@@ -515,6 +546,123 @@ impl Agent {
                     },
                 })
             }
+        }
+    }
+
+    /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`.
+    async fn send_direct(
+        &self,
+        ticket: &str,
+        peer: &vane_proto::stream::DirectPeer,
+        path: &Path,
+    ) -> Result<u64, AgentError> {
+        let remote = vane_proto::hex::decode::<32>(&peer.public_key)
+            .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(peer.locator),
+        )
+        .await
+        .map_err(|_| format!("cannot reach {} within 5s", peer.locator))?
+        .map_err(|e| format!("cannot reach {}: {e}", peer.locator))?;
+        let _ = stream.set_nodelay(true);
+        let private = self.identity.lock().expect("identity lock").keypair.private;
+        let file = tokio::io::BufReader::with_capacity(1 << 20, file);
+        let sent = direct::send(stream, &private, &remote, ticket, file)
+            .await
+            .map_err(|e| format!("sending the images to {}: {e}", peer.locator))?;
+        Ok(sent)
+    }
+
+    /// Waits for transfer `ticket` from the host whose key is `from` (hex) to put `bytes`
+    /// bytes at `path`.
+    async fn receive_direct(
+        &self,
+        ticket: String,
+        from: &str,
+        path: std::path::PathBuf,
+        bytes: u64,
+    ) -> Result<(), AgentError> {
+        let from = vane_proto::hex::decode::<32>(from)
+            .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.inbound.lock().expect("inbound lock").insert(
+            ticket.clone(),
+            Inbound {
+                from,
+                expected: direct::Expected { path, bytes },
+                done,
+            },
+        );
+        // Claimed at once in practice (the source connects as soon as it is asked); the
+        // transfer itself then has its own limit on silence.
+        let waited = Duration::from_secs(60 + bytes / (1 << 20));
+        let outcome = tokio::time::timeout(waited, result).await;
+        self.inbound.lock().expect("inbound lock").remove(&ticket);
+        match outcome {
+            Ok(Ok(r)) => r.map_err(AgentError::from),
+            Ok(Err(_)) => Err("the direct transfer was dropped".into()),
+            Err(_) => Err(format!("no images came within {}s", waited.as_secs()).into()),
+        }
+    }
+
+    /// Takes direct transfers (`direct`) from other hosts' agents.
+    async fn accept_direct(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(direct::MAX_INBOUND));
+        loop {
+            let Ok((stream, addr)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::debug!(%addr, "too many direct transfers at once, closing one");
+                continue;
+            };
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let private = agent
+                    .identity
+                    .lock()
+                    .expect("identity lock")
+                    .keypair
+                    .private;
+                let mut done = None;
+                let claim = async |ticket: &str, from: &[u8; 32]| {
+                    // The source may be faster than the request that announces it.
+                    for _ in 0..250 {
+                        {
+                            let mut inbound = agent.inbound.lock().expect("inbound lock");
+                            match inbound.get(ticket) {
+                                Some(i) if i.from == *from => {
+                                    let i = inbound.remove(ticket).expect("just seen");
+                                    done = Some(i.done);
+                                    return Some(i.expected);
+                                }
+                                Some(_) => return None,
+                                None => {}
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    None
+                };
+                match direct::accept(stream, &private, claim).await {
+                    Ok((_, result)) => {
+                        match &result {
+                            Ok(()) => tracing::info!(%addr, "images received directly"),
+                            Err(e) => tracing::warn!(%addr, "a direct transfer failed: {e}"),
+                        }
+                        if let Some(done) = done {
+                            let _ = done.send(result);
+                        }
+                    }
+                    Err(e) => tracing::warn!(%addr, "refused a direct transfer: {e}"),
+                }
+            });
         }
     }
 

@@ -180,7 +180,8 @@ async fn receive_into(
                 if received != bytes {
                     break;
                 }
-                file.sync_all()
+                // Flushed, not synced: read back through the page cache at once.
+                file.flush()
                     .await
                     .map_err(|e| format!("writing {}: {e}", path.display()))?;
                 let _ = ws.close(None).await;

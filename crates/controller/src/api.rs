@@ -694,8 +694,58 @@ fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> 
     Ok(())
 }
 
-/// Streams the packed images of instance `id` (`bytes` long) from host `from` to host `to`.
+/// Streams the packed images of instance `id` (`bytes` long) from host `from` to host `to`:
+/// straight from agent to agent when the controller knows where the destination's switch
+/// is and both hosts' keys, else through the controller.
 async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64) -> ApiResult<()> {
+    let direct = {
+        let s = c.state();
+        let (src, dst) = (s.hosts.get(from), s.hosts.get(to));
+        match (
+            src.and_then(|h| h.public_key.clone()),
+            dst.and_then(|h| h.locator),
+            dst.and_then(|h| h.public_key.clone()),
+        ) {
+            (Some(sender), Some(locator), Some(public_key)) => Some((
+                sender,
+                vane_proto::stream::DirectPeer {
+                    locator,
+                    public_key,
+                },
+            )),
+            _ => None,
+        }
+    };
+    if let Some((sender, peer)) = direct {
+        let ticket = crate::enroll::new_secret("vanexfer-");
+        let within = transfers::answer_within(bytes);
+        let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
+        let receive = c.agents.request_within(
+            to,
+            AgentRequest::ReceiveImages {
+                id: id.to_string(),
+                ticket: ticket.clone(),
+                bytes,
+                from: Some(sender),
+            },
+            within,
+        );
+        let send = c.agents.request_within(
+            from,
+            AgentRequest::SendImages {
+                id: id.to_string(),
+                ticket,
+                to: Some(peer),
+            },
+            within,
+        );
+        let (received, sent) = tokio::join!(receive, send);
+        // The sender's failure says why (unreachable, refused) better than the waiting
+        // side's.
+        sent.map_err(|e| on(from, e))?;
+        received.map_err(|e| on(to, e))?;
+        return Ok(());
+    }
     let (up, rx) = c.transfers.sent_by(from);
     let (down, tx) = c.transfers.sent_to(to);
     let within = transfers::answer_within(bytes);
@@ -706,6 +756,7 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
         AgentRequest::SendImages {
             id: id.to_string(),
             ticket: up.clone(),
+            to: None,
         },
         within,
     );
@@ -717,6 +768,7 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
             id: id.to_string(),
             ticket: down.clone(),
             bytes,
+            from: None,
         },
         within,
     );
@@ -793,6 +845,7 @@ async fn snapshot_instance(
             AgentRequest::SendImages {
                 id: id.clone(),
                 ticket: ticket.clone(),
+                to: None,
             },
             transfers::answer_within(bytes),
         );
@@ -1067,6 +1120,7 @@ async fn restore_on(
                 id: id.clone(),
                 ticket: ticket.clone(),
                 bytes,
+                from: None,
             },
             transfers::answer_within(bytes),
         );

@@ -96,6 +96,9 @@ pub enum AgentRequest {
     SendImages {
         id: String,
         ticket: String,
+        /// Straight to another host's agent instead (a migration), when it can be reached.
+        #[serde(default)]
+        to: Option<DirectPeer>,
     },
     /// Receives `bytes` bytes of packed images for the prepared instance `id` over a
     /// transfer connection: binary messages, then `end`. Answered when all are on disk.
@@ -103,6 +106,10 @@ pub enum AgentRequest {
         id: String,
         ticket: String,
         bytes: u64,
+        /// The static public key (hex) of the host that sends them straight to this one,
+        /// instead of the controller.
+        #[serde(default)]
+        from: Option<String>,
     },
     /// Restores the dumped tree: into the prepared space (destination), or back into its
     /// own space after a failed migration (source).
@@ -117,6 +124,14 @@ pub enum AgentRequest {
     Discard {
         id: String,
     },
+}
+
+/// Where a host's agent takes images straight from another's (`SendImages`): its switch's
+/// address (TCP, same port) and its static public key (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectPeer {
+    pub locator: SocketAddr,
+    pub public_key: String,
 }
 
 /// What an agent needs to create an instance.

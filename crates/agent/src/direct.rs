@@ -1,0 +1,373 @@
+//! Images straight from one agent to another, for migrations: the controller out of the
+//! data's way, one stream instead of two.
+//!
+//! The destination's agent listens on TCP at its switch's address and port (the UDP
+//! locator's number, so no new port to configure). The source connects and runs a Noise IK
+//! handshake (snow) with the hosts' own static keys, the ones their tunnels use: the source
+//! knows the destination's key from the controller, and proves its own inside the
+//! handshake; its first message carries the transfer's ticket, encrypted. The destination
+//! accepts the connection only for a ticket it was told to expect, from exactly the host it
+//! was told to expect it from. Then the images go as encrypted messages of up to [`CHUNK`]
+//! bytes, each `[length u16][ciphertext]`, an empty one for the end; the destination
+//! answers with one message, empty once the images are on its disk, else why not. A stream
+//! that makes no progress for [`STALL`] is broken off.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Noise pattern of the handshake. ChaCha20-Poly1305 whatever the CPU: the transfer is
+/// bounded by the disks and the underlay long before this cipher.
+const PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// Plaintext bytes per message: a Noise message is at most 65,535 bytes with its 16-byte
+/// tag.
+pub const CHUNK: usize = 65_535 - 16;
+/// How long either side waits for the other's next message.
+pub const STALL: Duration = Duration::from_secs(30);
+/// The handshake's first message: its size (an IK first message is 96 bytes and the
+/// ticket) and how long a connection may take to send it.
+const FIRST_MAX: usize = 512;
+const FIRST_WAIT: Duration = Duration::from_secs(5);
+/// Connections a destination handles at once; more are closed at once (someone on the
+/// underlay opening connections for nothing gets no more than this much of the host).
+pub const MAX_INBOUND: usize = 32;
+
+/// What a destination expects: where the images go and how long they are.
+pub struct Expected {
+    pub path: std::path::PathBuf,
+    pub bytes: u64,
+}
+
+async fn read_msg(io: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> Result<usize, String> {
+    let read = async {
+        let len = io.read_u16().await? as usize;
+        io.read_exact(&mut buf[..len]).await?;
+        Ok::<_, std::io::Error>(len)
+    };
+    tokio::time::timeout(STALL, read)
+        .await
+        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
+        .map_err(|e| format!("the connection broke: {e}"))
+}
+
+async fn write_msg(io: &mut (impl AsyncWrite + Unpin), msg: &[u8]) -> Result<(), String> {
+    let write = async {
+        io.write_u16(msg.len() as u16).await?;
+        io.write_all(msg).await
+    };
+    tokio::time::timeout(STALL, write)
+        .await
+        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
+        .map_err(|e| format!("the connection broke: {e}"))
+}
+
+async fn flush(io: &mut (impl AsyncWrite + Unpin)) -> Result<(), String> {
+    tokio::time::timeout(STALL, io.flush())
+        .await
+        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
+        .map_err(|e| format!("the connection broke: {e}"))
+}
+
+/// Source side: sends `file` as transfer `ticket` to the host whose static key is
+/// `remote`; returns the bytes sent once the destination has them on its disk.
+pub async fn send(
+    io: impl AsyncRead + AsyncWrite + Unpin,
+    local_private: &[u8; 32],
+    remote: &[u8; 32],
+    ticket: &str,
+    mut file: impl AsyncRead + Unpin,
+) -> Result<u64, String> {
+    // Messages are written whole: the length and the ciphertext in one system call.
+    let mut io = tokio::io::BufStream::with_capacity(1 << 16, 1 << 17, io);
+    let noise = |e: snow::Error| format!("handshake: {e}");
+    let mut hs = snow::Builder::new(PATTERN.parse().expect("valid pattern"))
+        .local_private_key(local_private)
+        .and_then(|b| b.remote_public_key(remote))
+        .and_then(|b| b.build_initiator())
+        .map_err(noise)?;
+    let mut msg = vec![0u8; 65_535];
+    let n = hs
+        .write_message(ticket.as_bytes(), &mut msg)
+        .map_err(noise)?;
+    write_msg(&mut io, &msg[..n]).await?;
+    flush(&mut io).await?;
+    let n = read_msg(&mut io, &mut msg).await?;
+    let mut payload = vec![0u8; 65_535];
+    hs.read_message(&msg[..n], &mut payload)
+        .map_err(|_| "the destination refused the transfer, or is not the host it should be")?;
+    let mut transport = hs.into_transport_mode().map_err(noise)?;
+    let mut chunk = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < CHUNK {
+            let n = file
+                .read(&mut chunk[filled..])
+                .await
+                .map_err(|e| format!("reading the images: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        // The last, empty, message is the end.
+        let n = transport
+            .write_message(&chunk[..filled], &mut msg)
+            .map_err(noise)?;
+        write_msg(&mut io, &msg[..n]).await?;
+        if filled == 0 {
+            break;
+        }
+        sent += filled as u64;
+    }
+    flush(&mut io).await?;
+    let n = read_msg(&mut io, &mut msg).await?;
+    let n = transport
+        .read_message(&msg[..n], &mut payload)
+        .map_err(|_| "a forged answer from the destination")?;
+    if n > 0 {
+        return Err(format!(
+            "the destination: {}",
+            String::from_utf8_lossy(&payload[..n])
+        ));
+    }
+    Ok(sent)
+}
+
+/// Destination side: takes a transfer on `io`. `claim(ticket, sender's static key)` says
+/// where it goes, if this host expects that ticket from that host (and forgets it: a ticket
+/// is good once). Returns the ticket and how the transfer ended.
+pub async fn accept<F>(
+    io: impl AsyncRead + AsyncWrite + Unpin,
+    local_private: &[u8; 32],
+    claim: F,
+) -> Result<(String, Result<(), String>), String>
+where
+    F: AsyncFnOnce(&str, &[u8; 32]) -> Option<Expected>,
+{
+    let mut io = io;
+    let noise = |e: snow::Error| format!("handshake: {e}");
+    let mut hs = snow::Builder::new(PATTERN.parse().expect("valid pattern"))
+        .local_private_key(local_private)
+        .and_then(|b| b.build_responder())
+        .map_err(noise)?;
+    // Whoever reaches the port gets this far: a small message, soon, or nothing. Buffers
+    // for the images come only after the sender has proved who it is.
+    let mut first = [0u8; FIRST_MAX];
+    let mut payload = [0u8; FIRST_MAX];
+    let read = async {
+        let len = io.read_u16().await? as usize;
+        if len > FIRST_MAX {
+            return Err(std::io::Error::other("a first message too long"));
+        }
+        io.read_exact(&mut first[..len]).await?;
+        Ok(len)
+    };
+    let n = tokio::time::timeout(FIRST_WAIT, read)
+        .await
+        .map_err(|_| format!("no handshake within {}s", FIRST_WAIT.as_secs()))?
+        .map_err(|e| format!("the connection broke: {e}"))?;
+    let n = hs
+        .read_message(&first[..n], &mut payload)
+        .map_err(|_| "a handshake not made with this host's key")?;
+    let ticket = String::from_utf8_lossy(&payload[..n]).into_owned();
+    let remote: [u8; 32] = hs
+        .get_remote_static()
+        .and_then(|k| k.try_into().ok())
+        .ok_or("a handshake without the sender's key")?;
+    // Nothing is answered to a stranger, or to a known host with a ticket not its own.
+    let expected = claim(&ticket, &remote)
+        .await
+        .ok_or_else(|| format!("a transfer nobody expects (ticket {ticket:.16}...)"))?;
+    let n = hs.write_message(&[], &mut first).map_err(noise)?;
+    write_msg(&mut io, &first[..n]).await?;
+    let mut io = tokio::io::BufStream::with_capacity(1 << 17, 1 << 16, io);
+    let mut msg = vec![0u8; 65_535];
+    let mut transport = hs.into_transport_mode().map_err(noise)?;
+    let result = receive(&mut io, &mut transport, &expected).await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&expected.path).await;
+    }
+    let answer = match &result {
+        Ok(()) => Vec::new(),
+        Err(e) => e.as_bytes()[..e.len().min(1000)].to_vec(),
+    };
+    if let Ok(n) = transport.write_message(&answer, &mut msg) {
+        let _ = write_msg(&mut io, &msg[..n]).await;
+        let _ = io.flush().await;
+    }
+    Ok((ticket, result))
+}
+
+async fn receive(
+    io: &mut (impl AsyncRead + Unpin),
+    transport: &mut snow::TransportState,
+    expected: &Expected,
+) -> Result<(), String> {
+    let path: &Path = &expected.path;
+    let _ = tokio::fs::remove_file(path).await;
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let mut msg = vec![0u8; 65_535];
+    let mut data = vec![0u8; 65_535];
+    let mut received = 0u64;
+    loop {
+        let n = read_msg(io, &mut msg).await?;
+        let n = transport
+            .read_message(&msg[..n], &mut data)
+            .map_err(|_| "a message that fails authentication")?;
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+        if received > expected.bytes {
+            return Err(format!(
+                "the images are longer than the {} bytes announced",
+                expected.bytes
+            ));
+        }
+        file.write_all(&data[..n])
+            .await
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    if received != expected.bytes {
+        return Err(format!(
+            "the images ended after {received} of {} bytes",
+            expected.bytes
+        ));
+    }
+    // Flushed, not synced: the restore reads them back through the page cache at once, and
+    // a host that crashes first fails the migration whatever is on its disk.
+    file.flush()
+        .await
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vane_tunnel::Keypair;
+
+    /// Runs a transfer of `data` from `source` (which takes `dest_key` for the
+    /// destination's) to `dest`, which expects `ticket` from `expected_sender`.
+    async fn transfer(
+        source: &Keypair,
+        dest: &Keypair,
+        dest_key: [u8; 32],
+        sent_ticket: &str,
+        expected_sender: [u8; 32],
+        data: Vec<u8>,
+    ) -> (Result<u64, String>, Result<Vec<u8>, String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("images.tar");
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let bytes = data.len() as u64;
+        let path2 = path.clone();
+        let dest_private = dest.private;
+        let receiver = tokio::spawn(async move {
+            accept(b, &dest_private, async |ticket: &str, from: &[u8; 32]| {
+                (ticket == "t-1" && *from == expected_sender).then(|| Expected {
+                    path: path2.clone(),
+                    bytes,
+                })
+            })
+            .await
+        });
+        let sent = send(a, &source.private, &dest_key, sent_ticket, &data[..]).await;
+        let received = match receiver.await.unwrap() {
+            Ok((_, Ok(()))) => Ok(std::fs::read(&path).unwrap()),
+            Ok((_, Err(e))) | Err(e) => Err(e),
+        };
+        (sent, received)
+    }
+
+    #[tokio::test]
+    async fn the_expected_host_s_images_arrive_whole() {
+        let (src, dst) = (Keypair::generate(), Keypair::generate());
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (sent, received) =
+            transfer(&src, &dst, dst.public, "t-1", src.public, data.clone()).await;
+        assert_eq!(sent, Ok(data.len() as u64));
+        assert_eq!(received.unwrap(), data);
+        // Empty images too.
+        let (sent, received) = transfer(&src, &dst, dst.public, "t-1", src.public, vec![]).await;
+        assert_eq!(sent, Ok(0));
+        assert_eq!(received.unwrap(), Vec::<u8>::new());
+    }
+
+    #[tokio::test]
+    async fn another_host_a_wrong_ticket_or_a_wrong_destination_key_get_nothing_through() {
+        let (src, dst, other) = (
+            Keypair::generate(),
+            Keypair::generate(),
+            Keypair::generate(),
+        );
+        let data = vec![1u8; 100_000];
+        // Another enrolled host, with the right ticket.
+        let (sent, received) =
+            transfer(&other, &dst, dst.public, "t-1", src.public, data.clone()).await;
+        assert!(sent.is_err() && received.is_err(), "{sent:?} {received:?}");
+        // The right host, another ticket.
+        let (sent, received) =
+            transfer(&src, &dst, dst.public, "t-2", src.public, data.clone()).await;
+        assert!(sent.is_err() && received.is_err(), "{sent:?} {received:?}");
+        // A source that takes someone else for the destination: the handshake fails.
+        let (sent, received) = transfer(&src, &dst, other.public, "t-1", src.public, data).await;
+        assert!(sent.is_err() && received.is_err(), "{sent:?} {received:?}");
+    }
+
+    #[tokio::test]
+    async fn a_changed_byte_on_the_way_breaks_the_transfer() {
+        let (src, dst) = (Keypair::generate(), Keypair::generate());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("images.tar");
+        let (a, b) = tokio::io::duplex(1 << 16);
+        // Source <-> c | d <-> relay <-> a | b <-> destination; the relay flips one byte
+        // of what the source sends, well after the handshake.
+        let (c, d) = tokio::io::duplex(1 << 16);
+        let (mut d_read, mut d_write) = tokio::io::split(d);
+        let (mut a_read, mut a_write) = tokio::io::split(a);
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut a_read, &mut d_write).await;
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut seen = 0usize;
+            loop {
+                let n = match d_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if seen < 50_000 && seen + n >= 50_000 {
+                    buf[50_000 - seen] ^= 1;
+                }
+                seen += n;
+                if a_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (public, path2) = (src.public, path.clone());
+        let receiver = tokio::spawn(async move {
+            accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
+                (*from == public).then(|| Expected {
+                    path: path2.clone(),
+                    bytes: 200_000,
+                })
+            })
+            .await
+        });
+        let data = vec![3u8; 200_000];
+        let _ = send(c, &src.private, &dst.public, "t-1", &data[..]).await;
+        let (_, result) = receiver.await.unwrap().unwrap();
+        assert!(result.is_err(), "a changed byte went through");
+        assert!(!path.exists(), "a broken transfer left its file");
+    }
+}
