@@ -169,7 +169,10 @@ fn migrate(lab: &TestLab, name: &str, to: &str) -> String {
     assert!(phase("dump_ms") > 0 && phase("restore_ms") > 0, "{last}");
     // The images went straight from agent to agent, not through the controller.
     let log = std::fs::read_to_string(format!("{}/{to}.log", lab.state_dir())).unwrap();
-    assert!(log.contains("images received directly"), "{to}'s log: {log}");
+    assert!(
+        log.contains("images received directly"),
+        "{to}'s log: {log}"
+    );
     assert!(out.contains(&format!("dump {}", phase("dump_ms"))), "{out}");
     out
 }
