@@ -1433,7 +1433,7 @@ async fn agent_transfer(
     AxState(c): Ctl,
     Path(ticket): Path<String>,
     headers: axum::http::HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let host = header("x-vane-host").unwrap_or_default();
@@ -1444,6 +1444,11 @@ async fn agent_transfer(
         return ApiError::Unauthorized("a transfer is claimed with a host's credential".into())
             .into_response();
     }
+    // The credential first: a stranger learns nothing, not even how to ask.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return e.into_response(),
+    };
     match c.transfers.claim(&ticket, host) {
         Some(claimed) => ws
             .max_message_size(2 * crate::transfers::MAX_PIECE)

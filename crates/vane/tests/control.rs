@@ -76,6 +76,24 @@ fn requests_without_the_admin_credential_are_refused_and_change_nothing() {
     }
     // Nothing was made.
     assert!(!lab.ok(&["net", "ls"]).contains("evil"));
+    // Transfers are claimed with a host's credential: none, the administrator's, or a
+    // forged one get nowhere, whatever the ticket.
+    let admin =
+        std::fs::read_to_string(format!("{}/controller/admin.token", lab.state_dir())).unwrap();
+    let admin = format!("Authorization: Bearer {}", admin.trim());
+    let transfer = url("/v1/agents/transfers/vanexfer-00");
+    for headers in [
+        vec![],
+        vec!["X-Vane-Host: h1", admin.as_str()],
+        vec!["X-Vane-Host: h1", "Authorization: Bearer vanecred-00"],
+    ] {
+        let mut args = vec!["--cacert", ca.as_str()];
+        for h in &headers {
+            args.extend(["-H", h]);
+        }
+        args.push(&transfer);
+        assert_eq!(curl(&lab, &args).0, 401, "transfer with {headers:?}");
+    }
     // No plain HTTP at all.
     let plain = lab.controller.replacen("https://", "http://", 1);
     let (code, _) = curl(&lab, &[&format!("{plain}/v1/nets")]);
@@ -106,7 +124,10 @@ fn the_underlay_carries_no_credential_token_or_output_in_clear() {
     let mut tcpdump = Command::new("tcpdump")
         .args(["-U", "-s", "0", "--immediate-mode", "-i"])
         .arg(lab.bridge())
-        .args(["-w", &capture, "tcp", "port", "7946"])
+        // The controller's port, and the agents' (migrations' images, host to host).
+        .args([
+            "-w", &capture, "tcp", "and", "(port", "7946", "or", "port", "7947)",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -138,6 +159,11 @@ fn the_underlay_carries_no_credential_token_or_output_in_clear() {
     );
     lab.ok(&["migrate", "x", "--to", "h1"]);
     std::thread::sleep(Duration::from_millis(500));
+    let h1_log = std::fs::read_to_string(format!("{}/h1.log", lab.state_dir())).unwrap();
+    assert!(
+        h1_log.contains("images received directly"),
+        "the migration's images did not go host to host: the capture would not see them"
+    );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(tcpdump.id() as i32),
         nix::sys::signal::Signal::SIGINT,
