@@ -32,6 +32,13 @@ pub fn controller_addr(url: &str) -> Option<SocketAddr> {
     with_port.to_socket_addrs().ok()?.next()
 }
 
+/// The WebSocket URL of `path` on the controller (its API speaks only TLS).
+pub fn controller_ws_url(agent: &Agent, path: &str) -> String {
+    let base = agent.cfg.controller.trim_end_matches('/');
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    format!("wss://{rest}{path}")
+}
+
 /// The address this host reaches `dst` from: the source address the kernel picks for it.
 fn source_address(dst: SocketAddr) -> Option<IpAddr> {
     let probe = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
@@ -63,15 +70,7 @@ pub async fn forward_lookups(agent: Arc<Agent>, mut rx: mpsc::Receiver<(u32, Ipv
 /// controller refuses this host; returns why. While disconnected the switch keeps
 /// forwarding with the tables it has.
 pub async fn connect_loop(agent: Arc<Agent>) -> String {
-    let url = format!(
-        "{}/v1/agents/connect",
-        agent
-            .cfg
-            .controller
-            .trim_end_matches('/')
-            .replacen("https://", "wss://", 1)
-            .replacen("http://", "wss://", 1)
-    );
+    let url = controller_ws_url(&agent, "/v1/agents/connect");
     let pin = agent
         .identity
         .lock()
@@ -295,19 +294,31 @@ pub async fn exec(
             };
             let _ = tx.send(framed(frame::EXIT, &code.to_be_bytes())).await;
         };
-        let send = crate::transfer::send_frames(&agent, &ticket, rx);
-        tokio::pin!(send, output);
         // A reader that goes away takes the command with it: `output` dropped, the child
         // killed.
-        let sent = tokio::select! {
-            sent = &mut send => sent,
-            () = &mut output => send.await,
-        };
-        if let Err(e) = sent {
-            tracing::debug!("exec output: {e}");
-        }
+        stream_out(&agent, &ticket, rx, output, "exec output").await;
     });
     Ok(AgentReply::Done)
+}
+
+/// Runs `output` (which puts frames into the sender of `rx`) while the frames go out as
+/// transfer `ticket`; `output` ends early, dropped, if the transfer does.
+async fn stream_out(
+    agent: &Agent,
+    ticket: &str,
+    rx: mpsc::Receiver<Vec<u8>>,
+    output: impl std::future::Future<Output = ()>,
+    what: &str,
+) {
+    let send = crate::transfer::send_frames(agent, ticket, rx);
+    tokio::pin!(send, output);
+    let sent = tokio::select! {
+        sent = &mut send => sent,
+        () = &mut output => send.await,
+    };
+    if let Err(e) = sent {
+        tracing::debug!("{what}: {e}");
+    }
 }
 
 fn framed(kind: u8, data: &[u8]) -> Vec<u8> {
@@ -354,15 +365,7 @@ pub async fn logs(agent: Arc<Agent>, id: &str, ticket: String) -> Result<AgentRe
             }
             let _ = tx.send(framed(frame::EXIT, &0i32.to_be_bytes())).await;
         };
-        let send = crate::transfer::send_frames(&agent, &ticket, rx);
-        tokio::pin!(send, output);
-        let sent = tokio::select! {
-            sent = &mut send => sent,
-            () = &mut output => send.await,
-        };
-        if let Err(e) = sent {
-            tracing::debug!("logs: {e}");
-        }
+        stream_out(&agent, &ticket, rx, output, "logs").await;
     });
     Ok(AgentReply::Done)
 }

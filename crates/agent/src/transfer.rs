@@ -33,15 +33,7 @@ type Socket =
 
 /// Opens the transfer connection of `ticket`.
 async fn connect(agent: &Agent, ticket: &str) -> Result<Socket, AgentError> {
-    let url = format!(
-        "{}/v1/agents/transfers/{ticket}",
-        agent
-            .cfg
-            .controller
-            .trim_end_matches('/')
-            .replacen("https://", "wss://", 1)
-            .replacen("http://", "wss://", 1)
-    );
+    let url = crate::control::controller_ws_url(agent, &format!("/v1/agents/transfers/{ticket}"));
     let (pin, credential) = {
         let id = agent.identity.lock().expect("identity lock");
         (id.ca_pin.expect("checked at start"), id.credential.clone())
