@@ -1253,6 +1253,14 @@ async fn streamed(
         c.transfers.cancel(&ticket);
         return Err(e);
     }
+    // An agent that dies before it claims the stream must not leave the client waiting.
+    {
+        let (c, ticket) = (c.clone(), ticket.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(transfers::UNCLAIMED).await;
+            c.transfers.cancel(&ticket);
+        });
+    }
     // A broken stream ends the body without its exit frame: the client says so.
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         match rx.recv().await? {

@@ -32,7 +32,7 @@ pub const MAX_PIECE: usize = 1 << 20;
 /// Pieces in flight per transfer.
 const DEPTH: usize = 4;
 /// How long a ticket waits for its agent.
-const UNCLAIMED: Duration = Duration::from_secs(60);
+pub const UNCLAIMED: Duration = Duration::from_secs(60);
 /// How long a transfer may make no progress.
 pub const STALL: Duration = Duration::from_secs(30);
 /// The text message that ends a transfer on the agent's connection.
