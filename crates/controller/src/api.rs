@@ -739,11 +739,19 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
             },
             within,
         );
-        let (received, sent) = tokio::join!(receive, send);
-        // The sender's failure says why (unreachable, refused) better than the waiting
-        // side's.
-        sent.map_err(|e| on(from, e))?;
-        received.map_err(|e| on(to, e))?;
+        tokio::pin!(receive, send);
+        // Whichever fails first says why, at once: a source that cannot reach the
+        // destination does not wait for the destination to give up waiting.
+        tokio::select! {
+            sent = &mut send => {
+                sent.map_err(|e| on(from, e))?;
+                receive.await.map_err(|e| on(to, e))?;
+            }
+            received = &mut receive => {
+                received.map_err(|e| on(to, e))?;
+                send.await.map_err(|e| on(from, e))?;
+            }
+        }
         return Ok(());
     }
     let (up, rx) = c.transfers.sent_by(from);

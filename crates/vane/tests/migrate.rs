@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::Duration;
 
 use common::{host_uid, wait_until, TestLab};
@@ -349,6 +350,45 @@ fn a_failed_restore_resumes_the_instance_on_its_source() {
     // And it still migrates once the destination is fine.
     let out = lab.ok(&["exec", "srv", "--", "hostname"]);
     assert_eq!(out.trim(), "srv");
+}
+
+#[test]
+fn a_destination_its_source_cannot_reach_fails_the_migration_at_once_and_the_instance_stays() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.14.0/24"]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let stop = start_client(&lab, "h2", "c2", &ip);
+    // h2 drops the source's connection for the images (its tunnels, UDP, still work).
+    let nft = |script: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.netns(2), "nft", script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nft {script}: {out:?}");
+    };
+    nft("add table inet vane_test_block");
+    nft("add chain inet vane_test_block input { type filter hook input priority 0 ; }");
+    nft("add rule inet vane_test_block input tcp dport 7947 drop");
+    let started = std::time::Instant::now();
+    let err = lab.fails(&["migrate", "srv", "--to", "h2"]);
+    assert!(
+        err.contains("failed, it runs on host \"h1\" again") && err.contains("cannot reach"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the failure took {:?}",
+        started.elapsed()
+    );
+    let inst = lab.inspect("srv");
+    assert_eq!(inst["state"], "running");
+    assert_eq!(inst["host"], "h1");
+    // Reachable again, it migrates; the client saw no gap either way.
+    nft("delete table inet vane_test_block");
+    migrate(&lab, "srv", "h2");
+    finish_client(&lab, "c2", &stop);
 }
 
 /// Asks the counter server at `server` three times from instance `client`; returns the
