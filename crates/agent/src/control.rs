@@ -292,7 +292,9 @@ pub async fn exec(
                 Ok(s) => s.code().unwrap_or(128),
                 Err(_) => 128,
             };
-            let _ = tx.send(framed(frame::EXIT, &code.to_be_bytes())).await;
+            let _ = tx
+                .send(frame::encoded(frame::EXIT, &code.to_be_bytes()))
+                .await;
         };
         // A reader that goes away takes the command with it: `output` dropped, the child
         // killed.
@@ -321,12 +323,6 @@ async fn stream_out(
     }
 }
 
-fn framed(kind: u8, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + data.len());
-    frame::encode(&mut out, kind, data);
-    out
-}
-
 /// Frames of `kind` from `r` into `tx`, until either ends.
 async fn pump(tx: &mpsc::Sender<Vec<u8>>, kind: u8, mut r: impl tokio::io::AsyncRead + Unpin) {
     let mut buf = vec![0u8; 32 * 1024];
@@ -334,7 +330,7 @@ async fn pump(tx: &mpsc::Sender<Vec<u8>>, kind: u8, mut r: impl tokio::io::Async
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if tx.send(framed(kind, &buf[..n])).await.is_err() {
+                if tx.send(frame::encoded(kind, &buf[..n])).await.is_err() {
                     return;
                 }
             }
@@ -363,7 +359,9 @@ pub async fn logs(agent: Arc<Agent>, id: &str, ticket: String) -> Result<AgentRe
             for file in files {
                 pump(&tx, frame::STDOUT, file).await;
             }
-            let _ = tx.send(framed(frame::EXIT, &0i32.to_be_bytes())).await;
+            let _ = tx
+                .send(frame::encoded(frame::EXIT, &0i32.to_be_bytes()))
+                .await;
         };
         stream_out(&agent, &ticket, rx, output, "logs").await;
     });

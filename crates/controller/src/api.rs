@@ -844,7 +844,9 @@ async fn snapshot_instance(
     tokio::spawn(async move {
         let mut sealing = c.sealer.begin(&instance);
         let record = serde_json::to_vec(&instance).expect("serializes");
-        let _ = out.send(Ok(framed(frame::RECORD, &record))).await;
+        let _ = out
+            .send(Ok(frame::encoded(frame::RECORD, &record).into()))
+            .await;
         let (ticket, mut rx) = c.transfers.sent_by(&host);
         let send = agent_transfer_request(
             &c,
@@ -866,7 +868,11 @@ async fn snapshot_instance(
                     transfers::Piece::Data(d) => {
                         sealing.update(&d);
                         seen += d.len() as u64;
-                        if out2.send(Ok(framed(frame::IMAGES, &d))).await.is_err() {
+                        if out2
+                            .send(Ok(frame::encoded(frame::IMAGES, &d).into()))
+                            .await
+                            .is_err()
+                        {
                             return Err(ApiError::Unavailable("the client went away".into()));
                         }
                     }
@@ -889,13 +895,13 @@ async fn snapshot_instance(
             other => other,
         };
         let last = match result {
-            Ok(sealing) => framed(frame::SEAL, sealing.seal().as_bytes()),
+            Ok(sealing) => frame::encoded(frame::SEAL, sealing.seal().as_bytes()),
             Err(e) => {
                 tracing::warn!(instance = %name, "snapshot: {e}");
-                framed(frame::ERROR, e.to_string().as_bytes())
+                frame::encoded(frame::ERROR, e.to_string().as_bytes())
             }
         };
-        let _ = out.send(Ok(last)).await;
+        let _ = out.send(Ok(last.into())).await;
     });
     Ok((
         [(
@@ -905,13 +911,6 @@ async fn snapshot_instance(
         Body::from_stream(receiver_stream(body)),
     )
         .into_response())
-}
-
-/// One frame (`vane_proto::api::frame`) as bytes.
-fn framed(kind: u8, data: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(5 + data.len());
-    frame::encode(&mut out, kind, data);
-    out.into()
 }
 
 /// The items of `rx` as a stream.

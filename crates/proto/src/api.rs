@@ -555,6 +555,13 @@ pub mod frame {
         out.extend_from_slice(data);
     }
 
+    /// One frame, in bytes of its own.
+    pub fn encoded(kind: u8, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(5 + data.len());
+        encode(&mut out, kind, data);
+        out
+    }
+
     /// Reads one frame; `Ok(None)` at a clean end of stream.
     pub fn read(r: &mut impl std::io::Read) -> std::io::Result<Option<(u8, Vec<u8>)>> {
         let mut head = [0u8; 5];

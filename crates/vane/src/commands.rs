@@ -576,9 +576,7 @@ pub fn restore(
         ip,
         hostname,
     };
-    let mut record = Vec::new();
-    vane_proto::api::frame::encode(
-        &mut record,
+    let record = vane_proto::api::frame::encoded(
         vane_proto::api::frame::RECORD,
         &serde_json::to_vec(&spec).expect("serializes"),
     );
@@ -612,12 +610,8 @@ impl std::io::Read for ImageFrames {
             if n == 0 {
                 return Ok(0);
             }
-            self.frame.clear();
-            vane_proto::api::frame::encode(
-                &mut self.frame,
-                vane_proto::api::frame::IMAGES,
-                &data[..n],
-            );
+            self.frame =
+                vane_proto::api::frame::encoded(vane_proto::api::frame::IMAGES, &data[..n]);
             self.at = 0;
         }
         let n = buf.len().min(self.frame.len() - self.at);
