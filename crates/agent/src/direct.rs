@@ -12,10 +12,11 @@
 //! answers with one message, empty once the images are on its disk, else why not. A stream
 //! that makes no progress for [`STALL`] is broken off.
 
-use std::path::Path;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::transfer::ImageFile;
 
 /// Noise pattern of the handshake. ChaCha20-Poly1305 whatever the CPU: the transfer is
 /// bounded by the disks and the underlay long before this cipher.
@@ -100,17 +101,9 @@ pub async fn send(
     let mut chunk = vec![0u8; CHUNK];
     let mut sent = 0u64;
     loop {
-        let mut filled = 0;
-        while filled < CHUNK {
-            let n = file
-                .read(&mut chunk[filled..])
-                .await
-                .map_err(|e| format!("reading the images: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
+        let filled = crate::transfer::read_full(&mut file, &mut chunk)
+            .await
+            .map_err(|e| format!("reading the images: {e}"))?;
         // The last, empty, message is the end.
         let n = transport
             .write_message(&chunk[..filled], &mut msg)
@@ -205,49 +198,19 @@ async fn receive(
     transport: &mut snow::TransportState,
     expected: &Expected,
 ) -> Result<(), String> {
-    let path: &Path = &expected.path;
-    let _ = tokio::fs::remove_file(path).await;
-    let file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .await
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let mut file = ImageFile::create(&expected.path, expected.bytes).await?;
     let mut msg = vec![0u8; 65_535];
     let mut data = vec![0u8; 65_535];
-    let mut received = 0u64;
     loop {
         let n = read_msg(io, &mut msg).await?;
         let n = transport
             .read_message(&msg[..n], &mut data)
             .map_err(|_| "a message that fails authentication")?;
         if n == 0 {
-            break;
+            return file.finish().await;
         }
-        received += n as u64;
-        if received > expected.bytes {
-            return Err(format!(
-                "the images are longer than the {} bytes announced",
-                expected.bytes
-            ));
-        }
-        file.write_all(&data[..n])
-            .await
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        file.write(&data[..n]).await?;
     }
-    if received != expected.bytes {
-        return Err(format!(
-            "the images ended after {received} of {} bytes",
-            expected.bytes
-        ));
-    }
-    // Flushed, not synced: the restore reads them back through the page cache at once, and
-    // a host that crashes first fails the migration whatever is on its disk.
-    file.flush()
-        .await
-        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 #[cfg(test)]

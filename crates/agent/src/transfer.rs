@@ -10,10 +10,11 @@
 //! written a chunk at a time: memory does not grow with the images, and a slow reader
 //! slows the writer down (TCP's flow control all the way through).
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -68,18 +69,9 @@ pub async fn send(agent: &Agent, ticket: &str, path: &Path) -> Result<u64, Agent
     let mut sent = 0u64;
     loop {
         let mut buf = vec![0u8; CHUNK];
-        let mut filled = 0;
-        // Full chunks (a short read is not the end of the file).
-        while filled < CHUNK {
-            let n = file
-                .read(&mut buf[filled..])
-                .await
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
+        let filled = read_full(&mut file, &mut buf)
+            .await
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
         if filled == 0 {
             break;
         }
@@ -87,14 +79,22 @@ pub async fn send(agent: &Agent, ticket: &str, path: &Path) -> Result<u64, Agent
         sent += filled as u64;
         ws.send(Message::Binary(buf.into())).await.map_err(lost)?;
     }
-    ws.send(Message::Text(END.into())).await.map_err(lost)?;
-    // The controller closes once it has everything.
+    end(ws).await?;
+    Ok(sent)
+}
+
+/// Sends the end of a transfer and waits for the controller to close, which it does once
+/// it has everything.
+async fn end(mut ws: Socket) -> Result<(), AgentError> {
+    ws.send(Message::Text(END.into()))
+        .await
+        .map_err(|e| format!("the transfer connection broke: {e}"))?;
     while let Some(msg) = ws.next().await {
         if msg.is_err() {
             break;
         }
     }
-    Ok(sent)
+    Ok(())
 }
 
 /// Sends what comes out of `frames` (each an encoded `api::frame`) as transfer `ticket`,
@@ -110,13 +110,7 @@ pub async fn send_frames(
     while let Some(frame) = frames.recv().await {
         ws.send(Message::Binary(frame.into())).await.map_err(lost)?;
     }
-    ws.send(Message::Text(END.into())).await.map_err(lost)?;
-    while let Some(msg) = ws.next().await {
-        if msg.is_err() {
-            break;
-        }
-    }
-    Ok(())
+    end(ws).await
 }
 
 /// Receives transfer `ticket`, `bytes` long, into a new file at `path` (0600); a transfer
@@ -140,16 +134,8 @@ async fn receive_into(
     path: &Path,
     bytes: u64,
 ) -> Result<(), AgentError> {
-    let _ = tokio::fs::remove_file(path).await;
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .await
-        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    let mut file = ImageFile::create(path, bytes).await?;
     let mut ws = connect(agent, ticket).await?;
-    let mut received = 0u64;
     loop {
         let msg = match ws.next().await {
             Some(Ok(m)) => m,
@@ -157,25 +143,9 @@ async fn receive_into(
             None => break,
         };
         match msg {
-            Message::Binary(data) => {
-                received += data.len() as u64;
-                if received > bytes {
-                    return Err(
-                        format!("the images are longer than the {bytes} bytes announced").into(),
-                    );
-                }
-                file.write_all(&data)
-                    .await
-                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            }
+            Message::Binary(data) => file.write(&data).await?,
             Message::Text(t) if t.as_str() == END => {
-                if received != bytes {
-                    break;
-                }
-                // Flushed, not synced: read back through the page cache at once.
-                file.flush()
-                    .await
-                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                file.finish().await?;
                 let _ = ws.close(None).await;
                 return Ok(());
             }
@@ -183,5 +153,85 @@ async fn receive_into(
             _ => {}
         }
     }
-    Err(format!("the images ended after {received} of {bytes} bytes").into())
+    Err(file.cut_short().into())
+}
+
+/// Reads from `r` until `buf` is full or the end comes: a short read is not the end of a
+/// file. Returns how much it read.
+pub async fn read_full(r: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = r.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// Packed images as they arrive, from the controller or straight from another host: a new
+/// file only the agent can read, never longer than announced, and whole only once all the
+/// announced bytes came.
+pub struct ImageFile {
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    path: PathBuf,
+    received: u64,
+    bytes: u64,
+}
+
+impl ImageFile {
+    /// A new file at `path` (whatever was there goes) for `bytes` bytes.
+    pub async fn create(path: &Path, bytes: u64) -> Result<ImageFile, String> {
+        let _ = tokio::fs::remove_file(path).await;
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .await
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(ImageFile {
+            file: tokio::io::BufWriter::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
+            received: 0,
+            bytes,
+        })
+    }
+
+    /// The next bytes.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), String> {
+        self.received += data.len() as u64;
+        if self.received > self.bytes {
+            return Err(format!(
+                "the images are longer than the {} bytes announced",
+                self.bytes
+            ));
+        }
+        self.file
+            .write_all(data)
+            .await
+            .map_err(|e| format!("writing {}: {e}", self.path.display()))
+    }
+
+    /// The end: all the bytes came, and are in the file.
+    pub async fn finish(mut self) -> Result<(), String> {
+        if self.received != self.bytes {
+            return Err(self.cut_short());
+        }
+        // Flushed, not synced: the restore reads them back through the page cache at once,
+        // and a host that crashes first fails the migration whatever is on its disk.
+        self.file
+            .flush()
+            .await
+            .map_err(|e| format!("writing {}: {e}", self.path.display()))
+    }
+
+    /// Why images that stop here are not whole.
+    pub fn cut_short(&self) -> String {
+        format!(
+            "the images ended after {} of {} bytes",
+            self.received, self.bytes
+        )
+    }
 }
