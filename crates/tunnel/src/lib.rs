@@ -1320,15 +1320,10 @@ impl Tunnels {
             return Open::Drop(DropReason::Malformed);
         }
         let index = u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
-        let Some(&peer) = self.indexes.get(&index) else {
+        let Some((peer, p)) = awaiting(&self.indexes, &mut self.peers, index) else {
             return Open::Drop(DropReason::UnknownIndex);
         };
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return Open::Drop(DropReason::UnknownIndex);
-        };
-        let Some(pending) = p.pending.as_ref().filter(|h| h.index == index) else {
-            return Open::Drop(DropReason::UnknownIndex);
-        };
+        let mac1 = p.pending.as_ref().expect("awaiting a response").mac1;
         let sealed = 8 + COOKIE_NONCE_LEN;
         let mut nonce = [0; COOKIE_NONCE_LEN];
         nonce.copy_from_slice(&datagram[8..sealed]);
@@ -1336,7 +1331,7 @@ impl Tunnels {
         cookie.copy_from_slice(&datagram[sealed..]);
         let Ok(opened) = p.cookie_key.open_in_place(
             aead::Nonce::assume_unique_for_key(nonce),
-            aead::Aad::from(pending.mac1),
+            aead::Aad::from(mac1),
             &mut cookie,
         ) else {
             return Open::Drop(DropReason::AuthFailed);
@@ -1356,15 +1351,10 @@ impl Tunnels {
         }
         let remote_index = u32::from_be_bytes([datagram[4], datagram[5], datagram[6], datagram[7]]);
         let index = u32::from_be_bytes([datagram[8], datagram[9], datagram[10], datagram[11]]);
-        let Some(&peer) = self.indexes.get(&index) else {
+        let Some((peer, p)) = awaiting(&self.indexes, &mut self.peers, index) else {
             return Open::Drop(DropReason::UnknownIndex);
         };
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return Open::Drop(DropReason::UnknownIndex);
-        };
-        let Some(pending) = p.pending.as_mut().filter(|h| h.index == index) else {
-            return Open::Drop(DropReason::UnknownIndex);
-        };
+        let pending = p.pending.as_mut().expect("awaiting a response");
         // A failed read leaves the handshake as it was (snow restores its state), so a
         // forged response does not spoil the genuine one.
         let mut payload = [0; RESPONSE_LEN];
@@ -1398,6 +1388,22 @@ impl Tunnels {
         }
         Open::Established { peer, len }
     }
+}
+
+/// The peer whose handshake in progress has local index `index`: what a response or a
+/// cookie reply to one of our initiations names. Over the two maps rather than `Tunnels`,
+/// so that its other fields stay free while the peer is borrowed.
+fn awaiting<'a>(
+    indexes: &HashMap<u32, PeerId>,
+    peers: &'a mut HashMap<PeerId, Peer>,
+    index: u32,
+) -> Option<(PeerId, &'a mut Peer)> {
+    let &peer = indexes.get(&index)?;
+    let p = peers.get_mut(&peer)?;
+    p.pending
+        .as_ref()
+        .is_some_and(|h| h.index == index)
+        .then_some((peer, p))
 }
 
 impl fmt::Debug for Tunnels {
