@@ -522,7 +522,6 @@ async fn migrate_instance(
     }
     set_migrating(&c, &id, Some(to.clone()))?;
     let result: ApiResult<Json<Instance>> = async {
-        let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
         // Before anything is frozen: the destination checks its CRIU and makes the space.
         c.agents
             .request(
@@ -532,7 +531,7 @@ async fn migrate_instance(
                 },
             )
             .await
-            .map_err(|e| on(&to, e))?;
+            .map_err(|e| on_host(&to, e))?;
         let discard = |c: Arc<Controller>, id: String, to: String| async move {
             let _ = c.agents.request(&to, AgentRequest::Discard { id }).await;
         };
@@ -558,7 +557,7 @@ async fn migrate_instance(
             Err(e) => {
                 // A failed dump leaves the instance running where it was.
                 discard(c.clone(), id.clone(), to.clone()).await;
-                return Err(on(&from, e));
+                return Err(on_host(&from, e));
             }
         };
         let dumped = frozen.elapsed();
@@ -575,7 +574,7 @@ async fn migrate_instance(
                     },
                 )
                 .await
-                .map_err(|e| on(&to, e)),
+                .map_err(|e| on_host(&to, e)),
             Err(e) => Err(e),
         };
         let restored_at = frozen.elapsed();
@@ -682,6 +681,11 @@ async fn migrate_instance(
     }
 }
 
+/// A failure of `host`'s agent, as the API answers it.
+fn on_host(host: &str, e: ApiError) -> ApiError {
+    ApiError::Unavailable(format!("host {host:?}: {e}"))
+}
+
 /// Marks instance `id` as moving to a host (`vane ps` shows it), or no longer.
 fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> {
     let mut s = c.state();
@@ -719,7 +723,6 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
     if let Some((sender, peer)) = direct {
         let ticket = crate::enroll::new_secret("vanexfer-");
         let within = transfers::answer_within(bytes);
-        let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
         let receive = c.agents.request_within(
             to,
             AgentRequest::ReceiveImages {
@@ -744,12 +747,12 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
         // destination does not wait for the destination to give up waiting.
         tokio::select! {
             sent = &mut send => {
-                sent.map_err(|e| on(from, e))?;
-                receive.await.map_err(|e| on(to, e))?;
+                sent.map_err(|e| on_host(from, e))?;
+                receive.await.map_err(|e| on_host(to, e))?;
             }
             received = &mut receive => {
-                received.map_err(|e| on(to, e))?;
-                send.await.map_err(|e| on(from, e))?;
+                received.map_err(|e| on_host(to, e))?;
+                send.await.map_err(|e| on_host(from, e))?;
             }
         }
         return Ok(());
@@ -781,9 +784,8 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
         within,
     );
     let (sent, received, piped) = tokio::join!(send, receive, transfers::pipe(rx, tx));
-    let on = |host: &str, e: ApiError| ApiError::Unavailable(format!("host {host:?}: {e}"));
-    sent.map_err(|e| on(from, e))?;
-    received.map_err(|e| on(to, e))?;
+    sent.map_err(|e| on_host(from, e))?;
+    received.map_err(|e| on_host(to, e))?;
     let piped = piped?;
     if piped != bytes {
         return Err(ApiError::Internal(format!(
