@@ -76,6 +76,12 @@ pub enum Command {
     Detach {
         port: PortId,
     },
+    /// Put a port on hold or take it off (`Switch::hold_port`); answers once it applies.
+    Hold {
+        port: PortId,
+        held: bool,
+        reply: oneshot::Sender<()>,
+    },
     /// Who this host is in the cluster and how its tunnels work (from the controller's
     /// welcome, or the saved view after a restart).
     Identity {
@@ -206,6 +212,14 @@ impl Dataplane {
         });
         rx.await
             .unwrap_or_else(|_| Err("switch thread is gone".into()))
+    }
+
+    /// Puts `port` on hold (nothing passes to or from it) or takes it off; returns once the
+    /// switch applies it.
+    pub async fn hold(&self, port: PortId, held: bool) {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Hold { port, held, reply });
+        let _ = rx.await;
     }
 
     pub async fn stats(&self, port: PortId) -> Option<PortCounters> {
@@ -418,6 +432,12 @@ impl Worker {
                         .deregister(&mut SourceFd(&f.as_raw_fd()));
                 }
                 self.switch.detach_port(port);
+            }
+            Command::Hold { port, held, reply } => {
+                // Segments merged for it before the hold go first.
+                self.flush_coalesced();
+                self.switch.hold_port(port, held);
+                let _ = reply.send(());
             }
             Command::Identity { host_id, plaintext } => {
                 self.identity = Some((host_id, plaintext));

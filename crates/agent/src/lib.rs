@@ -734,7 +734,7 @@ impl Agent {
         id: &str,
         leave_running: bool,
     ) -> Result<AgentReply, AgentError> {
-        let (record, dir) = {
+        let (record, dir, port) = {
             let instances = self.instances();
             let local = instances.get(id).ok_or_else(|| {
                 AgentError::not_found(format!("instance {id} is not on this host"))
@@ -745,7 +745,7 @@ impl Agent {
                     local.record.spec.name
                 )));
             }
-            (local.record.clone(), local.dir.clone())
+            (local.record.clone(), local.dir.clone(), local.port)
         };
         if !leave_running {
             self.dumped
@@ -753,6 +753,9 @@ impl Agent {
                 .expect("dumped lock")
                 .insert(id.to_string());
         }
+        // The network lock of the dump (CRIU is told to skip its own): nothing passes to or
+        // from the instance until it runs again, here or on the destination.
+        self.hold(port, true).await;
         let record2 = record.clone();
         let result =
             tokio::task::spawn_blocking(move || checkpoint::dump(&dir, &record2, leave_running))
@@ -760,9 +763,15 @@ impl Agent {
                 .map_err(|e| e.to_string())
                 .and_then(|r| r);
         match result {
-            Ok(bytes) => Ok(AgentReply::Checkpointed { bytes }),
+            Ok(bytes) => {
+                if leave_running {
+                    self.hold(port, false).await;
+                }
+                Ok(AgentReply::Checkpointed { bytes })
+            }
             Err(e) if leave_running || instance::is_alive(&record) => {
                 // A failed dump leaves the tree running.
+                self.hold(port, false).await;
                 self.dumped.lock().expect("dumped lock").remove(id);
                 Err(e.into())
             }
@@ -773,6 +782,13 @@ impl Agent {
                     Err(e2) => Err(format!("{e}, and restoring the instance failed: {e2}").into()),
                 }
             }
+        }
+    }
+
+    /// Puts an instance's port (if attached) on hold, or takes it off.
+    async fn hold(&self, port: Option<PortId>, held: bool) {
+        if let Some(port) = port {
+            self.dataplane.hold(port, held).await;
         }
     }
 
@@ -854,10 +870,12 @@ impl Agent {
         .map_err(|e| e.to_string())??;
         let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
         let pid = record.pid;
-        if let Some(local) = self.instances().get_mut(id) {
+        let port = self.instances().get_mut(id).and_then(|local| {
             local.record = record;
             local.state = InstanceState::Running;
-        }
+            local.port
+        });
+        self.hold(port, false).await;
         self.dumped.lock().expect("dumped lock").remove(id);
         let agent = self.clone();
         let id2 = id.to_string();

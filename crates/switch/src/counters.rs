@@ -48,6 +48,8 @@ pub struct DropCounters {
     pub rate_limited: u64,
     /// [`DropReason::WrongHost`].
     pub wrong_host: u64,
+    /// [`DropReason::Held`].
+    pub held: u64,
 }
 
 impl DropCounters {
@@ -77,6 +79,7 @@ impl DropCounters {
             DropReason::FlowTableFull => &self.flow_table_full,
             DropReason::RateLimited => &self.rate_limited,
             DropReason::WrongHost => &self.wrong_host,
+            DropReason::Held => &self.held,
         }
     }
 
@@ -92,6 +95,7 @@ impl DropCounters {
             DropReason::FlowTableFull => &mut self.flow_table_full,
             DropReason::RateLimited => &mut self.rate_limited,
             DropReason::WrongHost => &mut self.wrong_host,
+            DropReason::Held => &mut self.held,
         }
     }
 }

@@ -119,11 +119,14 @@ pub enum DropReason {
     /// A tunnel frame whose source member the directory does not place on the host whose
     /// session carried it: an enrolled host speaking for members it does not host.
     WrongHost,
+    /// To or from a port on hold: its instance is being checkpointed, and its connections
+    /// must neither move nor be answered by a kernel whose sockets are about to vanish.
+    Held,
 }
 
 impl DropReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::Malformed,
         DropReason::NotIpv4,
         DropReason::UnknownPort,
@@ -134,6 +137,7 @@ impl DropReason {
         DropReason::FlowTableFull,
         DropReason::RateLimited,
         DropReason::WrongHost,
+        DropReason::Held,
     ];
 
     /// A short snake_case name, for logs and metric labels.
@@ -149,6 +153,7 @@ impl DropReason {
             DropReason::FlowTableFull => "flow_table_full",
             DropReason::RateLimited => "rate_limited",
             DropReason::WrongHost => "wrong_host",
+            DropReason::Held => "held",
         }
     }
 }
@@ -221,6 +226,8 @@ struct PortState {
     /// The local port this one last delivered to, if that port has a limit: the sender waits
     /// while the receiver's bucket is in debt.
     last_limited_peer: Option<PortId>,
+    /// On hold ([`Switch::hold_port`]): nothing passes to or from it.
+    held: bool,
 }
 
 /// The switch of one host. See the crate docs.
@@ -339,6 +346,7 @@ impl Switch {
                 counters: PortCounters::default(),
                 limit: None,
                 last_limited_peer: None,
+                held: false,
             },
         );
         self.members.set(net, ip, Location::Local(port));
@@ -365,6 +373,17 @@ impl Switch {
     pub fn set_port_rate(&mut self, port: PortId, rate: Option<u64>) {
         if let Some(state) = self.ports.get_mut(&port) {
             state.limit = rate.map(|r| (TokenBucket::new(r), TokenBucket::new(r)));
+        }
+    }
+
+    /// Puts a port on hold, or takes it off: while held, what the instance sends and what
+    /// is sent to it are dropped ([`DropReason::Held`]). This is the network lock of a
+    /// checkpoint: the instance's only way out is its port, so a held port keeps peers from
+    /// moving its connections on while they are dumped, and keeps the kernel's answers for
+    /// sockets that the dump took away (resets) from reaching the peers.
+    pub fn hold_port(&mut self, port: PortId, held: bool) {
+        if let Some(state) = self.ports.get_mut(&port) {
+            state.held = held;
         }
     }
 
@@ -405,6 +424,10 @@ impl Switch {
         };
         state.counters.tx_packets += 1;
         state.counters.tx_bytes += len;
+        if state.held {
+            state.counters.dropped += 1;
+            return self.account(len, Verdict::Drop(DropReason::Held), now);
+        }
         if let Some((tx, _)) = &mut state.limit {
             if !tx.take(pkt.len(), now) {
                 state.counters.rate_limited += 1;
@@ -521,6 +544,10 @@ impl Switch {
         match verdict {
             Verdict::Deliver(port) => {
                 if let Some(state) = self.ports.get_mut(&port) {
+                    if state.held {
+                        self.drops.bump(DropReason::Held);
+                        return Verdict::Drop(DropReason::Held);
+                    }
                     if let Some((_, rx)) = &mut state.limit {
                         if !rx.take(len as usize, now) {
                             state.counters.rate_limited += 1;

@@ -991,3 +991,56 @@ fn limited_ports_make_senders_wait_instead_of_dropping() {
     }
     assert!(n > 0 && sw.port_delay(PB1, t0).unwrap() > Duration::ZERO);
 }
+
+#[test]
+fn a_held_port_neither_sends_nor_receives_until_released() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let remote = Ipv4Addr::new(10, 1, 9, 9);
+    sw.set_member(NET_A, remote, Location::Remote(7));
+    sw.hold_port(PA1, true);
+    const HELD: Verdict = Verdict::Drop(DropReason::Held);
+    // Nothing from it: to a local member, to another host, out to the world.
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 22), now),
+        HELD
+    );
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, remote, 22), now),
+        HELD
+    );
+    let world = Ipv4Addr::new(192, 0, 2, 1);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, world, 80), now),
+        HELD
+    );
+    // Nothing to it: from a local port, from a tunnel.
+    assert_eq!(
+        sw.process_from_port(PA2, &mut tcp(A2, 22, A1, 1), now),
+        HELD
+    );
+    assert_eq!(
+        sw.process_from_tunnel(7, NET_A, NET_A, &mut tcp(remote, 22, A1, 1), now),
+        HELD
+    );
+    assert_eq!(sw.drop_counters().get(DropReason::Held), 5);
+    assert_eq!(sw.port_counters(PA1).unwrap().rx_packets, 0);
+    // The others are not held.
+    assert_eq!(
+        sw.process_from_port(PA2, &mut tcp(A2, 1, remote, 22), now),
+        Verdict::Forward {
+            host: 7,
+            src_net: NET_A,
+            dst_net: NET_A
+        }
+    );
+    sw.hold_port(PA1, false);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 22), now),
+        Verdict::Deliver(PA2)
+    );
+    assert_eq!(
+        sw.process_from_tunnel(7, NET_A, NET_A, &mut tcp(remote, 22, A1, 1), now),
+        Verdict::Deliver(PA1)
+    );
+}
