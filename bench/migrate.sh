@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Freeze time of live migration: a small counter server (well under 50 MiB resident) with
 # three open connections (clients on three hosts asking without pause) migrates 10 times
-# between two hosts of a lab; prints each freeze time (from the freeze on the source until
-# the directory sends to the destination) and the median. The clients must see no error.
-# Then an idle program with 512 MiB resident migrates once: its freeze, the command's whole
-# time, next to the time a plain TCP stream takes to move 512 MiB between the same two
-# hosts' namespaces, and the controller's peak memory.
+# between two hosts of a lab with its memory inside the freeze, then 10 times post-copy
+# (`--post-copy`: memory after the freeze); prints each freeze time (from the freeze on the
+# source until the directory sends to the destination) and the medians. The clients must
+# see no error. Then an idle program with 512 MiB resident migrates once each way: its
+# freezes, the commands' whole times, next to the time a plain TCP stream takes to move
+# 512 MiB between the same two hosts' namespaces, and the controller's peak memory.
 #
 #   bench/migrate.sh [--debug] [COUNT]
 #
@@ -68,11 +69,19 @@ for h in h1 h2 h3; do
 done
 sleep 1
 times=()
+lazy_times=()
 to=h2
 for i in $(seq "$count"); do
   line=$("$vane" migrate srv --to "$to")
   echo "$line"
   times+=("$(echo "$line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')")
+  if [ "$to" = h2 ]; then to=h1; else to=h2; fi
+  sleep 0.5
+done
+for i in $(seq "$count"); do
+  line=$("$vane" migrate srv --to "$to" --post-copy)
+  echo "$line"
+  lazy_times+=("$(echo "$line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')")
   if [ "$to" = h2 ]; then to=h1; else to=h2; fi
   sleep 0.5
 done
@@ -88,8 +97,10 @@ for h in h1 h2 h3; do
 done
 [ "$failed" = 0 ] || "$vane" ps
 rss=$("$vane" exec srv -- sh -c 'grep VmRSS /proc/2/status' | awk '{print $2}')
-median=$(printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
-small="server resident: $((rss / 1024)) MiB; $count migrations ($profile build): median freeze $median ms"
+median_of() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+median=$(median_of "${times[@]}")
+lazy_median=$(median_of "${lazy_times[@]}")
+small="server resident: $((rss / 1024)) MiB; $count migrations each ($profile build): median freeze $median ms whole, $lazy_median ms post-copy"
 
 # 512 MiB resident, idle.
 big='
@@ -107,6 +118,10 @@ start=$(date +%s%N)
 line=$("$vane" migrate big --to h2)
 total_ms=$((($(date +%s%N) - start) / 1000000))
 echo "$line"
+start=$(date +%s%N)
+lazy_line=$("$vane" migrate big --to h1 --post-copy)
+lazy_total_ms=$((($(date +%s%N) - start) / 1000000))
+echo "$lazy_line"
 # The same bytes over a plain TCP stream between the hosts' namespaces.
 addr2=$(ip -n "vane-$lab-h2" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
 ip netns exec "vane-$lab-h2" python3 -c '
@@ -130,10 +145,12 @@ print(int((time.time() - t) * 1000))
 wait "$sink" || true
 peak=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$(cat "/var/lib/vane/labs/$lab/controller.pid")/status")
 big_freeze=$(echo "$line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
+lazy_freeze=$(echo "$lazy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
 
 echo
 echo "migration ($profile build)"
 echo "  small server, 3 connections     $small"
-echo "  512 MiB resident, idle          freeze $big_freeze ms; migrate took $total_ms ms, plain TCP 512 MiB $tcp_ms ms ($(awk -v a="$total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x)"
+echo "  512 MiB resident, idle, whole    freeze $big_freeze ms; migrate took $total_ms ms, plain TCP 512 MiB $tcp_ms ms ($(awk -v a="$total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x)"
+echo "  512 MiB resident, idle, post-copy freeze $lazy_freeze ms; migrate took $lazy_total_ms ms ($(awk -v a="$lazy_total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x plain TCP)"
 echo "  controller peak RSS             $peak MiB"
 exit $failed

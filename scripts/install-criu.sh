@@ -6,11 +6,17 @@
 # CRIU can use to lock the network during a dump. Idempotent: does nothing when a criu on
 # the PATH already says version >= 4.2 (and, for the one built here, keeps its cache dir).
 #
+# The build carries one patch of vane's own (scripts/criu-userfaultfd.patch): a CRIU in a user
+# namespace, where the userfaultfd system call is refused, makes its userfaultfd from a
+# /dev/userfaultfd descriptor that the agent opens and names in CRIU_USERFAULTFD_DEV, so
+# that confined instances can be restored with lazy pages (post-copy migration).
+#
 # CRIU probes the kernel's features at every start (some 40 ms, inside a migration's freeze)
 # unless it can cache them in a file on tmpfs. Where /run is not a tmpfs, the CRIU built here
 # caches in /run/criu, which this script mounts as a small tmpfs (again after a reboot: run
 # it again; without the mount CRIU only starts slower).
 set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
 
 want_major=4 want_minor=2
 have_ok() {
@@ -25,13 +31,15 @@ have_ok() {
 export DEBIAN_FRONTEND=noninteractive
 deps=(iptables libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libnftables-dev libcap-dev libgnutls28-dev
-  libbsd-dev pkg-config libaio-dev uuid-dev gcc make xz-utils dpkg-dev)
+  libbsd-dev pkg-config libaio-dev uuid-dev gcc make xz-utils dpkg-dev patch)
 missing=()
 for p in "${deps[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
 rundir=/run/criu
+# The patch the installed CRIU was built with.
+patched=/usr/local/sbin/.criu-userfaultfd.patch
 keep_cache() {
   mkdir -p "$rundir"
   if [ "$(stat -f -c %T "$rundir")" != tmpfs ]; then
@@ -39,8 +47,10 @@ keep_cache() {
   fi
 }
 built_here_ok() {
-  # A criu of ours must cache in $rundir (older builds of this script did not).
-  [ ! -x /usr/local/sbin/criu ] || grep -qa "$rundir/criu.kdat" /usr/local/sbin/criu
+  # A criu of ours must cache in $rundir and carry the userfaultfd patch (older builds of
+  # this script did neither).
+  [ ! -x /usr/local/sbin/criu ] || { grep -qa "$rundir/criu.kdat" /usr/local/sbin/criu &&
+    cmp -s "$patched" "$here/criu-userfaultfd.patch"; }
 }
 
 if have_ok && built_here_ok; then
@@ -84,11 +94,17 @@ fi
 rm -f "$src_list"
 [ -n "$tarball" ] || { echo "install-criu: no criu 4.x source tarball from Debian sid" >&2; exit 1; }
 dir=$(tar tf "$tarball" | sed -n 1p | cut -d/ -f1)
-[ -d "$dir" ] || tar xf "$tarball"
+# A fresh tree each time: the patch applies to the release as it came.
+rm -rf "$dir"
+tar xf "$tarball"
+# vane's patch (scripts/criu-userfaultfd.patch): lazy restores inside an instance's user
+# namespace get their userfaultfd from a /dev/userfaultfd descriptor the agent opens.
+patch -d "$dir" -p1 --quiet <"$here/criu-userfaultfd.patch"
 # The cache directory is compiled into kerndat.o: make it again, whatever was there.
 rm -f "$dir/criu/kerndat.o"
 make -C "$dir" -j"$(nproc)" RUNDIR="$rundir" criu >/dev/null
 install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
+install -m 0644 "$here/criu-userfaultfd.patch" "$patched"
 keep_cache
 have_ok || { echo "install-criu: /usr/local/sbin/criu does not report version >= 4.2" >&2; exit 1; }
 echo "install-criu: $(/usr/local/sbin/criu --version | head -1)"

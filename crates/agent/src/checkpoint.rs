@@ -11,7 +11,7 @@
 //! Blocking: run these off the async runtime.
 
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -128,6 +128,95 @@ fn last_lines(path: &Path, n: usize) -> String {
 /// program's log into `DIR/images.tar`. Without `leave_running` the tree is gone
 /// afterwards. Returns the size of the pack.
 pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, String> {
+    let mut cmd = dump_command(dir, record)?;
+    if leave_running {
+        cmd.arg("--leave-running");
+    }
+    run_criu(&mut cmd, "dump", &dir.join(IMAGES_DIR).join("dump.log"))?;
+    pack(dir)
+}
+
+/// A lazy dump (post-copy migration): everything but the tree's memory is in
+/// `DIR/images` (and packed); CRIU stays on as the page server of the frozen tree, on
+/// `pages`, its end of a socket pair, until the destination has every page. Then it ends
+/// the tree and exits 0; if the pages cannot all be served, it resumes the tree and exits
+/// non-zero.
+pub struct LazyDump {
+    pub criu: std::process::Child,
+    pub pages: std::os::unix::net::UnixStream,
+    pub bytes: u64,
+}
+
+/// The descriptor numbers a lazy CRIU finds its page connection and status pipe at.
+const PAGES_FD: i32 = 5;
+const STATUS_FD: i32 = 6;
+/// Where a lazy restore inside a user namespace finds `/dev/userfaultfd` (our patch of
+/// CRIU, `scripts/criu-userfaultfd.patch`).
+pub(crate) const UFFD_DEV_FD: i32 = 7;
+/// CRIU's page server moves pages through pipes of up to 819 pages (3.2 MiB), more than
+/// Linux lets a process without CAP_SYS_RESOURCE make unless `fs.pipe-max-size` allows it.
+const PIPE_MAX_SIZE: u64 = 4 << 20;
+
+/// Starts a lazy dump of the instance and waits until its images are written and its page
+/// server is up. Fails (with the tree left running) where CRIU or the host cannot.
+pub fn dump_lazy(dir: &Path, record: &Record) -> Result<LazyDump, String> {
+    allow_large_pipes()?;
+    let mut cmd = dump_command(dir, record)?;
+    let (pages, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| format!("a socket pair for the pages: {e}"))?;
+    let (status_read, status_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("a pipe: {e}"))?;
+    cmd.arg("--lazy-pages")
+        .arg("--ps-socket")
+        .arg(PAGES_FD.to_string())
+        .arg("--status-fd")
+        .arg(STATUS_FD.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    vane_sys::spawn::with_fds(
+        &mut cmd,
+        &[
+            (std::os::fd::AsFd::as_fd(&theirs), PAGES_FD),
+            (std::os::fd::AsFd::as_fd(&status_write), STATUS_FD),
+        ],
+    );
+    let mut criu = cmd.spawn().map_err(|e| format!("running criu: {e}"))?;
+    drop((theirs, status_write));
+    let log = dir.join(IMAGES_DIR).join("dump.log");
+    if !ready(status_read) {
+        let _ = criu.wait();
+        return Err(format!("criu dump failed: {}", last_lines(&log, 2)));
+    }
+    let bytes = pack(dir)?;
+    Ok(LazyDump { criu, pages, bytes })
+}
+
+/// Whether a CRIU said it is ready on its status pipe (one byte) rather than ending.
+fn ready(status: std::os::fd::OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        std::io::Read::read(&mut std::fs::File::from(status), &mut byte),
+        Ok(1)
+    )
+}
+
+/// Raises `fs.pipe-max-size` to what CRIU's page server needs, if it is lower.
+fn allow_large_pipes() -> Result<(), String> {
+    let path = "/proc/sys/fs/pipe-max-size";
+    let now: u64 = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if now >= PIPE_MAX_SIZE {
+        return Ok(());
+    }
+    std::fs::write(path, PIPE_MAX_SIZE.to_string())
+        .map_err(|e| format!("cannot raise {path} to {PIPE_MAX_SIZE} for lazy pages: {e}"))
+}
+
+/// `criu dump` of the instance into a fresh `DIR/images`, as every dump runs it.
+fn dump_command(dir: &Path, record: &Record) -> Result<Command, String> {
     let images = dir.join(IMAGES_DIR);
     let _ = std::fs::remove_dir_all(&images);
     std::fs::create_dir_all(&images).map_err(|e| format!("{}: {e}", images.display()))?;
@@ -165,11 +254,7 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
             cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));
         }
     }
-    if leave_running {
-        cmd.arg("--leave-running");
-    }
-    run_criu(&mut cmd, "dump", &images.join("dump.log"))?;
-    pack(dir)
+    Ok(cmd)
 }
 
 /// Packs `DIR/images` and `DIR/output.log` into `DIR/images.tar`; returns its size.
@@ -268,14 +353,34 @@ pub fn prepare(
 /// of a tree restored where it was dumped is still on hold: the caller lifts it.
 /// `tcp_close`: restore the connections closed (a clone). The restored tree takes the
 /// record's hostname.
-pub fn restore(dir: &Path, exe: &Path, record: &mut Record, tcp_close: bool) -> Result<(), String> {
+/// `pages`: the images are of a lazy dump, whose page server is at the other end of this
+/// socket: the tree is restored without its memory, which a `criu lazy-pages` daemon (in
+/// the instance's user namespace for a confined one) fetches on demand and in the
+/// background until it has all.
+pub fn restore(
+    dir: &Path,
+    exe: &Path,
+    record: &mut Record,
+    tcp_close: bool,
+    pages: Option<std::os::unix::net::UnixStream>,
+) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
     let pidfile = images.join("restored.pid");
     let _ = std::fs::remove_file(&pidfile);
     let confinement = record.confinement();
     match confinement.idmap {
-        Some(idmap) => restore_confined(dir, exe, record, idmap.base, tcp_close)?,
-        None => restore_privileged(dir, record, tcp_close)?,
+        Some(idmap) => {
+            if let Some(pages) = &pages {
+                start_lazy_daemon(&images, pages)?;
+            }
+            restore_confined(dir, exe, record, idmap.base, tcp_close, pages.is_some())?
+        }
+        None => {
+            if let Some(pages) = &pages {
+                start_lazy_daemon(&images, pages)?;
+            }
+            restore_privileged(dir, record, tcp_close, pages.is_some())?
+        }
     }
     let init_pid: u32 = std::fs::read_to_string(&pidfile)
         .ok()
@@ -306,6 +411,7 @@ fn restore_confined(
     record: &Record,
     owner: u32,
     tcp_close: bool,
+    lazy: bool,
 ) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
     crate::images::inherit_namespaces(&images)?;
@@ -318,18 +424,33 @@ fn restore_confined(
         cgroups: record.cgroups.clone(),
         hostname: record.spec.hostname.clone(),
         tcp_close,
+        lazy,
     };
     instance::write_private(
         &dir.join(crate::launch::RESTORE_FILE),
         &serde_json::to_vec(&spec).expect("serializes"),
     )
     .map_err(|e| format!("writing the restore spec: {e}"))?;
-    let out = Command::new(exe)
-        .arg("__restore")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running criu: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__restore").arg(dir).stdin(Stdio::null());
+    // A lazy restore: /dev/userfaultfd, which CRIU in a user namespace makes its
+    // userfaultfd from (the system call is refused there).
+    let uffd = match lazy {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC)
+                .open("/dev/userfaultfd")
+                .map_err(|e| format!("lazy pages need /dev/userfaultfd (Linux >= 6.1): {e}"))?,
+        ),
+        false => None,
+    };
+    if let Some(uffd) = &uffd {
+        vane_sys::spawn::with_fds(&mut cmd, &[(std::os::fd::AsFd::as_fd(uffd), UFFD_DEV_FD)]);
+    }
+    let out = cmd.output().map_err(|e| format!("running criu: {e}"))?;
+    drop(uffd);
     if !out.status.success() {
         let log = images.join("restore.log");
         let why = if log.exists() {
@@ -352,8 +473,64 @@ fn chown_tree(path: &Path, owner: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Starts `criu lazy-pages` on the images at `images`, its page server at the other end of
+/// `pages`, and waits until it listens for the restore. The daemon runs as the host's root
+/// (outside the instance's cgroups, whose limits and kills it must not share) and on by
+/// itself until it has every page; it logs to `lazy.log` beside the images. It reads only
+/// what describes the tree's memory, and writes pages into the descriptors the restored
+/// tasks hand it; its socket is open to the restore, which runs as the instance's root.
+fn start_lazy_daemon(images: &Path, pages: &std::os::unix::net::UnixStream) -> Result<(), String> {
+    let (status_read, status_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("a pipe: {e}"))?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("umask 0; exec \"$@\"")
+        .arg("sh")
+        .arg(criu())
+        .arg("lazy-pages")
+        .arg("-D")
+        .arg(images)
+        .arg("-o")
+        .arg("lazy.log")
+        .arg("--page-server")
+        .arg("--ps-socket")
+        .arg(PAGES_FD.to_string())
+        .arg("--status-fd")
+        .arg(STATUS_FD.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    vane_sys::spawn::with_fds(
+        &mut cmd,
+        &[
+            (std::os::fd::AsFd::as_fd(pages), PAGES_FD),
+            (std::os::fd::AsFd::as_fd(&status_write), STATUS_FD),
+        ],
+    );
+    let mut daemon = cmd
+        .spawn()
+        .map_err(|e| format!("running criu lazy-pages: {e}"))?;
+    drop(status_write);
+    if !ready(status_read) {
+        let _ = daemon.wait();
+        return Err(format!(
+            "criu lazy-pages failed: {}",
+            last_lines(&images.join("lazy.log"), 2)
+        ));
+    }
+    // Reaped when it ends (its outcome is the source's to report: its page server ends
+    // with it).
+    std::thread::spawn(move || daemon.wait());
+    Ok(())
+}
+
 /// Restores a privileged instance as the host's root, as CRIU dumped it.
-fn restore_privileged(dir: &Path, record: &Record, tcp_close: bool) -> Result<(), String> {
+fn restore_privileged(
+    dir: &Path,
+    record: &Record,
+    tcp_close: bool,
+    lazy: bool,
+) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
     let ns = netconf::netns_path(&record.netns);
     let cgroups: Vec<String> = record
@@ -365,10 +542,10 @@ fn restore_privileged(dir: &Path, record: &Record, tcp_close: bool) -> Result<()
     // still exist on a shared kernel) and opens the namespace as descriptor 3 for criu,
     // which gives it to the restored tree in place of the original. The state directory and
     // the hosts and hostname files are bound from this host's.
-    let tcp = if tcp_close {
-        "--tcp-close"
-    } else {
-        "--tcp-established"
+    let tcp = match (tcp_close, lazy) {
+        (true, _) => "--tcp-close",
+        (false, false) => "--tcp-established",
+        (false, true) => "--tcp-established --lazy-pages",
     };
     let script = format!(
         "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \

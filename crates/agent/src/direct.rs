@@ -70,16 +70,137 @@ async fn flush(io: &mut (impl AsyncWrite + Unpin)) -> Result<(), String> {
         .map_err(|e| format!("the connection broke: {e}"))
 }
 
+/// An agent-to-agent connection after its handshake: Noise transport messages, each way
+/// numbered by its own counter (the stateless transport, so that the two directions can
+/// go their own ways once the images are through: [`Link::relay`]).
+pub struct Link<IO> {
+    io: IO,
+    noise: std::sync::Arc<snow::StatelessTransportState>,
+    sent: u64,
+    received: u64,
+    msg: Vec<u8>,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Link<IO> {
+    fn new(io: IO, noise: snow::StatelessTransportState) -> Self {
+        Link {
+            io,
+            noise: std::sync::Arc::new(noise),
+            sent: 0,
+            received: 0,
+            msg: vec![0u8; 65_535],
+        }
+    }
+
+    /// Sends `data` (at most [`CHUNK`] bytes) as one message.
+    async fn send(&mut self, data: &[u8]) -> Result<(), String> {
+        let n = seal(&self.noise, &mut self.sent, data, &mut self.msg)?;
+        write_msg(&mut self.io, &self.msg[..n]).await
+    }
+
+    /// The next message, into `out`; its length.
+    async fn receive(&mut self, out: &mut [u8]) -> Result<usize, String> {
+        let n = read_msg(&mut self.io, &mut self.msg).await?;
+        open(&self.noise, &mut self.received, &self.msg[..n], out)
+    }
+
+    /// Carries bytes both ways between this link and `local` until both directions have
+    /// ended: what `local` reads goes out as messages (an empty one when it ends), what
+    /// arrives is written to it (its write side shut at the other end's empty message).
+    /// Returns the bytes carried out and in. A direction without progress for [`STALL`]
+    /// breaks the relay, as does a message that fails authentication.
+    pub async fn relay(self, local: impl AsyncRead + AsyncWrite) -> Result<(u64, u64), String> {
+        let Link {
+            io,
+            noise,
+            mut sent,
+            mut received,
+            msg,
+        } = self;
+        let (mut net_in, mut net_out) = tokio::io::split(io);
+        let (mut local_in, mut local_out) = tokio::io::split(local);
+        let noise2 = noise.clone();
+        let out = async move {
+            let mut chunk = vec![0u8; CHUNK];
+            let mut msg = msg;
+            let mut total = 0u64;
+            loop {
+                let n = local_in
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("reading the local end: {e}"))?;
+                let len = seal(&noise, &mut sent, &chunk[..n], &mut msg)?;
+                write_msg(&mut net_out, &msg[..len]).await?;
+                // Each message goes at once: the other end may be waiting for it to answer.
+                flush(&mut net_out).await?;
+                if n == 0 {
+                    return Ok::<u64, String>(total);
+                }
+                total += n as u64;
+            }
+        };
+        let back = async move {
+            let mut msg = vec![0u8; 65_535];
+            let mut data = vec![0u8; 65_535];
+            let mut total = 0u64;
+            loop {
+                let n = read_msg(&mut net_in, &mut msg).await?;
+                let n = open(&noise2, &mut received, &msg[..n], &mut data)?;
+                if n == 0 {
+                    let _ = local_out.shutdown().await;
+                    return Ok::<u64, String>(total);
+                }
+                local_out
+                    .write_all(&data[..n])
+                    .await
+                    .map_err(|e| format!("writing the local end: {e}"))?;
+                total += n as u64;
+            }
+        };
+        tokio::try_join!(out, back)
+    }
+}
+
+fn seal(
+    noise: &snow::StatelessTransportState,
+    nonce: &mut u64,
+    data: &[u8],
+    msg: &mut [u8],
+) -> Result<usize, String> {
+    let n = noise
+        .write_message(*nonce, data, msg)
+        .map_err(|e| format!("sealing a message: {e}"))?;
+    *nonce += 1;
+    Ok(n)
+}
+
+fn open(
+    noise: &snow::StatelessTransportState,
+    nonce: &mut u64,
+    msg: &[u8],
+    out: &mut [u8],
+) -> Result<usize, String> {
+    let n = noise
+        .read_message(*nonce, msg, out)
+        .map_err(|_| "a message that fails authentication".to_string())?;
+    *nonce += 1;
+    Ok(n)
+}
+
+/// The connection both transfer ends use: buffered both ways, so that a message goes out
+/// in one system call.
+pub type Buffered<IO> = tokio::io::BufStream<IO>;
+
 /// Source side: sends `file` as transfer `ticket` to the host whose static key is
-/// `remote`; returns the bytes sent once the destination has them on its disk.
-pub async fn send(
-    io: impl AsyncRead + AsyncWrite + Unpin,
+/// `remote`; returns the bytes sent once the destination has them on its disk, and the
+/// link, for what may follow (the pages of a lazy migration).
+pub async fn send<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
     local_private: &[u8; 32],
     remote: &[u8; 32],
     ticket: &str,
     mut file: impl AsyncRead + Unpin,
-) -> Result<u64, String> {
-    // Messages are written whole: the length and the ciphertext in one system call.
+) -> Result<(u64, Link<Buffered<IO>>), String> {
     let mut io = tokio::io::BufStream::with_capacity(1 << 16, 1 << 17, io);
     let noise = |e: snow::Error| format!("handshake: {e}");
     let mut hs = snow::Builder::new(PATTERN.parse().expect("valid pattern"))
@@ -97,7 +218,7 @@ pub async fn send(
     let mut payload = vec![0u8; 65_535];
     hs.read_message(&msg[..n], &mut payload)
         .map_err(|_| "the destination refused the transfer, or is not the host it should be")?;
-    let mut transport = hs.into_transport_mode().map_err(noise)?;
+    let mut link = Link::new(io, hs.into_stateless_transport_mode().map_err(noise)?);
     let mut chunk = vec![0u8; CHUNK];
     let mut sent = 0u64;
     loop {
@@ -105,38 +226,40 @@ pub async fn send(
             .await
             .map_err(|e| format!("reading the images: {e}"))?;
         // The last, empty, message is the end.
-        let n = transport
-            .write_message(&chunk[..filled], &mut msg)
-            .map_err(noise)?;
-        write_msg(&mut io, &msg[..n]).await?;
+        link.send(&chunk[..filled]).await?;
         if filled == 0 {
             break;
         }
         sent += filled as u64;
     }
-    flush(&mut io).await?;
-    let n = read_msg(&mut io, &mut msg).await?;
-    let n = transport
-        .read_message(&msg[..n], &mut payload)
-        .map_err(|_| "a forged answer from the destination")?;
+    flush(&mut link.io).await?;
+    let n = link
+        .receive(&mut payload)
+        .await
+        .map_err(|e| format!("the destination's answer: {e}"))?;
     if n > 0 {
         return Err(format!(
             "the destination: {}",
             String::from_utf8_lossy(&payload[..n])
         ));
     }
-    Ok(sent)
+    Ok((sent, link))
 }
+
+/// How a transfer a destination took ended: its ticket, and the link once the images are
+/// on its disk, or why not.
+pub type Accepted<IO> = (String, Result<Link<Buffered<IO>>, String>);
 
 /// Destination side: takes a transfer on `io`. `claim(ticket, sender's static key)` says
 /// where it goes, if this host expects that ticket from that host (and forgets it: a ticket
-/// is good once). Returns the ticket and how the transfer ended.
-pub async fn accept<F>(
-    io: impl AsyncRead + AsyncWrite + Unpin,
+/// is good once).
+pub async fn accept<IO, F>(
+    io: IO,
     local_private: &[u8; 32],
     claim: F,
-) -> Result<(String, Result<(), String>), String>
+) -> Result<Accepted<IO>, String>
 where
+    IO: AsyncRead + AsyncWrite + Unpin,
     F: AsyncFnOnce(&str, &[u8; 32]) -> Option<Expected>,
 {
     let mut io = io;
@@ -175,10 +298,9 @@ where
         .ok_or_else(|| format!("a transfer nobody expects (ticket {ticket:.16}...)"))?;
     let n = hs.write_message(&[], &mut first).map_err(noise)?;
     write_msg(&mut io, &first[..n]).await?;
-    let mut io = tokio::io::BufStream::with_capacity(1 << 17, 1 << 16, io);
-    let mut msg = vec![0u8; 65_535];
-    let mut transport = hs.into_transport_mode().map_err(noise)?;
-    let result = receive(&mut io, &mut transport, &expected).await;
+    let io = tokio::io::BufStream::with_capacity(1 << 17, 1 << 16, io);
+    let mut link = Link::new(io, hs.into_stateless_transport_mode().map_err(noise)?);
+    let result = receive(&mut link, &expected).await;
     if result.is_err() {
         let _ = tokio::fs::remove_file(&expected.path).await;
     }
@@ -186,26 +308,21 @@ where
         Ok(()) => Vec::new(),
         Err(e) => e.as_bytes()[..e.len().min(1000)].to_vec(),
     };
-    if let Ok(n) = transport.write_message(&answer, &mut msg) {
-        let _ = write_msg(&mut io, &msg[..n]).await;
-        let _ = io.flush().await;
-    }
-    Ok((ticket, result))
+    let answered = match link.send(&answer).await {
+        Ok(()) => flush(&mut link.io).await,
+        Err(e) => Err(e),
+    };
+    Ok((ticket, result.and(answered).map(|()| link)))
 }
 
-async fn receive(
-    io: &mut (impl AsyncRead + Unpin),
-    transport: &mut snow::TransportState,
+async fn receive<IO: AsyncRead + AsyncWrite + Unpin>(
+    link: &mut Link<IO>,
     expected: &Expected,
 ) -> Result<(), String> {
     let mut file = ImageFile::create(&expected.path, expected.bytes).await?;
-    let mut msg = vec![0u8; 65_535];
     let mut data = vec![0u8; 65_535];
     loop {
-        let n = read_msg(io, &mut msg).await?;
-        let n = transport
-            .read_message(&msg[..n], &mut data)
-            .map_err(|_| "a message that fails authentication")?;
+        let n = link.receive(&mut data).await?;
         if n == 0 {
             return file.finish().await;
         }
@@ -243,12 +360,70 @@ mod tests {
             })
             .await
         });
-        let sent = send(a, &source.private, &dest_key, sent_ticket, &data[..]).await;
+        let sent = send(a, &source.private, &dest_key, sent_ticket, &data[..])
+            .await
+            .map(|(n, _)| n);
         let received = match receiver.await.unwrap() {
-            Ok((_, Ok(()))) => Ok(std::fs::read(&path).unwrap()),
+            Ok((_, Ok(_))) => Ok(std::fs::read(&path).unwrap()),
             Ok((_, Err(e))) | Err(e) => Err(e),
         };
         (sent, received)
+    }
+
+    /// After the images, the link carries a conversation both ways (a lazy migration's
+    /// page requests and pages), between the local sockets at its ends.
+    #[tokio::test]
+    async fn after_the_images_the_link_relays_both_ways_until_both_ends_close() {
+        let (src, dst) = (Keypair::generate(), Keypair::generate());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("images.tar");
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (public, path2) = (src.public, path.clone());
+        let receiver = tokio::spawn(async move {
+            accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
+                (*from == public).then(|| Expected {
+                    path: path2.clone(),
+                    bytes: 3,
+                })
+            })
+            .await
+        });
+        let (_, source_link) = send(a, &src.private, &dst.public, "t-1", &b"abc"[..])
+            .await
+            .unwrap();
+        let (_, dest_link) = receiver.await.unwrap().unwrap();
+        let dest_link = dest_link.unwrap();
+        // The page server at the source's end, the daemon at the destination's.
+        let (server, server_side) = tokio::io::duplex(1 << 16);
+        let (daemon, daemon_side) = tokio::io::duplex(1 << 16);
+        let source = tokio::spawn(source_link.relay(server_side));
+        let dest = tokio::spawn(dest_link.relay(daemon_side));
+        let (mut server_r, mut server_w) = tokio::io::split(server);
+        let (mut daemon_r, mut daemon_w) = tokio::io::split(daemon);
+        let pages: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        for round in 0..3u8 {
+            daemon_w.write_all(&[round; 16]).await.unwrap();
+            let mut ask = [0u8; 16];
+            server_r.read_exact(&mut ask).await.unwrap();
+            assert_eq!(ask, [round; 16]);
+            // More than the pipes hold: written and read at once.
+            let mut got = vec![0u8; pages.len()];
+            let (written, read) =
+                tokio::join!(server_w.write_all(&pages), daemon_r.read_exact(&mut got));
+            written.unwrap();
+            read.unwrap();
+            assert_eq!(got, pages);
+        }
+        daemon_w.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        server_r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        server_w.shutdown().await.unwrap();
+        daemon_r.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let (out, back) = source.await.unwrap().unwrap();
+        assert_eq!((out, back), (3 * pages.len() as u64, 48));
+        assert_eq!(dest.await.unwrap().unwrap(), (48, 3 * pages.len() as u64));
     }
 
     #[tokio::test]
@@ -328,7 +503,9 @@ mod tests {
             .await
         });
         let data = vec![3u8; 200_000];
-        let _ = send(c, &src.private, &dst.public, "t-1", &data[..]).await;
+        let _ = send(c, &src.private, &dst.public, "t-1", &data[..])
+            .await
+            .map(|_| ());
         let (_, result) = receiver.await.unwrap().unwrap();
         assert!(result.is_err(), "a changed byte went through");
         assert!(!path.exists(), "a broken transfer left its file");

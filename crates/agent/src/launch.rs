@@ -1032,6 +1032,10 @@ pub struct RestoreSpec {
     pub hostname: String,
     /// Close the dumped connections rather than restore them (clones).
     pub tcp_close: bool,
+    /// The images are of a lazy dump, whose `criu lazy-pages` daemon the agent started:
+    /// restore with `--lazy-pages`, /dev/userfaultfd at descriptor 7.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 pub const RESTORE_FILE: &str = "restore.json";
@@ -1143,6 +1147,12 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         .arg(format!("fd[3]:{}", crate::checkpoint::NET_KEY));
     for (key, _, name) in crate::checkpoint::CONFINED_EXTERNALS {
         cmd.arg("--external").arg(ext(key, name));
+    }
+    if spec.lazy {
+        cmd.arg("--lazy-pages").env(
+            "CRIU_USERFAULTFD_DEV",
+            crate::checkpoint::UFFD_DEV_FD.to_string(),
+        );
     }
     Err(cmd.exec())
 }

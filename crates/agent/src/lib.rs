@@ -122,16 +122,53 @@ pub(crate) struct Agent {
     outbox: Mutex<Option<mpsc::Sender<FromAgent>>>,
     /// Images this host expects straight from another's (`direct`), by ticket.
     inbound: Mutex<BTreeMap<String, Inbound>>,
+    /// Lazy dumps of instances migrating away: their page servers, by instance id.
+    lazy_sources: Mutex<BTreeMap<String, LazySource>>,
+    /// Links from the sources of lazy migrations to this host, kept after their images
+    /// for the pages the restore fetches, by instance id.
+    page_links: Mutex<BTreeMap<String, PageLink>>,
 }
 
 /// A direct transfer this host waits for: from whom, what, and who waits for its end.
 struct Inbound {
     from: [u8; 32],
     expected: direct::Expected,
-    done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    done: tokio::sync::oneshot::Sender<Result<PageLink, String>>,
+}
+
+/// The link of a direct transfer, after its images.
+type PageLink = direct::Link<direct::Buffered<tokio::net::TcpStream>>;
+
+/// A lazy dump serving an instance's memory (`checkpoint::LazyDump`).
+struct LazySource {
+    /// CRIU's page connection, until the images' link takes it over.
+    pages: Option<std::os::unix::net::UnixStream>,
+    /// CRIU's end: whether it served every page (and ended the tree) or not (and resumed
+    /// it).
+    ended: tokio::sync::watch::Receiver<Option<bool>>,
+    /// Stops the relay of the pages (a migration given up before the restore).
+    cancel: Arc<tokio::sync::Notify>,
 }
 
 pub(crate) use vane_proto::unix_now as now;
+
+/// Relays `link` (from a lazy dump's host) to one end of a new socket pair, in the
+/// background; returns the other end, for CRIU's lazy-pages daemon.
+fn relay_pages(id: &str, link: PageLink) -> Result<std::os::unix::net::UnixStream, String> {
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| format!("a socket pair: {e}"))?;
+    ours.set_nonblocking(true)
+        .map_err(|e| format!("a socket pair: {e}"))?;
+    let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| format!("a socket pair: {e}"))?;
+    let id = id.to_string();
+    tokio::spawn(async move {
+        match link.relay(ours).await {
+            Ok((_, pages)) => tracing::info!(instance = %id, bytes = pages, "pages fetched"),
+            Err(e) => tracing::warn!(instance = %id, "fetching pages: {e}"),
+        }
+    });
+    Ok(theirs)
+}
 
 /// Runs the agent until `shutdown` completes. Instances keep running when it stops.
 pub async fn run(
@@ -210,6 +247,8 @@ pub async fn run(
         view: Mutex::new(AgentView::default()),
         outbox: Mutex::new(None),
         inbound: Mutex::new(BTreeMap::new()),
+        lazy_sources: Mutex::new(BTreeMap::new()),
+        page_links: Mutex::new(BTreeMap::new()),
         prepared: Mutex::new(BTreeMap::new()),
         dumped: Mutex::new(std::collections::BTreeSet::new()),
         identity: Mutex::new(identity),
@@ -460,13 +499,22 @@ impl Agent {
                 Ok(AgentReply::HostStats(stats))
             }
             AgentRequest::Prepare { instance } => self.prepare(*instance).await,
-            AgentRequest::Checkpoint { id, leave_running } => {
-                self.checkpoint(&id, leave_running).await
+            AgentRequest::Checkpoint {
+                id,
+                leave_running,
+                lazy,
+            } => {
+                if lazy && !leave_running {
+                    self.checkpoint_lazy(&id).await
+                } else {
+                    self.checkpoint(&id, leave_running).await
+                }
             }
+            AgentRequest::AwaitPages { id } => self.await_pages(&id).await,
             AgentRequest::SendImages { id, ticket, to } => {
                 let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
                 let sent = match to {
-                    Some(peer) => self.send_direct(&ticket, &peer, &path).await,
+                    Some(peer) => self.send_direct(&id, &ticket, &peer, &path).await,
                     None => transfer::send(&self, &ticket, &path).await,
                 };
                 // Sent or not, the pack is not needed again: the images it was made of stay
@@ -481,6 +529,7 @@ impl Agent {
                 ticket,
                 bytes,
                 from,
+                pages,
             } => {
                 if !self
                     .prepared
@@ -494,7 +543,15 @@ impl Agent {
                 }
                 let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
                 match from {
-                    Some(key) => self.receive_direct(ticket, &key, path, bytes).await?,
+                    Some(key) => {
+                        let link = self.receive_direct(ticket, &key, path, bytes).await?;
+                        if pages {
+                            self.page_links
+                                .lock()
+                                .expect("page links lock")
+                                .insert(id, link);
+                        }
+                    }
                     None => transfer::receive(&self, &ticket, &path, bytes).await?,
                 }
                 Ok(AgentReply::Done)
@@ -549,9 +606,11 @@ impl Agent {
         }
     }
 
-    /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`.
+    /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`; then, if
+    /// instance `id` has a lazy dump, its pages go over the same link.
     async fn send_direct(
         &self,
+        id: &str,
         ticket: &str,
         peer: &vane_proto::stream::DirectPeer,
         path: &Path,
@@ -571,9 +630,37 @@ impl Agent {
         let _ = stream.set_nodelay(true);
         let private = self.identity.lock().expect("identity lock").keypair.private;
         let file = tokio::io::BufReader::with_capacity(1 << 20, file);
-        let sent = direct::send(stream, &private, &remote, ticket, file)
+        let (sent, link) = direct::send(stream, &private, &remote, ticket, file)
             .await
             .map_err(|e| format!("sending the images to {}: {e}", peer.locator))?;
+        let lazy = self
+            .lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .get_mut(id)
+            .and_then(|l| Some((l.pages.take()?, l.cancel.clone())));
+        if let Some((pages, cancel)) = lazy {
+            let id = id.to_string();
+            tokio::spawn(async move {
+                let pages = match pages
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixStream::from_std(pages))
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(instance = %id, "serving pages: {e}");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    relayed = link.relay(pages) => match relayed {
+                        Ok((out, _)) => tracing::info!(instance = %id, bytes = out, "pages served"),
+                        Err(e) => tracing::warn!(instance = %id, "serving pages: {e}"),
+                    },
+                    () = cancel.notified() => {}
+                }
+            });
+        }
         Ok(sent)
     }
 
@@ -585,7 +672,7 @@ impl Agent {
         from: &str,
         path: std::path::PathBuf,
         bytes: u64,
-    ) -> Result<(), AgentError> {
+    ) -> Result<PageLink, AgentError> {
         let from = vane_proto::hex::decode::<32>(from)
             .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
         let (done, result) = tokio::sync::oneshot::channel();
@@ -653,7 +740,7 @@ impl Agent {
                 match direct::accept(stream, &private, claim).await {
                     Ok((_, result)) => {
                         match &result {
-                            Ok(()) => tracing::info!(%addr, "images received directly"),
+                            Ok(_) => tracing::info!(%addr, "images received directly"),
                             Err(e) => tracing::warn!(%addr, "a direct transfer failed: {e}"),
                         }
                         if let Some(done) = done {
@@ -767,7 +854,7 @@ impl Agent {
                 if leave_running {
                     self.hold(port, false).await;
                 }
-                Ok(AgentReply::Checkpointed { bytes })
+                Ok(AgentReply::Checkpointed { bytes, lazy: false })
             }
             Err(e) if leave_running || instance::is_alive(&record) => {
                 // A failed dump leaves the tree running.
@@ -783,6 +870,144 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Dumps an instance lazily (post-copy migration source): everything but its memory,
+    /// which stays here with CRIU, frozen, until the destination has fetched it. Falls back
+    /// to a whole dump where CRIU or the host cannot.
+    async fn checkpoint_lazy(self: Arc<Self>, id: &str) -> Result<AgentReply, AgentError> {
+        let (record, dir, port) = {
+            let instances = self.instances();
+            let local = instances.get(id).ok_or_else(|| {
+                AgentError::not_found(format!("instance {id} is not on this host"))
+            })?;
+            if local.state != InstanceState::Running {
+                return Err(AgentError::conflict(format!(
+                    "instance {} is not running",
+                    local.record.spec.name
+                )));
+            }
+            (local.record.clone(), local.dir.clone(), local.port)
+        };
+        self.dumped
+            .lock()
+            .expect("dumped lock")
+            .insert(id.to_string());
+        self.hold(port, true).await;
+        let record2 = record.clone();
+        let started = tokio::task::spawn_blocking(move || checkpoint::dump_lazy(&dir, &record2))
+            .await
+            .map_err(|e| e.to_string())?;
+        let dump = match started {
+            Ok(dump) => dump,
+            Err(e) => {
+                // CRIU leaves the tree running when it fails: dump it whole instead.
+                tracing::warn!(instance = %record.spec.name, "no lazy dump here, a whole one instead: {e}");
+                self.hold(port, false).await;
+                self.dumped.lock().expect("dumped lock").remove(id);
+                return self.checkpoint(id, false).await;
+            }
+        };
+        let checkpoint::LazyDump {
+            mut criu,
+            pages,
+            bytes,
+        } = dump;
+        let (ended_tx, ended) = tokio::sync::watch::channel(None);
+        let name = record.spec.name.clone();
+        std::thread::spawn(move || {
+            let served = criu.wait().is_ok_and(|s| s.success());
+            if !served {
+                tracing::warn!(instance = %name, "the lazy dump ended without serving every page");
+            }
+            let _ = ended_tx.send(Some(served));
+        });
+        self.lazy_sources.lock().expect("lazy sources lock").insert(
+            id.to_string(),
+            LazySource {
+                pages: Some(pages),
+                ended,
+                cancel: Arc::new(tokio::sync::Notify::new()),
+            },
+        );
+        Ok(AgentReply::Checkpointed { bytes, lazy: true })
+    }
+
+    /// Waits until the lazy dump of `id` has served every page and ended the tree (the
+    /// source is released), or says it failed. A failure after the destination resumed
+    /// the instance leaves no copy here either: CRIU resumes the tree when it fails, and
+    /// this ends it, so that two copies never run.
+    async fn await_pages(&self, id: &str) -> Result<AgentReply, AgentError> {
+        let mut ended = self
+            .lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .get(id)
+            .map(|l| l.ended.clone())
+            .ok_or_else(|| AgentError::not_found(format!("instance {id} has no lazy dump here")))?;
+        let served = loop {
+            if let Some(served) = *ended.borrow_and_update() {
+                break served;
+            }
+            if ended.changed().await.is_err() {
+                break false;
+            }
+        };
+        self.lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .remove(id);
+        if served {
+            return Ok(AgentReply::Done);
+        }
+        let cgroups = self
+            .instances()
+            .get(id)
+            .map(|l| l.record.cgroups.clone())
+            .unwrap_or_default();
+        cgroup::kill_all(&cgroups);
+        Err(AgentError::from(
+            "the source could not serve every page of the instance's memory",
+        ))
+    }
+
+    /// A source whose lazy migration was given up before the restore: the page relay stops,
+    /// CRIU sees its page connection close and resumes the tree where it was.
+    async fn resume_lazy(&self, id: &str) -> Option<Result<(), AgentError>> {
+        let (mut ended, cancel, pages) = {
+            let mut sources = self.lazy_sources.lock().expect("lazy sources lock");
+            let source = sources.get_mut(id)?;
+            (
+                source.ended.clone(),
+                source.cancel.clone(),
+                source.pages.take(),
+            )
+        };
+        cancel.notify_one();
+        drop(pages);
+        let served = loop {
+            if let Some(served) = *ended.borrow_and_update() {
+                break served;
+            }
+            if ended.changed().await.is_err() {
+                break true;
+            }
+        };
+        self.lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .remove(id);
+        let alive = self
+            .instances()
+            .get(id)
+            .is_some_and(|l| !served && instance::is_alive(&l.record));
+        Some(if alive {
+            Ok(())
+        } else {
+            Err(AgentError::from(
+                "the instance's lazy dump did not resume it",
+            ))
+        })
     }
 
     /// Puts an instance's port (if attached) on hold, or takes it off.
@@ -803,11 +1028,18 @@ impl Agent {
             let dir2 = dir.clone();
             let exe = self.cfg.exe.clone();
             let started = std::time::Instant::now();
+            // The images of a lazy dump came with a link to its page server: CRIU's
+            // lazy-pages daemon reaches it through a socket pair relayed over the link.
+            let link = self.page_links.lock().expect("page links lock").remove(id);
+            let pages = match link {
+                Some(link) => Some(relay_pages(id, link)?),
+                None => None,
+            };
             let restored = tokio::task::spawn_blocking(move || {
                 let owner = record.confinement().idmap.map(|m| m.base);
                 checkpoint::unpack(&dir2, owner)?;
                 let unpacked = started.elapsed();
-                checkpoint::restore(&dir2, &exe, &mut record, tcp_close)?;
+                checkpoint::restore(&dir2, &exe, &mut record, tcp_close, pages)?;
                 tracing::debug!(
                     unpack_ms = unpacked.as_millis() as u64,
                     criu_ms = (started.elapsed() - unpacked).as_millis() as u64,
@@ -855,6 +1087,19 @@ impl Agent {
             );
             return Ok(AgentReply::Created { pid });
         }
+        // Back on the source, from a lazy dump: the tree never stopped being there.
+        if let Some(resumed) = self.resume_lazy(id).await {
+            resumed?;
+            let resumed = self.instances().get_mut(id).map(|local| {
+                local.state = InstanceState::Running;
+                (local.port, local.record.pid)
+            });
+            let (port, pid) = resumed.unwrap_or((None, 0));
+            self.hold(port, false).await;
+            self.dumped.lock().expect("dumped lock").remove(id);
+            tracing::info!(instance = %id, pid, "instance resumed after a failed migration");
+            return Ok(AgentReply::Created { pid });
+        }
         // Back on the source: same namespace, same port.
         let mut record = self
             .instances()
@@ -864,7 +1109,7 @@ impl Agent {
         let dir2 = dir.clone();
         let exe = self.cfg.exe.clone();
         let record = tokio::task::spawn_blocking(move || {
-            checkpoint::restore(&dir2, &exe, &mut record, tcp_close).map(|_| record)
+            checkpoint::restore(&dir2, &exe, &mut record, tcp_close, None).map(|_| record)
         })
         .await
         .map_err(|e| e.to_string())??;

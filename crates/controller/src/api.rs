@@ -486,7 +486,7 @@ async fn migrate_instance(
     body: Bytes,
 ) -> ApiResult<Json<Instance>> {
     let spec: MigrateSpec = parse(&body)?;
-    let to = spec.to;
+    let (to, post_copy) = (spec.to, spec.post_copy);
     let (id, from, inst_spec) = {
         let s = c.state();
         let inst = s.instance_by_name(&name)?;
@@ -535,19 +535,23 @@ async fn migrate_instance(
         let discard = |c: Arc<Controller>, id: String, to: String| async move {
             let _ = c.agents.request(&to, AgentRequest::Discard { id }).await;
         };
+        // Post-copy where the images can go host to host: the memory follows on the same
+        // link after the freeze.
+        let lazy = post_copy && direct_path(&c, &from, &to).is_some();
         let frozen = std::time::Instant::now();
-        let bytes = match c
+        let (bytes, lazy) = match c
             .agents
             .request(
                 &from,
                 AgentRequest::Checkpoint {
                     id: id.clone(),
                     leave_running: false,
+                    lazy,
                 },
             )
             .await
         {
-            Ok(AgentReply::Checkpointed { bytes }) => bytes,
+            Ok(AgentReply::Checkpointed { bytes, lazy }) => (bytes, lazy),
             Ok(other) => {
                 discard(c.clone(), id.clone(), to.clone()).await;
                 return Err(ApiError::Internal(format!(
@@ -561,7 +565,7 @@ async fn migrate_instance(
             }
         };
         let dumped = frozen.elapsed();
-        let moved = move_images(&c, &from, &to, &id, bytes).await;
+        let moved = move_images(&c, &from, &to, &id, bytes, lazy).await;
         let transferred = frozen.elapsed();
         let restored = match moved {
             Ok(()) => c
@@ -642,9 +646,45 @@ async fn migrate_instance(
         };
         let freeze_ms = ms(switched);
         tracing::info!(
-            instance = %name, %from, %to, freeze_ms, image_bytes = bytes, ?phases,
+            instance = %name, %from, %to, freeze_ms, image_bytes = bytes, ?phases, lazy,
             "migrated"
         );
+        // Post-copy: the instance runs on the destination, its memory still coming from the
+        // source, which is released once the last page is through.
+        let post_copy_ms = if lazy {
+            let served = c
+                .agents
+                .request_within(
+                    &from,
+                    AgentRequest::AwaitPages { id: id.clone() },
+                    POST_COPY_LIMIT,
+                )
+                .await;
+            if let Err(e) = served {
+                // The destination's copy is missing memory: it must not run on.
+                let _ = c
+                    .agents
+                    .request(&to, AgentRequest::Remove { id: id.clone() })
+                    .await;
+                {
+                    let mut s = c.state();
+                    if let Some(inst) = s.instances.get_mut(&id) {
+                        inst.state = InstanceState::Lost;
+                        inst.pid = None;
+                        let mut batch = crate::store::Batch::default();
+                        batch.put(&*inst);
+                        c.commit(batch)?;
+                    }
+                }
+                c.push_views();
+                return Err(ApiError::Internal(format!(
+                    "instance {name:?} was lost: its memory could not all be moved from host {from:?} after it resumed on host {to:?} ({e})"
+                )));
+            }
+            Some(ms(frozen.elapsed()) - freeze_ms)
+        } else {
+            None
+        };
         if let Err(e) = c
             .agents
             .request(&from, AgentRequest::Remove { id: id.clone() })
@@ -664,6 +704,7 @@ async fn migrate_instance(
             freeze_ms,
             image_bytes: bytes,
             phases,
+            post_copy_ms,
         });
         let inst = inst.clone();
         let mut batch = crate::store::Batch::default();
@@ -701,25 +742,40 @@ fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> 
 /// Streams the packed images of instance `id` (`bytes` long) from host `from` to host `to`:
 /// straight from agent to agent when the controller knows where the destination's switch
 /// is and both hosts' keys, else through the controller.
-async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64) -> ApiResult<()> {
-    let direct = {
-        let s = c.state();
-        let (src, dst) = (s.hosts.get(from), s.hosts.get(to));
-        match (
-            src.and_then(|h| h.public_key.clone()),
-            dst.and_then(|h| h.locator),
-            dst.and_then(|h| h.public_key.clone()),
-        ) {
-            (Some(sender), Some(locator), Some(public_key)) => Some((
-                sender,
-                vane_proto::stream::DirectPeer {
-                    locator,
-                    public_key,
-                },
-            )),
-            _ => None,
-        }
-    };
+/// How long a post-copy migration's source may take to serve the last page after the
+/// freeze: the agents break a link off after 30 s without progress, so this only bounds a
+/// transfer that keeps moving.
+const POST_COPY_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The source's key and the destination's address and key, when the images of a migration
+/// can go straight from one host to the other.
+fn direct_path(
+    c: &Controller,
+    from: &str,
+    to: &str,
+) -> Option<(String, vane_proto::stream::DirectPeer)> {
+    let s = c.state();
+    let (src, dst) = (s.hosts.get(from), s.hosts.get(to));
+    Some((
+        src?.public_key.clone()?,
+        vane_proto::stream::DirectPeer {
+            locator: dst?.locator?,
+            public_key: dst?.public_key.clone()?,
+        },
+    ))
+}
+
+/// Moves the images of a checkpoint from host to host (`pages`: and keeps the link for the
+/// memory of a lazy dump, which needs the direct path).
+async fn move_images(
+    c: &Controller,
+    from: &str,
+    to: &str,
+    id: &str,
+    bytes: u64,
+    pages: bool,
+) -> ApiResult<()> {
+    let direct = direct_path(c, from, to);
     if let Some((sender, peer)) = direct {
         let ticket = crate::enroll::new_secret("vanexfer-");
         let within = transfers::answer_within(bytes);
@@ -730,6 +786,7 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
                 ticket: ticket.clone(),
                 bytes,
                 from: Some(sender),
+                pages,
             },
             within,
         );
@@ -780,6 +837,7 @@ async fn move_images(c: &Controller, from: &str, to: &str, id: &str, bytes: u64)
             ticket: down.clone(),
             bytes,
             from: None,
+            pages: false,
         },
         within,
     );
@@ -830,11 +888,12 @@ async fn snapshot_instance(
             AgentRequest::Checkpoint {
                 id: id.clone(),
                 leave_running: true,
+                lazy: false,
             },
         )
         .await?
     {
-        AgentReply::Checkpointed { bytes } => bytes,
+        AgentReply::Checkpointed { bytes, .. } => bytes,
         other => {
             return Err(ApiError::Internal(format!(
                 "unexpected answer from host {host:?}: {other:?}"
@@ -1130,6 +1189,7 @@ async fn restore_on(
                 ticket: ticket.clone(),
                 bytes,
                 from: None,
+                pages: false,
             },
             transfers::answer_within(bytes),
         );

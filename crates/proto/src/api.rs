@@ -395,6 +395,11 @@ pub struct Migration {
     /// Where the freeze went.
     #[serde(default)]
     pub phases: Phases,
+    /// Post-copy (lazy pages): the images moved without the memory, which the destination
+    /// fetched from the source after the freeze; this long from the end of the freeze until
+    /// the source had served every page and was released. `None`: a whole dump.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy_ms: Option<u64>,
 }
 
 /// The parts of a migration's freeze, in milliseconds: they add up to `freeze_ms`.
@@ -414,6 +419,13 @@ pub struct Phases {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateSpec {
     pub to: String,
+    /// Post-copy: move the instance without its memory, which follows from the source
+    /// after the freeze (a freeze that does not grow with memory). Inside that window the
+    /// instance needs both hosts: if the source or the link fails before the last page,
+    /// the instance is lost. Needs the direct path between the hosts; without it, or where
+    /// CRIU cannot, the migration copies the memory inside the freeze as without this.
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// `POST /v1/instances/{name}/snapshot` (`vane snapshot NAME --out DIR [--stop]`).

@@ -89,6 +89,18 @@ pub enum AgentRequest {
     Checkpoint {
         id: String,
         leave_running: bool,
+        /// Post-copy: dump everything but the tree's memory, which stays on this host,
+        /// frozen, until the destination has fetched it over the link of the direct
+        /// `SendImages` that follows. Falls back to a whole dump where CRIU or the host
+        /// cannot (`Checkpointed::lazy` says which it was).
+        #[serde(default)]
+        lazy: bool,
+    },
+    /// Migration, source side, after a lazy `Checkpoint`: answered once the destination
+    /// has every page and the dump has ended the tree here (the source is no longer
+    /// needed), or failed.
+    AwaitPages {
+        id: String,
     },
     /// Sends the packed images of `id` (after `Checkpoint`) to the controller over a
     /// transfer connection (`GET /v1/agents/transfers/TICKET`, WebSocket): binary messages,
@@ -110,6 +122,10 @@ pub enum AgentRequest {
         /// instead of the controller.
         #[serde(default)]
         from: Option<String>,
+        /// The images are of a lazy dump: keep the direct link open afterwards, for the
+        /// pages that the `Restore` fetches.
+        #[serde(default)]
+        pages: bool,
     },
     /// Restores the dumped tree: into the prepared space (destination), or back into its
     /// own space after a failed migration (source).
@@ -165,9 +181,12 @@ pub enum AgentReply {
         usage: Option<Usage>,
     },
     HostStats(HostStats),
-    /// The instance was dumped; its packed images are `bytes` long.
+    /// The instance was dumped; its packed images are `bytes` long. `lazy`: without its
+    /// memory, which this host serves until `AwaitPages` is answered.
     Checkpointed {
         bytes: u64,
+        #[serde(default)]
+        lazy: bool,
     },
 }
 

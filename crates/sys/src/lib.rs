@@ -8,5 +8,6 @@ pub mod fs;
 pub mod netns;
 pub mod pidfd;
 pub mod socket;
+pub mod spawn;
 pub mod tun;
 pub mod udp;

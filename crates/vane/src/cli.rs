@@ -77,6 +77,11 @@ pub enum Cmd {
         /// The destination host
         #[arg(long)]
         to: String,
+        /// Move the memory after the freeze (lazy pages): a short freeze whatever the
+        /// instance's size, but the instance is lost if the source fails before its last
+        /// page has moved
+        #[arg(long)]
+        post_copy: bool,
         #[command(flatten)]
         output: OutputArg,
     },

@@ -400,10 +400,13 @@ pub fn stop(c: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn migrate(c: &Client, name: &str, to: &str, output: Output) -> Result<()> {
+pub fn migrate(c: &Client, name: &str, to: &str, post_copy: bool, output: Output) -> Result<()> {
     let inst: Instance = c.post(
         &format!("/v1/instances/{}/migrate", path_segment(name)?),
-        &vane_proto::api::MigrateSpec { to: to.to_string() },
+        &vane_proto::api::MigrateSpec {
+            to: to.to_string(),
+            post_copy,
+        },
     )?;
     let last = inst.migrations.last();
     if output == Output::Json {
@@ -413,8 +416,12 @@ pub fn migrate(c: &Client, name: &str, to: &str, output: Output) -> Result<()> {
     match last {
         Some(m) => {
             let p = m.phases;
+            let memory = match m.post_copy_ms {
+                Some(ms) => format!(", memory after it (post-copy, source released in {ms} ms)"),
+                None => String::new(),
+            };
             println!(
-                "{name}: {} -> {}, freeze {} ms (dump {}, transfer {}, restore {}, switch {}), image {:.1} MiB",
+                "{name}: {} -> {}, freeze {} ms (dump {}, transfer {}, restore {}, switch {}), image {:.1} MiB{memory}",
                 m.from,
                 m.to,
                 m.freeze_ms,

@@ -99,7 +99,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Inspect { name } => commands::inspect(&c()?, &name)?,
         Cmd::Logs { name } => commands::logs(&c()?, &name)?,
         Cmd::Stop { name } => commands::stop(&c()?, &name)?,
-        Cmd::Migrate { name, to, output } => commands::migrate(&c()?, &name, &to, output.output)?,
+        Cmd::Migrate {
+            name,
+            to,
+            post_copy,
+            output,
+        } => commands::migrate(&c()?, &name, &to, post_copy, output.output)?,
         Cmd::Snapshot { name, out, stop } => commands::snapshot(&c()?, &name, &out, stop)?,
         Cmd::Restore {
             dir,

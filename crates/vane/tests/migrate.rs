@@ -633,3 +633,39 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// Post-copy: the memory moves after the freeze, pulled by the destination; the freeze is
+/// that of a small instance, the memory arrives whole, a client's connection survives, and
+/// the destination's copy can move on again (the descriptor CRIU made its userfaultfd from
+/// is not left in it: the next dump would refuse it).
+#[test]
+fn a_256_mib_server_moves_its_memory_after_the_freeze_with_post_copy() {
+    let lab = TestLab::up(3);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.14.0/24"]);
+    run_on(&lab, "h1", "big", &["python3", "-c", BIG]);
+    let digest = digest_of(&lab, "big");
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let stop = start_client(&lab, "h3", "c3", &ip);
+    let out = lab.ok(&["migrate", "big", "--to", "h2", "--post-copy"]);
+    assert!(out.contains("post-copy, source released in"), "{out}");
+    let last = lab.inspect("big")["migrations"][0].clone();
+    assert!(last["image_bytes"].as_u64().unwrap() < 64 << 20, "{last}");
+    assert!(last["post_copy_ms"].as_u64().is_some(), "{last}");
+    assert_eq!(digest_of(&lab, "big"), digest);
+    // A server under a live client.
+    lab.ok(&["migrate", "srv", "--to", "h2", "--post-copy"]);
+    let before = progress(&lab, "c3");
+    assert!(
+        wait_until(Duration::from_secs(15), || progress(&lab, "c3")
+            > before + 20),
+        "the client stalled after the post-copy migration: {}",
+        lab.ok(&["logs", "c3"])
+    );
+    // And on: whole this time, then post-copy again.
+    migrate(&lab, "big", "h3");
+    assert_eq!(digest_of(&lab, "big"), digest);
+    lab.ok(&["migrate", "big", "--to", "h1", "--post-copy"]);
+    assert_eq!(digest_of(&lab, "big"), digest);
+    finish_client(&lab, "c3", &stop);
+}
