@@ -219,7 +219,24 @@ where
             ToAgent::Request { id, body } => {
                 let agent = agent.clone();
                 tokio::spawn(async move {
+                    // Long work says every second that it goes on (and how far): the
+                    // controller waits as long as it does.
+                    let ticker = agent.progress_of(&body).map(|counted| {
+                        let agent = agent.clone();
+                        tokio::spawn(async move {
+                            let mut every = tokio::time::interval(PROGRESS_EVERY);
+                            every.tick().await;
+                            loop {
+                                every.tick().await;
+                                let bytes = counted.bytes();
+                                agent.send(FromAgent::Progress { id, bytes });
+                            }
+                        })
+                    });
                     let result = agent.clone().handle(body).await;
+                    if let Some(ticker) = ticker {
+                        ticker.abort();
+                    }
                     agent.send(FromAgent::Response { id, result });
                 });
             }
@@ -228,6 +245,45 @@ where
     *agent.outbox.lock().expect("outbox lock") = None;
     writer.abort();
     end
+}
+
+/// How often long requests report progress (`FromAgent::Progress`): often enough for a
+/// live display, a few small messages a second.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// What a long request counts as its progress (`Agent::progress_of`).
+pub(crate) enum Counted {
+    /// Only that it goes on.
+    Nothing,
+    /// The bytes at a path: a file's length, or a directory's files' (not below it).
+    Size(std::path::PathBuf),
+    /// The memory charged to an instance's cgroups.
+    Memory(Vec<std::path::PathBuf>),
+}
+
+impl Counted {
+    fn bytes(&self) -> u64 {
+        match self {
+            Counted::Nothing => 0,
+            Counted::Size(path) => bytes_at(path),
+            Counted::Memory(cgroups) => crate::cgroup::usage(cgroups).memory,
+        }
+    }
+}
+
+fn bytes_at(path: &std::path::Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum(),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
 }
 
 /// The arguments of `vane __exec`, passed as one JSON argument.

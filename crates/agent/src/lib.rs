@@ -1010,6 +1010,38 @@ impl Agent {
         })
     }
 
+    /// Whether `body` is long work that reports progress, and what to count while it goes
+    /// on.
+    pub(crate) fn progress_of(&self, body: &AgentRequest) -> Option<control::Counted> {
+        use control::Counted;
+        match body {
+            // The images a dump writes.
+            AgentRequest::Checkpoint { id, .. } => Some(Counted::Size(
+                self.instance_dir(id).join(checkpoint::IMAGES_DIR),
+            )),
+            // The pack a transfer receives.
+            AgentRequest::ReceiveImages { id, .. } => Some(Counted::Size(
+                self.instance_dir(id).join(checkpoint::PACK_FILE),
+            )),
+            // The memory a restore gives back to the instance.
+            AgentRequest::Restore { id, .. } => {
+                let cgroups = match self.prepared.lock().expect("prepared lock").get(id) {
+                    Some(p) => p.record.cgroups.clone(),
+                    None => self
+                        .instances()
+                        .get(id)
+                        .map(|l| l.record.cgroups.clone())
+                        .unwrap_or_default(),
+                };
+                Some(Counted::Memory(cgroups))
+            }
+            AgentRequest::SendImages { .. } | AgentRequest::AwaitPages { .. } => {
+                Some(Counted::Nothing)
+            }
+            _ => None,
+        }
+    }
+
     /// Puts an instance's port (if attached) on hold, or takes it off.
     async fn hold(&self, port: Option<PortId>, held: bool) {
         if let Some(port) = port {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use vane_proto::stream::{AgentError, AgentReply, AgentRequest, AgentView, ErrorKind, ToAgent};
 
@@ -27,8 +27,14 @@ struct Conn {
     tx: mpsc::Sender<Outgoing>,
     /// Told when the agent does not keep up: its session ends (`session::run`).
     overflow: Arc<Notify>,
-    pending: HashMap<u64, oneshot::Sender<Result<AgentReply, AgentError>>>,
+    pending: HashMap<u64, Pending>,
     last_view: Option<AgentView>,
+}
+
+/// A request waiting for its answer, and its progress so far (`FromAgent::Progress`).
+struct Pending {
+    answer: oneshot::Sender<Result<AgentReply, AgentError>>,
+    progress: watch::Sender<u64>,
 }
 
 impl Conn {
@@ -58,7 +64,7 @@ pub struct Agents {
 
 /// How long the controller waits for an agent's answer. Creating an instance is the slowest
 /// request (namespaces, devices, nftables, starting the program).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Agents {
     pub fn next_id(&self) -> u64 {
@@ -126,8 +132,23 @@ impl Agents {
         body: AgentRequest,
         timeout: Duration,
     ) -> Result<AgentReply, ApiError> {
+        self.request_watched(host, body, timeout, |_| {}).await
+    }
+
+    /// `request_within`, where `timeout` runs from the agent's last progress, not from the
+    /// request: a long piece of work (dumping a large instance) whose count of bytes done
+    /// keeps growing is waited for as long as it lasts, one whose count stalls is given up
+    /// `timeout` after it last grew. `on_progress` gets the bytes the agent reports done.
+    pub async fn request_watched(
+        &self,
+        host: &str,
+        body: AgentRequest,
+        timeout: Duration,
+        on_progress: impl Fn(u64),
+    ) -> Result<AgentReply, ApiError> {
         let id = self.next_id();
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
+        let (progress, mut progressed) = watch::channel(0u64);
         {
             let mut conns = self.conns.lock().expect("agents lock");
             let conn = conns
@@ -138,23 +159,63 @@ impl Agents {
                     "host {host:?} is not keeping up with its control stream"
                 )));
             }
-            conn.pending.insert(id, tx);
+            conn.pending.insert(
+                id,
+                Pending {
+                    answer: tx,
+                    progress,
+                },
+            );
         }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(reply))) => Ok(reply),
-            Ok(Ok(Err(e))) => Err(agent_error(e)),
-            Ok(Err(_)) => Err(ApiError::Unavailable(format!(
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut done = 0u64;
+        let answer = loop {
+            tokio::select! {
+                answer = &mut rx => break Some(answer),
+                changed = progressed.changed() => match changed {
+                    Ok(()) => {
+                        let bytes = *progressed.borrow_and_update();
+                        if bytes != done {
+                            done = bytes;
+                            deadline = tokio::time::Instant::now() + timeout;
+                            on_progress(bytes);
+                        }
+                    }
+                    // The request is gone (answered, or its host disconnected): the answer
+                    // says which.
+                    Err(_) => break Some((&mut rx).await),
+                },
+                () = tokio::time::sleep_until(deadline) => break None,
+            }
+        };
+        match answer {
+            Some(Ok(Ok(reply))) => Ok(reply),
+            Some(Ok(Err(e))) => Err(agent_error(e)),
+            Some(Err(_)) => Err(ApiError::Unavailable(format!(
                 "host {host:?} disconnected before answering"
             ))),
-            Err(_) => {
+            None => {
                 if let Some(c) = self.conns.lock().expect("agents lock").get_mut(host) {
                     c.pending.remove(&id);
                 }
                 Err(ApiError::Unavailable(format!(
-                    "host {host:?} did not answer within {}s",
+                    "host {host:?} did not answer nor report progress within {}s",
                     timeout.as_secs()
                 )))
             }
+        }
+    }
+
+    /// An agent says request `id` is under way, `bytes` done.
+    pub fn progress(&self, host: &str, id: u64, bytes: u64) {
+        if let Some(p) = self
+            .conns
+            .lock()
+            .expect("agents lock")
+            .get(host)
+            .and_then(|c| c.pending.get(&id))
+        {
+            p.progress.send_replace(bytes);
         }
     }
 
@@ -166,7 +227,7 @@ impl Agents {
             .get_mut(host)
             .and_then(|c| c.pending.remove(&id));
         if let Some(w) = waiter {
-            let _ = w.send(result);
+            let _ = w.answer.send(result);
         }
     }
 
@@ -207,5 +268,68 @@ fn agent_error(e: AgentError) -> ApiError {
         ErrorKind::NotFound => ApiError::NotFound(e.message),
         ErrorKind::Conflict => ApiError::Conflict(e.message),
         ErrorKind::Failed => ApiError::Internal(e.message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The id of the next request `rx` carries for the agent.
+    async fn next_request(rx: &mut mpsc::Receiver<Outgoing>) -> u64 {
+        loop {
+            if let Some(Outgoing::Json(msg)) = rx.recv().await {
+                if let ToAgent::Request { id, .. } = *msg {
+                    return id;
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_work_keeps_growing_is_waited_for_and_one_that_stalls_is_not() {
+        let agents = Arc::new(Agents::default());
+        let (_, mut rx, _) = agents.attach("h1");
+        let timeout = Duration::from_secs(5);
+        // Growing for 30 s, six times the timeout: answered.
+        let a = agents.clone();
+        let seen = Arc::new(AtomicU64::new(0));
+        let seen2 = seen.clone();
+        let waiting = tokio::spawn(async move {
+            a.request_watched("h1", AgentRequest::HostStats, timeout, |b| {
+                seen2.store(b, Ordering::Relaxed)
+            })
+            .await
+        });
+        let id = next_request(&mut rx).await;
+        for second in 1..=30u64 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            agents.progress("h1", id, second << 20);
+        }
+        agents.resolve("h1", id, Ok(AgentReply::Done));
+        assert!(matches!(waiting.await.unwrap(), Ok(AgentReply::Done)));
+        // What came before the answer was seen (the last report may race the answer).
+        assert!(seen.load(Ordering::Relaxed) >= 29 << 20);
+        // Reports that say nothing grew: given up one timeout after the last growth.
+        let a = agents.clone();
+        let started = tokio::time::Instant::now();
+        let waiting = tokio::spawn(async move {
+            let result = a
+                .request_watched("h1", AgentRequest::HostStats, timeout, |_| {})
+                .await;
+            (result, started.elapsed())
+        });
+        let id = next_request(&mut rx).await;
+        agents.progress("h1", id, 7);
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            agents.progress("h1", id, 7);
+        }
+        let (result, after) = waiting.await.unwrap();
+        assert!(
+            matches!(&result, Err(ApiError::Unavailable(m)) if m.contains("progress")),
+            "{result:?}"
+        );
+        assert!(after < Duration::from_secs(7), "given up after {after:?}");
     }
 }

@@ -350,14 +350,15 @@ async fn list_instances(AxState(c): Ctl, axum::Extension(who): Who) -> Json<Vec<
         .instances
         .values()
         .filter(|i| s.net_tenant(&i.net).is_ok_and(|t| who.may(&t)))
-        .cloned()
+        .map(|i| c.with_progress(i.clone()))
         .collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
     Json(v)
 }
 
 async fn inspect_instance(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Json<Instance>> {
-    Ok(Json(c.state().instance_by_name(&name)?.clone()))
+    let inst = c.state().instance_by_name(&name)?.clone();
+    Ok(Json(c.with_progress(inst)))
 }
 
 fn new_instance_id() -> String {
@@ -539,15 +540,18 @@ async fn migrate_instance(
         // link after the freeze.
         let lazy = post_copy && direct_path(&c, &from, &to).is_some();
         let frozen = std::time::Instant::now();
+        c.set_progress(&id, Some(("dump", 0)));
         let (bytes, lazy) = match c
             .agents
-            .request(
+            .request_watched(
                 &from,
                 AgentRequest::Checkpoint {
                     id: id.clone(),
                     leave_running: false,
                     lazy,
                 },
+                crate::agents::REQUEST_TIMEOUT,
+                |b| c.set_progress(&id, Some(("dump", b))),
             )
             .await
         {
@@ -565,8 +569,10 @@ async fn migrate_instance(
             }
         };
         let dumped = frozen.elapsed();
+        c.set_progress(&id, Some(("transfer", 0)));
         let moved = move_images(&c, &from, &to, &id, bytes, lazy).await;
         let transferred = frozen.elapsed();
+        c.set_progress(&id, Some(("restore", 0)));
         let restored = match moved {
             Ok(()) => c
                 .agents
@@ -636,6 +642,9 @@ async fn migrate_instance(
         }
         c.push_views();
         let switched = frozen.elapsed();
+        if lazy {
+            c.set_progress(&id, Some(("pages", 0)));
+        }
         let ms = |d: std::time::Duration| d.as_millis() as u64;
         // Differences of whole milliseconds, so that the phases add up to the freeze.
         let phases = vane_proto::api::Phases {
@@ -713,6 +722,7 @@ async fn migrate_instance(
         Ok(Json(inst))
     }
     .await;
+    c.set_progress(&id, None);
     set_migrating(&c, &id, None)?;
     let inst = c.state().instances.get(&id).cloned();
     match (result, inst) {
@@ -779,7 +789,7 @@ async fn move_images(
     if let Some((sender, peer)) = direct {
         let ticket = crate::enroll::new_secret("vanexfer-");
         let within = transfers::answer_within(bytes);
-        let receive = c.agents.request_within(
+        let receive = c.agents.request_watched(
             to,
             AgentRequest::ReceiveImages {
                 id: id.to_string(),
@@ -789,6 +799,7 @@ async fn move_images(
                 pages,
             },
             within,
+            |b| c.set_progress(id, Some(("transfer", b))),
         );
         let send = c.agents.request_within(
             from,

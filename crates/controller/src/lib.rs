@@ -47,9 +47,46 @@ pub(crate) struct Controller {
     /// Turns true when the controller stops, so that agent sessions (long-lived WebSockets
     /// that a graceful HTTP shutdown would otherwise wait for) end.
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// Migrations under way, by instance id: where they are (`Instance::progress`).
+    progress: Mutex<std::collections::HashMap<String, (String, u64, std::time::Instant)>>,
 }
 
 impl Controller {
+    /// Records that the migration of instance `id` is in `phase` (a new phase starts its
+    /// clock), `bytes` of it done; `None` when it is over.
+    fn set_progress(&self, id: &str, phase: Option<(&str, u64)>) {
+        let mut all = self.progress.lock().expect("progress lock");
+        match phase {
+            None => {
+                all.remove(id);
+            }
+            Some((phase, bytes)) => match all.get_mut(id) {
+                Some(p) if p.0 == phase => p.1 = bytes,
+                _ => {
+                    all.insert(
+                        id.to_string(),
+                        (phase.to_string(), bytes, std::time::Instant::now()),
+                    );
+                }
+            },
+        }
+    }
+
+    /// `inst` as answered: with its migration's progress, if one is under way.
+    fn with_progress(&self, mut inst: vane_proto::api::Instance) -> vane_proto::api::Instance {
+        inst.progress = self
+            .progress
+            .lock()
+            .expect("progress lock")
+            .get(&inst.id)
+            .map(|(phase, bytes, since)| vane_proto::api::Progress {
+                phase: phase.clone(),
+                bytes: *bytes,
+                phase_ms: since.elapsed().as_millis() as u64,
+            });
+        inst
+    }
+
     fn open(cfg: &ControllerConfig, tls_pin: vane_proto::trust::Pin) -> anyhow::Result<Controller> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
@@ -68,6 +105,7 @@ impl Controller {
             transfers: transfers::Transfers::default(),
             sealer,
             shutdown: tokio::sync::watch::channel(false).0,
+            progress: Mutex::new(std::collections::HashMap::new()),
         })
     }
 

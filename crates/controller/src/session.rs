@@ -140,6 +140,7 @@ fn handle(c: &Controller, host: &str, msg: FromAgent) {
             c.agents.send(host, ToAgent::Resolved { net, ip, member });
         }
         FromAgent::Response { id, result } => c.agents.resolve(host, id, result),
+        FromAgent::Progress { id, bytes } => c.agents.progress(host, id, bytes),
         FromAgent::Report(report) => {
             let changed = {
                 let mut s = c.state();

@@ -332,6 +332,7 @@ impl State {
             limits,
             space: space.clone(),
             migrating: None,
+            progress: None,
             migrations: Vec::new(),
         };
         let mut batch = Batch::default();

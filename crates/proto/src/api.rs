@@ -376,6 +376,10 @@ pub struct Instance {
     /// The host it is moving to, while a migration is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrating: Option<String>,
+    /// How far the migration under way has come (not stored: the controller's answers
+    /// carry it while it lasts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
     /// Live migrations of this instance, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<Migration>,
@@ -400,6 +404,16 @@ pub struct Migration {
     /// the source had served every page and was released. `None`: a whole dump.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy_ms: Option<u64>,
+}
+
+/// What a migration under way is doing: its phase (`dump`, `transfer`, `restore`,
+/// `switch`, `pages`), the bytes of it done so far (where they can be counted), and how long
+/// the phase has lasted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    pub bytes: u64,
+    pub phase_ms: u64,
 }
 
 /// The parts of a migration's freeze, in milliseconds: they add up to `freeze_ms`.

@@ -266,6 +266,10 @@ pub enum FromAgent {
         id: u64,
         result: Result<AgentReply, AgentError>,
     },
+    /// Request `id` is still under way (sent four times a second while it lasts): `bytes` of its
+    /// work done so far where that can be counted (images dumped or received), else 0.
+    /// The controller waits for an answer as long as these keep coming.
+    Progress { id: u64, bytes: u64 },
     /// An instance changed state (for example its program exited).
     Report(InstanceReport),
 }

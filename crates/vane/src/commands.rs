@@ -1,5 +1,6 @@
 //! The client commands: each builds a request, sends it, and prints the answer.
 
+use std::io::IsTerminal;
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
@@ -401,13 +402,31 @@ pub fn stop(c: &Client, name: &str) -> Result<()> {
 }
 
 pub fn migrate(c: &Client, name: &str, to: &str, post_copy: bool, output: Output) -> Result<()> {
-    let inst: Instance = c.post(
-        &format!("/v1/instances/{}/migrate", path_segment(name)?),
-        &vane_proto::api::MigrateSpec {
-            to: to.to_string(),
-            post_copy,
-        },
-    )?;
+    let path = path_segment(name)?;
+    let spec = vane_proto::api::MigrateSpec {
+        to: to.to_string(),
+        post_copy,
+    };
+    // On a terminal, where the migration is while it lasts: its phase, bytes and rate.
+    let show = output != Output::Json && std::io::stderr().is_terminal();
+    let inst: Instance = std::thread::scope(|scope| {
+        let moving = scope.spawn(|| c.post(&format!("/v1/instances/{path}/migrate"), &spec));
+        let mut shown = false;
+        while show && !moving.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let Ok(now) = c.get::<Instance>(&format!("/v1/instances/{path}")) else {
+                continue;
+            };
+            if let Some(p) = now.progress {
+                eprint!("\r\x1b[K{}", progress_line(name, &p));
+                shown = true;
+            }
+        }
+        if shown {
+            eprint!("\r\x1b[K");
+        }
+        moving.join().expect("the migration's thread")
+    })?;
     let last = inst.migrations.last();
     if output == Output::Json {
         json(&last);
@@ -435,6 +454,20 @@ pub fn migrate(c: &Client, name: &str, to: &str, post_copy: bool, output: Output
         None => println!("{name}"),
     }
     Ok(())
+}
+
+/// `NAME: PHASE 123.4 MiB (56.7 MiB/s, 2.2 s)`, or without bytes where none are counted.
+fn progress_line(name: &str, p: &vane_proto::api::Progress) -> String {
+    let secs = p.phase_ms as f64 / 1000.0;
+    if p.bytes == 0 {
+        return format!("{name}: {} ({secs:.1} s)", p.phase);
+    }
+    let mib = p.bytes as f64 / (1024.0 * 1024.0);
+    format!(
+        "{name}: {} {mib:.1} MiB ({:.1} MiB/s, {secs:.1} s)",
+        p.phase,
+        mib / secs.max(0.001)
+    )
 }
 
 /// The snapshot's description in its directory.

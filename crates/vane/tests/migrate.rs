@@ -662,8 +662,23 @@ fn a_256_mib_server_moves_its_memory_after_the_freeze_with_post_copy() {
         "the client stalled after the post-copy migration: {}",
         lab.ok(&["logs", "c3"])
     );
-    // And on: whole this time, then post-copy again.
-    migrate(&lab, "big", "h3");
+    // And on: whole this time, then post-copy again. While the whole migration lasts, the
+    // instance says where it is: the dump's bytes grow.
+    let dumped = std::thread::scope(|scope| {
+        let moving = scope.spawn(|| migrate(&lab, "big", "h3"));
+        let mut dumped = 0;
+        while !moving.is_finished() {
+            let now = lab.inspect("big");
+            if now["progress"]["phase"] == "dump" {
+                dumped = dumped.max(now["progress"]["bytes"].as_u64().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moving.join().unwrap();
+        dumped
+    });
+    assert!(dumped > 0, "no progress of the dump was seen");
+    assert!(lab.inspect("big").get("progress").is_none());
     assert_eq!(digest_of(&lab, "big"), digest);
     lab.ok(&["migrate", "big", "--to", "h1", "--post-copy"]);
     assert_eq!(digest_of(&lab, "big"), digest);
