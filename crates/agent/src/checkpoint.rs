@@ -20,6 +20,7 @@ use vane_proto::stream::InstanceSpec;
 use crate::cgroup;
 use crate::instance::{self, CreateError, Record, Setup};
 use crate::netconf;
+use crate::sandbox::IdMap;
 
 /// The images of an instance's last dump, in its state directory.
 pub const IMAGES_DIR: &str = "images";
@@ -124,6 +125,33 @@ fn last_lines(path: &Path, n: usize) -> String {
     errors[..errors.len().min(n)].join(" | ")
 }
 
+/// Whether the instance can be checkpointed and restored elsewhere, or why not: asked
+/// before anything is frozen, because a restore that cannot be done would leave the
+/// instance nowhere (its source's restore fails the same way). CRIU restores a confined
+/// instance inside its user namespace, where it cannot mount the overlay of a `--rootfs`
+/// root, and where it fails to bind the files of path rules again (`Can't bind-mount`);
+/// host directories shared as volumes stay on their host.
+pub fn portable(record: &Record) -> Result<(), String> {
+    let name = &record.spec.name;
+    let space = &record.spec.space;
+    let why = if space.rootfs.is_some() {
+        "its --rootfs root is an overlay, which restores cannot mount yet".to_string()
+    } else if let Some((host, inside)) = space.volumes.first() {
+        format!(
+            "its volume {host}:{inside} is a directory of this host, which would not come along"
+        )
+    } else if !space.redirects.is_empty() {
+        let targets: Vec<&str> = space.redirects.iter().map(|(t, _)| t.as_str()).collect();
+        format!(
+            "its path rules ({}) are bind mounts that restores cannot make again yet",
+            targets.join(", ")
+        )
+    } else {
+        return Ok(());
+    };
+    Err(format!("instance {name} cannot be checkpointed: {why}"))
+}
+
 /// Dumps the process tree of the instance into `DIR/images` and packs it with the
 /// program's log into `DIR/images.tar`. Without `leave_running` the tree is gone
 /// afterwards. Returns the size of the pack.
@@ -133,7 +161,7 @@ pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, Str
         cmd.arg("--leave-running");
     }
     run_criu(&mut cmd, "dump", &dir.join(IMAGES_DIR).join("dump.log"))?;
-    pack(dir)
+    pack(dir, record.confinement().idmap)
 }
 
 /// A lazy dump (post-copy migration): everything but the tree's memory is in
@@ -188,7 +216,7 @@ pub fn dump_lazy(dir: &Path, record: &Record) -> Result<LazyDump, String> {
         let _ = criu.wait();
         return Err(format!("criu dump failed: {}", last_lines(&log, 2)));
     }
-    let bytes = pack(dir)?;
+    let bytes = pack(dir, record.confinement().idmap)?;
     Ok(LazyDump { criu, pages, bytes })
 }
 
@@ -257,45 +285,84 @@ fn dump_command(dir: &Path, record: &Record) -> Result<Command, String> {
     Ok(cmd)
 }
 
-/// Packs `DIR/images` and `DIR/output.log` into `DIR/images.tar`; returns its size.
-pub fn pack(dir: &Path) -> Result<u64, String> {
+/// Packs `DIR/images` and the instance's shared directory (its log, exit status and the
+/// files of its `{state}` paths) into `DIR/images.tar`, with the host ids the instance's
+/// ids were (`ids`: its range here; `None` for a privileged instance); returns its size.
+pub fn pack(dir: &Path, ids: Option<IdMap>) -> Result<u64, String> {
+    let ids_text = match ids {
+        Some(m) => format!("{} {}\n", m.base, m.count),
+        None => "host\n".to_string(),
+    };
+    std::fs::write(dir.join(IDS_FILE), ids_text).map_err(|e| format!("packing images: {e}"))?;
     run_tar(
         Command::new("tar")
             .arg("-C")
             .arg(dir)
+            .arg("--numeric-owner")
             .arg("-cf")
             .arg(dir.join(PACK_FILE))
             .arg(IMAGES_DIR)
-            .arg(shared_log()),
+            .arg(crate::launch::SHARED_DIR)
+            .arg(IDS_FILE),
         "packing images",
     )?;
+    let _ = std::fs::remove_file(dir.join(IDS_FILE));
     std::fs::metadata(dir.join(PACK_FILE))
         .map(|m| m.len())
         .map_err(|e| format!("packing images: {e}"))
 }
 
-/// The program's log, as packed: in the shared directory.
-fn shared_log() -> String {
-    format!("{}/{}", crate::launch::SHARED_DIR, crate::launch::LOG_FILE)
-}
+/// In a pack: the host ids the instance's ids were where it was packed.
+const IDS_FILE: &str = "ids";
 
-/// Unpacks `DIR/images.tar` (received from another host) into `DIR`; the log becomes the
-/// instance's (`owner`: its root's host id here).
-pub fn unpack(dir: &Path, owner: Option<u32>) -> Result<(), String> {
+/// Unpacks `DIR/images.tar` (received from another host, or a snapshot) into `DIR`. The
+/// shared directory's files become the instance's here: each file's owner and group move
+/// from the packing host's range of ids to `owner` (this host's range for the instance),
+/// at the same place in it, so that a file its program's user wrote stays that user's.
+/// Ids from outside the packed range (or a pack that does not say it) become the
+/// instance's root. GNU tar makes the links of a pack last, so none is followed while it
+/// extracts.
+pub fn unpack(dir: &Path, owner: Option<IdMap>) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(dir.join(IMAGES_DIR));
     run_tar(
         Command::new("tar")
             .arg("-C")
             .arg(dir)
-            .arg("--no-same-owner")
+            .arg("--same-owner")
+            .arg("--numeric-owner")
             .arg("-xf")
             .arg(dir.join(PACK_FILE)),
         "unpacking images",
     )?;
+    let packed = std::fs::read_to_string(dir.join(IDS_FILE)).unwrap_or_default();
+    let _ = std::fs::remove_file(dir.join(IDS_FILE));
+    let from = {
+        let mut words = packed.split_whitespace().map(|w| w.parse::<u32>().ok());
+        match (words.next().flatten(), words.next().flatten()) {
+            (Some(base), Some(count)) => Some(IdMap { base, count }),
+            _ => None,
+        }
+    };
     if let Some(owner) = owner {
-        let log = dir.join(shared_log());
-        std::os::unix::fs::lchown(&log, Some(owner), Some(owner))
-            .map_err(|e| format!("unpacking images: {}: {e}", log.display()))?;
+        let shared = dir.join(crate::launch::SHARED_DIR);
+        shift_ids(&shared, from, owner)
+            .map_err(|e| format!("unpacking images: {}: {e}", shared.display()))?;
+    }
+    Ok(())
+}
+
+/// Moves the owners of the tree at `path` (links not followed) from range `from` to `to`.
+fn shift_ids(path: &Path, from: Option<IdMap>, to: IdMap) -> io::Result<()> {
+    let shift = |id: u32| match from {
+        Some(f) if id >= f.base && id - f.base < f.count.min(to.count) => to.base + (id - f.base),
+        _ => to.base,
+    };
+    let meta = std::fs::symlink_metadata(path)?;
+    std::os::unix::fs::lchown(path, Some(shift(meta.uid())), Some(shift(meta.gid())))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            shift_ids(&entry?.path(), from, to)?;
+        }
     }
     Ok(())
 }

@@ -832,6 +832,7 @@ impl Agent {
                     local.record.spec.name
                 )));
             }
+            checkpoint::portable(&local.record).map_err(AgentError::conflict)?;
             (local.record.clone(), local.dir.clone(), local.port)
         };
         if !leave_running {
@@ -887,6 +888,7 @@ impl Agent {
                     local.record.spec.name
                 )));
             }
+            checkpoint::portable(&local.record).map_err(AgentError::conflict)?;
             (local.record.clone(), local.dir.clone(), local.port)
         };
         self.dumped
@@ -1068,8 +1070,7 @@ impl Agent {
                 None => None,
             };
             let restored = tokio::task::spawn_blocking(move || {
-                let owner = record.confinement().idmap.map(|m| m.base);
-                checkpoint::unpack(&dir2, owner)?;
+                checkpoint::unpack(&dir2, record.confinement().idmap)?;
                 let unpacked = started.elapsed();
                 checkpoint::restore(&dir2, &exe, &mut record, tcp_close, pages)?;
                 tracing::debug!(

@@ -622,9 +622,20 @@ async fn migrate_instance(
                             "migration of instance {name:?} to host {to:?} failed, it runs on host {from:?} again: {e}"
                         ))
                     }
-                    Err(e2) => ApiError::Internal(format!(
-                        "migration of instance {name:?} to host {to:?} failed ({e}), and resuming it on host {from:?} failed too: {e2}"
-                    )),
+                    Err(e2) => {
+                        // Nowhere running: say so, rather than keep it `running`.
+                        let mut s = c.state();
+                        if let Some(inst) = s.instances.get_mut(&id) {
+                            inst.state = InstanceState::Lost;
+                            inst.pid = None;
+                            let mut batch = crate::store::Batch::default();
+                            batch.put(&*inst);
+                            c.commit(batch)?;
+                        }
+                        ApiError::Internal(format!(
+                            "migration of instance {name:?} to host {to:?} failed ({e}), and resuming it on host {from:?} failed too: {e2}"
+                        ))
+                    }
                 });
             }
         };

@@ -684,3 +684,70 @@ fn a_256_mib_server_moves_its_memory_after_the_freeze_with_post_copy() {
     assert_eq!(digest_of(&lab, "big"), digest);
     finish_client(&lab, "c3", &stop);
 }
+
+/// What a checkpoint cannot carry is refused before anything is frozen, and the instance
+/// runs on where it was (a restore that could not be done would leave it nowhere: its
+/// source's restore fails the same way).
+#[test]
+fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.15.0/24"]);
+    let shared = tempfile::tempdir().unwrap();
+    let volume = format!("{}:/tmp/data", shared.path().display());
+    // A root with a static busybox and its sleep.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.path().join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.path().join("bin/sleep")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.path().join("bin/true")).unwrap();
+    let rootfs = root.path().to_str().unwrap();
+    let cases: [(&str, &[&str], &str); 3] = [
+        (
+            "ruled",
+            &["--redirect", "/etc/issue={state}/issue"],
+            "path rules (/etc/issue)",
+        ),
+        ("vol", &["--volume", &volume], "is a directory of this host"),
+        ("rooted", &["--rootfs", rootfs], "--rootfs root"),
+    ];
+    for (name, flags, why) in cases {
+        let mut args = vec!["run", "--net", "red", "--name", name, "--host", "h1"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--", "/bin/sleep", "1000"]);
+        lab.ok(&args);
+        let pid = lab.inspect(name)["pid"].clone();
+        let err = lab.fails(&["migrate", name, "--to", "h2"]);
+        assert!(
+            err.contains("cannot be checkpointed") && err.contains(why),
+            "{err}"
+        );
+        let err = lab.fails(&["migrate", name, "--to", "h2", "--post-copy"]);
+        assert!(err.contains("cannot be checkpointed"), "{err}");
+        let snap = SnapshotDir::new(&lab);
+        let err = lab.fails(&["snapshot", name, "--out", snap.path()]);
+        assert!(err.contains("cannot be checkpointed"), "{err}");
+        let inst = lab.inspect(name);
+        assert_eq!((&inst["state"], &inst["pid"]), (&"running".into(), &pid));
+        lab.ok(&["exec", name, "--", "/bin/true"]);
+    }
+    let dir = format!("{}/hosts/h2/instances", lab.state_dir());
+    let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "{dir} is not empty");
+    // What the instance writes after a migration still reaches its log: the log moved as
+    // the instance's own file.
+    let counter = "import time\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.05)\n";
+    run_on(&lab, "h1", "talker", &["python3", "-c", counter]);
+    migrate(&lab, "talker", "h2");
+    let last = |lab: &TestLab| -> u64 {
+        lab.ok(&["logs", "talker"])
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let after = last(&lab);
+    assert!(
+        wait_until(Duration::from_secs(10), || last(&lab) > after + 10),
+        "the log stopped growing after the migration"
+    );
+}
