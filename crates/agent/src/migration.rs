@@ -1,0 +1,573 @@
+//! The agent's side of migrations, snapshots and restores: preparing a space for an
+//! instance that comes here, dumping one that leaves (whole, or lazily with its memory served
+//! afterwards), moving images and pages straight between agents (`direct`), restoring, and
+//! resuming an instance whose migration did not happen. The controller drives the steps
+//! (`api.rs`, `migrate_instance`); ARCHITECTURE.md, "Migration", tells the whole story.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use vane_proto::api::InstanceState;
+use vane_proto::stream::{AgentError, AgentReply, AgentRequest, InstanceSpec};
+use vane_switch::PortId;
+
+use crate::{cgroup, checkpoint, control, direct, instance, Agent, Inbound, LazySource, PageLink};
+
+impl Agent {
+    /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`; then, if
+    /// instance `id` has a lazy dump, its pages go over the same link.
+    pub(crate) async fn send_direct(
+        &self,
+        id: &str,
+        ticket: &str,
+        peer: &vane_proto::stream::DirectPeer,
+        path: &Path,
+    ) -> Result<u64, AgentError> {
+        let remote = vane_proto::hex::decode::<32>(&peer.public_key)
+            .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(peer.locator),
+        )
+        .await
+        .map_err(|_| format!("cannot reach {} within 5s", peer.locator))?
+        .map_err(|e| format!("cannot reach {}: {e}", peer.locator))?;
+        let _ = stream.set_nodelay(true);
+        let private = self.identity.lock().expect("identity lock").keypair.private;
+        let file = tokio::io::BufReader::with_capacity(1 << 20, file);
+        let (sent, link) = direct::send(stream, &private, &remote, ticket, file)
+            .await
+            .map_err(|e| format!("sending the images to {}: {e}", peer.locator))?;
+        let lazy = self
+            .lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .get_mut(id)
+            .and_then(|l| Some((l.pages.take()?, l.cancel.clone())));
+        if let Some((pages, cancel)) = lazy {
+            let id = id.to_string();
+            tokio::spawn(async move {
+                let pages = match pages
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixStream::from_std(pages))
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(instance = %id, "serving pages: {e}");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    relayed = link.relay(pages) => match relayed {
+                        Ok((out, _)) => tracing::info!(instance = %id, bytes = out, "pages served"),
+                        Err(e) => tracing::warn!(instance = %id, "serving pages: {e}"),
+                    },
+                    () = cancel.notified() => {}
+                }
+            });
+        }
+        Ok(sent)
+    }
+
+    /// Waits for transfer `ticket` from the host whose key is `from` (hex) to put `bytes`
+    /// bytes at `path`.
+    pub(crate) async fn receive_direct(
+        &self,
+        ticket: String,
+        from: &str,
+        path: std::path::PathBuf,
+        bytes: u64,
+    ) -> Result<PageLink, AgentError> {
+        let from = vane_proto::hex::decode::<32>(from)
+            .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.inbound.lock().expect("inbound lock").insert(
+            ticket.clone(),
+            Inbound {
+                from,
+                expected: direct::Expected { path, bytes },
+                done,
+            },
+        );
+        // Claimed at once in practice (the source connects as soon as it is asked); the
+        // transfer itself then has its own limit on silence.
+        let waited = Duration::from_secs(60 + bytes / (1 << 20));
+        let outcome = tokio::time::timeout(waited, result).await;
+        self.inbound.lock().expect("inbound lock").remove(&ticket);
+        match outcome {
+            Ok(Ok(r)) => r.map_err(AgentError::from),
+            Ok(Err(_)) => Err("the direct transfer was dropped".into()),
+            Err(_) => Err(format!("no images came within {}s", waited.as_secs()).into()),
+        }
+    }
+
+    /// Takes direct transfers (`direct`) from other hosts' agents.
+    pub(crate) async fn accept_direct(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(direct::MAX_INBOUND));
+        loop {
+            let Ok((stream, addr)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::debug!(%addr, "too many direct transfers at once, closing one");
+                continue;
+            };
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let private = agent
+                    .identity
+                    .lock()
+                    .expect("identity lock")
+                    .keypair
+                    .private;
+                let mut done = None;
+                let claim = async |ticket: &str, from: &[u8; 32]| {
+                    // The source may be faster than the request that announces it.
+                    for _ in 0..250 {
+                        {
+                            let mut inbound = agent.inbound.lock().expect("inbound lock");
+                            match inbound.get(ticket) {
+                                Some(i) if i.from == *from => {
+                                    let i = inbound.remove(ticket).expect("just seen");
+                                    done = Some(i.done);
+                                    return Some(i.expected);
+                                }
+                                Some(_) => return None,
+                                None => {}
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    None
+                };
+                match direct::accept(stream, &private, claim).await {
+                    Ok((_, result)) => {
+                        match &result {
+                            Ok(_) => tracing::info!(%addr, "images received directly"),
+                            Err(e) => tracing::warn!(%addr, "a direct transfer failed: {e}"),
+                        }
+                        if let Some(done) = done {
+                            let _ = done.send(result);
+                        }
+                    }
+                    Err(e) => tracing::warn!(%addr, "refused a direct transfer: {e}"),
+                }
+            });
+        }
+    }
+
+    /// Makes the space of an instance that is to be restored here (migration destination).
+    pub(crate) async fn prepare(
+        self: Arc<Self>,
+        spec: InstanceSpec,
+    ) -> Result<AgentReply, AgentError> {
+        if self.instances().contains_key(&spec.id)
+            || self
+                .prepared
+                .lock()
+                .expect("prepared lock")
+                .contains_key(&spec.id)
+        {
+            return Err(AgentError::conflict(format!(
+                "instance {} already exists on this host",
+                spec.name
+            )));
+        }
+        let dir = self.instance_dir(&spec.id);
+        let setup = self.setup_for(&spec);
+        let id = spec.id.clone();
+        let key = format!("{}-{}", spec.id, self.cfg.name);
+        let prepared =
+            tokio::task::spawn_blocking(move || checkpoint::prepare(&dir, &key, &spec, &setup))
+                .await
+                .map_err(|e| e.to_string())??;
+        self.prepared
+            .lock()
+            .expect("prepared lock")
+            .insert(id, prepared);
+        Ok(AgentReply::Done)
+    }
+
+    /// Dumps an instance's tree and packs its images (migration source, snapshots).
+    pub(crate) async fn checkpoint(
+        self: Arc<Self>,
+        id: &str,
+        leave_running: bool,
+    ) -> Result<AgentReply, AgentError> {
+        let (record, dir, port) = {
+            let instances = self.instances();
+            let local = instances.get(id).ok_or_else(|| {
+                AgentError::not_found(format!("instance {id} is not on this host"))
+            })?;
+            if local.state != InstanceState::Running {
+                return Err(AgentError::conflict(format!(
+                    "instance {} is not running",
+                    local.record.spec.name
+                )));
+            }
+            checkpoint::portable(&local.record).map_err(AgentError::conflict)?;
+            (local.record.clone(), local.dir.clone(), local.port)
+        };
+        if !leave_running {
+            self.dumped
+                .lock()
+                .expect("dumped lock")
+                .insert(id.to_string());
+        }
+        // The network lock of the dump (CRIU is told to skip its own): nothing passes to or
+        // from the instance until it runs again, here or on the destination.
+        self.hold(port, true).await;
+        let record2 = record.clone();
+        let result =
+            tokio::task::spawn_blocking(move || checkpoint::dump(&dir, &record2, leave_running))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+        match result {
+            Ok(bytes) => {
+                if leave_running {
+                    self.hold(port, false).await;
+                }
+                Ok(AgentReply::Checkpointed { bytes, lazy: false })
+            }
+            Err(e) if leave_running || instance::is_alive(&record) => {
+                // A failed dump leaves the tree running.
+                self.hold(port, false).await;
+                self.dumped.lock().expect("dumped lock").remove(id);
+                Err(e.into())
+            }
+            Err(e) => {
+                // Dumped, then failed (packing): bring the tree back from its images.
+                match self.clone().restore(id, false).await {
+                    Ok(_) => Err(e.into()),
+                    Err(e2) => Err(format!("{e}, and restoring the instance failed: {e2}").into()),
+                }
+            }
+        }
+    }
+
+    /// Dumps an instance lazily (post-copy migration source): everything but its memory,
+    /// which stays here with CRIU, frozen, until the destination has fetched it. Falls back
+    /// to a whole dump where CRIU or the host cannot.
+    pub(crate) async fn checkpoint_lazy(
+        self: Arc<Self>,
+        id: &str,
+    ) -> Result<AgentReply, AgentError> {
+        let (record, dir, port) = {
+            let instances = self.instances();
+            let local = instances.get(id).ok_or_else(|| {
+                AgentError::not_found(format!("instance {id} is not on this host"))
+            })?;
+            if local.state != InstanceState::Running {
+                return Err(AgentError::conflict(format!(
+                    "instance {} is not running",
+                    local.record.spec.name
+                )));
+            }
+            checkpoint::portable(&local.record).map_err(AgentError::conflict)?;
+            (local.record.clone(), local.dir.clone(), local.port)
+        };
+        self.dumped
+            .lock()
+            .expect("dumped lock")
+            .insert(id.to_string());
+        self.hold(port, true).await;
+        let record2 = record.clone();
+        let started = tokio::task::spawn_blocking(move || checkpoint::dump_lazy(&dir, &record2))
+            .await
+            .map_err(|e| e.to_string())?;
+        let dump = match started {
+            Ok(dump) => dump,
+            Err(e) => {
+                // CRIU leaves the tree running when it fails: dump it whole instead.
+                tracing::warn!(instance = %record.spec.name, "no lazy dump here, a whole one instead: {e}");
+                self.hold(port, false).await;
+                self.dumped.lock().expect("dumped lock").remove(id);
+                return self.checkpoint(id, false).await;
+            }
+        };
+        let checkpoint::LazyDump {
+            mut criu,
+            pages,
+            bytes,
+        } = dump;
+        let (ended_tx, ended) = tokio::sync::watch::channel(None);
+        let name = record.spec.name.clone();
+        std::thread::spawn(move || {
+            let served = criu.wait().is_ok_and(|s| s.success());
+            if !served {
+                tracing::warn!(instance = %name, "the lazy dump ended without serving every page");
+            }
+            let _ = ended_tx.send(Some(served));
+        });
+        self.lazy_sources.lock().expect("lazy sources lock").insert(
+            id.to_string(),
+            LazySource {
+                pages: Some(pages),
+                ended,
+                cancel: Arc::new(tokio::sync::Notify::new()),
+            },
+        );
+        Ok(AgentReply::Checkpointed { bytes, lazy: true })
+    }
+
+    /// Waits until the lazy dump of `id` has served every page and ended the tree (the
+    /// source is released), or says it failed. A failure after the destination resumed
+    /// the instance leaves no copy here either: CRIU resumes the tree when it fails, and
+    /// this ends it, so that two copies never run.
+    pub(crate) async fn await_pages(&self, id: &str) -> Result<AgentReply, AgentError> {
+        let mut ended = self
+            .lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .get(id)
+            .map(|l| l.ended.clone())
+            .ok_or_else(|| AgentError::not_found(format!("instance {id} has no lazy dump here")))?;
+        let served = loop {
+            if let Some(served) = *ended.borrow_and_update() {
+                break served;
+            }
+            if ended.changed().await.is_err() {
+                break false;
+            }
+        };
+        self.lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .remove(id);
+        if served {
+            return Ok(AgentReply::Done);
+        }
+        let cgroups = self
+            .instances()
+            .get(id)
+            .map(|l| l.record.cgroups.clone())
+            .unwrap_or_default();
+        cgroup::kill_all(&cgroups);
+        Err(AgentError::from(
+            "the source could not serve every page of the instance's memory",
+        ))
+    }
+
+    /// A source whose lazy migration was given up before the restore: the page relay stops,
+    /// CRIU sees its page connection close and resumes the tree where it was.
+    pub(crate) async fn resume_lazy(&self, id: &str) -> Option<Result<(), AgentError>> {
+        let (mut ended, cancel, pages) = {
+            let mut sources = self.lazy_sources.lock().expect("lazy sources lock");
+            let source = sources.get_mut(id)?;
+            (
+                source.ended.clone(),
+                source.cancel.clone(),
+                source.pages.take(),
+            )
+        };
+        cancel.notify_one();
+        drop(pages);
+        let served = loop {
+            if let Some(served) = *ended.borrow_and_update() {
+                break served;
+            }
+            if ended.changed().await.is_err() {
+                break true;
+            }
+        };
+        self.lazy_sources
+            .lock()
+            .expect("lazy sources lock")
+            .remove(id);
+        let alive = self
+            .instances()
+            .get(id)
+            .is_some_and(|l| !served && instance::is_alive(&l.record));
+        Some(if alive {
+            Ok(())
+        } else {
+            Err(AgentError::from(
+                "the instance's lazy dump did not resume it",
+            ))
+        })
+    }
+
+    /// Whether `body` is long work that reports progress, and what to count while it goes
+    /// on.
+    pub(crate) fn progress_of(&self, body: &AgentRequest) -> Option<control::Counted> {
+        use control::Counted;
+        match body {
+            // The images a dump writes.
+            AgentRequest::Checkpoint { id, .. } => Some(Counted::Size(
+                self.instance_dir(id).join(checkpoint::IMAGES_DIR),
+            )),
+            // The pack a transfer receives.
+            AgentRequest::ReceiveImages { id, .. } => Some(Counted::Size(
+                self.instance_dir(id).join(checkpoint::PACK_FILE),
+            )),
+            // The memory a restore gives back to the instance.
+            AgentRequest::Restore { id, .. } => {
+                let cgroups = match self.prepared.lock().expect("prepared lock").get(id) {
+                    Some(p) => p.record.cgroups.clone(),
+                    None => self
+                        .instances()
+                        .get(id)
+                        .map(|l| l.record.cgroups.clone())
+                        .unwrap_or_default(),
+                };
+                Some(Counted::Memory(cgroups))
+            }
+            AgentRequest::SendImages { .. } | AgentRequest::AwaitPages { .. } => {
+                Some(Counted::Nothing)
+            }
+            _ => None,
+        }
+    }
+
+    /// Puts an instance's port (if attached) on hold, or takes it off.
+    pub(crate) async fn hold(&self, port: Option<PortId>, held: bool) {
+        if let Some(port) = port {
+            self.dataplane.hold(port, held).await;
+        }
+    }
+
+    /// Restores a dumped tree: into a prepared space (migration destination), or back into
+    /// its own space (a source whose migration failed).
+    pub(crate) async fn restore(
+        self: Arc<Self>,
+        id: &str,
+        tcp_close: bool,
+    ) -> Result<AgentReply, AgentError> {
+        let dir = self.instance_dir(id);
+        let prepared = self.prepared.lock().expect("prepared lock").remove(id);
+        if let Some(prepared) = prepared {
+            let checkpoint::Prepared { tun, mut record } = prepared;
+            let key = record.space_key().to_string();
+            let dir2 = dir.clone();
+            let exe = self.cfg.exe.clone();
+            let started = std::time::Instant::now();
+            // The images of a lazy dump came with a link to its page server: CRIU's
+            // lazy-pages daemon reaches it through a socket pair relayed over the link.
+            let link = self.page_links.lock().expect("page links lock").remove(id);
+            let pages = match link {
+                Some(link) => Some(relay_pages(id, link)?),
+                None => None,
+            };
+            let restored = tokio::task::spawn_blocking(move || {
+                checkpoint::unpack(&dir2, record.confinement().idmap)?;
+                let unpacked = started.elapsed();
+                checkpoint::restore(&dir2, &exe, &mut record, tcp_close, pages)?;
+                tracing::debug!(
+                    unpack_ms = unpacked.as_millis() as u64,
+                    criu_ms = (started.elapsed() - unpacked).as_millis() as u64,
+                    "restored"
+                );
+                Ok::<_, String>(record)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let record = match restored {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(tun);
+                    let layout = self.layout.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        instance::teardown(&dir, &key, &layout)
+                    })
+                    .await;
+                    return Err(e.into());
+                }
+            };
+            let pid = record.pid;
+            let spec = record.spec.clone();
+            let init = record.init_pid;
+            if let Err(e) = self.adopt(record, dir.clone(), tun).await {
+                // Not reachable here: end it, so that it does not run twice once the source
+                // resumes it.
+                let _ = kill(Pid::from_raw(init as i32), Signal::SIGKILL);
+                self.instances().remove(id);
+                let layout = self.layout.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
+                        .await;
+                return Err(e.into());
+            }
+            if let Some(local) = self.instances().get_mut(id) {
+                local.rules = Some(self.rules_for(&spec.net));
+                local.hosts = Some(self.hosts_for(&spec));
+            }
+            tracing::info!(
+                instance = %spec.name, ip = %spec.ip, pid,
+                ms = started.elapsed().as_millis() as u64,
+                "instance restored"
+            );
+            return Ok(AgentReply::Created { pid });
+        }
+        // Back on the source, from a lazy dump: the tree never stopped being there.
+        if let Some(resumed) = self.resume_lazy(id).await {
+            resumed?;
+            let resumed = self.instances().get_mut(id).map(|local| {
+                local.state = InstanceState::Running;
+                (local.port, local.record.pid)
+            });
+            let (port, pid) = resumed.unwrap_or((None, 0));
+            self.hold(port, false).await;
+            self.dumped.lock().expect("dumped lock").remove(id);
+            tracing::info!(instance = %id, pid, "instance resumed after a failed migration");
+            return Ok(AgentReply::Created { pid });
+        }
+        // Back on the source: same namespace, same port.
+        let mut record = self
+            .instances()
+            .get(id)
+            .map(|l| l.record.clone())
+            .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?;
+        let dir2 = dir.clone();
+        let exe = self.cfg.exe.clone();
+        let record = tokio::task::spawn_blocking(move || {
+            checkpoint::restore(&dir2, &exe, &mut record, tcp_close, None).map(|_| record)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
+        let pid = record.pid;
+        let port = self.instances().get_mut(id).and_then(|local| {
+            local.record = record;
+            local.state = InstanceState::Running;
+            local.port
+        });
+        self.hold(port, false).await;
+        self.dumped.lock().expect("dumped lock").remove(id);
+        let agent = self.clone();
+        let id2 = id.to_string();
+        tokio::spawn(async move { agent.watch_exit(id2, pidfd).await });
+        tracing::info!(instance = %id, pid, "instance resumed after a failed migration");
+        Ok(AgentReply::Created { pid })
+    }
+}
+
+/// Relays `link` (from a lazy dump's host) to one end of a new socket pair, in the
+/// background; returns the other end, for CRIU's lazy-pages daemon.
+pub(crate) fn relay_pages(
+    id: &str,
+    link: PageLink,
+) -> Result<std::os::unix::net::UnixStream, String> {
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| format!("a socket pair: {e}"))?;
+    ours.set_nonblocking(true)
+        .map_err(|e| format!("a socket pair: {e}"))?;
+    let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| format!("a socket pair: {e}"))?;
+    let id = id.to_string();
+    tokio::spawn(async move {
+        match link.relay(ours).await {
+            Ok((_, pages)) => tracing::info!(instance = %id, bytes = pages, "pages fetched"),
+            Err(e) => tracing::warn!(instance = %id, "fetching pages: {e}"),
+        }
+    });
+    Ok(theirs)
+}
