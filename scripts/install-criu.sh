@@ -6,10 +6,12 @@
 # CRIU can use to lock the network during a dump. Idempotent: does nothing when a criu on
 # the PATH already says version >= 4.2 (and, for the one built here, keeps its cache dir).
 #
-# The build carries one patch of vane's own (scripts/criu-userfaultfd.patch): a CRIU in a user
-# namespace, where the userfaultfd system call is refused, makes its userfaultfd from a
-# /dev/userfaultfd descriptor that the agent opens and names in CRIU_USERFAULTFD_DEV, so
-# that confined instances can be restored with lazy pages (post-copy migration).
+# The build carries one patch of vane's own (scripts/criu-userfaultfd.patch), for post-copy
+# migration: a CRIU in a user namespace, where the userfaultfd system call is refused, makes
+# its userfaultfd from a /dev/userfaultfd descriptor that the agent opens and names in
+# CRIU_USERFAULTFD_DEV (so that confined instances can be restored with lazy pages), closes
+# it before the restored tasks run, and a lazy dump that cannot serve its pages takes the
+# tree's connections out of repair mode before it resumes the tree.
 #
 # CRIU probes the kernel's features at every start (some 40 ms, inside a migration's freeze)
 # unless it can cache them in a file on tmpfs. Where /run is not a tmpfs, the CRIU built here

@@ -123,6 +123,8 @@ pub(crate) struct Agent {
     outbox: Mutex<Option<mpsc::Sender<FromAgent>>>,
     /// Images this host expects straight from another's (`direct`), by ticket.
     inbound: Mutex<BTreeMap<String, Inbound>>,
+    /// One lock per instance with migration steps under way (`steps_of`).
+    steps: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Lazy dumps of instances migrating away: their page servers, by instance id.
     lazy_sources: Mutex<BTreeMap<String, LazySource>>,
     /// Links from the sources of lazy migrations to this host, kept after their images
@@ -144,6 +146,8 @@ type PageLink = direct::Link<direct::Buffered<tokio::net::TcpStream>>;
 struct LazySource {
     /// CRIU's page connection, until the images' link takes it over.
     pages: Option<std::os::unix::net::UnixStream>,
+    /// Another descriptor of the same connection, to break it off (`resume_lazy`).
+    abort: std::os::unix::net::UnixStream,
     /// CRIU's end: whether it served every page (and ended the tree) or not (and resumed
     /// it).
     ended: tokio::sync::watch::Receiver<Option<bool>>,
@@ -231,6 +235,7 @@ pub async fn run(
         outbox: Mutex::new(None),
         inbound: Mutex::new(BTreeMap::new()),
         lazy_sources: Mutex::new(BTreeMap::new()),
+        steps: Mutex::new(BTreeMap::new()),
         page_links: Mutex::new(BTreeMap::new()),
         prepared: Mutex::new(BTreeMap::new()),
         dumped: Mutex::new(std::collections::BTreeSet::new()),
@@ -458,6 +463,17 @@ impl Agent {
     }
 
     async fn handle(self: Arc<Self>, req: AgentRequest) -> Result<AgentReply, AgentError> {
+        // The steps of a migration that make or end a copy of an instance happen one at a
+        // time, and `resume` after all that are under way. (Not the transfers: a discard
+        // must not wait for images that will not come.)
+        let _steps = match &req {
+            AgentRequest::Prepare { instance } => Some(self.steps_of(&instance.id).await),
+            AgentRequest::Checkpoint { id, .. }
+            | AgentRequest::Restore { id, .. }
+            | AgentRequest::Discard { id }
+            | AgentRequest::Resume { id } => Some(self.steps_of(id).await),
+            _ => None,
+        };
         match req {
             AgentRequest::Create { instance } => self.create(*instance).await,
             AgentRequest::Stop { id, timeout_secs } => {
@@ -540,6 +556,7 @@ impl Agent {
                 Ok(AgentReply::Done)
             }
             AgentRequest::Restore { id, tcp_close } => self.restore(&id, tcp_close).await,
+            AgentRequest::Resume { id } => self.resume(&id).await,
             AgentRequest::Discard { id } => {
                 let prepared = self.prepared.lock().expect("prepared lock").remove(&id);
                 if let Some(prepared) = prepared {
@@ -660,6 +677,7 @@ impl Agent {
     }
 
     async fn remove(&self, id: &str) -> Result<(), AgentError> {
+        self.steps.lock().expect("steps lock").remove(id);
         // A tree dumped for a migration is already gone (its init pid may be reused).
         if !self.dumped.lock().expect("dumped lock").remove(id) {
             self.stop(id, Duration::from_secs(10)).await?;

@@ -16,7 +16,60 @@ use vane_switch::PortId;
 
 use crate::{cgroup, checkpoint, control, direct, instance, Agent, Inbound, LazySource, PageLink};
 
+/// More than one request to CRIU's page server (`struct page_server_iov`: command, pages,
+/// address and image id, 32 bytes on x86-64), which reads whole requests: bytes enough for
+/// it to read one, whatever its layout.
+const PAGE_SERVER_REQUEST: usize = 4096;
+
 impl Agent {
+    /// Waits for the migration steps under way on instance `id` here, and holds off the next
+    /// ones while the guard lives.
+    pub(crate) async fn steps_of(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .steps
+            .lock()
+            .expect("steps lock")
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// `Resume` (see its description in the protocol).
+    pub(crate) async fn resume(self: Arc<Self>, id: &str) -> Result<AgentReply, AgentError> {
+        tracing::info!(instance = %id, "resuming after an interrupted migration, if here");
+        let dumped = self.dumped.lock().expect("dumped lock").contains(id)
+            || self
+                .lazy_sources
+                .lock()
+                .expect("lazy sources lock")
+                .contains_key(id);
+        if dumped {
+            // A source whose tree was dumped: back from its lazy dump or its images.
+            return self.restore(id, false).await;
+        }
+        let here = self.instances().get(id).map(|l| {
+            (
+                l.port,
+                l.record.pid,
+                l.state == InstanceState::Running && instance::is_alive(&l.record),
+            )
+        });
+        match here {
+            Some((port, pid, true)) => {
+                // Running (a dump that never started leaves the port on hold at worst).
+                self.hold(port, false).await;
+                Ok(AgentReply::Created { pid })
+            }
+            Some(_) => Err(AgentError::conflict(format!(
+                "instance {id} is here but not running"
+            ))),
+            None => Err(AgentError::not_found(format!(
+                "instance {id} does not run on this host"
+            ))),
+        }
+    }
+
     /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`; then, if
     /// instance `id` has a lazy dump, its pages go over the same link.
     pub(crate) async fn send_direct(
@@ -311,6 +364,9 @@ impl Agent {
         self.lazy_sources.lock().expect("lazy sources lock").insert(
             id.to_string(),
             LazySource {
+                abort: pages
+                    .try_clone()
+                    .map_err(|e| format!("the lazy dump's connection: {e}"))?,
                 pages: Some(pages),
                 ended,
                 cancel: Arc::new(tokio::sync::Notify::new()),
@@ -360,15 +416,26 @@ impl Agent {
     /// A source whose lazy migration was given up before the restore: the page relay stops,
     /// CRIU sees its page connection close and resumes the tree where it was.
     pub(crate) async fn resume_lazy(&self, id: &str) -> Option<Result<(), AgentError>> {
-        let (mut ended, cancel, pages) = {
+        let (mut ended, cancel, pages, abort) = {
             let mut sources = self.lazy_sources.lock().expect("lazy sources lock");
             let source = sources.get_mut(id)?;
             (
                 source.ended.clone(),
                 source.cancel.clone(),
                 source.pages.take(),
+                source.abort.try_clone(),
             )
         };
+        // CRIU's page server takes a closed connection for the end of its work (and would
+        // end the tree): what it must take for a failure is a request it does not know.
+        // Then it resumes the tree, its connections out of repair mode (our patch).
+        match abort {
+            Ok(mut abort) => {
+                let wrote = std::io::Write::write_all(&mut abort, &[0xff; PAGE_SERVER_REQUEST]);
+                tracing::info!(instance = %id, ?wrote, "breaking off a lazy dump");
+            }
+            Err(e) => tracing::warn!(instance = %id, "breaking off a lazy dump: {e}"),
+        }
         cancel.notify_one();
         drop(pages);
         let served = loop {

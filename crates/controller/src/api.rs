@@ -533,6 +533,7 @@ async fn migrate_instance(
             )
             .await
             .map_err(|e| on_host(&to, e))?;
+        crate::die_at("prepared");
         let discard = |c: Arc<Controller>, id: String, to: String| async move {
             let _ = c.agents.request(&to, AgentRequest::Discard { id }).await;
         };
@@ -569,9 +570,13 @@ async fn migrate_instance(
             }
         };
         let dumped = frozen.elapsed();
+        crate::die_at("dumped");
         c.set_progress(&id, Some(("transfer", 0)));
         let moved = move_images(&c, &from, &to, &id, bytes, lazy).await;
         let transferred = frozen.elapsed();
+        if moved.is_ok() {
+            crate::die_at("transferred");
+        }
         c.set_progress(&id, Some(("restore", 0)));
         let restored = match moved {
             Ok(()) => c
@@ -639,6 +644,7 @@ async fn migrate_instance(
                 });
             }
         };
+        crate::die_at("restored");
         // The directory now sends to the destination; the source's switch, whose view says the
         // same, forwards what its own instances still send there.
         {
@@ -766,7 +772,7 @@ fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> 
 /// How long a post-copy migration's source may take to serve the last page after the
 /// freeze: the agents break a link off after 30 s without progress, so this only bounds a
 /// transfer that keeps moving.
-const POST_COPY_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+pub(crate) const POST_COPY_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The source's key and the destination's address and key, when the images of a migration
 /// can go straight from one host to the other.

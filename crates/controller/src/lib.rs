@@ -6,6 +6,7 @@ mod agents;
 mod api;
 pub mod auth;
 pub mod enroll;
+mod recovery;
 mod seal;
 mod secrets;
 mod session;
@@ -140,6 +141,19 @@ impl Controller {
 
 pub(crate) use vane_proto::unix_now as now;
 
+/// Fault injection for the crash tests: with `VANE_TEST_DIE_AT` naming a file that holds
+/// `step`, the controller removes the file and exits at once, as if killed there.
+pub(crate) fn die_at(step: &str) {
+    let Some(path) = std::env::var_os("VANE_TEST_DIE_AT") else {
+        return;
+    };
+    let armed = std::fs::read_to_string(&path).is_ok_and(|s| s.trim() == step);
+    if armed && std::fs::remove_file(&path).is_ok() {
+        tracing::warn!(step, "VANE_TEST_DIE_AT: exiting");
+        std::process::exit(137);
+    }
+}
+
 /// Runs the controller until `shutdown` completes.
 pub async fn run(
     cfg: ControllerConfig,
@@ -154,6 +168,7 @@ pub async fn run(
     }
     let tls = tls::Tls::load_or_create(&cfg.data_dir, cfg.listen)?;
     let controller = Arc::new(Controller::open(&cfg, tls.pin)?);
+    recovery::finish_interrupted(&controller);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;

@@ -121,13 +121,8 @@ impl State {
         for host in state.hosts.values_mut() {
             host.state = HostState::Offline;
         }
-        // A migration the controller was running when it stopped is over: the instance is
-        // where its agents report it.
-        for inst in state.instances.values_mut() {
-            if inst.migrating.take().is_some() {
-                batch.put(&*inst);
-            }
-        }
+        // A migration the controller was running when it stopped keeps its mark until
+        // `recovery` has finished it.
         (state, batch)
     }
 

@@ -140,6 +140,15 @@ pub enum AgentRequest {
     Discard {
         id: String,
     },
+    /// After a controller restart, for a migration it did not finish: makes sure instance
+    /// `id` runs on this host if it is here to run, waiting for any step of its migration
+    /// still under way here first. It runs already (a destination whose restore finished,
+    /// a source whose dump never happened), or its tree was dumped here and is brought back
+    /// (from its images, or from its lazy dump). `created` with its pid; `not_found` if
+    /// this host holds no more than a prepared space for it.
+    Resume {
+        id: String,
+    },
 }
 
 /// Where a host's agent takes images straight from another's (`SendImages`): its switch's

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -750,4 +751,89 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
         wait_until(Duration::from_secs(10), || last(&lab) > after + 10),
         "the log stopped growing after the migration"
     );
+}
+
+/// Processes on the lab's one kernel running the counter server: its running copies.
+fn counter_copies() -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("python3\0") && c.contains("def echo():")
+            })
+        })
+        .count()
+}
+
+/// A controller killed at any step of a migration (whole or post-copy) leaves, once it is
+/// back, exactly one running copy of the instance, where the step says it should be, with
+/// its client's connection.
+#[test]
+fn a_controller_killed_at_each_step_of_a_migration_leaves_one_running_copy() {
+    let marker = format!("/var/tmp/vane-die-at-{}", std::process::id());
+    let _gone = RemoveOnDrop(marker.clone());
+    let lab = TestLab::up_with(2, &[], &[("VANE_TEST_DIE_AT", &marker)]);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.16.0/24"]);
+    let before = counter_copies();
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let stop = start_client(&lab, "h2", "c2", &ip);
+    let mut at = "h1";
+    // (step the controller dies after, post-copy, whether the instance ends up moved)
+    let steps = [
+        ("prepared", false, false),
+        ("dumped", false, false),
+        ("transferred", false, false),
+        ("restored", false, true),
+        ("transferred", true, false),
+        ("restored", true, true),
+    ];
+    for (step, post_copy, moved) in steps {
+        let to = if at == "h1" { "h2" } else { "h1" };
+        std::fs::write(&marker, step).unwrap();
+        let mut args = vec!["migrate", "srv", "--to", to];
+        if post_copy {
+            args.push("--post-copy");
+        }
+        let out = lab.run(&args);
+        assert!(!out.status.success(), "the controller did not die {step}");
+        assert!(
+            !Path::new(&marker).exists(),
+            "the controller did not die {step}"
+        );
+        lab.restart_with(&[("VANE_TEST_DIE_AT", &marker)]);
+        assert!(
+            wait_until(Duration::from_secs(30), || lab
+                .inspect("srv")
+                .get("migrating")
+                .is_none()),
+            "the migration interrupted {step} was not finished: {}",
+            lab.inspect("srv")
+        );
+        let inst = lab.inspect("srv");
+        let expected = if moved { to } else { at };
+        assert_eq!(
+            (&inst["host"], &inst["state"]),
+            (&expected.into(), &"running".into()),
+            "after the controller died {step} (post-copy: {post_copy}): {inst}"
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || counter_copies() == before + 1),
+            "{} copies after the controller died {step} (post-copy: {post_copy})",
+            counter_copies() - before
+        );
+        lab.ok(&["exec", "srv", "--", "true"]);
+        let progressed = progress(&lab, "c2");
+        assert!(
+            wait_until(Duration::from_secs(15), || progress(&lab, "c2")
+                > progressed + 20),
+            "the client stalled after the controller died {step}: {}",
+            lab.ok(&["logs", "c2"])
+        );
+        at = expected;
+    }
+    finish_client(&lab, "c2", &stop);
 }

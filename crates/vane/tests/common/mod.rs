@@ -189,10 +189,20 @@ impl TestLab {
 
     /// `lab up` again, with `extra` arguments: restarts what is not running.
     fn up_again(&self, extra: &[&str]) {
+        self.up_again_with(extra, &[]);
+    }
+
+    /// `up_again`, the daemons it starts given `env`.
+    fn up_again_with(&self, extra: &[&str], env: &[(&str, &str)]) {
         let underlay = format!("198.18.{}.0/24", self.octet);
         let mut args = vec!["lab", "up", "--name", &self.name, "--underlay", &underlay];
         args.extend(extra);
-        let out = self.run(&args);
+        let out = Command::new(vane_bin())
+            .args(&args)
+            .env("VANE_CONTROLLER", &self.controller)
+            .envs(env.iter().copied())
+            .output()
+            .expect("run vane");
         assert!(
             out.status.success(),
             "lab up again failed: {}",
@@ -207,6 +217,12 @@ impl TestLab {
 
     pub fn restart(&self) {
         self.up_again(&[]);
+    }
+
+    /// Restarts what is not running, with `env` in its environment.
+    #[allow(dead_code)]
+    pub fn restart_with(&self, env: &[(&str, &str)]) {
+        self.up_again_with(&[], env);
     }
 }
 
