@@ -21,6 +21,17 @@ use crate::{cgroup, checkpoint, control, direct, instance, Agent, Inbound, LazyS
 /// it to read one, whatever its layout.
 const PAGE_SERVER_REQUEST: usize = 4096;
 
+/// Makes the page server of a lazy dump fail (CRIU then resumes the tree), through
+/// `abort`, a descriptor of its connection: a request it does not know. Should CRIU not be
+/// reading (blocked sending pages nobody takes), the connection is shut instead, which
+/// fails its sending.
+fn break_off(abort: &std::os::unix::net::UnixStream) {
+    if let Err(e) = std::io::Write::write_all(&mut &*abort, &[0xff; PAGE_SERVER_REQUEST]) {
+        tracing::warn!("breaking off a lazy dump: {e}; shutting its connection");
+        let _ = abort.shutdown(std::net::Shutdown::Read);
+    }
+}
+
 impl Agent {
     /// Waits for the migration steps under way on instance `id` here, and holds off the next
     /// ones while the guard lives.
@@ -102,26 +113,28 @@ impl Agent {
             .lock()
             .expect("lazy sources lock")
             .get_mut(id)
-            .and_then(|l| Some((l.pages.take()?, l.cancel.clone())));
-        if let Some((pages, cancel)) = lazy {
+            .and_then(|l| Some((l.pages.take()?, l.cancel.clone(), l.abort.try_clone().ok()?)));
+        if let Some((pages, cancel, abort)) = lazy {
             let id = id.to_string();
             tokio::spawn(async move {
-                let pages = match pages
+                let relayed = match pages
                     .set_nonblocking(true)
                     .and_then(|()| tokio::net::UnixStream::from_std(pages))
                 {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::warn!(instance = %id, "serving pages: {e}");
-                        return;
-                    }
-                };
-                tokio::select! {
-                    relayed = link.relay(pages) => match relayed {
-                        Ok((out, _)) => tracing::info!(instance = %id, bytes = out, "pages served"),
-                        Err(e) => tracing::warn!(instance = %id, "serving pages: {e}"),
+                    Ok(pages) => tokio::select! {
+                        relayed = link.relay(pages) => relayed.map(|(out, _)| out),
+                        () = cancel.notified() => return,
                     },
-                    () = cancel.notified() => {}
+                    Err(e) => Err(e.to_string()),
+                };
+                match relayed {
+                    Ok(out) => tracing::info!(instance = %id, bytes = out, "pages served"),
+                    Err(e) => {
+                        // A broken link must not look like the end of the work to CRIU,
+                        // which would end the tree: it resumes it instead.
+                        tracing::warn!(instance = %id, "serving pages: {e}");
+                        break_off(&abort);
+                    }
                 }
             });
         }
@@ -430,10 +443,7 @@ impl Agent {
         // end the tree): what it must take for a failure is a request it does not know.
         // Then it resumes the tree, its connections out of repair mode (our patch).
         match abort {
-            Ok(mut abort) => {
-                let wrote = std::io::Write::write_all(&mut abort, &[0xff; PAGE_SERVER_REQUEST]);
-                tracing::info!(instance = %id, ?wrote, "breaking off a lazy dump");
-            }
+            Ok(abort) => break_off(&abort),
             Err(e) => tracing::warn!(instance = %id, "breaking off a lazy dump: {e}"),
         }
         cancel.notify_one();
