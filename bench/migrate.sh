@@ -6,7 +6,9 @@
 # source until the directory sends to the destination) and the medians. The clients must
 # see no error. Then an idle program with 512 MiB resident migrates once each way: its
 # freezes, the commands' whole times, next to the time a plain TCP stream takes to move
-# 512 MiB between the same two hosts' namespaces, and the controller's peak memory.
+# 512 MiB between the same two hosts' namespaces; then a program rewriting 20 MiB/s of its 512
+# MiB migrates both ways (post-copy has no rounds to converge: its memory moves once, after
+# the freeze); and the controller's peak memory.
 #
 #   bench/migrate.sh [--debug] [COUNT]
 #
@@ -143,6 +145,34 @@ s.shutdown(socket.SHUT_WR); s.recv(1)
 print(int((time.time() - t) * 1000))
 ' "$addr2")
 wait "$sink" || true
+"$vane" rm --force big >/dev/null
+
+# 512 MiB resident, rewriting 20 MiB/s (a page of each 4 KiB in 20 MiB every second).
+busy='
+import os, time
+b = bytearray(os.urandom(1 << 20)) * 512
+print("ready", flush=True)
+off = 0
+while True:
+    t = time.time()
+    for i in range(off, off + (20 << 20), 4096):
+        b[i % len(b)] = (b[i % len(b)] + 1) % 256
+    off = (off + (20 << 20)) % len(b)
+    time.sleep(max(0, 1 - (time.time() - t)))
+'
+"$vane" run --net bench --name busy --host h1 -- python3 -c "$busy" >/dev/null
+for _ in $(seq 300); do
+  "$vane" logs busy 2>/dev/null | grep -q ready && break
+  sleep 0.1
+done
+busy_line=$("$vane" migrate busy --to h2)
+echo "$busy_line"
+busy_lazy_line=$("$vane" migrate busy --to h1 --post-copy)
+echo "$busy_lazy_line"
+busy_freeze=$(echo "$busy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
+busy_lazy_freeze=$(echo "$busy_lazy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
+busy_released=$(echo "$busy_lazy_line" | sed -n 's/.*source released in \([0-9]*\) ms.*/\1/p')
+
 peak=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$(cat "/var/lib/vane/labs/$lab/controller.pid")/status")
 big_freeze=$(echo "$line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
 lazy_freeze=$(echo "$lazy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
@@ -152,5 +182,6 @@ echo "migration ($profile build)"
 echo "  small server, 3 connections     $small"
 echo "  512 MiB resident, idle, whole    freeze $big_freeze ms; migrate took $total_ms ms, plain TCP 512 MiB $tcp_ms ms ($(awk -v a="$total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x)"
 echo "  512 MiB resident, idle, post-copy freeze $lazy_freeze ms; migrate took $lazy_total_ms ms ($(awk -v a="$lazy_total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x plain TCP)"
+echo "  512 MiB, rewriting 20 MiB/s      freeze $busy_freeze ms whole; post-copy $busy_lazy_freeze ms, source released in $busy_released ms"
 echo "  controller peak RSS             $peak MiB"
 exit $failed
