@@ -24,6 +24,11 @@ use crate::sandbox::IdMap;
 
 /// The images of an instance's last dump, in its state directory.
 pub const IMAGES_DIR: &str = "images";
+/// In an instance's directory while its tree is dumped for a migration (`set_dumped`).
+pub const DUMPED_FILE: &str = "dumped";
+/// In an instance's directory from its restore here for a migration until a view places
+/// it on this host (`Agent::adopt`, `apply_view`).
+pub const ARRIVED_FILE: &str = "arrived";
 /// The images packed for transfer (a tar of `images/` and `output.log`).
 pub const PACK_FILE: &str = "images.tar";
 /// The key under which the instance's network namespace travels in the images.

@@ -71,6 +71,8 @@ pub enum Command {
         ip: Ipv4Addr,
         /// Bandwidth limit, bits per second each direction.
         rate: Option<u64>,
+        /// Attached on hold (`Switch::hold_port`), nothing passing until it is lifted.
+        held: bool,
         reply: oneshot::Sender<Result<(), String>>,
     },
     Detach {
@@ -193,6 +195,7 @@ impl Dataplane {
         }
     }
 
+    /// Attaches an instance's TUN device as `port` (on hold if `held`).
     pub async fn attach(
         &self,
         port: PortId,
@@ -200,6 +203,7 @@ impl Dataplane {
         net: NetConfig,
         ip: Ipv4Addr,
         rate: Option<u64>,
+        held: bool,
     ) -> Result<(), String> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Attach {
@@ -208,6 +212,7 @@ impl Dataplane {
             net,
             ip,
             rate,
+            held,
             reply,
         });
         rx.await
@@ -416,11 +421,13 @@ impl Worker {
                 net,
                 ip,
                 rate,
+                held,
                 reply,
             } => {
                 let result = self.attach(port, tun, net, ip);
                 if result.is_ok() {
                     self.switch.set_port_rate(port, rate);
+                    self.switch.hold_port(port, held);
                 }
                 let _ = reply.send(result);
             }

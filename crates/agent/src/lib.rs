@@ -320,8 +320,35 @@ impl Agent {
                             .await;
                 }
                 Found::Instance(record, dir) => {
-                    let record = *record;
+                    let mut record = *record;
                     let id = record.spec.id.clone();
+                    let dumped = dir.join(checkpoint::DUMPED_FILE);
+                    let images = dir.join(checkpoint::IMAGES_DIR).join("inventory.img");
+                    if !instance::is_alive(&record) && dumped.exists() && images.exists() {
+                        // Dumped for a migration when this agent stopped (the dump finishes
+                        // without it): back from its images, where its migration left it.
+                        let (dir2, exe) = (dir.clone(), self.cfg.exe.clone());
+                        let back = tokio::task::spawn_blocking(move || {
+                            checkpoint::restore(&dir2, &exe, &mut record, false, None)
+                                .map(|()| record)
+                        })
+                        .await;
+                        match back {
+                            Ok(Ok(back)) => {
+                                tracing::warn!(instance = %id, "brought back from the images of a migration this agent did not finish");
+                                record = back;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(instance = %id, "cannot bring back from its images: {e}");
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::error!(instance = %id, "{e}");
+                                continue;
+                            }
+                        }
+                    }
+                    let _ = std::fs::remove_file(&dumped);
                     if instance::is_alive(&record) {
                         let netns = record.netns.clone();
                         match tokio::task::spawn_blocking(move || instance::open_tun(&netns)).await
@@ -368,10 +395,32 @@ impl Agent {
     ) -> Result<(), String> {
         let port = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
         let net = net_config(&record.spec.net);
+        // A copy restored here for a migration that the directory has not confirmed yet
+        // (this agent stopped in between) may be a second one, its source resumed: nothing
+        // passes to or from it until a view places the instance here.
+        let arrived = dir.join(checkpoint::ARRIVED_FILE);
+        let placed_here = self
+            .view
+            .lock()
+            .expect("view lock")
+            .members
+            .iter()
+            .any(|m| m.instance == record.spec.id && m.host == self.cfg.name);
+        if placed_here {
+            let _ = std::fs::remove_file(&arrived);
+        }
+        let unconfirmed = arrived.exists();
         // The bandwidth limit lives in the switch, not the kernel: it comes from the record,
         // so a restarted agent sets it again.
         self.dataplane
-            .attach(port, tun, net, record.spec.ip, record.spec.limits.bandwidth)
+            .attach(
+                port,
+                tun,
+                net,
+                record.spec.ip,
+                record.spec.limits.bandwidth,
+                unconfirmed,
+            )
             .await?;
         let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
         let id = record.spec.id.clone();
@@ -826,6 +875,22 @@ impl Agent {
             members,
             policies,
         });
+        // Copies restored here for a migration pass packets once the directory places
+        // them here (see `adopt`).
+        let confirmed: Vec<(PathBuf, Option<PortId>)> = {
+            let instances = self.instances();
+            view.members
+                .iter()
+                .filter(|m| m.host == self.cfg.name)
+                .filter_map(|m| instances.get(&m.instance))
+                .filter(|l| l.dir.join(checkpoint::ARRIVED_FILE).exists())
+                .map(|l| (l.dir.clone(), l.port))
+                .collect()
+        };
+        for (dir, port) in confirmed {
+            self.hold(port, false).await;
+            let _ = std::fs::remove_file(dir.join(checkpoint::ARRIVED_FILE));
+        }
         *self.view.lock().expect("view lock") = view;
         self.save_view();
 

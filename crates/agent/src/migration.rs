@@ -33,6 +33,23 @@ fn break_off(abort: &std::os::unix::net::UnixStream) {
 }
 
 impl Agent {
+    /// Marks instance `id` as dumped for a migration, or no longer: its init's end is not
+    /// an exit then, and an agent that restarts meanwhile (the mark is also a file in its
+    /// directory) brings the tree back from its images rather than report it ended.
+    pub(crate) fn set_dumped(&self, id: &str, dumped: bool) {
+        let mark = self.instance_dir(id).join(checkpoint::DUMPED_FILE);
+        if dumped {
+            self.dumped
+                .lock()
+                .expect("dumped lock")
+                .insert(id.to_string());
+            let _ = std::fs::write(&mark, b"");
+        } else {
+            self.dumped.lock().expect("dumped lock").remove(id);
+            let _ = std::fs::remove_file(&mark);
+        }
+    }
+
     /// Waits for the migration steps under way on instance `id` here, and holds off the next
     /// ones while the guard lives.
     pub(crate) async fn steps_of(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
@@ -283,10 +300,7 @@ impl Agent {
             (local.record.clone(), local.dir.clone(), local.port)
         };
         if !leave_running {
-            self.dumped
-                .lock()
-                .expect("dumped lock")
-                .insert(id.to_string());
+            self.set_dumped(id, true);
         }
         // The network lock of the dump (CRIU is told to skip its own): nothing passes to or
         // from the instance until it runs again, here or on the destination.
@@ -301,13 +315,15 @@ impl Agent {
             Ok(bytes) => {
                 if leave_running {
                     self.hold(port, false).await;
+                } else {
+                    vane_proto::test_die_at("agent-dumped");
                 }
                 Ok(AgentReply::Checkpointed { bytes, lazy: false })
             }
             Err(e) if leave_running || instance::is_alive(&record) => {
                 // A failed dump leaves the tree running.
                 self.hold(port, false).await;
-                self.dumped.lock().expect("dumped lock").remove(id);
+                self.set_dumped(id, false);
                 Err(e.into())
             }
             Err(e) => {
@@ -341,10 +357,7 @@ impl Agent {
             checkpoint::portable(&local.record).map_err(AgentError::conflict)?;
             (local.record.clone(), local.dir.clone(), local.port)
         };
-        self.dumped
-            .lock()
-            .expect("dumped lock")
-            .insert(id.to_string());
+        self.set_dumped(id, true);
         self.hold(port, true).await;
         let record2 = record.clone();
         let started = tokio::task::spawn_blocking(move || checkpoint::dump_lazy(&dir, &record2))
@@ -356,10 +369,11 @@ impl Agent {
                 // CRIU leaves the tree running when it fails: dump it whole instead.
                 tracing::warn!(instance = %record.spec.name, "no lazy dump here, a whole one instead: {e}");
                 self.hold(port, false).await;
-                self.dumped.lock().expect("dumped lock").remove(id);
+                self.set_dumped(id, false);
                 return self.checkpoint(id, false).await;
             }
         };
+        vane_proto::test_die_at("agent-dumped");
         let checkpoint::LazyDump {
             mut criu,
             pages,
@@ -530,6 +544,8 @@ impl Agent {
             // The images of a lazy dump came with a link to its page server: CRIU's
             // lazy-pages daemon reaches it through a socket pair relayed over the link.
             let link = self.page_links.lock().expect("page links lock").remove(id);
+            // Unconfirmed until a view places the instance here (see `Agent::adopt`).
+            let _ = std::fs::write(dir.join(checkpoint::ARRIVED_FILE), b"");
             let pages = match link {
                 Some(link) => Some(relay_pages(id, link)?),
                 None => None,
@@ -560,6 +576,7 @@ impl Agent {
                     return Err(e.into());
                 }
             };
+            vane_proto::test_die_at("agent-restored");
             let pid = record.pid;
             let spec = record.spec.clone();
             let init = record.init_pid;
@@ -594,7 +611,7 @@ impl Agent {
             });
             let (port, pid) = resumed.unwrap_or((None, 0));
             self.hold(port, false).await;
-            self.dumped.lock().expect("dumped lock").remove(id);
+            self.set_dumped(id, false);
             tracing::info!(instance = %id, pid, "instance resumed after a failed migration");
             return Ok(AgentReply::Created { pid });
         }
@@ -619,7 +636,7 @@ impl Agent {
             local.port
         });
         self.hold(port, false).await;
-        self.dumped.lock().expect("dumped lock").remove(id);
+        self.set_dumped(id, false);
         let agent = self.clone();
         let id2 = id.to_string();
         tokio::spawn(async move { agent.watch_exit(id2, pidfd).await });

@@ -141,17 +141,9 @@ impl Controller {
 
 pub(crate) use vane_proto::unix_now as now;
 
-/// Fault injection for the crash tests: with `VANE_TEST_DIE_AT` naming a file that holds
-/// `step`, the controller removes the file and exits at once, as if killed there.
+/// The controller's steps of a migration where the crash tests kill it.
 pub(crate) fn die_at(step: &str) {
-    let Some(path) = std::env::var_os("VANE_TEST_DIE_AT") else {
-        return;
-    };
-    let armed = std::fs::read_to_string(&path).is_ok_and(|s| s.trim() == step);
-    if armed && std::fs::remove_file(&path).is_ok() {
-        tracing::warn!(step, "VANE_TEST_DIE_AT: exiting");
-        std::process::exit(137);
-    }
+    vane_proto::test_die_at(step);
 }
 
 /// Runs the controller until `shutdown` completes.

@@ -72,8 +72,9 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     );
     for id in unknown {
         // The store does not know these (they were removed while the host was away, or the
-        // store was replaced); the host removes them rather than keep orphans running.
-        tracing::warn!(host = %name, instance = %id, "host runs an unknown instance, removing it");
+        // store was replaced), or places them on another host; the host removes them rather
+        // than keep orphans or second copies running.
+        tracing::warn!(host = %name, instance = %id, "host runs an instance that is not its own, removing it");
         let c = c.clone();
         let host = name.clone();
         tokio::spawn(async move {
@@ -144,7 +145,7 @@ fn handle(c: &Controller, host: &str, msg: FromAgent) {
         FromAgent::Report(report) => {
             let changed = {
                 let mut s = c.state();
-                match s.apply_report(&report) {
+                match s.apply_report(host, &report) {
                     Some(batch) => {
                         if let Err(e) = c.commit(batch) {
                             tracing::error!(host, "cannot record report: {e}");

@@ -406,10 +406,14 @@ impl State {
         self.instances.values().filter(|i| i.host == host).count()
     }
 
-    /// Applies what an agent reports about an instance; returns the batch if anything
-    /// changed.
-    pub fn apply_report(&mut self, report: &InstanceReport) -> Option<Batch> {
-        let inst = self.instances.get_mut(&report.id)?;
+    /// Applies what the agent of `host` reports about an instance, only if the instance is
+    /// that host's (a copy elsewhere, being removed, says nothing of it); returns the batch
+    /// if anything changed.
+    pub fn apply_report(&mut self, host: &str, report: &InstanceReport) -> Option<Batch> {
+        let inst = self
+            .instances
+            .get_mut(&report.id)
+            .filter(|i| i.host == host)?;
         if inst.state == report.state && inst.pid == report.pid && inst.exit == report.exit {
             return None;
         }
@@ -762,8 +766,10 @@ impl State {
 
     /// Reconciles the controller's instances on `host` with what its agent reports after
     /// (re)connecting: reported ones take the agent's state; ones the agent does not know
-    /// are lost (their host's state was wiped). Returns the ids the agent has that the
-    /// controller does not know.
+    /// are lost (their host's state was wiped). Returns the ids the agent has that it must
+    /// not keep: ones the controller does not know, and stale copies of instances that run
+    /// elsewhere (a migration that failed while the host was away, after its restore there
+    /// had finished), unless a migration to this host is under way (`recovery` decides).
     pub fn reconcile(&mut self, host: &str, reports: &[InstanceReport]) -> (Batch, Vec<String>) {
         let mut batch = Batch::default();
         let by_id: BTreeMap<&str, &InstanceReport> =
@@ -782,7 +788,10 @@ impl State {
         }
         let unknown = reports
             .iter()
-            .filter(|r| !self.instances.contains_key(&r.id))
+            .filter(|r| match self.instances.get(&r.id) {
+                None => true,
+                Some(i) => i.host != host && i.migrating.as_deref() != Some(host),
+            })
             .map(|r| r.id.clone())
             .collect();
         (batch, unknown)

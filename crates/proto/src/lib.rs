@@ -23,6 +23,20 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Fault injection for the crash tests: with `VANE_TEST_DIE_AT` naming a file that holds
+/// `step`, the process (controller or agent) removes the file and exits at once, as if it
+/// were killed there. Steps are named where they are called.
+pub fn test_die_at(step: &str) {
+    let Some(path) = std::env::var_os("VANE_TEST_DIE_AT") else {
+        return;
+    };
+    let armed = std::fs::read_to_string(&path).is_ok_and(|s| s.trim() == step);
+    if armed && std::fs::remove_file(&path).is_ok() {
+        eprintln!("VANE_TEST_DIE_AT: exiting at {step}");
+        std::process::exit(137);
+    }
+}
+
 /// Lowercase hex, for keys and secrets in JSON.
 pub mod hex {
     /// Encodes bytes as lowercase hex.

@@ -837,3 +837,59 @@ fn a_controller_killed_at_each_step_of_a_migration_leaves_one_running_copy() {
     }
     finish_client(&lab, "c2", &stop);
 }
+
+/// An agent killed in a migration (the source's once its dump is done, whole or lazy; the
+/// destination's once its restore is done) leaves, once it is back, exactly one running
+/// copy of the instance, on its source, with its client's connection: the source brings
+/// the tree back from its images or its lazy dump resumes it, and the destination's copy
+/// is removed as soon as its agent reports it.
+#[test]
+fn an_agent_killed_in_a_migration_leaves_one_running_copy() {
+    let marker = format!("/var/tmp/vane-die-at-{}-agents", std::process::id());
+    let _gone = RemoveOnDrop(marker.clone());
+    let env = [("VANE_TEST_DIE_AT", marker.as_str())];
+    let lab = TestLab::up_with(2, &[], &env);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.17.0/24"]);
+    let before = counter_copies();
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
+    let stop = start_client(&lab, "h2", "c2", &ip);
+    for (step, post_copy) in [
+        ("agent-dumped", false),
+        ("agent-dumped", true),
+        ("agent-restored", false),
+        ("agent-restored", true),
+    ] {
+        std::fs::write(&marker, step).unwrap();
+        let mut args = vec!["migrate", "srv", "--to", "h2"];
+        if post_copy {
+            args.push("--post-copy");
+        }
+        let out = lab.run(&args);
+        assert!(!out.status.success(), "the migration went through {step}");
+        assert!(!Path::new(&marker).exists(), "no agent died {step}");
+        lab.restart_with(&env);
+        let settled = || {
+            let inst = lab.inspect("srv");
+            inst["host"] == "h1"
+                && inst["state"] == "running"
+                && inst.get("migrating").is_none()
+                && counter_copies() == before + 1
+                && lab.run(&["exec", "srv", "--", "true"]).status.success()
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), settled),
+            "after an agent died {step} (post-copy: {post_copy}): {} copies, {}",
+            counter_copies() - before,
+            lab.inspect("srv")
+        );
+        let progressed = progress(&lab, "c2");
+        assert!(
+            wait_until(Duration::from_secs(15), || progress(&lab, "c2")
+                > progressed + 20),
+            "the client stalled after an agent died {step} (post-copy: {post_copy}): {}",
+            lab.ok(&["logs", "c2"])
+        );
+    }
+    finish_client(&lab, "c2", &stop);
+}
