@@ -197,10 +197,29 @@ pub fn dump_lazy(dir: &Path, record: &Record) -> Result<LazyDump, String> {
     let mut cmd = dump_command(dir, record)?;
     let (pages, theirs) = std::os::unix::net::UnixStream::pair()
         .map_err(|e| format!("a socket pair for the pages: {e}"))?;
+    cmd.arg("--lazy-pages");
+    let criu = serve_pages(
+        cmd,
+        &theirs,
+        "criu dump",
+        &dir.join(IMAGES_DIR).join("dump.log"),
+    )?;
+    let bytes = pack(dir, record.confinement().idmap)?;
+    Ok(LazyDump { criu, pages, bytes })
+}
+
+/// Starts `cmd`, a CRIU that talks the page-server protocol on `pages` (its end of a socket
+/// pair, `--ps-socket`), and waits until it says on its status pipe that it is ready;
+/// else says why not with the end of its log (`what` names it).
+fn serve_pages(
+    mut cmd: Command,
+    pages: &std::os::unix::net::UnixStream,
+    what: &str,
+    log: &Path,
+) -> Result<std::process::Child, String> {
     let (status_read, status_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("a pipe: {e}"))?;
-    cmd.arg("--lazy-pages")
-        .arg("--ps-socket")
+    cmd.arg("--ps-socket")
         .arg(PAGES_FD.to_string())
         .arg("--status-fd")
         .arg(STATUS_FD.to_string())
@@ -210,28 +229,23 @@ pub fn dump_lazy(dir: &Path, record: &Record) -> Result<LazyDump, String> {
     vane_sys::spawn::with_fds(
         &mut cmd,
         &[
-            (std::os::fd::AsFd::as_fd(&theirs), PAGES_FD),
+            (std::os::fd::AsFd::as_fd(pages), PAGES_FD),
             (std::os::fd::AsFd::as_fd(&status_write), STATUS_FD),
         ],
     );
-    let mut criu = cmd.spawn().map_err(|e| format!("running criu: {e}"))?;
-    drop((theirs, status_write));
-    let log = dir.join(IMAGES_DIR).join("dump.log");
-    if !ready(status_read) {
-        let _ = criu.wait();
-        return Err(format!("criu dump failed: {}", last_lines(&log, 2)));
-    }
-    let bytes = pack(dir, record.confinement().idmap)?;
-    Ok(LazyDump { criu, pages, bytes })
-}
-
-/// Whether a CRIU said it is ready on its status pipe (one byte) rather than ending.
-fn ready(status: std::os::fd::OwnedFd) -> bool {
+    let mut criu = cmd.spawn().map_err(|e| format!("running {what}: {e}"))?;
+    drop(status_write);
+    // One byte when it is ready; the end of the pipe when it ended first.
     let mut byte = [0u8; 1];
-    matches!(
-        std::io::Read::read(&mut std::fs::File::from(status), &mut byte),
+    let ready = matches!(
+        std::io::Read::read(&mut std::fs::File::from(status_read), &mut byte),
         Ok(1)
-    )
+    );
+    if !ready {
+        let _ = criu.wait();
+        return Err(format!("{what} failed: {}", last_lines(log, 2)));
+    }
+    Ok(criu)
 }
 
 /// Raises `fs.pipe-max-size` to what CRIU's page server needs, if it is lower.
@@ -552,8 +566,6 @@ fn chown_tree(path: &Path, owner: u32) -> io::Result<()> {
 /// what describes the tree's memory, and writes pages into the descriptors the restored
 /// tasks hand it; its socket is open to the restore, which runs as the instance's root.
 fn start_lazy_daemon(images: &Path, pages: &std::os::unix::net::UnixStream) -> Result<(), String> {
-    let (status_read, status_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("a pipe: {e}"))?;
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("umask 0; exec \"$@\"")
@@ -564,32 +576,8 @@ fn start_lazy_daemon(images: &Path, pages: &std::os::unix::net::UnixStream) -> R
         .arg(images)
         .arg("-o")
         .arg("lazy.log")
-        .arg("--page-server")
-        .arg("--ps-socket")
-        .arg(PAGES_FD.to_string())
-        .arg("--status-fd")
-        .arg(STATUS_FD.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    vane_sys::spawn::with_fds(
-        &mut cmd,
-        &[
-            (std::os::fd::AsFd::as_fd(pages), PAGES_FD),
-            (std::os::fd::AsFd::as_fd(&status_write), STATUS_FD),
-        ],
-    );
-    let mut daemon = cmd
-        .spawn()
-        .map_err(|e| format!("running criu lazy-pages: {e}"))?;
-    drop(status_write);
-    if !ready(status_read) {
-        let _ = daemon.wait();
-        return Err(format!(
-            "criu lazy-pages failed: {}",
-            last_lines(&images.join("lazy.log"), 2)
-        ));
-    }
+        .arg("--page-server");
+    let mut daemon = serve_pages(cmd, pages, "criu lazy-pages", &images.join("lazy.log"))?;
     // Reaped when it ends (its outcome is the source's to report: its page server ends
     // with it).
     std::thread::spawn(move || daemon.wait());

@@ -9,7 +9,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-use vane_proto::api::{frame, InstanceState};
+use vane_proto::api::frame;
 use vane_proto::stream::{AgentError, AgentReply, FromAgent, HostAuth, ToAgent};
 
 use crate::{instance, launch, Agent};
@@ -303,29 +303,16 @@ pub async fn exec(
     cmd: Vec<String>,
     env: Vec<(String, String)>,
 ) -> Result<AgentReply, AgentError> {
-    let args = {
-        let instances = agent.instances();
-        let local = instances
-            .get(id)
-            .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?;
-        if local.state != InstanceState::Running {
-            return Err(AgentError::conflict(format!(
-                "instance {} is not running",
-                local.record.spec.name
-            )));
-        }
-        let full_env = launch::instance_env(
+    let args = agent.running(id, |local| ExecArgs {
+        init_pid: local.record.init_pid,
+        cgroups: local.record.cgroups.clone(),
+        confinement: local.record.confinement(),
+        env: launch::instance_env(
             &local.record.spec.hostname,
             local.record.spec.env.iter().chain(&env),
-        );
-        ExecArgs {
-            init_pid: local.record.init_pid,
-            cgroups: local.record.cgroups.clone(),
-            confinement: local.record.confinement(),
-            env: full_env,
-            cmd,
-        }
-    };
+        ),
+        cmd,
+    })?;
     let mut child = tokio::process::Command::new(&agent.cfg.exe)
         .arg("__exec")
         .arg(serde_json::to_string(&args).expect("serializes"))

@@ -283,6 +283,21 @@ impl Agent {
         self.instances.lock().expect("instances lock poisoned")
     }
 
+    /// `f` of instance `id`, if it runs on this host; else why not.
+    fn running<T>(&self, id: &str, f: impl FnOnce(&Local) -> T) -> Result<T, AgentError> {
+        let instances = self.instances();
+        let local = instances
+            .get(id)
+            .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?;
+        if local.state != InstanceState::Running {
+            return Err(AgentError::conflict(format!(
+                "instance {} is not running",
+                local.record.spec.name
+            )));
+        }
+        Ok(f(local))
+    }
+
     fn instance_dir(&self, id: &str) -> PathBuf {
         self.cfg.state_dir.join("instances").join(id)
     }

@@ -21,6 +21,17 @@ use crate::{cgroup, checkpoint, control, direct, instance, Agent, Inbound, LazyS
 /// it to read one, whatever its layout.
 const PAGE_SERVER_REQUEST: usize = 4096;
 
+/// Waits for a lazy dump's CRIU to end: whether it served every page; `None` if nothing
+/// watches it any more.
+async fn dump_ended(ended: &mut tokio::sync::watch::Receiver<Option<bool>>) -> Option<bool> {
+    loop {
+        if let Some(served) = *ended.borrow_and_update() {
+            return Some(served);
+        }
+        ended.changed().await.ok()?;
+    }
+}
+
 /// Makes the page server of a lazy dump fail (CRIU then resumes the tree), through
 /// `abort`, a descriptor of its connection: a request it does not know. Should CRIU not be
 /// reading (blocked sending pages nobody takes), the connection is shut instead, which
@@ -33,6 +44,18 @@ fn break_off(abort: &std::os::unix::net::UnixStream) {
 }
 
 impl Agent {
+    /// Instance `id`'s record, directory and port, if it runs here and a checkpoint can
+    /// carry it.
+    fn dumpable(
+        &self,
+        id: &str,
+    ) -> Result<(instance::Record, std::path::PathBuf, Option<PortId>), AgentError> {
+        let (record, dir, port) =
+            self.running(id, |l| (l.record.clone(), l.dir.clone(), l.port))?;
+        checkpoint::portable(&record).map_err(AgentError::conflict)?;
+        Ok((record, dir, port))
+    }
+
     /// Marks instance `id` as dumped for a migration, or no longer: its init's end is not
     /// an exit then, and an agent that restarts meanwhile (the mark is also a file in its
     /// directory) brings the tree back from its images rather than report it ended.
@@ -285,20 +308,7 @@ impl Agent {
         id: &str,
         leave_running: bool,
     ) -> Result<AgentReply, AgentError> {
-        let (record, dir, port) = {
-            let instances = self.instances();
-            let local = instances.get(id).ok_or_else(|| {
-                AgentError::not_found(format!("instance {id} is not on this host"))
-            })?;
-            if local.state != InstanceState::Running {
-                return Err(AgentError::conflict(format!(
-                    "instance {} is not running",
-                    local.record.spec.name
-                )));
-            }
-            checkpoint::portable(&local.record).map_err(AgentError::conflict)?;
-            (local.record.clone(), local.dir.clone(), local.port)
-        };
+        let (record, dir, port) = self.dumpable(id)?;
         if !leave_running {
             self.set_dumped(id, true);
         }
@@ -343,20 +353,7 @@ impl Agent {
         self: Arc<Self>,
         id: &str,
     ) -> Result<AgentReply, AgentError> {
-        let (record, dir, port) = {
-            let instances = self.instances();
-            let local = instances.get(id).ok_or_else(|| {
-                AgentError::not_found(format!("instance {id} is not on this host"))
-            })?;
-            if local.state != InstanceState::Running {
-                return Err(AgentError::conflict(format!(
-                    "instance {} is not running",
-                    local.record.spec.name
-                )));
-            }
-            checkpoint::portable(&local.record).map_err(AgentError::conflict)?;
-            (local.record.clone(), local.dir.clone(), local.port)
-        };
+        let (record, dir, port) = self.dumpable(id)?;
         self.set_dumped(id, true);
         self.hold(port, true).await;
         let record2 = record.clone();
@@ -414,14 +411,7 @@ impl Agent {
             .get(id)
             .map(|l| l.ended.clone())
             .ok_or_else(|| AgentError::not_found(format!("instance {id} has no lazy dump here")))?;
-        let served = loop {
-            if let Some(served) = *ended.borrow_and_update() {
-                break served;
-            }
-            if ended.changed().await.is_err() {
-                break false;
-            }
-        };
+        let served = dump_ended(&mut ended).await.unwrap_or(false);
         self.lazy_sources
             .lock()
             .expect("lazy sources lock")
@@ -462,14 +452,7 @@ impl Agent {
         }
         cancel.notify_one();
         drop(pages);
-        let served = loop {
-            if let Some(served) = *ended.borrow_and_update() {
-                break served;
-            }
-            if ended.changed().await.is_err() {
-                break true;
-            }
-        };
+        let served = dump_ended(&mut ended).await.unwrap_or(true);
         self.lazy_sources
             .lock()
             .expect("lazy sources lock")

@@ -629,14 +629,7 @@ async fn migrate_instance(
                     }
                     Err(e2) => {
                         // Nowhere running: say so, rather than keep it `running`.
-                        let mut s = c.state();
-                        if let Some(inst) = s.instances.get_mut(&id) {
-                            inst.state = InstanceState::Lost;
-                            inst.pid = None;
-                            let mut batch = crate::store::Batch::default();
-                            batch.put(&*inst);
-                            c.commit(batch)?;
-                        }
+                        record_lost(&c, &id)?;
                         ApiError::Internal(format!(
                             "migration of instance {name:?} to host {to:?} failed ({e}), and resuming it on host {from:?} failed too: {e2}"
                         ))
@@ -692,16 +685,7 @@ async fn migrate_instance(
                     .agents
                     .request(&to, AgentRequest::Remove { id: id.clone() })
                     .await;
-                {
-                    let mut s = c.state();
-                    if let Some(inst) = s.instances.get_mut(&id) {
-                        inst.state = InstanceState::Lost;
-                        inst.pid = None;
-                        let mut batch = crate::store::Batch::default();
-                        batch.put(&*inst);
-                        c.commit(batch)?;
-                    }
-                }
+                record_lost(&c, &id)?;
                 c.push_views();
                 return Err(ApiError::Internal(format!(
                     "instance {name:?} was lost: its memory could not all be moved from host {from:?} after it resumed on host {to:?} ({e})"
@@ -747,6 +731,19 @@ async fn migrate_instance(
         (Ok(j), None) => Ok(j),
         (Err(e), _) => Err(e),
     }
+}
+
+/// Records that instance `id` runs nowhere any more.
+fn record_lost(c: &Controller, id: &str) -> ApiResult<()> {
+    let mut s = c.state();
+    if let Some(inst) = s.instances.get_mut(id) {
+        inst.state = InstanceState::Lost;
+        inst.pid = None;
+        let mut batch = crate::store::Batch::default();
+        batch.put(&*inst);
+        c.commit(batch)?;
+    }
+    Ok(())
 }
 
 /// A failure of `host`'s agent, as the API answers it.
