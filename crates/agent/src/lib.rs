@@ -84,6 +84,9 @@ struct Local {
     /// Last applied rules and hosts file, to skip rewriting what did not change.
     rules: Option<OutboundRules>,
     hosts: Option<String>,
+    /// Restored here for a migration that no view has confirmed yet: its port is on hold
+    /// (`adopt`), and `checkpoint::ARRIVED_FILE` says so across a restart.
+    unconfirmed: bool,
 }
 
 impl Local {
@@ -393,6 +396,7 @@ impl Agent {
                                 exited: watch::channel(true).0,
                                 rules: None,
                                 hosts: None,
+                                unconfirmed: false,
                             },
                         );
                     }
@@ -451,6 +455,7 @@ impl Agent {
                 exited,
                 rules: None,
                 hosts: None,
+                unconfirmed,
             },
         );
         let agent = self.clone();
@@ -893,13 +898,14 @@ impl Agent {
         // Copies restored here for a migration pass packets once the directory places
         // them here (see `adopt`).
         let confirmed: Vec<(PathBuf, Option<PortId>)> = {
-            let instances = self.instances();
+            let mut instances = self.instances();
             view.members
                 .iter()
                 .filter(|m| m.host == self.cfg.name)
-                .filter_map(|m| instances.get(&m.instance))
-                .filter(|l| l.dir.join(checkpoint::ARRIVED_FILE).exists())
-                .map(|l| (l.dir.clone(), l.port))
+                .filter_map(|m| {
+                    let local = instances.get_mut(&m.instance)?;
+                    std::mem::take(&mut local.unconfirmed).then(|| (local.dir.clone(), local.port))
+                })
                 .collect()
         };
         for (dir, port) in confirmed {

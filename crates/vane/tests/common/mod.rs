@@ -59,12 +59,7 @@ impl TestLab {
             &underlay,
         ];
         args.extend(extra);
-        let out = Command::new(vane_bin())
-            .args(&args)
-            .env("VANE_CONTROLLER", &lab.controller)
-            .envs(env.iter().copied())
-            .output()
-            .expect("run vane");
+        let out = lab.run_with(&args, env);
         assert!(
             out.status.success(),
             "lab up failed: {}",
@@ -74,9 +69,15 @@ impl TestLab {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, &[])
+    }
+
+    /// `run`, with `env` added to vane's environment (and so to the daemons it starts).
+    fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         Command::new(vane_bin())
             .args(args)
             .env("VANE_CONTROLLER", &self.controller)
+            .envs(env.iter().copied())
             .output()
             .expect("run vane")
     }
@@ -197,12 +198,7 @@ impl TestLab {
         let underlay = format!("198.18.{}.0/24", self.octet);
         let mut args = vec!["lab", "up", "--name", &self.name, "--underlay", &underlay];
         args.extend(extra);
-        let out = Command::new(vane_bin())
-            .args(&args)
-            .env("VANE_CONTROLLER", &self.controller)
-            .envs(env.iter().copied())
-            .output()
-            .expect("run vane");
+        let out = self.run_with(&args, env);
         assert!(
             out.status.success(),
             "lab up again failed: {}",
