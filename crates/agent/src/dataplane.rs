@@ -89,6 +89,8 @@ pub enum Command {
     Identity {
         host_id: HostId,
         plaintext: bool,
+        /// The cluster's global virtual address space (`Switch::set_global_space`).
+        global_space: ipnet::Ipv4Net,
     },
     /// The directory as the controller last pushed it: other hosts, nets, members, policies.
     View {
@@ -446,8 +448,13 @@ impl Worker {
                 self.switch.hold_port(port, held);
                 let _ = reply.send(());
             }
-            Command::Identity { host_id, plaintext } => {
+            Command::Identity {
+                host_id,
+                plaintext,
+                global_space,
+            } => {
                 self.identity = Some((host_id, plaintext));
+                self.switch.set_global_space(global_space);
             }
             Command::View {
                 peers,

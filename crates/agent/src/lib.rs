@@ -107,7 +107,7 @@ pub(crate) struct Agent {
     controller_addr: Option<SocketAddr>,
     /// MTU of instance devices: the underlay's less the encapsulation.
     instance_mtu: usize,
-    /// This host's id and whether the cluster is plaintext, once known.
+    /// This host's id and the cluster's configuration (tunnels, global space), once known.
     cluster: Mutex<Option<(u32, vane_proto::api::ClusterConfig)>>,
     egress_ready: std::sync::atomic::AtomicBool,
     layout: Layout,
@@ -116,7 +116,6 @@ pub(crate) struct Agent {
     instances: Mutex<BTreeMap<String, Local>>,
     next_port: AtomicU32,
     view: Mutex<AgentView>,
-    global_space: Mutex<Ipv4Net>,
     /// Spaces prepared for instances migrating here, until restored or discarded.
     prepared: Mutex<BTreeMap<String, checkpoint::Prepared>>,
     /// Instances whose tree was dumped and killed for a migration: their init's end is not
@@ -230,7 +229,6 @@ pub async fn run(
     let agent = Arc::new(Agent {
         layout: Layout::detect(),
         dataplane,
-        global_space: Mutex::new(switch_cfg.global_space),
         switch_cfg,
         instances: Mutex::new(BTreeMap::new()),
         next_port: AtomicU32::new(1),
@@ -821,7 +819,7 @@ impl Agent {
             own: net.subnet,
             allowed,
             routed,
-            global_space: *self.global_space.lock().expect("lock"),
+            global_space: self.global_space(),
             egress: net.egress,
         }
     }
@@ -976,16 +974,25 @@ impl Agent {
 }
 
 impl Agent {
+    /// The cluster's global virtual address space (the default until the controller says).
+    fn global_space(&self) -> Ipv4Net {
+        self.cluster
+            .lock()
+            .expect("cluster lock")
+            .as_ref()
+            .map_or(self.switch_cfg.global_space, |(_, c)| c.global_space)
+    }
+
     /// The controller welcomed this host: who it is and how the cluster's tunnels work.
     fn set_cluster(&self, host_id: u32, config: vane_proto::api::ClusterConfig) {
         // Once the host is known to belong to the cluster: a refused agent leaves nothing.
         if !self.egress_ready.swap(true, Ordering::Relaxed) {
             self.setup_egress();
         }
-        *self.global_space.lock().expect("lock") = config.global_space;
         self.dataplane.send(Command::Identity {
             host_id,
             plaintext: config.plaintext,
+            global_space: config.global_space,
         });
         *self.cluster.lock().expect("cluster lock") = Some((host_id, config));
         self.save_view();

@@ -280,6 +280,22 @@ impl Switch {
         self.policy.compile(&self.nets);
     }
 
+    /// The cluster's global virtual address space, as its controller was created with: a
+    /// destination inside it is cross-net traffic (policy applies), outside it egress. When
+    /// it changes, every flow is forgotten (each was classified against the old space).
+    pub fn set_global_space(&mut self, space: ipnet::Ipv4Net) {
+        let space = space.trunc();
+        if space != self.cfg.global_space {
+            self.cfg.global_space = space;
+            self.flows.retain(|_| false);
+        }
+    }
+
+    /// The global virtual address space this switch classifies destinations with.
+    pub fn global_space(&self) -> ipnet::Ipv4Net {
+        self.cfg.global_space
+    }
+
     /// Removes a net with its members, the local ports attached to it and every flow that
     /// involves it. Rules naming it stay, inert, until [`Switch::set_policies`] replaces them.
     pub fn remove_net(&mut self, id: NetId) {

@@ -1044,3 +1044,35 @@ fn a_held_port_neither_sends_nor_receives_until_released() {
         Verdict::Deliver(PA1)
     );
 }
+
+#[test]
+fn the_cluster_global_space_decides_what_is_cross_net() {
+    let mut sw = Switch::new(SwitchConfig::default());
+    let (a, b) = (Ipv4Addr::new(172, 16, 1, 1), Ipv4Addr::new(172, 16, 2, 1));
+    sw.upsert_net(net(NET_A, "172.16.1.0/24", true));
+    sw.upsert_net(net(NET_B, "172.16.2.0/24", false));
+    sw.attach_port(PA1, NET_A, a).unwrap();
+    sw.attach_port(PB1, NET_B, b).unwrap();
+    let now = Instant::now();
+    // Outside the default space, another net's address looks like the outside world.
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(a, 1, b, 80), now),
+        Verdict::Egress
+    );
+    sw.set_global_space("172.16.0.0/12".parse().unwrap());
+    assert_eq!(sw.global_space(), "172.16.0.0/12".parse().unwrap());
+    // Inside it: cross-net, refused without a rule, and the egress flow is gone.
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(a, 1, b, 80), now),
+        REFUSED
+    );
+    sw.set_policies(vec![PolicyRule {
+        from: NET_A,
+        to: NET_B,
+        port: None,
+    }]);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(a, 1, b, 80), now),
+        Verdict::Deliver(PB1)
+    );
+}

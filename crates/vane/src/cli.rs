@@ -383,6 +383,10 @@ pub struct LabUpArgs {
     /// Tunnels between hosts without encryption or authentication (for comparison only)
     #[arg(long)]
     pub plaintext: bool,
+    /// Global virtual address space of the lab's controller, when the lab is created
+    /// (default 10.0.0.0/8)
+    #[arg(long)]
+    pub global_space: Option<Ipv4Net>,
 }
 
 #[derive(Args)]

@@ -32,6 +32,9 @@ struct LabFile {
     controller: String,
     #[serde(default)]
     plaintext: bool,
+    /// As `lab up --global-space` gave it when the lab was made (the default otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    global_space: Option<Ipv4Net>,
 }
 
 struct Lab {
@@ -144,6 +147,16 @@ pub fn up(args: LabUpArgs) -> Result<()> {
                 lab.name
             );
         }
+        let made_with = p
+            .global_space
+            .unwrap_or(vane_proto::api::ClusterConfig::default().global_space);
+        if let Some(space) = args.global_space.filter(|s| *s != made_with) {
+            bail!(
+                "lab {:?} was made with another global space than {space}; `vane lab down --name {}` first",
+                lab.name,
+                lab.name
+            );
+        }
         if p.underlay != underlay {
             bail!(
                 "lab {:?} already runs on underlay {}; `vane lab down --name {}` first",
@@ -186,6 +199,9 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         ];
         if args.plaintext {
             controller_args.push("--plaintext".into());
+        }
+        if let Some(space) = args.global_space {
+            controller_args.extend(["--global-space".into(), space.to_string()]);
         }
         spawn_daemon(
             &controller_args,
@@ -239,15 +255,38 @@ pub fn up(args: LabUpArgs) -> Result<()> {
             &pid_file,
         )?;
     }
-    wait_for(Duration::from_secs(20), "every agent to register", || {
-        client.get::<Vec<Host>>("/v1/hosts").is_ok_and(|hs| {
-            (1..=hosts).all(|i| {
-                hs.iter()
-                    .any(|h| h.name == Lab::host_name(i) && h.state == HostState::Online)
+    let offline = || -> Vec<String> {
+        let known = client.get::<Vec<Host>>("/v1/hosts").unwrap_or_default();
+        (1..=hosts)
+            .map(Lab::host_name)
+            .filter(|n| {
+                !known
+                    .iter()
+                    .any(|h| &h.name == n && h.state == HostState::Online)
             })
-        })
+            .collect()
+    };
+    if wait_for(Duration::from_secs(20), "every agent to register", || {
+        offline().is_empty()
     })
-    .with_context(|| format!("see the agents' logs in {}", lab.dir.display()))?;
+    .is_err()
+    {
+        let missing = offline();
+        let why: Vec<String> = missing
+            .iter()
+            .map(|n| match read_pid(&lab.pid_file(n)) {
+                Some(pid) => format!("{n} (its agent, pid {pid}, runs)"),
+                None => format!("{n} (its agent is not running)"),
+            })
+            .collect();
+        bail!(
+            "timed out after 20s waiting for {} to register: see {}",
+            why.join(", "),
+            lab.dir
+                .join(format!("{}.log", missing.first().map_or("h1", |n| n)))
+                .display()
+        );
+    }
 
     let file = LabFile {
         name: lab.name.clone(),
@@ -255,6 +294,9 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         hosts,
         controller: controller_url.clone(),
         plaintext: args.plaintext,
+        global_space: args
+            .global_space
+            .or(previous.as_ref().and_then(|p| p.global_space)),
     };
     fs::write(&lab_file, serde_json::to_vec_pretty(&file)?)?;
     if lab.name == DEFAULT_LAB {

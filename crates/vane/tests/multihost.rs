@@ -1012,3 +1012,51 @@ fn a_host_speaking_for_members_it_does_not_host_is_dropped_and_counted() {
     assert!(!logs.contains(&format!("from {}", ip("theirs"))), "{logs}");
     assert!(!logs.contains("from 10.10.12.200"), "{logs}");
 }
+
+/// A cluster made with another global space than 10.0.0.0/8: nets inside it are told apart
+/// from the outside world by every switch, so a policy opens traffic between them across
+/// hosts (a switch that kept the default space took it for egress and sent it out through
+/// NAT), and a net outside it is refused.
+#[test]
+fn a_cluster_with_its_own_global_space_forwards_what_policy_allows_between_its_nets() {
+    let lab = TestLab::up_with(2, &["--global-space", "172.16.0.0/12"], &[]);
+    let refused = lab.fails(&["net", "create", "ten", "--subnet", "10.10.1.0/24"]);
+    assert!(refused.contains("172.16.0.0/12"), "{refused}");
+    lab.ok(&[
+        "net",
+        "create",
+        "red",
+        "--subnet",
+        "172.16.1.0/24",
+        "--egress",
+    ]);
+    lab.ok(&["net", "create", "blue", "--subnet", "172.16.2.0/24"]);
+    run_on(
+        &lab,
+        "h2",
+        "blue",
+        "bweb",
+        Some("172.16.2.1"),
+        &strs(&file_server("blue-page")),
+    );
+    run_on(&lab, "h1", "red", "rcli", None, &["sleep", "infinity"]);
+    let refused = lab.run(&[
+        "exec",
+        "rcli",
+        "--",
+        "curl",
+        "-sf",
+        "-m",
+        "2",
+        "http://172.16.2.1/",
+    ]);
+    assert!(
+        !refused.status.success(),
+        "red reached blue without a policy"
+    );
+    lab.ok(&["policy", "allow", "red", "blue", "--port", "80/tcp"]);
+    assert_eq!(
+        wait_for_http(&lab, "rcli", "http://172.16.2.1/index.html").trim(),
+        "blue-page"
+    );
+}
