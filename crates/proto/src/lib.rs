@@ -24,8 +24,10 @@ pub fn unix_now() -> u64 {
 }
 
 /// Fault injection for the crash tests: with `VANE_TEST_DIE_AT` naming a file that holds
-/// `step`, the process (controller or agent) removes the file and exits at once, as if it
-/// were killed there. Steps are named where they are called.
+/// `step`, the process (controller or agent) removes the file and kills itself there with
+/// SIGKILL: no exit handler runs, as in a real crash (an `exit` that flushed and ran
+/// handlers while other threads held locks once hung instead of dying). Steps are named
+/// where they are called.
 pub fn test_die_at(step: &str) {
     let Some(path) = std::env::var_os("VANE_TEST_DIE_AT") else {
         return;
@@ -33,7 +35,8 @@ pub fn test_die_at(step: &str) {
     let armed = std::fs::read_to_string(&path).is_ok_and(|s| s.trim() == step);
     if armed && std::fs::remove_file(&path).is_ok() {
         eprintln!("VANE_TEST_DIE_AT: exiting at {step}");
-        std::process::exit(137);
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        std::process::abort();
     }
 }
 

@@ -754,7 +754,10 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
 }
 
 /// Processes on the lab's one kernel running the counter server: its running copies.
-fn counter_copies() -> usize {
+/// How many copies of the counter server of `lab` run on this machine. Told apart from
+/// other tests' (they run in parallel) by the lab's name, its last argument.
+fn counter_copies(lab: &TestLab) -> usize {
+    let tag = format!("\0{}\0", lab.name);
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -762,7 +765,7 @@ fn counter_copies() -> usize {
         .filter(|e| {
             std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
                 let c = String::from_utf8_lossy(&c);
-                c.starts_with("python3\0") && c.contains("def echo():")
+                c.starts_with("python3\0") && c.contains("def echo():") && c.ends_with(&tag)
             })
         })
         .count()
@@ -777,8 +780,7 @@ fn a_controller_killed_at_each_step_of_a_migration_leaves_one_running_copy() {
     let _gone = RemoveOnDrop(marker.clone());
     let lab = TestLab::up_with(2, &[], &[("VANE_TEST_DIE_AT", &marker)]);
     lab.ok(&["net", "create", "red", "--subnet", "10.10.16.0/24"]);
-    let before = counter_copies();
-    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER, &lab.name]);
     let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
     let stop = start_client(&lab, "h2", "c2", &ip);
     let mut at = "h1";
@@ -804,6 +806,7 @@ fn a_controller_killed_at_each_step_of_a_migration_leaves_one_running_copy() {
             !Path::new(&marker).exists(),
             "the controller did not die {step}"
         );
+        lab.wait_ended("controller");
         lab.restart_with(&[("VANE_TEST_DIE_AT", &marker)]);
         assert!(
             wait_until(Duration::from_secs(30), || lab
@@ -821,9 +824,9 @@ fn a_controller_killed_at_each_step_of_a_migration_leaves_one_running_copy() {
             "after the controller died {step} (post-copy: {post_copy}): {inst}"
         );
         assert!(
-            wait_until(Duration::from_secs(10), || counter_copies() == before + 1),
+            wait_until(Duration::from_secs(10), || counter_copies(&lab) == 1),
             "{} copies after the controller died {step} (post-copy: {post_copy})",
-            counter_copies() - before
+            counter_copies(&lab)
         );
         lab.ok(&["exec", "srv", "--", "true"]);
         let progressed = progress(&lab, "c2");
@@ -850,8 +853,7 @@ fn an_agent_killed_in_a_migration_leaves_one_running_copy() {
     let env = [("VANE_TEST_DIE_AT", marker.as_str())];
     let lab = TestLab::up_with(2, &[], &env);
     lab.ok(&["net", "create", "red", "--subnet", "10.10.17.0/24"]);
-    let before = counter_copies();
-    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER, &lab.name]);
     let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
     let stop = start_client(&lab, "h2", "c2", &ip);
     for (step, post_copy) in [
@@ -868,19 +870,20 @@ fn an_agent_killed_in_a_migration_leaves_one_running_copy() {
         let out = lab.run(&args);
         assert!(!out.status.success(), "the migration went through {step}");
         assert!(!Path::new(&marker).exists(), "no agent died {step}");
+        lab.wait_ended(if step == "agent-dumped" { "h1" } else { "h2" });
         lab.restart_with(&env);
         let settled = || {
             let inst = lab.inspect("srv");
             inst["host"] == "h1"
                 && inst["state"] == "running"
                 && inst.get("migrating").is_none()
-                && counter_copies() == before + 1
+                && counter_copies(&lab) == 1
                 && lab.run(&["exec", "srv", "--", "true"]).status.success()
         };
         assert!(
             wait_until(Duration::from_secs(30), settled),
             "after an agent died {step} (post-copy: {post_copy}): {} copies, {}",
-            counter_copies() - before,
+            counter_copies(&lab),
             lab.inspect("srv")
         );
         let progressed = progress(&lab, "c2");

@@ -174,18 +174,42 @@ impl TestLab {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
-        // Gone, or a zombie whose every thread has ended: the leader turns zombie while other
-        // threads may still be exiting and holding the daemon's sockets (a restarted agent
-        // would then find its UDP port in use).
-        wait_until(Duration::from_secs(5), || {
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.contains(") Z"))
-                .unwrap_or(true);
-            let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .map(|d| d.count())
-                .unwrap_or(0);
-            zombie && threads <= 1
-        });
+        wait_until(Duration::from_secs(5), || ended(pid));
+    }
+
+    /// Waits until daemon `what` (which has been told to die) has ended all its threads: a
+    /// killed process is not gone at once, and `lab up` restarts only what has.
+    pub fn wait_ended(&self, what: &str) {
+        let pid = self.pid_of(what);
+        let start = std::time::Instant::now();
+        assert!(
+            wait_until(Duration::from_secs(20), || ended(pid)),
+            "{what} (pid {pid}) was to die and still runs: state {:?}",
+            leader_state(pid)
+        );
+        if start.elapsed() > Duration::from_millis(500) {
+            eprintln!("{what} took {:?} to end", start.elapsed());
+        }
+    }
+
+    /// Waits until every lab daemon that has died has ended all its threads.
+    fn settle_deaths(&self) {
+        let Ok(entries) = std::fs::read_dir(self.state_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let pid = std::fs::read_to_string(e.path())
+                .ok()
+                .filter(|_| e.path().extension().is_some_and(|x| x == "pid"))
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            if let Some(pid) = pid.filter(|p| leader_state(*p).is_none_or(|s| s == 'Z')) {
+                assert!(
+                    wait_until(Duration::from_secs(10), || ended(pid)),
+                    "{} died but its threads did not end",
+                    e.path().display()
+                );
+            }
+        }
     }
 
     /// `lab up` again, with `extra` arguments: restarts what is not running.
@@ -195,6 +219,7 @@ impl TestLab {
 
     /// `up_again`, the daemons it starts given `env`.
     fn up_again_with(&self, extra: &[&str], env: &[(&str, &str)]) {
+        self.settle_deaths();
         let underlay = format!("198.18.{}.0/24", self.octet);
         let mut args = vec!["lab", "up", "--name", &self.name, "--underlay", &underlay];
         args.extend(extra);
@@ -255,6 +280,22 @@ impl Drop for TestLab {
             eprintln!("lab down failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
+}
+
+/// The state of process `pid`'s leader thread (`R`, `S`, `Z`, ...), if it exists.
+fn leader_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Whether process `pid` is gone, or a zombie whose every thread has ended: the leader
+/// turns zombie while other threads may still be exiting and holding the daemon's sockets
+/// (a restarted agent would then find its UDP port in use).
+fn ended(pid: i32) -> bool {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    leader_state(pid).is_none_or(|s| s == 'Z') && threads <= 1
 }
 
 /// A UDP server on port 9999 that logs the source address of every datagram.
