@@ -56,6 +56,66 @@ impl Conn {
 /// Messages waiting for one agent's socket.
 const OUTBOX: usize = 1024;
 
+/// What the controller's workflows need of the agents: whether a host's agent is there,
+/// and requests to it. The live agents ([`Agents`]) answer over their control streams;
+/// the workflows' tests put scripted agents in their place.
+pub(crate) trait AgentLink: Send + Sync {
+    /// Whether `host`'s agent is connected.
+    fn is_connected(&self, host: &str) -> bool;
+
+    /// Sends `body` to the agent of `host` and waits for its answer; `timeout` runs from
+    /// the agent's last progress (see [`Agents::request_watched`]), whose bytes done
+    /// `on_progress` gets.
+    fn request_watched<'a>(
+        &'a self,
+        host: &'a str,
+        body: AgentRequest,
+        timeout: Duration,
+        on_progress: &'a (dyn Fn(u64) + Send + Sync),
+    ) -> futures_util::future::BoxFuture<'a, Result<AgentReply, ApiError>>;
+
+    /// `request_watched` with the usual timeout and nobody watching.
+    fn request<'a>(
+        &'a self,
+        host: &'a str,
+        body: AgentRequest,
+    ) -> futures_util::future::BoxFuture<'a, Result<AgentReply, ApiError>> {
+        self.request_watched(host, body, REQUEST_TIMEOUT, &|_| {})
+    }
+
+    /// `request_watched` with nobody watching.
+    fn request_within<'a>(
+        &'a self,
+        host: &'a str,
+        body: AgentRequest,
+        timeout: Duration,
+    ) -> futures_util::future::BoxFuture<'a, Result<AgentReply, ApiError>> {
+        self.request_watched(host, body, timeout, &|_| {})
+    }
+}
+
+impl AgentLink for Agents {
+    fn is_connected(&self, host: &str) -> bool {
+        Agents::is_connected(self, host)
+    }
+
+    fn request_watched<'a>(
+        &'a self,
+        host: &'a str,
+        body: AgentRequest,
+        timeout: Duration,
+        on_progress: &'a (dyn Fn(u64) + Send + Sync),
+    ) -> futures_util::future::BoxFuture<'a, Result<AgentReply, ApiError>> {
+        Box::pin(Agents::request_watched(
+            self,
+            host,
+            body,
+            timeout,
+            on_progress,
+        ))
+    }
+}
+
 #[derive(Default)]
 pub struct Agents {
     conns: Mutex<HashMap<String, Conn>>,
@@ -120,23 +180,8 @@ impl Agents {
         self.conns.lock().expect("agents lock").contains_key(host)
     }
 
-    /// Sends `body` to the agent of `host` and waits for its answer.
-    pub async fn request(&self, host: &str, body: AgentRequest) -> Result<AgentReply, ApiError> {
-        self.request_within(host, body, REQUEST_TIMEOUT).await
-    }
-
-    /// `request`, waiting up to `timeout` (a transfer's answer takes as long as its data).
-    pub async fn request_within(
-        &self,
-        host: &str,
-        body: AgentRequest,
-        timeout: Duration,
-    ) -> Result<AgentReply, ApiError> {
-        self.request_watched(host, body, timeout, |_| {}).await
-    }
-
-    /// `request_within`, where `timeout` runs from the agent's last progress, not from the
-    /// request: a long piece of work (dumping a large instance) whose count of bytes done
+    /// Sends `body` to the agent of `host` and waits for its answer, up to `timeout` after
+    /// the agent's last progress, not after the request: a long piece of work (dumping a large instance) whose count of bytes done
     /// keeps growing is waited for as long as it lasts, one whose count stalls is given up
     /// `timeout` after it last grew. `on_progress` gets the bytes the agent reports done.
     pub async fn request_watched(

@@ -14,6 +14,7 @@ pub mod state;
 pub mod store;
 pub mod tls;
 mod transfers;
+mod workflow;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use anyhow::Context;
 
 use vane_proto::api::ClusterConfig;
 
-use crate::agents::Agents;
+use crate::agents::{AgentLink, Agents};
 use crate::state::{ApiError, State};
 use crate::store::{Batch, Store};
 
@@ -37,7 +38,11 @@ pub struct ControllerConfig {
 pub(crate) struct Controller {
     state: Mutex<State>,
     store: Store,
-    agents: Agents,
+    /// The agents' control streams (sessions attach here).
+    streams: Arc<Agents>,
+    /// Requests to agents, as the workflows make them: the streams above, or in the
+    /// workflows' tests, scripted agents.
+    agents: Arc<dyn AgentLink>,
     /// Images on their way between agents, the CLI and back.
     transfers: transfers::Transfers,
     /// Seals snapshots that leave the cluster, and checks them when they come back.
@@ -89,6 +94,17 @@ impl Controller {
     }
 
     fn open(cfg: &ControllerConfig, tls_pin: vane_proto::trust::Pin) -> anyhow::Result<Controller> {
+        let streams = Arc::new(Agents::default());
+        Self::open_with(cfg, tls_pin, streams.clone(), streams)
+    }
+
+    /// `open`, with requests to agents going through `agents`.
+    fn open_with(
+        cfg: &ControllerConfig,
+        tls_pin: vane_proto::trust::Pin,
+        streams: Arc<Agents>,
+        agents: Arc<dyn AgentLink>,
+    ) -> anyhow::Result<Controller> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
         let store = Store::open(&cfg.data_dir.join("store.redb"))?;
@@ -102,7 +118,8 @@ impl Controller {
             tls_pin,
             state: Mutex::new(state),
             store,
-            agents: Agents::default(),
+            streams,
+            agents,
             transfers: transfers::Transfers::default(),
             sealer,
             shutdown: tokio::sync::watch::channel(false).0,
@@ -124,7 +141,7 @@ impl Controller {
     fn push_views(&self) {
         let views: Vec<_> = {
             let state = self.state();
-            self.agents
+            self.streams
                 .connected()
                 .into_iter()
                 .map(|h| {
@@ -134,7 +151,7 @@ impl Controller {
                 .collect()
         };
         for (host, view) in views {
-            self.agents.push_view(&host, view);
+            self.streams.push_view(&host, view);
         }
     }
 }

@@ -49,7 +49,7 @@ async fn finish(c: Arc<Controller>, id: String, from: String, to: String) {
                 .request_within(
                     &from,
                     AgentRequest::AwaitPages { id: id.clone() },
-                    crate::api::POST_COPY_LIMIT,
+                    crate::workflow::POST_COPY_LIMIT,
                 )
                 .await;
             if let Err(e) = c

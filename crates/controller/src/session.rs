@@ -50,7 +50,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
         }
     };
 
-    let (epoch, mut rx, overflow) = c.agents.attach(&name);
+    let (epoch, mut rx, overflow) = c.streams.attach(&name);
     let (host_id, unknown) = {
         let mut s = c.state();
         let batch = s.host_online(&name, locator, Some(&public_key), now());
@@ -62,7 +62,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     };
     tracing::info!(host = %name, ?locator, instances = instances.len(), "agent connected");
     let config = c.state().config.clone();
-    c.agents.send(
+    c.streams.send(
         &name,
         ToAgent::Welcome {
             host_id,
@@ -123,7 +123,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
         }
     }
     writer.abort();
-    if c.agents.detach(&name, epoch) {
+    if c.streams.detach(&name, epoch) {
         let mut s = c.state();
         let batch = s.host_offline(&name, now());
         if let Err(e) = c.commit(batch) {
@@ -138,10 +138,10 @@ fn handle(c: &Controller, host: &str, msg: FromAgent) {
         FromAgent::Hello { .. } => tracing::warn!(host, "second hello ignored"),
         FromAgent::Lookup { net, ip } => {
             let member = c.state().lookup(host, net, ip);
-            c.agents.send(host, ToAgent::Resolved { net, ip, member });
+            c.streams.send(host, ToAgent::Resolved { net, ip, member });
         }
-        FromAgent::Response { id, result } => c.agents.resolve(host, id, result),
-        FromAgent::Progress { id, bytes } => c.agents.progress(host, id, bytes),
+        FromAgent::Response { id, result } => c.streams.resolve(host, id, result),
+        FromAgent::Progress { id, bytes } => c.streams.progress(host, id, bytes),
         FromAgent::Report(report) => {
             let changed = {
                 let mut s = c.state();

@@ -1,0 +1,98 @@
+//! The controller's workflows: what takes several steps on agents (run, migrate,
+//! snapshot, restore), apart from HTTP. Each step is a request to an agent (`AgentLink`)
+//! and a commit of what it changed; each failure says what it leaves behind. Tested
+//! in-process against scripted agents (`tests`), and for real on labs.
+
+mod migrate;
+mod run;
+mod snapshot;
+#[cfg(test)]
+mod tests;
+
+pub(crate) use migrate::{migrate, POST_COPY_LIMIT};
+pub(crate) use run::{create, remove, start_instance, stop_on};
+pub(crate) use snapshot::{restore, snapshot, FrameReader};
+
+use vane_proto::api::InstanceState;
+use vane_proto::stream::{AgentReply, AgentRequest};
+
+use crate::state::ApiError;
+use crate::Controller;
+
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// Records that instance `id` runs nowhere any more.
+pub(crate) fn record_lost(c: &Controller, id: &str) -> ApiResult<()> {
+    let mut s = c.state();
+    if let Some(inst) = s.instances.get_mut(id) {
+        inst.state = InstanceState::Lost;
+        inst.pid = None;
+        let mut batch = crate::store::Batch::default();
+        batch.put(&*inst);
+        c.commit(batch)?;
+    }
+    Ok(())
+}
+
+/// A failure of `host`'s agent, as the API answers it.
+pub(crate) fn on_host(host: &str, e: ApiError) -> ApiError {
+    ApiError::Unavailable(format!("host {host:?}: {e}"))
+}
+
+/// Marks instance `id` as moving to a host (`vane ps` shows it), or no longer.
+pub(crate) fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> {
+    let mut s = c.state();
+    if let Some(inst) = s.instances.get_mut(id) {
+        inst.migrating = to;
+        let mut batch = crate::store::Batch::default();
+        batch.put(&*inst);
+        c.commit(batch)?;
+    }
+    Ok(())
+}
+
+/// Asks `host` to move transfer `ticket`; once it answers, the ticket goes, so that a
+/// transfer its agent never claimed ends for the other side too.
+pub(crate) async fn agent_transfer_request(
+    c: &Controller,
+    host: &str,
+    ticket: &str,
+    request: AgentRequest,
+    within: std::time::Duration,
+) -> ApiResult<AgentReply> {
+    let answer = c.agents.request_within(host, request, within).await;
+    c.transfers.cancel(ticket);
+    answer
+}
+
+/// The id and host of instance `name`.
+pub(crate) fn locate(c: &Controller, name: &str) -> ApiResult<(String, String)> {
+    let s = c.state();
+    let inst = s.instance_by_name(name)?;
+    Ok((inst.id.clone(), inst.host.clone()))
+}
+
+/// The id and host of instance `name`, which must not be moving between hosts.
+pub(crate) fn settled(c: &Controller, name: &str) -> ApiResult<(String, String)> {
+    let s = c.state();
+    let inst = s.instance_by_name(name)?;
+    if let Some(to) = &inst.migrating {
+        return Err(ApiError::Conflict(format!(
+            "instance {name:?} is moving to host {to:?}; try again once it has"
+        )));
+    }
+    Ok((inst.id.clone(), inst.host.clone()))
+}
+
+/// The id and host of instance `name`, which must be running.
+pub(crate) fn running_instance(c: &Controller, name: &str) -> ApiResult<(String, String)> {
+    let s = c.state();
+    let inst = s.instance_by_name(name)?;
+    if inst.state != InstanceState::Running {
+        return Err(ApiError::Conflict(format!(
+            "instance {name:?} is not running ({})",
+            inst.state.as_str()
+        )));
+    }
+    Ok((inst.id.clone(), inst.host.clone()))
+}

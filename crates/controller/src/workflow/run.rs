@@ -1,0 +1,126 @@
+//! Running an instance: planned, created on its host, settled as running or forgotten;
+//! stopping and removing it.
+
+use vane_proto::api::{Instance, InstanceState, RunSpec};
+use vane_proto::stream::{AgentReply, AgentRequest};
+
+use super::{settled, ApiResult};
+use crate::state::ApiError;
+use crate::{now, Controller};
+
+pub(crate) fn new_instance_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Plans an instance from `run` (recorded as creating), has `start` set it up on its host,
+/// and settles the record: running with the pid `start` returns, or forgotten if it failed
+/// (the host has cleaned up its side: nothing half-made). The host gets the net's policies
+/// and members before `start`, so the instance starts with its rules in place.
+pub(crate) async fn start_instance<F, Fut>(
+    c: &Controller,
+    run: RunSpec,
+    start: F,
+) -> ApiResult<Instance>
+where
+    F: FnOnce(vane_proto::stream::InstanceSpec, String) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<Option<u32>>>,
+{
+    let (spec, host) = {
+        let mut s = c.state();
+        let (spec, batch) = s.plan_instance(run, new_instance_id(), now())?;
+        c.commit(batch)?;
+        let host = s.instances[&spec.id].host.clone();
+        (spec, host)
+    };
+    let id = spec.id.clone();
+    c.push_views();
+    let result = start(spec, host).await;
+    let answer = {
+        let mut s = c.state();
+        match result {
+            Ok(pid) => {
+                let Some(inst) = s.instances.get_mut(&id) else {
+                    return Err(ApiError::Internal(
+                        "instance vanished while starting".into(),
+                    ));
+                };
+                // A report that the program already exited may have overtaken us.
+                if inst.state == InstanceState::Creating {
+                    inst.state = InstanceState::Running;
+                    if pid.is_some() {
+                        inst.pid = pid;
+                    }
+                }
+                let inst = inst.clone();
+                let mut batch = crate::store::Batch::default();
+                batch.put(&inst);
+                c.commit(batch)?;
+                Ok(inst)
+            }
+            Err(e) => {
+                let batch = s.drop_instance(&id);
+                c.commit(batch)?;
+                Err(e)
+            }
+        }
+    };
+    c.push_views();
+    answer
+}
+
+/// Stops instance `id` on `host` (SIGTERM, SIGKILL after 10 s) and pushes the views.
+pub(crate) async fn stop_on(c: &Controller, host: &str, id: &str) -> ApiResult<()> {
+    c.agents
+        .request(
+            host,
+            AgentRequest::Stop {
+                id: id.to_string(),
+                timeout_secs: 10,
+            },
+        )
+        .await?;
+    c.push_views();
+    Ok(())
+}
+
+/// Runs a new instance from `run` on its host (`start_instance`).
+pub(crate) async fn create(c: &Controller, run: RunSpec) -> ApiResult<Instance> {
+    start_instance(c, run, |spec, host| async move {
+        let reply = c
+            .agents
+            .request(
+                &host,
+                AgentRequest::Create {
+                    instance: Box::new(spec),
+                },
+            )
+            .await?;
+        Ok(match reply {
+            AgentReply::Created { pid } => Some(pid),
+            _ => None,
+        })
+    })
+    .await
+}
+
+/// Removes instance `name` from its host, then from the directory. With its host offline
+/// only when `force`d (the host removes its copy when it comes back: it is not its own).
+pub(crate) async fn remove(c: &Controller, name: &str, force: bool) -> ApiResult<()> {
+    let (id, host) = settled(c, name)?;
+    if c.agents.is_connected(&host) {
+        c.agents
+            .request(&host, AgentRequest::Remove { id: id.clone() })
+            .await?;
+    } else if !force {
+        return Err(ApiError::Unavailable(format!(
+            "host {host:?} of instance {name:?} is offline (--force forgets the instance anyway)"
+        )));
+    }
+    {
+        let mut s = c.state();
+        let batch = s.drop_instance(&id);
+        c.commit(batch)?;
+    }
+    c.push_views();
+    Ok(())
+}

@@ -1,0 +1,352 @@
+//! The workflows step by step against scripted agents, in-process and without root: which
+//! agent is asked what, in which order, and what each failure leaves in the directory.
+//! (The same workflows run for real on labs in crates/vane/tests.)
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use vane_proto::api::{ClusterConfig, Instance, InstanceState, MigrateSpec, NetSpec, RunSpec};
+use vane_proto::stream::{AgentReply, AgentRequest};
+
+use crate::agents::{AgentLink, Agents};
+use crate::state::ApiError;
+use crate::{Controller, ControllerConfig};
+
+type Script = dyn Fn(&str, &AgentRequest) -> Result<AgentReply, ApiError> + Send + Sync;
+
+/// Agents that answer from a script, and remember what they were asked.
+struct Scripted {
+    online: Mutex<BTreeSet<String>>,
+    asked: Mutex<Vec<String>>,
+    script: Box<Script>,
+}
+
+impl Scripted {
+    /// What the agents were asked since the last call, as `host Request`.
+    fn asked(&self) -> Vec<String> {
+        std::mem::take(&mut *self.asked.lock().unwrap())
+    }
+}
+
+/// The name of a request's kind (`Checkpoint`, `Restore`, ...).
+fn kind(req: &AgentRequest) -> String {
+    let debug = format!("{req:?}");
+    debug
+        .split([' ', '{', '('])
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+impl AgentLink for Scripted {
+    fn is_connected(&self, host: &str) -> bool {
+        self.online.lock().unwrap().contains(host)
+    }
+
+    fn request_watched<'a>(
+        &'a self,
+        host: &'a str,
+        body: AgentRequest,
+        _timeout: Duration,
+        _on_progress: &'a (dyn Fn(u64) + Send + Sync),
+    ) -> BoxFuture<'a, Result<AgentReply, ApiError>> {
+        self.asked
+            .lock()
+            .unwrap()
+            .push(format!("{host} {}", kind(&body)));
+        let answer = if self.is_connected(host) {
+            (self.script)(host, &body)
+        } else {
+            Err(ApiError::Unavailable(format!("host {host:?} is offline")))
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+/// A controller on a fresh store with hosts h1 and h2 online (keys and locators known, so
+/// images go host to host), net `red`, and instance `srv` running on h1 as pid 100.
+struct Cluster {
+    c: Arc<Controller>,
+    agents: Arc<Scripted>,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster(
+    script: impl Fn(&str, &AgentRequest) -> Result<AgentReply, ApiError> + Send + Sync + 'static,
+) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ControllerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        cluster: ClusterConfig::default(),
+    };
+    let agents = Arc::new(Scripted {
+        online: Mutex::new(["h1".to_string(), "h2".to_string()].into()),
+        asked: Mutex::new(Vec::new()),
+        script: Box::new(move |host, req| match req {
+            AgentRequest::Create { instance } if instance.name == "srv" => {
+                Ok(AgentReply::Created { pid: 100 })
+            }
+            _ => script(host, req),
+        }),
+    });
+    let c =
+        Controller::open_with(&cfg, [0; 32], Arc::new(Agents::default()), agents.clone()).unwrap();
+    {
+        let mut s = c.state();
+        for (host, last) in [("h1", 1), ("h2", 2)] {
+            let locator = format!("198.18.0.{last}:7947").parse().unwrap();
+            let key = format!("{last:02x}").repeat(32);
+            let batch = s.host_online(host, Some(locator), Some(&key), 0);
+            c.commit(batch).unwrap();
+        }
+        let net = NetSpec {
+            name: "red".into(),
+            subnet: "10.1.0.0/24".parse().unwrap(),
+            tenant: "default".into(),
+            egress: false,
+        };
+        let (_, batch) = s.create_net(net, 0).unwrap();
+        c.commit(batch).unwrap();
+    }
+    let c = Arc::new(c);
+    let run = RunSpec {
+        name: Some("srv".into()),
+        net: "red".into(),
+        host: Some("h1".into()),
+        cmd: vec!["server".into()],
+        ..Default::default()
+    };
+    let inst = super::create(&c, run).await.unwrap();
+    assert_eq!((inst.state, inst.pid), (InstanceState::Running, Some(100)));
+    agents.asked();
+    Cluster {
+        c,
+        agents,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    fn srv(&self) -> Instance {
+        self.c.state().instance_by_name("srv").unwrap().clone()
+    }
+
+    async fn migrate(&self, to: &str, post_copy: bool) -> Result<Instance, ApiError> {
+        let spec = MigrateSpec {
+            to: to.into(),
+            post_copy,
+        };
+        super::migrate(&self.c, "srv", spec).await
+    }
+}
+
+fn failed(what: &str) -> Result<AgentReply, ApiError> {
+    Err(ApiError::Internal(what.into()))
+}
+
+/// Checkpoints of `bytes`, post-copy (lazy) when asked, and restores as pid 200.
+fn agreeable(_host: &str, req: &AgentRequest) -> Result<AgentReply, ApiError> {
+    match req {
+        AgentRequest::Checkpoint { lazy, .. } => Ok(AgentReply::Checkpointed {
+            bytes: 4096,
+            lazy: *lazy,
+        }),
+        AgentRequest::Restore { .. } => Ok(AgentReply::Created { pid: 200 }),
+        _ => Ok(AgentReply::Done),
+    }
+}
+
+/// The two requests of a transfer run at once: their order is the runtime's.
+fn with_transfer_sorted(mut asked: Vec<String>) -> Vec<String> {
+    if let Some(i) = asked.iter().position(|a| a.ends_with("Images")) {
+        asked[i..i + 2].sort();
+    }
+    asked
+}
+
+#[tokio::test]
+async fn a_migration_runs_its_steps_in_order_and_moves_the_instance() {
+    let cl = cluster(agreeable).await;
+    let moved = cl.migrate("h2", false).await.unwrap();
+    assert_eq!(
+        with_transfer_sorted(cl.agents.asked()),
+        [
+            "h2 Prepare",
+            "h1 Checkpoint",
+            "h1 SendImages",
+            "h2 ReceiveImages",
+            "h2 Restore",
+            "h1 Remove"
+        ]
+    );
+    let srv = cl.srv();
+    assert_eq!((srv.host.as_str(), srv.pid), ("h2", Some(200)));
+    assert_eq!(srv.state, InstanceState::Running);
+    assert!(srv.migrating.is_none() && moved.migrating.is_none());
+    assert_eq!(srv.migrations.len(), 1);
+    let m = &srv.migrations[0];
+    assert_eq!((m.from.as_str(), m.to.as_str()), ("h1", "h2"));
+    assert_eq!((m.image_bytes, m.post_copy_ms), (4096, None));
+    assert!(cl.c.with_progress(srv).progress.is_none());
+}
+
+#[tokio::test]
+async fn a_post_copy_migration_releases_its_source_once_the_pages_are_through() {
+    let cl = cluster(agreeable).await;
+    cl.migrate("h2", true).await.unwrap();
+    let asked = with_transfer_sorted(cl.agents.asked());
+    assert_eq!(
+        asked[4..],
+        ["h2 Restore", "h1 AwaitPages", "h1 Remove"],
+        "{asked:?}"
+    );
+    let srv = cl.srv();
+    assert_eq!(srv.host, "h2");
+    assert!(srv.migrations[0].post_copy_ms.is_some());
+}
+
+#[tokio::test]
+async fn refused_migrations_ask_no_agent_anything() {
+    let cl = cluster(agreeable).await;
+    cl.agents.online.lock().unwrap().remove("h2");
+    for (to, says) in [
+        ("h2", "offline"),
+        ("h9", "unknown host"),
+        ("h1", "already runs on host"),
+    ] {
+        let e = cl.migrate(to, false).await.unwrap_err().to_string();
+        assert!(e.contains(says), "to {to}: {e}");
+    }
+    assert!(cl.agents.asked().is_empty());
+    let srv = cl.srv();
+    assert_eq!(
+        (srv.host.as_str(), srv.state),
+        ("h1", InstanceState::Running)
+    );
+    assert!(srv.migrating.is_none());
+}
+
+#[tokio::test]
+async fn a_failed_dump_discards_the_prepared_space_and_the_instance_stays() {
+    let cl = cluster(|host, req| match req {
+        AgentRequest::Checkpoint { .. } => failed("criu dump failed"),
+        _ => agreeable(host, req),
+    })
+    .await;
+    let e = cl.migrate("h2", false).await.unwrap_err().to_string();
+    assert!(e.contains("h1") && e.contains("criu dump failed"), "{e}");
+    assert_eq!(
+        cl.agents.asked(),
+        ["h2 Prepare", "h1 Checkpoint", "h2 Discard"]
+    );
+    let srv = cl.srv();
+    assert_eq!((srv.host.as_str(), srv.pid), ("h1", Some(100)));
+    assert!(srv.migrating.is_none() && srv.migrations.is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_restore_resumes_the_instance_on_its_source() {
+    let cl = cluster(|host, req| match req {
+        AgentRequest::Restore { .. } if host == "h2" => failed("criu restore failed"),
+        AgentRequest::Restore { .. } => Ok(AgentReply::Created { pid: 300 }),
+        _ => agreeable(host, req),
+    })
+    .await;
+    let e = cl.migrate("h2", false).await.unwrap_err();
+    assert!(matches!(e, ApiError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("runs on host \"h1\" again"), "{e}");
+    assert_eq!(
+        with_transfer_sorted(cl.agents.asked())[4..],
+        ["h2 Restore", "h2 Discard", "h1 Restore"]
+    );
+    let srv = cl.srv();
+    assert_eq!((srv.host.as_str(), srv.pid), ("h1", Some(300)));
+    assert_eq!(srv.state, InstanceState::Running);
+}
+
+#[tokio::test]
+async fn a_restore_that_fails_on_both_hosts_says_the_instance_is_lost() {
+    let cl = cluster(|host, req| match req {
+        AgentRequest::Restore { .. } => failed("criu restore failed"),
+        _ => agreeable(host, req),
+    })
+    .await;
+    let e = cl.migrate("h2", false).await.unwrap_err().to_string();
+    assert!(e.contains("resuming it on host \"h1\" failed too"), "{e}");
+    let srv = cl.srv();
+    assert_eq!((srv.state, srv.pid), (InstanceState::Lost, None));
+    assert!(srv.migrating.is_none());
+}
+
+#[tokio::test]
+async fn post_copy_memory_that_cannot_follow_removes_the_copy_and_says_it_is_lost() {
+    let cl = cluster(|host, req| match req {
+        AgentRequest::AwaitPages { .. } => failed("the page link broke"),
+        _ => agreeable(host, req),
+    })
+    .await;
+    let e = cl.migrate("h2", true).await.unwrap_err().to_string();
+    assert!(
+        e.contains("was lost") && e.contains("the page link broke"),
+        "{e}"
+    );
+    let asked = cl.agents.asked();
+    assert_eq!(asked[asked.len() - 2..], ["h1 AwaitPages", "h2 Remove"]);
+    assert_eq!(cl.srv().state, InstanceState::Lost);
+}
+
+#[tokio::test]
+async fn a_transfer_that_fails_resumes_the_instance_on_its_source() {
+    let cl = cluster(|host, req| match req {
+        AgentRequest::SendImages { .. } => failed("no route to the destination"),
+        AgentRequest::Restore { .. } => Ok(AgentReply::Created { pid: 300 }),
+        _ => agreeable(host, req),
+    })
+    .await;
+    let e = cl.migrate("h2", false).await.unwrap_err().to_string();
+    assert!(e.contains("no route to the destination"), "{e}");
+    let asked = cl.agents.asked();
+    assert!(!asked.contains(&"h2 Restore".to_string()), "{asked:?}");
+    assert_eq!(asked[asked.len() - 2..], ["h2 Discard", "h1 Restore"]);
+    let srv = cl.srv();
+    assert_eq!((srv.host.as_str(), srv.pid), ("h1", Some(300)));
+}
+
+#[tokio::test]
+async fn a_run_its_host_refuses_leaves_no_record() {
+    let cl = cluster(|host, req| match req {
+        AgentRequest::Create { .. } => Err(ApiError::BadRequest(
+            "program not found: no-such-program".into(),
+        )),
+        _ => agreeable(host, req),
+    })
+    .await;
+    let run = RunSpec {
+        name: Some("web".into()),
+        net: "red".into(),
+        host: Some("h1".into()),
+        cmd: vec!["no-such-program".into()],
+        ..Default::default()
+    };
+    let e = super::create(&cl.c, run).await.unwrap_err().to_string();
+    assert!(e.contains("program not found"), "{e}");
+    assert_eq!(cl.agents.asked(), ["h1 Create"]);
+    assert!(cl.c.state().instance_by_name("web").is_err());
+    assert!(cl.c.state().instance_by_name("srv").is_ok());
+}
+
+#[tokio::test]
+async fn removing_an_instance_of_an_offline_host_needs_force() {
+    let cl = cluster(agreeable).await;
+    cl.agents.online.lock().unwrap().remove("h1");
+    let e = super::remove(&cl.c, "srv", false).await.unwrap_err();
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert!(cl.c.state().instance_by_name("srv").is_ok());
+    super::remove(&cl.c, "srv", true).await.unwrap();
+    assert!(cl.c.state().instance_by_name("srv").is_err());
+    assert!(cl.agents.asked().is_empty());
+}
