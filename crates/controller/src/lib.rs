@@ -137,6 +137,23 @@ impl Controller {
         self.store.commit(batch).map_err(ApiError::from)
     }
 
+    /// Changes instance `id` (`State::change_instance`) and commits it: its new record, or
+    /// `None` if it is gone.
+    fn change_instance(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut vane_proto::api::Instance),
+    ) -> Result<Option<vane_proto::api::Instance>, ApiError> {
+        let mut s = self.state();
+        match s.change_instance(id, change) {
+            Some((inst, batch)) => {
+                self.commit(batch)?;
+                Ok(Some(inst))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Sends each connected agent its view, where it changed.
     fn push_views(&self) {
         let views: Vec<_> = {

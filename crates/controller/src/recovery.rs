@@ -75,21 +75,16 @@ async fn finish(c: Arc<Controller>, id: String, from: String, to: String) {
             }
         }
     };
-    {
-        let mut s = c.state();
-        if let Some(inst) = s.instances.get_mut(&id) {
-            inst.migrating = None;
-            inst.host = host.clone();
-            inst.pid = pid;
-            if pid.is_none() {
-                inst.state = InstanceState::Lost;
-            }
-            let mut batch = crate::store::Batch::default();
-            batch.put(&*inst);
-            if let Err(e) = c.commit(batch) {
-                tracing::error!(instance = %id, "cannot record a finished migration: {e}");
-            }
+    let finished = c.change_instance(&id, |inst| {
+        inst.migrating = None;
+        inst.host = host.clone();
+        inst.pid = pid;
+        if pid.is_none() {
+            inst.state = InstanceState::Lost;
         }
+    });
+    if let Err(e) = finished {
+        tracing::error!(instance = %id, "cannot record a finished migration: {e}");
     }
     c.push_views();
     tracing::info!(instance = %id, %host, "interrupted migration finished");

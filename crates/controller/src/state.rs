@@ -441,6 +441,19 @@ impl State {
         })
     }
 
+    /// Applies `change` to instance `id`: its new record and what to commit, if it exists.
+    pub fn change_instance(
+        &mut self,
+        id: &str,
+        change: impl FnOnce(&mut Instance),
+    ) -> Option<(Instance, Batch)> {
+        let inst = self.instances.get_mut(id)?;
+        change(inst);
+        let mut batch = Batch::default();
+        batch.put(&*inst);
+        Some((inst.clone(), batch))
+    }
+
     pub fn drop_instance(&mut self, id: &str) -> Batch {
         let mut batch = Batch::default();
         if let Some(inst) = self.instances.remove(id) {

@@ -151,13 +151,7 @@ pub(crate) async fn migrate(
                 return Err(match resumed {
                     Ok(reply) => {
                         if let AgentReply::Created { pid } = reply {
-                            let mut s = c.state();
-                            if let Some(inst) = s.instances.get_mut(&id) {
-                                inst.pid = Some(pid);
-                                let mut batch = crate::store::Batch::default();
-                                batch.put(&*inst);
-                                c.commit(batch)?;
-                            }
+                            c.change_instance(&id, |inst| inst.pid = Some(pid))?;
                         }
                         ApiError::Conflict(format!(
                             "migration of instance {name:?} to host {to:?} failed, it runs on host {from:?} again: {e}"
@@ -176,16 +170,10 @@ pub(crate) async fn migrate(
         crate::die_at("restored");
         // The directory now sends to the destination; the source's switch, whose view says the
         // same, forwards what its own instances still send there.
-        {
-            let mut s = c.state();
-            if let Some(inst) = s.instances.get_mut(&id) {
-                inst.host = to.clone();
-                inst.pid = Some(pid);
-                let mut batch = crate::store::Batch::default();
-                batch.put(&*inst);
-                c.commit(batch)?;
-            }
-        }
+        c.change_instance(&id, |inst| {
+            inst.host = to.clone();
+            inst.pid = Some(pid);
+        })?;
         c.push_views();
         let switched = frozen.elapsed();
         if lazy {
@@ -238,12 +226,7 @@ pub(crate) async fn migrate(
         {
             tracing::warn!(instance = %name, host = %from, "cleaning up after migration: {e}");
         }
-        let mut s = c.state();
-        let inst = s
-            .instances
-            .get_mut(&id)
-            .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))?;
-        inst.migrations.push(Migration {
+        let migration = Migration {
             from,
             to,
             at: now(),
@@ -251,12 +234,9 @@ pub(crate) async fn migrate(
             image_bytes: bytes,
             phases,
             post_copy_ms,
-        });
-        let inst = inst.clone();
-        let mut batch = crate::store::Batch::default();
-        batch.put(&inst);
-        c.commit(batch)?;
-        Ok(inst)
+        };
+        c.change_instance(&id, |inst| inst.migrations.push(migration))?
+            .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))
     }
     .await;
     c.set_progress(&id, None);

@@ -23,14 +23,10 @@ pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Records that instance `id` runs nowhere any more.
 pub(crate) fn record_lost(c: &Controller, id: &str) -> ApiResult<()> {
-    let mut s = c.state();
-    if let Some(inst) = s.instances.get_mut(id) {
+    c.change_instance(id, |inst| {
         inst.state = InstanceState::Lost;
         inst.pid = None;
-        let mut batch = crate::store::Batch::default();
-        batch.put(&*inst);
-        c.commit(batch)?;
-    }
+    })?;
     Ok(())
 }
 
@@ -41,13 +37,7 @@ pub(crate) fn on_host(host: &str, e: ApiError) -> ApiError {
 
 /// Marks instance `id` as moving to a host (`vane ps` shows it), or no longer.
 pub(crate) fn set_migrating(c: &Controller, id: &str, to: Option<String>) -> ApiResult<()> {
-    let mut s = c.state();
-    if let Some(inst) = s.instances.get_mut(id) {
-        inst.migrating = to;
-        let mut batch = crate::store::Batch::default();
-        batch.put(&*inst);
-        c.commit(batch)?;
-    }
+    c.change_instance(id, |inst| inst.migrating = to)?;
     Ok(())
 }
 

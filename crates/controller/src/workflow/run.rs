@@ -35,15 +35,9 @@ where
     let id = spec.id.clone();
     c.push_views();
     let result = start(spec, host).await;
-    let answer = {
-        let mut s = c.state();
-        match result {
-            Ok(pid) => {
-                let Some(inst) = s.instances.get_mut(&id) else {
-                    return Err(ApiError::Internal(
-                        "instance vanished while starting".into(),
-                    ));
-                };
+    let answer = match result {
+        Ok(pid) => c
+            .change_instance(&id, |inst| {
                 // A report that the program already exited may have overtaken us.
                 if inst.state == InstanceState::Creating {
                     inst.state = InstanceState::Running;
@@ -51,17 +45,13 @@ where
                         inst.pid = pid;
                     }
                 }
-                let inst = inst.clone();
-                let mut batch = crate::store::Batch::default();
-                batch.put(&inst);
-                c.commit(batch)?;
-                Ok(inst)
-            }
-            Err(e) => {
-                let batch = s.drop_instance(&id);
-                c.commit(batch)?;
-                Err(e)
-            }
+            })?
+            .ok_or_else(|| ApiError::Internal("instance vanished while starting".into())),
+        Err(e) => {
+            let mut s = c.state();
+            let batch = s.drop_instance(&id);
+            c.commit(batch)?;
+            Err(e)
         }
     };
     c.push_views();
