@@ -1,0 +1,362 @@
+//! An instance's life on this host: created, watched until it exits, stopped, removed;
+//! taken back from its files when the agent restarts (`Agent::recover`).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use vane_proto::api::{ExitStatus, InstanceState};
+use vane_proto::stream::{AgentError, AgentReply, FromAgent, InstanceSpec};
+use vane_switch::PortId;
+
+use crate::cgroup::Layout;
+use crate::dataplane::Command;
+use crate::instance::{CreateError, Found, Record};
+use crate::view::net_config;
+use crate::{checkpoint, instance, now, Agent, Local};
+
+impl Agent {
+    /// Takes back the instances a previous agent left: running ones are re-attached to the
+    /// switch and watched again, ended ones are remembered as exited, half-made ones removed.
+    pub(crate) async fn recover(self: Arc<Self>) {
+        let dir = self.cfg.state_dir.join("instances");
+        let found = tokio::task::spawn_blocking(move || instance::scan(&dir))
+            .await
+            .unwrap_or_default();
+        for f in found {
+            match f {
+                Found::HalfMade(id, dir) => {
+                    tracing::warn!(instance = %id, "removing half-made instance");
+                    let layout = self.layout.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || instance::teardown(&dir, &id, &layout))
+                            .await;
+                }
+                Found::Instance(record, dir) => {
+                    let mut record = *record;
+                    let id = record.spec.id.clone();
+                    let dumped = dir.join(checkpoint::DUMPED_FILE);
+                    let images = dir.join(checkpoint::IMAGES_DIR).join("inventory.img");
+                    if !instance::is_alive(&record) && dumped.exists() && images.exists() {
+                        // Dumped for a migration when this agent stopped (the dump finishes
+                        // without it): back from its images, where its migration left it.
+                        let (dir2, exe) = (dir.clone(), self.cfg.exe.clone());
+                        let back = tokio::task::spawn_blocking(move || {
+                            checkpoint::restore(&dir2, &exe, &mut record, false, None)
+                                .map(|()| record)
+                        })
+                        .await;
+                        match back {
+                            Ok(Ok(back)) => {
+                                tracing::warn!(instance = %id, "brought back from the images of a migration this agent did not finish");
+                                record = back;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(instance = %id, "cannot bring back from its images: {e}");
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::error!(instance = %id, "{e}");
+                                continue;
+                            }
+                        }
+                    }
+                    let _ = std::fs::remove_file(&dumped);
+                    if instance::is_alive(&record) {
+                        let netns = record.netns.clone();
+                        match tokio::task::spawn_blocking(move || instance::open_tun(&netns)).await
+                        {
+                            Ok(Ok(tun)) => {
+                                if let Err(e) = self.adopt(record, dir, tun).await {
+                                    tracing::error!(instance = %id, "cannot take back: {e}");
+                                } else {
+                                    tracing::info!(instance = %id, "took back running instance");
+                                }
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(instance = %id, "cannot reopen TUN device: {e}")
+                            }
+                            Err(e) => tracing::error!(instance = %id, "{e}"),
+                        }
+                    } else {
+                        let exit = instance::exit_status(&dir, &record.cgroups);
+                        self.instances().insert(
+                            id,
+                            Local {
+                                record,
+                                dir,
+                                state: InstanceState::Exited,
+                                exit,
+                                port: None,
+                                exited: watch::channel(true).0,
+                                rules: None,
+                                hosts: None,
+                                unconfirmed: false,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Attaches a running instance to the switch and watches for its end.
+    pub(crate) async fn adopt(
+        self: &Arc<Self>,
+        record: Record,
+        dir: PathBuf,
+        tun: std::os::fd::OwnedFd,
+    ) -> Result<(), String> {
+        let port = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
+        let net = net_config(&record.spec.net);
+        // A copy restored here for a migration that the directory has not confirmed yet
+        // (this agent stopped in between) may be a second one, its source resumed: nothing
+        // passes to or from it until a view places the instance here.
+        let arrived = dir.join(checkpoint::ARRIVED_FILE);
+        let placed_here = self
+            .view
+            .lock()
+            .expect("view lock")
+            .members
+            .iter()
+            .any(|m| m.instance == record.spec.id && m.host == self.cfg.name);
+        if placed_here {
+            let _ = std::fs::remove_file(&arrived);
+        }
+        let unconfirmed = arrived.exists();
+        // The bandwidth limit lives in the switch, not the kernel: it comes from the record,
+        // so a restarted agent sets it again.
+        self.dataplane
+            .attach(
+                port,
+                tun,
+                net,
+                record.spec.ip,
+                record.spec.limits.bandwidth,
+                unconfirmed,
+            )
+            .await?;
+        let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
+        let id = record.spec.id.clone();
+        let (exited, _) = watch::channel(false);
+        self.instances().insert(
+            id.clone(),
+            Local {
+                record,
+                dir,
+                state: InstanceState::Running,
+                exit: None,
+                port: Some(port),
+                exited,
+                rules: None,
+                hosts: None,
+                unconfirmed,
+            },
+        );
+        let agent = self.clone();
+        tokio::spawn(async move { agent.watch_exit(id, pidfd).await });
+        Ok(())
+    }
+
+    pub(crate) async fn watch_exit(self: Arc<Self>, id: String, pidfd: std::os::fd::OwnedFd) {
+        // `new` is deprecated because a registered descriptor could be closed behind the
+        // reactor's back; here the AsyncFd owns the OwnedFd, so it cannot be.
+        #[allow(deprecated)]
+        let registered = AsyncFd::new(pidfd);
+        match registered {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            Err(e) => {
+                tracing::error!(instance = %id, "cannot watch instance: {e}");
+                return;
+            }
+        }
+        if self.dumped.lock().expect("dumped lock").contains(&id) {
+            return;
+        }
+        let report = {
+            let mut instances = self.instances();
+            let Some(local) = instances.get_mut(&id) else {
+                return;
+            };
+            let exit =
+                instance::exit_status(&local.dir, &local.record.cgroups).unwrap_or(ExitStatus {
+                    code: None,
+                    signal: None,
+                    at: now(),
+                    oom: false,
+                });
+            local.state = InstanceState::Exited;
+            local.exit = Some(exit);
+            // The port stays attached until the instance is removed: its network namespace
+            // outlives the program, and the kernel there still finishes the connections
+            // the program closed on its way out (data in send buffers, FIN, TIME_WAIT), as
+            // it would on any host.
+            local.report()
+        };
+        tracing::info!(instance = %id, exit = ?report.exit, "instance ended");
+        // The report goes out before anyone waiting on `exited` answers the controller.
+        self.send(FromAgent::Report(report));
+        if let Some(local) = self.instances().get(&id) {
+            local.exited.send_replace(true);
+        }
+    }
+
+    pub(crate) async fn create(
+        self: Arc<Self>,
+        spec: InstanceSpec,
+    ) -> Result<AgentReply, AgentError> {
+        let dir = self.instance_dir(&spec.id);
+        let setup = self.setup_for(&spec);
+        let (rules, hosts) = (setup.rules.clone(), setup.hosts.clone());
+        let exe = self.cfg.exe.clone();
+        let spec2 = spec.clone();
+        let dir2 = dir.clone();
+        let (record, tun) =
+            tokio::task::spawn_blocking(move || instance::create(&dir2, &exe, &spec2, &setup))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| match e {
+                    CreateError::Input(m) => AgentError::bad_request(m),
+                    CreateError::Host(m) => AgentError::from(m),
+                })?;
+        let pid = record.pid;
+        if let Err(e) = self.adopt(record, dir.clone(), tun).await {
+            let _ = self.stop(&spec.id, Duration::from_secs(1)).await;
+            let layout = self.layout.clone();
+            let id = spec.id.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || instance::teardown(&dir, &id, &layout)).await;
+            self.instances().remove(&spec.id);
+            return Err(e.into());
+        }
+        if let Some(local) = self.instances().get_mut(&spec.id) {
+            local.rules = Some(rules);
+            local.hosts = Some(hosts);
+        }
+        tracing::info!(instance = %spec.name, ip = %spec.ip, pid, "instance started");
+        Ok(AgentReply::Created { pid })
+    }
+
+    /// SIGTERM to the instance's init (which passes it to the program), SIGKILL after
+    /// `timeout`. Returns once the program has ended and the controller has been told.
+    pub(crate) async fn stop(&self, id: &str, timeout: Duration) -> Result<(), AgentError> {
+        let (init, mut exited, dir) = {
+            let instances = self.instances();
+            let local = instances.get(id).ok_or_else(|| {
+                AgentError::not_found(format!("instance {id} is not on this host"))
+            })?;
+            if local.state != InstanceState::Running {
+                return Ok(());
+            }
+            (
+                Pid::from_raw(local.record.init_pid as i32),
+                local.exited.subscribe(),
+                local.dir.clone(),
+            )
+        };
+        let _ = kill(init, Signal::SIGTERM);
+        if tokio::time::timeout(timeout, exited.wait_for(|e| *e))
+            .await
+            .is_err()
+        {
+            instance::record_exit_if_missing(
+                &dir,
+                ExitStatus {
+                    code: None,
+                    signal: Some(Signal::SIGKILL as i32),
+                    at: now(),
+                    oom: false,
+                },
+            );
+            let _ = kill(init, Signal::SIGKILL);
+            let _ = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn remove(&self, id: &str) -> Result<(), AgentError> {
+        self.steps.lock().expect("steps lock").remove(id);
+        // A tree dumped for a migration is already gone (its init pid may be reused).
+        if !self.dumped.lock().expect("dumped lock").remove(id) {
+            self.stop(id, Duration::from_secs(10)).await?;
+        }
+        let dir = self.instance_dir(id);
+        let layout = self.layout.clone();
+        let key = self
+            .instances()
+            .get(id)
+            .map_or_else(|| id.to_string(), |l| l.record.space_key().to_string());
+        if let Some(port) = self.instances().get_mut(id).and_then(|l| l.port.take()) {
+            self.dataplane.send(Command::Detach { port });
+        }
+        tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
+            .await
+            .map_err(|e| e.to_string())?;
+        self.instances().remove(id);
+        Ok(())
+    }
+
+    /// Outbound rules for an instance of `net`, from the current view.
+    /// Keeps every instance's output log under the cap, for ever: an instance that writes
+    /// without end fills no disk through its log.
+    pub(crate) async fn rotate_logs(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let dirs: Vec<PathBuf> = self.instances().values().map(|l| l.dir.clone()).collect();
+            let cap = self.cfg.log_cap;
+            let _ = tokio::task::spawn_blocking(move || {
+                for dir in dirs {
+                    if let Err(e) = instance::rotate_log(&dir, cap) {
+                        tracing::debug!("rotating the log in {}: {e}", dir.display());
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    pub(crate) fn setup_for(&self, spec: &InstanceSpec) -> instance::Setup {
+        instance::Setup {
+            layout: self.layout.clone(),
+            rules: self.rules_for(&spec.net),
+            hosts: self.hosts_for(spec),
+            mtu: self.instance_mtu,
+            hide: vec![self.cfg.state_dir.clone()],
+        }
+    }
+}
+
+/// Removes every instance an agent left under `state_dir`, running or not: kills their
+/// processes and removes their namespaces, devices, cgroups and state. For `vane lab down`,
+/// with the agent already stopped.
+pub fn purge_instances(state_dir: &std::path::Path) {
+    let layout = Layout::detect();
+    for found in instance::scan(&state_dir.join("instances")) {
+        let (id, dir) = match found {
+            Found::Instance(record, dir) => {
+                if instance::is_alive(&record) {
+                    // Killing PID 1 of the instance's PID namespace kills all of it.
+                    let _ = kill(Pid::from_raw(record.init_pid as i32), Signal::SIGKILL);
+                    for _ in 0..100 {
+                        if !instance::is_alive(&record) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                (record.space_key().to_string(), dir)
+            }
+            Found::HalfMade(id, dir) => (id, dir),
+        };
+        instance::teardown(&dir, &id, &layout);
+    }
+}
