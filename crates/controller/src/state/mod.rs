@@ -1,0 +1,163 @@
+//! The controller's model: nets, hosts, instances and policies, and the rules that keep
+//! them consistent. No I/O here: each change returns the `Batch` to persist, and the caller
+//! commits it before answering, so these rules are tested without sockets or disks.
+//!
+//! This file holds the state itself, its loading from the store and the lookups the other
+//! parts share; each kind of object has its own file:
+//! - `nets`: nets and the policies between them, with the address rules;
+//! - `templates`: resource templates and the checks of an instance's settings;
+//! - `instances`: planning a run, agents' reports and reconciliation, changes, forgetting;
+//! - `access`: join tokens and tenant credentials;
+//! - `hosts`: admitting agents, online and offline, removal and eviction;
+//! - `views`: what each agent's switch sees, and the answers to its misses.
+
+use std::collections::BTreeMap;
+
+use vane_proto::api::{ClusterConfig, Host, HostState, Instance, Net, Policy, Template};
+use vane_proto::validate;
+
+use crate::enroll::{Enrollment, TokenRecord};
+use crate::store::{Batch, Counters, Snapshot};
+
+mod access;
+mod hosts;
+mod instances;
+mod nets;
+mod templates;
+mod views;
+
+/// An error of the API, with the HTTP status class it maps to.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+impl From<validate::InputError> for ApiError {
+    fn from(e: validate::InputError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub config: ClusterConfig,
+    counters: Counters,
+    pub nets: BTreeMap<String, Net>,
+    /// By instance id.
+    pub instances: BTreeMap<String, Instance>,
+    pub hosts: BTreeMap<String, Host>,
+    pub policies: BTreeMap<u32, Policy>,
+    /// Join tokens by hash.
+    tokens: BTreeMap<String, TokenRecord>,
+    /// By host name.
+    enrollments: BTreeMap<String, Enrollment>,
+    /// Resource templates by name.
+    pub templates: BTreeMap<String, Template>,
+    /// Tenant credentials by hash.
+    credentials: BTreeMap<String, crate::auth::CredentialRecord>,
+}
+
+impl State {
+    /// Builds the state from what the store holds. A new store takes `config`; an existing
+    /// one keeps the config it was created with. Every host starts offline until its agent
+    /// connects again.
+    pub fn from_snapshot(snap: Snapshot, config: ClusterConfig) -> (State, Batch) {
+        let mut batch = Batch::default();
+        let config = match snap.config {
+            Some(c) => c,
+            None => {
+                batch.config(&config);
+                config
+            }
+        };
+        let mut state = State {
+            config,
+            counters: snap.counters,
+            nets: snap.nets.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            instances: snap
+                .instances
+                .into_iter()
+                .map(|i| (i.id.clone(), i))
+                .collect(),
+            hosts: snap
+                .hosts
+                .into_iter()
+                .map(|h| (h.name.clone(), h))
+                .collect(),
+            policies: snap.policies.into_iter().map(|p| (p.id, p)).collect(),
+            tokens: snap
+                .tokens
+                .into_iter()
+                .map(|t| (t.hash.clone(), t))
+                .collect(),
+            credentials: snap
+                .credentials
+                .into_iter()
+                .map(|c| (c.hash.clone(), c))
+                .collect(),
+            enrollments: snap
+                .enrollments
+                .into_iter()
+                .map(|e| (e.host.clone(), e))
+                .collect(),
+            templates: snap
+                .templates
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
+                .collect(),
+        };
+        for host in state.hosts.values_mut() {
+            host.state = HostState::Offline;
+        }
+        // A migration the controller was running when it stopped keeps its mark until
+        // `recovery` has finished it.
+        (state, batch)
+    }
+
+    pub fn net(&self, name: &str) -> Result<&Net, ApiError> {
+        self.nets
+            .get(name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown net {name:?}")))
+    }
+
+    pub fn instance_by_name(&self, name: &str) -> Result<&Instance, ApiError> {
+        self.instances
+            .values()
+            .find(|i| i.name == name)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))
+    }
+
+    /// The tenant of net `name`.
+    pub fn net_tenant(&self, name: &str) -> Result<String, ApiError> {
+        self.nets
+            .get(name)
+            .map(|n| n.tenant.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("unknown net {name:?}")))
+    }
+
+    pub fn instances_on(&self, host: &str) -> usize {
+        self.instances.values().filter(|i| i.host == host).count()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,305 @@
+use std::net::Ipv4Addr;
+
+use vane_proto::api::{ClusterConfig, Net, NetSpec, PolicySpec, RunSpec};
+use vane_proto::stream::HostAuth;
+use vane_proto::validate::PortSpec;
+
+use super::{ApiError, State};
+use crate::enroll::Refusal;
+use crate::store::Snapshot;
+
+fn state_with_host() -> State {
+    let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
+    s.host_online("h1", None, None, 0);
+    s
+}
+
+fn net(s: &mut State, name: &str, subnet: &str, tenant: &str) -> Result<Net, ApiError> {
+    s.create_net(
+        NetSpec {
+            name: name.into(),
+            subnet: subnet.parse().unwrap(),
+            tenant: tenant.into(),
+            egress: false,
+        },
+        0,
+    )
+    .map(|(n, _)| n)
+}
+
+fn run(s: &mut State, name: &str, net: &str, ip: Option<&str>) -> Result<Ipv4Addr, ApiError> {
+    let id = format!("{name}-0123456789");
+    s.plan_instance(
+        RunSpec {
+            name: Some(name.into()),
+            net: net.into(),
+            ip: ip.map(|i| i.parse().unwrap()),
+            cmd: vec!["true".into()],
+            ..Default::default()
+        },
+        id,
+        0,
+    )
+    .map(|(spec, _)| spec.ip)
+}
+
+#[test]
+fn nets_of_different_tenants_may_overlap() {
+    let mut s = state_with_host();
+    let red = net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    let blue = net(&mut s, "blue", "10.10.2.0/24", "b").unwrap();
+    assert_ne!(red.id, blue.id);
+    assert!(matches!(
+        net(&mut s, "pink", "10.10.0.0/16", "a"),
+        Err(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        net(&mut s, "red", "10.30.0.0/24", "c"),
+        Err(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        net(&mut s, "out", "192.168.0.0/24", "c"),
+        Err(ApiError::BadRequest(_))
+    ));
+    assert!(matches!(
+        net(&mut s, "bits", "10.40.0.1/24", "c"),
+        Err(ApiError::BadRequest(_))
+    ));
+}
+
+#[test]
+fn addresses_are_allocated_and_checked() {
+    let mut s = state_with_host();
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    assert_eq!(
+        run(&mut s, "web1", "red", Some("10.10.2.1")).unwrap(),
+        "10.10.2.1".parse::<Ipv4Addr>().unwrap()
+    );
+    assert_eq!(
+        run(&mut s, "cli1", "red", None).unwrap(),
+        "10.10.2.2".parse::<Ipv4Addr>().unwrap()
+    );
+    let e = run(&mut s, "web2", "red", Some("10.10.2.1")).unwrap_err();
+    assert!(e.to_string().contains("already in use"), "{e}");
+    let e = run(&mut s, "web3", "red", Some("10.10.3.1")).unwrap_err();
+    assert!(e.to_string().contains("outside"), "{e}");
+    let e = run(&mut s, "web1", "red", None).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    let e = run(&mut s, "x", "nope", None).unwrap_err();
+    assert_eq!(e, ApiError::NotFound("unknown net \"nope\"".into()));
+    let e = s.remove_net("red").unwrap_err();
+    assert!(e.to_string().contains("web1"), "{e}");
+}
+
+#[test]
+fn ambiguous_policies_are_refused() {
+    let mut s = state_with_host();
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    net(&mut s, "blue", "10.10.2.0/24", "b").unwrap();
+    net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
+    net(&mut s, "teal", "10.10.2.0/25", "c").unwrap();
+    let allow = |s: &mut State, from: &str, to: &str, port: Option<&str>| {
+        s.add_policy(PolicySpec {
+            from: from.into(),
+            to: to.into(),
+            port: port.map(|p| p.parse::<PortSpec>().unwrap()),
+        })
+    };
+    allow(&mut s, "green", "red", Some("80/tcp")).unwrap();
+    allow(&mut s, "green", "red", Some("443/tcp")).unwrap();
+    assert!(matches!(
+        allow(&mut s, "green", "red", Some("80/tcp")),
+        Err(ApiError::Conflict(_))
+    ));
+    let e = allow(&mut s, "green", "teal", None).unwrap_err();
+    assert!(e.to_string().contains("ambiguous"), "{e}");
+    let e = allow(&mut s, "red", "blue", None).unwrap_err();
+    assert!(e.to_string().contains("ambiguous"), "{e}");
+    assert!(allow(&mut s, "red", "red", None).is_err());
+    allow(&mut s, "red", "green", None).unwrap();
+    let e = s.remove_net("green").unwrap_err();
+    assert!(e.to_string().contains("policies"), "{e}");
+}
+
+#[test]
+fn views_hold_what_a_host_needs() {
+    let mut s = state_with_host();
+    s.host_online("h2", None, None, 0);
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
+    net(&mut s, "blue", "10.10.2.0/24", "b").unwrap();
+    run(&mut s, "web1", "red", None).unwrap();
+    s.plan_instance(
+        RunSpec {
+            name: Some("g1".into()),
+            net: "green".into(),
+            host: Some("h2".into()),
+            cmd: vec!["true".into()],
+            ..Default::default()
+        },
+        "g1-0123456789".into(),
+        0,
+    )
+    .unwrap();
+    let v = s.view_for("h1");
+    assert_eq!(v.nets.len(), 1);
+    assert_eq!(v.members.len(), 1);
+    s.add_policy(PolicySpec {
+        from: "green".into(),
+        to: "red".into(),
+        port: None,
+    })
+    .unwrap();
+    let v = s.view_for("h1");
+    let names: Vec<&str> = v.nets.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["green", "red"]);
+    assert_eq!(v.members.len(), 2);
+    assert_eq!(v.policies.len(), 1);
+}
+
+#[test]
+fn tenant_credentials_name_their_tenant_until_they_expire_or_are_revoked() {
+    let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
+    let (a, _) = s.create_credential("a", None, 0).unwrap();
+    let (b, _) = s.create_credential("b", Some(100), 0).unwrap();
+    assert_eq!(s.tenant_of(&a.credential, 50).as_deref(), Some("a"));
+    assert_eq!(s.tenant_of(&b.credential, 50).as_deref(), Some("b"));
+    assert_eq!(s.tenant_of(&b.credential, 100), None);
+    assert_eq!(s.tenant_of("vanetenant-00", 0), None);
+    assert_eq!(s.credentials(50).len(), 2);
+    assert_eq!(s.credentials(200).len(), 1);
+    s.revoke_credential(&a.info.id).unwrap();
+    assert_eq!(s.tenant_of(&a.credential, 50), None);
+    assert!(s.revoke_credential(&a.info.id).is_err());
+    assert!(s.create_credential("Not A Name", None, 0).is_err());
+    assert!(s.create_credential("a", Some(0), 0).is_err());
+}
+
+#[test]
+fn join_tokens_are_spent_listed_and_revoked() {
+    let (mut s, _) = State::from_snapshot(Snapshot::default(), ClusterConfig::default());
+    let key = |n: u8| format!("{n:02x}").repeat(32);
+    let join = |s: &mut State, name: &str, n: u8, token: &str| {
+        s.admit_host(name, &key(n), &HostAuth::Token(token.into()), 10)
+    };
+    let (once, _, id, _) = s.create_token(60, false, 0).unwrap();
+    let (many, _, _, _) = s.create_token(60, true, 0).unwrap();
+    assert_eq!(s.tokens(0).len(), 2);
+    assert!(s.tokens(0).iter().any(|t| t.id == id && t.single_use));
+    // The single-use token enrolls one host, then no other.
+    assert!(join(&mut s, "a", 1, &once).unwrap().0.is_some());
+    assert!(matches!(
+        join(&mut s, "b", 2, &once),
+        Err(Refusal::BadToken)
+    ));
+    assert_eq!(s.tokens(0).len(), 1);
+    // The reusable one enrolls several (a token as printed carries the CA's pin).
+    let printed = vane_proto::trust::join_token(&many, &[9; 32]);
+    assert!(join(&mut s, "b", 2, &printed).unwrap().0.is_some());
+    assert!(join(&mut s, "c", 3, &many).unwrap().0.is_some());
+    // Revoked, it enrolls nobody; expired tokens are not listed.
+    let many_id = s.tokens(0)[0].id.clone();
+    s.revoke_token(&many_id).unwrap();
+    assert!(matches!(
+        join(&mut s, "d", 4, &many),
+        Err(Refusal::BadToken)
+    ));
+    assert!(s.revoke_token(&many_id).is_err());
+    s.create_token(5, false, 0).unwrap();
+    assert!(s.tokens(10).is_empty());
+}
+
+#[test]
+fn templates_apply_first_and_flags_override_them() {
+    use vane_proto::api::{Limits, SpaceSpec, Template};
+    let mut s = state_with_host();
+    net(&mut s, "red", "10.1.0.0/24", "a").unwrap();
+    s.put_template(Template {
+        name: "small".into(),
+        tenant: None,
+        limits: Limits {
+            memory: Some(128 << 20),
+            cpu_millis: Some(250),
+            ..Limits::default()
+        },
+        env: vec![
+            ("HOME".into(), "/srv/{name}".into()),
+            ("A".into(), "1".into()),
+        ],
+        space: SpaceSpec {
+            redirects: vec![("/etc/app".into(), "{state}/app".into())],
+            ..SpaceSpec::default()
+        },
+    })
+    .unwrap();
+    let (spec, _) = s
+        .plan_instance(
+            RunSpec {
+                name: Some("web".into()),
+                net: "red".into(),
+                cmd: vec!["true".into()],
+                template: Some("small".into()),
+                env: vec![("A".into(), "2".into())],
+                limits: Limits {
+                    cpu_millis: Some(500),
+                    pids: Some(10),
+                    ..Limits::default()
+                },
+                ..Default::default()
+            },
+            "web-0123456789".into(),
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        spec.limits,
+        Limits {
+            memory: Some(128 << 20),
+            cpu_millis: Some(500),
+            pids: Some(10),
+            bandwidth: None
+        }
+    );
+    assert_eq!(
+        spec.env,
+        vec![
+            ("HOME".to_string(), "/srv/{name}".to_string()),
+            ("A".to_string(), "2".to_string())
+        ]
+    );
+    assert_eq!(spec.space.redirects.len(), 1);
+    assert_eq!(
+        s.instance_by_name("web").unwrap().template.as_deref(),
+        Some("small")
+    );
+
+    let unknown = RunSpec {
+        name: Some("x".into()),
+        net: "red".into(),
+        cmd: vec!["true".into()],
+        template: Some("nope".into()),
+        ..Default::default()
+    };
+    let e = s
+        .plan_instance(unknown, "x-0123456789".into(), 0)
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown template \"nope\""), "{e}");
+    let bad = Template {
+        name: "bad".into(),
+        env: vec![("X".into(), "{nope}".into())],
+        ..Template::default()
+    };
+    assert!(s.put_template(bad).is_err());
+    let bad_cap = Template {
+        name: "bad".into(),
+        space: SpaceSpec {
+            cap_add: vec!["SYS_FOO".into()],
+            ..SpaceSpec::default()
+        },
+        ..Template::default()
+    };
+    let e = s.put_template(bad_cap).unwrap_err();
+    assert!(e.to_string().contains("SYS_FOO"), "{e}");
+    assert!(s.remove_template("small").is_ok());
+    assert!(s.remove_template("small").is_err());
+}
