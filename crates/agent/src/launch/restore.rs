@@ -1,0 +1,153 @@
+//! `vane __restore`: lays out what CRIU reads (root, /dev, images, state directory) as the
+//! host's root, then runs CRIU inside the instance's user namespace, so that the restored
+//! tree lands there with this host's id range.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::unistd::sethostname;
+use serde::{Deserialize, Serialize};
+
+use super::mounts::{bind, dev_tree, make_mounts_private, read_only_bind};
+use super::{enter_userns, errno, HOSTNAME_FILE, HOSTS_FILE, SHARED_DIR};
+use crate::cgroup;
+
+/// What `vane __restore` needs: written by the agent as `restore.json` in the instance's
+/// directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    pub criu: PathBuf,
+    pub netns: String,
+    pub cgroups: Vec<PathBuf>,
+    pub hostname: String,
+    /// Close the dumped connections rather than restore them (clones).
+    pub tcp_close: bool,
+    /// The images are of a lazy dump, whose `criu lazy-pages` daemon the agent started:
+    /// restore with `--lazy-pages`, /dev/userfaultfd at descriptor 7.
+    #[serde(default)]
+    pub lazy: bool,
+}
+
+pub const RESTORE_FILE: &str = "restore.json";
+/// Where `__restore` lays out what CRIU reads, on a tmpfs of its private mount namespace:
+/// CRIU runs as the instance's root, which cannot enter the agent's directory.
+const RESTORE_STAGE: &str = "/var/lib/vane/restore";
+
+/// `vane __restore DIR`: restores the tree dumped in DIR/images into the instance's prepared
+/// space, running CRIU inside the instance's user namespace (its root, no more) so that the
+/// tree lands in that namespace with this host's id range, whatever the images held.
+/// Execs CRIU; prints one error line when it cannot get that far.
+pub fn restore_main(dir: &Path) -> i32 {
+    let err = match restore(dir) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    eprintln!("{err}");
+    1
+}
+
+fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
+    let spec: RestoreSpec = serde_json::from_slice(&std::fs::read(dir.join(RESTORE_FILE))?)
+        .map_err(io::Error::other)?;
+    cgroup::join(&spec.cgroups, std::process::id())?;
+    let net = File::open(crate::netconf::netns_path(&spec.netns))?;
+    let userns = vane_sys::confine::owning_userns(&net)
+        .map_err(|e| io::Error::new(e.kind(), format!("user namespace: {e}")))?;
+    // As the host's root, in a mount namespace of this process's: what CRIU will bind into
+    // the instance, at paths the instance's root can reach. The root and /dev are made here
+    // read-only or by root, so the instance gets them locked.
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| errno("create mount namespace", e))?;
+    make_mounts_private()?;
+    let stage = Path::new(RESTORE_STAGE);
+    std::fs::create_dir_all(stage)?;
+    mount(
+        Some("tmpfs"),
+        stage,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777,size=1m"),
+    )
+    .map_err(|e| errno("stage the restore", e))?;
+    let at = |name: &str| stage.join(name);
+    for d in ["root", "dev", "images", "shared", "bin"] {
+        std::fs::create_dir(at(d))?;
+    }
+    for f in [HOSTS_FILE, HOSTNAME_FILE] {
+        File::create(at(f))?;
+        read_only_bind(&dir.join(f), &at(f)).map_err(|e| errno(&format!("stage {f}"), e))?;
+    }
+    read_only_bind(Path::new("/"), &at("root")).map_err(|e| errno("stage the root", e))?;
+    dev_tree(&at("dev"))?;
+    bind(
+        &dir.join(crate::checkpoint::IMAGES_DIR),
+        &at("images"),
+        false,
+    )
+    .map_err(|e| errno("stage the images", e))?;
+    bind(&dir.join(SHARED_DIR), &at("shared"), false)
+        .map_err(|e| errno("stage the state directory", e))?;
+    if Path::new(crate::binary::DIR).is_dir() {
+        read_only_bind(Path::new(crate::binary::DIR), &at("bin"))
+            .map_err(|e| errno("stage vane's binaries", e))?;
+    }
+    // The instance's network namespace goes to CRIU as descriptor 3 (`--inherit-fd`).
+    nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&net), 3)
+        .and_then(|_| {
+            // dup2 onto itself keeps close-on-exec.
+            nix::fcntl::fcntl(
+                3,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+        })
+        .map_err(|e| errno("hand over the network namespace", e))?;
+    enter_userns(&userns)?;
+    // The tree inherits CRIU's UTS and cgroup namespaces (see `images`): fresh ones, named
+    // here.
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| errno("create namespaces", e))?;
+    sethostname(&spec.hostname).map_err(|e| errno("set hostname", e))?;
+    let s = |name: &str| at(name).into_os_string();
+    let ext = |key: &str, name: &str| {
+        let mut a = std::ffi::OsString::from(format!("mnt[{key}]:"));
+        a.push(s(name));
+        a
+    };
+    let mut cmd = Command::new(&spec.criu);
+    cmd.arg("restore")
+        .arg("-D")
+        .arg(s("images"))
+        .arg("-o")
+        .arg("restore.log")
+        .arg(if spec.tcp_close {
+            "--tcp-close"
+        } else {
+            "--tcp-established"
+        })
+        .args([
+            "--file-locks",
+            "-d",
+            "--unprivileged",
+            "--manage-cgroups=ignore",
+        ])
+        .arg("--root")
+        .arg(s("root"))
+        .arg("--pidfile")
+        .arg(at("images").join("restored.pid"))
+        .arg("--inherit-fd")
+        .arg(format!("fd[3]:{}", crate::checkpoint::NET_KEY));
+    for (key, _, name) in crate::checkpoint::CONFINED_EXTERNALS {
+        cmd.arg("--external").arg(ext(key, name));
+    }
+    if spec.lazy {
+        cmd.arg("--lazy-pages").env(
+            "CRIU_USERFAULTFD_DEV",
+            crate::checkpoint::UFFD_DEV_FD.to_string(),
+        );
+    }
+    Err(cmd.exec())
+}
