@@ -1,0 +1,116 @@
+//! `vane net` and `vane policy`: nets, and the policies that let one net reach another.
+
+use anyhow::{bail, Result};
+
+use vane_proto::api::{Net, NetSpec, Policy, PolicySpec};
+use vane_proto::validate::PortSpec;
+
+use super::output::{json, table};
+use super::path_segment;
+use crate::cli::{NetCmd, Output, PolicyCmd};
+use crate::client::Client;
+
+pub fn net(c: &Client, cmd: NetCmd) -> Result<()> {
+    match cmd {
+        NetCmd::Create {
+            name,
+            subnet,
+            tenant,
+            egress,
+        } => {
+            let net: Net = c.post(
+                "/v1/nets",
+                &NetSpec {
+                    name,
+                    subnet,
+                    tenant,
+                    egress,
+                },
+            )?;
+            println!("{}", net.name);
+        }
+        NetCmd::Ls(o) => {
+            let nets: Vec<Net> = c.get("/v1/nets")?;
+            if o.output == Output::Json {
+                json(&nets);
+            } else {
+                table(
+                    &["NAME", "TENANT", "SUBNET", "EGRESS", "ID"],
+                    nets.into_iter()
+                        .map(|n| {
+                            vec![
+                                n.name,
+                                n.tenant,
+                                n.subnet.to_string(),
+                                if n.egress { "yes" } else { "no" }.into(),
+                                n.id.to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        NetCmd::Rm { name } => {
+            c.delete(&format!("/v1/nets/{}", path_segment(&name)?))?;
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
+
+pub fn policy(c: &Client, cmd: PolicyCmd) -> Result<()> {
+    match cmd {
+        PolicyCmd::Allow { from, to, port } => {
+            let port = port.map(|p| p.parse::<PortSpec>()).transpose()?;
+            let p: Policy = c.post("/v1/policies", &PolicySpec { from, to, port })?;
+            println!("{}", p.id);
+        }
+        PolicyCmd::Ls(o) => {
+            let list: Vec<Policy> = c.get("/v1/policies")?;
+            if o.output == Output::Json {
+                json(&list);
+            } else {
+                table(
+                    &["ID", "FROM", "TO", "PORT"],
+                    list.into_iter()
+                        .map(|p| {
+                            vec![
+                                p.id.to_string(),
+                                p.from,
+                                p.to,
+                                p.port
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_else(|| "any".into()),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        PolicyCmd::Rm { first, to, port } => {
+            let ids: Vec<u32> = match (first.parse::<u32>(), to) {
+                (Ok(id), None) => vec![id],
+                (_, Some(to)) => {
+                    let port = port.map(|p| p.parse::<PortSpec>()).transpose()?;
+                    let list: Vec<Policy> = c.get("/v1/policies")?;
+                    let ids: Vec<u32> = list
+                        .into_iter()
+                        .filter(|p| p.from == first && p.to == to)
+                        .filter(|p| port.is_none() || p.port == port)
+                        .map(|p| p.id)
+                        .collect();
+                    if ids.is_empty() {
+                        bail!("no policy from {first:?} to {to:?}");
+                    }
+                    ids
+                }
+                (Err(_), None) => bail!("invalid policy {first:?}: give an id, or FROM TO"),
+            };
+            for id in ids {
+                c.delete(&format!("/v1/policies/{id}"))?;
+                println!("{id}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! `vane template`: resource templates (limits, environment, file-system settings) that
+//! runs start from.
+
+use anyhow::Result;
+
+use vane_proto::api::Template;
+use vane_proto::validate;
+
+use super::instances::{env_pairs, settings};
+use super::output::{json, limits_summary, table};
+use super::path_segment;
+use crate::cli::{Output, TemplateCmd};
+use crate::client::Client;
+
+pub fn template(c: &Client, cmd: TemplateCmd) -> Result<()> {
+    match cmd {
+        TemplateCmd::Create {
+            name,
+            env,
+            settings: s,
+        } => {
+            validate::name("template name", &name)?;
+            let env = env_pairs(&env)?;
+            let (limits, space) = settings(*s)?;
+            let t: Template = c.post(
+                "/v1/templates",
+                &Template {
+                    name,
+                    limits,
+                    env,
+                    space,
+                    tenant: None,
+                },
+            )?;
+            println!("{}", t.name);
+        }
+        TemplateCmd::Ls(o) => {
+            let list: Vec<Template> = c.get("/v1/templates")?;
+            if o.output == Output::Json {
+                json(&list);
+            } else {
+                table(
+                    &["NAME", "LIMITS", "ROOTFS", "VOLUMES", "REDIRECTS", "ENV"],
+                    list.into_iter()
+                        .map(|t| {
+                            vec![
+                                t.name,
+                                limits_summary(&t.limits),
+                                t.space.rootfs.unwrap_or_else(|| "-".into()),
+                                t.space.volumes.len().to_string(),
+                                t.space.redirects.len().to_string(),
+                                t.env.len().to_string(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
+        TemplateCmd::Rm { name } => {
+            c.delete(&format!("/v1/templates/{}", path_segment(&name)?))?;
+            println!("{name}");
+        }
+    }
+    Ok(())
+}
