@@ -1047,6 +1047,36 @@ impl Tunnels {
         self.start_handshake(id, out, now, wall).map(|n| (id, n))
     }
 
+    /// When [`Tunnels::poll_timers`] has something to do next by time (an idle teardown, a
+    /// session's expiry, a handshake's retry or timeout, a rekey); `None` if nothing is
+    /// due ever without new traffic. A rekey by message count is not timed: it is found by
+    /// the `poll_timers` call after the seals that reach it.
+    pub fn next_timer(&self) -> Option<Instant> {
+        let cfg = &self.cfg;
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for p in self.peers.values() {
+            for s in [&p.current, &p.previous, &p.next].into_iter().flatten() {
+                at(s.established + cfg.reject_after_time);
+                // Idle teardown, after the last activity (or the session's start: a wake-up
+                // a little late for a session never used costs nothing).
+                at(p.last_activity.unwrap_or(s.established) + cfg.idle_timeout);
+            }
+            if let Some(pending) = &p.pending {
+                at((pending.first + cfg.handshake_timeout).min(pending.sent + cfg.handshake_retry));
+                continue;
+            }
+            if let Some(s) = &p.current {
+                let mut after = cfg.rekey_after_time;
+                if !s.initiator {
+                    after += cfg.handshake_retry * 10;
+                }
+                at(s.established + after);
+            }
+        }
+        next
+    }
+
     /// Whether there is a session to send data on to `peer`.
     pub fn has_session(&self, peer: PeerId) -> bool {
         self.peers.get(&peer).is_some_and(|p| p.current.is_some())

@@ -1100,3 +1100,32 @@ fn initiators_use_a_cookie_for_two_minutes() {
         assert_eq!(mac2_of(&out[..n]), expected, "{age} s");
     }
 }
+
+#[test]
+fn next_timer_names_when_the_timers_have_work() {
+    let cfg = Config::default();
+    let mut p = Pair::new(cfg.clone());
+    assert_eq!(p.t[0].next_timer(), None, "nothing pending, nothing due");
+    let sent = p.now;
+    p.send(0, b"hello");
+    p.inbox[1].clear();
+    assert_eq!(p.t[0].next_timer(), Some(sent + cfg.handshake_retry));
+    // Just before it, nothing to do; at it, the retry.
+    p.advance(cfg.handshake_retry - Duration::from_millis(1));
+    assert_eq!(p.timers(), 0);
+    p.advance(Duration::from_millis(1));
+    assert_eq!(p.timers(), 1);
+    p.run();
+    // Established: the initiator's next work is the rekey or the idle teardown.
+    let due = p.t[0].next_timer().unwrap();
+    assert!(
+        due > p.now && due <= p.now + cfg.rekey_after_time,
+        "{due:?}"
+    );
+    p.advance(due - p.now - Duration::from_millis(1));
+    p.timers();
+    assert!(
+        p.t[0].has_session(other(0)),
+        "nothing happened before it was due"
+    );
+}
