@@ -1,0 +1,298 @@
+//! Restoring a dumped tree: an instance's space prepared without a program, then CRIU run
+//! into it (inside the instance's user namespace when confined, as the host's root when
+//! privileged, lazily with a `criu lazy-pages` daemon for post-copy), and the restored tree
+//! checked to be confined as this host requires.
+
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use vane_proto::stream::InstanceSpec;
+
+use super::{
+    criu, criu_version, last_lines, run_criu, serve_pages, HOSTNAME_KEY, HOSTS_KEY, IMAGES_DIR,
+    NET_KEY, STATE_KEY, UFFD_DEV_FD,
+};
+use crate::cgroup;
+use crate::instance::{self, CreateError, Record, Setup};
+use crate::netconf;
+
+/// An instance's space made ready for a restore: what `instance::create` makes before it
+/// starts the program.
+pub struct Prepared {
+    pub tun: std::os::fd::OwnedFd,
+    pub record: Record,
+}
+
+/// Makes the instance's state directory, network namespace with its `vane0` and address,
+/// rules and cgroups, without starting anything. Undoes it all on failure.
+pub fn prepare(
+    dir: &Path,
+    key: &str,
+    spec: &InstanceSpec,
+    setup: &Setup,
+) -> Result<Prepared, String> {
+    criu_version()?;
+    if dir.join(instance::RECORD_FILE).exists() {
+        return Err(format!("instance {} already exists on this host", spec.id));
+    }
+    if dir.exists() {
+        return Err(format!("instance {} already exists on this host", spec.id));
+    }
+    let result = instance::make_space(dir, key, spec, setup);
+    if result.is_err() {
+        instance::teardown(dir, key, &setup.layout);
+    }
+    result
+        .map(|(record, tun)| Prepared { tun, record })
+        .map_err(|e| match e {
+            CreateError::Input(m) | CreateError::Host(m) => m,
+        })
+}
+
+/// Restores the tree dumped in `DIR/images` into the instance's namespace (prepared, or
+/// the one it was dumped from), detached. Fills in and writes the record's pids. The port
+/// of a tree restored where it was dumped is still on hold: the caller lifts it.
+/// `tcp_close`: restore the connections closed (a clone). The restored tree takes the
+/// record's hostname.
+/// `pages`: the images are of a lazy dump, whose page server is at the other end of this
+/// socket: the tree is restored without its memory, which a `criu lazy-pages` daemon (in
+/// the instance's user namespace for a confined one) fetches on demand and in the
+/// background until it has all.
+pub fn restore(
+    dir: &Path,
+    exe: &Path,
+    record: &mut Record,
+    tcp_close: bool,
+    pages: Option<std::os::unix::net::UnixStream>,
+) -> Result<(), String> {
+    let images = dir.join(IMAGES_DIR);
+    let pidfile = images.join("restored.pid");
+    let _ = std::fs::remove_file(&pidfile);
+    let confinement = record.confinement();
+    match confinement.idmap {
+        Some(idmap) => {
+            if let Some(pages) = &pages {
+                start_lazy_daemon(&images, pages)?;
+            }
+            restore_confined(dir, exe, record, idmap.base, tcp_close, pages.is_some())?
+        }
+        None => {
+            if let Some(pages) = &pages {
+                start_lazy_daemon(&images, pages)?;
+            }
+            restore_privileged(dir, record, tcp_close, pages.is_some())?
+        }
+    }
+    let init_pid: u32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| "criu restore wrote no pid".to_string())?;
+    record.init_pid = init_pid;
+    record.init_start = vane_sys::pidfd::start_time(init_pid).unwrap_or(0);
+    if let Err(e) = check_confined(record) {
+        cgroup::kill_all(&record.cgroups);
+        return Err(e);
+    }
+    let children = std::fs::read_to_string(format!("/proc/{init_pid}/task/{init_pid}/children"))
+        .unwrap_or_default();
+    record.pid = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(init_pid);
+    instance::write_record(dir, record).map_err(|e| format!("writing the record: {e}"))
+}
+
+/// Restores a confined instance: CRIU runs in its user namespace (`vane __restore`), with
+/// the images' own user namespace taken out of them, so the tree is the instance's root's
+/// here (host id `owner` up) whatever the images say.
+fn restore_confined(
+    dir: &Path,
+    exe: &Path,
+    record: &Record,
+    owner: u32,
+    tcp_close: bool,
+    lazy: bool,
+) -> Result<(), String> {
+    let images = dir.join(IMAGES_DIR);
+    crate::images::inherit_namespaces(&images)?;
+    crate::images::forget_thread_cgroups(&images)?;
+    // CRIU, as the instance's root, reads the images and writes its log and pid file there.
+    chown_tree(&images, owner).map_err(|e| format!("{}: {e}", images.display()))?;
+    let spec = crate::launch::RestoreSpec {
+        criu: criu(),
+        netns: record.netns.clone(),
+        cgroups: record.cgroups.clone(),
+        hostname: record.spec.hostname.clone(),
+        tcp_close,
+        lazy,
+    };
+    instance::write_private(
+        &dir.join(crate::launch::RESTORE_FILE),
+        &serde_json::to_vec(&spec).expect("serializes"),
+    )
+    .map_err(|e| format!("writing the restore spec: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__restore").arg(dir).stdin(Stdio::null());
+    // A lazy restore: /dev/userfaultfd, which CRIU in a user namespace makes its
+    // userfaultfd from (the system call is refused there).
+    let uffd = match lazy {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(nix::libc::O_CLOEXEC)
+                .open("/dev/userfaultfd")
+                .map_err(|e| format!("lazy pages need /dev/userfaultfd (Linux >= 6.1): {e}"))?,
+        ),
+        false => None,
+    };
+    if let Some(uffd) = &uffd {
+        vane_sys::spawn::with_fds(&mut cmd, &[(std::os::fd::AsFd::as_fd(uffd), UFFD_DEV_FD)]);
+    }
+    let out = cmd.output().map_err(|e| format!("running criu: {e}"))?;
+    drop(uffd);
+    if !out.status.success() {
+        let log = images.join("restore.log");
+        let why = if log.exists() {
+            last_lines(&log, 2)
+        } else {
+            String::from_utf8_lossy(&out.stderr).trim().to_string()
+        };
+        return Err(format!("criu restore failed: {why}"));
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &Path, owner: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(owner), Some(owner))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            chown_tree(&e?.path(), owner)?;
+        }
+    }
+    Ok(())
+}
+
+/// Starts `criu lazy-pages` on the images at `images`, its page server at the other end of
+/// `pages`, and waits until it listens for the restore. The daemon runs as the host's root
+/// (outside the instance's cgroups, whose limits and kills it must not share) and on by
+/// itself until it has every page; it logs to `lazy.log` beside the images. It reads only
+/// what describes the tree's memory, and writes pages into the descriptors the restored
+/// tasks hand it; its socket is open to the restore, which runs as the instance's root.
+fn start_lazy_daemon(images: &Path, pages: &std::os::unix::net::UnixStream) -> Result<(), String> {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("umask 0; exec \"$@\"")
+        .arg("sh")
+        .arg(criu())
+        .arg("lazy-pages")
+        .arg("-D")
+        .arg(images)
+        .arg("-o")
+        .arg("lazy.log")
+        .arg("--page-server");
+    let mut daemon = serve_pages(cmd, pages, "criu lazy-pages", &images.join("lazy.log"))?;
+    // Reaped when it ends (its outcome is the source's to report: its page server ends
+    // with it).
+    std::thread::spawn(move || daemon.wait());
+    Ok(())
+}
+
+/// Restores a privileged instance as the host's root, as CRIU dumped it.
+fn restore_privileged(
+    dir: &Path,
+    record: &Record,
+    tcp_close: bool,
+    lazy: bool,
+) -> Result<(), String> {
+    let images = dir.join(IMAGES_DIR);
+    let ns = netconf::netns_path(&record.netns);
+    let cgroups: Vec<String> = record
+        .cgroups
+        .iter()
+        .map(|c| c.to_string_lossy().into_owned())
+        .collect();
+    // The shell joins the instance's cgroups (CRIU leaves cgroups alone: the source's may
+    // still exist on a shared kernel) and opens the namespace as descriptor 3 for criu,
+    // which gives it to the restored tree in place of the original. The state directory and
+    // the hosts and hostname files are bound from this host's.
+    let tcp = match (tcp_close, lazy) {
+        (true, _) => "--tcp-close",
+        (false, false) => "--tcp-established",
+        (false, true) => "--tcp-established --lazy-pages",
+    };
+    let script = format!(
+        "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \
+         exec \"$0\" restore -D \"$1\" -o restore.log {tcp} --file-locks --root / -d \
+         --manage-cgroups=ignore --pidfile \"$2\" --inherit-fd 'fd[3]:{NET_KEY}' \
+         --external \"mnt[{STATE_KEY}]:$4\" --external \"mnt[{HOSTS_KEY}]:$5\" \
+         --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\""
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .arg(criu())
+        .arg(&images)
+        .arg(images.join("restored.pid"))
+        .arg(&ns)
+        .arg(dir.join(crate::launch::SHARED_DIR))
+        .arg(dir.join(crate::launch::HOSTS_FILE))
+        .arg(dir.join(crate::launch::HOSTNAME_FILE))
+        .env("VANE_CGROUPS", cgroups.join(":"));
+    run_criu(&mut cmd, "restore", &images.join("restore.log"))?;
+    // The images hold the original's hostname; a clone has its own.
+    let init_pid = std::fs::read_to_string(images.join("restored.pid")).unwrap_or_default();
+    let named = Command::new("nsenter")
+        .arg("-t")
+        .arg(init_pid.trim())
+        .arg("-u")
+        .arg("hostname")
+        .arg(&record.spec.hostname)
+        .stdin(Stdio::null())
+        .output();
+    if !named.is_ok_and(|o| o.status.success()) {
+        tracing::warn!(instance = %record.spec.name, "cannot set the restored instance's hostname");
+    }
+    Ok(())
+}
+
+/// Checks that every process of a restored confined instance is confined as the agent
+/// decided: its user namespace's mapping, its bounding set within the instance's
+/// capabilities, its seccomp filter. Images are the instance's word; a tree that claims
+/// more is not let run.
+fn check_confined(record: &Record) -> Result<(), String> {
+    let confinement = record.confinement();
+    let Some(idmap) = confinement.idmap else {
+        return Ok(());
+    };
+    let want_map = idmap.map_line();
+    let pids = cgroup::procs(&record.cgroups);
+    if pids.is_empty() {
+        return Err("the restored instance has no process".into());
+    }
+    for pid in pids {
+        let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let bounding = field("CapBnd:").and_then(|v| u64::from_str_radix(&v, 16).ok());
+        let seccomp = field("Seccomp:");
+        let mapped = map.split_whitespace().collect::<Vec<_>>()
+            == want_map.split_whitespace().collect::<Vec<_>>();
+        let bounded = bounding.is_some_and(|b| b & !confinement.caps == 0);
+        if !mapped || !bounded || seccomp.as_deref() != Some("2") {
+            return Err(format!(
+                "the restored instance is not confined as this host requires (process {pid}); \
+                 it was stopped"
+            ));
+        }
+    }
+    Ok(())
+}
