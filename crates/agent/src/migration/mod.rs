@@ -2,11 +2,12 @@
 //! instance that comes here, dumping one that leaves (whole, or lazily with its memory served
 //! afterwards), moving images and pages straight between agents (`direct`), restoring, and
 //! resuming an instance whose migration did not happen. The controller drives the steps
-//! (`api.rs`, `migrate_instance`); ARCHITECTURE.md, "Migration", tells the whole story.
+//! (its `workflow/migrate.rs`); ARCHITECTURE.md, "Migration", tells the whole story.
+//!
+//! This file holds the steps on this host's instances; `peer_transfers` holds the agent's
+//! ends of the direct transfers between agents (images, then a lazy dump's pages).
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -14,7 +15,11 @@ use vane_proto::api::InstanceState;
 use vane_proto::stream::{AgentError, AgentReply, AgentRequest, InstanceSpec};
 use vane_switch::PortId;
 
-use crate::{cgroup, checkpoint, control, direct, instance, Agent, Inbound, LazySource, PageLink};
+use crate::{cgroup, checkpoint, control, instance, Agent, LazySource};
+
+mod peer_transfers;
+
+use peer_transfers::relay_pages;
 
 /// More than one request to CRIU's page server (`struct page_server_iov`: command, pages,
 /// address and image id, 32 bytes on x86-64), which reads whole requests: bytes enough for
@@ -118,155 +123,6 @@ impl Agent {
             None => Err(AgentError::not_found(format!(
                 "instance {id} does not run on this host"
             ))),
-        }
-    }
-
-    /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`; then, if
-    /// instance `id` has a lazy dump, its pages go over the same link.
-    pub(crate) async fn send_direct(
-        &self,
-        id: &str,
-        ticket: &str,
-        peer: &vane_proto::stream::DirectPeer,
-        path: &Path,
-    ) -> Result<u64, AgentError> {
-        let remote = vane_proto::hex::decode::<32>(&peer.public_key)
-            .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let stream = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(peer.locator),
-        )
-        .await
-        .map_err(|_| format!("cannot reach {} within 5s", peer.locator))?
-        .map_err(|e| format!("cannot reach {}: {e}", peer.locator))?;
-        let _ = stream.set_nodelay(true);
-        let private = self.identity.lock().expect("identity lock").keypair.private;
-        let file = tokio::io::BufReader::with_capacity(1 << 20, file);
-        let (sent, link) = direct::send(stream, &private, &remote, ticket, file)
-            .await
-            .map_err(|e| format!("sending the images to {}: {e}", peer.locator))?;
-        let lazy = self
-            .lazy_sources
-            .lock()
-            .expect("lazy sources lock")
-            .get_mut(id)
-            .and_then(|l| Some((l.pages.take()?, l.cancel.clone(), l.abort.try_clone().ok()?)));
-        if let Some((pages, cancel, abort)) = lazy {
-            let id = id.to_string();
-            tokio::spawn(async move {
-                let relayed = match pages
-                    .set_nonblocking(true)
-                    .and_then(|()| tokio::net::UnixStream::from_std(pages))
-                {
-                    Ok(pages) => tokio::select! {
-                        relayed = link.relay(pages) => relayed.map(|(out, _)| out),
-                        () = cancel.notified() => return,
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                match relayed {
-                    Ok(out) => tracing::info!(instance = %id, bytes = out, "pages served"),
-                    Err(e) => {
-                        // A broken link must not look like the end of the work to CRIU,
-                        // which would end the tree: it resumes it instead.
-                        tracing::warn!(instance = %id, "serving pages: {e}");
-                        break_off(&abort);
-                    }
-                }
-            });
-        }
-        Ok(sent)
-    }
-
-    /// Waits for transfer `ticket` from the host whose key is `from` (hex) to put `bytes`
-    /// bytes at `path`.
-    pub(crate) async fn receive_direct(
-        &self,
-        ticket: String,
-        from: &str,
-        path: std::path::PathBuf,
-        bytes: u64,
-    ) -> Result<PageLink, AgentError> {
-        let from = vane_proto::hex::decode::<32>(from)
-            .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
-        let (done, result) = tokio::sync::oneshot::channel();
-        self.inbound.lock().expect("inbound lock").insert(
-            ticket.clone(),
-            Inbound {
-                from,
-                expected: direct::Expected { path, bytes },
-                done,
-            },
-        );
-        // Claimed at once in practice (the source connects as soon as it is asked); the
-        // transfer itself then has its own limit on silence.
-        let waited = Duration::from_secs(60 + bytes / (1 << 20));
-        let outcome = tokio::time::timeout(waited, result).await;
-        self.inbound.lock().expect("inbound lock").remove(&ticket);
-        match outcome {
-            Ok(Ok(r)) => r.map_err(AgentError::from),
-            Ok(Err(_)) => Err("the direct transfer was dropped".into()),
-            Err(_) => Err(format!("no images came within {}s", waited.as_secs()).into()),
-        }
-    }
-
-    /// Takes direct transfers (`direct`) from other hosts' agents.
-    pub(crate) async fn accept_direct(self: Arc<Self>, listener: tokio::net::TcpListener) {
-        let permits = Arc::new(tokio::sync::Semaphore::new(direct::MAX_INBOUND));
-        loop {
-            let Ok((stream, addr)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracing::debug!(%addr, "too many direct transfers at once, closing one");
-                continue;
-            };
-            let agent = self.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let private = agent
-                    .identity
-                    .lock()
-                    .expect("identity lock")
-                    .keypair
-                    .private;
-                let mut done = None;
-                let claim = async |ticket: &str, from: &[u8; 32]| {
-                    // The source may be faster than the request that announces it.
-                    for _ in 0..250 {
-                        {
-                            let mut inbound = agent.inbound.lock().expect("inbound lock");
-                            match inbound.get(ticket) {
-                                Some(i) if i.from == *from => {
-                                    let i = inbound.remove(ticket).expect("just seen");
-                                    done = Some(i.done);
-                                    return Some(i.expected);
-                                }
-                                Some(_) => return None,
-                                None => {}
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    None
-                };
-                match direct::accept(stream, &private, claim).await {
-                    Ok((_, result)) => {
-                        match &result {
-                            Ok(_) => tracing::info!(%addr, "images received directly"),
-                            Err(e) => tracing::warn!(%addr, "a direct transfer failed: {e}"),
-                        }
-                        if let Some(done) = done {
-                            let _ = done.send(result);
-                        }
-                    }
-                    Err(e) => tracing::warn!(%addr, "refused a direct transfer: {e}"),
-                }
-            });
         }
     }
 
@@ -626,25 +482,4 @@ impl Agent {
         tracing::info!(instance = %id, pid, "instance resumed after a failed migration");
         Ok(AgentReply::Created { pid })
     }
-}
-
-/// Relays `link` (from a lazy dump's host) to one end of a new socket pair, in the
-/// background; returns the other end, for CRIU's lazy-pages daemon.
-pub(crate) fn relay_pages(
-    id: &str,
-    link: PageLink,
-) -> Result<std::os::unix::net::UnixStream, String> {
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| format!("a socket pair: {e}"))?;
-    ours.set_nonblocking(true)
-        .map_err(|e| format!("a socket pair: {e}"))?;
-    let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| format!("a socket pair: {e}"))?;
-    let id = id.to_string();
-    tokio::spawn(async move {
-        match link.relay(ours).await {
-            Ok((_, pages)) => tracing::info!(instance = %id, bytes = pages, "pages fetched"),
-            Err(e) => tracing::warn!(instance = %id, "fetching pages: {e}"),
-        }
-    });
-    Ok(theirs)
 }
