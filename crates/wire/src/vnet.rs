@@ -120,8 +120,16 @@ impl VnetHdr {
 /// checksum incrementally as if it were complete (RFC 1624); for a partial one, the
 /// pseudo-header sum, the same adjustment is right on its complement. So a switch that
 /// rewrites addresses of a packet with a partial checksum complements the field before and
-/// after. False (nothing changed) if `hdr` points outside `pkt`.
+/// after. False (nothing changed) unless `hdr` points at the TCP or UDP checksum field of
+/// IPv4 packet `pkt`: the header comes from the instance, and a field elsewhere (an address,
+/// a port) would have the switch check other bytes than the ones it passes on.
 pub fn complement_checksum_field(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
+    let Some(l4) = VnetHdr::partial_for(pkt) else {
+        return false;
+    };
+    if (hdr.csum_start, hdr.csum_offset) != (l4.csum_start, l4.csum_offset) {
+        return false;
+    }
     let field = usize::from(hdr.csum_start) + usize::from(hdr.csum_offset);
     let Some(bytes) = pkt.get_mut(field..field + 2) else {
         return false;
@@ -480,6 +488,29 @@ mod tests {
         assert_eq!(n, 8);
         assert_eq!(stream, pkt[52..]);
         assert!(segs.next_into(&mut out).is_none());
+    }
+
+    #[test]
+    fn only_the_l4_checksum_field_is_complemented() {
+        let pkt = tcp_packet(100);
+        let tcp = VnetHdr::partial_for(&pkt).unwrap();
+        let mut p = pkt.clone();
+        assert!(complement_checksum_field(&mut p, &tcp));
+        assert_eq!((p[36], p[37]), (!pkt[36], !pkt[37]));
+        // A header naming any other field, as an instance may write one: the source
+        // address would pass the switch's check complemented and leave as it was.
+        for (csum_start, csum_offset) in [(0, 12), (0, 16), (20, 2), (20, 0), (21, 16)] {
+            let hdr = VnetHdr {
+                csum_start,
+                csum_offset,
+                ..tcp
+            };
+            let mut p = pkt.clone();
+            assert!(!complement_checksum_field(&mut p, &hdr));
+            assert_eq!(p, pkt);
+        }
+        let mut not_ip = vec![0u8; 64];
+        assert!(!complement_checksum_field(&mut not_ip, &tcp));
     }
 
     #[test]
