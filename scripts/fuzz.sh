@@ -30,6 +30,7 @@ declare -A max_len=(
   [switch]=8192
   [tunnel_responder]=4096
   [tunnel_session]=4096
+  [node_pair]=8192
   [control_stream]=8192
   [api_requests]=8192
   [join_token]=512

@@ -216,6 +216,92 @@ fn switch_seeds() {
     write("switch", "egress", &egress);
 }
 
+/// Input for node_pair: a mode byte (1: plaintext cluster), then records: 0 a device
+/// packet (selector: host in bit 0, then instance A, B or egress), 1 an exchange, 2 an
+/// altered datagram, 3 a raw one, 4 time, 5 the directory, 6 a hold (see its source).
+fn node_seeds() {
+    let vnet = |hdr: VnetHdr, packet: Vec<u8>| {
+        let mut read = vec![0u8; VNET_HDR_LEN];
+        assert!(hdr.write(&mut read));
+        read.extend_from_slice(&packet);
+        read
+    };
+    let device = |sel: u8, hdr: VnetHdr, packet: Vec<u8>| {
+        record(0, &[vec![sel], vnet(hdr, packet)].concat())
+    };
+    let plain = VnetHdr::PLAIN;
+    let a1 = Ipv4Addr::new(10, 1, 0, 1);
+    let a2 = Ipv4Addr::new(10, 1, 0, 2);
+    let b2 = Ipv4Addr::new(10, 2, 0, 2);
+    let exchange = record(1, &[]);
+    let payload: Vec<u8> = (0..600u32).map(|i| i as u8).collect();
+    let gso = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: 200,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    let conversation = [
+        device(0, plain, udp_packet(a1, a2, 53)),
+        exchange.clone(),
+        device(
+            1,
+            plain,
+            ipv4(PROTO_UDP, a2, a1, 5, &udp(53, 5353, b"answer")),
+        ),
+        exchange.clone(),
+        device(0, gso, tcp_packet(a1, a2, 80, ACK | PSH, &payload)),
+        exchange.clone(),
+        record(2, &[0, 3, 0, 40, 0x01]),
+        record(3, &[0, 3, 0, 0, 0]),
+        record(4, &[0x0b, 0xb8]),
+        record(6, &[5]),
+        device(1, plain, udp_packet(a2, a1, 53)),
+        exchange.clone(),
+    ]
+    .concat();
+    for (mode, name) in [(0u8, "encrypted"), (1, "plaintext")] {
+        write(
+            "node_pair",
+            name,
+            &[vec![mode], conversation.clone()].concat(),
+        );
+    }
+    let across_and_out = [
+        device(0, plain, tcp_packet(a1, b2, 80, SYN, b"")),
+        exchange.clone(),
+        device(
+            3,
+            plain,
+            ipv4(PROTO_TCP, b2, a1, 6, &tcp(80, 40000, 9, SYN | ACK, b"")),
+        ),
+        exchange.clone(),
+        device(0, plain, udp_packet(a1, OUTSIDE, 53)),
+        device(
+            4,
+            plain,
+            ipv4(
+                PROTO_UDP,
+                OUTSIDE,
+                Ipv4Addr::new(100, 64, 0, 2),
+                7,
+                &udp(53, 5353, b"from outside"),
+            ),
+        ),
+        device(0, plain, udp_packet(a1, Ipv4Addr::new(10, 1, 0, 77), 53)),
+        record(5, &[2]),
+        exchange,
+    ]
+    .concat();
+    write(
+        "node_pair",
+        "across-nets-egress-lookup",
+        &[vec![0], across_and_out].concat(),
+    );
+}
+
 fn keys(i: u8) -> Keypair {
     Keypair::from_private([i + 1; 32])
 }
@@ -623,6 +709,7 @@ fn main() {
     overlay_seeds();
     switch_seeds();
     tunnel_seeds();
+    node_seeds();
     control_seeds();
     api_seeds();
     text_seeds();
