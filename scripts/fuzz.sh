@@ -34,6 +34,7 @@ declare -A max_len=(
   [control_stream]=8192
   [api_requests]=8192
   [join_token]=512
+  [stream_frames]=4096
   [validate]=1024
 )
 

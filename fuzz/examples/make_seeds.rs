@@ -15,7 +15,7 @@ use vane_fuzz::{
     icmp_echo, ipv4, record, tcp, udp, ACK, FIN, PROTO_ICMP, PROTO_TCP, PROTO_UDP, PSH, SYN,
 };
 use vane_proto::api::{
-    ClusterConfig, CredentialSpec, ExecSpec, ExitStatus, Instance, InstanceState, Limits,
+    frame, ClusterConfig, CredentialSpec, ExecSpec, ExitStatus, Instance, InstanceState, Limits,
     MigrateSpec, Net, NetSpec, PolicySpec, RestoreSpec, RunSpec, SnapshotSpec, SpaceSpec, Template,
     TokenSpec,
 };
@@ -667,9 +667,28 @@ fn api_seeds() {
             }),
         ),
     ];
-    for (name, body) in bodies {
-        write("api_requests", name, &body);
+    for (name, body) in &bodies {
+        write("api_requests", name, body);
     }
+
+    let mut exec = Vec::new();
+    frame::encode(&mut exec, frame::STDOUT, b"hello\n");
+    frame::encode(&mut exec, frame::STDERR, b"warning\n");
+    frame::encode(&mut exec, frame::EXIT, &0i32.to_be_bytes());
+    write("stream_frames", "exec", &exec);
+    let restore = &bodies
+        .iter()
+        .find(|(name, _)| *name == "restore")
+        .unwrap()
+        .1;
+    let mut snapshot = frame::encoded(frame::RECORD, restore);
+    frame::encode(&mut snapshot, frame::IMAGES, &[0x1f, 0x8b, 8, 0, 0, 0]);
+    write("stream_frames", "restore", &snapshot);
+    write(
+        "stream_frames",
+        "error",
+        &frame::encoded(frame::ERROR, b"no such instance"),
+    );
 }
 
 fn text_seeds() {
