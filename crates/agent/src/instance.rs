@@ -132,36 +132,61 @@ pub fn create(
     spec: &InstanceSpec,
     setup: &Setup,
 ) -> Result<(Record, OwnedFd), CreateError> {
+    let (record, tun, space) = prepare_space(dir, &spec.id, spec, setup)?;
+    let result = launch(dir, exe, record, space, setup);
+    if result.is_err() {
+        teardown(dir, &spec.id, &setup.layout);
+    }
+    result.map(|record| (record, tun))
+}
+
+/// Makes an instance's space, for a new instance and for one about to be restored alike:
+/// checks its limits against this host, makes its directory, namespaces, device, rules and
+/// cgroups (`make_space`), and expands its settings (`resolve_space`); the record it
+/// returns carries the expanded environment, which `vane exec` uses too. On failure
+/// everything made so far is removed again. `key` names the namespace and cgroups.
+pub fn prepare_space(
+    dir: &Path,
+    key: &str,
+    spec: &InstanceSpec,
+    setup: &Setup,
+) -> Result<(Record, OwnedFd, Space), CreateError> {
     if dir.exists() {
         return Err(CreateError::Host(format!(
             "instance {} already exists on this host",
             spec.id
         )));
     }
-    let result = create_inner(dir, exe, spec, setup);
-    if result.is_err() {
-        teardown(dir, &spec.id, &setup.layout);
+    let made = (|| {
+        cgroup::check_host(&spec.limits).map_err(limit_error)?;
+        let (mut record, tun) = make_space(dir, key, spec, setup)?;
+        let space = resolve_space(dir, spec, &record.confinement())?;
+        record.spec.env = space.env.clone();
+        Ok((record, tun, space))
+    })();
+    if made.is_err() {
+        teardown(dir, key, &setup.layout);
     }
-    result
+    made
 }
 
-fn create_inner(
+/// Starts the program of an instance whose space is made, and writes its record with the
+/// pids.
+fn launch(
     dir: &Path,
     exe: &Path,
-    spec: &InstanceSpec,
+    mut record: Record,
+    space: Space,
     setup: &Setup,
-) -> Result<(Record, OwnedFd), CreateError> {
-    cgroup::check_host(&spec.limits).map_err(limit_error)?;
-    let (mut record, tun) = make_space(dir, &spec.id, spec, setup)?;
+) -> Result<Record, CreateError> {
     let confinement = record.confinement();
-    let (netns, cgroups) = (record.netns.clone(), record.cgroups.clone());
-    let space = resolve_space(dir, spec, &confinement)?;
+    let spec = &record.spec;
     let launch_spec = LaunchSpec {
         hostname: spec.hostname.clone(),
-        netns: netns.clone(),
+        netns: record.netns.clone(),
         cmd: spec.cmd.clone(),
         env: launch::instance_env(&spec.hostname, &space.env),
-        cgroups: cgroups.clone(),
+        cgroups: record.cgroups.clone(),
         rootfs: space.rootfs,
         volumes: space.volumes,
         redirects: space.redirects,
@@ -189,21 +214,18 @@ fn create_inner(
     }
     let launched: Launched = serde_json::from_slice(&out.stdout)
         .map_err(|e| CreateError::Host(format!("starting the instance: {e}")))?;
-    // With its variables expanded: `vane exec` runs in the same environment.
-    record.spec.env = space.env;
     record.init_pid = launched.init_pid;
     record.init_start = vane_sys::pidfd::start_time(launched.init_pid).unwrap_or(0);
     record.pid = launched.pid;
     write_record(dir, &record)?;
-    Ok((record, tun))
+    Ok(record)
 }
 
-/// Makes what an instance needs before its program starts, for a new instance and for one
-/// about to be restored alike: its directory, its user namespace (unless privileged) and a
+/// Makes what an instance needs before its program starts: its directory, its user namespace (unless privileged) and a
 /// network namespace owned by it with `vane0`, its address and rules, its cgroups with their
 /// limits. Returns its record without pids, and its TUN device. `key` names the namespace
 /// and cgroups.
-pub fn make_space(
+fn make_space(
     dir: &Path,
     key: &str,
     spec: &InstanceSpec,
@@ -245,7 +267,7 @@ fn limit_error(e: cgroup::LimitError) -> CreateError {
 
 /// An instance's environment and file-system settings with their variables expanded, and
 /// checked against this host.
-struct Space {
+pub struct Space {
     env: Vec<(String, String)>,
     rootfs: Option<PathBuf>,
     volumes: Vec<(PathBuf, PathBuf)>,

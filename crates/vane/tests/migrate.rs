@@ -896,3 +896,37 @@ fn an_agent_killed_in_a_migration_leaves_one_running_copy() {
     }
     finish_client(&lab, "c2", &stop);
 }
+
+/// A restored instance's space is made as a new one's: its settings are expanded for the
+/// host it moves to, so `vane exec` there sees its `{state}` directory, not the source's
+/// (nor the unexpanded template).
+#[test]
+fn a_moved_instance_s_environment_names_its_new_host_s_state_directory() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.19.0/24"]);
+    lab.ok(&[
+        "run",
+        "--net",
+        "red",
+        "--name",
+        "envy",
+        "--host",
+        "h1",
+        "--env",
+        "DIR={state}/data",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    let dir_on = |host: &str| {
+        let out = lab.ok(&["exec", "envy", "--", "sh", "-c", "echo $DIR"]);
+        let dir = out.trim().to_string();
+        let home = format!("{}/hosts/{host}/", lab.state_dir());
+        assert!(dir.starts_with(&home), "DIR={dir} on {host}");
+        dir
+    };
+    let before = dir_on("h1");
+    lab.ok(&["migrate", "envy", "--to", "h2"]);
+    let after = dir_on("h2");
+    assert_ne!(before, after);
+}

@@ -25,8 +25,9 @@ pub struct Prepared {
     pub record: Record,
 }
 
-/// Makes the instance's state directory, network namespace with its `vane0` and address,
-/// rules and cgroups, without starting anything. Undoes it all on failure.
+/// Makes the instance's space as a new instance's (`instance::prepare_space`: the same
+/// checks, namespaces, device, rules, cgroups and expanded settings), without starting
+/// anything. Undoes it all on failure.
 pub fn prepare(
     dir: &Path,
     key: &str,
@@ -34,18 +35,8 @@ pub fn prepare(
     setup: &Setup,
 ) -> Result<Prepared, String> {
     criu_version()?;
-    if dir.join(instance::RECORD_FILE).exists() {
-        return Err(format!("instance {} already exists on this host", spec.id));
-    }
-    if dir.exists() {
-        return Err(format!("instance {} already exists on this host", spec.id));
-    }
-    let result = instance::make_space(dir, key, spec, setup);
-    if result.is_err() {
-        instance::teardown(dir, key, &setup.layout);
-    }
-    result
-        .map(|(record, tun)| Prepared { tun, record })
+    instance::prepare_space(dir, key, spec, setup)
+        .map(|(record, tun, _)| Prepared { tun, record })
         .map_err(|e| match e {
             CreateError::Input(m) | CreateError::Host(m) => m,
         })
