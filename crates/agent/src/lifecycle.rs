@@ -119,13 +119,14 @@ impl Agent {
         // (this agent stopped in between) may be a second one, its source resumed: nothing
         // passes to or from it until a view places the instance here.
         let arrived = dir.join(checkpoint::ARRIVED_FILE);
+        let here = self.host_id();
         let placed_here = self
             .view
             .lock()
             .expect("view lock")
             .members
             .iter()
-            .any(|m| m.instance == record.spec.id && m.host == self.cfg.name);
+            .any(|m| m.instance == record.spec.id && Some(m.host_id) == here);
         if placed_here {
             let _ = std::fs::remove_file(&arrived);
         }

@@ -79,16 +79,16 @@ impl Agent {
             .iter()
             .filter_map(|(id, l)| Some((id.clone(), l.port?)))
             .collect();
-        let host_ids: BTreeMap<&str, u32> =
-            view.peers.iter().map(|p| (p.name.as_str(), p.id)).collect();
+        let here = self.host_id();
         let members: Vec<(u32, Ipv4Addr, Location)> = view
             .members
             .iter()
+            .filter(|m| m.host_id != 0)
             .filter_map(|m| {
-                let loc = if m.host == self.cfg.name {
+                let loc = if Some(m.host_id) == here {
                     Location::Local(*ports.get(&m.instance)?)
                 } else {
-                    Location::Remote(*host_ids.get(m.host.as_str())?)
+                    Location::Remote(m.host_id)
                 };
                 Some((m.net, m.ip, loc))
             })
@@ -134,7 +134,7 @@ impl Agent {
             let mut instances = self.instances();
             view.members
                 .iter()
-                .filter(|m| m.host == self.cfg.name)
+                .filter(|m| Some(m.host_id) == here)
                 .filter_map(|m| {
                     let local = instances.get_mut(&m.instance)?;
                     std::mem::take(&mut local.unconfirmed).then(|| (local.dir.clone(), local.port))
@@ -206,6 +206,15 @@ impl Agent {
             }
         }
     }
+    /// This host's id in the cluster, once the controller (or the saved view) said it.
+    pub(crate) fn host_id(&self) -> Option<u32> {
+        self.cluster
+            .lock()
+            .expect("cluster lock")
+            .as_ref()
+            .map(|(id, _)| *id)
+    }
+
     /// The cluster's global virtual address space (the default until the controller says).
     pub(crate) fn global_space(&self) -> Ipv4Net {
         self.cluster
@@ -237,10 +246,7 @@ impl Agent {
         ip: Ipv4Addr,
         member: Option<vane_proto::stream::Member>,
     ) {
-        let host = member.and_then(|m| {
-            let view = self.view.lock().expect("view lock");
-            view.peers.iter().find(|p| p.name == m.host).map(|p| p.id)
-        });
+        let host = member.map(|m| m.host_id).filter(|id| *id != 0);
         self.dataplane.send(Command::Resolved { net, ip, host });
     }
 
@@ -272,7 +278,8 @@ impl Agent {
         match serde_json::from_slice::<SavedView>(&bytes) {
             Ok(saved) => {
                 self.set_cluster(saved.host_id, saved.config);
-                self.apply_view(saved.view).await;
+                let view = saved.view.with_host_ids((saved.host_id, &self.cfg.name));
+                self.apply_view(view).await;
                 tracing::info!("applied the saved view");
             }
             Err(e) => tracing::warn!("ignoring saved view {}: {e}", path.display()),

@@ -311,6 +311,24 @@ pub struct AgentView {
     pub policies: Vec<PolicyRule>,
 }
 
+impl AgentView {
+    /// The view with every member's host id filled in from its peers, `local` standing for
+    /// the receiving host (a view saved by an agent older than host ids on members).
+    pub fn with_host_ids(mut self, local: (u32, &str)) -> AgentView {
+        for m in self.members.iter_mut().filter(|m| m.host_id == 0) {
+            m.host_id = if m.host == local.1 {
+                local.0
+            } else {
+                self.peers
+                    .iter()
+                    .find(|p| p.name == m.host)
+                    .map_or(0, |p| p.id)
+            };
+        }
+        self
+    }
+}
+
 /// Another host, as a switch needs to know it to open a tunnel to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
@@ -328,7 +346,12 @@ pub struct Member {
     pub ip: Ipv4Addr,
     pub name: String,
     pub hostname: String,
+    /// The name of the host it runs on (for people, and for `/etc/hosts`).
     pub host: String,
+    /// The id of that host, as switches and tunnels name hosts. 0 in views saved before
+    /// members carried it: those are read by name once (`AgentView::with_host_ids`).
+    #[serde(default)]
+    pub host_id: u32,
     pub instance: String,
 }
 
@@ -338,4 +361,39 @@ pub struct PolicyRule {
     pub from: u32,
     pub to: u32,
     pub port: Option<PortSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(host: &str, host_id: u32) -> Member {
+        Member {
+            net: 1,
+            ip: Ipv4Addr::new(10, 1, 0, 1),
+            name: "web".into(),
+            hostname: "web".into(),
+            host: host.into(),
+            host_id,
+            instance: "0123".into(),
+        }
+    }
+
+    #[test]
+    fn a_view_saved_without_host_ids_gets_them_from_its_peers() {
+        let saved = r#"{"peers":[{"id":7,"name":"h2","locator":null,"public_key":"00"}],
+            "nets":[],"policies":[],
+            "members":[{"net":1,"ip":"10.1.0.1","name":"web","hostname":"web","host":"h2","instance":"0123"},
+                       {"net":1,"ip":"10.1.0.2","name":"db","hostname":"db","host":"h1","instance":"4567"},
+                       {"net":1,"ip":"10.1.0.3","name":"x","hostname":"x","host":"gone","instance":"89ab"}]}"#;
+        let view: AgentView = serde_json::from_str(saved).unwrap();
+        assert!(view.members.iter().all(|m| m.host_id == 0));
+        let view = view.with_host_ids((3, "h1"));
+        let ids: Vec<u32> = view.members.iter().map(|m| m.host_id).collect();
+        assert_eq!(ids, [7, 3, 0], "a peer's id, this host's, unknown stays 0");
+        // Ids given by the controller are kept.
+        let mut fresh = AgentView::default();
+        fresh.members.push(member("h2", 9));
+        assert_eq!(fresh.with_host_ids((3, "h1")).members[0].host_id, 9);
+    }
 }

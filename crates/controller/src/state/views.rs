@@ -91,6 +91,7 @@ impl State {
             name: i.name.clone(),
             hostname: i.hostname.clone(),
             host: i.host.clone(),
+            host_id: self.hosts.get(&i.host)?.id,
             instance: i.id.clone(),
         })
     }
