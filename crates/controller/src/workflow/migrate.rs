@@ -12,12 +12,8 @@ use super::{agent_transfer_request, on_host, record_lost, set_migrating, ApiResu
 use crate::state::ApiError;
 use crate::{now, transfers, Controller};
 
-/// Streams the packed images of instance `id` (`bytes` long) from host `from` to host `to`:
-/// straight from agent to agent when the controller knows where the destination's switch
-/// is and both hosts' keys, else through the controller.
-/// Live migration (docs/api.md): prepare the destination, dump on the source, stream the
-/// images from the source to the destination (`transfers`), restore, flip the directory,
-/// clean the source up. A failed restore resumes the instance on the source.
+/// Moves instance `name` to host `spec.to` (see the module's docs and docs/migration.md);
+/// answers with its record once it runs there, or says what the failure left.
 pub(crate) async fn migrate(
     c: &Arc<Controller>,
     name: &str,
