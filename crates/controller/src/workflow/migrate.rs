@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use vane_proto::api::{HostState, Instance, InstanceState, MigrateSpec, Migration};
+use vane_proto::api::{HostState, Instance, MigrateSpec, Migration};
 use vane_proto::stream::{AgentReply, AgentRequest};
 
-use super::{agent_transfer_request, on_host, record_lost, set_migrating, ApiResult};
+use super::{agent_transfer_request, must_run, on_host, record_lost, set_migrating, ApiResult};
 use crate::state::ApiError;
 use crate::{now, transfers, Controller};
 
@@ -23,12 +23,7 @@ pub(crate) async fn migrate(
     let (id, from, inst_spec) = {
         let s = c.state();
         let inst = s.instance_by_name(name)?;
-        if inst.state != InstanceState::Running {
-            return Err(ApiError::Conflict(format!(
-                "instance {name:?} is not running ({})",
-                inst.state.as_str()
-            )));
-        }
+        must_run(inst)?;
         let host = s
             .hosts
             .get(&to)

@@ -78,11 +78,18 @@ pub(crate) fn settled(c: &Controller, name: &str) -> ApiResult<(String, String)>
 pub(crate) fn running_instance(c: &Controller, name: &str) -> ApiResult<(String, String)> {
     let s = c.state();
     let inst = s.instance_by_name(name)?;
+    must_run(inst)?;
+    Ok((inst.id.clone(), inst.host.clone()))
+}
+
+/// Refuses what needs a running instance when `inst` is not.
+pub(crate) fn must_run(inst: &vane_proto::api::Instance) -> ApiResult<()> {
     if inst.state != InstanceState::Running {
         return Err(ApiError::Conflict(format!(
-            "instance {name:?} is not running ({})",
+            "instance {:?} is not running ({})",
+            inst.name,
             inst.state.as_str()
         )));
     }
-    Ok((inst.id.clone(), inst.host.clone()))
+    Ok(())
 }
