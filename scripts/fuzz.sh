@@ -43,7 +43,9 @@ if [ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $cargo_fuzz_version" ]
 fi
 # libfuzzer-sys compiles libFuzzer, which is C++.
 if ! command -v c++ >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq g++ >/dev/null
 fi
 
 targets=("$@")
