@@ -4,7 +4,7 @@
 //!
 //! The rules inside the namespace only make refusals friendly (connect() and sendto() fail
 //! with EPERM instead of timing out); a root program inside can remove them, and the switch
-//! still drops what they would have refused (DESIGN.md, decision 5).
+//! still drops what they would have refused: the switch is the boundary, these are manners.
 
 use std::fmt::Write as _;
 use std::io::{self, Write};

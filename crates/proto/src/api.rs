@@ -352,7 +352,7 @@ impl std::fmt::Display for ExitStatus {
 /// An instance: one isolated space running a process tree, with its identity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
-    /// Cluster-wide id (the seeds' isolating identifier).
+    /// Cluster-wide id: what frames carry to say which net a packet belongs to.
     pub id: String,
     pub name: String,
     pub net: String,

@@ -1,4 +1,4 @@
-//! The incoming check (FIG. 7): a packet another host's switch sent through the tunnel,
+//! The incoming check: a packet another host's switch sent through the tunnel,
 //! checked again against this host's own tables.
 
 use std::time::Instant;
@@ -27,7 +27,7 @@ impl Switch {
         self.account(len, verdict, now)
     }
 
-    /// The incoming check (FIG. 7) for a packet from another host.
+    /// The incoming check for a packet from another host.
     fn route_from_tunnel(
         &mut self,
         from: HostId,

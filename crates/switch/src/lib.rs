@@ -2,9 +2,9 @@
 //!
 //! The switch is vane's security boundary (rules inside an instance only make refusals
 //! friendly; a root program there can remove them). It sits between every instance's TUN
-//! device and everything else, and implements the seeds' outgoing check (FIG. 6: the source
+//! device and everything else, and implements the outgoing check (the source
 //! must be the sender's own address; the destination must be in the sender's net, allowed by
-//! policy, or outside the global space with egress enabled) and incoming check (FIG. 7: a
+//! policy, or outside the global space with egress enabled) and the incoming check (a
 //! packet from another host is checked again against this host's own tables).
 //!
 //! It does no I/O and reads no clock: the shell passes packets, where they came from and

@@ -1,4 +1,4 @@
-//! The outgoing check (FIG. 6): what a local instance sends, to its own net, across nets
+//! The outgoing check: what a local instance sends, to its own net, across nets
 //! inside the global space (policy and flows), or out through egress NAT.
 
 use std::net::Ipv4Addr;
@@ -54,7 +54,7 @@ impl Switch {
         self.account(len, routed, now)
     }
 
-    /// The outgoing check (FIG. 6).
+    /// The outgoing check.
     fn route_from_port(
         &mut self,
         port: PortId,

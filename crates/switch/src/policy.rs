@@ -1,6 +1,6 @@
 //! Allow rules between nets, compiled for per-packet lookup.
 //!
-//! Nets are isolated by default (the seeds' outgoing and incoming checks); a rule opens one
+//! Nets are isolated by default (the outgoing and incoming checks); a rule opens one
 //! direction, optionally for one TCP/UDP destination port. The rule list is what the
 //! controller sends; per packet the switch needs "which net does this destination belong to,
 //! seen from the sender's net, and is this port allowed", so `set_rules` precomputes, for each

@@ -1,6 +1,6 @@
 //! The member table: where each (net, virtual IP) lives.
 //!
-//! This is the seeds' per-net forwarding table, flattened into one table keyed by
+//! This is the per-net forwarding table, flattened into one table keyed by
 //! `(net, ip)`: nets may use the same addresses (overlapping tenant ranges), so the net id is
 //! part of every key, and a single table gives one probe per packet however many nets and
 //! members there are.

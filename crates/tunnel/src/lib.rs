@@ -1,8 +1,9 @@
 //! Sans-IO host-to-host sessions: what carries the virtual networks between hosts.
 //!
 //! Every pair of hosts shares an encrypted, authenticated channel over UDP. Each host's
-//! [`Tunnels`] runs a Noise IK handshake (`Noise_IK_25519_ChaChaPoly_BLAKE2s`) with each
-//! peer host whose static public key the controller gave it, and then seals and opens the
+//! [`Tunnels`] runs a Noise IK handshake (`Noise_IK_25519_ChaChaPoly_BLAKE2s`, or
+//! `Noise_IK_25519_AESGCM_BLAKE2s` where the initiator's CPU has AES instructions: see
+//! [`Cipher`]) with each peer host whose static public key the controller gave it, and then seals and opens the
 //! data messages of the resulting sessions. Like the switch it does no I/O and reads no
 //! clock: the shell passes datagrams, `now` and (for handshake timestamps) the wall clock,
 //! and sends what comes back. That keeps handshakes, rekeys, losses, reordering and restarts

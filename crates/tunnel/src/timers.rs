@@ -10,8 +10,8 @@ use crate::{PeerId, Tunnels};
 
 impl Tunnels {
     /// Runs the timers: handshake retries and give-ups, rekeys by time and message count,
-    /// session expiry, idle teardown. Call after every batch of datagrams and at least every
-    /// 100 ms, repeatedly until it returns `None`: each `Some` is an initiation in
+    /// session expiry, idle teardown. Call after every batch of datagrams and when
+    /// [`Tunnels::next_timer`] is due, repeatedly until it returns `None`: each `Some` is an initiation in
     /// `out[..n]` (at least [`INITIATION_LEN`] bytes) to send to that peer.
     pub fn poll_timers(
         &mut self,

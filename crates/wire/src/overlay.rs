@@ -7,7 +7,7 @@
 //!
 //! Both nets travel with the packet: nets of different tenants may use the same addresses,
 //! so the destination net says which member the address means, and the source net is what
-//! the receiving switch checks its policy against (seed 003: policy at both ends). In an
+//! the receiving switch checks its policy against (policy holds at both ends). In an
 //! encrypted cluster the inner frame is the plaintext of a tunnel data message
 //! (`vane_tunnel`); in a plaintext cluster it follows the 8-byte header above. All integers
 //! are big-endian.
