@@ -9,12 +9,13 @@
 //! written to a device is a virtio header and an IPv4 packet for that device's own
 //! address; a packet an instance wrote reaches another device or the peer host only with
 //! the instance's own source address; what goes out through egress has an egress address
-//! as its source and a destination outside the global space; every datagram sent is a
-//! tunnel message (a plaintext one in a plaintext cluster) no longer than its slot; and in
-//! an encrypted cluster nothing but the peer's own datagrams, unaltered, reaches a device.
+//! as its source and a destination outside the global space; a packet from net A reaches
+//! net B only as the policies allow; every datagram sent is a tunnel message (a plaintext
+//! one in a plaintext cluster) no longer than its slot; and in an encrypted cluster nothing
+//! but the peer's own datagrams, unaltered, reaches a device.
 #![no_main]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ use vane_switch::{L4Proto, Location, NetConfig, PolicyRule, PortId, SwitchConfig
 use vane_tunnel::{message_type, Keypair};
 use vane_wire::overlay::PLAIN_TYPE;
 use vane_wire::vnet::{VnetHdr, VNET_HDR_LEN};
-use vane_wire::Ipv4Packet;
+use vane_wire::{Ipv4Packet, L4Ports, PROTO_ICMP, PROTO_TCP};
 
 const NET_A: NetConfig = NetConfig {
     id: 1,
@@ -111,6 +112,9 @@ struct Pair {
     sent_by: [Vec<Vec<u8>>; 2],
     /// How many of each host's datagrams in flight are in `sent_by` already.
     recorded: [usize; 2],
+    /// Protocol and ports of every packet an instance of net B wrote towards net A: what
+    /// replies from A to B may answer.
+    b_to_a: HashSet<(u8, u16, u16)>,
 }
 
 impl Pair {
@@ -168,6 +172,7 @@ impl Pair {
             now: Instant::now(),
             sent_by: Default::default(),
             recorded: [0; 2],
+            b_to_a: HashSet::new(),
         }
     }
 
@@ -191,6 +196,12 @@ impl Pair {
             let answered = from_instance == Some(ip.dst());
             if let Some(src) = from_instance.filter(|_| !answered) {
                 assert_eq!(ip.src(), src, "a spoofed source reached a device");
+            }
+            if NET_A.subnet.contains(&ip.src()) && NET_B.subnet.contains(&ip.dst()) {
+                assert!(
+                    allowed_a_to_b(&ip, &self.b_to_a),
+                    "no policy lets {ip:?} through"
+                );
             }
         }
         for bytes in std::mem::take(&mut h.io.egress) {
@@ -231,6 +242,14 @@ impl Pair {
                 (Source::Port(port), Some(ip))
             }
         };
+        if let Some(ip) = sender
+            .filter(|ip| NET_B.subnet.contains(ip))
+            .and_then(|_| Ipv4Packet::new_checked(read.get(VNET_HDR_LEN..)?).ok())
+            .filter(|ip| NET_A.subnet.contains(&ip.dst()))
+        {
+            let ports = L4Ports::of(&ip);
+            self.b_to_a.insert((ip.protocol(), ports.src, ports.dst));
+        }
         let h = &mut self.h[i];
         let before = h.io.sent.len();
         h.node
@@ -369,6 +388,16 @@ impl Pair {
         h.node.hold_port(&mut h.io, port, sel & 4 != 0);
         self.check_output(i, None);
     }
+}
+
+/// Whether the policies let a packet from net A to net B through: TCP to port 80 (the rule
+/// A -> B), a reply to what an instance of B sent towards A (the rule B -> A, any), or an
+/// ICMP error the node itself sends back to a sender whose packet was too large.
+fn allowed_a_to_b(ip: &Ipv4Packet<&[u8]>, b_to_a: &HashSet<(u8, u16, u16)>) -> bool {
+    let ports = L4Ports::of(ip);
+    (ip.protocol() == PROTO_TCP && ports.dst == 80)
+        || b_to_a.contains(&(ip.protocol(), ports.dst, ports.src))
+        || (ip.protocol() == PROTO_ICMP && ports.icmp_type == Some(3))
 }
 
 /// The IPv4 packet behind the virtio header of what was written to a device.
