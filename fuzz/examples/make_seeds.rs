@@ -511,6 +511,7 @@ fn control_seeds() {
                     name: "web-2".into(),
                     hostname: "web-2".into(),
                     host: "h2".into(),
+                    host_id: 2,
                     instance: "i-2".into(),
                 }],
                 policies: vec![PolicyRule {
