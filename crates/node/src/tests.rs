@@ -315,3 +315,34 @@ fn an_idle_node_has_no_timer_and_a_plaintext_pair_needs_no_handshake() {
     assert_eq!(p.exchange(|_| false), 1);
     assert_eq!(p.received(2), [b"in the clear".to_vec()]);
 }
+
+#[test]
+fn a_partial_checksum_said_to_be_outside_the_l4_checksum_field_is_dropped() {
+    let mut p = Pair::new(false, true);
+    // The instance's root writes the virtio header: a partial checksum "at" the source
+    // address would have the switch check other bytes than the ones that leave.
+    let mut read = udp(ip(1), ip(2), b"spoof");
+    VnetHdr {
+        flags: vane_wire::vnet::F_NEEDS_CSUM,
+        gso_type: 0,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 0,
+        csum_offset: 12,
+    }
+    .write(&mut read);
+    let h = &mut p.h[0];
+    h.node
+        .handle_device_packet(&mut h.io, Source::Port(port(1)), &mut read, p.now);
+    assert!(h.io.sent.is_empty() && h.io.ports.is_empty());
+    assert_eq!(h.node.counters().drop_bad_offload, 1);
+    // The same packet with its header pointing at its UDP checksum goes.
+    let mut read = udp(ip(1), ip(2), b"fine");
+    VnetHdr::partial_for(&read[VNET_HDR_LEN..])
+        .unwrap()
+        .write(&mut read);
+    let h = &mut p.h[0];
+    h.node
+        .handle_device_packet(&mut h.io, Source::Port(port(1)), &mut read, p.now);
+    assert_eq!(h.io.sent.len(), 1, "an initiation for it");
+}

@@ -41,6 +41,13 @@ impl Node {
         // partial checksum is the complement of such a one as far as the adjustment goes,
         // so complementing it around the call keeps it right.
         let partial = hdr.needs_csum() && vnet::complement_checksum_field(pkt, &hdr);
+        if hdr.needs_csum() && !partial {
+            // A partial checksum said to be anywhere but the packet's own TCP or UDP
+            // checksum field: whoever computes it later would write over bytes the switch
+            // checked (an address, a port).
+            self.counters.drop_bad_offload += 1;
+            return;
+        }
         let verdict = match source {
             Source::Egress => self.switch.process_from_egress(pkt, now),
             Source::Port(port) => self.switch.process_from_port(port, pkt, now),
