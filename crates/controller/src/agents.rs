@@ -313,6 +313,7 @@ fn agent_error(e: AgentError) -> ApiError {
         ErrorKind::NotFound => ApiError::NotFound(e.message),
         ErrorKind::Conflict => ApiError::Conflict(e.message),
         ErrorKind::Failed => ApiError::Internal(e.message),
+        ErrorKind::Moved => ApiError::Moved(e.message),
     }
 }
 

@@ -219,6 +219,9 @@ pub enum ErrorKind {
     Conflict,
     /// It was tried and failed.
     Failed,
+    /// The instance left this host: the source of a post-copy migration whose memory all
+    /// went to the destination cannot take it back; the destination's copy is the one.
+    Moved,
 }
 
 impl AgentError {

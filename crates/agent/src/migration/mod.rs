@@ -319,6 +319,11 @@ impl Agent {
             .is_some_and(|l| !served && instance::is_alive(&l.record));
         Some(if alive {
             Ok(())
+        } else if served {
+            Err(AgentError::new(
+                vane_proto::stream::ErrorKind::Moved,
+                "its memory had all gone to the destination: the instance lives there now",
+            ))
         } else {
             Err(AgentError::from(
                 "the instance's lazy dump did not resume it",

@@ -43,6 +43,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// An agent says the instance left its host (`ErrorKind::Moved`).
+    #[error("{0}")]
+    Moved(String),
 }
 
 impl From<validate::InputError> for ApiError {

@@ -148,6 +148,20 @@ pub(crate) async fn migrate(
                             "migration of instance {name:?} to host {to:?} failed, it runs on host {from:?} again: {e}"
                         ))
                     }
+                    // A post-copy source whose memory had all gone: the destination's copy
+                    // is whole. Its agent stopped before answering (one that answered with
+                    // a failure removed its copy): it takes the copy back when it returns,
+                    // and the directory places the instance there.
+                    Err(ApiError::Moved(why)) if !c.agents.is_connected(&to) => {
+                        c.change_instance(&id, |inst| {
+                            inst.host = to.clone();
+                            inst.pid = None;
+                        })?;
+                        c.push_views();
+                        ApiError::Conflict(format!(
+                            "migration of instance {name:?} to host {to:?} was cut off ({e}) after {why}: it runs on host {to:?} once its agent is back"
+                        ))
+                    }
                     Err(e2) => {
                         // Nowhere running: say so, rather than keep it `running`.
                         record_lost(c, &id)?;

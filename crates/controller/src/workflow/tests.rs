@@ -22,6 +22,8 @@ struct Scripted {
     online: Mutex<BTreeSet<String>>,
     asked: Mutex<Vec<String>>,
     script: Box<Script>,
+    /// `(host, request kind)`: that host's agent stops when asked that, before answering.
+    dies_at: Mutex<Option<(String, String)>>,
 }
 
 impl Scripted {
@@ -57,7 +59,13 @@ impl AgentLink for Scripted {
             .lock()
             .unwrap()
             .push(format!("{host} {}", kind(&body)));
-        let answer = if self.is_connected(host) {
+        let dies = self.dies_at.lock().unwrap().as_ref() == Some(&(host.into(), kind(&body)));
+        let answer = if dies {
+            self.online.lock().unwrap().remove(host);
+            Err(ApiError::Unavailable(format!(
+                "host {host:?} disconnected before answering"
+            )))
+        } else if self.is_connected(host) {
             (self.script)(host, &body)
         } else {
             Err(ApiError::Unavailable(format!("host {host:?} is offline")))
@@ -86,6 +94,7 @@ async fn cluster(
     let agents = Arc::new(Scripted {
         online: Mutex::new(["h1".to_string(), "h2".to_string()].into()),
         asked: Mutex::new(Vec::new()),
+        dies_at: Mutex::new(None),
         script: Box::new(move |host, req| match req {
             AgentRequest::Create { instance } if instance.name == "srv" => {
                 Ok(AgentReply::Created { pid: 100 })
@@ -349,4 +358,46 @@ async fn removing_an_instance_of_an_offline_host_needs_force() {
     super::remove(&cl.c, "srv", true).await.unwrap();
     assert!(cl.c.state().instance_by_name("srv").is_err());
     assert!(cl.agents.asked().is_empty());
+}
+
+#[tokio::test]
+async fn a_destination_that_stops_after_a_post_copy_took_all_the_memory_keeps_the_instance() {
+    let cl = cluster(|host, req| match req {
+        // The source's lazy dump served every page before the destination stopped.
+        AgentRequest::Restore { .. } if host == "h1" => Err(ApiError::Moved(
+            "its memory had all gone to the destination".into(),
+        )),
+        _ => agreeable(host, req),
+    })
+    .await;
+    *cl.agents.dies_at.lock().unwrap() = Some(("h2".into(), "Restore".into()));
+    let e = cl.migrate("h2", true).await.unwrap_err().to_string();
+    assert!(
+        e.contains("runs on host \"h2\" once its agent is back"),
+        "{e}"
+    );
+    let srv = cl.srv();
+    assert_eq!(
+        (srv.host.as_str(), srv.state),
+        ("h2", InstanceState::Running)
+    );
+    assert!(srv.migrating.is_none());
+    // The copy h2 brings back is its own: nothing tells it to remove it.
+    let (_, unknown) = cl.c.state().reconcile("h2", &[]);
+    assert!(unknown.is_empty());
+}
+
+#[tokio::test]
+async fn a_destination_that_refuses_after_a_post_copy_took_all_the_memory_loses_the_instance() {
+    // The destination answered (its failed restore removed its copy): nothing is left.
+    let cl = cluster(|host, req| match req {
+        AgentRequest::Restore { .. } if host == "h1" => Err(ApiError::Moved(
+            "its memory had all gone to the destination".into(),
+        )),
+        AgentRequest::Restore { .. } => failed("restored tree not confined"),
+        _ => agreeable(host, req),
+    })
+    .await;
+    cl.migrate("h2", true).await.unwrap_err();
+    assert_eq!(cl.srv().state, InstanceState::Lost);
 }
