@@ -166,7 +166,6 @@ impl Node {
             return;
         };
         let at = self.frame_offset();
-        let wall = self.wall(now);
         let Some(peer) = self.peers.get_mut(&host) else {
             return;
         };
@@ -191,6 +190,8 @@ impl Node {
                 } else {
                     peer.waiting.push_back((now, frame));
                 }
+                // Only here, off the path of every packet: the handshake's timestamp.
+                let wall = crate::wall_at(&mut self.epoch, now);
                 if let Some(n) = self.tunnels.initiate(host, &mut self.scratch, now, wall) {
                     io.send_now(&self.scratch[..n], endpoint);
                 }
