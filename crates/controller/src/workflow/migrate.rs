@@ -149,17 +149,25 @@ pub(crate) async fn migrate(
                         ))
                     }
                     // A post-copy source whose memory had all gone: the destination's copy
-                    // is whole. Its agent stopped before answering (one that answered with
-                    // a failure removed its copy): it takes the copy back when it returns,
-                    // and the directory places the instance there.
-                    Err(ApiError::Moved(why)) if !c.agents.is_connected(&to) => {
+                    // is whole, unless the destination removed it on its own failure. It
+                    // is still there if the destination's agent says it runs, or stopped
+                    // before answering (it takes the copy back when it returns; what it
+                    // then reports settles it): the directory places the instance there.
+                    Err(ApiError::Moved(why))
+                        if !c.agents.is_connected(&to)
+                            || c
+                                .agents
+                                .request(&to, AgentRequest::Stats { id: id.clone() })
+                                .await
+                                .is_ok() =>
+                    {
                         c.change_instance(&id, |inst| {
                             inst.host = to.clone();
                             inst.pid = None;
                         })?;
                         c.push_views();
                         ApiError::Conflict(format!(
-                            "migration of instance {name:?} to host {to:?} was cut off ({e}) after {why}: it runs on host {to:?} once its agent is back"
+                            "migration of instance {name:?} to host {to:?} was cut off ({e}) after {why}: it runs on host {to:?}"
                         ))
                     }
                     Err(e2) => {

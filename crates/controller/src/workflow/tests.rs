@@ -372,10 +372,7 @@ async fn a_destination_that_stops_after_a_post_copy_took_all_the_memory_keeps_th
     .await;
     *cl.agents.dies_at.lock().unwrap() = Some(("h2".into(), "Restore".into()));
     let e = cl.migrate("h2", true).await.unwrap_err().to_string();
-    assert!(
-        e.contains("runs on host \"h2\" once its agent is back"),
-        "{e}"
-    );
+    assert!(e.contains("it runs on host \"h2\""), "{e}");
     let srv = cl.srv();
     assert_eq!(
         (srv.host.as_str(), srv.state),
@@ -395,9 +392,33 @@ async fn a_destination_that_refuses_after_a_post_copy_took_all_the_memory_loses_
             "its memory had all gone to the destination".into(),
         )),
         AgentRequest::Restore { .. } => failed("restored tree not confined"),
+        AgentRequest::Stats { .. } => Err(ApiError::NotFound("not running here".into())),
         _ => agreeable(host, req),
     })
     .await;
     cl.migrate("h2", true).await.unwrap_err();
     assert_eq!(cl.srv().state, InstanceState::Lost);
+}
+
+#[tokio::test]
+async fn a_destination_back_before_the_resume_keeps_the_instance_it_runs() {
+    // Its agent restarted at once and runs the copy (its stats answer): it is the one.
+    let cl = cluster(|host, req| match req {
+        AgentRequest::Restore { .. } if host == "h1" => Err(ApiError::Moved(
+            "its memory had all gone to the destination".into(),
+        )),
+        AgentRequest::Restore { .. } => Err(ApiError::Unavailable(
+            "host \"h2\" disconnected before answering".into(),
+        )),
+        _ => agreeable(host, req),
+    })
+    .await;
+    cl.migrate("h2", true).await.unwrap_err();
+    let asked = cl.agents.asked();
+    assert_eq!(asked[asked.len() - 2..], ["h1 Restore", "h2 Stats"]);
+    let srv = cl.srv();
+    assert_eq!(
+        (srv.host.as_str(), srv.state),
+        ("h2", InstanceState::Running)
+    );
 }
