@@ -322,20 +322,16 @@ impl Node {
         }
     }
 
-    /// The wall clock at `now` in nanoseconds since the Unix epoch, for the timestamps of
-    /// initiations (which must grow from one to the next).
-    fn wall(&mut self, now: Instant) -> u64 {
-        wall_at(&mut self.epoch, now)
-    }
-
     pub fn counters(&self) -> NodeCounters {
         self.counters
     }
 }
 
-/// The wall clock at `now`, from the wall clock read once at the first call (`epoch`):
-/// derived from the time the shell gives, so that virtual time is wall time too.
-fn wall_at(epoch: &mut Option<(Instant, u64)>, now: Instant) -> u64 {
+/// The wall clock at `now` in nanoseconds since the Unix epoch, for the timestamps of
+/// initiations (which must grow from one to the next): from the wall clock read once at
+/// the first call (`epoch`) and the time the shell gives, so that virtual time is wall time
+/// too.
+pub(crate) fn wall_at(epoch: &mut Option<(Instant, u64)>, now: Instant) -> u64 {
     let (base, wall) = *epoch.get_or_insert_with(|| {
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)

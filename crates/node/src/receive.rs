@@ -86,7 +86,7 @@ impl Node {
                     .find(|(_, p)| p.endpoint == Some(from))
                     .map(|(id, _)| *id);
                 if let Some(peer) = peer {
-                    let wall = self.wall(now);
+                    let wall = crate::wall_at(&mut self.epoch, now);
                     if let Some(n) = self.tunnels.initiate(peer, &mut self.scratch, now, wall) {
                         io.send_now(&self.scratch[..n], from);
                     }

@@ -34,7 +34,7 @@ impl Node {
     /// teardown), the expiry of packets that waited too long, the sweep of flows.
     pub fn handle_timeout<I: Io>(&mut self, io: &mut I, now: Instant) {
         if matches!(self.identity, Some((_, false))) {
-            let wall = self.wall(now);
+            let wall = crate::wall_at(&mut self.epoch, now);
             while let Some((peer, n)) = self.tunnels.poll_timers(now, wall, &mut self.scratch) {
                 if let Some(endpoint) = self.peers.get(&peer).and_then(|p| p.endpoint) {
                     io.send_now(&self.scratch[..n], endpoint);

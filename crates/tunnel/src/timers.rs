@@ -1,18 +1,18 @@
 //! The timers of [`Tunnels`]: handshake retries and give-ups, rekeys, session expiry and
 //! idle teardown, and when the next of them is due.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::session::usable;
 #[cfg(doc)]
 use crate::INITIATION_LEN;
-use crate::{PeerId, Tunnels};
+use crate::{Config, PeerId, Tunnels};
 
 impl Tunnels {
     /// Runs the timers: handshake retries and give-ups, rekeys by time and message count,
     /// session expiry, idle teardown. Call after every batch of datagrams and when
-    /// [`Tunnels::next_timer`] is due, repeatedly until it returns `None`: each `Some` is an initiation in
-    /// `out[..n]` (at least [`INITIATION_LEN`] bytes) to send to that peer.
+    /// [`Tunnels::next_timer`] is due, repeatedly until it returns `None`: each `Some` is an
+    /// initiation in `out[..n]` (at least [`INITIATION_LEN`] bytes) to send to that peer.
     pub fn poll_timers(
         &mut self,
         now: Instant,
@@ -50,11 +50,7 @@ impl Tunnels {
                 continue;
             }
             if let Some(s) = &p.current {
-                let mut after = cfg.rekey_after_time;
-                if !s.initiator {
-                    after += cfg.handshake_retry * 10;
-                }
-                if now.saturating_duration_since(s.established) >= after
+                if now.saturating_duration_since(s.established) >= rekey_after(s.initiator, cfg)
                     || s.sent >= cfg.rekey_after_messages
                 {
                     self.counters.rekeys += 1;
@@ -88,13 +84,20 @@ impl Tunnels {
                 continue;
             }
             if let Some(s) = &p.current {
-                let mut after = cfg.rekey_after_time;
-                if !s.initiator {
-                    after += cfg.handshake_retry * 10;
-                }
-                at(s.established + after);
+                at(s.established + rekey_after(s.initiator, cfg));
             }
         }
         next
+    }
+}
+
+/// How long after its start a session is rekeyed by time: by its initiator at
+/// `rekey_after_time`; by its responder `10 * handshake_retry` later, so that both sides do
+/// not rekey at once while still covering an initiator that went away.
+fn rekey_after(initiator: bool, cfg: &Config) -> Duration {
+    if initiator {
+        cfg.rekey_after_time
+    } else {
+        cfg.rekey_after_time + cfg.handshake_retry * 10
     }
 }
