@@ -156,9 +156,14 @@ impl Pair {
                 locator: Some(underlay(other)),
                 public_key: keys(other).public,
             }]);
-            let members = instances(other)
-                .map(|(_, net, ip)| (net.id, ip, Location::Remote(other as u32 + 1)))
-                .to_vec();
+            let members = instances(i)
+                .map(|(port, net, ip)| (net.id, ip, Location::Local(port)))
+                .into_iter()
+                .chain(
+                    instances(other)
+                        .map(|(_, net, ip)| (net.id, ip, Location::Remote(other as u32 + 1))),
+                )
+                .collect();
             node.apply_view(vec![NET_A, NET_B], members, policies.clone());
             Host {
                 node,
@@ -369,11 +374,11 @@ impl Pair {
         for i in 0..2 {
             let h = &mut self.h[i];
             while let Some((net, ip)) = h.node.poll_lookup() {
-                let host = match sel % 3 {
+                let location = match sel % 3 {
                     0 => None,
-                    k => Some(u32::from(k)),
+                    k => Some(Location::Remote(u32::from(k))),
                 };
-                h.node.resolved(&mut h.io, net, ip, host, self.now);
+                h.node.resolved(&mut h.io, net, ip, location, self.now);
             }
             // Packets that waited were an instance's: their source is checked on the way.
             self.check_output(i, None);

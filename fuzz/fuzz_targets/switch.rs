@@ -134,6 +134,8 @@ impl World {
 
     fn attach(&mut self, port: PortId, net: NetId, ip: Ipv4Addr) {
         let egress_ip = self.switch.attach_port(port, net, ip).expect("attachable");
+        // As the directory does once the instance is placed here.
+        self.switch.set_member(net, ip, Location::Local(port));
         self.ports.insert(
             port,
             Port {

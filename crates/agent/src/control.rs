@@ -71,12 +71,7 @@ pub async fn forward_lookups(agent: Arc<Agent>, mut rx: mpsc::Receiver<(u32, Ipv
 /// forwarding with the tables it has.
 pub async fn connect_loop(agent: Arc<Agent>) -> String {
     let url = controller_ws_url(&agent, "/v1/agents/connect");
-    let pin = agent
-        .identity
-        .lock()
-        .expect("identity lock")
-        .ca_pin
-        .expect("checked at start");
+    let pin = agent.state().identity.ca_pin.expect("checked at start");
     let tls = crate::pin::client_config(pin);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -101,12 +96,7 @@ pub async fn connect_loop(agent: Arc<Agent>) -> String {
             // host that has not joined yet gives up: its token names another controller.
             // One that has keeps trying (an impostor on the underlay must not stop it).
             Err(e) if e.to_string().contains("pinned") => {
-                let enrolled = agent
-                    .identity
-                    .lock()
-                    .expect("identity lock")
-                    .credential
-                    .is_some();
+                let enrolled = agent.state().identity.credential.is_some();
                 if !enrolled {
                     return format!(
                         "the controller at {url} is not the one the join token names: {e}"
@@ -139,7 +129,8 @@ where
     *agent.outbox.lock().expect("outbox lock") = Some(tx);
     let locator = agent.locator();
     let (public_key, auth) = {
-        let id = agent.identity.lock().expect("identity lock");
+        let state = agent.state();
+        let id = &state.identity;
         let auth = match (&id.credential, &agent.cfg.join_token) {
             (Some(c), _) => HostAuth::Credential(c.clone()),
             // The secret alone: the pin is this side's business.
@@ -201,12 +192,7 @@ where
             } => {
                 tracing::info!(host_id, ?locator, "registered with the controller");
                 if let Some(c) = credential {
-                    if let Err(e) = agent
-                        .identity
-                        .lock()
-                        .expect("identity lock")
-                        .set_credential(c)
-                    {
+                    if let Err(e) = agent.state().identity.set_credential(c) {
                         tracing::error!("cannot save this host's credential: {e:#}");
                     }
                 }
@@ -383,8 +369,9 @@ async fn pump(tx: &mpsc::Sender<Vec<u8>>, kind: u8, mut r: impl tokio::io::Async
 
 pub async fn logs(agent: Arc<Agent>, id: &str, ticket: String) -> Result<AgentReply, AgentError> {
     let dir = {
-        let instances = agent.instances();
-        instances
+        agent
+            .state()
+            .instances
             .get(id)
             .map(|l| l.dir.clone())
             .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?

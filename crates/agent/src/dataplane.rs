@@ -78,11 +78,15 @@ pub enum Command {
         members: Vec<(NetId, Ipv4Addr, Location)>,
         policies: Vec<PolicyRule>,
     },
+    /// Where the directory's members are, after this host's ports changed.
+    Members {
+        members: Vec<(NetId, Ipv4Addr, Location)>,
+    },
     /// The directory's answer to a lookup: where member `ip` of `net` is, if anywhere.
     Resolved {
         net: NetId,
         ip: Ipv4Addr,
-        host: Option<HostId>,
+        location: Option<Location>,
     },
     /// The host-side egress device.
     Egress {
@@ -401,10 +405,11 @@ impl Worker {
                 self.node.apply_peers(peers);
                 self.node.apply_view(nets, members, policies);
             }
-            Command::Resolved { net, ip, host } => {
+            Command::Members { members } => self.node.apply_members(members),
+            Command::Resolved { net, ip, location } => {
                 let now = Instant::now();
                 self.node
-                    .resolved(&mut io!(self, false), net, ip, host, now);
+                    .resolved(&mut io!(self, false), net, ip, location, now);
             }
             Command::Egress { tun } => {
                 let f = File::from(tun);

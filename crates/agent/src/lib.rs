@@ -27,11 +27,11 @@ mod migration;
 pub mod netconf;
 mod pin;
 pub mod sandbox;
+mod state;
 mod transfer;
 mod underlay;
 mod view;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
@@ -39,18 +39,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use vane_proto::api::{ExitStatus, InstanceState, PortStats};
-use vane_proto::stream::{
-    AgentError, AgentReply, AgentRequest, AgentView, FromAgent, InstanceReport,
-};
-use vane_switch::{PortId, SwitchConfig};
+use vane_proto::api::{InstanceState, PortStats};
+use vane_proto::stream::{AgentError, AgentReply, AgentRequest, FromAgent, InstanceReport};
+use vane_switch::SwitchConfig;
 
 use crate::cgroup::Layout;
 use crate::dataplane::{Command, Dataplane, DataplaneConfig};
-use crate::instance::Record;
-use crate::netconf::OutboundRules;
+use crate::state::{Local, State};
 
 pub struct AgentConfig {
     pub name: String,
@@ -77,88 +74,22 @@ pub struct AgentConfig {
 /// Name of the host-side egress device.
 const EGRESS_DEVICE: &str = "vanegw0";
 
-struct Local {
-    record: Record,
-    dir: PathBuf,
-    state: InstanceState,
-    exit: Option<ExitStatus>,
-    port: Option<PortId>,
-    /// Turns true when the program has ended.
-    exited: watch::Sender<bool>,
-    /// Last applied rules and hosts file, to skip rewriting what did not change.
-    rules: Option<OutboundRules>,
-    hosts: Option<String>,
-    /// Restored here for a migration that no view has confirmed yet: its port is on hold
-    /// (`adopt`), and `checkpoint::ARRIVED_FILE` says so across a restart.
-    unconfirmed: bool,
-}
-
-impl Local {
-    fn report(&self) -> InstanceReport {
-        InstanceReport {
-            id: self.record.spec.id.clone(),
-            state: self.state,
-            pid: (self.state == InstanceState::Running).then_some(self.record.pid),
-            exit: self.exit,
-        }
-    }
-}
-
 pub(crate) struct Agent {
     cfg: AgentConfig,
-    identity: Mutex<identity::Identity>,
+    /// Everything the agent knows and changes (see `state`).
+    state: Mutex<State>,
+    /// Messages to the controller, while connected. Apart from `state`: the connection's,
+    /// not the host's, and taken by `send` wherever a step is.
+    outbox: Mutex<Option<mpsc::Sender<FromAgent>>>,
     /// The controller's socket address (for the default locator and the underlay MTU).
     controller_addr: Option<SocketAddr>,
     /// MTU of instance devices: the underlay's less the encapsulation.
     instance_mtu: usize,
-    /// This host's id and the cluster's configuration (tunnels, global space), once known.
-    cluster: Mutex<Option<(u32, vane_proto::api::ClusterConfig)>>,
     egress_ready: std::sync::atomic::AtomicBool,
     layout: Layout,
     dataplane: Dataplane,
     switch_cfg: SwitchConfig,
-    instances: Mutex<BTreeMap<String, Local>>,
     next_port: AtomicU32,
-    view: Mutex<AgentView>,
-    /// Spaces prepared for instances migrating here, until restored or discarded.
-    prepared: Mutex<BTreeMap<String, checkpoint::Prepared>>,
-    /// Instances whose tree was dumped and killed for a migration: their init's end is not
-    /// an exit.
-    dumped: Mutex<std::collections::BTreeSet<String>>,
-    /// Messages to the controller, while connected.
-    outbox: Mutex<Option<mpsc::Sender<FromAgent>>>,
-    /// Images this host expects straight from another's (`direct`), by ticket.
-    inbound: Mutex<BTreeMap<String, Inbound>>,
-    /// One lock per instance with migration steps under way (`steps_of`).
-    steps: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Lazy dumps of instances migrating away: their page servers, by instance id.
-    lazy_sources: Mutex<BTreeMap<String, LazySource>>,
-    /// Links from the sources of lazy migrations to this host, kept after their images
-    /// for the pages the restore fetches, by instance id.
-    page_links: Mutex<BTreeMap<String, PageLink>>,
-}
-
-/// A direct transfer this host waits for: from whom, what, and who waits for its end.
-struct Inbound {
-    from: [u8; 32],
-    expected: direct::Expected,
-    done: tokio::sync::oneshot::Sender<Result<PageLink, String>>,
-}
-
-/// The link of a direct transfer, after its images.
-type PageLink = direct::Link<direct::Buffered<tokio::net::TcpStream>>;
-
-/// A lazy dump serving an instance's memory (`checkpoint::LazyDump`).
-struct LazySource {
-    /// CRIU's page connection, until the images' link takes it over.
-    pages: Option<std::os::unix::net::UnixStream>,
-    /// Another descriptor of the same connection, to break it off (`resume_lazy`).
-    abort: std::os::unix::net::UnixStream,
-    /// CRIU's end: whether it served every page (and ended the tree) or not (and resumed
-    /// it).
-    ended: tokio::sync::watch::Receiver<Option<bool>>,
-    /// Stops the relay of the pages (a migration given up before the restore).
-    cancel: Arc<tokio::sync::Notify>,
 }
 
 pub(crate) use vane_proto::unix_now as now;
@@ -234,20 +165,11 @@ pub async fn run(
         layout: Layout::detect(),
         dataplane,
         switch_cfg,
-        instances: Mutex::new(BTreeMap::new()),
         next_port: AtomicU32::new(1),
-        view: Mutex::new(AgentView::default()),
+        state: Mutex::new(State::new(identity)),
         outbox: Mutex::new(None),
-        inbound: Mutex::new(BTreeMap::new()),
-        lazy_sources: Mutex::new(BTreeMap::new()),
-        steps: Mutex::new(BTreeMap::new()),
-        page_links: Mutex::new(BTreeMap::new()),
-        prepared: Mutex::new(BTreeMap::new()),
-        dumped: Mutex::new(std::collections::BTreeSet::new()),
-        identity: Mutex::new(identity),
         controller_addr,
         instance_mtu: max_inner_packet,
-        cluster: Mutex::new(None),
         egress_ready: std::sync::atomic::AtomicBool::new(false),
         cfg,
     });
@@ -273,23 +195,14 @@ pub async fn run(
 }
 
 impl Agent {
-    fn instances(&self) -> MutexGuard<'_, BTreeMap<String, Local>> {
-        self.instances.lock().expect("instances lock poisoned")
+    /// The agent's state, locked: for a lookup or a change, not across an await.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("agent state lock poisoned")
     }
 
     /// `f` of instance `id`, if it runs on this host; else why not.
     fn running<T>(&self, id: &str, f: impl FnOnce(&Local) -> T) -> Result<T, AgentError> {
-        let instances = self.instances();
-        let local = instances
-            .get(id)
-            .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?;
-        if local.state != InstanceState::Running {
-            return Err(AgentError::conflict(format!(
-                "instance {} is not running",
-                local.record.spec.name
-            )));
-        }
-        Ok(f(local))
+        self.state().running(id).map(f)
     }
 
     fn instance_dir(&self, id: &str) -> PathBuf {
@@ -332,7 +245,7 @@ impl Agent {
     }
 
     fn reports(&self) -> Vec<InstanceReport> {
-        self.instances().values().map(Local::report).collect()
+        self.state().reports()
     }
 
     async fn handle(self: Arc<Self>, req: AgentRequest) -> Result<AgentReply, AgentError> {
@@ -403,12 +316,7 @@ impl Agent {
                 from,
                 pages,
             } => {
-                if !self
-                    .prepared
-                    .lock()
-                    .expect("prepared lock")
-                    .contains_key(&id)
-                {
+                if !self.state().migrations.prepared.contains_key(&id) {
                     return Err(AgentError::not_found(format!(
                         "instance {id} is not prepared here"
                     )));
@@ -418,10 +326,7 @@ impl Agent {
                     Some(key) => {
                         let link = self.receive_direct(ticket, &key, path, bytes).await?;
                         if pages {
-                            self.page_links
-                                .lock()
-                                .expect("page links lock")
-                                .insert(id, link);
+                            self.state().migrations.page_links.insert(id, link);
                         }
                     }
                     None => transfer::receive(&self, &ticket, &path, bytes).await?,
@@ -431,7 +336,7 @@ impl Agent {
             AgentRequest::Restore { id, tcp_close } => self.restore(&id, tcp_close).await,
             AgentRequest::Resume { id } => self.resume(&id).await,
             AgentRequest::Discard { id } => {
-                let prepared = self.prepared.lock().expect("prepared lock").remove(&id);
+                let prepared = self.state().migrations.prepared.remove(&id);
                 if let Some(prepared) = prepared {
                     let key = prepared.record.space_key().to_string();
                     drop(prepared);
@@ -446,7 +351,8 @@ impl Agent {
             }
             AgentRequest::Stats { id } => {
                 let (port, cgroups) = self
-                    .instances()
+                    .state()
+                    .instances
                     .get(&id)
                     .and_then(|l| {
                         let running = l.state == InstanceState::Running;

@@ -86,7 +86,7 @@ impl Agent {
                         }
                     } else {
                         let exit = instance::exit_status(&dir, &record.cgroups);
-                        self.instances().insert(
+                        self.state().instances.insert(
                             id,
                             Local {
                                 record,
@@ -119,15 +119,7 @@ impl Agent {
         // (this agent stopped in between) may be a second one, its source resumed: nothing
         // passes to or from it until a view places the instance here.
         let arrived = dir.join(checkpoint::ARRIVED_FILE);
-        let here = self.host_id();
-        let placed_here = self
-            .view
-            .lock()
-            .expect("view lock")
-            .members
-            .iter()
-            .any(|m| m.instance == record.spec.id && Some(m.host_id) == here);
-        if placed_here {
+        if self.state().placed_here(&record.spec.id) {
             let _ = std::fs::remove_file(&arrived);
         }
         let unconfirmed = arrived.exists();
@@ -146,7 +138,7 @@ impl Agent {
         let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
         let id = record.spec.id.clone();
         let (exited, _) = watch::channel(false);
-        self.instances().insert(
+        self.state().instances.insert(
             id.clone(),
             Local {
                 record,
@@ -160,6 +152,8 @@ impl Agent {
                 unconfirmed,
             },
         );
+        // The directory may already place it here (a run, a restarted agent).
+        self.sync_members();
         let agent = self.clone();
         tokio::spawn(async move { agent.watch_exit(id, pidfd).await });
         Ok(())
@@ -179,12 +173,12 @@ impl Agent {
                 return;
             }
         }
-        if self.dumped.lock().expect("dumped lock").contains(&id) {
-            return;
-        }
         let report = {
-            let mut instances = self.instances();
-            let Some(local) = instances.get_mut(&id) else {
+            let mut state = self.state();
+            if state.migrations.dumped.contains(&id) {
+                return;
+            }
+            let Some(local) = state.instances.get_mut(&id) else {
                 return;
             };
             let exit =
@@ -205,7 +199,7 @@ impl Agent {
         tracing::info!(instance = %id, exit = ?report.exit, "instance ended");
         // The report goes out before anyone waiting on `exited` answers the controller.
         self.send(FromAgent::Report(report));
-        if let Some(local) = self.instances().get(&id) {
+        if let Some(local) = self.state().instances.get(&id) {
             local.exited.send_replace(true);
         }
     }
@@ -235,10 +229,10 @@ impl Agent {
             let id = spec.id.clone();
             let _ =
                 tokio::task::spawn_blocking(move || instance::teardown(&dir, &id, &layout)).await;
-            self.instances().remove(&spec.id);
+            self.state().instances.remove(&spec.id);
             return Err(e.into());
         }
-        if let Some(local) = self.instances().get_mut(&spec.id) {
+        if let Some(local) = self.state().instances.get_mut(&spec.id) {
             local.rules = Some(rules);
             local.hosts = Some(hosts);
         }
@@ -250,8 +244,8 @@ impl Agent {
     /// `timeout`. Returns once the program has ended and the controller has been told.
     pub(crate) async fn stop(&self, id: &str, timeout: Duration) -> Result<(), AgentError> {
         let (init, mut exited, dir) = {
-            let instances = self.instances();
-            let local = instances.get(id).ok_or_else(|| {
+            let state = self.state();
+            let local = state.instances.get(id).ok_or_else(|| {
                 AgentError::not_found(format!("instance {id} is not on this host"))
             })?;
             if local.state != InstanceState::Running {
@@ -284,35 +278,47 @@ impl Agent {
     }
 
     pub(crate) async fn remove(&self, id: &str) -> Result<(), AgentError> {
-        self.steps.lock().expect("steps lock").remove(id);
         // A tree dumped for a migration is already gone (its init pid may be reused).
-        if !self.dumped.lock().expect("dumped lock").remove(id) {
+        let dumped = {
+            let mut state = self.state();
+            state.migrations.steps.remove(id);
+            state.migrations.dumped.remove(id)
+        };
+        if !dumped {
             self.stop(id, Duration::from_secs(10)).await?;
         }
         let dir = self.instance_dir(id);
         let layout = self.layout.clone();
-        let key = self
-            .instances()
-            .get(id)
-            .map_or_else(|| id.to_string(), |l| l.record.space_key().to_string());
-        if let Some(port) = self.instances().get_mut(id).and_then(|l| l.port.take()) {
+        let (key, port) = {
+            let mut state = self.state();
+            let local = state.instances.get_mut(id);
+            let key = local
+                .as_ref()
+                .map_or_else(|| id.to_string(), |l| l.record.space_key().to_string());
+            (key, local.and_then(|l| l.port.take()))
+        };
+        if let Some(port) = port {
             self.dataplane.send(Command::Detach { port });
         }
         tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
             .await
             .map_err(|e| e.to_string())?;
-        self.instances().remove(id);
+        self.state().instances.remove(id);
         Ok(())
     }
 
-    /// Outbound rules for an instance of `net`, from the current view.
     /// Keeps every instance's output log under the cap, for ever: an instance that writes
     /// without end fills no disk through its log.
     pub(crate) async fn rotate_logs(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let dirs: Vec<PathBuf> = self.instances().values().map(|l| l.dir.clone()).collect();
+            let dirs: Vec<PathBuf> = self
+                .state()
+                .instances
+                .values()
+                .map(|l| l.dir.clone())
+                .collect();
             let cap = self.cfg.log_cap;
             let _ = tokio::task::spawn_blocking(move || {
                 for dir in dirs {
@@ -326,10 +332,14 @@ impl Agent {
     }
 
     pub(crate) fn setup_for(&self, spec: &InstanceSpec) -> instance::Setup {
+        let (rules, hosts) = {
+            let state = self.state();
+            (state.rules_for(&spec.net), state.hosts_for(spec))
+        };
         instance::Setup {
             layout: self.layout.clone(),
-            rules: self.rules_for(&spec.net),
-            hosts: self.hosts_for(spec),
+            rules,
+            hosts,
             mtu: self.instance_mtu,
             hide: vec![self.cfg.state_dir.clone()],
         }

@@ -36,7 +36,8 @@ type Socket =
 async fn connect(agent: &Agent, ticket: &str) -> Result<Socket, AgentError> {
     let url = crate::control::controller_ws_url(agent, &format!("/v1/agents/transfers/{ticket}"));
     let (pin, credential) = {
-        let id = agent.identity.lock().expect("identity lock");
+        let state = agent.state();
+        let id = &state.identity;
         (id.ca_pin.expect("checked at start"), id.credential.clone())
     };
     let credential = credential.ok_or("this host has no credential yet")?;

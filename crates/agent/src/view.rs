@@ -2,21 +2,18 @@
 //! members, policies) turned into switch state, each instance's outbound rules and
 //! /etc/hosts; saved so that a restarted agent forwards before the controller is back.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
-
 use vane_proto::api::InstanceState;
-use vane_proto::stream::{AgentView, InstanceSpec};
-use vane_switch::{L4Proto, Location, NetConfig, PolicyRule, PortId};
+use vane_proto::stream::AgentView;
+use vane_switch::{L4Proto, NetConfig, PolicyRule, PortId};
 
 use crate::dataplane::{Command, PeerInfo};
 use crate::netconf::OutboundRules;
-use crate::{checkpoint, instance, launch, netconf, Agent};
+use crate::{checkpoint, launch, netconf, Agent};
 
 /// What the agent keeps of the directory across restarts (`STATE/view.json`), so that a
 /// restarted agent forwards between existing members even while the controller is down.
@@ -30,69 +27,10 @@ struct SavedView {
 const SAVED_VIEW: &str = "view.json";
 
 impl Agent {
-    pub(crate) fn rules_for(&self, net: &vane_proto::api::Net) -> OutboundRules {
-        let view = self.view.lock().expect("view lock");
-        let subnet_of = |id: u32| view.nets.iter().find(|n| n.id == id).map(|n| n.subnet);
-        let allowed = view
-            .policies
-            .iter()
-            .filter(|p| p.from == net.id)
-            .filter_map(|p| Some((subnet_of(p.to)?, p.port)))
-            .collect();
-        let mut routed: Vec<Ipv4Net> = view
-            .policies
-            .iter()
-            .filter_map(|p| match (p.from == net.id, p.to == net.id) {
-                (true, _) => subnet_of(p.to),
-                (_, true) => subnet_of(p.from),
-                _ => None,
-            })
-            .collect();
-        routed.sort();
-        routed.dedup();
-        OutboundRules {
-            own: net.subnet,
-            allowed,
-            routed,
-            global_space: self.global_space(),
-            egress: net.egress,
-        }
-    }
-
-    pub(crate) fn hosts_for(&self, spec: &InstanceSpec) -> String {
-        let view = self.view.lock().expect("view lock");
-        let members: instance::HostEntries = view
-            .members
-            .iter()
-            .filter(|m| m.net == spec.net.id)
-            .map(|m| (m.name.clone(), m.hostname.clone(), m.ip))
-            .collect();
-        netconf::render_hosts((&spec.name, &spec.hostname, spec.ip), &members)
-    }
-
     /// Applies a view pushed by the controller: the switch's tables, and each running
     /// instance's rules and hosts file where they changed.
     pub(crate) async fn apply_view(self: &Arc<Self>, view: AgentView) {
         let nets: Vec<NetConfig> = view.nets.iter().map(net_config).collect();
-        let ports: BTreeMap<String, PortId> = self
-            .instances()
-            .iter()
-            .filter_map(|(id, l)| Some((id.clone(), l.port?)))
-            .collect();
-        let here = self.host_id();
-        let members: Vec<(u32, Ipv4Addr, Location)> = view
-            .members
-            .iter()
-            .filter(|m| m.host_id != 0)
-            .filter_map(|m| {
-                let loc = if Some(m.host_id) == here {
-                    Location::Local(*ports.get(&m.instance)?)
-                } else {
-                    Location::Remote(m.host_id)
-                };
-                Some((m.net, m.ip, loc))
-            })
-            .collect();
         let peers = view
             .peers
             .iter()
@@ -122,30 +60,38 @@ impl Agent {
                 }),
             })
             .collect();
+        // Copies restored here for a migration pass packets once the directory places
+        // them here (see `adopt`).
+        let (members, confirmed) = {
+            let mut state = self.state();
+            state.view = view;
+            let here = state.host_id();
+            let placed: Vec<String> = state
+                .view
+                .members
+                .iter()
+                .filter(|m| Some(m.host_id) == here)
+                .map(|m| m.instance.clone())
+                .collect();
+            let confirmed: Vec<(PathBuf, Option<PortId>)> = placed
+                .iter()
+                .filter_map(|id| {
+                    let local = state.instances.get_mut(id)?;
+                    std::mem::take(&mut local.unconfirmed).then(|| (local.dir.clone(), local.port))
+                })
+                .collect();
+            (state.member_locations(), confirmed)
+        };
         self.dataplane.send(Command::View {
             peers,
             nets,
             members,
             policies,
         });
-        // Copies restored here for a migration pass packets once the directory places
-        // them here (see `adopt`).
-        let confirmed: Vec<(PathBuf, Option<PortId>)> = {
-            let mut instances = self.instances();
-            view.members
-                .iter()
-                .filter(|m| Some(m.host_id) == here)
-                .filter_map(|m| {
-                    let local = instances.get_mut(&m.instance)?;
-                    std::mem::take(&mut local.unconfirmed).then(|| (local.dir.clone(), local.port))
-                })
-                .collect()
-        };
         for (dir, port) in confirmed {
             self.hold(port, false).await;
             let _ = std::fs::remove_file(dir.join(checkpoint::ARRIVED_FILE));
         }
-        *self.view.lock().expect("view lock") = view;
         self.save_view();
 
         type Update = (
@@ -156,13 +102,14 @@ impl Agent {
             Option<String>,
         );
         let updates: Vec<Update> = {
-            let instances = self.instances();
-            instances
+            let state = self.state();
+            state
+                .instances
                 .iter()
                 .filter(|(_, l)| l.state == InstanceState::Running)
                 .filter_map(|(id, l)| {
-                    let rules = self.rules_for(&l.record.spec.net);
-                    let hosts = self.hosts_for(&l.record.spec);
+                    let rules = state.rules_for(&l.record.spec.net);
+                    let hosts = state.hosts_for(&l.record.spec);
                     let rules =
                         (l.rules.as_ref() != Some(&rules)).then(|| (rules, l.rules.clone()));
                     let hosts = (l.hosts.as_ref() != Some(&hosts)).then_some(hosts);
@@ -192,7 +139,7 @@ impl Agent {
             .await;
             match result {
                 Ok(Ok(())) => {
-                    if let Some(l) = self.instances().get_mut(&id) {
+                    if let Some(l) = self.state().instances.get_mut(&id) {
                         if let Some((r, _)) = rules {
                             l.rules = Some(r);
                         }
@@ -206,22 +153,12 @@ impl Agent {
             }
         }
     }
-    /// This host's id in the cluster, once the controller (or the saved view) said it.
-    pub(crate) fn host_id(&self) -> Option<u32> {
-        self.cluster
-            .lock()
-            .expect("cluster lock")
-            .as_ref()
-            .map(|(id, _)| *id)
-    }
-
-    /// The cluster's global virtual address space (the default until the controller says).
-    pub(crate) fn global_space(&self) -> Ipv4Net {
-        self.cluster
-            .lock()
-            .expect("cluster lock")
-            .as_ref()
-            .map_or(self.switch_cfg.global_space, |(_, c)| c.global_space)
+    /// Gives the switch where the directory's members are, after this host's ports
+    /// changed (an instance attached or detached): a port becomes the member the directory
+    /// places here only through this (or a view, or a lookup), never by being attached.
+    pub(crate) fn sync_members(&self) {
+        let members = self.state().member_locations();
+        self.dataplane.send(Command::Members { members });
     }
 
     /// The controller welcomed this host: who it is and how the cluster's tunnels work.
@@ -235,7 +172,7 @@ impl Agent {
             plaintext: config.plaintext,
             global_space: config.global_space,
         });
-        *self.cluster.lock().expect("cluster lock") = Some((host_id, config));
+        self.state().cluster = Some((host_id, config));
         self.save_view();
     }
 
@@ -246,18 +183,21 @@ impl Agent {
         ip: Ipv4Addr,
         member: Option<vane_proto::stream::Member>,
     ) {
-        let host = member.map(|m| m.host_id).filter(|id| *id != 0);
-        self.dataplane.send(Command::Resolved { net, ip, host });
+        let location = member.and_then(|m| self.state().locate(&m));
+        self.dataplane.send(Command::Resolved { net, ip, location });
     }
 
     pub(crate) fn save_view(&self) {
-        let Some((host_id, config)) = self.cluster.lock().expect("cluster lock").clone() else {
-            return;
-        };
-        let saved = SavedView {
-            host_id,
-            config,
-            view: self.view.lock().expect("view lock").clone(),
+        let saved = {
+            let state = self.state();
+            let Some((host_id, config)) = state.cluster.clone() else {
+                return;
+            };
+            SavedView {
+                host_id,
+                config,
+                view: state.view.clone(),
+            }
         };
         let path = self.cfg.state_dir.join(SAVED_VIEW);
         let tmp = path.with_extension("json.tmp");

@@ -187,7 +187,8 @@ impl Node {
     }
 
     /// Attaches local port `port` (an instance's device) to `net` with address `ip`, its
-    /// bandwidth limit `rate` (bits per second each way), on hold if `held`.
+    /// bandwidth limit `rate` (bits per second each way), on hold if `held`. Packets for
+    /// `ip` reach the port once the directory places the member here (`apply_members`).
     pub fn attach_port(
         &mut self,
         port: PortId,
@@ -273,6 +274,13 @@ impl Node {
             self.switch.remove_net(*gone);
         }
         self.view_nets = new_nets;
+        self.apply_members(members);
+        self.switch.set_policies(policies);
+    }
+
+    /// Takes where the directory's members are: the only way members enter the switch
+    /// (attaching a port does not make it one). Members no longer listed are forgotten.
+    pub fn apply_members(&mut self, members: Vec<(NetId, Ipv4Addr, Location)>) {
         let new_members: HashSet<(NetId, Ipv4Addr)> =
             members.iter().map(|(n, ip, _)| (*n, *ip)).collect();
         for (net, ip) in self.view_members.difference(&new_members) {
@@ -284,7 +292,6 @@ impl Node {
             self.switch.set_member(net, ip, loc);
         }
         self.view_members = new_members;
-        self.switch.set_policies(policies);
     }
 
     /// The next address to ask the directory about, if any.
@@ -299,17 +306,16 @@ impl Node {
         io: &mut I,
         net: NetId,
         ip: Ipv4Addr,
-        host: Option<HostId>,
+        location: Option<Location>,
         now: Instant,
     ) {
         let local = self.identity.map(|(id, _)| id);
-        match host {
-            // An entry for this host that the switch lacks is an instance not attached
-            // (any more): nothing to send to.
-            Some(h) if Some(h) != local => {
-                self.switch.set_member(net, ip, Location::Remote(h));
-            }
-            _ => {
+        // The shell maps a member placed here to its port; one that names this host as
+        // remote would come straight back.
+        let loops_back = matches!(location, Some(Location::Remote(h)) if Some(h) == local);
+        match location.filter(|_| !loops_back) {
+            Some(loc) => self.switch.set_member(net, ip, loc),
+            None => {
                 self.counters.lookup_misses += 1;
                 self.negative.insert((net, ip), now);
             }

@@ -99,11 +99,12 @@ impl Pair {
                 locator: Some(addr(other)),
                 public_key: keys(other).public,
             }]);
-            let members = if known {
-                vec![(1, ip(other), Location::Remote(u32::from(other)))]
-            } else {
-                vec![]
-            };
+            // The directory places this host's instance here, and the other's there if
+            // `known` (else it is looked up).
+            let mut members = vec![(1, ip(i), Location::Local(port(i)))];
+            if known {
+                members.push((1, ip(other), Location::Remote(u32::from(other))));
+            }
             node.apply_view(vec![NET], members, vec![]);
             Host {
                 node,
@@ -254,18 +255,42 @@ fn packets_waiting_for_an_unreachable_host_are_dropped_after_handshake_wait() {
 fn an_address_the_view_lacks_is_looked_up_and_its_packets_replayed() {
     let mut p = Pair::new(false, false);
     // Host 2 knows where host 1's instance is (it checks who speaks for whom).
-    p.h[1]
-        .node
-        .apply_view(vec![NET], vec![(1, ip(1), Location::Remote(1))], vec![]);
+    let members = vec![
+        (1, ip(1), Location::Remote(1)),
+        (1, ip(2), Location::Local(port(2))),
+    ];
+    p.h[1].node.apply_view(vec![NET], members, vec![]);
     p.send(1, ip(2), b"one");
     p.send(1, ip(2), b"two");
     assert_eq!(p.h[0].node.poll_lookup(), Some((1, ip(2))));
     assert_eq!(p.h[0].node.poll_lookup(), None, "one lookup per address");
     assert!(p.h[0].io.sent.is_empty());
     let h = &mut p.h[0];
-    h.node.resolved(&mut h.io, 1, ip(2), Some(2), p.now);
+    h.node
+        .resolved(&mut h.io, 1, ip(2), Some(Location::Remote(2)), p.now);
     p.exchange(|_| false);
     assert_eq!(p.received(2), [b"one".to_vec(), b"two".to_vec()]);
+}
+
+#[test]
+fn an_attached_port_receives_once_the_directory_places_its_member_here() {
+    let mut p = Pair::new(false, true);
+    // Host 1's instance is attached, but the directory places it elsewhere for now (a
+    // copy restored for a migration that has not moved it yet).
+    let there = (1, ip(2), Location::Remote(2));
+    p.h[0].node.apply_members(vec![there]);
+    p.send(2, ip(1), b"early");
+    p.exchange(|_| false);
+    assert!(
+        p.received(1).is_empty(),
+        "nothing for a member not placed here"
+    );
+    p.h[0]
+        .node
+        .apply_members(vec![there, (1, ip(1), Location::Local(port(1)))]);
+    p.send(2, ip(1), b"placed");
+    p.exchange(|_| false);
+    assert_eq!(p.received(1), [b"placed".to_vec()]);
 }
 
 #[test]

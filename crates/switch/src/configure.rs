@@ -80,9 +80,13 @@ impl Switch {
         });
     }
 
-    /// Attaches a local instance's port, in net `net` with address `ip`, and makes it the
-    /// member for `(net, ip)`. Returns the port's egress address (`egress_space` network + 1
-    /// + port number). Attaching an attached port detaches it first (counters restart).
+    /// Attaches a local instance's port, in net `net` with address `ip` (what it may send
+    /// from). Returns the port's egress address (`egress_space` network + 1 + port number).
+    /// Attaching an attached port detaches it first (counters restart).
+    ///
+    /// The port does not become the member for `(net, ip)`: only the directory says where a
+    /// member is (`set_member` with `Location::Local`), so that a copy of an instance
+    /// attached ahead of a migration's end draws no traffic from the copy still running.
     pub fn attach_port(
         &mut self,
         port: PortId,
@@ -118,7 +122,6 @@ impl Switch {
                 held: false,
             },
         );
-        self.members.set(net, ip, Location::Local(port));
         Ok(egress_ip)
     }
 

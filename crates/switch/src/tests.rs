@@ -106,6 +106,13 @@ fn dst_of(p: &[u8]) -> Ipv4Addr {
     Ipv4Packet::new_checked(p).unwrap().dst()
 }
 
+/// Attaches `port` and makes it the member for `(net, ip)`, as the directory does once it
+/// places the instance on this host.
+fn join(sw: &mut Switch, port: PortId, net: NetId, ip: Ipv4Addr) {
+    sw.attach_port(port, net, ip).unwrap();
+    sw.set_member(net, ip, Location::Local(port));
+}
+
 /// Net A (10.1/16, egress) with local A1 and A2, net B (10.2/16, no egress) with local B1.
 fn two_nets() -> Switch {
     two_nets_with(SwitchConfig::default())
@@ -115,9 +122,9 @@ fn two_nets_with(cfg: SwitchConfig) -> Switch {
     let mut sw = Switch::new(cfg);
     sw.upsert_net(net(NET_A, "10.1.0.0/16", true));
     sw.upsert_net(net(NET_B, "10.2.0.0/16", false));
-    sw.attach_port(PA1, NET_A, A1).unwrap();
-    sw.attach_port(PA2, NET_A, A2).unwrap();
-    sw.attach_port(PB1, NET_B, B1).unwrap();
+    join(&mut sw, PA1, NET_A, A1);
+    join(&mut sw, PA2, NET_A, A2);
+    join(&mut sw, PB1, NET_B, B1);
     sw
 }
 
@@ -226,7 +233,7 @@ fn overlapping_nets_stay_apart() {
         (PortId(21), 2, x2),
     ];
     for (port, n, ip) in ports {
-        sw.attach_port(port, n, ip).unwrap();
+        join(&mut sw, port, n, ip);
     }
     let now = Instant::now();
     assert_eq!(
@@ -617,9 +624,9 @@ fn two_hosts_talk_through_the_tunnel() {
         sw.upsert_net(net(NET_B, "10.2.0.0/16", false));
         sw.set_policies(vec![allow(NET_A, NET_B, Some((L4Proto::Tcp, 80)))]);
     }
-    h1.attach_port(PA1, NET_A, A1).unwrap();
+    join(&mut h1, PA1, NET_A, A1);
     h1.set_member(NET_B, B1, Location::Remote(2));
-    h2.attach_port(PB1, NET_B, B1).unwrap();
+    join(&mut h2, PB1, NET_B, B1);
     h2.set_member(NET_A, A1, Location::Remote(1));
 
     let mut syn = tcp(A1, 40000, B1, 80);
@@ -822,6 +829,33 @@ fn attach_validates_and_detach_forgets() {
 }
 
 #[test]
+fn an_attached_port_draws_traffic_only_once_the_directory_places_its_member_there() {
+    let mut sw = Switch::new(SwitchConfig::default());
+    sw.upsert_net(net(NET_A, "10.1.0.0/16", true));
+    sw.attach_port(PA1, NET_A, A1).unwrap();
+    sw.attach_port(PA2, NET_A, A2).unwrap();
+    let now = Instant::now();
+    // A copy attached here while the directory places the member elsewhere (a migration
+    // not finished yet): traffic for it goes where the directory says.
+    sw.set_member(NET_A, A2, Location::Remote(9));
+    assert!(matches!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 80), now),
+        Verdict::Forward { host: 9, .. }
+    ));
+    sw.set_member(NET_A, A2, Location::Local(PA2));
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, A2, 80), now),
+        Verdict::Deliver(PA2)
+    );
+    // Detaching the port forgets the member that pointed at it.
+    sw.detach_port(PA2);
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 2, A2, 80), now),
+        Verdict::Unresolved { dst_net: NET_A }
+    );
+}
+
+#[test]
 fn removing_a_net_forgets_its_members_ports_and_flows() {
     let mut sw = two_nets();
     sw.set_policies(vec![allow(NET_A, NET_B, None)]);
@@ -854,9 +888,9 @@ fn random_packets_never_panic_or_cross_nets() {
     let mut sw = Switch::new(SwitchConfig::default());
     sw.upsert_net(net(NET_A, "10.1.0.0/24", true));
     sw.upsert_net(net(NET_B, "10.2.0.0/24", false));
-    sw.attach_port(PA1, NET_A, A1).unwrap();
-    sw.attach_port(PA2, NET_A, A2).unwrap();
-    sw.attach_port(PB1, NET_B, B1).unwrap();
+    join(&mut sw, PA1, NET_A, A1);
+    join(&mut sw, PA2, NET_A, A2);
+    join(&mut sw, PB1, NET_B, B1);
     let addrs = [
         A1,
         A2,
@@ -1051,8 +1085,8 @@ fn the_cluster_global_space_decides_what_is_cross_net() {
     let (a, b) = (Ipv4Addr::new(172, 16, 1, 1), Ipv4Addr::new(172, 16, 2, 1));
     sw.upsert_net(net(NET_A, "172.16.1.0/24", true));
     sw.upsert_net(net(NET_B, "172.16.2.0/24", false));
-    sw.attach_port(PA1, NET_A, a).unwrap();
-    sw.attach_port(PB1, NET_B, b).unwrap();
+    join(&mut sw, PA1, NET_A, a);
+    join(&mut sw, PB1, NET_B, b);
     let now = Instant::now();
     // Outside the default space, another net's address looks like the outside world.
     assert_eq!(

@@ -15,7 +15,8 @@ use vane_proto::api::InstanceState;
 use vane_proto::stream::{AgentError, AgentReply, AgentRequest, InstanceSpec};
 use vane_switch::PortId;
 
-use crate::{cgroup, checkpoint, control, instance, Agent, LazySource};
+use crate::state::LazySource;
+use crate::{cgroup, checkpoint, control, instance, Agent};
 
 mod peer_transfers;
 
@@ -67,13 +68,10 @@ impl Agent {
     pub(crate) fn set_dumped(&self, id: &str, dumped: bool) {
         let mark = self.instance_dir(id).join(checkpoint::DUMPED_FILE);
         if dumped {
-            self.dumped
-                .lock()
-                .expect("dumped lock")
-                .insert(id.to_string());
+            self.state().migrations.dumped.insert(id.to_string());
             let _ = std::fs::write(&mark, b"");
         } else {
-            self.dumped.lock().expect("dumped lock").remove(id);
+            self.state().migrations.dumped.remove(id);
             let _ = std::fs::remove_file(&mark);
         }
     }
@@ -82,9 +80,9 @@ impl Agent {
     /// ones while the guard lives.
     pub(crate) async fn steps_of(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = self
+            .state()
+            .migrations
             .steps
-            .lock()
-            .expect("steps lock")
             .entry(id.to_string())
             .or_default()
             .clone();
@@ -94,17 +92,15 @@ impl Agent {
     /// `Resume` (see its description in the protocol).
     pub(crate) async fn resume(self: Arc<Self>, id: &str) -> Result<AgentReply, AgentError> {
         tracing::info!(instance = %id, "resuming after an interrupted migration, if here");
-        let dumped = self.dumped.lock().expect("dumped lock").contains(id)
-            || self
-                .lazy_sources
-                .lock()
-                .expect("lazy sources lock")
-                .contains_key(id);
+        let dumped = {
+            let state = self.state();
+            state.migrations.dumped.contains(id) || state.migrations.lazy_sources.contains_key(id)
+        };
         if dumped {
             // A source whose tree was dumped: back from its lazy dump or its images.
             return self.restore(id, false).await;
         }
-        let here = self.instances().get(id).map(|l| {
+        let here = self.state().instances.get(id).map(|l| {
             (
                 l.port,
                 l.record.pid,
@@ -131,13 +127,12 @@ impl Agent {
         self: Arc<Self>,
         spec: InstanceSpec,
     ) -> Result<AgentReply, AgentError> {
-        if self.instances().contains_key(&spec.id)
-            || self
-                .prepared
-                .lock()
-                .expect("prepared lock")
-                .contains_key(&spec.id)
-        {
+        let taken = {
+            let state = self.state();
+            state.instances.contains_key(&spec.id)
+                || state.migrations.prepared.contains_key(&spec.id)
+        };
+        if taken {
             return Err(AgentError::conflict(format!(
                 "instance {} already exists on this host",
                 spec.name
@@ -151,10 +146,7 @@ impl Agent {
             tokio::task::spawn_blocking(move || checkpoint::prepare(&dir, &key, &spec, &setup))
                 .await
                 .map_err(|e| e.to_string())??;
-        self.prepared
-            .lock()
-            .expect("prepared lock")
-            .insert(id, prepared);
+        self.state().migrations.prepared.insert(id, prepared);
         Ok(AgentReply::Done)
     }
 
@@ -241,7 +233,7 @@ impl Agent {
             }
             let _ = ended_tx.send(Some(served));
         });
-        self.lazy_sources.lock().expect("lazy sources lock").insert(
+        self.state().migrations.lazy_sources.insert(
             id.to_string(),
             LazySource {
                 abort: pages
@@ -261,22 +253,20 @@ impl Agent {
     /// this ends it, so that two copies never run.
     pub(crate) async fn await_pages(&self, id: &str) -> Result<AgentReply, AgentError> {
         let mut ended = self
+            .state()
+            .migrations
             .lazy_sources
-            .lock()
-            .expect("lazy sources lock")
             .get(id)
             .map(|l| l.ended.clone())
             .ok_or_else(|| AgentError::not_found(format!("instance {id} has no lazy dump here")))?;
         let served = dump_ended(&mut ended).await.unwrap_or(false);
-        self.lazy_sources
-            .lock()
-            .expect("lazy sources lock")
-            .remove(id);
+        self.state().migrations.lazy_sources.remove(id);
         if served {
             return Ok(AgentReply::Done);
         }
         let cgroups = self
-            .instances()
+            .state()
+            .instances
             .get(id)
             .map(|l| l.record.cgroups.clone())
             .unwrap_or_default();
@@ -290,8 +280,8 @@ impl Agent {
     /// CRIU sees its page connection close and resumes the tree where it was.
     pub(crate) async fn resume_lazy(&self, id: &str) -> Option<Result<(), AgentError>> {
         let (mut ended, cancel, pages, abort) = {
-            let mut sources = self.lazy_sources.lock().expect("lazy sources lock");
-            let source = sources.get_mut(id)?;
+            let mut state = self.state();
+            let source = state.migrations.lazy_sources.get_mut(id)?;
             (
                 source.ended.clone(),
                 source.cancel.clone(),
@@ -309,14 +299,14 @@ impl Agent {
         cancel.notify_one();
         drop(pages);
         let served = dump_ended(&mut ended).await.unwrap_or(true);
-        self.lazy_sources
-            .lock()
-            .expect("lazy sources lock")
-            .remove(id);
-        let alive = self
-            .instances()
-            .get(id)
-            .is_some_and(|l| !served && instance::is_alive(&l.record));
+        let alive = {
+            let mut state = self.state();
+            state.migrations.lazy_sources.remove(id);
+            state
+                .instances
+                .get(id)
+                .is_some_and(|l| !served && instance::is_alive(&l.record))
+        };
         Some(if alive {
             Ok(())
         } else if served {
@@ -346,10 +336,11 @@ impl Agent {
             )),
             // The memory a restore gives back to the instance.
             AgentRequest::Restore { id, .. } => {
-                let cgroups = match self.prepared.lock().expect("prepared lock").get(id) {
+                let state = self.state();
+                let cgroups = match state.migrations.prepared.get(id) {
                     Some(p) => p.record.cgroups.clone(),
-                    None => self
-                        .instances()
+                    None => state
+                        .instances
                         .get(id)
                         .map(|l| l.record.cgroups.clone())
                         .unwrap_or_default(),
@@ -378,7 +369,7 @@ impl Agent {
         tcp_close: bool,
     ) -> Result<AgentReply, AgentError> {
         let dir = self.instance_dir(id);
-        let prepared = self.prepared.lock().expect("prepared lock").remove(id);
+        let prepared = self.state().migrations.prepared.remove(id);
         if let Some(prepared) = prepared {
             let checkpoint::Prepared { tun, mut record } = prepared;
             let key = record.space_key().to_string();
@@ -387,7 +378,7 @@ impl Agent {
             let started = std::time::Instant::now();
             // The images of a lazy dump came with a link to its page server: CRIU's
             // lazy-pages daemon reaches it through a socket pair relayed over the link.
-            let link = self.page_links.lock().expect("page links lock").remove(id);
+            let link = self.state().migrations.page_links.remove(id);
             // Unconfirmed until a view places the instance here (see `Agent::adopt`).
             let _ = std::fs::write(dir.join(checkpoint::ARRIVED_FILE), b"");
             let pages = match link {
@@ -428,16 +419,20 @@ impl Agent {
                 // Not reachable here: end it, so that it does not run twice once the source
                 // resumes it.
                 let _ = kill(Pid::from_raw(init as i32), Signal::SIGKILL);
-                self.instances().remove(id);
+                self.state().instances.remove(id);
                 let layout = self.layout.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
                         .await;
                 return Err(e.into());
             }
-            if let Some(local) = self.instances().get_mut(id) {
-                local.rules = Some(self.rules_for(&spec.net));
-                local.hosts = Some(self.hosts_for(&spec));
+            {
+                let mut state = self.state();
+                let (rules, hosts) = (state.rules_for(&spec.net), state.hosts_for(&spec));
+                if let Some(local) = state.instances.get_mut(id) {
+                    local.rules = Some(rules);
+                    local.hosts = Some(hosts);
+                }
             }
             tracing::info!(
                 instance = %spec.name, ip = %spec.ip, pid,
@@ -449,7 +444,7 @@ impl Agent {
         // Back on the source, from a lazy dump: the tree never stopped being there.
         if let Some(resumed) = self.resume_lazy(id).await {
             resumed?;
-            let resumed = self.instances().get_mut(id).map(|local| {
+            let resumed = self.state().instances.get_mut(id).map(|local| {
                 local.state = InstanceState::Running;
                 (local.port, local.record.pid)
             });
@@ -461,7 +456,8 @@ impl Agent {
         }
         // Back on the source: same namespace, same port.
         let mut record = self
-            .instances()
+            .state()
+            .instances
             .get(id)
             .map(|l| l.record.clone())
             .ok_or_else(|| AgentError::not_found(format!("instance {id} is not on this host")))?;
@@ -474,7 +470,7 @@ impl Agent {
         .map_err(|e| e.to_string())??;
         let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
         let pid = record.pid;
-        let port = self.instances().get_mut(id).and_then(|local| {
+        let port = self.state().instances.get_mut(id).and_then(|local| {
             local.record = record;
             local.state = InstanceState::Running;
             local.port

@@ -10,7 +10,8 @@ use std::time::Duration;
 use vane_proto::stream::AgentError;
 
 use super::break_off;
-use crate::{direct, Agent, Inbound, PageLink};
+use crate::state::{Inbound, PageLink};
+use crate::{direct, Agent};
 
 impl Agent {
     /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`; then, if
@@ -35,15 +36,15 @@ impl Agent {
         .map_err(|_| format!("cannot reach {} within 5s", peer.locator))?
         .map_err(|e| format!("cannot reach {}: {e}", peer.locator))?;
         let _ = stream.set_nodelay(true);
-        let private = self.identity.lock().expect("identity lock").keypair.private;
+        let private = self.state().identity.keypair.private;
         let file = tokio::io::BufReader::with_capacity(1 << 20, file);
         let (sent, link) = direct::send(stream, &private, &remote, ticket, file)
             .await
             .map_err(|e| format!("sending the images to {}: {e}", peer.locator))?;
         let lazy = self
+            .state()
+            .migrations
             .lazy_sources
-            .lock()
-            .expect("lazy sources lock")
             .get_mut(id)
             .and_then(|l| Some((l.pages.take()?, l.cancel.clone(), l.abort.try_clone().ok()?)));
         if let Some((pages, cancel, abort)) = lazy {
@@ -85,7 +86,7 @@ impl Agent {
         let from = vane_proto::hex::decode::<32>(from)
             .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
         let (done, result) = tokio::sync::oneshot::channel();
-        self.inbound.lock().expect("inbound lock").insert(
+        self.state().migrations.inbound.insert(
             ticket.clone(),
             Inbound {
                 from,
@@ -97,7 +98,7 @@ impl Agent {
         // transfer itself then has its own limit on silence.
         let waited = Duration::from_secs(60 + bytes / (1 << 20));
         let outcome = tokio::time::timeout(waited, result).await;
-        self.inbound.lock().expect("inbound lock").remove(&ticket);
+        self.state().migrations.inbound.remove(&ticket);
         match outcome {
             Ok(Ok(r)) => r.map_err(AgentError::from),
             Ok(Err(_)) => Err("the direct transfer was dropped".into()),
@@ -120,18 +121,14 @@ impl Agent {
             let agent = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                let private = agent
-                    .identity
-                    .lock()
-                    .expect("identity lock")
-                    .keypair
-                    .private;
+                let private = agent.state().identity.keypair.private;
                 let mut done = None;
                 let claim = async |ticket: &str, from: &[u8; 32]| {
                     // The source may be faster than the request that announces it.
                     for _ in 0..250 {
                         {
-                            let mut inbound = agent.inbound.lock().expect("inbound lock");
+                            let mut state = agent.state();
+                            let inbound = &mut state.migrations.inbound;
                             match inbound.get(ticket) {
                                 Some(i) if i.from == *from => {
                                     let i = inbound.remove(ticket).expect("just seen");
