@@ -38,7 +38,7 @@ pub const STALL: Duration = Duration::from_secs(30);
 /// The text message that ends a transfer on the agent's connection.
 const END: &str = "end";
 
-enum Side {
+pub(crate) enum Side {
     /// The agent sends: its pieces go into this.
     FromAgent(mpsc::Sender<Piece>),
     /// The agent receives what comes out of this.
@@ -101,6 +101,12 @@ impl Transfers {
         self.open.lock().expect("transfers lock").remove(ticket);
     }
 
+    /// Tickets no agent has claimed yet.
+    #[cfg(test)]
+    pub(crate) fn unclaimed(&self) -> usize {
+        self.open.lock().expect("transfers lock").len()
+    }
+
     /// Takes `ticket` for `host` (once): `None` when it is unknown, spent, expired or
     /// another host's.
     pub fn claim(&self, ticket: &str, host: &str) -> Option<Claimed> {
@@ -126,6 +132,15 @@ impl Claimed {
         if let Err(e) = result {
             tracing::warn!("transfer: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+impl Claimed {
+    /// The agent's end of the transfer, for agents played in-process (the workflows'
+    /// tests) rather than over a connection.
+    pub(crate) fn side(self) -> Side {
+        self.0
     }
 }
 

@@ -1,11 +1,13 @@
 //! The controller's workflows: what takes several steps on agents (run, migrate,
 //! snapshot, restore), apart from HTTP. Each step is a request to an agent (`AgentLink`)
 //! and a commit of what it changed; each failure says what it leaves behind. Tested
-//! in-process against scripted agents (`tests`), and for real on labs.
+//! in-process against scripted agents (`tests`, `snapshot_tests`), and for real on labs.
 
 mod migrate;
 mod run;
 mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 

@@ -10,20 +10,24 @@ use tokio::sync::mpsc;
 use vane_proto::api::{frame, Instance, RestoreSpec, RunSpec, SnapshotSpec};
 use vane_proto::stream::{AgentReply, AgentRequest};
 
-use super::{agent_transfer_request, running_instance, start_instance, stop_on, ApiResult};
+use super::{
+    agent_transfer_request, running_instance, settled, start_instance, stop_on, ApiResult,
+};
 use crate::auth::Caller;
 use crate::state::ApiError;
 use crate::{transfers, Controller};
 
 /// Dumps a running instance, leaving it running (or stopping it), and streams it to the
 /// caller as frames (`RestoreSpec`): its record, its packed images as they arrive from its host, then
-/// the cluster's seal of both (or an error frame).
+/// the cluster's seal of both (or an error frame). Not while it moves between hosts: its
+/// dump would be of the tree a migration dumps, into the same images.
 pub(crate) async fn snapshot(
     c: Arc<Controller>,
     name: String,
     spec: SnapshotSpec,
 ) -> ApiResult<mpsc::Receiver<Result<Bytes, std::io::Error>>> {
     let (id, host) = running_instance(&c, &name)?;
+    settled(&c, &name)?;
     let bytes = match c
         .agents
         .request(
@@ -310,9 +314,12 @@ async fn restore_on(
             transfers::answer_within(bytes),
         );
         let (received, forwarded) = tokio::join!(receive, images.forward(tx));
-        // What the client sent says more than what the host made of it.
-        forwarded?;
-        received?;
+        // What the client sent (a bad request) says more than what the host made of it;
+        // the host says more than that it stopped taking the images.
+        match (forwarded, received) {
+            (Err(e @ ApiError::BadRequest(_)), _) | (_, Err(e)) | (Err(e), _) => return Err(e),
+            (Ok(()), Ok(_)) => {}
+        }
         match c
             .agents
             .request(

@@ -3,9 +3,10 @@
 //! (The same workflows run for real on labs in crates/vane/tests.)
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
+use axum::body::Bytes;
 use futures_util::future::BoxFuture;
 
 use vane_proto::api::{ClusterConfig, Instance, InstanceState, MigrateSpec, NetSpec, RunSpec};
@@ -13,23 +14,69 @@ use vane_proto::stream::{AgentReply, AgentRequest};
 
 use crate::agents::{AgentLink, Agents};
 use crate::state::ApiError;
+use crate::transfers::{self, Piece, Side};
 use crate::{Controller, ControllerConfig};
 
 type Script = dyn Fn(&str, &AgentRequest) -> Result<AgentReply, ApiError> + Send + Sync;
 
-/// Agents that answer from a script, and remember what they were asked.
-struct Scripted {
-    online: Mutex<BTreeSet<String>>,
+/// Agents that answer from a script, and remember what they were asked. Images that go
+/// through the controller (`SendImages`, `ReceiveImages` without a peer) move over its
+/// transfers as a real agent's do, once the script has agreed to the request.
+pub(super) struct Scripted {
+    pub(super) online: Mutex<BTreeSet<String>>,
     asked: Mutex<Vec<String>>,
     script: Box<Script>,
     /// `(host, request kind)`: that host's agent stops when asked that, before answering.
-    dies_at: Mutex<Option<(String, String)>>,
+    pub(super) dies_at: Mutex<Option<(String, String)>>,
+    /// The pieces of packed images an agent sends through the controller.
+    pub(super) images: Mutex<Vec<Bytes>>,
+    /// The images agents received through the controller up to their end, with the host.
+    pub(super) received: Mutex<Vec<(String, Vec<u8>)>>,
+    /// Whose transfers the images go through.
+    controller: OnceLock<Weak<Controller>>,
 }
 
 impl Scripted {
     /// What the agents were asked since the last call, as `host Request`.
-    fn asked(&self) -> Vec<String> {
+    pub(super) fn asked(&self) -> Vec<String> {
         std::mem::take(&mut *self.asked.lock().unwrap())
+    }
+
+    /// The agent's end of transfer `ticket`, claimed as `host`'s.
+    fn claim(&self, host: &str, ticket: &str) -> Result<Side, ApiError> {
+        let c = self.controller.get().and_then(Weak::upgrade);
+        c.and_then(|c| c.transfers.claim(ticket, host))
+            .map(transfers::Claimed::side)
+            .ok_or_else(|| ApiError::NotFound(format!("no transfer {ticket} for host {host}")))
+    }
+
+    /// Sends `images` over transfer `ticket`, then its end.
+    async fn send_images(&self, host: &str, ticket: &str) -> Result<(), ApiError> {
+        let Side::FromAgent(tx) = self.claim(host, ticket)? else {
+            return Err(ApiError::BadRequest("a transfer to the agent".into()));
+        };
+        let pieces = self.images.lock().unwrap().clone();
+        for piece in pieces.into_iter().map(Piece::Data).chain([Piece::End]) {
+            if tx.send(piece).await.is_err() {
+                return Err(ApiError::Unavailable(
+                    "nobody waits for the images any more".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the images of transfer `ticket` up to their end (into `received`).
+    async fn receive_images(&self, host: &str, ticket: &str) -> Result<(), ApiError> {
+        let Side::ToAgent(mut rx) = self.claim(host, ticket)? else {
+            return Err(ApiError::BadRequest("a transfer from the agent".into()));
+        };
+        let mut got = Vec::new();
+        while let Piece::Data(d) = transfers::next(&mut rx).await? {
+            got.extend_from_slice(&d);
+        }
+        self.received.lock().unwrap().push((host.to_string(), got));
+        Ok(())
     }
 }
 
@@ -70,19 +117,38 @@ impl AgentLink for Scripted {
         } else {
             Err(ApiError::Unavailable(format!("host {host:?} is offline")))
         };
-        Box::pin(async move { answer })
+        Box::pin(async move {
+            let reply = answer?;
+            match body {
+                AgentRequest::SendImages {
+                    ticket, to: None, ..
+                } => self.send_images(host, &ticket).await?,
+                AgentRequest::ReceiveImages {
+                    ticket, from: None, ..
+                } => self.receive_images(host, &ticket).await?,
+                _ => {}
+            }
+            Ok(reply)
+        })
     }
 }
 
 /// A controller on a fresh store with hosts h1 and h2 online (keys and locators known, so
-/// images go host to host), net `red`, and instance `srv` running on h1 as pid 100.
-struct Cluster {
-    c: Arc<Controller>,
-    agents: Arc<Scripted>,
+/// images go host to host), net `red`, and instance `srv` running on h1 as pid 100. An
+/// agent that sends images through the controller sends [`images`].
+pub(super) struct Cluster {
+    pub(super) c: Arc<Controller>,
+    pub(super) agents: Arc<Scripted>,
     _dir: tempfile::TempDir,
 }
 
-async fn cluster(
+/// The packed images agents send through the controller: 4096 bytes (what `agreeable`
+/// dumps) in four pieces, each of its own bytes.
+pub(super) fn images() -> Vec<Bytes> {
+    (1..=4u8).map(|i| Bytes::from(vec![i; 1024])).collect()
+}
+
+pub(super) async fn cluster(
     script: impl Fn(&str, &AgentRequest) -> Result<AgentReply, ApiError> + Send + Sync + 'static,
 ) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
@@ -95,6 +161,9 @@ async fn cluster(
         online: Mutex::new(["h1".to_string(), "h2".to_string()].into()),
         asked: Mutex::new(Vec::new()),
         dies_at: Mutex::new(None),
+        images: Mutex::new(images()),
+        received: Mutex::new(Vec::new()),
+        controller: OnceLock::new(),
         script: Box::new(move |host, req| match req {
             AgentRequest::Create { instance } if instance.name == "srv" => {
                 Ok(AgentReply::Created { pid: 100 })
@@ -122,6 +191,7 @@ async fn cluster(
         c.commit(batch).unwrap();
     }
     let c = Arc::new(c);
+    let _ = agents.controller.set(Arc::downgrade(&c));
     let run = RunSpec {
         name: Some("srv".into()),
         net: "red".into(),
@@ -140,7 +210,7 @@ async fn cluster(
 }
 
 impl Cluster {
-    fn srv(&self) -> Instance {
+    pub(super) fn srv(&self) -> Instance {
         self.c.state().instance_by_name("srv").unwrap().clone()
     }
 
@@ -153,12 +223,12 @@ impl Cluster {
     }
 }
 
-fn failed(what: &str) -> Result<AgentReply, ApiError> {
+pub(super) fn failed(what: &str) -> Result<AgentReply, ApiError> {
     Err(ApiError::Internal(what.into()))
 }
 
 /// Checkpoints of `bytes`, post-copy (lazy) when asked, and restores as pid 200.
-fn agreeable(_host: &str, req: &AgentRequest) -> Result<AgentReply, ApiError> {
+pub(super) fn agreeable(_host: &str, req: &AgentRequest) -> Result<AgentReply, ApiError> {
     match req {
         AgentRequest::Checkpoint { lazy, .. } => Ok(AgentReply::Checkpointed {
             bytes: 4096,
