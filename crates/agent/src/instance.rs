@@ -161,7 +161,13 @@ pub fn prepare_space(
         cgroup::check_host(&spec.limits).map_err(limit_error)?;
         let (mut record, tun) = make_space(dir, key, spec, setup)?;
         let space = resolve_space(dir, spec, &record.confinement())?;
+        // As its program sees them: expanded (`vane exec` takes the environment from here,
+        // a restore the root).
         record.spec.env = space.env.clone();
+        record.spec.space.rootfs = space
+            .rootfs
+            .as_ref()
+            .map(|r| r.to_string_lossy().into_owned());
         Ok((record, tun, space))
     })();
     if made.is_err() {

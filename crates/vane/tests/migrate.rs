@@ -709,7 +709,11 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
             "path rules (/etc/issue)",
         ),
         ("vol", &["--volume", &volume], "is a directory of this host"),
-        ("rooted", &["--rootfs", rootfs], "--rootfs root"),
+        (
+            "rooted",
+            &["--privileged", "--rootfs", rootfs],
+            "privileged instance's --rootfs root",
+        ),
     ];
     for (name, flags, why) in cases {
         let mut args = vec!["run", "--net", "red", "--name", name, "--host", "h1"];
@@ -751,6 +755,87 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
         wait_until(Duration::from_secs(10), || last(&lab) > after + 10),
         "the log stopped growing after the migration"
     );
+}
+
+/// A `--rootfs` instance moves with what it wrote over its root (a changed file, a new
+/// one, a deleted one, a directory made again in place of the root's) and with a file of
+/// that layer held open and appended to, whole and with post-copy; the root directory
+/// itself stays as it was.
+#[test]
+fn a_rootfs_instance_migrates_with_what_it_wrote_over_its_root() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.16.0/24"]);
+    let root = tempfile::tempdir().unwrap();
+    for d in ["bin", "etc", "data"] {
+        std::fs::create_dir_all(root.path().join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.path().join("bin/busybox")).unwrap();
+    for cmd in ["sh", "cat", "ls", "sleep", "rm", "mkdir", "wc", "true"] {
+        std::os::unix::fs::symlink("busybox", root.path().join("bin").join(cmd)).unwrap();
+    }
+    for (f, text) in [
+        ("etc/motd", "original\n"),
+        ("etc/issue", "issue\n"),
+        ("data/old", "old\n"),
+    ] {
+        std::fs::write(root.path().join(f), text).unwrap();
+    }
+    let writer = "echo changed > /etc/motd; echo new > /new-file; rm /etc/issue; \
+                  rm -r /data; mkdir /data; echo fresh > /data/only; exec 3>>/ticks; \
+                  while true; do echo tick >&3; sleep 0.05; done";
+    lab.ok(&[
+        "run",
+        "--net",
+        "red",
+        "--name",
+        "rooted",
+        "--host",
+        "h1",
+        "--rootfs",
+        root.path().to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        writer,
+    ]);
+    let ticks = |lab: &TestLab| -> usize {
+        lab.run(&["exec", "rooted", "--", "/bin/cat", "/ticks"])
+            .stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| l == b"tick")
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(10), || ticks(&lab) > 5));
+    for (to, post_copy) in [("h2", false), ("h1", true)] {
+        if post_copy {
+            lab.ok(&["migrate", "rooted", "--to", to, "--post-copy"]);
+        } else {
+            migrate(&lab, "rooted", to);
+        }
+        assert_eq!(lab.inspect("rooted")["host"], to);
+        assert_eq!(
+            lab.ok(&["exec", "rooted", "--", "/bin/cat", "/etc/motd", "/new-file"]),
+            "changed\nnew\n"
+        );
+        assert_eq!(
+            lab.ok(&["exec", "rooted", "--", "/bin/ls", "/data"]),
+            "only\n"
+        );
+        let issue = lab.run(&["exec", "rooted", "--", "/bin/cat", "/etc/issue"]);
+        assert!(!issue.status.success(), "the deleted file came back");
+        // The program's open file is the moved layer's: what it appends lands there.
+        let before = ticks(&lab);
+        assert!(
+            wait_until(Duration::from_secs(10), || ticks(&lab) > before + 5),
+            "the program stopped appending after the move to {to}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("etc/motd")).unwrap(),
+        "original\n"
+    );
+    assert!(root.path().join("etc/issue").exists());
+    assert!(!root.path().join("new-file").exists());
 }
 
 /// Processes on the lab's one kernel running the counter server: its running copies.

@@ -138,14 +138,15 @@ fn last_lines(path: &Path, n: usize) -> String {
 /// Whether the instance can be checkpointed and restored elsewhere, or why not: asked
 /// before anything is frozen, because a restore that cannot be done would leave the
 /// instance nowhere (its source's restore fails the same way). CRIU restores a confined
-/// instance inside its user namespace, where it cannot mount the overlay of a `--rootfs`
-/// root, and where it fails to bind the files of path rules again (`Can't bind-mount`);
-/// host directories shared as volumes stay on their host.
+/// instance inside its user namespace, where it fails to bind the files of path rules
+/// again (`Can't bind-mount`); a `--rootfs` root is staged for it by `__restore` (the
+/// privileged restore has no such stage yet); host directories shared as volumes stay on
+/// their host.
 pub fn portable(record: &Record) -> Result<(), String> {
     let name = &record.spec.name;
     let space = &record.spec.space;
-    let why = if space.rootfs.is_some() {
-        "its --rootfs root is an overlay, which restores cannot mount yet".to_string()
+    let why = if space.rootfs.is_some() && record.confinement().privileged() {
+        "a privileged instance's --rootfs root cannot be staged for its restore yet".to_string()
     } else if let Some((host, inside)) = space.volumes.first() {
         format!(
             "its volume {host}:{inside} is a directory of this host, which would not come along"

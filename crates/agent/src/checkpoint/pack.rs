@@ -1,6 +1,7 @@
-//! Images packed for the trip to another host (or into a snapshot): a tar of the images and
-//! the instance's shared directory, with the host ids the instance's ids were, and its
-//! unpacking, which moves the shared files' owners into this host's range.
+//! Images packed for the trip to another host (or into a snapshot): a tar of the images,
+//! the instance's shared directory and the copy-on-write layer of a `--rootfs` root, with the
+//! host ids the instance's ids were, and its unpacking, which moves the files' owners into
+//! this host's range.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -10,9 +11,11 @@ use std::process::{Command, Stdio};
 use super::{IMAGES_DIR, PACK_FILE};
 use crate::sandbox::IdMap;
 
-/// Packs `DIR/images` and the instance's shared directory (its log, exit status and the
-/// files of its `{state}` paths) into `DIR/images.tar`, with the host ids the instance's
-/// ids were (`ids`: its range here; `None` for a privileged instance); returns its size.
+/// Packs `DIR/images`, the instance's shared directory (its log, exit status and the
+/// files of its `{state}` paths) and the copy-on-write layer of its `--rootfs` root, if it
+/// has one, into `DIR/images.tar`, with the host ids the instance's ids were (`ids`: its
+/// range here; `None` for a privileged instance); returns its size. The layer keeps its
+/// overlay attributes (opaque directories) and whiteouts (device nodes 0:0).
 pub fn pack(dir: &Path, ids: Option<IdMap>) -> Result<u64, String> {
     let ids_text = match ids {
         Some(m) => format!("{} {}\n", m.base, m.count),
@@ -24,11 +27,13 @@ pub fn pack(dir: &Path, ids: Option<IdMap>) -> Result<u64, String> {
             .arg("-C")
             .arg(dir)
             .arg("--numeric-owner")
+            .args(OVERLAY_XATTRS)
             .arg("-cf")
             .arg(dir.join(PACK_FILE))
             .arg(IMAGES_DIR)
             .arg(crate::launch::SHARED_DIR)
-            .arg(IDS_FILE),
+            .arg(IDS_FILE)
+            .args(dir.join(UPPER).is_dir().then_some(UPPER)),
         "packing images",
     )?;
     let _ = std::fs::remove_file(dir.join(IDS_FILE));
@@ -39,9 +44,21 @@ pub fn pack(dir: &Path, ids: Option<IdMap>) -> Result<u64, String> {
 
 /// In a pack: the host ids the instance's ids were where it was packed.
 const IDS_FILE: &str = "ids";
+/// The copy-on-write layer of a `--rootfs` root, in the instance's directory (`upper` in
+/// `launch::ROOTFS_DIR`).
+const UPPER: &str = "rootfs/upper";
+/// What tar must keep of the layer's extended attributes: overlayfs's marks of an opaque
+/// directory (which hides the lower one's files), a renamed directory and a whiteout. Not
+/// `origin`, a file handle of the lower file on the source's file system.
+const OVERLAY_XATTRS: &[&str] = &[
+    "--xattrs",
+    "--xattrs-include=trusted.overlay.opaque",
+    "--xattrs-include=trusted.overlay.redirect",
+    "--xattrs-include=trusted.overlay.whiteout*",
+];
 
 /// Unpacks `DIR/images.tar` (received from another host, or a snapshot) into `DIR`. The
-/// shared directory's files become the instance's here: each file's owner and group move
+/// files of the shared directory and of a `--rootfs` layer become the instance's here: each file's owner and group move
 /// from the packing host's range of ids to `owner` (this host's range for the instance),
 /// at the same place in it, so that a file its program's user wrote stays that user's.
 /// Ids from outside the packed range (or a pack that does not say it) become the
@@ -55,6 +72,7 @@ pub fn unpack(dir: &Path, owner: Option<IdMap>) -> Result<(), String> {
             .arg(dir)
             .arg("--same-owner")
             .arg("--numeric-owner")
+            .args(OVERLAY_XATTRS)
             .arg("-xf")
             .arg(dir.join(PACK_FILE)),
         "unpacking images",
@@ -69,9 +87,12 @@ pub fn unpack(dir: &Path, owner: Option<IdMap>) -> Result<(), String> {
         }
     };
     if let Some(owner) = owner {
-        let shared = dir.join(crate::launch::SHARED_DIR);
-        shift_ids(&shared, from, owner)
-            .map_err(|e| format!("unpacking images: {}: {e}", shared.display()))?;
+        for tree in [dir.join(crate::launch::SHARED_DIR), dir.join(UPPER)] {
+            if tree.exists() {
+                shift_ids(&tree, from, owner)
+                    .map_err(|e| format!("unpacking images: {}: {e}", tree.display()))?;
+            }
+        }
     }
     Ok(())
 }

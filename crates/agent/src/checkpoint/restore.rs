@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use vane_proto::stream::InstanceSpec;
@@ -119,6 +119,8 @@ fn restore_confined(
         hostname: record.spec.hostname.clone(),
         tcp_close,
         lazy,
+        rootfs: record.spec.space.rootfs.as_ref().map(PathBuf::from),
+        owner,
     };
     instance::write_private(
         &dir.join(crate::launch::RESTORE_FILE),

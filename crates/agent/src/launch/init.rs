@@ -54,7 +54,12 @@ fn close_inherited() {
 /// is, and such an instance cannot be checkpointed.
 pub fn init_main(pivoted: Option<&str>) -> i32 {
     let spec = match pivoted {
-        Some(json) => serde_json::from_str::<LaunchSpec>(json).map_err(io::Error::other),
+        Some(json) => {
+            // Run through the copy's loader (`binary::runtime`), whose file name the kernel
+            // gave the process: PID 1 is called `vane` in `ps` all the same.
+            let _ = nix::sys::prctl::set_name(c"vane");
+            serde_json::from_str::<LaunchSpec>(json).map_err(io::Error::other)
+        }
         None => {
             // A session whose leader is inside the instance: CRIU dumps only trees whose
             // session leader is in their PID namespace.
@@ -73,8 +78,18 @@ pub fn init_main(pivoted: Option<&str>) -> i32 {
                         nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd)?;
                     }
                     if let Ok(exe) = exe {
+                        // Through the copy's own runtime: the instance's root may have no
+                        // libraries, and everything init maps must lie in its mounts.
+                        let mut cmd = match crate::binary::runtime(&exe) {
+                            Some((loader, args)) => {
+                                let mut cmd = Command::new(loader);
+                                cmd.args(args);
+                                cmd
+                            }
+                            None => Command::new(exe),
+                        };
                         // Returns only if it could not start.
-                        let _ = Command::new(exe)
+                        let _ = cmd
                             .arg0("vane")
                             .arg("__init")
                             .arg("--pivoted")

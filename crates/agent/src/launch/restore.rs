@@ -31,6 +31,13 @@ pub struct RestoreSpec {
     /// restore with `--lazy-pages`, /dev/userfaultfd at descriptor 7.
     #[serde(default)]
     pub lazy: bool,
+    /// The directory of a `--rootfs` instance's root: the root is staged as at its launch
+    /// (`root::rootfs_overlay`), over the copy-on-write layer that came with the images.
+    #[serde(default)]
+    pub rootfs: Option<PathBuf>,
+    /// The instance's root, host id (the owner of its copy-on-write layer).
+    #[serde(default)]
+    pub owner: u32,
 }
 
 pub const RESTORE_FILE: &str = "restore.json";
@@ -81,7 +88,15 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         File::create(at(f))?;
         read_only_bind(&dir.join(f), &at(f)).map_err(|e| errno(&format!("stage {f}"), e))?;
     }
-    read_only_bind(Path::new("/"), &at("root")).map_err(|e| errno("stage the root", e))?;
+    match &spec.rootfs {
+        Some(lower) => {
+            super::root::rootfs_overlay(dir, lower, Some(&userns), Some(spec.owner), &at("root"))
+                .map_err(|e| io::Error::new(e.kind(), format!("stage the root: {e}")))?
+        }
+        None => {
+            read_only_bind(Path::new("/"), &at("root")).map_err(|e| errno("stage the root", e))?
+        }
+    }
     dev_tree(&at("dev"))?;
     bind(
         &dir.join(crate::checkpoint::IMAGES_DIR),

@@ -21,6 +21,36 @@ use super::{
 /// Where the instance's root is staged (bound from the host's) in its private directory.
 pub const ROOT_DIR: &str = "root";
 
+/// Mounts the root of a `--rootfs` instance at `target`: directory `lower`, seen through
+/// the instance's id mapping (its files are root's inside as they are outside), under the
+/// instance's copy-on-write layer `DIR/rootfs/upper`. The launch makes the layer (owned by
+/// `owner`, the instance's root, when confined); a restore finds it where the source left
+/// it, or unpacked from the images.
+pub(super) fn rootfs_overlay(
+    dir: &Path,
+    lower: &Path,
+    userns: Option<&OwnedFd>,
+    owner: Option<u32>,
+    target: &Path,
+) -> io::Result<()> {
+    let layer = dir.join(ROOTFS_DIR);
+    let (upper, work, mapped) = (layer.join("upper"), layer.join("work"), layer.join("lower"));
+    for d in [&upper, &work, &mapped] {
+        std::fs::create_dir_all(d)?;
+    }
+    if let Some(owner) = owner {
+        std::os::unix::fs::chown(&upper, Some(owner), Some(owner))?;
+    }
+    let lower = match userns {
+        Some(ns) => vane_sys::confine::bind_idmapped(lower, &mapped, ns.as_fd())
+            .map(|_| mapped.clone())
+            .unwrap_or_else(|_| lower.to_path_buf()),
+        None => lower.to_path_buf(),
+    };
+    overlay(&lower, &upper, &work, target)
+        .map_err(|e| io::Error::other(format!("root {}: {e}", lower.display())))
+}
+
 /// Builds the instance's root in its mount namespace and moves into it: the host's root
 /// (read-only when confined) or a directory under a private copy-on-write layer; fresh
 /// /proc, /sys, /dev; private /tmp and /run; the state directory at /tmp/.vane; vane's own
@@ -60,29 +90,9 @@ pub(super) fn build_root(
     let own_root = spec.rootfs.is_some();
     let root = match &spec.rootfs {
         Some(lower) => {
-            let layer = dir.join(ROOTFS_DIR);
-            let (upper, work, merged, mapped) = (
-                layer.join("upper"),
-                layer.join("work"),
-                layer.join("merged"),
-                layer.join("lower"),
-            );
-            for d in [&upper, &work, &merged, &mapped] {
-                std::fs::create_dir_all(d)?;
-            }
-            if confined {
-                std::os::unix::fs::chown(&upper, Some(owner), Some(owner))?;
-            }
-            // Seen through the instance's id mapping, the directory's files are root's
-            // inside as they are outside.
-            let lower = match userns {
-                Some(ns) => vane_sys::confine::bind_idmapped(lower, &mapped, ns.as_fd())
-                    .map(|_| mapped.clone())
-                    .unwrap_or_else(|_| lower.clone()),
-                None => lower.clone(),
-            };
-            overlay(&lower, &upper, &work, &merged)
-                .map_err(|e| io::Error::other(format!("root {}: {e}", lower.display())))?;
+            let merged = dir.join(ROOTFS_DIR).join("merged");
+            std::fs::create_dir_all(&merged)?;
+            rootfs_overlay(dir, lower, userns, confined.then_some(owner), &merged)?;
             merged
         }
         None => {
