@@ -759,8 +759,8 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
 
 /// A `--rootfs` instance moves with what it wrote over its root (a changed file, a new
 /// one, a deleted one, a directory made again in place of the root's) and with a file of
-/// that layer held open and appended to, whole and with post-copy; the root directory
-/// itself stays as it was.
+/// that layer held open and appended to, whole and with post-copy; its snapshot carries
+/// the layer to a clone; the root directory itself stays as it was.
 #[test]
 fn a_rootfs_instance_migrates_with_what_it_wrote_over_its_root() {
     let lab = TestLab::up(2);
@@ -830,6 +830,14 @@ fn a_rootfs_instance_migrates_with_what_it_wrote_over_its_root() {
             "the program stopped appending after the move to {to}"
         );
     }
+    // A snapshot carries the layer too: a clone starts from what the original wrote.
+    let snap = SnapshotDir::new(&lab);
+    lab.ok(&["snapshot", "rooted", "--out", snap.path()]);
+    lab.ok(&["restore", snap.path(), "--host", "h2", "--name", "rooted2"]);
+    assert_eq!(
+        lab.ok(&["exec", "rooted2", "--", "/bin/cat", "/etc/motd", "/data/only"]),
+        "changed\nfresh\n"
+    );
     assert_eq!(
         std::fs::read_to_string(root.path().join("etc/motd")).unwrap(),
         "original\n"
