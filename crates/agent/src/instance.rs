@@ -162,12 +162,26 @@ pub fn prepare_space(
         let (mut record, tun) = make_space(dir, key, spec, setup)?;
         let space = resolve_space(dir, spec, &record.confinement())?;
         // As its program sees them: expanded (`vane exec` takes the environment from here,
-        // a restore the root).
+        // checkpoints and restores the root, the volumes and the path rules).
         record.spec.env = space.env.clone();
         record.spec.space.rootfs = space
             .rootfs
             .as_ref()
             .map(|r| r.to_string_lossy().into_owned());
+        for (v, (host, inside)) in record.spec.space.volumes.iter_mut().zip(&space.volumes) {
+            v.host = host.to_string_lossy().into_owned();
+            v.inside = inside.to_string_lossy().into_owned();
+        }
+        record.spec.space.redirects = space
+            .redirects
+            .iter()
+            .map(|(t, s)| {
+                (
+                    t.to_string_lossy().into_owned(),
+                    s.to_string_lossy().into_owned(),
+                )
+            })
+            .collect();
         Ok((record, tun, space))
     })();
     if made.is_err() {
@@ -320,7 +334,8 @@ fn resolve_space(
         None => None,
     };
     let mut volumes = Vec::new();
-    for (host, inside) in &spec.space.volumes {
+    for v in &spec.space.volumes {
+        let (host, inside) = (&v.host, &v.inside);
         let host = PathBuf::from(expand("volume", host)?);
         if !host.is_dir() {
             return Err(CreateError::Input(format!(

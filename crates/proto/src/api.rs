@@ -236,9 +236,9 @@ pub struct SpaceSpec {
     /// layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<String>,
-    /// Host directories shared on purpose: (host directory, path inside).
+    /// Host directories shared on purpose.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub volumes: Vec<(String, String)>,
+    pub volumes: Vec<Volume>,
     /// Path rules: the program sees `source` at `target` (both absolute).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub redirects: Vec<(String, String)>,
@@ -254,6 +254,78 @@ pub struct SpaceSpec {
     pub privileged: bool,
 }
 
+/// A host directory shared with an instance on purpose (`--volume HOST_DIR:PATH[:shared]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "VolumeForm", into = "VolumeForm")]
+pub struct Volume {
+    /// The directory on the host.
+    pub host: String,
+    /// Where the instance sees it.
+    pub inside: String,
+    /// The directory is the same on every host (network storage, say): a checkpoint leaves
+    /// it out and a restore binds the destination's directory at the same path, so the
+    /// instance can migrate. Without it, a checkpoint is refused: the files would not come
+    /// along.
+    pub shared: bool,
+}
+
+/// How a volume is written: `[HOST_DIR, PATH]` as before volumes could be shared (so
+/// agents and stores of that time read it), an object when shared.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum VolumeForm {
+    Pair(String, String),
+    Marked {
+        host: String,
+        inside: String,
+        shared: bool,
+    },
+}
+
+impl From<VolumeForm> for Volume {
+    fn from(f: VolumeForm) -> Volume {
+        match f {
+            VolumeForm::Pair(host, inside) => Volume {
+                host,
+                inside,
+                shared: false,
+            },
+            VolumeForm::Marked {
+                host,
+                inside,
+                shared,
+            } => Volume {
+                host,
+                inside,
+                shared,
+            },
+        }
+    }
+}
+
+impl From<Volume> for VolumeForm {
+    fn from(v: Volume) -> VolumeForm {
+        match v.shared {
+            false => VolumeForm::Pair(v.host, v.inside),
+            true => VolumeForm::Marked {
+                host: v.host,
+                inside: v.inside,
+                shared: true,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.inside)?;
+        if self.shared {
+            f.write_str(":shared")?;
+        }
+        Ok(())
+    }
+}
+
 impl SpaceSpec {
     /// The template's settings with `over`'s: its root if it gives one, volumes and path
     /// rules added (a rule for the same target replaces the template's).
@@ -263,7 +335,7 @@ impl SpaceSpec {
             out.rootfs = over.rootfs.clone();
         }
         for v in &over.volumes {
-            out.volumes.retain(|(_, p)| *p != v.1);
+            out.volumes.retain(|w| w.inside != v.inside);
             out.volumes.push(v.clone());
         }
         for r in &over.redirects {

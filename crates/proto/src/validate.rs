@@ -330,11 +330,19 @@ pub fn redirect(s: &str) -> Result<(String, String), InputError> {
     Ok((target.to_string(), source.to_string()))
 }
 
-/// `HOST_DIR:PATH` of `--volume`.
-pub fn volume(s: &str) -> Result<(String, String), InputError> {
-    let (host, inside) = s
-        .split_once(':')
-        .ok_or_else(|| invalid("volume", s, "expected HOST_DIR:PATH"))?;
+/// `HOST_DIR:PATH[:shared]` of `--volume`.
+pub fn volume(s: &str) -> Result<crate::api::Volume, InputError> {
+    let (rest, shared) = match s.strip_suffix(":shared") {
+        Some(rest) => (rest, true),
+        None => (s, false),
+    };
+    let (host, inside) = rest.split_once(':').ok_or_else(|| {
+        invalid(
+            "volume",
+            s,
+            "expected HOST_DIR:PATH or HOST_DIR:PATH:shared",
+        )
+    })?;
     absolute_path("volume", s, host)?;
     if !inside.starts_with('/') || inside.trim_end_matches('/').is_empty() {
         return Err(invalid(
@@ -343,8 +351,19 @@ pub fn volume(s: &str) -> Result<(String, String), InputError> {
             "path inside must be absolute and not /",
         ));
     }
+    if inside.contains(':') {
+        return Err(invalid(
+            "volume",
+            s,
+            "the only option after PATH is :shared",
+        ));
+    }
     absolute_path("volume", s, inside)?;
-    Ok((host.to_string(), inside.to_string()))
+    Ok(crate::api::Volume {
+        host: host.to_string(),
+        inside: inside.to_string(),
+        shared,
+    })
 }
 
 /// `--rootfs DIR`.

@@ -237,8 +237,9 @@ pub struct SettingsArgs {
     /// itself is never written)
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<String>,
-    /// Share a host directory at PATH inside, repeatable
-    #[arg(long = "volume", short = 'v', value_name = "HOST_DIR:PATH")]
+    /// Share a host directory at PATH inside, repeatable; `:shared` says the directory is
+    /// the same on every host (network storage), so the instance can migrate
+    #[arg(long = "volume", short = 'v', value_name = "HOST_DIR:PATH[:shared]")]
     pub volumes: Vec<String>,
     /// Path rule: the program sees SOURCE at TARGET, repeatable; paths may use {name},
     /// {hostname}, {ip}, {net}, {state}

@@ -695,6 +695,8 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
     lab.ok(&["net", "create", "red", "--subnet", "10.10.15.0/24"]);
     let shared = tempfile::tempdir().unwrap();
     let volume = format!("{}:/tmp/data", shared.path().display());
+    std::fs::write(shared.path().join("issue"), "host\n").unwrap();
+    let host_rule = format!("/etc/issue={}/issue", shared.path().display());
     // A root with a static busybox and its sleep.
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("bin")).unwrap();
@@ -702,17 +704,28 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
     std::os::unix::fs::symlink("busybox", root.path().join("bin/sleep")).unwrap();
     std::os::unix::fs::symlink("busybox", root.path().join("bin/true")).unwrap();
     let rootfs = root.path().to_str().unwrap();
-    let cases: [(&str, &[&str], &str); 3] = [
+    // A target the host's root lacks: the launch lays a layer over /srv to make it.
+    let layered = format!("{}:/srv/vane-made-here:shared", shared.path().display());
+    let cases: [(&str, &[&str], &str); 4] = [
         (
             "ruled",
-            &["--redirect", "/etc/issue={state}/issue"],
-            "path rules (/etc/issue)",
+            &["--redirect", &host_rule],
+            "takes a file of this host, which would not come along",
         ),
-        ("vol", &["--volume", &volume], "is a directory of this host"),
+        (
+            "vol",
+            &["--volume", &volume],
+            "is a directory of this host, which would not come along (mark it :shared",
+        ),
         (
             "rooted",
             &["--privileged", "--rootfs", rootfs],
             "privileged instance's --rootfs root",
+        ),
+        (
+            "layered",
+            &["--volume", &layered],
+            "laid a layer over a directory of the host's root",
         ),
     ];
     for (name, flags, why) in cases {
@@ -835,7 +848,14 @@ fn a_rootfs_instance_migrates_with_what_it_wrote_over_its_root() {
     lab.ok(&["snapshot", "rooted", "--out", snap.path()]);
     lab.ok(&["restore", snap.path(), "--host", "h2", "--name", "rooted2"]);
     assert_eq!(
-        lab.ok(&["exec", "rooted2", "--", "/bin/cat", "/etc/motd", "/data/only"]),
+        lab.ok(&[
+            "exec",
+            "rooted2",
+            "--",
+            "/bin/cat",
+            "/etc/motd",
+            "/data/only"
+        ]),
         "changed\nfresh\n"
     );
     assert_eq!(
@@ -844,6 +864,104 @@ fn a_rootfs_instance_migrates_with_what_it_wrote_over_its_root() {
     );
     assert!(root.path().join("etc/issue").exists());
     assert!(!root.path().join("new-file").exists());
+}
+
+/// A volume marked `:shared` (a directory every host has: here the lab's hosts share one
+/// file system) stays out of the images and is bound again on the destination: the program
+/// keeps appending to the file it held open, and sees what others write there.
+#[test]
+fn an_instance_with_a_shared_volume_migrates_and_keeps_writing_to_it() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.17.0/24"]);
+    let data = tempfile::tempdir().unwrap();
+    let volume = format!("{}:/tmp/data:shared", data.path().display());
+    let writer = "exec 3>>/tmp/data/log; while true; do echo tick >&3; sleep 0.05; done";
+    lab.ok(&[
+        "run", "--net", "red", "--name", "vol", "--host", "h1", "--volume", &volume, "--", "sh",
+        "-c", writer,
+    ]);
+    let log = data.path().join("log");
+    let ticks = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(10), || ticks() > 5));
+    for (to, post_copy) in [("h2", false), ("h1", true)] {
+        if post_copy {
+            lab.ok(&["migrate", "vol", "--to", to, "--post-copy"]);
+        } else {
+            migrate(&lab, "vol", to);
+        }
+        let before = ticks();
+        assert!(
+            wait_until(Duration::from_secs(10), || ticks() > before + 5),
+            "the program stopped appending to the volume after the move to {to}"
+        );
+        std::fs::write(data.path().join(format!("from-host-{to}")), "hi").unwrap();
+        let seen = lab.ok(&["exec", "vol", "--", "ls", "/tmp/data"]);
+        assert!(seen.contains(&format!("from-host-{to}")), "{seen}");
+    }
+    // Bound again as the launch binds it, through the instance's id mapping: root inside
+    // writes as root on the host.
+    lab.ok(&["exec", "vol", "--", "sh", "-c", "echo x > /tmp/data/after"]);
+    let owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(data.path().join("after")).unwrap());
+    assert_eq!(owner, 0);
+}
+
+/// Path rules whose sources are in the instance's state directory move with it (the
+/// sources come with the images, and each restore binds them again): a file rule and a
+/// directory rule, whole and with post-copy.
+#[test]
+fn path_rules_from_the_state_directory_migrate_with_their_files() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.18.0/24"]);
+    let setup = "echo one > /etc/issue; echo two > /var/tmp/kept; exec sleep 1000";
+    lab.ok(&[
+        "run",
+        "--net",
+        "red",
+        "--name",
+        "ruled",
+        "--host",
+        "h1",
+        "--redirect",
+        "/etc/issue={state}/issue",
+        "--redirect",
+        "/var/tmp={state}/vartmp",
+        "--",
+        "sh",
+        "-c",
+        setup,
+    ]);
+    let cat =
+        |lab: &TestLab| lab.ok(&["exec", "ruled", "--", "cat", "/etc/issue", "/var/tmp/kept"]);
+    assert!(wait_until(Duration::from_secs(10), || cat(&lab) == "one\ntwo\n"));
+    let mut issue = "one".to_string();
+    for (to, post_copy) in [("h2", false), ("h1", true)] {
+        if post_copy {
+            lab.ok(&["migrate", "ruled", "--to", to, "--post-copy"]);
+        } else {
+            migrate(&lab, "ruled", to);
+        }
+        assert_eq!(cat(&lab), format!("{issue}\ntwo\n"));
+        // Still the rules' files, where the instance now is: written through the target,
+        // seen in the source.
+        lab.ok(&[
+            "exec",
+            "ruled",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {to} > /etc/issue"),
+        ]);
+        let id = lab.inspect("ruled")["id"].as_str().unwrap().to_string();
+        let source = format!("{}/hosts/{to}/instances/{id}/shared/issue", lab.state_dir());
+        assert_eq!(std::fs::read_to_string(&source).unwrap(), format!("{to}\n"));
+        issue = to.to_string();
+    }
 }
 
 /// Processes on the lab's one kernel running the counter server: its running copies.

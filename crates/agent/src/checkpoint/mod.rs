@@ -137,25 +137,32 @@ fn last_lines(path: &Path, n: usize) -> String {
 
 /// Whether the instance can be checkpointed and restored elsewhere, or why not: asked
 /// before anything is frozen, because a restore that cannot be done would leave the
-/// instance nowhere (its source's restore fails the same way). CRIU restores a confined
-/// instance inside its user namespace, where it fails to bind the files of path rules
-/// again (`Can't bind-mount`); a `--rootfs` root is staged for it by `__restore` (the
-/// privileged restore has no such stage yet); host directories shared as volumes stay on
-/// their host.
-pub fn portable(record: &Record) -> Result<(), String> {
+/// instance nowhere (its source's restore fails the same way). What stays on its host does
+/// not come along: a volume not marked shared, a path rule's source outside the instance's
+/// state directory. Layers laid over the host's root for targets cannot be made again in
+/// the instance's user namespace; nor, yet, a privileged instance's `--rootfs` root.
+pub fn portable(record: &Record, dir: &Path) -> Result<(), String> {
     let name = &record.spec.name;
     let space = &record.spec.space;
     let why = if space.rootfs.is_some() && record.confinement().privileged() {
         "a privileged instance's --rootfs root cannot be staged for its restore yet".to_string()
-    } else if let Some((host, inside)) = space.volumes.first() {
+    } else if let Some(v) = space.volumes.iter().find(|v| !v.shared) {
         format!(
-            "its volume {host}:{inside} is a directory of this host, which would not come along"
+            "its volume {v} is a directory of this host, which would not come along \
+             (mark it :shared if every host has it)"
         )
-    } else if !space.redirects.is_empty() {
-        let targets: Vec<&str> = space.redirects.iter().map(|(t, _)| t.as_str()).collect();
+    } else if layered(dir) {
+        "a volume or path rule of it laid a layer over a directory of the host's root, which \
+         restores cannot make again yet"
+            .to_string()
+    } else if let Some((target, source)) = space
+        .redirects
+        .iter()
+        .find(|(_, source)| !Path::new(source).starts_with(dir.join(crate::launch::SHARED_DIR)))
+    {
         format!(
-            "its path rules ({}) are bind mounts that restores cannot make again yet",
-            targets.join(", ")
+            "its path rule {target}={source} takes a file of this host, which would not come \
+             along (sources under {{state}} move with the instance)"
         )
     } else {
         return Ok(());
@@ -268,6 +275,25 @@ fn allow_large_pipes() -> Result<(), String> {
         .map_err(|e| format!("cannot raise {path} to {PIPE_MAX_SIZE} for lazy pages: {e}"))
 }
 
+/// Whether the launch laid a copy-on-write layer over a directory of the host's root to
+/// make room for a volume's or path rule's target (`launch::PATHS_DIR`).
+fn layered(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join(crate::launch::PATHS_DIR))
+        .is_ok_and(|mut entries| entries.next().is_some())
+}
+
+/// The key under which shared volume `n` (counted among the instance's shared volumes, in
+/// its spec's order) travels in the images as an external mount.
+pub(crate) fn volume_key(n: usize) -> String {
+    format!("vane-vol-{n}")
+}
+
+/// The key under which path rule `n` (in its spec's order) travels in the images as an
+/// external mount: CRIU cannot bind a file of the state directory again by itself.
+pub(crate) fn redirect_key(n: usize) -> String {
+    format!("vane-path-{n}")
+}
+
 /// `criu dump` of the instance into a fresh `DIR/images`, as every dump runs it.
 fn dump_command(dir: &Path, record: &Record) -> Result<Command, String> {
     let images = dir.join(IMAGES_DIR);
@@ -294,6 +320,24 @@ fn dump_command(dir: &Path, record: &Record) -> Result<Command, String> {
         .arg("--manage-cgroups=ignore")
         .arg("--external")
         .arg(format!("net[{inode}]:{NET_KEY}"));
+    // Shared volumes stay out of the images: each restore binds its own host's directory.
+    for (n, v) in record
+        .spec
+        .space
+        .volumes
+        .iter()
+        .filter(|v| v.shared)
+        .enumerate()
+    {
+        cmd.arg("--external")
+            .arg(format!("mnt[{}]:{}", v.inside, volume_key(n)));
+    }
+    // Path rules too: each restore binds the source from the instance's state directory
+    // there, which came with the images.
+    for (n, (target, _)) in record.spec.space.redirects.iter().enumerate() {
+        cmd.arg("--external")
+            .arg(format!("mnt[{target}]:{}", redirect_key(n)));
+    }
     if record.confinement().privileged() {
         for (key, inside) in [
             (HOSTS_KEY, "/etc/hosts"),

@@ -121,6 +121,8 @@ fn restore_confined(
         lazy,
         rootfs: record.spec.space.rootfs.as_ref().map(PathBuf::from),
         owner,
+        volumes: shared_volumes(record),
+        redirects: redirect_sources(record),
     };
     instance::write_private(
         &dir.join(crate::launch::RESTORE_FILE),
@@ -157,6 +159,29 @@ fn restore_confined(
         return Err(format!("criu restore failed: {why}"));
     }
     Ok(())
+}
+
+/// The host directories of the instance's shared volumes, in order (`volume_key`).
+fn shared_volumes(record: &Record) -> Vec<PathBuf> {
+    record
+        .spec
+        .space
+        .volumes
+        .iter()
+        .filter(|v| v.shared)
+        .map(|v| PathBuf::from(&v.host))
+        .collect()
+}
+
+/// The sources of the instance's path rules, in order (`redirect_key`).
+fn redirect_sources(record: &Record) -> Vec<PathBuf> {
+    record
+        .spec
+        .space
+        .redirects
+        .iter()
+        .map(|(_, source)| PathBuf::from(source))
+        .collect()
 }
 
 fn chown_tree(path: &Path, owner: u32) -> io::Result<()> {
@@ -217,12 +242,15 @@ fn restore_privileged(
         (false, false) => "--tcp-established",
         (false, true) => "--tcp-established --lazy-pages",
     };
+    // Arguments past the sixth are more of CRIU's (the externals of shared volumes and path
+    // rules).
     let script = format!(
         "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \
-         exec \"$0\" restore -D \"$1\" -o restore.log {tcp} --file-locks --root / -d \
-         --manage-cgroups=ignore --pidfile \"$2\" --inherit-fd 'fd[3]:{NET_KEY}' \
-         --external \"mnt[{STATE_KEY}]:$4\" --external \"mnt[{HOSTS_KEY}]:$5\" \
-         --external \"mnt[{HOSTNAME_KEY}]:$6\" 3<\"$3\""
+         criu=$0 images=$1 pidfile=$2 ns=$3 state=$4 hosts=$5 hostname=$6; shift 6; \
+         exec \"$criu\" restore -D \"$images\" -o restore.log {tcp} --file-locks --root / -d \
+         --manage-cgroups=ignore --pidfile \"$pidfile\" --inherit-fd 'fd[3]:{NET_KEY}' \
+         --external \"mnt[{STATE_KEY}]:$state\" --external \"mnt[{HOSTS_KEY}]:$hosts\" \
+         --external \"mnt[{HOSTNAME_KEY}]:$hostname\" \"$@\" 3<\"$ns\""
     );
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -233,8 +261,18 @@ fn restore_privileged(
         .arg(&ns)
         .arg(dir.join(crate::launch::SHARED_DIR))
         .arg(dir.join(crate::launch::HOSTS_FILE))
-        .arg(dir.join(crate::launch::HOSTNAME_FILE))
-        .env("VANE_CGROUPS", cgroups.join(":"));
+        .arg(dir.join(crate::launch::HOSTNAME_FILE));
+    let volumes = shared_volumes(record).into_iter().enumerate();
+    let redirects = redirect_sources(record).into_iter().enumerate();
+    let keyed = volumes
+        .map(|(n, p)| (super::volume_key(n), p))
+        .chain(redirects.map(|(n, p)| (super::redirect_key(n), p)));
+    for (key, path) in keyed {
+        let mut external = std::ffi::OsString::from(format!("mnt[{key}]:"));
+        external.push(path);
+        cmd.arg("--external").arg(external);
+    }
+    cmd.env("VANE_CGROUPS", cgroups.join(":"));
     run_criu(&mut cmd, "restore", &images.join("restore.log"))?;
     // The images hold the original's hostname; a clone has its own.
     let init_pid = std::fs::read_to_string(images.join("restored.pid")).unwrap_or_default();

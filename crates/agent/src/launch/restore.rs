@@ -38,6 +38,14 @@ pub struct RestoreSpec {
     /// The instance's root, host id (the owner of its copy-on-write layer).
     #[serde(default)]
     pub owner: u32,
+    /// The directories of this host bound for the instance's shared volumes, in order
+    /// (`checkpoint::volume_key`).
+    #[serde(default)]
+    pub volumes: Vec<PathBuf>,
+    /// The sources of the instance's path rules, in order (`checkpoint::redirect_key`): in
+    /// its state directory here.
+    #[serde(default)]
+    pub redirects: Vec<PathBuf>,
 }
 
 pub const RESTORE_FILE: &str = "restore.json";
@@ -110,6 +118,29 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         read_only_bind(Path::new(crate::binary::DIR), &at("bin"))
             .map_err(|e| errno("stage vane's binaries", e))?;
     }
+    // Shared volumes, as the launch binds them: through the instance's id mapping.
+    let mut externals = Vec::new();
+    for (n, host) in spec.volumes.iter().enumerate() {
+        let key = crate::checkpoint::volume_key(n);
+        std::fs::create_dir(at(&key))?;
+        super::root::bind_source(host, &at(&key), Some(&userns), true).map_err(|e| {
+            io::Error::new(e.kind(), format!("stage volume {}: {e}", host.display()))
+        })?;
+        externals.push(key);
+    }
+    // Path rules' sources, bound plainly as the launch binds the state directory's files.
+    for (n, source) in spec.redirects.iter().enumerate() {
+        let key = crate::checkpoint::redirect_key(n);
+        if source.is_dir() {
+            std::fs::create_dir(at(&key))?;
+        } else {
+            File::create(at(&key))?;
+        }
+        bind(source, &at(&key), false).map_err(|e| {
+            io::Error::other(format!("stage path rule source {}: {e}", source.display()))
+        })?;
+        externals.push(key);
+    }
     // The instance's network namespace goes to CRIU as descriptor 3 (`--inherit-fd`).
     nix::unistd::dup2(std::os::fd::AsRawFd::as_raw_fd(&net), 3)
         .and_then(|_| {
@@ -157,6 +188,9 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         .arg(format!("fd[3]:{}", crate::checkpoint::NET_KEY));
     for (key, _, name) in crate::checkpoint::CONFINED_EXTERNALS {
         cmd.arg("--external").arg(ext(key, name));
+    }
+    for key in &externals {
+        cmd.arg("--external").arg(ext(key, key));
     }
     if spec.lazy {
         cmd.arg("--lazy-pages").env(

@@ -217,7 +217,7 @@ pub(super) fn build_root(
 
 /// Binds a volume or path rule's source: through the instance's id mapping where the file
 /// system allows it (root inside writes as root on the host), plainly otherwise.
-fn bind_source(
+pub(super) fn bind_source(
     source: &Path,
     target: &Path,
     idmap: Option<&OwnedFd>,

@@ -58,7 +58,7 @@ impl Agent {
     ) -> Result<(instance::Record, std::path::PathBuf, Option<PortId>), AgentError> {
         let (record, dir, port) =
             self.running(id, |l| (l.record.clone(), l.dir.clone(), l.port))?;
-        checkpoint::portable(&record).map_err(AgentError::conflict)?;
+        checkpoint::portable(&record, &dir).map_err(AgentError::conflict)?;
         Ok((record, dir, port))
     }
 

@@ -40,8 +40,8 @@ pub(super) fn check_settings(env: &[(String, String)], space: &SpaceSpec) -> Res
     if let Some(root) = &space.rootfs {
         validate::rootfs(root)?;
     }
-    for (host, inside) in &space.volumes {
-        validate::volume(&format!("{host}:{inside}"))?;
+    for v in &space.volumes {
+        validate::volume(&v.to_string())?;
     }
     for (target, source) in &space.redirects {
         validate::redirect(&format!("{target}={source}"))?;

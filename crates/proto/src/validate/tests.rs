@@ -135,10 +135,27 @@ fn path_rules() {
     assert!(redirect("/etc/a").is_err());
     assert!(redirect("/etc/a=/x/../y").is_err());
     assert!(redirect("/etc/a=/x/{bogus}").is_err());
+    let v = volume("/srv/data:/data").unwrap();
     assert_eq!(
-        volume("/srv/data:/data").unwrap(),
-        ("/srv/data".into(), "/data".into())
+        (v.host.as_str(), v.inside.as_str(), v.shared),
+        ("/srv/data", "/data", false)
     );
+    let v = volume("/nfs/data:/data:shared").unwrap();
+    assert_eq!(
+        (v.host.as_str(), v.inside.as_str(), v.shared),
+        ("/nfs/data", "/data", true)
+    );
+    assert_eq!(v.to_string(), "/nfs/data:/data:shared");
+    let e = volume("/nfs/data:/data:ro").unwrap_err().to_string();
+    assert!(e.contains("the only option after PATH is :shared"), "{e}");
+    // Volumes as they were written before they could be shared still read, and unshared
+    // ones are written that way still.
+    let old: crate::api::Volume = serde_json::from_str(r#"["/srv","/data"]"#).unwrap();
+    assert!(!old.shared);
+    assert_eq!(serde_json::to_string(&old).unwrap(), r#"["/srv","/data"]"#);
+    let shared: crate::api::Volume =
+        serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+    assert_eq!(shared, v);
     assert!(volume("/srv/data").is_err());
     assert!(volume("data:/data").is_err());
     assert!(volume("/srv:/").is_err());
