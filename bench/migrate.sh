@@ -2,9 +2,10 @@
 # Freeze time of live migration: a small counter server (well under 50 MiB resident) with
 # three open connections (clients on three hosts asking without pause) migrates 10 times
 # between two hosts of a lab with its memory inside the freeze, then 10 times post-copy
-# (`--post-copy`: memory after the freeze); prints each freeze time (from the freeze on the
-# source until the directory sends to the destination) and the medians. The clients must
-# see no error. Then an idle program with 512 MiB resident migrates once each way: its
+# (`--post-copy`: memory after the freeze); prints each freeze time (from the moment other
+# hosts hold what they send to it until they send it on to the destination) and the
+# medians, and the clients' longest waits for an answer (the freeze up to the first answer,
+# as they see it). The clients must see no error. Then an idle program with 512 MiB resident migrates once each way: its
 # freezes, the commands' whole times, next to the time a plain TCP stream takes to move
 # 512 MiB between the same two hosts' namespaces; then a program rewriting 20 MiB/s of its 512
 # MiB migrates both ways (post-copy has no rounds to converge: its memory moves once, after
@@ -54,15 +55,21 @@ s = socket.create_connection((sys.argv[1], 7000), timeout=10)
 s.settimeout(60)
 f = s.makefile("rwb")
 n = 0
+stalls = []
 while not os.path.exists(sys.argv[2]):
+    asked = time.monotonic()
     f.write(b"x\n")
     f.flush()
     if int(f.readline()) != n + 1:
         print("gap after", n, flush=True)
         sys.exit(1)
+    # What a migration costs this client: the wait for an answer, when longer than usual.
+    waited = (time.monotonic() - asked) * 1000
+    if waited > 20:
+        stalls.append(int(waited))
     n += 1
     time.sleep(0.002)
-print("ok", n, flush=True)
+print("ok", n, "stalls", *stalls, flush=True)
 '
 "$vane" run --net bench --name srv --host h1 -- python3 -c "$server" >/dev/null
 sleep 0.5
@@ -98,11 +105,23 @@ for h in h1 h2 h3; do
   case "$out" in ok*) ;; *) echo "client c$h: ${out:-no answer after 10 s}"; failed=1 ;; esac
 done
 [ "$failed" = 0 ] || "$vane" ps
+# Each client's longest waits for an answer: one per migration (the freeze as the client
+# sees it, up to the answer).
+stalls=()
+for h in h1 h2 h3; do
+  read -ra seen <<<"$("$vane" logs "c$h" | sed -n 's/^ok [0-9]* stalls//p')"
+  stalls+=("${seen[@]}")
+done
 rss=$("$vane" exec srv -- sh -c 'grep VmRSS /proc/2/status' | awk '{print $2}')
 median_of() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 median=$(median_of "${times[@]}")
 lazy_median=$(median_of "${lazy_times[@]}")
 small="server resident: $((rss / 1024)) MiB; $count migrations each ($profile build): median freeze $median ms whole, $lazy_median ms post-copy"
+if [ "${#stalls[@]}" -gt 0 ]; then
+  answered="${#stalls[@]} waits over 20 ms seen by the clients in $((2 * count * 3)) client-migrations: median $(median_of "${stalls[@]}") ms, longest $(printf '%s\n' "${stalls[@]}" | sort -n | tail -1) ms"
+else
+  answered="no client waited over 20 ms"
+fi
 
 # 512 MiB resident, idle.
 big='
@@ -180,6 +199,7 @@ lazy_freeze=$(echo "$lazy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')
 echo
 echo "migration ($profile build)"
 echo "  small server, 3 connections     $small"
+echo "  ... as its clients saw it        $answered"
 echo "  512 MiB resident, idle, whole    freeze $big_freeze ms; migrate took $total_ms ms, plain TCP 512 MiB $tcp_ms ms ($(awk -v a="$total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x)"
 echo "  512 MiB resident, idle, post-copy freeze $lazy_freeze ms; migrate took $lazy_total_ms ms ($(awk -v a="$lazy_total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x plain TCP)"
 echo "  512 MiB, rewriting 20 MiB/s      freeze $busy_freeze ms whole; post-copy $busy_lazy_freeze ms, source released in $busy_released ms"

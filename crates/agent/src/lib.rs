@@ -274,6 +274,8 @@ impl Agent {
                 env,
             } => control::exec(self, &id, ticket, cmd, env).await,
             AgentRequest::Logs { id, ticket } => control::logs(self, &id, ticket).await,
+            // Views are applied before the next message is read (`control::session`).
+            AgentRequest::Sync => Ok(AgentReply::Done),
             AgentRequest::HostStats => {
                 let mut stats = self
                     .dataplane

@@ -158,15 +158,23 @@ impl State {
             .any(|m| m.instance == id && Some(m.host_id) == here)
     }
 
-    /// Where the switch must send packets for `member`: the port of a local instance, or
-    /// another host. `None`: nowhere (a member placed here that has no port, or a host the
-    /// directory does not know).
+    /// Where the switch must send packets for `member`: the port of a local instance,
+    /// another host, or nowhere while it moves. `None`: nowhere at all (a member placed here
+    /// that has no port, or a host the directory does not know).
     ///
     /// This is the only way a member's address enters the switch (views and lookups both
     /// come through it): attaching a port does not make it a member, the directory does.
     pub(crate) fn locate(&self, member: &Member) -> Option<Location> {
         if member.host_id == 0 {
             return None;
+        }
+        // Frozen for a migration: what local instances send it waits in the miss queue for
+        // the controller's answer, given once it runs again.
+        if let Some(to) = member.moving_to {
+            return Some(Location::Moving {
+                from: member.host_id,
+                to,
+            });
         }
         if Some(member.host_id) == self.host_id() {
             let local = self.instances.get(&member.instance)?;

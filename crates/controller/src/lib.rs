@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::Context;
 
 use vane_proto::api::ClusterConfig;
+use vane_proto::stream::{AgentRequest, ToAgent};
 
 use crate::agents::{AgentLink, Agents};
 use crate::state::{ApiError, State};
@@ -154,6 +155,60 @@ impl Controller {
         }
     }
 
+    /// Freezes instance `id` for a migration to host `to` (`State::freeze`): the switches
+    /// that could
+    /// send to it stop, and hold what their instances send, rather than lose it at the
+    /// frozen copy. Returns once they all switch so (or `SYNC_LIMIT` has passed), before
+    /// anything is frozen: what they sent before reaches the instance still running.
+    async fn freeze(&self, id: &str, to: &str) {
+        self.state().freeze(id, to);
+        self.push_views();
+        let senders: Vec<String> = {
+            let s = self.state();
+            self.streams
+                .connected()
+                .into_iter()
+                .filter(|h| s.view_for(h).members.iter().any(|m| m.instance == id))
+                .collect()
+        };
+        let synced = senders
+            .iter()
+            .map(|h| self.agents.request(h, AgentRequest::Sync));
+        let _ = tokio::time::timeout(SYNC_LIMIT, futures_util::future::join_all(synced)).await;
+    }
+
+    /// Ends the freeze of instance `id` where it now runs: views as they now are, its
+    /// host's first, and once that host has applied it (a request after a view is handled
+    /// after it) the others', and the lookups that waited, whose switches then send what
+    /// they held. Nothing if it was not frozen.
+    async fn thaw(&self, id: &str) {
+        let host = self.state().instances.get(id).map(|i| i.host.clone());
+        if let Some(host) = &host {
+            // Its host's view places it there, running: the rest wait for that host.
+            let mut view = self.state().view_for(host);
+            for m in view.members.iter_mut().filter(|m| m.instance == id) {
+                m.moving_to = None;
+            }
+            self.streams.push_view(host, view);
+            let _ = tokio::time::timeout(SYNC_LIMIT, self.agents.request(host, AgentRequest::Sync))
+                .await;
+        }
+        self.thaw_now(id);
+    }
+
+    /// `thaw` without waiting for the instance's host (a migration that failed: its copy
+    /// there runs on, or nowhere).
+    fn thaw_now(&self, id: &str) {
+        let waiting = self.state().thaw(id);
+        self.push_views();
+        for w in waiting {
+            let member = self.state().lookup(&w.host, w.net, w.ip);
+            let (net, ip) = (w.net, w.ip);
+            self.streams
+                .send(&w.host, ToAgent::Resolved { net, ip, member });
+        }
+    }
+
     /// Sends each connected agent its view, where it changed.
     fn push_views(&self) {
         let views: Vec<_> = {
@@ -174,6 +229,11 @@ impl Controller {
 }
 
 pub(crate) use vane_proto::unix_now as now;
+
+/// How long a migration waits for switches to take a view that freezes or thaws an
+/// instance: a host slower than that loses what it sends meanwhile (its peers retransmit),
+/// and does not hold the migration up.
+const SYNC_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The controller's steps of a migration where the crash tests kill it.
 pub(crate) fn die_at(step: &str) {

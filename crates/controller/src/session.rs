@@ -137,8 +137,10 @@ fn handle(c: &Controller, host: &str, msg: FromAgent) {
     match msg {
         FromAgent::Hello { .. } => tracing::warn!(host, "second hello ignored"),
         FromAgent::Lookup { net, ip } => {
-            let member = c.state().lookup(host, net, ip);
-            c.streams.send(host, ToAgent::Resolved { net, ip, member });
+            // A lookup for an instance frozen by a migration waits for it (`Controller::thaw`).
+            if let Some(member) = c.state().lookup_or_wait(host, net, ip) {
+                c.streams.send(host, ToAgent::Resolved { net, ip, member });
+            }
         }
         FromAgent::Response { id, result } => c.streams.resolve(host, id, result),
         FromAgent::Progress { id, bytes } => c.streams.progress(host, id, bytes),

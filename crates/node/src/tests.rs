@@ -294,6 +294,23 @@ fn an_attached_port_receives_once_the_directory_places_its_member_here() {
 }
 
 #[test]
+fn what_is_sent_to_a_moving_member_waits_for_where_it_runs_again() {
+    let mut p = Pair::new(false, true);
+    let own = (1, ip(1), Location::Local(port(1)));
+    let moving = Location::Moving { from: 2, to: 2 };
+    p.h[0].node.apply_members(vec![own, (1, ip(2), moving)]);
+    p.send(1, ip(2), b"held");
+    assert!(p.h[0].io.sent.is_empty(), "nothing goes to a frozen copy");
+    assert_eq!(p.h[0].node.poll_lookup(), Some((1, ip(2))));
+    // The controller answers once it runs again.
+    let h = &mut p.h[0];
+    h.node
+        .resolved(&mut h.io, 1, ip(2), Some(Location::Remote(2)), p.now);
+    p.exchange(|_| false);
+    assert_eq!(p.received(2), [b"held".to_vec()]);
+}
+
+#[test]
 fn nobody_at_an_address_is_remembered_for_a_while_then_asked_again() {
     let mut p = Pair::new(false, false);
     p.send(1, ip(9), b"anyone?");

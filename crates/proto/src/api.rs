@@ -489,16 +489,23 @@ pub struct Progress {
     pub phase_ms: u64,
 }
 
-/// The parts of a migration's freeze, in milliseconds: they add up to `freeze_ms`.
+/// The parts of a migration's freeze, in milliseconds: they add up to `freeze_ms`, which
+/// runs from the moment other hosts start holding what they send to the instance until
+/// they send it on to where it runs again.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phases {
+    /// The switches that send to the instance taking the view that holds it (the
+    /// instance still runs and answers what reached it before).
+    #[serde(default)]
+    pub hold_ms: u64,
     /// Freezing and dumping the tree on the source, packing its images.
     pub dump_ms: u64,
     /// Moving the images to the destination.
     pub transfer_ms: u64,
     /// Unpacking and restoring them there.
     pub restore_ms: u64,
-    /// Recording the new host and sending the directory's views.
+    /// Recording the new host, the destination taking its view, then the others, and
+    /// the held lookups answered (their switches send what they held).
     pub switch_ms: u64,
 }
 

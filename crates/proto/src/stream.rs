@@ -78,6 +78,9 @@ pub enum AgentRequest {
     },
     /// The host's switch and tunnel counters.
     HostStats,
+    /// Answered `Done` once everything sent to the agent before it is handled: views are
+    /// applied in order, so the answer says the agent switches by the last view sent.
+    Sync,
     /// Migration, destination side: check that CRIU is usable and make the instance's
     /// space (namespace with its address, rules, cgroups, state directory) without
     /// starting anything.
@@ -356,6 +359,12 @@ pub struct Member {
     #[serde(default)]
     pub host_id: u32,
     pub instance: String,
+    /// Frozen for a migration to the host of this id: switches send nothing to it, and what
+    /// their instances send waits in their miss queues for the lookup, which the controller
+    /// answers once the instance runs again (where it then runs), rather than being lost at
+    /// a frozen copy; packets from it are taken from either host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<u32>,
 }
 
 /// A policy with its nets as ids.
@@ -379,6 +388,7 @@ mod tests {
             host: host.into(),
             host_id,
             instance: "0123".into(),
+            moving_to: None,
         }
     }
 

@@ -54,6 +54,7 @@ impl Switch {
     pub fn remove_net(&mut self, id: NetId) {
         self.nets.remove(&id);
         self.members.remove_net(id);
+        self.moving.retain(|(net, _), _| *net != id);
         self.ports.retain(|_, p| p.net != id);
         let ports = &self.ports;
         self.flows.retain(|key| match key {
@@ -179,11 +180,21 @@ impl Switch {
 
     /// Sets where member `ip` of `net` is.
     pub fn set_member(&mut self, net: NetId, ip: Ipv4Addr, loc: Location) {
-        self.members.set(net, ip, loc);
+        match loc {
+            Location::Moving { from, to } => {
+                self.members.remove(net, ip);
+                self.moving.insert((net, ip), (from, to));
+            }
+            loc => {
+                self.moving.remove(&(net, ip));
+                self.members.set(net, ip, loc);
+            }
+        }
     }
 
     /// Forgets member `ip` of `net`.
     pub fn remove_member(&mut self, net: NetId, ip: Ipv4Addr) {
+        self.moving.remove(&(net, ip));
         self.members.remove(net, ip);
     }
 }

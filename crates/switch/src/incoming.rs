@@ -59,8 +59,14 @@ impl Switch {
         if !src_cfg.subnet.contains(&src) {
             return Verdict::Drop(DropReason::Spoofed);
         }
-        // Sender binding: a host speaks only for the members it hosts.
-        if self.members.get(src_net, src) != Some(Location::Remote(from)) {
+        // Sender binding: a host speaks only for the members it hosts (or, for one that
+        // moves, for it on its way between two hosts).
+        if self.members.get(src_net, src) != Some(Location::Remote(from))
+            && !self
+                .moving
+                .get(&(src_net, src))
+                .is_some_and(|(a, b)| *a == from || *b == from)
+        {
             return Verdict::Drop(DropReason::WrongHost);
         }
         if src_net == dst_net {

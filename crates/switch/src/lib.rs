@@ -77,6 +77,9 @@ pub struct Switch {
     cfg: SwitchConfig,
     nets: Map<NetId, NetConfig>,
     members: MemberTable,
+    /// Members frozen while they move (`Location::Moving`), absent from `members`: few, for
+    /// the sender check's slow path only.
+    moving: Map<(NetId, Ipv4Addr), (HostId, HostId)>,
     ports: Map<PortId, PortState>,
     policy: Policy,
     flows: FlowTable,
@@ -91,6 +94,7 @@ impl Switch {
             cfg,
             nets: Map::default(),
             members: MemberTable::default(),
+            moving: Map::default(),
             ports: Map::default(),
             policy: Policy::default(),
             flows,

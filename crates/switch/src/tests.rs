@@ -856,6 +856,41 @@ fn an_attached_port_draws_traffic_only_once_the_directory_places_its_member_ther
 }
 
 #[test]
+fn a_moving_member_is_sent_nothing_and_heard_from_either_of_its_hosts() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let mover = Ipv4Addr::new(10, 1, 9, 9);
+    sw.set_member(NET_A, mover, Location::Moving { from: 3, to: 4 });
+    // What is sent to it waits for the directory.
+    assert_eq!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, mover, 80), now),
+        Verdict::Unresolved { dst_net: NET_A }
+    );
+    // Either host may speak for it (its last packets from one, its first from the other);
+    // no third one.
+    for host in [3, 4] {
+        assert_eq!(
+            sw.process_from_tunnel(host, NET_A, NET_A, &mut tcp(mover, 80, A1, 1), now),
+            Verdict::Deliver(PA1)
+        );
+    }
+    assert_eq!(
+        sw.process_from_tunnel(5, NET_A, NET_A, &mut tcp(mover, 80, A1, 1), now),
+        Verdict::Drop(DropReason::WrongHost)
+    );
+    // Placed again: only its host speaks for it.
+    sw.set_member(NET_A, mover, Location::Remote(4));
+    assert_eq!(
+        sw.process_from_tunnel(3, NET_A, NET_A, &mut tcp(mover, 80, A1, 1), now),
+        Verdict::Drop(DropReason::WrongHost)
+    );
+    assert!(matches!(
+        sw.process_from_port(PA1, &mut tcp(A1, 1, mover, 80), now),
+        Verdict::Forward { host: 4, .. }
+    ));
+}
+
+#[test]
 fn removing_a_net_forgets_its_members_ports_and_flows() {
     let mut sw = two_nets();
     sw.set_policies(vec![allow(NET_A, NET_B, None)]);

@@ -25,6 +25,11 @@ pub enum Location {
     Local(PortId),
     /// On another host.
     Remote(HostId),
+    /// Frozen while it moves from host `from` to host `to` (either may be this one): packets
+    /// for it are `Unresolved` (the shell holds them for the directory's answer, given once
+    /// it runs again), and packets from it are taken from either host, whichever speaks
+    /// for it first.
+    Moving { from: HostId, to: HostId },
 }
 
 /// What to do with a packet.

@@ -162,7 +162,13 @@ fn migrate(lab: &TestLab, name: &str, to: &str) -> String {
         .unwrap()
         .clone();
     let phase = |p: &str| last["phases"][p].as_u64().unwrap();
-    let phases = ["dump_ms", "transfer_ms", "restore_ms", "switch_ms"];
+    let phases = [
+        "hold_ms",
+        "dump_ms",
+        "transfer_ms",
+        "restore_ms",
+        "switch_ms",
+    ];
     assert_eq!(
         phases.iter().map(|p| phase(p)).sum::<u64>(),
         last["freeze_ms"].as_u64().unwrap(),

@@ -77,6 +77,10 @@ pub struct State {
     pub templates: BTreeMap<String, Template>,
     /// Tenant credentials by hash.
     credentials: BTreeMap<String, crate::auth::CredentialRecord>,
+    /// Instances frozen for a migration, by id, with the lookups that wait for them to run
+    /// again (`views.rs`). Not stored: a controller that stops thaws everything, and the
+    /// switches ask again.
+    frozen: BTreeMap<String, views::Frozen>,
 }
 
 impl State {
@@ -127,6 +131,7 @@ impl State {
                 .into_iter()
                 .map(|t| (t.name.clone(), t))
                 .collect(),
+            frozen: BTreeMap::new(),
         };
         for host in state.hosts.values_mut() {
             host.state = HostState::Offline;

@@ -93,7 +93,48 @@ impl State {
             host: i.host.clone(),
             host_id: self.hosts.get(&i.host)?.id,
             instance: i.id.clone(),
+            moving_to: self.frozen.get(&i.id).map(|f| f.to),
         })
+    }
+
+    /// Answers a switch that misses an entry, or has it wait: `None` while the member is
+    /// frozen for a migration (the lookup is answered when it thaws: `thaw`), else the
+    /// answer (`lookup`).
+    pub fn lookup_or_wait(&mut self, host: &str, net: u32, ip: Ipv4Addr) -> Option<Option<Member>> {
+        let member = self.lookup(host, net, ip);
+        if let Some(frozen) = member
+            .as_ref()
+            .and_then(|m| self.frozen.get_mut(&m.instance))
+        {
+            frozen.waiting.push(Waiting {
+                host: host.to_string(),
+                net,
+                ip,
+            });
+            return None;
+        }
+        Some(member)
+    }
+
+    /// Marks instance `id` frozen for a migration to host `to`: views say its member is
+    /// moving there, and lookups for it wait. Nothing if `to` is unknown.
+    pub fn freeze(&mut self, id: &str, to: &str) {
+        if let Some(host) = self.hosts.get(to) {
+            let to = host.id;
+            self.frozen.entry(id.to_string()).or_insert_with(|| Frozen {
+                to,
+                waiting: Vec::new(),
+            });
+        }
+    }
+
+    /// Ends the freeze of instance `id`: the lookups that waited for it, to be answered now
+    /// (nothing if it was not frozen).
+    pub fn thaw(&mut self, id: &str) -> Vec<Waiting> {
+        self.frozen
+            .remove(id)
+            .map(|f| f.waiting)
+            .unwrap_or_default()
     }
 
     /// Answers a switch that misses an entry: the member `ip` of net `net`, if the asking
@@ -109,4 +150,20 @@ impl State {
             .filter(|i| i.net == name && i.ip == ip)
             .find_map(|i| self.member(i))
     }
+}
+
+/// An instance frozen for a migration: the id of the host it moves to, and the lookups
+/// waiting for it.
+#[derive(Debug)]
+pub struct Frozen {
+    to: u32,
+    waiting: Vec<Waiting>,
+}
+
+/// A lookup that waits for a frozen instance: who asked, for what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub host: String,
+    pub net: u32,
+    pub ip: Ipv4Addr,
 }

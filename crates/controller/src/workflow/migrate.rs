@@ -67,7 +67,11 @@ pub(crate) async fn migrate(
         // Post-copy where the images can go host to host: the memory follows on the same
         // link after the freeze.
         let lazy = post_copy && direct_path(c, &from, &to).is_some();
+        // From here senders hold what they send to it, until it runs again (wherever).
         let frozen = std::time::Instant::now();
+        c.freeze(&id, &to).await;
+        let _thawed = Thawed(c, &id);
+        let held = frozen.elapsed();
         c.set_progress(&id, Some(("dump", 0)));
         let (bytes, lazy) = match c
             .agents
@@ -181,13 +185,14 @@ pub(crate) async fn migrate(
             }
         };
         crate::die_at("restored");
-        // The directory now sends to the destination; the source's switch, whose view says the
-        // same, forwards what its own instances still send there.
+        // The directory now sends to the destination (once it has taken its view), and the
+        // lookups held during the freeze are answered with it; the source's switch, whose
+        // view says the same, forwards what its own instances still send there.
         c.change_instance(&id, |inst| {
             inst.host = to.clone();
             inst.pid = Some(pid);
         })?;
-        c.push_views();
+        c.thaw(&id).await;
         let switched = frozen.elapsed();
         if lazy {
             c.set_progress(&id, Some(("pages", 0)));
@@ -195,7 +200,8 @@ pub(crate) async fn migrate(
         let ms = |d: std::time::Duration| d.as_millis() as u64;
         // Differences of whole milliseconds, so that the phases add up to the freeze.
         let phases = vane_proto::api::Phases {
-            dump_ms: ms(dumped),
+            hold_ms: ms(held),
+            dump_ms: ms(dumped) - ms(held),
             transfer_ms: ms(transferred) - ms(dumped),
             restore_ms: ms(restored_at) - ms(transferred),
             switch_ms: ms(switched) - ms(restored_at),
@@ -375,4 +381,14 @@ async fn move_images(
         )));
     }
     Ok(())
+}
+
+/// Ends an instance's freeze when its migration ends, however it ends
+/// (`Controller::thaw_now`; nothing left to do where `Controller::thaw` did it).
+struct Thawed<'a>(&'a Controller, &'a str);
+
+impl Drop for Thawed<'_> {
+    fn drop(&mut self) {
+        self.0.thaw_now(self.1);
+    }
 }

@@ -259,6 +259,7 @@ async fn a_migration_runs_its_steps_in_order_and_moves_the_instance() {
             "h1 SendImages",
             "h2 ReceiveImages",
             "h2 Restore",
+            "h2 Sync",
             "h1 Remove"
         ]
     );
@@ -273,6 +274,52 @@ async fn a_migration_runs_its_steps_in_order_and_moves_the_instance() {
     assert!(cl.c.with_progress(srv).progress.is_none());
 }
 
+/// While the instance is frozen, views mark its member moving and a switch's lookup for
+/// it waits; once it runs on the destination (which has taken its view first: the `Sync`
+/// after `Restore`), the lookups are answered, naming the destination.
+#[tokio::test]
+async fn lookups_for_a_frozen_instance_wait_until_it_runs_on_its_destination() {
+    let during: Arc<std::sync::OnceLock<std::sync::Weak<Controller>>> = Default::default();
+    let seen = Arc::new(Mutex::new(None));
+    let (during2, seen2) = (during.clone(), seen.clone());
+    let cl = cluster(move |host, req| {
+        if let AgentRequest::Checkpoint { id, .. } = req {
+            let c = during2.get().and_then(|c| c.upgrade()).expect("controller");
+            let mut s = c.state();
+            let srv = s.instances[id].clone();
+            let net = s.nets[&srv.net].id;
+            let moving = s
+                .view_for("h1")
+                .members
+                .iter()
+                .any(|m| m.instance == *id && m.moving_to.is_some());
+            let answer = s.lookup_or_wait("h1", net, srv.ip);
+            *seen2.lock().unwrap() = Some((moving, answer.is_none()));
+        }
+        agreeable(host, req)
+    })
+    .await;
+    during.set(Arc::downgrade(&cl.c)).unwrap();
+    cl.migrate("h2", false).await.unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some((true, true)),
+        "moving, lookup waits"
+    );
+    let srv = cl.srv();
+    let mut s = cl.c.state();
+    assert!(
+        s.thaw(&srv.id).is_empty(),
+        "the waiting lookup was answered"
+    );
+    let net = s.nets[&srv.net].id;
+    let answer = s
+        .lookup_or_wait("h2", net, srv.ip)
+        .expect("answered at once");
+    let member = answer.expect("a member");
+    assert_eq!((member.host.as_str(), member.moving_to), ("h2", None));
+}
+
 #[tokio::test]
 async fn a_post_copy_migration_releases_its_source_once_the_pages_are_through() {
     let cl = cluster(agreeable).await;
@@ -280,7 +327,7 @@ async fn a_post_copy_migration_releases_its_source_once_the_pages_are_through() 
     let asked = with_transfer_sorted(cl.agents.asked());
     assert_eq!(
         asked[4..],
-        ["h2 Restore", "h1 AwaitPages", "h1 Remove"],
+        ["h2 Restore", "h2 Sync", "h1 AwaitPages", "h1 Remove"],
         "{asked:?}"
     );
     let srv = cl.srv();

@@ -51,10 +51,11 @@ pub fn migrate(c: &Client, name: &str, to: &str, post_copy: bool, output: Output
                 None => String::new(),
             };
             println!(
-                "{name}: {} -> {}, freeze {} ms (dump {}, transfer {}, restore {}, switch {}), image {:.1} MiB{memory}",
+                "{name}: {} -> {}, freeze {} ms (hold {}, dump {}, transfer {}, restore {}, switch {}), image {:.1} MiB{memory}",
                 m.from,
                 m.to,
                 m.freeze_ms,
+                p.hold_ms,
                 p.dump_ms,
                 p.transfer_ms,
                 p.restore_ms,
