@@ -76,7 +76,9 @@ pub async fn connect_loop(agent: Arc<Agent>) -> String {
     let mut backoff = Duration::from_millis(100);
     loop {
         let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
-        match tokio_tungstenite::connect_async_tls_with_config(&url, None, false, Some(connector))
+        // No Nagle: small messages that wait on each other (a lookup and its answer, a
+        // request's reply) must not wait for the controller's delayed ACK.
+        match tokio_tungstenite::connect_async_tls_with_config(&url, None, true, Some(connector))
             .await
         {
             Ok((ws, _)) => {

@@ -54,7 +54,7 @@ async fn connect(agent: &Agent, ticket: &str) -> Result<Socket, AgentError> {
     headers.insert(HOST_HEADER, value(&agent.cfg.name)?);
     let connector = tokio_tungstenite::Connector::Rustls(crate::pin::client_config(pin));
     let (ws, _) =
-        tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+        tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(connector))
             .await
             .map_err(|e| format!("cannot open the transfer connection to the controller: {e}"))?;
     Ok(ws)

@@ -273,6 +273,9 @@ pub async fn run(
                 }
             },
         };
+        // Control streams carry small messages that wait on each other (a view, then the
+        // request behind it): Nagle's algorithm would hold them for the peer's delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
             // A peer that does not finish its handshake in time holds nothing for long.
