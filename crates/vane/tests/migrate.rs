@@ -970,6 +970,47 @@ fn path_rules_from_the_state_directory_migrate_with_their_files() {
     }
 }
 
+/// A client that goes away during a migration (Ctrl-C on `vane migrate`) does not cut
+/// it off: the controller finishes it, and the instance runs on the destination.
+#[test]
+fn a_migration_whose_client_goes_away_finishes_anyway() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.19.0/24"]);
+    // Enough memory that the dump takes a while.
+    let big = "import time\nb = bytearray(96 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\ntime.sleep(1e9)";
+    run_on(&lab, "h1", "big", &["python3", "-c", big]);
+    assert!(wait_until(Duration::from_secs(20), || lab
+        .ok(&["logs", "big"])
+        .contains("ready")));
+    let mut client = Command::new(common::vane_bin())
+        .args(["migrate", "big", "--to", "h2"])
+        .env("VANE_CONTROLLER", &lab.controller)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || !lab.inspect("big")["migrating"]
+            .is_null()),
+        "the migration did not start"
+    );
+    client.kill().unwrap();
+    client.wait().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || lab.inspect("big")["migrating"]
+            .is_null()),
+        "the migration did not end"
+    );
+    let inst = lab.inspect("big");
+    assert_eq!(
+        (&inst["host"], &inst["state"]),
+        (&"h2".into(), &"running".into()),
+        "{inst}"
+    );
+    assert!(lab.ok(&["logs", "big"]).contains("ready"));
+    lab.ok(&["exec", "big", "--", "true"]);
+}
+
 /// Processes on the lab's one kernel running the counter server: its running copies.
 /// How many copies of the counter server of `lab` run on this machine. Told apart from
 /// other tests' (they run in parallel) by the lab's name, its last argument.

@@ -14,11 +14,22 @@ use crate::{now, transfers, Controller};
 
 /// Moves instance `name` to host `spec.to` (see the module's docs and docs/migration.md);
 /// answers with its record once it runs there, or says what the failure left.
+///
+/// The migration runs as a task of its own: a client that goes away (the HTTP server then
+/// drops its request's future) must not cut it off between steps, with the instance
+/// dumped and restored nowhere.
 pub(crate) async fn migrate(
     c: &Arc<Controller>,
     name: &str,
     spec: MigrateSpec,
 ) -> ApiResult<Instance> {
+    let (c, name) = (c.clone(), name.to_string());
+    tokio::spawn(async move { migrate_to_end(&c, &name, spec).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the migration's task ended: {e}")))?
+}
+
+async fn migrate_to_end(c: &Arc<Controller>, name: &str, spec: MigrateSpec) -> ApiResult<Instance> {
     let (to, post_copy) = (spec.to, spec.post_copy);
     let (id, from, inst_spec) = {
         let s = c.state();
@@ -69,8 +80,8 @@ pub(crate) async fn migrate(
         let lazy = post_copy && direct_path(c, &from, &to).is_some();
         // From here senders hold what they send to it, until it runs again (wherever).
         let frozen = std::time::Instant::now();
-        c.freeze(&id, &to).await;
         let _thawed = Thawed(c, &id);
+        c.freeze(&id, &to).await;
         let held = frozen.elapsed();
         c.set_progress(&id, Some(("dump", 0)));
         let (bytes, lazy) = match c

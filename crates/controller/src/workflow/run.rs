@@ -1,6 +1,8 @@
 //! Running an instance: planned, created on its host, settled as running or forgotten;
 //! stopping and removing it.
 
+use std::sync::Arc;
+
 use vane_proto::api::{Instance, InstanceState, RunSpec};
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -73,8 +75,16 @@ pub(crate) async fn stop_on(c: &Controller, host: &str, id: &str) -> ApiResult<(
     Ok(())
 }
 
-/// Runs a new instance from `run` on its host (`start_instance`).
-pub(crate) async fn create(c: &Controller, run: RunSpec) -> ApiResult<Instance> {
+/// Runs a new instance from `run` on its host (`start_instance`), as a task of its own: a
+/// client that goes away must not leave the record `creating` while its host starts it.
+pub(crate) async fn create(c: &Arc<Controller>, run: RunSpec) -> ApiResult<Instance> {
+    let c = c.clone();
+    tokio::spawn(async move { create_to_end(&c, run).await })
+        .await
+        .map_err(|e| ApiError::Internal(format!("the run's task ended: {e}")))?
+}
+
+async fn create_to_end(c: &Controller, run: RunSpec) -> ApiResult<Instance> {
     start_instance(c, run, |spec, host| async move {
         let reply = c
             .agents
