@@ -180,7 +180,21 @@ impl FrameReader {
 /// A new instance from a snapshot stream (`RestoreSpec`): with the snapshot's identity,
 /// or a clone with its own name, address and hostname. The images go to the host as they
 /// arrive; the host restores them only once the seal has checked out.
+///
+/// A task of its own: a client that goes away once its images are up must not leave the
+/// record `creating` while the host restores them (one that goes away before ends the
+/// upload short, which the restore refuses).
 pub(crate) async fn restore(
+    c: Arc<Controller>,
+    who: Caller,
+    frames: Arc<tokio::sync::Mutex<FrameReader>>,
+) -> ApiResult<Instance> {
+    tokio::spawn(restore_to_end(c, who, frames))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the restore's task ended: {e}")))?
+}
+
+async fn restore_to_end(
     c: Arc<Controller>,
     who: Caller,
     frames: Arc<tokio::sync::Mutex<FrameReader>>,
