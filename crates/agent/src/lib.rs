@@ -272,8 +272,15 @@ impl Agent {
                 ticket,
                 cmd,
                 env,
-            } => control::exec(self, &id, ticket, cmd, env).await,
-            AgentRequest::Logs { id, ticket } => control::logs(self, &id, ticket).await,
+                stdin,
+                tty,
+            } => control::exec(self, &id, ticket, cmd, env, stdin, tty).await,
+            AgentRequest::Logs {
+                id,
+                ticket,
+                follow,
+                tail,
+            } => control::logs(self, &id, ticket, follow, tail).await,
             // Views are applied before the next message is read (`control::session`).
             AgentRequest::Sync => Ok(AgentReply::Done),
             AgentRequest::HostStats => {

@@ -114,6 +114,57 @@ pub async fn send_frames(
     end(ws).await
 }
 
+/// As [`send_frames`], while what the far end sends (one frame a message: a client's stdin
+/// and resize frames) goes into `incoming`, each direction at its own pace. `Ok` once every
+/// frame was sent and the controller closed; an error if the connection ended first: the
+/// client is gone.
+pub async fn duplex(
+    agent: &Agent,
+    ticket: &str,
+    mut frames: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    incoming: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<(), AgentError> {
+    let ws = connect(agent, ticket).await?;
+    let (mut sink, mut stream) = ws.split();
+    let lost = |e| AgentError::from(format!("the transfer connection broke: {e}"));
+    let send = async {
+        while let Some(frame) = frames.recv().await {
+            sink.send(Message::Binary(frame.into()))
+                .await
+                .map_err(lost)?;
+        }
+        sink.send(Message::Text(END.into())).await.map_err(lost)
+    };
+    // Ends when the controller closes: after the end was sent, or because the client left.
+    let receive = async {
+        let mut incoming = Some(incoming);
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                Message::Binary(data) => {
+                    // A command that no longer reads: the rest is dropped, and the
+                    // connection still watched for its end.
+                    if let Some(tx) = &incoming {
+                        if tx.send(data.into()).await.is_err() {
+                            incoming = None;
+                        }
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::pin!(send, receive);
+    tokio::select! {
+        sent = &mut send => {
+            sent?;
+            receive.await;
+            Ok(())
+        }
+        () = &mut receive => Err("the client went away before the command ended".into()),
+    }
+}
+
 /// Receives transfer `ticket`, `bytes` long, into a new file at `path` (0600); a transfer
 /// that ends early or runs long leaves no file.
 pub async fn receive(

@@ -43,6 +43,10 @@ pub(crate) enum Side {
     FromAgent(mpsc::Sender<Piece>),
     /// The agent receives what comes out of this.
     ToAgent(mpsc::Receiver<Piece>),
+    /// Both ways at once (an exec with a client on a WebSocket): the agent's pieces go
+    /// into the sender, the client's messages come out of the receiver, whose end means the
+    /// client is gone.
+    Both(mpsc::Sender<Piece>, mpsc::Receiver<Bytes>),
 }
 
 struct Slot {
@@ -89,6 +93,15 @@ impl Transfers {
         (self.add(host, Side::FromAgent(tx), None), rx)
     }
 
+    /// A command `host` will run for a client that talks back (an exec WebSocket): its
+    /// ticket, where its frames arrive, and where the client's frames go to it. Dropping
+    /// the sender tells the agent the client is gone.
+    pub fn session_of(&self, host: &str) -> (String, mpsc::Receiver<Piece>, mpsc::Sender<Bytes>) {
+        let (tx, rx) = mpsc::channel(DEPTH);
+        let (in_tx, in_rx) = mpsc::channel(DEPTH);
+        (self.add(host, Side::Both(tx, in_rx), None), rx, in_tx)
+    }
+
     /// A transfer `host` will receive: its ticket, and where to put its pieces.
     pub fn sent_to(&self, host: &str) -> (String, mpsc::Sender<Piece>) {
         let (tx, rx) = mpsc::channel(DEPTH);
@@ -128,6 +141,7 @@ impl Claimed {
         let result = match self.0 {
             Side::FromAgent(tx) => from_agent(ws, tx, self.1).await,
             Side::ToAgent(rx) => to_agent(ws, rx).await,
+            Side::Both(tx, rx) => both(ws, tx, rx).await,
         };
         if let Err(e) = result {
             tracing::warn!("transfer: {e}");
@@ -177,6 +191,57 @@ async fn from_agent(
             return Ok(());
         }
     }
+}
+
+/// The agent's pieces into `tx` up to its `end` (as [`from_agent`]), and at the same time,
+/// each at its own pace, the client's messages from `rx` to the agent. A client that goes
+/// (`rx` ends) closes the agent's connection: the agent hangs its command up.
+async fn both(
+    ws: WebSocket,
+    tx: mpsc::Sender<Piece>,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> Result<(), String> {
+    use futures_util::{SinkExt, StreamExt};
+    let (mut sink, mut stream) = ws.split();
+    let from = async {
+        loop {
+            let msg = match stream.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(format!("the agent's connection broke: {e}")),
+                None => return Err("the agent closed its connection early".into()),
+            };
+            let piece = match msg {
+                Message::Binary(data) => Piece::Data(data),
+                Message::Text(t) if t.as_str() == END => Piece::End,
+                Message::Close(_) => return Err("the agent closed its connection early".into()),
+                _ => continue,
+            };
+            let end = matches!(piece, Piece::End);
+            if tx.send(piece).await.is_err() {
+                return Err("the client is gone".into());
+            }
+            if end {
+                return Ok(());
+            }
+        }
+    };
+    let to = async {
+        while let Some(data) = rx.recv().await {
+            if sink.send(Message::Binary(data)).await.is_err() {
+                break;
+            }
+        }
+    };
+    let result = {
+        tokio::pin!(from, to);
+        tokio::select! {
+            r = &mut from => r,
+            // The client is gone: the close tells the agent.
+            () = &mut to => Err("the client is gone".into()),
+        }
+    };
+    let _ = sink.send(Message::Close(None)).await;
+    result
 }
 
 /// Pieces from `rx`, to the agent, and `end` if they all came.

@@ -577,12 +577,28 @@ pub struct Policy {
     pub port: Option<PortSpec>,
 }
 
-/// `POST /v1/instances/{name}/exec`. The answer is a stream of frames (see `ExecFrame`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `POST /v1/instances/{name}/exec`, or the first message of the exec WebSocket
+/// (`GET /v1/instances/{name}/exec`). The answer is a stream of frames (`api::frame`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecSpec {
     pub cmd: Vec<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// The program reads what the client sends (stdin frames); otherwise its standard
+    /// input is `/dev/null`. Only over the WebSocket.
+    #[serde(default)]
+    pub stdin: bool,
+    /// The program runs on a pseudo-terminal of the instance's, this size at first (then
+    /// resize frames). Only over the WebSocket.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Traffic counters of one instance, as its switch port sees them.

@@ -62,16 +62,28 @@ pub enum AgentRequest {
     },
     /// Run a command inside the instance. Its output and exit code go as `api::frame`s,
     /// one per binary message, over the transfer connection of `ticket`.
+    /// With `stdin` or `tty`, the connection carries frames both ways: the client's stdin
+    /// and resize frames come to the agent over it, and its end before the exit frame means
+    /// the client is gone (the command is hung up on).
     Exec {
         id: String,
         ticket: String,
         cmd: Vec<String>,
         env: Vec<(String, String)>,
+        #[serde(default)]
+        stdin: bool,
+        #[serde(default)]
+        tty: Option<crate::api::TtySize>,
     },
-    /// The program's output so far, as `Exec`'s.
+    /// The program's output so far (its last `tail` lines), as `Exec`'s; with `follow`,
+    /// then what it writes until the instance is removed or the reader goes.
     Logs {
         id: String,
         ticket: String,
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        tail: Option<u64>,
     },
     Stats {
         id: String,

@@ -7,6 +7,7 @@ pub mod confine;
 pub mod fs;
 pub mod netns;
 pub mod pidfd;
+pub mod pty;
 pub mod socket;
 pub mod spawn;
 pub mod tun;

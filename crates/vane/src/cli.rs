@@ -66,7 +66,15 @@ pub enum Cmd {
     /// Show an instance as JSON
     Inspect { name: String },
     /// Print an instance's program output (stdout and stderr)
-    Logs { name: String },
+    Logs {
+        name: String,
+        /// Then print what the program writes, until Ctrl-C or the instance is removed
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only the last N lines
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
+    },
     /// Stop an instance's program (SIGTERM, then SIGKILL after 10 s)
     Stop { name: String },
     /// Move a running instance to another host, with its processes and open connections;
@@ -120,9 +128,17 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Run a command inside a running instance
+    /// Run a command inside a running instance (it is hung up if the client goes)
     Exec {
         name: String,
+        /// Send standard input to the command (its end closes the command's)
+        #[arg(long, short = 'i')]
+        interactive: bool,
+        /// Run the command on a terminal inside the instance; the client's terminal goes
+        /// raw (keys, Ctrl-C too, reach the command) and passes its size on. With a
+        /// terminal as stdin, what is typed is sent even without -i
+        #[arg(long, short = 't')]
+        tty: bool,
         /// Set an environment variable (KEY=VALUE), repeatable
         #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
         env: Vec<String>,

@@ -102,6 +102,8 @@ fn local_data_dir(url: &str) -> Option<PathBuf> {
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// The controller's CA certificate, for the connections ureq does not make (WebSockets).
+    ca: Option<PathBuf>,
     /// The `Authorization` header, if there is a credential.
     auth: Option<String>,
 }
@@ -131,6 +133,7 @@ impl Client {
         Ok(Client {
             base: access.url.trim_end_matches('/').to_string(),
             agent,
+            ca: access.ca.clone(),
             auth: access.token.as_deref().map(vane_proto::trust::bearer),
         })
     }
@@ -205,7 +208,82 @@ impl Client {
     }
 }
 
+/// A WebSocket to the controller.
+pub type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 impl Client {
+    /// Opens a WebSocket on `path` (the exec session), inside TLS with the controller's CA;
+    /// an answer other than the upgrade is its error line.
+    pub async fn websocket(&self, path: &str) -> Result<WebSocket> {
+        use rustls::pki_types::pem::PemObject;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            anyhow!("no CA certificate for the controller: give it with --ca or VANE_CA")
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| {
+            anyhow!(
+                "cannot read the controller's CA certificate {}: {e}",
+                ca.display()
+            )
+        })? {
+            let cert =
+                cert.map_err(|e| anyhow!("{} is not a PEM certificate: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| anyhow!("{} is not a usable CA certificate: {e}", ca.display()))?;
+        }
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        // The upgrade is HTTP/1.1's.
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let rest = self
+            .base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, r)| r);
+        let url = format!("wss://{rest}{path}");
+        let mut req = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| anyhow!("bad controller URL {url}: {e}"))?;
+        if let Some(a) = &self.auth {
+            req.headers_mut().insert(
+                "authorization",
+                a.parse()
+                    .map_err(|_| anyhow!("the credential cannot go in a header"))?,
+            );
+        }
+        let connector = tokio_tungstenite::Connector::Rustls(Arc::new(tls));
+        match tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(connector))
+            .await
+        {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status();
+                let text = resp
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .to_string();
+                match serde_json::from_str::<ErrorBody>(&text) {
+                    Ok(e) => bail!("{}", e.error),
+                    Err(_) => bail!("controller answered {status}: {}", text.trim()),
+                }
+            }
+            Err(e) => bail!(
+                "cannot reach the controller at {}: {e} (start a lab with `vane lab up`, or set --controller / VANE_CONTROLLER)",
+                self.base
+            ),
+        }
+    }
+
     /// A request whose body is a stream (`content_type`), answered with JSON.
     pub fn post_stream<T: DeserializeOwned>(
         &self,

@@ -97,7 +97,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Top { interval, output } => commands::top(&c()?, interval, output.output)?,
         Cmd::Template(cmd) => commands::template(&c()?, cmd)?,
         Cmd::Inspect { name } => commands::inspect(&c()?, &name)?,
-        Cmd::Logs { name } => commands::logs(&c()?, &name)?,
+        Cmd::Logs { name, follow, tail } => commands::logs(&c()?, &name, follow, tail)?,
         Cmd::Stop { name } => commands::stop(&c()?, &name)?,
         Cmd::Migrate {
             name,
@@ -114,7 +114,20 @@ fn dispatch(cli: Cli) -> Result<i32> {
             hostname,
         } => commands::restore(&c()?, &dir, host, name, ip, hostname)?,
         Cmd::Rm { name, force } => commands::rm(&c()?, &name, force)?,
-        Cmd::Exec { name, env, cmd } => return commands::exec(&c()?, &name, env, cmd),
+        Cmd::Exec {
+            name,
+            env,
+            interactive,
+            tty,
+            cmd,
+        } => {
+            let args = commands::ExecArgs {
+                env,
+                interactive,
+                tty,
+            };
+            return commands::exec(&c()?, &name, cmd, args);
+        }
         Cmd::Stats { name, output } => commands::stats(&c()?, &name, output.output)?,
         Cmd::Policy(cmd) => commands::policy(&c()?, cmd)?,
         Cmd::Host(cmd) => commands::host(&c()?, cmd)?,

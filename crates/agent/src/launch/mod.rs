@@ -46,7 +46,7 @@ mod mounts;
 mod restore;
 mod root;
 
-pub use exec::exec_main;
+pub use exec::{exec_main, Input as ExecInput};
 pub use init::init_main;
 pub use mounts::minimal_dev;
 pub use restore::{restore_main, RestoreSpec, RESTORE_FILE};

@@ -2,6 +2,7 @@
 //! that run, stop, move, snapshot, restore and remove them; exec, logs and stats streams.
 
 use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State as AxState};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -13,6 +14,7 @@ use vane_proto::stream::{AgentReply, AgentRequest};
 
 use std::sync::Arc;
 
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use super::{parse, ApiResult, Ctl, Who};
@@ -150,9 +152,10 @@ pub(super) async fn exec_instance(
     body: Bytes,
 ) -> ApiResult<Response> {
     let spec: ExecSpec = parse(&body)?;
-    if spec.cmd.is_empty() {
+    check_exec(&spec)?;
+    if spec.stdin || spec.tty.is_some() {
         return Err(ApiError::BadRequest(
-            "no command given: vane exec NAME -- CMD [ARGS...]".into(),
+            "stdin and tty need the exec WebSocket (GET /v1/instances/{name}/exec)".into(),
         ));
     }
     let (id, host) = running_instance(&c, &name)?;
@@ -161,16 +164,137 @@ pub(super) async fn exec_instance(
         ticket,
         cmd: spec.cmd,
         env: spec.env,
+        stdin: false,
+        tty: None,
     })
     .await
+}
+
+fn check_exec(spec: &ExecSpec) -> ApiResult<()> {
+    if spec.cmd.is_empty() {
+        return Err(ApiError::BadRequest(
+            "no command given: vane exec NAME -- CMD [ARGS...]".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// How long the client of an exec WebSocket has to send its `ExecSpec`.
+const SPEC_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `GET /v1/instances/{name}/exec`, upgraded to a WebSocket: an exec whose client talks
+/// back (stdin, a terminal's size) and whose leaving ends the command. Who may ask was
+/// checked by `instance_scope`; the instance must run.
+pub(super) async fn exec_session(
+    AxState(c): Ctl,
+    Path(name): Path<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let (id, host) = running_instance(&c, &name)?;
+    Ok(ws
+        .max_message_size(2 * transfers::MAX_PIECE)
+        .on_upgrade(move |socket| exec_relay(c, id, host, socket)))
+}
+
+/// The exec WebSocket once open: the client's `ExecSpec` (a text message), then frames both
+/// ways, one a binary message, between the client and the agent's transfer connection.
+async fn exec_relay(c: Arc<Controller>, id: String, host: String, mut socket: WebSocket) {
+    let spec = match tokio::time::timeout(SPEC_WITHIN, socket.recv()).await {
+        Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<ExecSpec>(t.as_str())
+            .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))
+            .and_then(|spec| check_exec(&spec).map(|()| spec)),
+        Ok(_) => Err(ApiError::BadRequest(
+            "the exec WebSocket starts with the ExecSpec as a text message".into(),
+        )),
+        Err(_) => return,
+    };
+    let spec = match spec {
+        Ok(s) => s,
+        Err(e) => return refuse(socket, e).await,
+    };
+    let (ticket, mut from_agent, to_agent) = c.transfers.session_of(&host);
+    let request = AgentRequest::Exec {
+        id,
+        ticket: ticket.clone(),
+        cmd: spec.cmd,
+        env: spec.env,
+        stdin: spec.stdin,
+        tty: spec.tty,
+    };
+    if let Err(e) = c.agents.request(&host, request).await {
+        c.transfers.cancel(&ticket);
+        return refuse(socket, e).await;
+    }
+    cancel_unclaimed(&c, &ticket);
+    let (mut sink, mut stream) = socket.split();
+    let output = async {
+        while let Some(transfers::Piece::Data(frame)) = from_agent.recv().await {
+            if sink.send(Message::Binary(frame)).await.is_err() {
+                return;
+            }
+        }
+        // After the exit frame, or without it if the agent's stream broke: the client
+        // says so.
+        let _ = sink.send(Message::Close(None)).await;
+    };
+    let input = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            match msg {
+                // The agent checks each frame; one that arrives after the command ended
+                // goes nowhere.
+                Message::Binary(frame) => {
+                    let _ = to_agent.send(frame).await;
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    // Whichever ends first ends the relay: the command's end, or the client's, which drops
+    // `to_agent` and so tells the agent to hang the command up.
+    tokio::select! {
+        () = output => {}
+        () = input => {}
+    }
+}
+
+/// Ends an exec WebSocket with an error frame.
+async fn refuse(mut socket: WebSocket, e: ApiError) {
+    let frame =
+        vane_proto::api::frame::encoded(vane_proto::api::frame::ERROR, e.to_string().as_bytes());
+    let _ = socket.send(Message::Binary(frame.into())).await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// An agent that dies before it claims its stream must not leave the client waiting.
+fn cancel_unclaimed(c: &Arc<Controller>, ticket: &str) {
+    let (c, ticket) = (c.clone(), ticket.to_string());
+    tokio::spawn(async move {
+        tokio::time::sleep(transfers::UNCLAIMED).await;
+        c.transfers.cancel(&ticket);
+    });
+}
+
+#[derive(Deserialize)]
+pub(super) struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    tail: Option<u64>,
 }
 
 pub(super) async fn instance_logs(
     AxState(c): Ctl,
     Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
     let (id, host) = locate(&c, &name)?;
-    streamed(c, host, |ticket| AgentRequest::Logs { id, ticket }).await
+    streamed(c, host, |ticket| AgentRequest::Logs {
+        id,
+        ticket,
+        follow: q.follow,
+        tail: q.tail,
+    })
+    .await
 }
 
 /// Sends a request whose answer is a stream of frames (the agent sends it over a transfer
@@ -186,14 +310,7 @@ pub(super) async fn streamed(
         c.transfers.cancel(&ticket);
         return Err(e);
     }
-    // An agent that dies before it claims the stream must not leave the client waiting.
-    {
-        let (c, ticket) = (c.clone(), ticket.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(transfers::UNCLAIMED).await;
-            c.transfers.cancel(&ticket);
-        });
-    }
+    cancel_unclaimed(&c, &ticket);
     // A broken stream ends the body without its exit frame: the client says so.
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         match rx.recv().await? {

@@ -72,7 +72,10 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/instances/{name}/stop", post(stop_instance))
         .route("/v1/instances/{name}/migrate", post(migrate_instance))
         .route("/v1/instances/{name}/snapshot", post(snapshot_instance))
-        .route("/v1/instances/{name}/exec", post(exec_instance))
+        .route(
+            "/v1/instances/{name}/exec",
+            post(exec_instance).get(exec_session),
+        )
         .route("/v1/instances/{name}/logs", get(instance_logs))
         .route("/v1/instances/{name}/stats", get(instance_stats))
         .route_layer(axum::middleware::from_fn_with_state(

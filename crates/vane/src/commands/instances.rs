@@ -6,9 +6,7 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 
-use vane_proto::api::{
-    frame, ExecSpec, Instance, InstanceState, InstanceStats, Limits, RunSpec, SpaceSpec,
-};
+use vane_proto::api::{frame, Instance, InstanceState, InstanceStats, Limits, RunSpec, SpaceSpec};
 use vane_proto::validate;
 
 use super::output::{human_bytes, json, limits_summary, table};
@@ -274,19 +272,24 @@ fn relay(mut r: impl std::io::Read) -> Result<i32> {
     bail!("the connection to the instance's host was lost")
 }
 
-pub fn exec(c: &Client, name: &str, env: Vec<String>, cmd: Vec<String>) -> Result<i32> {
-    let env = env
-        .iter()
-        .map(|e| validate::env_pair(e))
-        .collect::<Result<Vec<_>, _>>()?;
-    let r = c.stream(
-        &format!("/v1/instances/{}/exec", path_segment(name)?),
-        Some(&ExecSpec { cmd, env }),
+/// `vane logs`: the whole log, or its last `tail` lines; with `follow`, then what the
+/// program writes, until Ctrl-C or the instance's removal.
+pub fn logs(c: &Client, name: &str, follow: bool, tail: Option<u64>) -> Result<()> {
+    let mut query = Vec::new();
+    if follow {
+        query.push("follow=true".to_string());
+    }
+    if let Some(n) = tail {
+        query.push(format!("tail={n}"));
+    }
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
+    };
+    let r = c.stream::<()>(
+        &format!("/v1/instances/{}/logs{query}", path_segment(name)?),
+        None,
     )?;
-    relay(r)
-}
-
-pub fn logs(c: &Client, name: &str) -> Result<()> {
-    let r = c.stream::<()>(&format!("/v1/instances/{}/logs", path_segment(name)?), None)?;
     relay(r).map(|_| ())
 }

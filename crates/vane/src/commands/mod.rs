@@ -1,7 +1,8 @@
 //! The client commands: each builds a request, sends it, and prints the answer. One file
 //! per kind of object:
 //! - `nets`: nets and the policies between them;
-//! - `instances`: run, list, watch, inspect, stop, remove, exec into and read instances;
+//! - `instances`: run, list, watch, inspect, stop, remove and read instances;
+//! - `exec`: commands inside instances, with input and terminals;
 //! - `moves`: migration, snapshots and restores of instances;
 //! - `templates`: resource templates;
 //! - `hosts`: hosts, their join tokens, and tenant credentials;
@@ -11,6 +12,7 @@
 
 use anyhow::{bail, Result};
 
+mod exec;
 mod hosts;
 mod instances;
 mod moves;
@@ -18,8 +20,9 @@ mod nets;
 mod output;
 mod templates;
 
+pub use exec::{exec, ExecArgs};
 pub use hosts::{credential, host};
-pub use instances::{exec, inspect, logs, ps, rm, run, stats, stop, top};
+pub use instances::{inspect, logs, ps, rm, run, stats, stop, top};
 pub use moves::{migrate, restore, snapshot};
 pub use nets::{net, policy};
 pub use templates::template;
