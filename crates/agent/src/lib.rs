@@ -14,7 +14,7 @@ mod binary;
 pub mod cgroup;
 mod checkpoint;
 mod control;
-pub use control::exec_helper_main;
+pub use streams::exec_helper_main;
 mod dataplane;
 mod direct;
 mod identity;
@@ -28,6 +28,7 @@ pub mod netconf;
 mod pin;
 pub mod sandbox;
 mod state;
+mod streams;
 mod transfer;
 mod underlay;
 mod view;
@@ -274,13 +275,13 @@ impl Agent {
                 env,
                 stdin,
                 tty,
-            } => control::exec(self, &id, ticket, cmd, env, stdin, tty).await,
+            } => streams::exec(self, &id, ticket, cmd, env, stdin, tty).await,
             AgentRequest::Logs {
                 id,
                 ticket,
                 follow,
                 tail,
-            } => control::logs(self, &id, ticket, follow, tail).await,
+            } => streams::logs(self, &id, ticket, follow, tail).await,
             // Views are applied before the next message is read (`control::session`).
             AgentRequest::Sync => Ok(AgentReply::Done),
             AgentRequest::HostStats => {
