@@ -6,6 +6,7 @@ mod agents;
 mod api;
 pub mod auth;
 pub mod enroll;
+mod metrics;
 mod recovery;
 mod seal;
 mod secrets;
@@ -56,6 +57,8 @@ pub(crate) struct Controller {
     shutdown: tokio::sync::watch::Sender<bool>,
     /// Migrations under way, by instance id: where they are (`Instance::progress`).
     progress: Mutex<std::collections::HashMap<String, (String, u64, std::time::Instant)>>,
+    /// What the controller counts for `GET /metrics` (migrations, API requests).
+    metrics: metrics::Metrics,
 }
 
 impl Controller {
@@ -125,6 +128,7 @@ impl Controller {
             sealer,
             shutdown: tokio::sync::watch::channel(false).0,
             progress: Mutex::new(std::collections::HashMap::new()),
+            metrics: metrics::Metrics::default(),
         })
     }
 

@@ -3,6 +3,7 @@
 //! `{"error": "..."}`; what takes several steps on agents is a workflow (`crate::workflow`).
 
 mod instances;
+mod metrics;
 mod objects;
 
 use std::sync::Arc;
@@ -101,6 +102,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         )
         .merge(admin)
         .merge(instance)
+        .merge(metrics::routes())
         .fallback(|| async { ApiError::NotFound("no such API endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(
             ctl.clone(),
@@ -110,6 +112,11 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         // and with their credential when they claim a transfer.
         .route("/v1/agents/connect", get(agent_connect))
         .route("/v1/agents/transfers/{ticket}", get(agent_transfer))
+        // Outermost, so refusals count too.
+        .layer(axum::middleware::from_fn_with_state(
+            ctl.clone(),
+            metrics::count_requests,
+        ))
         .with_state(ctl)
 }
 

@@ -60,6 +60,8 @@ async fn migrate_to_end(c: &Arc<Controller>, name: &str, spec: MigrateSpec) -> A
         )));
     }
     set_migrating(c, &id, Some(to.clone()))?;
+    // Counted from here: what was refused before is no migration.
+    c.metrics.migration_started();
     let result: ApiResult<Instance> = async {
         // Before anything is frozen: the destination checks its CRIU and makes the space.
         c.agents
@@ -265,11 +267,15 @@ async fn migrate_to_end(c: &Arc<Controller>, name: &str, spec: MigrateSpec) -> A
             phases,
             post_copy_ms,
         };
+        c.metrics.migration_done(freeze_ms, &phases);
         c.change_instance(&id, |inst| inst.migrations.push(migration))?
             .ok_or_else(|| ApiError::NotFound(format!("unknown instance {name:?}")))
     }
     .await;
     c.set_progress(&id, None);
+    if result.is_err() {
+        c.metrics.migration_failed();
+    }
     set_migrating(c, &id, None)?;
     let inst = c.state().instances.get(&id).cloned();
     match (result, inst) {

@@ -272,6 +272,8 @@ async fn a_migration_runs_its_steps_in_order_and_moves_the_instance() {
     assert_eq!((m.from.as_str(), m.to.as_str()), ("h1", "h2"));
     assert_eq!((m.image_bytes, m.post_copy_ms), (4096, None));
     assert!(cl.c.with_progress(srv).progress.is_none());
+    // Started, not failed, its freeze in the histogram.
+    assert_eq!(cl.c.metrics.migrations(), (1, 0, 1));
 }
 
 /// While the instance is frozen, views mark its member moving and a switch's lookup for
@@ -354,6 +356,8 @@ async fn refused_migrations_ask_no_agent_anything() {
         ("h1", InstanceState::Running)
     );
     assert!(srv.migrating.is_none());
+    // Refusals are no migrations.
+    assert_eq!(cl.c.metrics.migrations(), (0, 0, 0));
 }
 
 #[tokio::test]
@@ -392,6 +396,7 @@ async fn a_failed_restore_resumes_the_instance_on_its_source() {
     let srv = cl.srv();
     assert_eq!((srv.host.as_str(), srv.pid), ("h1", Some(300)));
     assert_eq!(srv.state, InstanceState::Running);
+    assert_eq!(cl.c.metrics.migrations(), (1, 1, 0));
 }
 
 #[tokio::test]
