@@ -158,6 +158,18 @@ impl Claimed {
     }
 }
 
+/// What the agent's next message on a transfer connection is: a piece, nothing to pass on
+/// (`None`: pings and the like), or the end of the connection before its `end`.
+fn piece_of(next: Option<Result<Message, axum::Error>>) -> Result<Option<Piece>, String> {
+    match next {
+        Some(Ok(Message::Binary(data))) => Ok(Some(Piece::Data(data))),
+        Some(Ok(Message::Text(t))) if t.as_str() == END => Ok(Some(Piece::End)),
+        Some(Ok(Message::Close(_))) | None => Err("the agent closed its connection early".into()),
+        Some(Ok(_)) => Ok(None),
+        Some(Err(e)) => Err(format!("the agent's connection broke: {e}")),
+    }
+}
+
 /// Pieces the agent sends, into `tx`, up to its `end`.
 async fn from_agent(
     mut ws: WebSocket,
@@ -171,16 +183,8 @@ async fn from_agent(
                 .map_err(|_| stalled())?,
             None => ws.recv().await,
         };
-        let msg = match next {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(format!("the agent's connection broke: {e}")),
-            None => return Err("the agent closed its connection early".into()),
-        };
-        let piece = match msg {
-            Message::Binary(data) => Piece::Data(data),
-            Message::Text(t) if t.as_str() == END => Piece::End,
-            Message::Close(_) => return Err("the agent closed its connection early".into()),
-            _ => continue,
+        let Some(piece) = piece_of(next)? else {
+            continue;
         };
         let end = matches!(piece, Piece::End);
         if tx.send(piece).await.is_err() {
@@ -205,16 +209,8 @@ async fn both(
     let (mut sink, mut stream) = ws.split();
     let from = async {
         loop {
-            let msg = match stream.next().await {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(format!("the agent's connection broke: {e}")),
-                None => return Err("the agent closed its connection early".into()),
-            };
-            let piece = match msg {
-                Message::Binary(data) => Piece::Data(data),
-                Message::Text(t) if t.as_str() == END => Piece::End,
-                Message::Close(_) => return Err("the agent closed its connection early".into()),
-                _ => continue,
+            let Some(piece) = piece_of(stream.next().await)? else {
+                continue;
             };
             let end = matches!(piece, Piece::End);
             if tx.send(piece).await.is_err() {

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use vane_proto::api::{HostState, InstanceState};
+use vane_proto::api::InstanceState;
 use vane_proto::stream::{AgentReply, AgentRequest};
 
 use super::{ApiResult, Ctl, Who};
@@ -52,13 +52,7 @@ async fn controller_metrics(AxState(c): Ctl) -> Response {
 async fn host_metrics(AxState(c): Ctl, Path(name): Path<String>) -> ApiResult<Response> {
     let running: Vec<_> = {
         let s = c.state();
-        let host = s
-            .hosts
-            .get(&name)
-            .ok_or_else(|| ApiError::NotFound(format!("unknown host {name:?}")))?;
-        if host.state != HostState::Online {
-            return Err(ApiError::Unavailable(format!("host {name:?} is offline")));
-        }
+        super::objects::online_host(&s, &name)?;
         s.instances
             .values()
             .filter(|i| i.host == name && i.state == InstanceState::Running)

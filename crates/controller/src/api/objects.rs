@@ -169,22 +169,28 @@ pub(super) async fn host_stats(
     AxState(c): Ctl,
     Path(name): Path<String>,
 ) -> ApiResult<Json<HostStats>> {
-    {
-        let s = c.state();
-        let host = s
-            .hosts
-            .get(&name)
-            .ok_or_else(|| ApiError::NotFound(format!("unknown host {name:?}")))?;
-        if host.state != HostState::Online {
-            return Err(ApiError::Unavailable(format!("host {name:?} is offline")));
-        }
-    }
+    online_host(&c.state(), &name)?;
     match c.agents.request(&name, AgentRequest::HostStats).await? {
         AgentReply::HostStats(stats) => Ok(Json(stats)),
         other => Err(ApiError::Internal(format!(
             "unexpected answer from host {name:?}: {other:?}"
         ))),
     }
+}
+
+/// Host `name`, if it is known and online (its agent can be asked); else why not.
+pub(super) fn online_host<'a>(
+    s: &'a crate::state::State,
+    name: &str,
+) -> ApiResult<&'a vane_proto::api::Host> {
+    let host = s
+        .hosts
+        .get(name)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown host {name:?}")))?;
+    if host.state != HostState::Online {
+        return Err(ApiError::Unavailable(format!("host {name:?} is offline")));
+    }
+    Ok(host)
 }
 
 /// Whether the caller may see and change a policy between nets `from` and `to`: both
