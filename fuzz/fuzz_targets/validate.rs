@@ -67,8 +67,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(target.starts_with('/') && is_safe_path(&target) && is_safe_path(&source));
         assert!(!target.trim_end_matches('/').is_empty());
     }
-    if let Ok((host, inside)) = validate::volume(s) {
-        assert!(is_safe_path(&host) && inside.starts_with('/') && is_safe_path(&inside));
+    if let Ok(v) = validate::volume(s) {
+        assert!(is_safe_path(&v.host) && v.inside.starts_with('/') && is_safe_path(&v.inside));
+        // As the CLI and stores write it back, it reads the same.
+        assert_eq!(validate::volume(&v.to_string()).ok(), Some(v));
     }
     if validate::rootfs(s).is_ok() {
         assert!(is_safe_path(s) && !s.trim_end_matches('/').is_empty());
