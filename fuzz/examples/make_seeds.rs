@@ -399,7 +399,11 @@ fn net() -> Net {
 fn space() -> SpaceSpec {
     SpaceSpec {
         rootfs: Some("/srv/root".into()),
-        volumes: vec![("/srv/data".into(), "/data".into())],
+        volumes: vec![vane_proto::api::Volume {
+            host: "/srv/data".into(),
+            inside: "/data".into(),
+            shared: true,
+        }],
         redirects: vec![("/etc/app.conf".into(), "{state}/app.conf".into())],
         cap_add: vec!["NET_ADMIN".into()],
         cap_drop: vec!["ALL".into()],
@@ -492,6 +496,8 @@ fn control_seeds() {
                     ticket: "t".into(),
                     cmd: vec!["ls".into()],
                     env: Vec::new(),
+                    stdin: true,
+                    tty: Some(vane_proto::api::TtySize { rows: 24, cols: 80 }),
                 },
             },
         ),
@@ -513,6 +519,7 @@ fn control_seeds() {
                     host: "h2".into(),
                     host_id: 2,
                     instance: "i-2".into(),
+                    moving_to: Some(1),
                 }],
                 policies: vec![PolicyRule {
                     from: 1,
@@ -644,6 +651,8 @@ fn api_seeds() {
             json(&ExecSpec {
                 cmd: vec!["ls".into(), "-l".into()],
                 env: Vec::new(),
+                stdin: true,
+                tty: Some(vane_proto::api::TtySize { rows: 24, cols: 80 }),
             }),
         ),
         (
