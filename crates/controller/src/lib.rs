@@ -35,6 +35,9 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// Used when the store is new; an existing store keeps its own.
     pub cluster: ClusterConfig,
+    /// Notified once the API's listener is bound: what a service manager waits for before
+    /// it starts what depends on the controller (systemd's `Type=notify`).
+    pub ready: Option<Arc<tokio::sync::Notify>>,
 }
 
 pub(crate) struct Controller {
@@ -263,6 +266,9 @@ pub async fn run(
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, data = %cfg.data_dir.display(), "controller ready");
+    if let Some(ready) = &cfg.ready {
+        ready.notify_one();
+    }
     let app = api::router(controller.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
     tokio::pin!(shutdown);

@@ -169,6 +169,11 @@ pub enum Cmd {
     Controller(ControllerArgs),
     /// Run the agent of one host
     Agent(AgentArgs),
+    /// Print a shell completion script (bash: `source <(vane completions bash)`)
+    Completions { shell: clap_complete::Shell },
+    /// Writes the man pages (vane.1 and one per subcommand) into DIR: for packaging
+    #[command(name = "__man", hide = true)]
+    InternalMan { dir: PathBuf },
     #[command(name = "__launch", hide = true)]
     InternalLaunch { dir: PathBuf },
     #[command(name = "__init", hide = true)]
@@ -408,6 +413,10 @@ pub struct LabUpArgs {
 
 #[derive(Args)]
 pub struct ControllerArgs {
+    /// TOML file of settings, keyed by these flags' long names (`data-dir = "/srv/vane"`);
+    /// the command line and the environment win over it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address and port of the API
     #[arg(long, default_value = "127.0.0.1:7946")]
     pub listen: SocketAddr,
@@ -424,9 +433,13 @@ pub struct ControllerArgs {
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// This host's name in the cluster
-    #[arg(long)]
-    pub name: String,
+    /// TOML file of settings, keyed by these flags' long names and `controller`
+    /// (`state-dir = "/srv/vane"`); the command line and the environment win over it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This host's name in the cluster (needed, here or in the config file)
+    #[arg(long, required_unless_present = "config")]
+    pub name: Option<String>,
     /// Directory of the agent's state (instances)
     #[arg(long, default_value = "/var/lib/vane/agent")]
     pub state_dir: PathBuf,

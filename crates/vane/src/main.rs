@@ -5,7 +5,9 @@
 mod cli;
 mod client;
 mod commands;
+mod config;
 mod lab;
+mod sd_notify;
 
 use std::process::ExitCode;
 
@@ -70,13 +72,18 @@ fn init_logging() {
         .init();
 }
 
-/// SIGINT or SIGTERM: how the daemons are asked to stop.
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM: how the daemons are asked to stop. The handlers are installed by
+/// this call (inside the runtime), not when the future is first polled: a service manager
+/// may stop a daemon as soon as it has said it is ready, before its loop ever waits.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -135,8 +142,22 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Lab(LabCmd::Up(args)) => lab::up(args)?,
         Cmd::Lab(LabCmd::Down(args)) => lab::down(&args.name)?,
         Cmd::Controller(args) => {
+            let args = match &args.config {
+                Some(path) => config::controller(path)?,
+                None => args,
+            };
+            let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
             init_logging();
-            runtime()?.block_on(vane_controller::run(
+            let rt = runtime()?;
+            let ready = readiness.map(|(ready, tell)| {
+                rt.spawn(tell);
+                ready
+            });
+            let shutdown = {
+                let _in = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(vane_controller::run(
                 vane_controller::ControllerConfig {
                     listen: args.listen,
                     data_dir: args.data_dir,
@@ -144,11 +165,21 @@ fn dispatch(cli: Cli) -> Result<i32> {
                         global_space: args.global_space,
                         plaintext: args.plaintext,
                     },
+                    ready,
                 },
-                shutdown_signal(),
+                shutdown,
             ))?;
         }
         Cmd::Agent(args) => {
+            let (args, controller) = match &args.config {
+                Some(path) => config::agent(path)?,
+                None => (args, cli.controller.clone()),
+            };
+            let name = args
+                .name
+                .context("no host name: give --name, or `name` in the config file")?;
+            // Before the network namespace changes: see `Notifier::take`.
+            let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
             init_logging();
             if let Some(ns) = &args.netns {
                 // Before the runtime starts any thread: every thread it makes inherits this
@@ -158,13 +189,19 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
                     .with_context(|| format!("enter network namespace {ns:?}"))?;
             }
-            let controller = cli
-                .controller
-                .clone()
-                .unwrap_or_else(client::default_controller);
-            runtime()?.block_on(vane_agent::run(
+            let controller = controller.unwrap_or_else(client::default_controller);
+            let rt = runtime()?;
+            let ready = readiness.map(|(ready, tell)| {
+                rt.spawn(tell);
+                ready
+            });
+            let shutdown = {
+                let _in = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(vane_agent::run(
                 vane_agent::AgentConfig {
-                    name: args.name,
+                    name,
                     controller,
                     state_dir: args.state_dir,
                     join_token: args.join,
@@ -174,9 +211,26 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     log_cap: args.log_cap,
                     rekey_after: std::time::Duration::from_secs(args.rekey_after),
                     exe: std::env::current_exe().context("find the vane binary")?,
+                    ready,
                 },
-                shutdown_signal(),
+                shutdown,
             ))?;
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vane", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("write the completion script")?;
+        }
+        Cmd::InternalMan { dir } => {
+            use clap::CommandFactory as _;
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("write man pages into {}", dir.display()))?;
         }
         Cmd::InternalLaunch { dir } => return Ok(vane_agent::launch::launch_main(&dir)),
         Cmd::InternalInit { pivoted } => {
