@@ -6,7 +6,9 @@
 # tests) and busybox-static (a self-contained root directory for --rootfs tests). Packages
 # named as arguments are installed too (the benchmarks' extra tools). Idempotent.
 set -euo pipefail
-need=(iproute2 nftables curl python3 procps util-linux iputils-ping tcpdump iperf3 busybox-static "$@")
+# systemd: its systemd-analyze verifies the packaged units in the package test (nothing is
+# booted with it).
+need=(iproute2 nftables curl python3 procps util-linux iputils-ping tcpdump iperf3 busybox-static systemd "$@")
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
