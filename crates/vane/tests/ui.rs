@@ -69,6 +69,15 @@ while True:
 /// text, never run or load it.
 const HOSTILE: &str = "<img src=x onerror=window.pwned=1><script>window.pwned=2</script>";
 
+/// Collects, in `vaneTestProblems`, the page's policy violations and uncaught errors.
+const PROBLEMS: &str = "
+window.vaneTestProblems = [];
+document.addEventListener('securitypolicyviolation',
+  (e) => vaneTestProblems.push(`blocked by ${e.violatedDirective}: ${e.blockedURI}`));
+window.addEventListener('error', (e) => vaneTestProblems.push(`error: ${e.message}`));
+window.addEventListener('unhandledrejection', (e) => vaneTestProblems.push(`rejected: ${e.reason}`));
+";
+
 /// Headless Chromium with its DevTools endpoint; killed with its whole process group, and
 /// its profile removed, when dropped, whether the test passed or not.
 struct Browser {
@@ -214,6 +223,14 @@ impl Cdp {
             Some(&session),
             "Emulation.setDeviceMetricsOverride",
             json!({"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": false}),
+        );
+        // Before the page's own script: what its policy blocked and what it threw, so a
+        // page that half works under its Content-Security-Policy fails the test.
+        self.call(Some(&session), "Page.enable", json!({}));
+        self.call(
+            Some(&session),
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": PROBLEMS}),
         );
         self.call(Some(&session), "Page.navigate", json!({"url": url}));
         // Navigating answers before the page has replaced about:blank: wait for it, and
@@ -619,6 +636,11 @@ fn the_live_picture_shows_the_lab_and_follows_it_without_a_reload() {
             "a refused credential shows nothing but the form"
         );
     }
+    assert_eq!(
+        cdp.eval(&tab, "vaneTestProblems"),
+        json!([]),
+        "the page ran into its policy or threw"
+    );
     drop(cdp);
     drop(browser);
 }

@@ -256,7 +256,14 @@
         cards.push(hostCard({ name: host, state: 'offline', locator: null }, list));
       }
     }
+    // The cards are made anew each second: a card that had the keyboard's focus keeps it.
+    const focused = document.activeElement && document.activeElement.dataset
+      ? document.activeElement.dataset.instance : undefined;
     $('hosts').replaceChildren(...cards);
+    if (focused !== undefined) {
+      const card = $('hosts').querySelector(`[data-instance="${CSS.escape(focused)}"]`);
+      if (card) card.focus();
+    }
   }
 
   function hostCard(h, instances) {
@@ -568,7 +575,13 @@
     // tab's storage and leaves the address bar and history at once.
     const m = /(?:^#|&)token=([^&]*)/.exec(window.location.hash);
     if (m) {
-      sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+      let token = m[1];
+      try {
+        token = decodeURIComponent(token);
+      } catch (_) {
+        // Not percent-encoded after all: taken as it is, and the API will judge it.
+      }
+      sessionStorage.setItem(TOKEN_KEY, token);
       window.history.replaceState(null, '', window.location.pathname + window.location.search);
     }
     $('login').addEventListener('submit', (ev) => {
@@ -581,8 +594,12 @@
     });
     $('forget').addEventListener('click', () => stop(null));
     document.querySelector('main').addEventListener('click', onClick);
+    // Instance cards act as buttons from the keyboard too (buttons already do).
     document.querySelector('main').addEventListener('keydown', (ev) => {
-      if (ev.key === 'Enter' || ev.key === ' ') onClick(ev);
+      if ((ev.key === 'Enter' || ev.key === ' ') && ev.target.matches('[data-instance]')) {
+        ev.preventDefault();
+        onClick(ev);
+      }
     });
     if (sessionStorage.getItem(TOKEN_KEY)) start();
     else stop(null);
