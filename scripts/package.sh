@@ -26,6 +26,8 @@ glibc=$(grep -aoE 'GLIBC_2\.[0-9]+(\.[0-9]+)?' "$bin" | sed 's/GLIBC_//' | sort 
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
+# The archive's "./" takes the staging directory's mode: mktemp's 0700 is not what / is.
+chmod 0755 "$stage"
 install -D -m 0755 "$bin" "$stage/usr/bin/vane"
 install -D -m 0644 -t "$stage/lib/systemd/system" \
   packaging/systemd/vane-controller.service packaging/systemd/vane-agent.service

@@ -219,6 +219,11 @@ fn package_installs_and_its_agent_joins_a_lab() {
         let line = entry(path);
         assert!(line.contains(" root/root "), "not root's: {line}");
     }
+    let top = contents.lines().next().unwrap_or_default();
+    assert!(
+        top.starts_with("drwxr-xr-x root/root ") && top.ends_with(" ./"),
+        "the archive's root is not /'s mode: {top}"
+    );
     // The agent's settings will hold a join token.
     assert!(entry("/etc/vane/agent.toml").starts_with("-rw------- root/root "));
     assert!(entry("/usr/bin/vane").starts_with("-rwxr-xr-x "));
