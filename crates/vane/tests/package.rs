@@ -291,6 +291,19 @@ fn package_installs_and_its_agent_joins_a_lab() {
         out.status.success() && said.trim().is_empty(),
         "systemd-analyze verify: {said}"
     );
+    // The controller's sandbox stays as tight as it is (exposure 2.1 of 10 when written;
+    // the threshold is in tenths). The agent's is open on purpose: see its unit.
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=25"])
+        .arg(&copies[0])
+        .output()
+        .expect("run systemd-analyze");
+    assert!(
+        out.status.success(),
+        "the controller's unit lost some of its sandbox:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The packaged controller, on its own settings: ready once it listens.
     let conf = std::fs::read_to_string(root.join("etc/vane/controller.toml")).unwrap();
