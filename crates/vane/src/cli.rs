@@ -35,11 +35,28 @@ pub enum Output {
     Json,
 }
 
+#[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum InspectFormat {
+    #[default]
+    Json,
+}
+
 #[derive(Args, Clone, Copy)]
 pub struct OutputArg {
-    /// Output format
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    /// Output format (`--format json` as podman spells it)
+    #[arg(long, short = 'o', visible_alias = "format", value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// A listing's options: its format, or only the names (ids where a row has no name).
+#[derive(Args, Clone, Copy)]
+pub struct ListArg {
+    /// Output format (`--format json` as podman spells it)
+    #[arg(long, short = 'o', visible_alias = "format", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Print only each row's name (or id), one per line
+    #[arg(long, short = 'q', conflicts_with = "output")]
+    pub quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -50,7 +67,7 @@ pub enum Cmd {
     /// Start a program detached in a new instance; prints the instance's name
     Run(Box<RunArgs>),
     /// List instances
-    Ps(OutputArg),
+    Ps(ListArg),
     /// Show each running instance's resource use and traffic: CPU, memory, processes,
     /// packets and bytes in and out, packets refused by policy or over the bandwidth limit
     Top {
@@ -64,7 +81,12 @@ pub enum Cmd {
     #[command(subcommand)]
     Template(TemplateCmd),
     /// Show an instance as JSON
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        /// Output format: JSON is the only one (accepted for podman's habits)
+        #[arg(long, short = 'o', visible_alias = "format", value_enum, default_value_t = InspectFormat::Json)]
+        output: InspectFormat,
+    },
     /// Print an instance's program output (stdout and stderr)
     Logs {
         name: String,
@@ -203,7 +225,7 @@ pub enum NetCmd {
         egress: bool,
     },
     /// List nets
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Remove a net (refused while instances use it)
     Rm { name: String },
 }
@@ -291,7 +313,7 @@ pub enum TemplateCmd {
         settings: Box<SettingsArgs>,
     },
     /// List templates
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Remove a template (instances made from it keep their settings)
     Rm { name: String },
 }
@@ -307,7 +329,7 @@ pub enum PolicyCmd {
         port: Option<String>,
     },
     /// List policies
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Remove a policy: by id, or by FROM TO [--port]
     Rm {
         /// Policy id, or FROM net
@@ -331,7 +353,7 @@ pub enum CredentialCmd {
         ttl: Option<String>,
     },
     /// List tenant credentials (their ids and tenants, never their secrets)
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Revoke a tenant credential
     Rm { id: String },
 }
@@ -339,7 +361,7 @@ pub enum CredentialCmd {
 #[derive(Subcommand)]
 pub enum TokenCmd {
     /// List join tokens not yet spent or expired (their ids, never their secrets)
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Revoke a join token: no host joins with it any more
     Rm { id: String },
 }
@@ -347,7 +369,7 @@ pub enum TokenCmd {
 #[derive(Subcommand)]
 pub enum HostCmd {
     /// List hosts: name, underlay locator, state, instance count
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Print a join token for a new host (`vane agent --join TOKEN`); `ls` and `rm` list
     /// and revoke tokens
     #[command(args_conflicts_with_subcommands = true)]
@@ -429,6 +451,25 @@ pub struct ControllerArgs {
     /// Tunnels between hosts without encryption or authentication, when the store is created
     #[arg(long)]
     pub plaintext: bool,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// How a daemon writes its log (to standard error).
+#[derive(Args, Clone, Copy)]
+pub struct LogArgs {
+    /// Lines of text for people, or one JSON object per line for a log collector; levels
+    /// come from VANE_LOG (else RUST_LOG), e.g. `info` or `info,vane_agent=debug`
+    /// [default level: info]
+    #[arg(long, env = "VANE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq, Debug)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -467,4 +508,6 @@ pub struct AgentArgs {
     /// Run in this named network namespace (/run/netns/NAME), as the lab's hosts do
     #[arg(long)]
     pub netns: Option<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
 }

@@ -62,14 +62,21 @@ fn client(
     Client::new(&client::Access::resolve(&url, ca.clone(), token.clone()))
 }
 
-fn init_logging() {
+/// A daemon's log on standard error, where systemd's journal or the lab's log file takes it.
+fn init_logging(log: cli::LogArgs) {
     use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("VANE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let logger = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.log_format {
+        cli::LogFormat::Text => logger.init(),
+        // Fields flattened into each object (`{"timestamp":..,"level":..,"fields":..}` would
+        // make every collector's query name `fields.message`).
+        cli::LogFormat::Json => logger.json().flatten_event(true).init(),
+    }
 }
 
 /// SIGINT or SIGTERM: how the daemons are asked to stop. The handlers are installed by
@@ -100,10 +107,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Net(cmd) => commands::net(&c()?, cmd)?,
         Cmd::Run(args) => commands::run(&c()?, *args)?,
-        Cmd::Ps(o) => commands::ps(&c()?, o.output)?,
+        Cmd::Ps(list) => commands::ps(&c()?, list)?,
         Cmd::Top { interval, output } => commands::top(&c()?, interval, output.output)?,
         Cmd::Template(cmd) => commands::template(&c()?, cmd)?,
-        Cmd::Inspect { name } => commands::inspect(&c()?, &name)?,
+        Cmd::Inspect { name, .. } => commands::inspect(&c()?, &name)?,
         Cmd::Logs { name, follow, tail } => commands::logs(&c()?, &name, follow, tail)?,
         Cmd::Stop { name } => commands::stop(&c()?, &name)?,
         Cmd::Migrate {
@@ -147,7 +154,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 None => args,
             };
             let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
-            init_logging();
+            init_logging(args.log);
             let rt = runtime()?;
             let ready = readiness.map(|(ready, tell)| {
                 rt.spawn(tell);
@@ -180,7 +187,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 .context("no host name: give --name, or `name` in the config file")?;
             // Before the network namespace changes: see `Notifier::take`.
             let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
-            init_logging();
+            init_logging(args.log);
             if let Some(ns) = &args.netns {
                 // Before the runtime starts any thread: every thread it makes inherits this
                 // namespace.
