@@ -187,6 +187,9 @@ pub enum Cmd {
     /// A local multi-host lab: test hosts as network namespaces on a bridge underlay
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Print the address of the controller's live picture (hosts, instances, tunnels and
+    /// traffic, in a browser), with the credential in its fragment, which no server sees
+    Ui,
     /// Run the controller (control plane)
     Controller(ControllerArgs),
     /// Run the agent of one host

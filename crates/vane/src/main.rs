@@ -223,6 +223,25 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 shutdown,
             ))?;
         }
+        Cmd::Ui => {
+            let url = controller
+                .clone()
+                .unwrap_or_else(client::default_controller);
+            let access = client::Access::resolve(&url, ca.clone(), token.clone());
+            let Some(token) = access.token else {
+                anyhow::bail!(
+                    "no credential for {}: give --token or VANE_TOKEN",
+                    access.url
+                );
+            };
+            println!("{}/ui#token={token}", access.url.trim_end_matches('/'));
+            if let Some(ca) = access.ca {
+                eprintln!(
+                    "(the browser must trust the cluster's CA, {}, or be told to)",
+                    ca.display()
+                );
+            }
+        }
         Cmd::Completions { shell } => {
             use clap::CommandFactory as _;
             use std::io::Write as _;

@@ -65,6 +65,14 @@ fn listings_print_names_json_and_one_line_per_row() {
             .expect("inspect prints JSON");
     assert_eq!(inspected["name"], "plain");
 
+    // The live picture's address, with the admin credential in its fragment.
+    let token = std::fs::read_to_string(format!("{}/controller/admin.token", lab.state_dir()))
+        .expect("the lab's admin credential");
+    assert_eq!(
+        lab.ok(&["ui"]).trim(),
+        format!("{}/ui#token={}", lab.controller, token.trim())
+    );
+
     let err = lab.fails(&["ps", "-q", "-o", "json"]);
     assert!(err.contains("cannot be used with"), "{err}");
     let err = lab.fails(&["inspect", "plain", "--format", "table"]);
