@@ -434,6 +434,16 @@ pub struct LabUpArgs {
     /// (default 10.0.0.0/8)
     #[arg(long)]
     pub global_space: Option<Ipv4Net>,
+    /// The controller's store, as `vane controller --store` takes it (default: embedded in
+    /// the lab's directory); kept for the lab's life
+    #[arg(long, value_name = "STORE", value_parser = store_location)]
+    pub store: Option<String>,
+}
+
+/// A store location checked as the controller will read it, kept as written.
+fn store_location(s: &str) -> Result<String, String> {
+    s.parse::<vane_controller::StoreLocation>()?;
+    Ok(s.to_string())
 }
 
 #[derive(Args)]
@@ -448,6 +458,11 @@ pub struct ControllerArgs {
     /// Directory of the persistent store
     #[arg(long, default_value = "/var/lib/vane/controller")]
     pub data_dir: PathBuf,
+    /// Where the store is: `embedded` (in the data directory), or an etcd cluster,
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (its members' client addresses; keys under
+    /// PREFIX/, default `vane`)
+    #[arg(long, default_value = "embedded", value_name = "STORE")]
+    pub store: vane_controller::StoreLocation,
     /// Global virtual address space, when the store is created
     #[arg(long, default_value = "10.0.0.0/8")]
     pub global_space: Ipv4Net,

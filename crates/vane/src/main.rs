@@ -168,6 +168,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 vane_controller::ControllerConfig {
                     listen: args.listen,
                     data_dir: args.data_dir,
+                    store: args.store,
                     cluster: vane_proto::api::ClusterConfig {
                         global_space: args.global_space,
                         plaintext: args.plaintext,

@@ -155,6 +155,7 @@ pub(super) async fn cluster(
     let cfg = ControllerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
+        store: crate::StoreLocation::Embedded,
         cluster: ClusterConfig::default(),
         ready: None,
     };
