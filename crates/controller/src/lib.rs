@@ -68,6 +68,8 @@ pub(crate) struct Controller {
     shutdown: tokio::sync::watch::Sender<bool>,
     /// Migrations under way, by instance id: where they are (`Instance::progress`).
     progress: Mutex<std::collections::HashMap<String, (String, u64, std::time::Instant)>>,
+    /// Instances whose images a workflow holds (`workflow::Claim`), by id: what it does.
+    claims: Mutex<std::collections::HashMap<String, String>>,
     /// What the controller counts for `GET /metrics` (migrations, API requests).
     metrics: metrics::Metrics,
 }
@@ -139,6 +141,7 @@ impl Controller {
             sealer,
             shutdown: tokio::sync::watch::channel(false).0,
             progress: Mutex::new(std::collections::HashMap::new()),
+            claims: Mutex::new(std::collections::HashMap::new()),
             metrics: metrics::Metrics::default(),
         })
     }

@@ -48,6 +48,24 @@ pub enum ApiError {
     Moved(String),
 }
 
+impl ApiError {
+    /// The same error, its message saying which host gave it (a restore may run on a host
+    /// the user did not name).
+    pub fn from_host(self, host: &str) -> ApiError {
+        let said = |m: String| format!("host {host:?}: {m}");
+        match self {
+            ApiError::BadRequest(m) => ApiError::BadRequest(said(m)),
+            ApiError::NotFound(m) => ApiError::NotFound(said(m)),
+            ApiError::Conflict(m) => ApiError::Conflict(said(m)),
+            ApiError::Unavailable(m) => ApiError::Unavailable(said(m)),
+            ApiError::Internal(m) => ApiError::Internal(said(m)),
+            ApiError::Unauthorized(m) => ApiError::Unauthorized(said(m)),
+            ApiError::Forbidden(m) => ApiError::Forbidden(said(m)),
+            ApiError::Moved(m) => ApiError::Moved(said(m)),
+        }
+    }
+}
+
 impl From<validate::InputError> for ApiError {
     fn from(e: validate::InputError) -> Self {
         ApiError::BadRequest(e.to_string())

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use vane_proto::api::{HostState, Instance, MigrateSpec, Migration};
 use vane_proto::stream::{AgentReply, AgentRequest};
 
-use super::{agent_transfer_request, must_run, on_host, record_lost, set_migrating, ApiResult};
+use super::{
+    agent_transfer_request, must_run, on_host, record_lost, set_migrating, ApiResult, Claim,
+};
 use crate::state::ApiError;
 use crate::{now, transfers, Controller};
 
@@ -59,6 +61,7 @@ async fn migrate_to_end(c: &Arc<Controller>, name: &str, spec: MigrateSpec) -> A
             "host {from:?} of instance {name:?} is offline"
         )));
     }
+    let _claim = Claim::take(c, &id, name, format!("moving to host {to:?}"))?;
     set_migrating(c, &id, Some(to.clone()))?;
     // Counted from here: what was refused before is no migration.
     c.metrics.migration_started();

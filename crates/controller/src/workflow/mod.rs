@@ -15,6 +15,8 @@ pub(crate) use migrate::{migrate, POST_COPY_LIMIT};
 pub(crate) use run::{create, remove, start_instance, stop_on};
 pub(crate) use snapshot::{restore, snapshot, FrameReader};
 
+use std::sync::Arc;
+
 use vane_proto::api::InstanceState;
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -35,6 +37,47 @@ pub(crate) fn record_lost(c: &Controller, id: &str) -> ApiResult<()> {
 /// A failure of `host`'s agent, as the API answers it.
 pub(crate) fn on_host(host: &str, e: ApiError) -> ApiError {
     ApiError::Unavailable(format!("host {host:?}: {e}"))
+}
+
+/// An instance's images taken by one workflow (a migration, a snapshot) until it ends:
+/// both dump into and send from the same pack on the instance's host, so a second one
+/// would overwrite the first's images under it. Released when dropped.
+pub(crate) struct Claim {
+    c: Arc<Controller>,
+    id: String,
+}
+
+impl Claim {
+    /// Takes instance `id` (`name` to the user) for `doing` (`"moving to host \"h2\""`,
+    /// `"being snapshotted"`), or says what already has it.
+    pub(crate) fn take(
+        c: &Arc<Controller>,
+        id: &str,
+        name: &str,
+        doing: String,
+    ) -> ApiResult<Claim> {
+        let mut claims = c.claims.lock().expect("claims lock poisoned");
+        if let Some(other) = claims.get(id) {
+            return Err(ApiError::Conflict(format!(
+                "instance {name:?} is {other}; try again once it is done"
+            )));
+        }
+        claims.insert(id.to_string(), doing);
+        Ok(Claim {
+            c: c.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.c
+            .claims
+            .lock()
+            .expect("claims lock poisoned")
+            .remove(&self.id);
+    }
 }
 
 /// Marks instance `id` as moving to a host (`vane ps` shows it), or no longer.

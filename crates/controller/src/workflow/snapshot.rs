@@ -11,7 +11,7 @@ use vane_proto::api::{frame, Instance, RestoreSpec, RunSpec, SnapshotSpec};
 use vane_proto::stream::{AgentReply, AgentRequest};
 
 use super::{
-    agent_transfer_request, running_instance, settled, start_instance, stop_on, ApiResult,
+    agent_transfer_request, running_instance, settled, start_instance, stop_on, ApiResult, Claim,
 };
 use crate::auth::Caller;
 use crate::state::ApiError;
@@ -28,6 +28,8 @@ pub(crate) async fn snapshot(
 ) -> ApiResult<mpsc::Receiver<Result<Bytes, std::io::Error>>> {
     let (id, host) = running_instance(&c, &name)?;
     settled(&c, &name)?;
+    // Held until the stream ends: the pack is sent from after the dump.
+    let claim = Claim::take(&c, &id, &name, "being snapshotted".into())?;
     let bytes = match c
         .agents
         .request(
@@ -38,7 +40,8 @@ pub(crate) async fn snapshot(
                 lazy: false,
             },
         )
-        .await?
+        .await
+        .map_err(|e| e.from_host(&host))?
     {
         AgentReply::Checkpointed { bytes, .. } => bytes,
         other => {
@@ -50,6 +53,7 @@ pub(crate) async fn snapshot(
     let instance = c.state().instance_by_name(&name)?.clone();
     let (out, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     tokio::spawn(async move {
+        let _claim = claim;
         let mut sealing = c.sealer.begin(&instance);
         let record = serde_json::to_vec(&instance).expect("serializes");
         let _ = out
@@ -310,7 +314,8 @@ async fn restore_on(
                 instance: Box::new(spec),
             },
         )
-        .await?;
+        .await
+        .map_err(|e| e.from_host(host))?;
     let result = async {
         let (ticket, tx) = c.transfers.sent_to(host);
         let bytes = images.bytes;
@@ -331,7 +336,9 @@ async fn restore_on(
         // What the client sent (a bad request) says more than what the host made of it;
         // the host says more than that it stopped taking the images.
         match (forwarded, received) {
-            (Err(e @ ApiError::BadRequest(_)), _) | (_, Err(e)) | (Err(e), _) => return Err(e),
+            (Err(e @ ApiError::BadRequest(_)), _) => return Err(e),
+            (_, Err(e)) => return Err(e.from_host(host)),
+            (Err(e), _) => return Err(e),
             (Ok(()), Ok(_)) => {}
         }
         match c
@@ -343,7 +350,8 @@ async fn restore_on(
                     tcp_close: true,
                 },
             )
-            .await?
+            .await
+            .map_err(|e| e.from_host(host))?
         {
             AgentReply::Created { pid } => Ok(pid),
             other => Err(ApiError::Internal(format!(

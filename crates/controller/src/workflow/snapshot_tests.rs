@@ -208,6 +208,10 @@ async fn a_failed_dump_reaches_the_caller_and_leaves_the_instance_as_it_was() {
     let e = refused(&cl, true).await;
     assert!(matches!(e, ApiError::Internal(_)), "{e}");
     assert!(e.to_string().contains("criu dump failed"), "{e}");
+    assert!(
+        e.to_string().starts_with("host \"h1\": "),
+        "the host named: {e}"
+    );
     // Nothing streamed, nothing stopped, no transfer waiting for an agent.
     assert_eq!(cl.agents.asked(), ["h1 Checkpoint"]);
     assert_eq!(cl.srv(), before);
@@ -472,6 +476,10 @@ async fn a_restore_whose_host_cannot_take_the_images_says_why() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("no space left on device"), "{e}");
+    assert!(
+        e.to_string().starts_with("host \"h2\": "),
+        "the host named: {e}"
+    );
     assert_eq!(
         cl.agents.asked(),
         ["h2 Prepare", "h2 ReceiveImages", "h2 Discard"]
@@ -550,4 +558,29 @@ async fn a_restore_of_changed_images_or_record_is_refused_before_its_host_restor
         assert!(cl.agents.received.lock().unwrap().is_empty(), "{what}");
         assert!(instance(&cl, "copy").is_none(), "{what}");
     }
+}
+
+#[tokio::test]
+async fn no_migration_nor_second_snapshot_while_a_snapshot_sends_its_images() {
+    // Both dump into and send from one pack on the instance's host: a migration between a
+    // snapshot's dump and the end of its stream would send the snapshot other images.
+    let cl = cluster(agreeable).await;
+    let unread = super::snapshot(cl.c.clone(), "srv".into(), SnapshotSpec { stop: false })
+        .await
+        .unwrap();
+    let e = cl.migrate("h2", false).await.unwrap_err();
+    assert!(matches!(e, ApiError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("is being snapshotted"), "{e}");
+    let e = refused(&cl, false).await;
+    assert!(e.to_string().contains("is being snapshotted"), "{e}");
+    assert_eq!(cl.srv().host, "h1");
+    // The stream read to its end, the instance is free again: it moves.
+    let frames = frames_of(unread).await;
+    assert_eq!(
+        frames.last().unwrap().0,
+        frame::SEAL,
+        "{:?}",
+        kinds(&frames)
+    );
+    assert_eq!(cl.migrate("h2", false).await.unwrap().host, "h2");
 }

@@ -216,7 +216,7 @@ impl Cluster {
         self.c.state().instance_by_name("srv").unwrap().clone()
     }
 
-    async fn migrate(&self, to: &str, post_copy: bool) -> Result<Instance, ApiError> {
+    pub(super) async fn migrate(&self, to: &str, post_copy: bool) -> Result<Instance, ApiError> {
         let spec = MigrateSpec {
             to: to.into(),
             post_copy,
