@@ -227,6 +227,11 @@ pub struct RunArgs {
     /// Start from this template's settings; the options given here override them
     #[arg(long)]
     pub template: Option<String>,
+    /// When to start the program again: `no`, `on-failure` (a non-zero exit or a signal),
+    /// `always` (any end but `vane stop`); with either of the last two, also on another host
+    /// when its host dies
+    #[arg(long, default_value = "no", value_name = "no|on-failure|always")]
+    pub restart: vane_proto::api::RestartPolicy,
     #[command(flatten)]
     pub settings: SettingsArgs,
     /// The program and its arguments
@@ -378,6 +383,21 @@ pub enum LabCmd {
     Up(LabUpArgs),
     /// Remove everything `lab up` made: instances, agents, controller, namespaces, links, state
     Down(LabNameArg),
+    /// Make a host vanish as in a power loss: its agent and instances killed, its underlay
+    /// link down
+    Fail {
+        /// The lab host (h1, h2, ...)
+        host: String,
+        #[command(flatten)]
+        name: LabNameArg,
+    },
+    /// Bring a failed host back: its underlay link up, its agent started again
+    Recover {
+        /// The lab host (h1, h2, ...)
+        host: String,
+        #[command(flatten)]
+        name: LabNameArg,
+    },
 }
 
 #[derive(Args)]
@@ -420,6 +440,15 @@ pub struct ControllerArgs {
     /// Tunnels between hosts without encryption or authentication, when the store is created
     #[arg(long)]
     pub plaintext: bool,
+    /// How long a host may be silent before it is declared dead and its instances with a
+    /// restart policy start on other hosts (e.g. 5s, 500ms)
+    #[arg(
+        long,
+        env = "VANE_HOST_GRACE",
+        default_value = "5s",
+        value_name = "DURATION"
+    )]
+    pub host_grace: String,
 }
 
 #[derive(Args)]

@@ -66,8 +66,16 @@ impl State {
                     .hosts
                     .get(&h)
                     .ok_or_else(|| ApiError::NotFound(format!("unknown host {h:?}")))?;
-                if host.state != HostState::Online {
-                    return Err(ApiError::Unavailable(format!("host {h:?} is offline")));
+                match host.state {
+                    HostState::Online => {}
+                    HostState::Offline => {
+                        return Err(ApiError::Unavailable(format!("host {h:?} is offline")))
+                    }
+                    HostState::Dead => {
+                        return Err(ApiError::Unavailable(format!(
+                            "host {h:?} is offline (declared dead)"
+                        )))
+                    }
                 }
                 h
             }
@@ -116,6 +124,10 @@ impl State {
             migrating: None,
             progress: None,
             migrations: Vec::new(),
+            restart: spec.restart,
+            restarts: 0,
+            restart_reason: None,
+            stopped: false,
         };
         let mut batch = Batch::default();
         batch.put(&instance);
@@ -158,7 +170,7 @@ impl State {
             })
     }
 
-    fn least_loaded_host(&self) -> Result<String, ApiError> {
+    pub(super) fn least_loaded_host(&self) -> Result<String, ApiError> {
         self.hosts
             .values()
             .filter(|h| h.state == HostState::Online)

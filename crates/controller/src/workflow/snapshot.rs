@@ -230,6 +230,7 @@ async fn restore_to_end(
         template: None,
         limits: from.limits,
         space: from.space,
+        restart: from.restart,
     };
     let sealing = c.sealer.begin(&spec.instance);
     let images = Incoming {

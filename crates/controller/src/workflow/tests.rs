@@ -156,6 +156,7 @@ pub(super) async fn cluster(
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
         cluster: ClusterConfig::default(),
+        host_grace: crate::DEFAULT_HOST_GRACE,
     };
     let agents = Arc::new(Scripted {
         online: Mutex::new(["h1".to_string(), "h2".to_string()].into()),

@@ -78,6 +78,7 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
             template: args.template,
             limits,
             space,
+            restart: args.restart,
         },
     )?;
     println!("{}", inst.name);
@@ -169,6 +170,10 @@ pub fn ps(c: &Client, output: Output) -> Result<()> {
                 let state = match (&i.exit, i.state.as_str()) {
                     (Some(e), "exited") => format!("exited ({e})"),
                     (_, s) => s.to_string(),
+                };
+                let state = match i.restarts {
+                    0 => state,
+                    n => format!("{state} (restarted {n}x)"),
                 };
                 let state = match (&i.migrating, i.migrations.len()) {
                     (Some(to), _) => format!("{state} (migrating to {to})"),
