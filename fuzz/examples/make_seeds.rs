@@ -444,6 +444,8 @@ fn instance() -> Instance {
         restarts: 2,
         restart_reason: Some("host h2 died".into()),
         stopped: false,
+        checkpoint_every: Some(30),
+        checkpointed: Some(1_700_000_100),
     }
 }
 
@@ -630,6 +632,7 @@ fn api_seeds() {
                 limits: limits(),
                 space: space(),
                 restart: RestartPolicy::OnFailure,
+                checkpoint_every: Some(30),
             }),
         ),
         (

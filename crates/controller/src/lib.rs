@@ -73,6 +73,8 @@ pub(crate) struct Controller {
     silent_since: Mutex<std::collections::HashMap<String, u64>>,
     /// By instance id: the wait before its program starts again on its host.
     backoff: Mutex<std::collections::HashMap<String, state::Backoff>>,
+    /// Where the last checkpoint of each instance that asked for them is kept.
+    checkpoints: PathBuf,
 }
 
 impl Controller {
@@ -146,6 +148,7 @@ impl Controller {
             host_grace: cfg.host_grace,
             silent_since: Mutex::new(std::collections::HashMap::new()),
             backoff: Mutex::new(std::collections::HashMap::new()),
+            checkpoints: cfg.data_dir.join("checkpoints"),
         })
     }
 
@@ -282,6 +285,7 @@ pub async fn run(
     for host in hosts {
         workflow::watch_silence(&controller, &host, 0, controller.host_grace);
     }
+    tokio::spawn(workflow::keep_checkpoints(controller.clone()));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;

@@ -266,6 +266,10 @@ pub struct RunSpec {
     /// When the program is started again (default: never).
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Seconds between the checkpoints the controller keeps (the last one) to start the
+    /// instance from on another host when its host dies; needs a restart policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
 }
 
 /// Resource limits of an instance; `None` is unlimited.
@@ -543,6 +547,12 @@ pub struct Instance {
     /// `vane stop` ended it: no restart policy starts it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// Seconds between checkpoints kept by the controller (`vane run --checkpoint-every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
+    /// Unix time, seconds, of the checkpoint the controller keeps, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointed: Option<u64>,
 }
 
 fn is_zero(n: &u32) -> bool {

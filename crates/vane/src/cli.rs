@@ -232,6 +232,10 @@ pub struct RunArgs {
     /// when its host dies
     #[arg(long, default_value = "no", value_name = "no|on-failure|always")]
     pub restart: vane_proto::api::RestartPolicy,
+    /// Have the controller keep a checkpoint of the instance taken this often (e.g. 30s,
+    /// 5m), to start it from on another host when its host dies (needs --restart)
+    #[arg(long, value_name = "DURATION")]
+    pub checkpoint_every: Option<String>,
     #[command(flatten)]
     pub settings: SettingsArgs,
     /// The program and its arguments

@@ -260,3 +260,101 @@ fn programs_that_end_start_again_on_their_host_as_their_policy_says() {
         .contains("unknown instance"));
     assert!(!lab.ok(&["ps"]).contains("always"));
 }
+
+/// A web server answering a token drawn when it started, kept in memory only.
+const MEMORY: &str = r#"
+import http.server, os
+token = os.urandom(8).hex()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(token.encode())
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(('', 80), H).serve_forever()
+"#;
+
+#[test]
+fn a_checkpointed_instance_fails_over_with_what_it_had_in_memory() {
+    let lab = TestLab::up_with(2, &[], &[("VANE_HOST_GRACE", "2s")]);
+    let name = lab.name.clone();
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.9.0/24"]);
+    let err = lab.fails(&[
+        "run",
+        "--net",
+        "red",
+        "--checkpoint-every",
+        "1s",
+        "--",
+        "true",
+    ]);
+    assert!(err.contains("--restart"), "{err}");
+    let err = lab.fails(&[
+        "run",
+        "--net",
+        "red",
+        "--restart",
+        "always",
+        "--checkpoint-every",
+        "soon",
+        "--",
+        "true",
+    ]);
+    assert!(
+        err.contains("invalid checkpoint interval \"soon\""),
+        "{err}"
+    );
+    lab.ok(&[
+        "run",
+        "--net",
+        "red",
+        "--name",
+        "mem",
+        "--host",
+        "h1",
+        "--restart",
+        "always",
+        "--checkpoint-every",
+        "1s",
+        "--",
+        "python3",
+        "-c",
+        MEMORY,
+    ]);
+    lab.ok(&[
+        "run", "--net", "red", "--name", "client", "--host", "h2", "--", "sleep", "1000",
+    ]);
+    let token = wait_for_http(&lab, "client", "http://mem/");
+    assert_eq!(token.len(), 16, "{token}");
+    assert!(
+        wait_until(Duration::from_secs(15), || lab.inspect("mem")
+            ["checkpointed"]
+            .is_u64()),
+        "no checkpoint kept"
+    );
+    let failed_at = Instant::now();
+    lab.ok(&["lab", "fail", "h1", "--name", &name]);
+    assert!(
+        wait_until(Duration::from_secs(15), || state_of(&lab, "mem")
+            == ("h2".into(), "running".into())),
+        "mem did not run on h2 in time: {:?}",
+        state_of(&lab, "mem")
+    );
+    let reason = lab.inspect("mem")["restart_reason"].clone();
+    assert_eq!(reason, "host h1 died, restored from its checkpoint");
+    let again = wait_for_http(&lab, "client", "http://mem/");
+    eprintln!(
+        "lab fail h1 -> mem restored on h2, answering after {:?}",
+        failed_at.elapsed()
+    );
+    assert_eq!(again, token, "restarted afresh, not from its checkpoint");
+    lab.ok(&["lab", "recover", "h1", "--name", &name]);
+    assert_eq!(wait_for_http(&lab, "client", "http://mem/"), token);
+    lab.ok(&["rm", "--force", "mem"]);
+    let pack = format!("{}/controller/checkpoints", lab.state_dir());
+    assert!(
+        std::fs::read_dir(&pack).map_or(true, |mut d| d.next().is_none()),
+        "the removed instance's checkpoint stays in {pack}"
+    );
+}

@@ -60,6 +60,20 @@ impl State {
             env.push((k, v));
         }
         check_settings(&env, &space)?;
+        match spec.checkpoint_every {
+            Some(0) => {
+                return Err(ApiError::BadRequest(
+                    "invalid checkpoint interval 0: at least one second".into(),
+                ))
+            }
+            Some(_) if spec.restart.is_no() => {
+                return Err(ApiError::BadRequest(
+                    "checkpoints are kept to restart from: give --restart on-failure or always"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
         let host = match spec.host {
             Some(h) => {
                 let host = self
@@ -128,6 +142,8 @@ impl State {
             restarts: 0,
             restart_reason: None,
             stopped: false,
+            checkpoint_every: spec.checkpoint_every,
+            checkpointed: None,
         };
         let mut batch = Batch::default();
         batch.put(&instance);

@@ -59,18 +59,36 @@ pub(crate) async fn declare_dead(c: &Arc<Controller>, host: &str) {
     futures_util::future::join_all(starts).await;
 }
 
-/// Has `r.host` create instance `r.id` from its spec (fresh), and settles the record:
-/// running, or `failed` if it could not.
+/// Has `r.host` start instance `r.id` again, and settles the record: running, or
+/// `failed` if it could not. From its kept checkpoint when its host died and it has one
+/// (fresh if that restore fails), fresh otherwise.
 async fn start(c: &Arc<Controller>, r: Restart, reason: &str, failed: InstanceState) {
-    let reply = c
-        .agents
-        .request(
-            &r.host,
-            AgentRequest::Create {
-                instance: Box::new(r.spec.clone()),
-            },
-        )
-        .await;
+    let restored = match failed {
+        InstanceState::Lost => super::checkpoints::restore(c, &r).await,
+        _ => None,
+    };
+    let reply = match restored {
+        Some(Ok(pid)) => {
+            tracing::info!(instance = %r.spec.name, host = %r.host, "restored from its checkpoint");
+            let _ = c.change_instance(&r.id, |i| {
+                i.restart_reason = Some(format!("{reason}, restored from its checkpoint"));
+            });
+            Ok(AgentReply::Created { pid })
+        }
+        other => {
+            if let Some(Err(e)) = other {
+                tracing::warn!(instance = %r.spec.name, host = %r.host, "cannot restore from its checkpoint, starting afresh: {e}");
+            }
+            c.agents
+                .request(
+                    &r.host,
+                    AgentRequest::Create {
+                        instance: Box::new(r.spec.clone()),
+                    },
+                )
+                .await
+        }
+    };
     let pid = match reply {
         Ok(AgentReply::Created { pid }) => Ok(Some(pid)),
         Ok(_) => Ok(None),

@@ -6,7 +6,8 @@ use std::time::Duration;
 use vane_proto::api::{ExitStatus, HostState, InstanceState, RestartPolicy};
 use vane_proto::stream::{AgentReply, InstanceReport};
 
-use super::tests::{cluster, Cluster};
+use super::tests::{agreeable, cluster, failed, Cluster};
+use crate::state::ApiError;
 
 async fn with_policy(policy: RestartPolicy) -> Cluster {
     let cl = cluster(|_, _| Ok(AgentReply::Done)).await;
@@ -119,4 +120,63 @@ async fn a_stopped_instance_is_not_started_again() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(cl.agents.asked().is_empty());
     assert!(cl.srv().stopped);
+}
+
+/// srv (restart always) has a checkpoint of 100 000 bytes kept, and h1 is offline.
+async fn checkpointed(
+    script: impl Fn(&str, &vane_proto::stream::AgentRequest) -> Result<AgentReply, ApiError>
+        + Send
+        + Sync
+        + 'static,
+) -> Cluster {
+    let cl = cluster(script).await;
+    let id = cl.srv().id;
+    cl.c.change_instance(&id, |i| i.restart = RestartPolicy::Always)
+        .unwrap();
+    std::fs::create_dir_all(&cl.c.checkpoints).unwrap();
+    std::fs::write(super::checkpoints::pack_of(&cl.c, &id), vec![7u8; 100_000]).unwrap();
+    h1_offline(&cl);
+    cl
+}
+
+#[tokio::test]
+async fn a_dead_host_s_instance_with_a_checkpoint_is_restored_from_it() {
+    let cl = checkpointed(agreeable).await;
+    super::failover::declare_dead(&cl.c, "h1").await;
+    let mut asked = cl.agents.asked();
+    asked.sort();
+    assert_eq!(asked, ["h2 Prepare", "h2 ReceiveImages", "h2 Restore"]);
+    let received = cl.agents.received.lock().unwrap().clone();
+    assert_eq!(received, [("h2".to_string(), vec![7u8; 100_000])]);
+    let srv = cl.srv();
+    assert_eq!(
+        (srv.host.as_str(), srv.state),
+        ("h2", InstanceState::Running)
+    );
+    assert_eq!(srv.pid, Some(200));
+    assert_eq!(
+        srv.restart_reason.as_deref(),
+        Some("host h1 died, restored from its checkpoint")
+    );
+}
+
+#[tokio::test]
+async fn a_checkpoint_that_does_not_restore_gives_way_to_a_fresh_start() {
+    let cl = checkpointed(|host, req| match req {
+        vane_proto::stream::AgentRequest::Restore { .. } => failed("criu says no"),
+        _ => agreeable(host, req),
+    })
+    .await;
+    super::failover::declare_dead(&cl.c, "h1").await;
+    let asked = cl.agents.asked();
+    assert_eq!(
+        asked[asked.len() - 3..],
+        ["h2 Restore", "h2 Discard", "h2 Create"]
+    );
+    let srv = cl.srv();
+    assert_eq!(
+        (srv.host.as_str(), srv.state),
+        ("h2", InstanceState::Running)
+    );
+    assert_eq!(srv.restart_reason.as_deref(), Some("host h1 died"));
 }

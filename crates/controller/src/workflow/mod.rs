@@ -3,6 +3,7 @@
 //! and a commit of what it changed; each failure says what it leaves behind. Tested
 //! in-process against scripted agents (`tests`, `snapshot_tests`), and for real on labs.
 
+mod checkpoints;
 mod failover;
 #[cfg(test)]
 mod failover_tests;
@@ -14,6 +15,7 @@ mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use checkpoints::keep as keep_checkpoints;
 pub(crate) use failover::{schedule_restart, watch_silence};
 pub(crate) use migrate::{migrate, POST_COPY_LIMIT};
 pub(crate) use run::{create, remove, start_instance, stop_on};

@@ -126,6 +126,7 @@ pub(crate) async fn remove(c: &Controller, name: &str, force: bool) -> ApiResult
         let batch = s.drop_instance(&id);
         c.commit(batch)?;
     }
+    super::checkpoints::forget(c, &id);
     c.push_views();
     Ok(())
 }

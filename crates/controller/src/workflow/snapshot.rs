@@ -231,6 +231,7 @@ async fn restore_to_end(
         limits: from.limits,
         space: from.space,
         restart: from.restart,
+        checkpoint_every: from.checkpoint_every,
     };
     let sealing = c.sealer.begin(&spec.instance);
     let images = Incoming {

@@ -65,6 +65,16 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
         validate::name("template name", t)?;
     }
     let (limits, space) = settings(args.settings)?;
+    let checkpoint_every = match &args.checkpoint_every {
+        Some(d) => {
+            let every = validate::duration("checkpoint interval", d)?;
+            if every < std::time::Duration::from_secs(1) {
+                bail!("invalid checkpoint interval {d:?}: at least one second");
+            }
+            Some(every.as_secs())
+        }
+        None => None,
+    };
     let inst: Instance = c.post(
         "/v1/instances",
         &RunSpec {
@@ -79,6 +89,7 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
             limits,
             space,
             restart: args.restart,
+            checkpoint_every,
         },
     )?;
     println!("{}", inst.name);
