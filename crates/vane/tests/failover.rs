@@ -327,10 +327,14 @@ fn a_checkpointed_instance_fails_over_with_what_it_had_in_memory() {
     ]);
     let token = wait_for_http(&lab, "client", "http://mem/");
     assert_eq!(token.len(), 16, "{token}");
+    // A checkpoint taken after the token was drawn (one kept before it, while python was
+    // still starting, would restore a program that has yet to draw one).
+    let drawn = vane_proto::unix_now();
     assert!(
         wait_until(Duration::from_secs(15), || lab.inspect("mem")
             ["checkpointed"]
-            .is_u64()),
+            .as_u64()
+            .is_some_and(|t| t >= drawn + 2)),
         "no checkpoint kept"
     );
     let failed_at = Instant::now();
@@ -348,7 +352,12 @@ fn a_checkpointed_instance_fails_over_with_what_it_had_in_memory() {
         "lab fail h1 -> mem restored on h2, answering after {:?}",
         failed_at.elapsed()
     );
-    assert_eq!(again, token, "restarted afresh, not from its checkpoint");
+    assert_eq!(
+        again,
+        token,
+        "restarted afresh, not from its checkpoint: {}",
+        lab.inspect("mem")
+    );
     lab.ok(&["lab", "recover", "h1", "--name", &name]);
     assert_eq!(wait_for_http(&lab, "client", "http://mem/"), token);
     lab.ok(&["rm", "--force", "mem"]);
