@@ -110,7 +110,9 @@ impl State {
     }
 
     /// Records that instance `id`, ended on `host`, starts again there, if it still is to
-    /// (`restart_wanted`): `creating`, one more restart, why. Returns what its host needs.
+    /// (`restart_wanted`): `creating`, one more restart, why, and no checkpoint (one of the
+    /// program that ended is not one of the program that starts). Returns what its host
+    /// needs.
     pub fn begin_restart(&mut self, id: &str, host: &str) -> Option<(Batch, Restart)> {
         if !self.restart_wanted(id, host) {
             return None;
@@ -123,6 +125,7 @@ impl State {
         inst.pid = None;
         inst.restarts += 1;
         inst.restart_reason = Some(reason);
+        inst.checkpointed = None;
         let mut batch = Batch::default();
         batch.put(&*inst);
         let spec = self.instance_spec(&self.instances[id]).ok()?;
@@ -341,6 +344,7 @@ mod tests {
             exit: Some(exit(code)),
         };
         s.apply_report("h1", &report("web-id", 0));
+        s.instances.get_mut("web-id").unwrap().checkpointed = Some(1);
         assert!(s.restart_wanted("web-id", "h1"), "always: after exit 0 too");
         assert!(!s.restart_wanted("web-id", "h2"), "only on its own host");
         let (_, r) = s.begin_restart("web-id", "h1").unwrap();
@@ -348,6 +352,10 @@ mod tests {
         let web = &s.instances["web-id"];
         assert_eq!((web.state, web.restarts), (InstanceState::Creating, 1));
         assert_eq!(web.restart_reason.as_deref(), Some("exit code 0"));
+        assert_eq!(
+            web.checkpointed, None,
+            "its checkpoint is of the program that ended"
+        );
         assert!(s.begin_restart("web-id", "h1").is_none(), "once");
         // A report that it ended again overtakes the answer: the answer changes nothing.
         s.apply_report("h1", &report("web-id", 3));

@@ -24,7 +24,7 @@ pub(crate) fn pack_of(c: &Controller, id: &str) -> PathBuf {
     c.checkpoints.join(format!("{id}.pack"))
 }
 
-/// Forgets the checkpoint of instance `id` (removed).
+/// Forgets the checkpoint of instance `id` (removed, or its program started afresh).
 pub(crate) fn forget(c: &Controller, id: &str) {
     let _ = std::fs::remove_file(pack_of(c, id));
 }

@@ -160,6 +160,7 @@ pub(crate) fn schedule_restart(c: &Arc<Controller>, id: &str) {
             }
         };
         let Some(r) = begun else { return };
+        super::checkpoints::forget(&c, &id);
         let reason = c
             .state()
             .instances
