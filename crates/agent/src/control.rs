@@ -214,6 +214,9 @@ where
                     }
                 }
                 agent.set_cluster(host_id, config);
+                if let Some(ready) = &agent.cfg.ready {
+                    ready.notify_one();
+                }
             }
             ToAgent::Refused { reason } => break SessionEnd::Refused(reason),
             ToAgent::Resolved { net, ip, member } => agent.resolved(net, ip, member),

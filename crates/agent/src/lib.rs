@@ -70,6 +70,10 @@ pub struct AgentConfig {
     pub exe: PathBuf,
     /// Bytes an instance's output log may reach before it is rotated.
     pub log_cap: u64,
+    /// Notified each time the controller welcomes this host, the first of which is what a
+    /// service manager waits for (systemd's `Type=notify`): only then is the host part of
+    /// the cluster, its instances reachable from the others.
+    pub ready: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Name of the host-side egress device.

@@ -28,16 +28,27 @@ use vane_proto::stream::{AgentRequest, ToAgent};
 
 use crate::agents::{AgentLink, Agents};
 use crate::state::{ApiError, State};
+pub use crate::store::StoreLocation;
 use crate::store::{Batch, Store};
+
+/// How long a change waits for a store that refuses it before the controller gives up.
+const STORE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The controller's exit status when its store stopped taking changes.
+pub const STORE_LOST_EXIT: i32 = 75;
 
 pub struct ControllerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where the store is: embedded in `data_dir`, or an etcd cluster.
+    pub store: StoreLocation,
     /// Used when the store is new; an existing store keeps its own.
     pub cluster: ClusterConfig,
     /// How long a host may be silent (its control stream gone or mute) before it is
     /// declared dead and its instances with a restart policy start elsewhere.
     pub host_grace: std::time::Duration,
+    /// Notified once the API's listener is bound: what a service manager waits for before
+    /// it starts what depends on the controller (systemd's `Type=notify`).
+    pub ready: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// `vane controller --host-grace`'s default.
@@ -127,10 +138,10 @@ impl Controller {
     ) -> anyhow::Result<Controller> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
-        let store = Store::open(&cfg.data_dir.join("store.redb"))?;
+        let store = Store::open(&cfg.store, &cfg.data_dir)?;
         let snapshot = store.load()?;
         let (state, batch) = State::from_snapshot(snapshot, cfg.cluster.clone());
-        store.commit(batch)?;
+        store.commit(&batch)?;
         let sealer = seal::Sealer::load_or_create(&cfg.data_dir)?;
         let credentials = auth::Credentials::load_or_create(&cfg.data_dir)?;
         Ok(Controller {
@@ -158,8 +169,32 @@ impl Controller {
 
     /// Commits `batch`. Called with the state lock held, so the store sees changes in the
     /// order the state took them.
+    ///
+    /// The state in memory already holds the change, and nothing can take it back out: so
+    /// a store that does not take it (etcd without a majority, a full disk) is asked again
+    /// for `STORE_PATIENCE`, every other request waiting on the lock meanwhile, and then the
+    /// controller exits. Its next start loads the store as it is: no change that the store
+    /// lacks lives on in memory, nor in the views sent from it, and the request that made it
+    /// was never answered as done.
     fn commit(&self, batch: Batch) -> Result<(), ApiError> {
-        self.store.commit(batch).map_err(ApiError::from)
+        let deadline = std::time::Instant::now() + STORE_PATIENCE;
+        loop {
+            match self.store.commit(&batch) {
+                Ok(()) => return Ok(()),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!("the store did not take a change, trying again: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "the store did not take a change for {} s, exiting so that no change \
+                         it lacks stays in memory (a restart loads the store): {e}",
+                        STORE_PATIENCE.as_secs()
+                    );
+                    std::process::exit(STORE_LOST_EXIT);
+                }
+            }
+        }
     }
 
     /// Changes instance `id` (`State::change_instance`) and commits it: its new record, or
@@ -290,6 +325,9 @@ pub async fn run(
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, data = %cfg.data_dir.display(), "controller ready");
+    if let Some(ready) = &cfg.ready {
+        ready.notify_one();
+    }
     let app = api::router(controller.clone());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
     tokio::pin!(shutdown);

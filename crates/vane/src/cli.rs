@@ -35,11 +35,28 @@ pub enum Output {
     Json,
 }
 
+#[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum InspectFormat {
+    #[default]
+    Json,
+}
+
 #[derive(Args, Clone, Copy)]
 pub struct OutputArg {
-    /// Output format
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    /// Output format (`--format json` as podman spells it)
+    #[arg(long, short = 'o', visible_alias = "format", value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// A listing's options: its format, or only the names (ids where a row has no name).
+#[derive(Args, Clone, Copy)]
+pub struct ListArg {
+    /// Output format (`--format json` as podman spells it)
+    #[arg(long, short = 'o', visible_alias = "format", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Print only each row's name (or id), one per line
+    #[arg(long, short = 'q', conflicts_with = "output")]
+    pub quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -50,7 +67,7 @@ pub enum Cmd {
     /// Start a program detached in a new instance; prints the instance's name
     Run(Box<RunArgs>),
     /// List instances
-    Ps(OutputArg),
+    Ps(ListArg),
     /// Show each running instance's resource use and traffic: CPU, memory, processes,
     /// packets and bytes in and out, packets refused by policy or over the bandwidth limit
     Top {
@@ -64,7 +81,12 @@ pub enum Cmd {
     #[command(subcommand)]
     Template(TemplateCmd),
     /// Show an instance as JSON
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        /// Output format: JSON is the only one (accepted for podman's habits)
+        #[arg(long, short = 'o', visible_alias = "format", value_enum, default_value_t = InspectFormat::Json)]
+        output: InspectFormat,
+    },
     /// Print an instance's program output (stdout and stderr)
     Logs {
         name: String,
@@ -165,10 +187,18 @@ pub enum Cmd {
     /// A local multi-host lab: test hosts as network namespaces on a bridge underlay
     #[command(subcommand)]
     Lab(LabCmd),
+    /// Print the address of the controller's live picture (hosts, instances, tunnels and
+    /// traffic, in a browser), with the credential in its fragment, which no server sees
+    Ui,
     /// Run the controller (control plane)
     Controller(ControllerArgs),
     /// Run the agent of one host
     Agent(AgentArgs),
+    /// Print a shell completion script (bash: `source <(vane completions bash)`)
+    Completions { shell: clap_complete::Shell },
+    /// Writes the man pages (vane.1 and one per subcommand) into DIR: for packaging
+    #[command(name = "__man", hide = true)]
+    InternalMan { dir: PathBuf },
     #[command(name = "__launch", hide = true)]
     InternalLaunch { dir: PathBuf },
     #[command(name = "__init", hide = true)]
@@ -198,7 +228,7 @@ pub enum NetCmd {
         egress: bool,
     },
     /// List nets
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Remove a net (refused while instances use it)
     Rm { name: String },
 }
@@ -295,7 +325,7 @@ pub enum TemplateCmd {
         settings: Box<SettingsArgs>,
     },
     /// List templates
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Remove a template (instances made from it keep their settings)
     Rm { name: String },
 }
@@ -311,7 +341,7 @@ pub enum PolicyCmd {
         port: Option<String>,
     },
     /// List policies
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Remove a policy: by id, or by FROM TO [--port]
     Rm {
         /// Policy id, or FROM net
@@ -335,7 +365,7 @@ pub enum CredentialCmd {
         ttl: Option<String>,
     },
     /// List tenant credentials (their ids and tenants, never their secrets)
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Revoke a tenant credential
     Rm { id: String },
 }
@@ -343,7 +373,7 @@ pub enum CredentialCmd {
 #[derive(Subcommand)]
 pub enum TokenCmd {
     /// List join tokens not yet spent or expired (their ids, never their secrets)
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Revoke a join token: no host joins with it any more
     Rm { id: String },
 }
@@ -351,7 +381,7 @@ pub enum TokenCmd {
 #[derive(Subcommand)]
 pub enum HostCmd {
     /// List hosts: name, underlay locator, state, instance count
-    Ls(OutputArg),
+    Ls(ListArg),
     /// Print a join token for a new host (`vane agent --join TOKEN`); `ls` and `rm` list
     /// and revoke tokens
     #[command(args_conflicts_with_subcommands = true)]
@@ -428,16 +458,35 @@ pub struct LabUpArgs {
     /// (default 10.0.0.0/8)
     #[arg(long)]
     pub global_space: Option<Ipv4Net>,
+    /// The controller's store, as `vane controller --store` takes it (default: embedded in
+    /// the lab's directory); kept for the lab's life
+    #[arg(long, value_name = "STORE", value_parser = store_location)]
+    pub store: Option<String>,
+}
+
+/// A store location checked as the controller will read it, kept as written.
+fn store_location(s: &str) -> Result<String, String> {
+    s.parse::<vane_controller::StoreLocation>()?;
+    Ok(s.to_string())
 }
 
 #[derive(Args)]
 pub struct ControllerArgs {
+    /// TOML file of settings, keyed by these flags' long names (`data-dir = "/srv/vane"`);
+    /// the command line and the environment win over it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address and port of the API
     #[arg(long, default_value = "127.0.0.1:7946")]
     pub listen: SocketAddr,
     /// Directory of the persistent store
     #[arg(long, default_value = "/var/lib/vane/controller")]
     pub data_dir: PathBuf,
+    /// Where the store is: `embedded` (in the data directory), or an etcd cluster,
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (its members' client addresses; keys under
+    /// PREFIX/, default `vane`)
+    #[arg(long, default_value = "embedded", value_name = "STORE")]
+    pub store: vane_controller::StoreLocation,
     /// Global virtual address space, when the store is created
     #[arg(long, default_value = "10.0.0.0/8")]
     pub global_space: Ipv4Net,
@@ -453,13 +502,36 @@ pub struct ControllerArgs {
         value_name = "DURATION"
     )]
     pub host_grace: String,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// How a daemon writes its log (to standard error).
+#[derive(Args, Clone, Copy)]
+pub struct LogArgs {
+    /// Lines of text for people, or one JSON object per line for a log collector; levels
+    /// come from VANE_LOG (else RUST_LOG), e.g. `info` or `info,vane_agent=debug`
+    /// [default level: info]
+    #[arg(long, env = "VANE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Default, ValueEnum, PartialEq, Eq, Debug)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// This host's name in the cluster
-    #[arg(long)]
-    pub name: String,
+    /// TOML file of settings, keyed by these flags' long names and `controller`
+    /// (`state-dir = "/srv/vane"`); the command line and the environment win over it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// This host's name in the cluster (needed, here or in the config file)
+    #[arg(long, required_unless_present = "config")]
+    pub name: Option<String>,
     /// Directory of the agent's state (instances)
     #[arg(long, default_value = "/var/lib/vane/agent")]
     pub state_dir: PathBuf,
@@ -487,4 +559,6 @@ pub struct AgentArgs {
     /// Run in this named network namespace (/run/netns/NAME), as the lab's hosts do
     #[arg(long)]
     pub netns: Option<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
 }

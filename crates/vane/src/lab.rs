@@ -35,6 +35,10 @@ struct LabFile {
     /// As `lab up --global-space` gave it when the lab was made (the default otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     global_space: Option<Ipv4Net>,
+    /// As `lab up --store` gave it when the lab was made: the controller's store whenever
+    /// the lab brings it up again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
 }
 
 struct Lab {
@@ -157,6 +161,14 @@ pub fn up(args: LabUpArgs) -> Result<()> {
                 lab.name
             );
         }
+        if args.store.is_some() && args.store != p.store {
+            bail!(
+                "lab {:?} was made with its store {}; `vane lab down --name {}` first",
+                lab.name,
+                p.store.as_deref().unwrap_or("embedded"),
+                lab.name
+            );
+        }
         if p.underlay != underlay {
             bail!(
                 "lab {:?} already runs on underlay {}; `vane lab down --name {}` first",
@@ -167,6 +179,10 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         }
     }
     let hosts = args.hosts.max(previous.as_ref().map_or(0, |p| p.hosts));
+    let store = args
+        .store
+        .clone()
+        .or_else(|| previous.as_ref().and_then(|p| p.store.clone()));
     let gateway = nth(underlay, 254);
     let controller_addr = SocketAddr::from((gateway, vane_proto::DEFAULT_API_PORT));
     let controller_url = format!("https://{controller_addr}");
@@ -202,6 +218,9 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         }
         if let Some(space) = args.global_space {
             controller_args.extend(["--global-space".into(), space.to_string()]);
+        }
+        if let Some(store) = &store {
+            controller_args.extend(["--store".into(), store.clone()]);
         }
         spawn_daemon(
             &controller_args,
@@ -282,6 +301,7 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         global_space: args
             .global_space
             .or(previous.as_ref().and_then(|p| p.global_space)),
+        store,
     };
     fs::write(&lab_file, serde_json::to_vec_pretty(&file)?)?;
     if lab.name == DEFAULT_LAB {

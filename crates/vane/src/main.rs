@@ -5,7 +5,9 @@
 mod cli;
 mod client;
 mod commands;
+mod config;
 mod lab;
+mod sd_notify;
 
 use std::process::ExitCode;
 
@@ -60,23 +62,35 @@ fn client(
     Client::new(&client::Access::resolve(&url, ca.clone(), token.clone()))
 }
 
-fn init_logging() {
+/// A daemon's log on standard error, where systemd's journal or the lab's log file takes it.
+fn init_logging(log: cli::LogArgs) {
     use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("VANE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let logger = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.log_format {
+        cli::LogFormat::Text => logger.init(),
+        // Fields flattened into each object (`{"timestamp":..,"level":..,"fields":..}` would
+        // make every collector's query name `fields.message`).
+        cli::LogFormat::Json => logger.json().flatten_event(true).init(),
+    }
 }
 
-/// SIGINT or SIGTERM: how the daemons are asked to stop.
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM: how the daemons are asked to stop. The handlers are installed by
+/// this call (inside the runtime), not when the future is first polled: a service manager
+/// may stop a daemon as soon as it has said it is ready, before its loop ever waits.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -93,10 +107,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Cmd::Net(cmd) => commands::net(&c()?, cmd)?,
         Cmd::Run(args) => commands::run(&c()?, *args)?,
-        Cmd::Ps(o) => commands::ps(&c()?, o.output)?,
+        Cmd::Ps(list) => commands::ps(&c()?, list)?,
         Cmd::Top { interval, output } => commands::top(&c()?, interval, output.output)?,
         Cmd::Template(cmd) => commands::template(&c()?, cmd)?,
-        Cmd::Inspect { name } => commands::inspect(&c()?, &name)?,
+        Cmd::Inspect { name, .. } => commands::inspect(&c()?, &name)?,
         Cmd::Logs { name, follow, tail } => commands::logs(&c()?, &name, follow, tail)?,
         Cmd::Stop { name } => commands::stop(&c()?, &name)?,
         Cmd::Migrate {
@@ -137,6 +151,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Lab(LabCmd::Fail { host, name }) => lab::fail(&name.name, &host)?,
         Cmd::Lab(LabCmd::Recover { host, name }) => lab::recover(&name.name, &host)?,
         Cmd::Controller(args) => {
+            let args = match &args.config {
+                Some(path) => config::controller(path)?,
+                None => args,
+            };
             let host_grace = vane_proto::validate::duration("host grace", &args.host_grace)?;
             if host_grace.is_zero() {
                 anyhow::bail!(
@@ -144,22 +162,43 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     args.host_grace
                 );
             }
-            init_logging();
-            runtime()?.block_on(vane_controller::run(
+            let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
+            init_logging(args.log);
+            let rt = runtime()?;
+            let ready = readiness.map(|(ready, tell)| {
+                rt.spawn(tell);
+                ready
+            });
+            let shutdown = {
+                let _in = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(vane_controller::run(
                 vane_controller::ControllerConfig {
                     listen: args.listen,
                     data_dir: args.data_dir,
+                    store: args.store,
                     cluster: vane_proto::api::ClusterConfig {
                         global_space: args.global_space,
                         plaintext: args.plaintext,
                     },
                     host_grace,
+                    ready,
                 },
-                shutdown_signal(),
+                shutdown,
             ))?;
         }
         Cmd::Agent(args) => {
-            init_logging();
+            let (args, controller) = match &args.config {
+                Some(path) => config::agent(path)?,
+                None => (args, cli.controller.clone()),
+            };
+            let name = args
+                .name
+                .context("no host name: give --name, or `name` in the config file")?;
+            // Before the network namespace changes: see `Notifier::take`.
+            let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
+            init_logging(args.log);
             if let Some(ns) = &args.netns {
                 // Before the runtime starts any thread: every thread it makes inherits this
                 // namespace.
@@ -168,13 +207,19 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
                     .with_context(|| format!("enter network namespace {ns:?}"))?;
             }
-            let controller = cli
-                .controller
-                .clone()
-                .unwrap_or_else(client::default_controller);
-            runtime()?.block_on(vane_agent::run(
+            let controller = controller.unwrap_or_else(client::default_controller);
+            let rt = runtime()?;
+            let ready = readiness.map(|(ready, tell)| {
+                rt.spawn(tell);
+                ready
+            });
+            let shutdown = {
+                let _in = rt.enter();
+                shutdown_signal()
+            };
+            rt.block_on(vane_agent::run(
                 vane_agent::AgentConfig {
-                    name: args.name,
+                    name,
                     controller,
                     state_dir: args.state_dir,
                     join_token: args.join,
@@ -184,9 +229,45 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     log_cap: args.log_cap,
                     rekey_after: std::time::Duration::from_secs(args.rekey_after),
                     exe: std::env::current_exe().context("find the vane binary")?,
+                    ready,
                 },
-                shutdown_signal(),
+                shutdown,
             ))?;
+        }
+        Cmd::Ui => {
+            let url = controller
+                .clone()
+                .unwrap_or_else(client::default_controller);
+            let access = client::Access::resolve(&url, ca.clone(), token.clone());
+            let Some(token) = access.token else {
+                anyhow::bail!(
+                    "no credential for {}: give --token or VANE_TOKEN",
+                    access.url
+                );
+            };
+            println!("{}/ui#token={token}", access.url.trim_end_matches('/'));
+            if let Some(ca) = access.ca {
+                eprintln!(
+                    "(the browser must trust the cluster's CA, {}, or be told to)",
+                    ca.display()
+                );
+            }
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Into memory first: clap_complete panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vane", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("write the completion script")?;
+        }
+        Cmd::InternalMan { dir } => {
+            use clap::CommandFactory as _;
+            std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("write man pages into {}", dir.display()))?;
         }
         Cmd::InternalLaunch { dir } => return Ok(vane_agent::launch::launch_main(&dir)),
         Cmd::InternalInit { pivoted } => {

@@ -5,6 +5,7 @@
 mod instances;
 mod metrics;
 mod objects;
+mod ui;
 
 use std::sync::Arc;
 
@@ -112,6 +113,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         // and with their credential when they claim a transfer.
         .route("/v1/agents/connect", get(agent_connect))
         .route("/v1/agents/transfers/{ticket}", get(agent_transfer))
+        // The live picture's page holds no data: its script asks the routes above.
+        .merge(ui::routes())
         // Outermost, so refusals count too.
         .layer(axum::middleware::from_fn_with_state(
             ctl.clone(),

@@ -155,8 +155,10 @@ pub(super) async fn cluster(
     let cfg = ControllerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().to_path_buf(),
+        store: crate::StoreLocation::Embedded,
         cluster: ClusterConfig::default(),
         host_grace: crate::DEFAULT_HOST_GRACE,
+        ready: None,
     };
     let agents = Arc::new(Scripted {
         online: Mutex::new(["h1".to_string(), "h2".to_string()].into()),

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use vane_proto::api::{Host, HostStats, JoinToken, TokenSpec};
 use vane_proto::validate;
 
-use super::output::{json, table};
+use super::output::{json, listing, table};
 use super::path_segment;
 use crate::cli::{CredentialCmd, HostCmd, Output, TokenCmd};
 use crate::client::Client;
@@ -22,24 +22,21 @@ pub fn credential(c: &Client, cmd: CredentialCmd) -> Result<()> {
             )?;
             println!("{}", cred.credential);
         }
-        CredentialCmd::Ls(o) => {
+        CredentialCmd::Ls(how) => {
             let list: Vec<vane_proto::api::CredentialInfo> = c.get("/v1/credentials")?;
-            if o.output == Output::Json {
-                json(&list);
-            } else {
-                let now = vane_proto::unix_now();
-                table(
-                    &["ID", "TENANT", "EXPIRES IN"],
-                    list.into_iter()
-                        .map(|t| {
-                            let expires = t.expires.map_or("never".to_string(), |e| {
-                                format!("{}s", e.saturating_sub(now))
-                            });
-                            vec![t.id, t.tenant, expires]
-                        })
-                        .collect(),
-                );
-            }
+            let now = vane_proto::unix_now();
+            listing(
+                how,
+                list,
+                &["ID", "TENANT", "EXPIRES IN"],
+                |t| t.id.clone(),
+                |t| {
+                    let expires = t.expires.map_or("never".to_string(), |e| {
+                        format!("{}s", e.saturating_sub(now))
+                    });
+                    vec![t.id, t.tenant, expires]
+                },
+            );
         }
         CredentialCmd::Rm { id } => {
             c.delete(&format!("/v1/credentials/{}", path_segment(&id)?))?;
@@ -51,28 +48,24 @@ pub fn credential(c: &Client, cmd: CredentialCmd) -> Result<()> {
 
 pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
     match cmd {
-        HostCmd::Ls(o) => {
+        HostCmd::Ls(how) => {
             let hosts: Vec<Host> = c.get("/v1/hosts")?;
-            if o.output == Output::Json {
-                json(&hosts);
-            } else {
-                table(
-                    &["NAME", "LOCATOR", "STATE", "INSTANCES"],
-                    hosts
-                        .into_iter()
-                        .map(|h| {
-                            vec![
-                                h.name,
-                                h.locator
-                                    .map(|l| l.to_string())
-                                    .unwrap_or_else(|| "-".into()),
-                                h.state.as_str().to_string(),
-                                h.instances.to_string(),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            listing(
+                how,
+                hosts,
+                &["NAME", "LOCATOR", "STATE", "INSTANCES"],
+                |h| h.name.clone(),
+                |h| {
+                    vec![
+                        h.name,
+                        h.locator
+                            .map(|l| l.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        h.state.as_str().to_string(),
+                        h.instances.to_string(),
+                    ]
+                },
+            );
         }
         HostCmd::Token {
             cmd: None,
@@ -84,27 +77,24 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
             println!("{}", token.token);
         }
         HostCmd::Token {
-            cmd: Some(TokenCmd::Ls(o)),
+            cmd: Some(TokenCmd::Ls(how)),
             ..
         } => {
             let list: Vec<vane_proto::api::TokenInfo> = c.get("/v1/hosts/tokens")?;
-            if o.output == Output::Json {
-                json(&list);
-            } else {
-                let now = vane_proto::unix_now();
-                table(
-                    &["ID", "EXPIRES IN", "USES"],
-                    list.into_iter()
-                        .map(|t| {
-                            vec![
-                                t.id,
-                                format!("{}s", t.expires.saturating_sub(now)),
-                                if t.single_use { "once" } else { "until expiry" }.into(),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            let now = vane_proto::unix_now();
+            listing(
+                how,
+                list,
+                &["ID", "EXPIRES IN", "USES"],
+                |t| t.id.clone(),
+                |t| {
+                    vec![
+                        t.id,
+                        format!("{}s", t.expires.saturating_sub(now)),
+                        if t.single_use { "once" } else { "until expiry" }.into(),
+                    ]
+                },
+            );
         }
         HostCmd::Token {
             cmd: Some(TokenCmd::Rm { id }),

@@ -9,9 +9,9 @@ use anyhow::{bail, Context, Result};
 use vane_proto::api::{frame, Instance, InstanceState, InstanceStats, Limits, RunSpec, SpaceSpec};
 use vane_proto::validate;
 
-use super::output::{human_bytes, json, limits_summary, table};
+use super::output::{human_bytes, json, limits_summary, listing, table};
 use super::path_segment;
-use crate::cli::{Output, RunArgs, SettingsArgs};
+use crate::cli::{ListArg, Output, RunArgs, SettingsArgs};
 use crate::client::Client;
 
 /// Parses and checks `--env` pairs, variables included.
@@ -166,50 +166,47 @@ pub fn top(c: &Client, interval: f64, output: Output) -> Result<()> {
     Ok(())
 }
 
-pub fn ps(c: &Client, output: Output) -> Result<()> {
+pub fn ps(c: &Client, how: ListArg) -> Result<()> {
     let list: Vec<Instance> = c.get("/v1/instances")?;
-    if output == Output::Json {
-        json(&list);
-        return Ok(());
-    }
-    table(
+    listing(
+        how,
+        list,
         &[
             "NAME", "NET", "IP", "HOSTNAME", "HOST", "STATE", "PID", "LIMITS", "COMMAND",
         ],
-        list.into_iter()
-            .map(|i| {
-                let state = match (&i.exit, i.state.as_str()) {
-                    (Some(e), "exited") => format!("exited ({e})"),
-                    (_, s) => s.to_string(),
-                };
-                let state = match i.restarts {
-                    0 => state,
-                    n => format!("{state} (restarted {n}x)"),
-                };
-                let state = match (&i.migrating, i.migrations.len()) {
-                    (Some(to), _) => format!("{state} (migrating to {to})"),
-                    (None, 0) => state,
-                    (None, n) => format!("{state} (migrated {n}x)"),
-                };
-                // Outside the sandbox: worth seeing at a glance.
-                let state = if i.space.privileged {
-                    format!("{state} (privileged)")
-                } else {
-                    state
-                };
-                vec![
-                    i.name,
-                    i.net,
-                    i.ip.to_string(),
-                    i.hostname,
-                    i.host,
-                    state,
-                    i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                    limits_summary(&i.limits),
-                    i.cmd.join(" "),
-                ]
-            })
-            .collect(),
+        |i| i.name.clone(),
+        |i| {
+            let state = match (&i.exit, i.state.as_str()) {
+                (Some(e), "exited") => format!("exited ({e})"),
+                (_, s) => s.to_string(),
+            };
+            let state = match i.restarts {
+                0 => state,
+                n => format!("{state} (restarted {n}x)"),
+            };
+            let state = match (&i.migrating, i.migrations.len()) {
+                (Some(to), _) => format!("{state} (migrating to {to})"),
+                (None, 0) => state,
+                (None, n) => format!("{state} (migrated {n}x)"),
+            };
+            // Outside the sandbox: worth seeing at a glance.
+            let state = if i.space.privileged {
+                format!("{state} (privileged)")
+            } else {
+                state
+            };
+            vec![
+                i.name,
+                i.net,
+                i.ip.to_string(),
+                i.hostname,
+                i.host,
+                state,
+                i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                limits_summary(&i.limits),
+                i.cmd.join(" "),
+            ]
+        },
     );
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! - `moves`: migration, snapshots and restores of instances;
 //! - `templates`: resource templates;
 //! - `hosts`: hosts, their join tokens, and tenant credentials;
-//! - `output`: tables, JSON and human units.
+//! - `output`: tables, JSON and human units;
+//! - `progress`: the progress of long work, on a terminal.
 //!
 //! This file keeps what they share: names as URL path segments.
 
@@ -18,6 +19,7 @@ mod instances;
 mod moves;
 mod nets;
 mod output;
+mod progress;
 mod templates;
 
 pub use exec::{exec, ExecArgs};

@@ -1,14 +1,13 @@
 //! Moving instances: `migrate` (with its progress line), `snapshot` (the controller's sealed
 //! stream written to a directory) and `restore` (that directory streamed back).
 
-use std::io::IsTerminal;
-
 use anyhow::{bail, Result};
 
 use vane_proto::api::Instance;
 
 use super::output::json;
 use super::path_segment;
+use super::progress::{phase_line, Counted, Progress};
 use crate::cli::Output;
 use crate::client::Client;
 
@@ -18,26 +17,21 @@ pub fn migrate(c: &Client, name: &str, to: &str, post_copy: bool, output: Output
         to: to.to_string(),
         post_copy,
     };
-    // On a terminal, where the migration is while it lasts: its phase, bytes and rate.
-    let show = output != Output::Json && std::io::stderr().is_terminal();
+    // Where the migration is while it lasts: its phase, bytes and rate.
+    let progress = Progress::spinner(output != Output::Json);
     let inst: Instance = std::thread::scope(|scope| {
         let moving = scope.spawn(|| c.post(&format!("/v1/instances/{path}/migrate"), &spec));
-        let mut shown = false;
-        while show && !moving.is_finished() {
+        while progress.shown() && !moving.is_finished() {
             std::thread::sleep(std::time::Duration::from_millis(250));
-            let Ok(now) = c.get::<Instance>(&format!("/v1/instances/{path}")) else {
-                continue;
-            };
-            if let Some(p) = now.progress {
-                eprint!("\r\x1b[K{}", progress_line(name, &p));
-                shown = true;
+            if let Ok(now) = c.get::<Instance>(&format!("/v1/instances/{path}")) {
+                if let Some(p) = now.progress {
+                    progress.message(format!("{name}: {}", phase_line(&p)));
+                }
             }
-        }
-        if shown {
-            eprint!("\r\x1b[K");
         }
         moving.join().expect("the migration's thread")
     })?;
+    drop(progress);
     let last = inst.migrations.last();
     if output == Output::Json {
         json(&last);
@@ -68,20 +62,6 @@ pub fn migrate(c: &Client, name: &str, to: &str, post_copy: bool, output: Output
     Ok(())
 }
 
-/// `NAME: PHASE 123.4 MiB (56.7 MiB/s, 2.2 s)`, or without bytes where none are counted.
-fn progress_line(name: &str, p: &vane_proto::api::Progress) -> String {
-    let secs = p.phase_ms as f64 / 1000.0;
-    if p.bytes == 0 {
-        return format!("{name}: {} ({secs:.1} s)", p.phase);
-    }
-    let mib = p.bytes as f64 / (1024.0 * 1024.0);
-    format!(
-        "{name}: {} {mib:.1} MiB ({:.1} MiB/s, {secs:.1} s)",
-        p.phase,
-        mib / secs.max(0.001)
-    )
-}
-
 /// The snapshot's description in its directory.
 const SNAPSHOT_INSTANCE: &str = "instance.json";
 /// The snapshot's packed CRIU images in its directory.
@@ -106,7 +86,10 @@ pub fn snapshot(c: &Client, name: &str, out: &std::path::Path, stop: bool) -> Re
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     }
     let files = [SNAPSHOT_INSTANCE, SNAPSHOT_IMAGES, SNAPSHOT_SEAL].map(|f| out.join(f));
-    let result = receive_snapshot(&mut stream, &files);
+    let progress = Progress::counter(true);
+    progress.message(format!("{name}: snapshot"));
+    let result = receive_snapshot(&mut stream, &files, &progress);
+    drop(progress);
     if result.is_err() {
         // Nothing half-made: a snapshot is whole or absent.
         for f in &files {
@@ -139,6 +122,7 @@ fn create_private(path: &std::path::Path) -> Result<std::fs::File> {
 fn receive_snapshot(
     stream: &mut impl std::io::Read,
     files: &[std::path::PathBuf; 3],
+    progress: &Progress,
 ) -> Result<u64> {
     use std::io::Write;
     use vane_proto::api::frame;
@@ -169,6 +153,7 @@ fn receive_snapshot(
                 w.write_all(&data)
                     .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", images_file.display()))?;
                 bytes += data.len() as u64;
+                progress.advance(data.len() as u64);
             }
             frame::SEAL => {
                 let Some(w) = images.take() else {
@@ -232,16 +217,23 @@ pub fn restore(
         vane_proto::api::frame::RECORD,
         &serde_json::to_vec(&spec).expect("serializes"),
     );
+    let progress = Progress::bar(true, images_bytes);
+    progress.message(format!(
+        "{}: restore",
+        spec.name.as_ref().unwrap_or(&spec.instance.name)
+    ));
     let body = std::io::Read::chain(
         std::io::Cursor::new(record),
         ImageFrames {
             file: images,
             frame: Vec::new(),
             at: 0,
+            progress: progress.counter_handle(),
         },
     );
     let inst: Instance =
         c.post_stream("/v1/restore", vane_proto::api::SNAPSHOT_MEDIA_TYPE, body)?;
+    drop(progress);
     println!("{}", inst.name);
     Ok(())
 }
@@ -252,6 +244,8 @@ struct ImageFrames {
     /// The frame being sent, and how much of it is.
     frame: Vec<u8>,
     at: usize,
+    /// Told of each piece of the file as it is read.
+    progress: Counted,
 }
 
 impl std::io::Read for ImageFrames {
@@ -262,6 +256,7 @@ impl std::io::Read for ImageFrames {
             if n == 0 {
                 return Ok(0);
             }
+            self.progress.advance(n as u64);
             self.frame =
                 vane_proto::api::frame::encoded(vane_proto::api::frame::IMAGES, &data[..n]);
             self.at = 0;

@@ -5,9 +5,9 @@ use anyhow::{bail, Result};
 use vane_proto::api::{Net, NetSpec, Policy, PolicySpec};
 use vane_proto::validate::PortSpec;
 
-use super::output::{json, table};
+use super::output::listing;
 use super::path_segment;
-use crate::cli::{NetCmd, Output, PolicyCmd};
+use crate::cli::{NetCmd, PolicyCmd};
 use crate::client::Client;
 
 pub fn net(c: &Client, cmd: NetCmd) -> Result<()> {
@@ -29,26 +29,23 @@ pub fn net(c: &Client, cmd: NetCmd) -> Result<()> {
             )?;
             println!("{}", net.name);
         }
-        NetCmd::Ls(o) => {
+        NetCmd::Ls(how) => {
             let nets: Vec<Net> = c.get("/v1/nets")?;
-            if o.output == Output::Json {
-                json(&nets);
-            } else {
-                table(
-                    &["NAME", "TENANT", "SUBNET", "EGRESS", "ID"],
-                    nets.into_iter()
-                        .map(|n| {
-                            vec![
-                                n.name,
-                                n.tenant,
-                                n.subnet.to_string(),
-                                if n.egress { "yes" } else { "no" }.into(),
-                                n.id.to_string(),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            listing(
+                how,
+                nets,
+                &["NAME", "TENANT", "SUBNET", "EGRESS", "ID"],
+                |n| n.name.clone(),
+                |n| {
+                    vec![
+                        n.name,
+                        n.tenant,
+                        n.subnet.to_string(),
+                        if n.egress { "yes" } else { "no" }.into(),
+                        n.id.to_string(),
+                    ]
+                },
+            );
         }
         NetCmd::Rm { name } => {
             c.delete(&format!("/v1/nets/{}", path_segment(&name)?))?;
@@ -65,27 +62,24 @@ pub fn policy(c: &Client, cmd: PolicyCmd) -> Result<()> {
             let p: Policy = c.post("/v1/policies", &PolicySpec { from, to, port })?;
             println!("{}", p.id);
         }
-        PolicyCmd::Ls(o) => {
+        PolicyCmd::Ls(how) => {
             let list: Vec<Policy> = c.get("/v1/policies")?;
-            if o.output == Output::Json {
-                json(&list);
-            } else {
-                table(
-                    &["ID", "FROM", "TO", "PORT"],
-                    list.into_iter()
-                        .map(|p| {
-                            vec![
-                                p.id.to_string(),
-                                p.from,
-                                p.to,
-                                p.port
-                                    .map(|p| p.to_string())
-                                    .unwrap_or_else(|| "any".into()),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            listing(
+                how,
+                list,
+                &["ID", "FROM", "TO", "PORT"],
+                |p| p.id.to_string(),
+                |p| {
+                    vec![
+                        p.id.to_string(),
+                        p.from,
+                        p.to,
+                        p.port
+                            .map(|p| p.to_string())
+                            .unwrap_or_else(|| "any".into()),
+                    ]
+                },
+            );
         }
         PolicyCmd::Rm { first, to, port } => {
             let ids: Vec<u32> = match (first.parse::<u32>(), to) {

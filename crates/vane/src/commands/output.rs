@@ -5,8 +5,34 @@ use serde::Serialize;
 
 use vane_proto::api::Limits;
 
-/// Prints rows as aligned columns under a header.
+use crate::cli::{ListArg, Output};
+
+/// Prints a listing as `how` asks: JSON of the items, each item's key alone (`-q`), or a
+/// table of their rows.
+pub(super) fn listing<T: Serialize>(
+    how: ListArg,
+    items: Vec<T>,
+    header: &[&str],
+    key: impl Fn(&T) -> String,
+    row: impl FnMut(T) -> Vec<String>,
+) {
+    if how.output == Output::Json {
+        json(&items);
+    } else if how.quiet {
+        for item in &items {
+            println!("{}", one_line(&key(item)));
+        }
+    } else {
+        table(header, items.into_iter().map(row).collect());
+    }
+}
+
+/// Prints rows as aligned columns under a header, one line per row whatever the cells hold.
 pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| row.iter().map(|cell| one_line(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -28,6 +54,24 @@ pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// A cell on one line: newlines, tabs and other control characters (a command's script, a
+/// name from a tenant's terminal) escaped as Rust writes them (`\n`, `\u{1b}`), so a row
+/// cannot break the table or move the terminal's cursor.
+pub(super) fn one_line(cell: &str) -> String {
+    if !cell.chars().any(char::is_control) {
+        return cell.to_string();
+    }
+    cell.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 pub(super) fn json<T: Serialize>(v: &T) {
@@ -79,5 +123,18 @@ pub(super) fn limits_summary(l: &Limits) -> String {
         "-".into()
     } else {
         parts.join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn cells_with_control_characters_stay_on_one_line() {
+        assert_eq!(one_line("sleep infinity"), "sleep infinity");
+        assert_eq!(one_line("x\ny\tz"), "x\\ny\\tz");
+        assert_eq!(one_line("\u{1b}[2J"), "\\u{1b}[2J");
+        assert_eq!(one_line("h\u{e9}llo"), "h\u{e9}llo");
     }
 }

@@ -7,9 +7,9 @@ use vane_proto::api::Template;
 use vane_proto::validate;
 
 use super::instances::{env_pairs, settings};
-use super::output::{json, limits_summary, table};
+use super::output::{limits_summary, listing};
 use super::path_segment;
-use crate::cli::{Output, TemplateCmd};
+use crate::cli::TemplateCmd;
 use crate::client::Client;
 
 pub fn template(c: &Client, cmd: TemplateCmd) -> Result<()> {
@@ -34,27 +34,24 @@ pub fn template(c: &Client, cmd: TemplateCmd) -> Result<()> {
             )?;
             println!("{}", t.name);
         }
-        TemplateCmd::Ls(o) => {
+        TemplateCmd::Ls(how) => {
             let list: Vec<Template> = c.get("/v1/templates")?;
-            if o.output == Output::Json {
-                json(&list);
-            } else {
-                table(
-                    &["NAME", "LIMITS", "ROOTFS", "VOLUMES", "REDIRECTS", "ENV"],
-                    list.into_iter()
-                        .map(|t| {
-                            vec![
-                                t.name,
-                                limits_summary(&t.limits),
-                                t.space.rootfs.unwrap_or_else(|| "-".into()),
-                                t.space.volumes.len().to_string(),
-                                t.space.redirects.len().to_string(),
-                                t.env.len().to_string(),
-                            ]
-                        })
-                        .collect(),
-                );
-            }
+            listing(
+                how,
+                list,
+                &["NAME", "LIMITS", "ROOTFS", "VOLUMES", "REDIRECTS", "ENV"],
+                |t| t.name.clone(),
+                |t| {
+                    vec![
+                        t.name,
+                        limits_summary(&t.limits),
+                        t.space.rootfs.unwrap_or_else(|| "-".into()),
+                        t.space.volumes.len().to_string(),
+                        t.space.redirects.len().to_string(),
+                        t.env.len().to_string(),
+                    ]
+                },
+            );
         }
         TemplateCmd::Rm { name } => {
             c.delete(&format!("/v1/templates/{}", path_segment(&name)?))?;

@@ -1,0 +1,207 @@
+//! The etcd backend: each record is one key, `PREFIX/TABLE/KEY`, holding its JSON; a batch
+//! is one etcd transaction. etcd is the store Kubernetes, Calico and Flannel keep their
+//! state in: a majority of its members must agree before a change counts, so the store
+//! outlives the controller's machine.
+//!
+//! The controller's state changes under a plain mutex, and commits happen while it is held
+//! (so the store sees changes in the order the state took them). The etcd client is async:
+//! it runs on a thread of its own, with its own runtime, and each call waits for its
+//! answer there, as a commit to the embedded store waits for its fsync.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+
+use super::{Op, StoreError, Tables, TABLES};
+
+/// Most operations in one etcd transaction (etcd's `--max-txn-ops`, 128 by default).
+const MAX_TXN_OPS: usize = 128;
+/// Keys read per request when loading: an answer stays far below gRPC's 4 MiB limit.
+const PAGE: i64 = 500;
+/// How long a request may take before the store is reported unavailable.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Reply<T> = std::sync::mpsc::SyncSender<Result<T, String>>;
+
+enum Request {
+    Load(Reply<Vec<(String, Vec<u8>)>>),
+    Commit(Vec<TxnOp>, Reply<()>),
+}
+
+pub struct Etcd {
+    requests: mpsc::Sender<Request>,
+    endpoints: String,
+    prefix: String,
+}
+
+impl Etcd {
+    /// Connects to the cluster at `endpoints` (its members' client URLs); vane's keys are
+    /// under `prefix/`.
+    pub(super) fn connect(endpoints: &[String], prefix: &str) -> Result<Etcd, StoreError> {
+        let joined = endpoints.join(",");
+        let failed = |why: String| StoreError::Etcd {
+            endpoints: joined.clone(),
+            why,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| failed(format!("start its client: {e}")))?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        let client = std::thread::scope(|s| {
+            // Off the caller's thread: it may be a worker of another runtime.
+            s.spawn(|| runtime.block_on(Client::connect(endpoints, Some(options))))
+                .join()
+                .expect("the etcd connect thread")
+        })
+        .map_err(|e| failed(e.to_string()))?;
+        let (requests, inbox) = mpsc::channel();
+        let key_prefix = format!("{prefix}/");
+        std::thread::Builder::new()
+            .name("etcd-store".into())
+            .spawn(move || serve(runtime, client, key_prefix, inbox))
+            .map_err(|e| failed(format!("start its thread: {e}")))?;
+        let store = Etcd {
+            requests,
+            endpoints: joined,
+            prefix: prefix.to_string(),
+        };
+        // A first round trip: a wrong address fails here, with one line, not at the first
+        // change.
+        store.ask(Request::Load)?;
+        Ok(store)
+    }
+
+    fn ask<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let failed = |why: String| StoreError::Etcd {
+            endpoints: self.endpoints.clone(),
+            why,
+        };
+        self.requests
+            .send(request(reply))
+            .map_err(|_| failed("its client thread is gone".into()))?;
+        answer
+            .recv()
+            .map_err(|_| failed("its client thread is gone".into()))?
+            .map_err(failed)
+    }
+
+    fn key(&self, table: &str, key: &str) -> String {
+        format!("{}/{table}/{key}", self.prefix)
+    }
+
+    pub(super) fn load(&self) -> Result<Tables, StoreError> {
+        let rows = self.ask(Request::Load)?;
+        let mut tables: Tables = TABLES.iter().map(|t| (*t, Vec::new())).collect();
+        let skip = self.prefix.len() + 1;
+        for (key, value) in rows {
+            // PREFIX/TABLE/KEY; a key of a table this version does not know stays where
+            // it is, unread.
+            let Some((table, key)) = key.get(skip..).and_then(|k| k.split_once('/')) else {
+                continue;
+            };
+            if let Some(rows) = TABLES
+                .iter()
+                .find(|t| **t == table)
+                .and_then(|t| tables.get_mut(t))
+            {
+                rows.push((key.to_string(), value));
+            }
+        }
+        Ok(tables)
+    }
+
+    /// Commits `ops` as one transaction when they fit in one (every batch the API makes
+    /// does); a longer batch (the rewrite of every record at start, after an upgrade) goes
+    /// in transactions of `MAX_TXN_OPS`, each of whose writes stands on its own.
+    pub(super) fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+        for chunk in ops.chunks(MAX_TXN_OPS) {
+            let txn_ops = chunk
+                .iter()
+                .map(|op| {
+                    let key = self.key(op.table, &op.key);
+                    match &op.value {
+                        Some(v) => TxnOp::put(key, v.clone(), None),
+                        None => TxnOp::delete(key, None),
+                    }
+                })
+                .collect();
+            self.ask(|reply| Request::Commit(txn_ops, reply))?;
+        }
+        Ok(())
+    }
+}
+
+/// The client's thread: answers requests one at a time, in order, until the store is
+/// dropped.
+fn serve(
+    runtime: tokio::runtime::Runtime,
+    mut client: Client,
+    prefix: String,
+    inbox: mpsc::Receiver<Request>,
+) {
+    while let Ok(request) = inbox.recv() {
+        match request {
+            Request::Load(reply) => {
+                let _ = reply.send(runtime.block_on(load_all(&mut client, &prefix)));
+            }
+            Request::Commit(ops, reply) => {
+                let done = runtime.block_on(async {
+                    let answer = client
+                        .txn(Txn::new().and_then(ops))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if answer.succeeded() {
+                        Ok(())
+                    } else {
+                        Err("the transaction was refused".to_string())
+                    }
+                });
+                let _ = reply.send(done);
+            }
+        }
+    }
+}
+
+/// Every key under `prefix`, in pages.
+async fn load_all(client: &mut Client, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut rows = Vec::new();
+    loop {
+        let page = client
+            .get(
+                from.clone(),
+                Some(GetOptions::new().with_range(end.clone()).with_limit(PAGE)),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        for kv in page.kvs() {
+            let key = kv
+                .key_str()
+                .map_err(|e| format!("a key that is not UTF-8: {e}"))?;
+            rows.push((key.to_string(), kv.value().to_vec()));
+        }
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok(rows),
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix` (which ends in '/', so the
+/// last byte can be incremented).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    let last = end.last_mut().expect("a prefix ends in '/'");
+    *last += 1;
+    end
+}
