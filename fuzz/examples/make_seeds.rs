@@ -16,7 +16,7 @@ use vane_fuzz::{
 };
 use vane_proto::api::{
     frame, ClusterConfig, CredentialSpec, ExecSpec, ExitStatus, Instance, InstanceState, Limits,
-    MigrateSpec, Net, NetSpec, PolicySpec, RestoreSpec, RunSpec, SnapshotSpec, SpaceSpec, Template,
+    MigrateSpec, Net, NetSpec, PolicySpec, RestartPolicy, RestoreSpec, RunSpec, SnapshotSpec, SpaceSpec, Template,
     TokenSpec,
 };
 use vane_proto::stream::{
@@ -440,6 +440,12 @@ fn instance() -> Instance {
         migrating: None,
         progress: None,
         migrations: Vec::new(),
+        restart: RestartPolicy::Always,
+        restarts: 2,
+        restart_reason: Some("host h2 died".into()),
+        stopped: false,
+        checkpoint_every: Some(30),
+        checkpointed: Some(1_700_000_100),
     }
 }
 
@@ -462,6 +468,7 @@ fn control_seeds() {
                 host_id: 3,
                 config: ClusterConfig::default(),
                 credential: Some("vanecred-x".into()),
+                stale: vec!["i-2".into()],
             },
         ),
         (
@@ -624,6 +631,8 @@ fn api_seeds() {
                 template: Some("small".into()),
                 limits: limits(),
                 space: space(),
+                restart: RestartPolicy::OnFailure,
+                checkpoint_every: Some(30),
             }),
         ),
         (

@@ -152,8 +152,17 @@ where
         return SessionEnd::Lost;
     }
     let mut writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            let msg = Message::Text(serde_json::to_string(&m).expect("serializes").into());
+        // Pings say this host is alive while the reader is busy (removing stale copies,
+        // applying a large view), when it cannot answer the controller's pings.
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            let msg = tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => Message::Text(serde_json::to_string(&m).expect("serializes").into()),
+                    None => break,
+                },
+                _ = heartbeat.tick() => Message::Ping(Vec::new().into()),
+            };
             if sink.send(msg).await.is_err() {
                 break;
             }
@@ -188,8 +197,17 @@ where
                 host_id,
                 config,
                 credential,
+                stale,
             } => {
                 tracing::info!(host_id, ?locator, "registered with the controller");
+                // Copies that run elsewhere now (this host was declared dead) end before
+                // anything else is read: no view that follows meets two of one identity.
+                for id in stale {
+                    tracing::warn!(instance = %id, "not this host's any more: ending and removing it");
+                    if let Err(e) = agent.remove_now(&id).await {
+                        tracing::warn!(instance = %id, "removing a stale instance: {e}");
+                    }
+                }
                 if let Some(c) = credential {
                     if let Err(e) = agent.state().identity.set_credential(c) {
                         tracing::error!("cannot save this host's credential: {e:#}");
@@ -234,6 +252,10 @@ where
     writer.abort();
     end
 }
+
+/// How often the agent pings the controller (`vane controller --host-grace` should be
+/// several times this).
+const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// How often long requests report progress (`FromAgent::Progress`): often enough for a
 /// live display, a few small messages a second.

@@ -126,16 +126,18 @@ pub struct Setup {
 
 /// Sets up and starts an instance. On failure everything made so far is removed again.
 /// Blocking: run it off the async runtime.
+/// `key` names its namespace and cgroups (`Record::space_key`).
 pub fn create(
     dir: &Path,
+    key: &str,
     exe: &Path,
     spec: &InstanceSpec,
     setup: &Setup,
 ) -> Result<(Record, OwnedFd), CreateError> {
-    let (record, tun, space) = prepare_space(dir, &spec.id, spec, setup)?;
+    let (record, tun, space) = prepare_space(dir, key, spec, setup)?;
     let result = launch(dir, exe, record, space, setup);
     if result.is_err() {
-        teardown(dir, &spec.id, &setup.layout);
+        teardown(dir, key, &setup.layout);
     }
     result.map(|record| (record, tun))
 }

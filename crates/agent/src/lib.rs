@@ -22,7 +22,7 @@ mod images;
 mod instance;
 pub mod launch;
 mod lifecycle;
-pub use lifecycle::purge_instances;
+pub use lifecycle::{kill_instances, purge_instances};
 mod migration;
 pub mod netconf;
 mod pin;

@@ -214,21 +214,30 @@ impl Agent {
         let exe = self.cfg.exe.clone();
         let spec2 = spec.clone();
         let dir2 = dir.clone();
-        let (record, tun) =
-            tokio::task::spawn_blocking(move || instance::create(&dir2, &exe, &spec2, &setup))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| match e {
-                    CreateError::Input(m) => AgentError::bad_request(m),
-                    CreateError::Host(m) => AgentError::from(m),
-                })?;
+        // Its id names its namespace and cgroups, unless they are taken on this kernel: lab
+        // hosts share one, and an instance started again here after its host died may
+        // still have its old space there (until that host comes back and removes it).
+        let key = if crate::netconf::netns_path(&instance::netns_name(&spec.id)).exists() {
+            format!("{}-{}", spec.id, self.cfg.name)
+        } else {
+            spec.id.clone()
+        };
+        let (record, tun) = tokio::task::spawn_blocking(move || {
+            instance::create(&dir2, &key, &exe, &spec2, &setup)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| match e {
+            CreateError::Input(m) => AgentError::bad_request(m),
+            CreateError::Host(m) => AgentError::from(m),
+        })?;
         let pid = record.pid;
+        let key = record.space_key().to_string();
         if let Err(e) = self.adopt(record, dir.clone(), tun).await {
             let _ = self.stop(&spec.id, Duration::from_secs(1)).await;
             let layout = self.layout.clone();
-            let id = spec.id.clone();
             let _ =
-                tokio::task::spawn_blocking(move || instance::teardown(&dir, &id, &layout)).await;
+                tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout)).await;
             self.state().instances.remove(&spec.id);
             return Err(e.into());
         }
@@ -278,6 +287,17 @@ impl Agent {
     }
 
     pub(crate) async fn remove(&self, id: &str) -> Result<(), AgentError> {
+        self.remove_within(id, Duration::from_secs(10)).await
+    }
+
+    /// Removes a copy that must not run a moment longer (it runs on another host now):
+    /// killed, not asked to stop.
+    pub(crate) async fn remove_now(&self, id: &str) -> Result<(), AgentError> {
+        self.remove_within(id, Duration::ZERO).await
+    }
+
+    /// Stops instance `id` (SIGKILL after `timeout`), then removes every trace of it.
+    async fn remove_within(&self, id: &str, timeout: Duration) -> Result<(), AgentError> {
         // A tree dumped for a migration is already gone (its init pid may be reused).
         let dumped = {
             let mut state = self.state();
@@ -285,7 +305,7 @@ impl Agent {
             state.migrations.dumped.remove(id)
         };
         if !dumped {
-            self.stop(id, Duration::from_secs(10)).await?;
+            self.stop(id, timeout).await?;
         }
         let dir = self.instance_dir(id);
         let layout = self.layout.clone();
@@ -344,6 +364,29 @@ impl Agent {
             hide: vec![self.cfg.state_dir.clone()],
         }
     }
+}
+
+/// Kills the processes of every instance an agent left under `state_dir` and leaves the
+/// rest (namespaces, devices, cgroups, state) as a power loss would: for `vane lab fail`,
+/// with the agent already killed. Returns how many were running.
+pub fn kill_instances(state_dir: &std::path::Path) -> usize {
+    let mut killed = 0;
+    for found in instance::scan(&state_dir.join("instances")) {
+        if let Found::Instance(record, _) = found {
+            if instance::is_alive(&record) {
+                // Killing PID 1 of the instance's PID namespace kills all of it.
+                let _ = kill(Pid::from_raw(record.init_pid as i32), Signal::SIGKILL);
+                for _ in 0..100 {
+                    if !instance::is_alive(&record) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                killed += 1;
+            }
+        }
+    }
+    killed
 }
 
 /// Removes every instance an agent left under `state_dir`, running or not: kills their

@@ -17,6 +17,8 @@ use crate::state::ApiError;
 #[derive(Debug)]
 pub enum Outgoing {
     Json(Box<ToAgent>),
+    /// A WebSocket ping: the agent's pong says it is there (`session::run`).
+    Ping,
     /// Closes the stream (another agent took the name over).
     Close,
 }
@@ -178,6 +180,13 @@ impl Agents {
 
     pub fn is_connected(&self, host: &str) -> bool {
         self.conns.lock().expect("agents lock").contains_key(host)
+    }
+
+    /// Pings the agent of `host` (an agent too far behind to take it is disconnected).
+    pub fn ping(&self, host: &str) {
+        if let Some(c) = self.conns.lock().expect("agents lock").get(host) {
+            c.queue(Outgoing::Ping);
+        }
     }
 
     /// Sends `body` to the agent of `host` and waits for its answer, up to `timeout` after

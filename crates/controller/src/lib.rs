@@ -43,10 +43,16 @@ pub struct ControllerConfig {
     pub store: StoreLocation,
     /// Used when the store is new; an existing store keeps its own.
     pub cluster: ClusterConfig,
+    /// How long a host may be silent (its control stream gone or mute) before it is
+    /// declared dead and its instances with a restart policy start elsewhere.
+    pub host_grace: std::time::Duration,
     /// Notified once the API's listener is bound: what a service manager waits for before
     /// it starts what depends on the controller (systemd's `Type=notify`).
     pub ready: Option<Arc<tokio::sync::Notify>>,
 }
+
+/// `vane controller --host-grace`'s default.
+pub const DEFAULT_HOST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) struct Controller {
     state: Mutex<State>,
@@ -72,6 +78,16 @@ pub(crate) struct Controller {
     claims: Mutex<std::collections::HashMap<String, String>>,
     /// What the controller counts for `GET /metrics` (migrations, API requests).
     metrics: metrics::Metrics,
+    /// How long a host may be silent before it is declared dead.
+    host_grace: std::time::Duration,
+    /// By host: the epoch of the control stream whose end its silence is counted from
+    /// (0 for hosts not heard since the controller started). A watch whose epoch is not
+    /// the host's any more has nothing to declare.
+    silent_since: Mutex<std::collections::HashMap<String, u64>>,
+    /// By instance id: the wait before its program starts again on its host.
+    backoff: Mutex<std::collections::HashMap<String, state::Backoff>>,
+    /// Where the last checkpoint of each instance that asked for them is kept.
+    checkpoints: PathBuf,
 }
 
 impl Controller {
@@ -143,6 +159,10 @@ impl Controller {
             progress: Mutex::new(std::collections::HashMap::new()),
             claims: Mutex::new(std::collections::HashMap::new()),
             metrics: metrics::Metrics::default(),
+            host_grace: cfg.host_grace,
+            silent_since: Mutex::new(std::collections::HashMap::new()),
+            backoff: Mutex::new(std::collections::HashMap::new()),
+            checkpoints: cfg.data_dir.join("checkpoints"),
         })
     }
 
@@ -297,6 +317,13 @@ pub async fn run(
     let tls = tls::Tls::load_or_create(&cfg.data_dir, cfg.listen)?;
     let controller = Arc::new(Controller::open(&cfg, tls.pin)?);
     recovery::finish_interrupted(&controller);
+    // Every host is offline until its agent connects: one that stays silent for the grace
+    // period is dead.
+    let hosts: Vec<String> = controller.state().hosts.keys().cloned().collect();
+    for host in hosts {
+        workflow::watch_silence(&controller, &host, 0, controller.host_grace);
+    }
+    tokio::spawn(workflow::keep_checkpoints(controller.clone()));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;

@@ -22,7 +22,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use vane_proto::api::{HostState, InstanceState, Phases};
+use vane_proto::api::{InstanceState, Phases};
 
 mod host;
 pub(crate) use host::{host_text, InstanceSample};
@@ -146,14 +146,11 @@ pub(crate) struct ControllerView {
 impl ControllerView {
     pub(crate) fn of(state: &crate::state::State, agents_connected: usize) -> ControllerView {
         // Every state is present, at zero too: a series that vanishes reads as "no data".
-        let mut hosts: BTreeMap<&'static str, u64> =
-            [("online", 0), ("offline", 0)].into_iter().collect();
+        let mut hosts: BTreeMap<&'static str, u64> = [("online", 0), ("offline", 0), ("dead", 0)]
+            .into_iter()
+            .collect();
         for h in state.hosts.values() {
-            let key = match h.state {
-                HostState::Online => "online",
-                HostState::Offline => "offline",
-            };
-            *hosts.entry(key).or_default() += 1;
+            *hosts.entry(h.state.as_str()).or_default() += 1;
         }
         let mut instances: BTreeMap<&'static str, u64> = [
             InstanceState::Creating,

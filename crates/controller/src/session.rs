@@ -6,11 +6,12 @@ use std::time::Duration;
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 
-use vane_proto::stream::{AgentRequest, FromAgent, ToAgent};
+use vane_proto::api::InstanceState;
+use vane_proto::stream::{FromAgent, ToAgent};
 use vane_proto::validate;
 
 use crate::agents::Outgoing;
-use crate::{now, Controller};
+use crate::{now, workflow, Controller};
 
 pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
@@ -62,28 +63,29 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     };
     tracing::info!(host = %name, ?locator, instances = instances.len(), "agent connected");
     let config = c.state().config.clone();
+    // The store does not know these (they were removed while the host was away, or the
+    // store was replaced), or places them on another host (it was declared dead, or a
+    // migration moved them): the host ends and removes them before it reads anything
+    // after the welcome, views included, rather than keep orphans or second copies.
+    for id in &unknown {
+        tracing::warn!(host = %name, instance = %id, "host has an instance that is not its own, removing it");
+    }
     c.streams.send(
         &name,
         ToAgent::Welcome {
             host_id,
             config,
             credential,
+            stale: unknown,
         },
     );
-    for id in unknown {
-        // The store does not know these (they were removed while the host was away, or the
-        // store was replaced), or places them on another host; the host removes them rather
-        // than keep orphans or second copies running.
-        tracing::warn!(host = %name, instance = %id, "host runs an instance that is not its own, removing it");
-        let c = c.clone();
-        let host = name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = c.agents.request(&host, AgentRequest::Remove { id }).await {
-                tracing::warn!(host = %host, "removing unknown instance: {e}");
-            }
-        });
-    }
     c.push_views();
+    // Programs that ended while the controller did not hear start again where their
+    // policy says so.
+    let waiting = c.state().restarts_wanted_on(&name);
+    for id in waiting {
+        workflow::schedule_restart(&c, &id);
+    }
 
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
@@ -92,6 +94,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
                     let text = serde_json::to_string(&m).expect("messages serialize");
                     sink.send(Message::Text(text.into())).await
                 }
+                Outgoing::Ping => sink.send(Message::Ping(Vec::new().into())).await,
                 Outgoing::Close => break,
             };
             if sent.is_err() {
@@ -102,6 +105,13 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     });
 
     let mut shutdown = c.shutdown.subscribe();
+    // The agent answers pings: a host that says nothing for the grace period (powered
+    // off, cut off: no FIN ever comes) is as good as gone, and dead at once.
+    let grace = c.host_grace;
+    let mut heartbeat = tokio::time::interval((grace / 4).max(HEARTBEAT_MIN));
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = tokio::time::Instant::now();
+    let mut silent = false;
     loop {
         let msg = tokio::select! {
             m = stream.next() => m,
@@ -110,8 +120,18 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
                 tracing::warn!(host = %name, "agent is not keeping up with its control stream, disconnecting it");
                 break;
             }
+            _ = heartbeat.tick() => {
+                if heard.elapsed() >= grace {
+                    tracing::warn!(host = %name, "agent silent for {grace:?}, disconnecting it");
+                    silent = true;
+                    break;
+                }
+                c.streams.ping(&name);
+                continue;
+            }
         };
         let Some(Ok(msg)) = msg else { break };
+        heard = tokio::time::Instant::now();
         match msg {
             Message::Text(t) => match serde_json::from_str::<FromAgent>(&t) {
                 Ok(m) => handle(&c, &name, m),
@@ -124,16 +144,30 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     }
     writer.abort();
     if c.streams.detach(&name, epoch) {
-        let mut s = c.state();
-        let batch = s.host_offline(&name, now());
-        if let Err(e) = c.commit(batch) {
-            tracing::error!(host = %name, "cannot record host offline: {e}");
+        {
+            let mut s = c.state();
+            let batch = s.host_offline(&name, now());
+            if let Err(e) = c.commit(batch) {
+                tracing::error!(host = %name, "cannot record host offline: {e}");
+            }
         }
         tracing::info!(host = %name, "agent disconnected");
+        // Not when the controller itself stops: the next one counts from its start.
+        if !*c.shutdown.borrow() {
+            let wait = if silent {
+                Duration::ZERO
+            } else {
+                grace.saturating_sub(heard.elapsed())
+            };
+            workflow::watch_silence(&c, &name, epoch, wait);
+        }
     }
 }
 
-fn handle(c: &Controller, host: &str, msg: FromAgent) {
+/// The shortest interval between pings to an agent.
+const HEARTBEAT_MIN: Duration = Duration::from_millis(100);
+
+fn handle(c: &Arc<Controller>, host: &str, msg: FromAgent) {
     match msg {
         FromAgent::Hello { .. } => tracing::warn!(host, "second hello ignored"),
         FromAgent::Lookup { net, ip } => {
@@ -159,6 +193,9 @@ fn handle(c: &Controller, host: &str, msg: FromAgent) {
             };
             if changed {
                 c.push_views();
+                if report.state == InstanceState::Exited {
+                    workflow::schedule_restart(c, &report.id);
+                }
             }
         }
     }

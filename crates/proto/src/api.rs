@@ -59,13 +59,6 @@ pub struct Net {
     pub created: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HostState {
-    Online,
-    Offline,
-}
-
 /// A host: a machine (or, in the lab, a network namespace) running an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
@@ -193,6 +186,13 @@ pub struct RunSpec {
     /// Private view of the file system (added to the template's).
     #[serde(default)]
     pub space: SpaceSpec,
+    /// When the program is started again (default: never).
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Seconds between the checkpoints the controller keeps (the last one) to start the
+    /// instance from on another host when its host dies; needs a restart policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
 }
 
 /// Resource limits of an instance; `None` is unlimited.
@@ -456,6 +456,30 @@ pub struct Instance {
     /// Live migrations of this instance, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub migrations: Vec<Migration>,
+    /// When its program is started again (`no` in records made before there was a choice).
+    /// Defaults are left out of the record, so that a record of that time reads and writes
+    /// back the same (a snapshot's seal covers it).
+    #[serde(default, skip_serializing_if = "RestartPolicy::is_no")]
+    pub restart: RestartPolicy,
+    /// How many times it was started again, on its host or on another one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+    /// Why it was last started again ("exit code 1", "host h1 died").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_reason: Option<String>,
+    /// `vane stop` ended it: no restart policy starts it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
+    /// Seconds between checkpoints kept by the controller (`vane run --checkpoint-every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
+    /// Unix time, seconds, of the checkpoint the controller keeps, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointed: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).
@@ -553,7 +577,9 @@ pub struct Status {
     pub counts: BTreeMap<String, usize>,
 }
 
+mod failover;
 pub mod frame;
 mod migration;
 
+pub use failover::{HostState, RestartPolicy};
 pub use migration::*;

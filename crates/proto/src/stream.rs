@@ -26,6 +26,12 @@ pub enum ToAgent {
         config: ClusterConfig,
         #[serde(default)]
         credential: Option<String>,
+        /// Instances the host reported in its hello that are not its own any more: they
+        /// run on another host now (it was declared dead meanwhile) or were removed. The
+        /// agent ends and removes them before it handles the next message, so that no two
+        /// copies of one identity run once the views that follow are applied.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stale: Vec<String>,
     },
     /// The controller refuses this agent (bad token or credential, duplicate host name);
     /// the stream closes after it.

@@ -55,6 +55,34 @@ pub fn name(what: &'static str, value: &str) -> Result<(), InputError> {
     Ok(())
 }
 
+/// A duration: a number with a unit, `ms`, `s`, `m` or `h` (`500ms`, `5s`, `2m`), or
+/// seconds alone (`5`).
+pub fn duration(what: &'static str, value: &str) -> Result<std::time::Duration, InputError> {
+    let (digits, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => value.split_at(i),
+        None => (value, "s"),
+    };
+    let millis: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(invalid(
+                what,
+                value,
+                "use a number and ms, s, m or h (e.g. 5s)",
+            ))
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| invalid(what, value, "use a number and ms, s, m or h (e.g. 5s)"))?;
+    n.checked_mul(millis)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| invalid(what, value, "too long"))
+}
+
 /// A virtual hostname: one or more labels separated by dots, at most 253 characters.
 pub fn hostname(value: &str) -> Result<(), InputError> {
     if value.len() > 253 {

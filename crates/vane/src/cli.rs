@@ -257,6 +257,15 @@ pub struct RunArgs {
     /// Start from this template's settings; the options given here override them
     #[arg(long)]
     pub template: Option<String>,
+    /// When to start the program again: `no`, `on-failure` (a non-zero exit or a signal),
+    /// `always` (any end but `vane stop`); with either of the last two, also on another host
+    /// when its host dies
+    #[arg(long, default_value = "no", value_name = "no|on-failure|always")]
+    pub restart: vane_proto::api::RestartPolicy,
+    /// Have the controller keep a checkpoint of the instance taken this often (e.g. 30s,
+    /// 5m), to start it from on another host when its host dies (needs --restart)
+    #[arg(long, value_name = "DURATION")]
+    pub checkpoint_every: Option<String>,
     #[command(flatten)]
     pub settings: SettingsArgs,
     /// The program and its arguments
@@ -408,6 +417,21 @@ pub enum LabCmd {
     Up(LabUpArgs),
     /// Remove everything `lab up` made: instances, agents, controller, namespaces, links, state
     Down(LabNameArg),
+    /// Make a host vanish as in a power loss: its agent and instances killed, its underlay
+    /// link down
+    Fail {
+        /// The lab host (h1, h2, ...)
+        host: String,
+        #[command(flatten)]
+        name: LabNameArg,
+    },
+    /// Bring a failed host back: its underlay link up, its agent started again
+    Recover {
+        /// The lab host (h1, h2, ...)
+        host: String,
+        #[command(flatten)]
+        name: LabNameArg,
+    },
 }
 
 #[derive(Args)]
@@ -469,6 +493,15 @@ pub struct ControllerArgs {
     /// Tunnels between hosts without encryption or authentication, when the store is created
     #[arg(long)]
     pub plaintext: bool,
+    /// How long a host may be silent before it is declared dead and its instances with a
+    /// restart policy start on other hosts (e.g. 5s, 500ms)
+    #[arg(
+        long,
+        env = "VANE_HOST_GRACE",
+        default_value = "5s",
+        value_name = "DURATION"
+    )]
+    pub host_grace: String,
     #[command(flatten)]
     pub log: LogArgs,
 }

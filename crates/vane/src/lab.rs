@@ -257,22 +257,7 @@ pub fn up(args: LabUpArgs) -> Result<()> {
             )?);
         }
         let join = token.as_ref().map(|t| t.token.as_str()).unwrap_or_default();
-        spawn_daemon(
-            &[
-                "agent".into(),
-                "--name".into(),
-                name.clone(),
-                "--controller".into(),
-                controller_url.clone(),
-                "--state-dir".into(),
-                lab.host_dir(i).display().to_string(),
-                "--netns".into(),
-                lab.netns(i),
-            ],
-            &[("VANE_JOIN_TOKEN", join)],
-            &lab.dir.join(format!("{name}.log")),
-            &pid_file,
-        )?;
+        start_agent(&lab, i, &controller_url, Some(join))?;
     }
     let offline = || -> Vec<String> {
         let known = client.get::<Vec<Host>>("/v1/hosts").unwrap_or_default();
@@ -335,6 +320,116 @@ pub fn up(args: LabUpArgs) -> Result<()> {
     if lab.name != DEFAULT_LAB {
         println!("export VANE_CONTROLLER={controller_url}");
     }
+    Ok(())
+}
+
+/// Starts the agent of lab host `i`, with a join token the first time.
+fn start_agent(lab: &Lab, i: u8, controller_url: &str, join: Option<&str>) -> Result<()> {
+    let name = Lab::host_name(i);
+    let env: Vec<(&str, &str)> = join.map(|t| ("VANE_JOIN_TOKEN", t)).into_iter().collect();
+    spawn_daemon(
+        &[
+            "agent".into(),
+            "--name".into(),
+            name.clone(),
+            "--controller".into(),
+            controller_url.to_string(),
+            "--state-dir".into(),
+            lab.host_dir(i).display().to_string(),
+            "--netns".into(),
+            lab.netns(i),
+        ],
+        &env,
+        &lab.dir.join(format!("{name}.log")),
+        &lab.pid_file(&name),
+    )
+}
+
+/// The lab's file and the number of lab host `host` (`h1` is 1), or one line saying why
+/// not.
+fn lab_host(lab: &Lab, host: &str) -> Result<(LabFile, u8)> {
+    let file: LabFile = fs::read(lab.dir.join("lab.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no lab {:?} is up (vane lab up --name {})",
+                lab.name,
+                lab.name
+            )
+        })?;
+    let i = host
+        .strip_prefix('h')
+        .and_then(|n| n.parse::<u8>().ok())
+        .filter(|i| (1..=file.hosts).contains(i) && Lab::host_name(*i) == host)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown host {host:?} in lab {:?}: it has h1 to h{}",
+                lab.name,
+                file.hosts
+            )
+        })?;
+    Ok((file, i))
+}
+
+impl Lab {
+    /// The mark of a host that `lab fail` made vanish.
+    fn failed_mark(&self, i: u8) -> PathBuf {
+        self.dir.join(format!("{}.failed", Self::host_name(i)))
+    }
+}
+
+/// `vane lab fail HOST`: the host vanishes as in a power loss. Its underlay link goes down
+/// first (nothing it says on the way out reaches anyone), then its agent and every process
+/// of its instances are killed; their namespaces, devices and state stay, as a machine's
+/// disk would.
+pub fn fail(name: &str, host: &str) -> Result<()> {
+    let lab = Lab::new(name)?;
+    let (_, i) = lab_host(&lab, host)?;
+    if lab.failed_mark(i).exists() {
+        bail!("host {host:?} of lab {name:?} has failed already (vane lab recover {host} --name {name})");
+    }
+    ip(&["link", "set", &lab.veth(i), "down"])?;
+    fs::write(lab.failed_mark(i), b"")?;
+    let pid_file = lab.pid_file(host);
+    if let Some(pid) = read_pid(&pid_file) {
+        let _ = kill(pid, Signal::SIGKILL);
+        wait_for(Duration::from_secs(10), "the agent to die", || {
+            read_pid(&pid_file).is_none()
+        })?;
+    }
+    let killed = vane_agent::kill_instances(&lab.host_dir(i));
+    println!(
+        "host {host:?} failed: agent and {killed} running instance(s) killed, underlay link down"
+    );
+    Ok(())
+}
+
+/// `vane lab recover HOST`: a failed host comes back: its underlay link up, its agent
+/// started again as `lab up` starts it, which takes back what it finds and reconnects.
+pub fn recover(name: &str, host: &str) -> Result<()> {
+    let lab = Lab::new(name)?;
+    let (file, i) = lab_host(&lab, host)?;
+    if !lab.failed_mark(i).exists() {
+        bail!("host {host:?} of lab {name:?} has not failed (vane lab fail {host} --name {name})");
+    }
+    ip(&["link", "set", &lab.veth(i), "up"])?;
+    start_agent(&lab, i, &file.controller, None)?;
+    fs::remove_file(lab.failed_mark(i))?;
+    let client = Client::new(&Access::of_lab(&file.controller, &lab.dir))?;
+    wait_for(
+        Duration::from_secs(20),
+        "the host's agent to register",
+        || {
+            client
+                .get::<Vec<Host>>("/v1/hosts")
+                .unwrap_or_default()
+                .iter()
+                .any(|h| h.name == host && h.state == HostState::Online)
+        },
+    )
+    .with_context(|| format!("see {}", lab.dir.join(format!("{host}.log")).display()))?;
+    println!("host {host:?} recovered");
     Ok(())
 }
 

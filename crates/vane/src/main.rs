@@ -148,11 +148,20 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Token(cmd) => commands::credential(&c()?, cmd)?,
         Cmd::Lab(LabCmd::Up(args)) => lab::up(args)?,
         Cmd::Lab(LabCmd::Down(args)) => lab::down(&args.name)?,
+        Cmd::Lab(LabCmd::Fail { host, name }) => lab::fail(&name.name, &host)?,
+        Cmd::Lab(LabCmd::Recover { host, name }) => lab::recover(&name.name, &host)?,
         Cmd::Controller(args) => {
             let args = match &args.config {
                 Some(path) => config::controller(path)?,
                 None => args,
             };
+            let host_grace = vane_proto::validate::duration("host grace", &args.host_grace)?;
+            if host_grace.is_zero() {
+                anyhow::bail!(
+                    "invalid host grace {:?}: must be more than zero",
+                    args.host_grace
+                );
+            }
             let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
             init_logging(args.log);
             let rt = runtime()?;
@@ -173,6 +182,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                         global_space: args.global_space,
                         plaintext: args.plaintext,
                     },
+                    host_grace,
                     ready,
                 },
                 shutdown,

@@ -60,14 +60,36 @@ impl State {
             env.push((k, v));
         }
         check_settings(&env, &space)?;
+        match spec.checkpoint_every {
+            Some(0) => {
+                return Err(ApiError::BadRequest(
+                    "invalid checkpoint interval 0: at least one second".into(),
+                ))
+            }
+            Some(_) if spec.restart.is_no() => {
+                return Err(ApiError::BadRequest(
+                    "checkpoints are kept to restart from: give --restart on-failure or always"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
         let host = match spec.host {
             Some(h) => {
                 let host = self
                     .hosts
                     .get(&h)
                     .ok_or_else(|| ApiError::NotFound(format!("unknown host {h:?}")))?;
-                if host.state != HostState::Online {
-                    return Err(ApiError::Unavailable(format!("host {h:?} is offline")));
+                match host.state {
+                    HostState::Online => {}
+                    HostState::Offline => {
+                        return Err(ApiError::Unavailable(format!("host {h:?} is offline")))
+                    }
+                    HostState::Dead => {
+                        return Err(ApiError::Unavailable(format!(
+                            "host {h:?} is offline (declared dead)"
+                        )))
+                    }
                 }
                 h
             }
@@ -116,6 +138,12 @@ impl State {
             migrating: None,
             progress: None,
             migrations: Vec::new(),
+            restart: spec.restart,
+            restarts: 0,
+            restart_reason: None,
+            stopped: false,
+            checkpoint_every: spec.checkpoint_every,
+            checkpointed: None,
         };
         let mut batch = Batch::default();
         batch.put(&instance);
@@ -158,7 +186,7 @@ impl State {
             })
     }
 
-    fn least_loaded_host(&self) -> Result<String, ApiError> {
+    pub(super) fn least_loaded_host(&self) -> Result<String, ApiError> {
         self.hosts
             .values()
             .filter(|h| h.state == HostState::Online)

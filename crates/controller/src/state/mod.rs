@@ -9,6 +9,8 @@
 //! - `instances`: planning a run, agents' reports and reconciliation, changes, forgetting;
 //! - `access`: join tokens and tenant credentials;
 //! - `hosts`: admitting agents, online and offline, removal and eviction;
+//! - `failover`: restart policies: a dead host's instances placed elsewhere, ended
+//!   programs started again, the backoff between starts;
 //! - `views`: what each agent's switch sees, and the answers to its misses.
 
 use std::collections::BTreeMap;
@@ -19,7 +21,10 @@ use vane_proto::validate;
 use crate::enroll::{Enrollment, TokenRecord};
 use crate::store::{Batch, Counters, Snapshot};
 
+pub use failover::{Backoff, Restart};
+
 mod access;
+mod failover;
 mod hosts;
 mod instances;
 mod nets;
@@ -104,7 +109,7 @@ pub struct State {
 impl State {
     /// Builds the state from what the store holds. A new store takes `config`; an existing
     /// one keeps the config it was created with. Every host starts offline until its agent
-    /// connects again.
+    /// connects again; a host declared dead stays dead (its instances went elsewhere).
     pub fn from_snapshot(snap: Snapshot, config: ClusterConfig) -> (State, Batch) {
         let mut batch = Batch::default();
         let config = match snap.config {
@@ -152,7 +157,9 @@ impl State {
             frozen: BTreeMap::new(),
         };
         for host in state.hosts.values_mut() {
-            host.state = HostState::Offline;
+            if host.state != HostState::Dead {
+                host.state = HostState::Offline;
+            }
         }
         // A migration the controller was running when it stopped keeps its mark until
         // `recovery` has finished it.

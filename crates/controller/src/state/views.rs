@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use vane_proto::api::Instance;
+use vane_proto::api::{HostState, Instance};
 use vane_proto::api::{InstanceState, Net, Policy};
 use vane_proto::stream::{AgentView, Member, Peer, PolicyRule};
 
@@ -35,10 +35,13 @@ impl State {
                 })
             })
             .collect();
+        // A dead host is nobody's peer: its sessions are dropped, and whatever copy it may
+        // still run (cut off, not powered off) reaches no one until it is back and has
+        // ended its stale copies.
         let peers = self
             .hosts
             .values()
-            .filter(|h| h.name != host)
+            .filter(|h| h.name != host && h.state != HostState::Dead)
             .filter_map(|h| {
                 Some(Peer {
                     id: h.id,

@@ -1,8 +1,12 @@
 //! The controller's workflows: what takes several steps on agents (run, migrate,
-//! snapshot, restore), apart from HTTP. Each step is a request to an agent (`AgentLink`)
+//! snapshot, restore, failover and restarts), apart from HTTP. Each step is a request to an agent (`AgentLink`)
 //! and a commit of what it changed; each failure says what it leaves behind. Tested
 //! in-process against scripted agents (`tests`, `snapshot_tests`), and for real on labs.
 
+mod checkpoints;
+mod failover;
+#[cfg(test)]
+mod failover_tests;
 mod migrate;
 mod run;
 mod snapshot;
@@ -11,6 +15,8 @@ mod snapshot_tests;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use checkpoints::keep as keep_checkpoints;
+pub(crate) use failover::{schedule_restart, watch_silence};
 pub(crate) use migrate::{migrate, POST_COPY_LIMIT};
 pub(crate) use run::{create, remove, start_instance, stop_on};
 pub(crate) use snapshot::{restore, snapshot, FrameReader};

@@ -60,8 +60,10 @@ where
     answer
 }
 
-/// Stops instance `id` on `host` (SIGTERM, SIGKILL after 10 s) and pushes the views.
+/// Stops instance `id` on `host` (SIGTERM, SIGKILL after 10 s) and pushes the views. Its
+/// restart policy does not start it again.
 pub(crate) async fn stop_on(c: &Controller, host: &str, id: &str) -> ApiResult<()> {
+    c.change_instance(id, |inst| inst.stopped = true)?;
     c.agents
         .request(
             host,
@@ -107,6 +109,9 @@ async fn create_to_end(c: &Controller, run: RunSpec) -> ApiResult<Instance> {
 /// only when `force`d (the host removes its copy when it comes back: it is not its own).
 pub(crate) async fn remove(c: &Controller, name: &str, force: bool) -> ApiResult<()> {
     let (id, host) = settled(c, name)?;
+    // Its program ends now on purpose: no restart policy starts it again.
+    c.change_instance(&id, |inst| inst.stopped = true)?;
+    c.backoff.lock().expect("backoff lock").remove(&id);
     if c.agents.is_connected(&host) {
         c.agents
             .request(&host, AgentRequest::Remove { id: id.clone() })
@@ -121,6 +126,7 @@ pub(crate) async fn remove(c: &Controller, name: &str, force: bool) -> ApiResult
         let batch = s.drop_instance(&id);
         c.commit(batch)?;
     }
+    super::checkpoints::forget(c, &id);
     c.push_views();
     Ok(())
 }

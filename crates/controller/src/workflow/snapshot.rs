@@ -234,6 +234,8 @@ async fn restore_to_end(
         template: None,
         limits: from.limits,
         space: from.space,
+        restart: from.restart,
+        checkpoint_every: from.checkpoint_every,
     };
     let sealing = c.sealer.begin(&spec.instance);
     let images = Incoming {

@@ -157,6 +157,7 @@ pub(super) async fn cluster(
         data_dir: dir.path().to_path_buf(),
         store: crate::StoreLocation::Embedded,
         cluster: ClusterConfig::default(),
+        host_grace: crate::DEFAULT_HOST_GRACE,
         ready: None,
     };
     let agents = Arc::new(Scripted {

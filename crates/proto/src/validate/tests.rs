@@ -163,3 +163,49 @@ fn path_rules() {
     assert!(rootfs("root").is_err());
     assert!(rootfs("/").is_err());
 }
+
+#[test]
+fn durations_and_restart_policies() {
+    use super::*;
+    use std::time::Duration;
+    assert_eq!(duration("grace", "5s").unwrap(), Duration::from_secs(5));
+    assert_eq!(duration("grace", "5").unwrap(), Duration::from_secs(5));
+    assert_eq!(
+        duration("grace", "500ms").unwrap(),
+        Duration::from_millis(500)
+    );
+    assert_eq!(duration("grace", "2m").unwrap(), Duration::from_secs(120));
+    for bad in ["", "s", "5x", "-1s", "1.5s"] {
+        let e = duration("grace", bad).unwrap_err().to_string();
+        assert!(e.starts_with("invalid grace"), "{e}");
+    }
+    use crate::api::{ExitStatus, RestartPolicy};
+    let exit = |code: Option<i32>, signal: Option<i32>| ExitStatus {
+        code,
+        signal,
+        at: 0,
+        oom: false,
+    };
+    let ok = exit(Some(0), None);
+    let failed = exit(Some(3), None);
+    let killed = exit(None, Some(9));
+    assert!(!RestartPolicy::No.restarts_after(Some(&failed)));
+    assert!(RestartPolicy::Always.restarts_after(Some(&ok)));
+    assert!(!RestartPolicy::OnFailure.restarts_after(Some(&ok)));
+    assert!(RestartPolicy::OnFailure.restarts_after(Some(&failed)));
+    assert!(RestartPolicy::OnFailure.restarts_after(Some(&killed)));
+    assert_eq!(
+        "on-failure".parse::<RestartPolicy>(),
+        Ok(RestartPolicy::OnFailure)
+    );
+    let e = "sometimes"
+        .parse::<RestartPolicy>()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("restart policy \"sometimes\""), "{e}");
+    // Records stored before restart policies read as `no`.
+    assert_eq!(
+        serde_json::from_str::<RestartPolicy>("\"always\"").unwrap(),
+        RestartPolicy::Always
+    );
+}

@@ -61,7 +61,7 @@ pub fn host(c: &Client, cmd: HostCmd) -> Result<()> {
                         h.locator
                             .map(|l| l.to_string())
                             .unwrap_or_else(|| "-".into()),
-                        format!("{:?}", h.state).to_lowercase(),
+                        h.state.as_str().to_string(),
                         h.instances.to_string(),
                     ]
                 },

@@ -65,6 +65,16 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
         validate::name("template name", t)?;
     }
     let (limits, space) = settings(args.settings)?;
+    let checkpoint_every = match &args.checkpoint_every {
+        Some(d) => {
+            let every = validate::duration("checkpoint interval", d)?;
+            if every < std::time::Duration::from_secs(1) {
+                bail!("invalid checkpoint interval {d:?}: at least one second");
+            }
+            Some(every.as_secs())
+        }
+        None => None,
+    };
     let inst: Instance = c.post(
         "/v1/instances",
         &RunSpec {
@@ -78,6 +88,8 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
             template: args.template,
             limits,
             space,
+            restart: args.restart,
+            checkpoint_every,
         },
     )?;
     println!("{}", inst.name);
@@ -167,6 +179,10 @@ pub fn ps(c: &Client, how: ListArg) -> Result<()> {
             let state = match (&i.exit, i.state.as_str()) {
                 (Some(e), "exited") => format!("exited ({e})"),
                 (_, s) => s.to_string(),
+            };
+            let state = match i.restarts {
+                0 => state,
+                n => format!("{state} (restarted {n}x)"),
             };
             let state = match (&i.migrating, i.migrations.len()) {
                 (Some(to), _) => format!("{state} (migrating to {to})"),
