@@ -186,12 +186,13 @@ def run(args, store, agents, instances, log):
             t0 = time.time() * 1000
             api.call("POST", "/v1/instances", {"name": name, "net": f"n{h % nets}",
                                                 "host": f"sim{h + 1}", "cmd": ["sleep", "infinity"]})
-            probes.append(("add", f"{name}@sim{h + 1}", t0))
+            probes.append(("add", f"{name}@sim{h + 1}", t0, time.time() * 1000 - t0))
             time.sleep(args.gap)
         moves = 0
         for p in range(args.probes // 2):
             h = (p * 7919) % agents
-            to = (h + nets) % agents
+            # Another host of the same net (host h has instances in net h % nets only).
+            to = h + nets if h + nets < agents else h % nets
             if to == h:
                 continue
             name = f"p{p}"
@@ -199,7 +200,7 @@ def run(args, store, agents, instances, log):
             api.call("DELETE", f"/v1/instances/{name}")
             api.call("POST", "/v1/instances", {"name": name, "net": f"n{h % nets}",
                                                 "host": f"sim{to + 1}", "cmd": ["sleep", "infinity"]})
-            probes.append(("move", f"{name}@sim{to + 1}", t0))
+            probes.append(("move", f"{name}@sim{to + 1}", t0, time.time() * 1000 - t0))
             moves += 1
             time.sleep(args.gap)
         time.sleep(3)
@@ -212,8 +213,9 @@ def run(args, store, agents, instances, log):
             rep = json.load(f)
 
         lat = {"add": [], "move": []}
+        api_ms = [p[3] for p in probes]
         missing = 0
-        for kind, key, t0 in probes:
+        for kind, key, t0, _ in probes:
             seen = rep["members"].get(key)
             if seen is None:
                 missing += 1
@@ -223,6 +225,13 @@ def run(args, store, agents, instances, log):
         cpu_total, _, _ = proc_stats(ctl.pid)
         log(f"  probes: {len(lat['add'])} added, {len(lat['move'])} moved (remove + run on another host), "
             f"{missing} never seen")
+        log(f"  API requests of the probes (answered once the host has the instance): p50 "
+            f"{percentile(api_ms, 50):.0f} ms  p99 {percentile(api_ms, 99):.0f} ms  max {max(api_ms):.0f} ms")
+        if os.environ.get("CONTROL_BENCH_DEBUG"):
+            for kind, key, t0, api in probes:
+                seen = rep["members"].get(key)
+                if seen:
+                    log(f"    {kind} {key} api {api:.0f} ms seen {seen['last_first_seen_ms'] - t0:.0f} ms by {seen['hosts']}")
         for kind in ("add", "move"):
             if lat[kind]:
                 log(f"  {kind:5} p50 {percentile(lat[kind], 50):.0f} ms  p99 {percentile(lat[kind], 99):.0f} ms  "

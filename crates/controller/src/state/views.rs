@@ -1,7 +1,7 @@
 //! What each agent sees: the view of nets, members, policies and peers its switch needs,
 //! and the answer to a switch that misses an entry.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use vane_proto::api::Instance;
@@ -66,6 +66,25 @@ impl State {
             instance: i.id.clone(),
             moving_to: self.frozen.get(&i.id).map(|f| f.to),
         })
+    }
+
+    /// Whether instance `i` is a member (`member` would make one).
+    fn is_member(&self, i: &Instance) -> bool {
+        i.state != InstanceState::Lost
+            && self.nets.contains_key(&i.net)
+            && self.hosts.contains_key(&i.host)
+    }
+
+    /// Whether `m` is the member instance `i` makes (`member`), without making it.
+    fn member_is(&self, i: &Instance, m: &Member) -> bool {
+        m.instance == i.id
+            && m.ip == i.ip
+            && m.name == i.name
+            && m.hostname == i.hostname
+            && m.host == i.host
+            && Some(m.net) == self.nets.get(&i.net).map(|n| n.id)
+            && Some(m.host_id) == self.hosts.get(&i.host).map(|h| h.id)
+            && m.moving_to == self.frozen.get(&i.id).map(|f| f.to)
     }
 
     /// Answers a switch that misses an entry, or has it wait: `None` while the member is
@@ -156,51 +175,81 @@ impl ViewCache {
     /// Takes the parts as `state` now has them; a part equal to the one before keeps its
     /// generation.
     pub fn refresh(&mut self, state: &State) {
-        let peers: Vec<Peer> = state
-            .hosts
-            .values()
-            .filter_map(|h| {
-                Some(Peer {
-                    id: h.id,
-                    name: h.name.clone(),
-                    locator: h.locator,
-                    public_key: h.public_key.clone()?,
+        // Compared in place first: a push after a change to one instance allocates only for
+        // its net.
+        let with_keys = state.hosts.values().filter(|h| h.public_key.is_some());
+        let same_peers = with_keys.clone().count() == self.peers.1.len()
+            && with_keys.zip(&self.peers.1).all(|(h, p)| {
+                p.id == h.id
+                    && p.name == h.name
+                    && p.locator == h.locator
+                    && h.public_key.as_deref() == Some(p.public_key.as_str())
+            });
+        if !same_peers {
+            let peers = state
+                .hosts
+                .values()
+                .filter_map(|h| {
+                    Some(Peer {
+                        id: h.id,
+                        name: h.name.clone(),
+                        locator: h.locator,
+                        public_key: h.public_key.clone()?,
+                    })
                 })
-            })
-            .collect();
-        if peers != self.peers.1 {
+                .collect();
             self.generation += 1;
             self.peers = (self.generation, peers);
         }
-        let mut members: BTreeMap<&str, Vec<Member>> = BTreeMap::new();
+
+        // Each net's members against the last push's, in order: how many, and whether one
+        // differs.
         let mut local: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut counted: HashMap<&str, (usize, bool)> = HashMap::new();
         for i in state.instances.values() {
-            if let Some(set) = local.get_mut(&i.host) {
-                if !set.contains(&i.net) {
-                    set.insert(i.net.clone());
+            match local.get_mut(&i.host) {
+                Some(nets) if nets.contains(&i.net) => {}
+                Some(nets) => {
+                    nets.insert(i.net.clone());
                 }
-            } else {
-                local.insert(i.host.clone(), BTreeSet::from([i.net.clone()]));
+                None => {
+                    local.insert(i.host.clone(), BTreeSet::from([i.net.clone()]));
+                }
             }
-            if let Some(m) = state.member(i) {
-                members.entry(i.net.as_str()).or_default().push(m);
+            if !state.is_member(i) {
+                continue;
             }
+            let (n, differs) = counted.entry(i.net.as_str()).or_insert((0, false));
+            if !*differs {
+                let before = self.members.get(&i.net).and_then(|(_, m)| m.get(*n));
+                *differs = !before.is_some_and(|m| state.member_is(i, m));
+            }
+            *n += 1;
         }
         self.local = local;
         self.members
-            .retain(|net, _| members.contains_key(net.as_str()));
-        for (net, now) in members {
-            match self.members.get_mut(net) {
-                Some((_, before)) if *before == now => {}
-                Some(part) => {
-                    self.generation += 1;
-                    *part = (self.generation, now);
-                }
-                None => {
-                    self.generation += 1;
-                    self.members.insert(net.to_string(), (self.generation, now));
+            .retain(|net, _| counted.contains_key(net.as_str()));
+        let changed: HashSet<&str> = counted
+            .iter()
+            .filter(|(net, (n, differs))| {
+                *differs || self.members.get(**net).map(|(_, m)| m.len()) != Some(*n)
+            })
+            .map(|(net, _)| *net)
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let mut members: BTreeMap<&str, Vec<Member>> = BTreeMap::new();
+        for i in state.instances.values() {
+            if changed.contains(i.net.as_str()) {
+                if let Some(m) = state.member(i) {
+                    members.entry(i.net.as_str()).or_default().push(m);
                 }
             }
+        }
+        for (net, now) in members {
+            self.generation += 1;
+            self.members.insert(net.to_string(), (self.generation, now));
         }
     }
 
