@@ -63,6 +63,35 @@ pub async fn forward_lookups(agent: Arc<Agent>, mut rx: mpsc::Receiver<(u32, Ipv
     }
 }
 
+/// Opens a control stream (or any WebSocket) at `url` on the controller, through TLS that
+/// `tls` checks (the pinned CA: `pin::client_config`).
+pub async fn connect(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let connector = tokio_tungstenite::Connector::Rustls(tls);
+    // No Nagle: small messages that wait on each other (a lookup and its answer, a
+    // request's reply) must not wait for the controller's delayed ACK.
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(url, None, true, Some(connector)).await?;
+    Ok(ws)
+}
+
+/// How a host proves who it is in its hello: its credential once it has one, else the
+/// secret of its join token (the pin the token carries is this side's business).
+pub fn hello_auth(credential: Option<&str>, join_token: Option<&str>) -> Option<HostAuth> {
+    match (credential, join_token) {
+        (Some(c), _) => Some(HostAuth::Credential(c.to_string())),
+        (None, Some(t)) => Some(HostAuth::Token(
+            vane_proto::trust::split_join_token(t).map_or(t.to_string(), |(s, _)| s.into()),
+        )),
+        (None, None) => None,
+    }
+}
+
 /// Connects to the controller and reconnects whenever the stream ends, until the
 /// controller refuses this host; returns why. While disconnected the switch keeps
 /// forwarding with the tables it has.
@@ -72,13 +101,8 @@ pub async fn connect_loop(agent: Arc<Agent>) -> String {
     let tls = crate::pin::client_config(pin);
     let mut backoff = Duration::from_millis(100);
     loop {
-        let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
-        // No Nagle: small messages that wait on each other (a lookup and its answer, a
-        // request's reply) must not wait for the controller's delayed ACK.
-        match tokio_tungstenite::connect_async_tls_with_config(&url, None, true, Some(connector))
-            .await
-        {
-            Ok((ws, _)) => {
+        match connect(&url, tls.clone()).await {
+            Ok(ws) => {
                 backoff = Duration::from_millis(100);
                 match session(agent.clone(), ws).await {
                     SessionEnd::Refused(reason) => {
@@ -130,13 +154,9 @@ where
     let (public_key, auth) = {
         let state = agent.state();
         let id = &state.identity;
-        let auth = match (&id.credential, &agent.cfg.join_token) {
-            (Some(c), _) => HostAuth::Credential(c.clone()),
-            // The secret alone: the pin is this side's business.
-            (None, Some(t)) => HostAuth::Token(
-                vane_proto::trust::split_join_token(t).map_or(t.clone(), |(s, _)| s.into()),
-            ),
-            (None, None) => return SessionEnd::Refused("no credential and no join token".into()),
+        let Some(auth) = hello_auth(id.credential.as_deref(), agent.cfg.join_token.as_deref())
+        else {
+            return SessionEnd::Refused("no credential and no join token".into());
         };
         (id.public_key_hex(), auth)
     };

@@ -27,6 +27,7 @@ mod migration;
 pub mod netconf;
 mod pin;
 pub mod sandbox;
+pub mod simulate;
 mod state;
 mod streams;
 mod transfer;

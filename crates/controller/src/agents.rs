@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use vane_proto::stream::{AgentError, AgentReply, AgentRequest, AgentView, ErrorKind, ToAgent};
 
-use crate::state::ApiError;
+use crate::state::{ApiError, ViewKey};
 
 /// A message for an agent's socket writer.
 #[derive(Debug)]
@@ -30,7 +30,10 @@ struct Conn {
     /// Told when the agent does not keep up: its session ends (`session::run`).
     overflow: Arc<Notify>,
     pending: HashMap<u64, Pending>,
-    last_view: Option<AgentView>,
+    /// What the last view sent was made of (`Controller::push_views`); `None` before the
+    /// first and after one made otherwise (`push_view`). Only the key is kept, not the view:
+    /// with 1000 hosts a view is over 100 KB of peers.
+    last_view: Option<ViewKey>,
 }
 
 /// A request waiting for its answer, and its progress so far (`FromAgent::Progress`).
@@ -291,14 +294,30 @@ impl Agents {
         }
     }
 
-    /// Sends `view` to `host` unless it already has exactly this view.
+    /// Sends `view` to `host`, a view made otherwise than by `push_views` (the next one
+    /// from there is sent whatever its key).
     pub fn push_view(&self, host: &str, view: AgentView) {
         let mut conns = self.conns.lock().expect("agents lock");
         if let Some(c) = conns.get_mut(host) {
-            if c.last_view.as_ref() != Some(&view) {
-                c.last_view = Some(view.clone());
-                c.queue(Outgoing::Json(Box::new(ToAgent::View(view))));
-            }
+            c.last_view = None;
+            c.queue(Outgoing::Json(Box::new(ToAgent::View(view))));
+        }
+    }
+
+    /// Whether `host` is connected and its last view was not made of `key`.
+    pub fn view_changed(&self, host: &str, key: &ViewKey) -> bool {
+        let conns = self.conns.lock().expect("agents lock");
+        conns
+            .get(host)
+            .is_some_and(|c| c.last_view.as_ref() != Some(key))
+    }
+
+    /// Sends `host` its view `view`, made of `key`.
+    pub fn push_view_of(&self, host: &str, key: ViewKey, view: AgentView) {
+        let mut conns = self.conns.lock().expect("agents lock");
+        if let Some(c) = conns.get_mut(host) {
+            c.last_view = Some(key);
+            c.queue(Outgoing::Json(Box::new(ToAgent::View(view))));
         }
     }
 

@@ -88,6 +88,8 @@ pub(crate) struct Controller {
     backoff: Mutex<std::collections::HashMap<String, state::Backoff>>,
     /// Where the last checkpoint of each instance that asked for them is kept.
     checkpoints: PathBuf,
+    /// The parts of the views last pushed (`push_views`). Locked after `state`.
+    views: Mutex<state::ViewCache>,
 }
 
 impl Controller {
@@ -163,6 +165,7 @@ impl Controller {
             silent_since: Mutex::new(std::collections::HashMap::new()),
             backoff: Mutex::new(std::collections::HashMap::new()),
             checkpoints: cfg.data_dir.join("checkpoints"),
+            views: Mutex::new(state::ViewCache::default()),
         })
     }
 
@@ -227,11 +230,17 @@ impl Controller {
         self.push_views();
         let senders: Vec<String> = {
             let s = self.state();
-            self.streams
-                .connected()
-                .into_iter()
-                .filter(|h| s.view_for(h).members.iter().any(|m| m.instance == id))
-                .collect()
+            let mut parts = state::ViewCache::default();
+            parts.refresh(&s);
+            match s.instances.get(id) {
+                Some(i) => self
+                    .streams
+                    .connected()
+                    .into_iter()
+                    .filter(|h| parts.wants(&s, h, &i.net))
+                    .collect(),
+                None => Vec::new(),
+            }
         };
         let synced = senders
             .iter()
@@ -271,21 +280,20 @@ impl Controller {
         }
     }
 
-    /// Sends each connected agent its view, where it changed.
+    /// Sends each connected agent its view, where it changed: the parts of views are made
+    /// once (`ViewCache::refresh`), and a host's view only when what it is made of changed.
+    /// The state stays locked until every view is queued, so that two pushes cannot queue
+    /// their views in the opposite order of the states they were made from.
     fn push_views(&self) {
-        let views: Vec<_> = {
-            let state = self.state();
-            self.streams
-                .connected()
-                .into_iter()
-                .map(|h| {
-                    let v = state.view_for(&h);
-                    (h, v)
-                })
-                .collect()
-        };
-        for (host, view) in views {
-            self.streams.push_view(&host, view);
+        let state = self.state();
+        let mut cache = self.views.lock().expect("views lock");
+        cache.refresh(&state);
+        for host in self.streams.connected() {
+            let key = cache.key(&state, &host);
+            if self.streams.view_changed(&host, &key) {
+                self.streams
+                    .push_view_of(&host, key, cache.view(&state, &host));
+            }
         }
     }
 }

@@ -210,6 +210,33 @@ pub enum Cmd {
     InternalExec { args: String },
     #[command(name = "__restore", hide = true)]
     InternalRestore { dir: PathBuf },
+    /// Simulated hosts for `bench/control.sh`: real control-stream clients, no instances
+    #[command(name = "__simulate-agents", hide = true)]
+    InternalSimulateAgents(SimulateArgs),
+}
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// How many hosts
+    #[arg(long, default_value_t = 100)]
+    pub agents: usize,
+    /// A reusable join token (`vane host token --reusable`)
+    #[arg(long)]
+    pub join: String,
+    /// Hosts are named PREFIX1 .. PREFIXN
+    #[arg(long, default_value = "sim")]
+    pub prefix: String,
+    /// Where SIGUSR1 writes the report (JSON)
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Written once every host is connected and has its first view
+    #[arg(long)]
+    pub ready: Option<PathBuf>,
+    /// Hosts enrolling at once
+    #[arg(long, default_value_t = 4)]
+    pub enroll_parallel: usize,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Subcommand)]

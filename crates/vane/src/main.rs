@@ -275,6 +275,21 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::InternalExec { args } => return Ok(vane_agent::exec_helper_main(&args)),
         Cmd::InternalRestore { dir } => return Ok(vane_agent::launch::restore_main(&dir)),
+        Cmd::InternalSimulateAgents(a) => {
+            init_logging(a.log);
+            runtime()?.block_on(vane_agent::simulate::run(vane_agent::simulate::Options {
+                agents: a.agents,
+                controller: cli
+                    .controller
+                    .clone()
+                    .context("no controller: give --controller URL")?,
+                join: a.join,
+                prefix: a.prefix,
+                report: a.report,
+                ready: a.ready,
+                enroll_parallel: a.enroll_parallel,
+            }))?;
+        }
     }
     Ok(0)
 }

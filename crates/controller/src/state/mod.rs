@@ -30,6 +30,7 @@ mod instances;
 mod nets;
 mod templates;
 mod views;
+pub use views::{ViewCache, ViewKey};
 
 /// An error of the API, with the HTTP status class it maps to.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -303,3 +303,83 @@ fn templates_apply_first_and_flags_override_them() {
     assert!(s.remove_template("small").is_ok());
     assert!(s.remove_template("small").is_err());
 }
+
+/// Views made from a `ViewCache` are those `view_for` makes, and a host's key changes when
+/// something its view holds does, not when another host's does.
+#[test]
+fn views_are_made_again_only_where_their_parts_changed() {
+    use super::ViewCache;
+    let key = |h: &str| Some("ab".repeat(16) + &format!("{h:0>32}"));
+    let mut s = state_with_host();
+    for h in ["h1", "h2", "h3"] {
+        s.host_online(h, None, key(h).as_deref(), 0);
+    }
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
+    net(&mut s, "blue", "10.30.0.0/24", "a").unwrap();
+    let run_on = |s: &mut State, name: &str, net: &str, host: &str| {
+        s.plan_instance(
+            RunSpec {
+                name: Some(name.into()),
+                net: net.into(),
+                host: Some(host.into()),
+                cmd: vec!["true".into()],
+                ..Default::default()
+            },
+            format!("{name}-0123456789"),
+            0,
+        )
+        .unwrap();
+    };
+    run_on(&mut s, "r1", "red", "h1");
+    run_on(&mut s, "g1", "green", "h2");
+    let hosts = ["h1", "h2", "h3"];
+    let mut cache = ViewCache::default();
+    let keys = |cache: &mut ViewCache, s: &State| {
+        cache.refresh(s);
+        for h in hosts {
+            assert_eq!(cache.view(s, h), s.view_for(h), "view of {h}");
+        }
+        hosts.map(|h| cache.key(s, h))
+    };
+    let k0 = keys(&mut cache, &s);
+    assert_eq!(keys(&mut cache, &s), k0, "nothing changed");
+
+    // A member of red: h1's view changes, h2's (green) and h3's (no instances) do not.
+    run_on(&mut s, "r2", "red", "h3");
+    let k1 = keys(&mut cache, &s);
+    assert_ne!(k1[0], k0[0]);
+    assert_eq!(k1[1], k0[1]);
+    assert_ne!(k1[2], k0[2], "h3 now has an instance in red");
+
+    // A net no host uses, and a member of it: nobody's view.
+    run_on(&mut s, "b1", "blue", "h3");
+    let k2 = keys(&mut cache, &s);
+    assert_eq!(k2[0], k1[0]);
+    assert_eq!(k2[1], k1[1]);
+
+    // A policy between green and red: both sides see both nets.
+    s.add_policy(PolicySpec {
+        from: "green".into(),
+        to: "red".into(),
+        port: None,
+    })
+    .unwrap();
+    let k3 = keys(&mut cache, &s);
+    assert_ne!(k3[0], k2[0]);
+    assert_ne!(k3[1], k2[1]);
+    assert_eq!(cache.view(&s, "h2").members.len(), 3);
+
+    // A new host with a key is everyone's new peer.
+    s.host_online("h4", None, key("h4").as_deref(), 0);
+    let k4 = keys(&mut cache, &s);
+    for i in 0..3 {
+        assert_ne!(k4[i], k3[i]);
+    }
+    assert_eq!(cache.view(&s, "h1").peers.len(), 3);
+
+    // An instance removed: its net's hosts.
+    s.drop_instance("r2-0123456789");
+    let k5 = keys(&mut cache, &s);
+    assert_ne!(k5[0], k4[0]);
+}

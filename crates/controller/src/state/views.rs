@@ -1,7 +1,7 @@
 //! What each agent sees: the view of nets, members, policies and peers its switch needs,
 //! and the answer to a switch that misses an entry.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use vane_proto::api::{HostState, Instance};
@@ -11,52 +11,12 @@ use vane_proto::stream::{AgentView, Member, Peer, PolicyRule};
 use super::State;
 
 impl State {
-    /// What the agent of `host` needs to switch its instances' packets.
+    /// What the agent of `host` needs to switch its instances' packets. Makes the parts of
+    /// every view (one pass over hosts and instances): to make many, use [`ViewCache`].
     pub fn view_for(&self, host: &str) -> AgentView {
-        let (wanted, policies) = self.nets_wanted_by(host);
-        let nets: Vec<Net> = wanted
-            .iter()
-            .filter_map(|n| self.nets.get(*n).cloned())
-            .collect();
-        let id_of = |name: &str| self.nets.get(name).map(|n| n.id);
-        let members = self
-            .instances
-            .values()
-            .filter(|i| wanted.contains(i.net.as_str()))
-            .filter_map(|i| self.member(i))
-            .collect();
-        let policies = policies
-            .iter()
-            .filter_map(|p| {
-                Some(PolicyRule {
-                    from: id_of(&p.from)?,
-                    to: id_of(&p.to)?,
-                    port: p.port,
-                })
-            })
-            .collect();
-        // A dead host is nobody's peer: its sessions are dropped, and whatever copy it may
-        // still run (cut off, not powered off) reaches no one until it is back and has
-        // ended its stale copies.
-        let peers = self
-            .hosts
-            .values()
-            .filter(|h| h.name != host && h.state != HostState::Dead)
-            .filter_map(|h| {
-                Some(Peer {
-                    id: h.id,
-                    name: h.name.clone(),
-                    locator: h.locator,
-                    public_key: h.public_key.clone()?,
-                })
-            })
-            .collect();
-        AgentView {
-            peers,
-            nets,
-            members,
-            policies,
-        }
+        let mut parts = ViewCache::default();
+        parts.refresh(self);
+        parts.view(self, host)
     }
 
     /// The nets whose members the switch of `host` needs: those of its instances and those
@@ -68,6 +28,14 @@ impl State {
             .filter(|i| i.host == host)
             .map(|i| i.net.as_str())
             .collect();
+        self.nets_wanted_with(local)
+    }
+
+    /// `nets_wanted_by` for a host whose instances are in the nets `local`.
+    fn nets_wanted_with<'a>(
+        &'a self,
+        local: BTreeSet<&'a str>,
+    ) -> (BTreeSet<&'a str>, Vec<&'a Policy>) {
         let policies: Vec<&Policy> = self
             .policies
             .values()
@@ -98,6 +66,25 @@ impl State {
             instance: i.id.clone(),
             moving_to: self.frozen.get(&i.id).map(|f| f.to),
         })
+    }
+
+    /// Whether instance `i` is a member (`member` would make one).
+    fn is_member(&self, i: &Instance) -> bool {
+        i.state != InstanceState::Lost
+            && self.nets.contains_key(&i.net)
+            && self.hosts.contains_key(&i.host)
+    }
+
+    /// Whether `m` is the member instance `i` makes (`member`), without making it.
+    fn member_is(&self, i: &Instance, m: &Member) -> bool {
+        m.instance == i.id
+            && m.ip == i.ip
+            && m.name == i.name
+            && m.hostname == i.hostname
+            && m.host == i.host
+            && Some(m.net) == self.nets.get(&i.net).map(|n| n.id)
+            && Some(m.host_id) == self.hosts.get(&i.host).map(|h| h.id)
+            && m.moving_to == self.frozen.get(&i.id).map(|f| f.to)
     }
 
     /// Answers a switch that misses an entry, or has it wait: `None` while the member is
@@ -153,6 +140,202 @@ impl State {
             .filter(|i| i.net == name && i.ip == ip)
             .find_map(|i| self.member(i))
     }
+}
+
+/// The parts views are cut from, each with a generation that changes only when the part
+/// does, kept from one push of views to the next (`Controller::push_views`). Views used to
+/// be made whole for every connected host on every change, each from a pass over every
+/// instance: with 1000 hosts and 10,000 instances, seconds of work per change under the
+/// state lock. Now one pass over hosts and instances makes the parts (`refresh`), a host's
+/// [`ViewKey`] (its nets and policies, and the generations of its parts) says whether its
+/// view can have changed, and only then is the view made (`view`).
+#[derive(Debug, Default)]
+pub struct ViewCache {
+    /// The last generation given out; 0 stands for "no members".
+    generation: u64,
+    /// Every host with a key, in name order (a view leaves out its receiver).
+    peers: (u64, Vec<Peer>),
+    /// The members of each net (by name), in instance order.
+    members: BTreeMap<String, (u64, Vec<Member>)>,
+    /// The nets of each host's instances, by host name.
+    local: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// What a host's view is made of: two equal keys (of one [`ViewCache`]) make equal views.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewKey {
+    peers: u64,
+    nets: Vec<Net>,
+    /// The generation of each net's members, in the order of `nets`.
+    members: Vec<u64>,
+    policies: Vec<PolicyRule>,
+}
+
+impl ViewCache {
+    /// Takes the parts as `state` now has them; a part equal to the one before keeps its
+    /// generation.
+    pub fn refresh(&mut self, state: &State) {
+        // Compared in place first: a push after a change to one instance allocates only for
+        // its net.
+        // A dead host is nobody's peer: its sessions are dropped, and whatever copy it may
+        // still run (cut off, not powered off) reaches no one until it is back and has
+        // ended its stale copies.
+        let peer_hosts = || {
+            state
+                .hosts
+                .values()
+                .filter(|h| h.public_key.is_some() && h.state != HostState::Dead)
+        };
+        let with_keys = peer_hosts();
+        let same_peers = with_keys.clone().count() == self.peers.1.len()
+            && with_keys.zip(&self.peers.1).all(|(h, p)| {
+                p.id == h.id
+                    && p.name == h.name
+                    && p.locator == h.locator
+                    && h.public_key.as_deref() == Some(p.public_key.as_str())
+            });
+        if !same_peers {
+            let peers = peer_hosts()
+                .filter_map(|h| {
+                    Some(Peer {
+                        id: h.id,
+                        name: h.name.clone(),
+                        locator: h.locator,
+                        public_key: h.public_key.clone()?,
+                    })
+                })
+                .collect();
+            self.generation += 1;
+            self.peers = (self.generation, peers);
+        }
+
+        // Each net's members against the last push's, in order: how many, and whether one
+        // differs.
+        let mut local: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut counted: HashMap<&str, (usize, bool)> = HashMap::new();
+        for i in state.instances.values() {
+            match local.get_mut(&i.host) {
+                Some(nets) if nets.contains(&i.net) => {}
+                Some(nets) => {
+                    nets.insert(i.net.clone());
+                }
+                None => {
+                    local.insert(i.host.clone(), BTreeSet::from([i.net.clone()]));
+                }
+            }
+            if !state.is_member(i) {
+                continue;
+            }
+            let (n, differs) = counted.entry(i.net.as_str()).or_insert((0, false));
+            if !*differs {
+                let before = self.members.get(&i.net).and_then(|(_, m)| m.get(*n));
+                *differs = !before.is_some_and(|m| state.member_is(i, m));
+            }
+            *n += 1;
+        }
+        self.local = local;
+        self.members
+            .retain(|net, _| counted.contains_key(net.as_str()));
+        let changed: HashSet<&str> = counted
+            .iter()
+            .filter(|(net, (n, differs))| {
+                *differs || self.members.get(**net).map(|(_, m)| m.len()) != Some(*n)
+            })
+            .map(|(net, _)| *net)
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let mut members: BTreeMap<&str, Vec<Member>> = BTreeMap::new();
+        for i in state.instances.values() {
+            if changed.contains(i.net.as_str()) {
+                if let Some(m) = state.member(i) {
+                    members.entry(i.net.as_str()).or_default().push(m);
+                }
+            }
+        }
+        for (net, now) in members {
+            self.generation += 1;
+            self.members.insert(net.to_string(), (self.generation, now));
+        }
+    }
+
+    /// The nets and policies of the view of `host`.
+    fn wanted<'a>(&'a self, state: &'a State, host: &str) -> (BTreeSet<&'a str>, Vec<&'a Policy>) {
+        let local = self
+            .local
+            .get(host)
+            .map(|nets| nets.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        state.nets_wanted_with(local)
+    }
+
+    /// What the view of `host` is made of, without making it.
+    pub fn key(&self, state: &State, host: &str) -> ViewKey {
+        let (wanted, policies) = self.wanted(state, host);
+        let nets: Vec<Net> = wanted
+            .iter()
+            .filter_map(|n| state.nets.get(*n).cloned())
+            .collect();
+        let members = nets
+            .iter()
+            .map(|n| self.members.get(&n.name).map_or(0, |(g, _)| *g))
+            .collect();
+        ViewKey {
+            peers: self.peers.0,
+            nets,
+            members,
+            policies: policy_rules(state, &policies),
+        }
+    }
+
+    /// The view of `host`: its nets, their members (net by net, in instance order), its
+    /// policies and every other host with a key.
+    pub fn view(&self, state: &State, host: &str) -> AgentView {
+        let (wanted, policies) = self.wanted(state, host);
+        let nets: Vec<Net> = wanted
+            .iter()
+            .filter_map(|n| state.nets.get(*n).cloned())
+            .collect();
+        let members = nets
+            .iter()
+            .filter_map(|n| self.members.get(&n.name))
+            .flat_map(|(_, m)| m.iter().cloned())
+            .collect();
+        let peers = self
+            .peers
+            .1
+            .iter()
+            .filter(|p| p.name != host)
+            .cloned()
+            .collect();
+        AgentView {
+            peers,
+            nets,
+            members,
+            policies: policy_rules(state, &policies),
+        }
+    }
+
+    /// Whether the view of `host` has members of net `net` (by name).
+    pub fn wants(&self, state: &State, host: &str, net: &str) -> bool {
+        self.wanted(state, host).0.contains(net)
+    }
+}
+
+/// Policies with their nets as ids.
+fn policy_rules(state: &State, policies: &[&Policy]) -> Vec<PolicyRule> {
+    let id_of = |name: &str| state.nets.get(name).map(|n| n.id);
+    policies
+        .iter()
+        .filter_map(|p| {
+            Some(PolicyRule {
+                from: id_of(&p.from)?,
+                to: id_of(&p.to)?,
+                port: p.port,
+            })
+        })
+        .collect()
 }
 
 /// An instance frozen for a migration: the id of the host it moves to, and the lookups
