@@ -156,70 +156,19 @@ pub(crate) async fn restore(c: &Controller, r: &Restart) -> Option<ApiResult<u32
     let path = pack_of(c, &r.id);
     let mut file = tokio::fs::File::open(&path).await.ok()?;
     let bytes = file.metadata().await.ok()?.len();
-    let (host, id) = (r.host.as_str(), r.id.clone());
-    let prepared = c
-        .agents
-        .request(
-            host,
-            AgentRequest::Prepare {
-                instance: Box::new(r.spec.clone()),
-            },
-        )
-        .await;
-    if let Err(e) = prepared {
-        return Some(Err(e));
-    }
-    let result = async {
-        let (ticket, tx) = c.transfers.sent_to(host);
-        let receive = agent_transfer_request(
-            c,
-            host,
-            &ticket,
-            AgentRequest::ReceiveImages {
-                id: id.clone(),
-                ticket: ticket.clone(),
-                bytes,
-                from: None,
-                pages: false,
-            },
-            transfers::answer_within(bytes),
-        );
-        let feed = async {
-            let mut buf = vec![0u8; 1 << 16];
-            loop {
-                let n = file
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
-                if n == 0 {
-                    return transfers::put(&tx, transfers::Piece::End).await;
-                }
-                let piece = bytes::Bytes::copy_from_slice(&buf[..n]);
-                transfers::put(&tx, transfers::Piece::Data(piece)).await?;
+    let feed = |tx| async move {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+            if n == 0 {
+                return transfers::put(&tx, transfers::Piece::End).await;
             }
-        };
-        let (received, fed) = tokio::join!(receive, feed);
-        received.and(fed)?;
-        match c
-            .agents
-            .request(
-                host,
-                AgentRequest::Restore {
-                    id: id.clone(),
-                    tcp_close: true,
-                },
-            )
-            .await?
-        {
-            AgentReply::Created { pid } => Ok(pid),
-            other => Err(ApiError::Internal(format!(
-                "unexpected answer from host {host:?}: {other:?}"
-            ))),
+            let piece = bytes::Bytes::copy_from_slice(&buf[..n]);
+            transfers::put(&tx, transfers::Piece::Data(piece)).await?;
         }
-    }
-    .await;
-    if result.is_err() {
-        let _ = c.agents.request(host, AgentRequest::Discard { id }).await;
-    }
-    Some(result)
+    };
+    Some(super::snapshot::restore_on(c, &r.host, r.spec.clone(), bytes, feed).await)
 }

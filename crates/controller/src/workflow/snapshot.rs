@@ -246,7 +246,10 @@ async fn restore_to_end(
     };
     let ctl: &Controller = &c;
     start_instance(ctl, run, |spec, host| async move {
-        restore_on(ctl, &host, spec, images).await.map(Some)
+        let bytes = images.bytes;
+        restore_on(ctl, &host, spec, bytes, |tx| images.forward(tx))
+            .await
+            .map(Some)
     })
     .await
 }
@@ -301,13 +304,21 @@ impl Incoming {
     }
 }
 
-/// Prepares `spec` on `host`, streams it the images and restores them there.
-async fn restore_on(
+/// Prepares `spec` on `host`, streams it the `bytes` of images that `feed` puts in the
+/// transfer, and restores them there (established connections closed): the restored
+/// pid, or why not, with what was prepared on the host discarded again. For restores
+/// from a client's snapshot and from a kept checkpoint alike.
+pub(crate) async fn restore_on<F, Fut>(
     c: &Controller,
     host: &str,
     spec: vane_proto::stream::InstanceSpec,
-    images: Incoming,
-) -> ApiResult<u32> {
+    bytes: u64,
+    feed: F,
+) -> ApiResult<u32>
+where
+    F: FnOnce(mpsc::Sender<transfers::Piece>) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<()>>,
+{
     let id = spec.id.clone();
     c.agents
         .request(
@@ -320,7 +331,6 @@ async fn restore_on(
         .map_err(|e| e.from_host(host))?;
     let result = async {
         let (ticket, tx) = c.transfers.sent_to(host);
-        let bytes = images.bytes;
         let receive = agent_transfer_request(
             c,
             host,
@@ -334,7 +344,7 @@ async fn restore_on(
             },
             transfers::answer_within(bytes),
         );
-        let (received, forwarded) = tokio::join!(receive, images.forward(tx));
+        let (received, forwarded) = tokio::join!(receive, feed(tx));
         // What the client sent (a bad request) says more than what the host made of it;
         // the host says more than that it stopped taking the images.
         match (forwarded, received) {
