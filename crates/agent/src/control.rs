@@ -29,9 +29,22 @@ pub fn controller_addr(url: &str) -> Option<SocketAddr> {
     with_port.to_socket_addrs().ok()?.next()
 }
 
-/// The WebSocket URL of `path` on the controller (its API speaks only TLS).
+/// The controllers' base URLs in `list`: `--controller`, comma-separated replicas.
+pub fn controller_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|u| u.trim().trim_end_matches('/'))
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The WebSocket URL of `path` on the replica the control stream is open to (its API speaks
+/// only TLS).
 pub fn controller_ws_url(agent: &Agent, path: &str) -> String {
-    let base = agent.cfg.controller.trim_end_matches('/');
+    ws_url(&agent.controller_now.lock().expect("controller lock"), path)
+}
+
+fn ws_url(base: &str, path: &str) -> String {
     let rest = base.split_once("://").map_or(base, |(_, r)| r);
     format!("wss://{rest}{path}")
 }
@@ -93,17 +106,33 @@ pub fn hello_auth(credential: Option<&str>, join_token: Option<&str>) -> Option<
 }
 
 /// Connects to the controller and reconnects whenever the stream ends, until the
-/// controller refuses this host; returns why. While disconnected the switch keeps
-/// forwarding with the tables it has.
+/// controller refuses this host; returns why. With several replicas it goes round them:
+/// to the leader a standby names first, else to the next one. While disconnected the
+/// switch keeps forwarding with the tables it has.
 pub async fn connect_loop(agent: Arc<Agent>) -> String {
-    let url = controller_ws_url(&agent, "/v1/agents/connect");
+    let replicas = controller_urls(&agent.cfg.controller);
     let pin = agent.state().identity.ca_pin.expect("checked at start");
     let tls = crate::pin::client_config(pin);
+    // Replicas are tried at once one after the other; the wait grows only after a round.
+    let longest = if replicas.len() > 1 {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(2)
+    };
     let mut backoff = Duration::from_millis(100);
+    let mut next = 0;
+    let mut named: Option<String> = None;
     loop {
+        let base = named.take().unwrap_or_else(|| {
+            let this = next;
+            next = (next + 1) % replicas.len();
+            replicas[this].clone()
+        });
+        let url = ws_url(&base, "/v1/agents/connect");
         match connect(&url, tls.clone()).await {
             Ok(ws) => {
                 backoff = Duration::from_millis(100);
+                *agent.controller_now.lock().expect("controller lock") = base;
                 match session(agent.clone(), ws).await {
                     SessionEnd::Refused(reason) => {
                         return format!("the controller refused this host: {reason}")
@@ -113,6 +142,22 @@ pub async fn connect_loop(agent: Arc<Agent>) -> String {
                         continue;
                     }
                     SessionEnd::Lost => tracing::warn!("lost the controller, reconnecting"),
+                }
+            }
+            // A standby: it names the leader, if one leads.
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp))
+                if resp.status()
+                    == tokio_tungstenite::tungstenite::http::StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                named = resp
+                    .headers()
+                    .get(vane_proto::LEADER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .filter(|l| *l != base);
+                tracing::debug!(standby = %base, leader = ?named, "a standby replica");
+                if named.is_some() {
+                    continue;
                 }
             }
             // A controller that fails the pin is worth a line; a stopped one is routine. A
@@ -129,8 +174,10 @@ pub async fn connect_loop(agent: Arc<Agent>) -> String {
             }
             Err(e) => tracing::debug!("cannot reach the controller at {url}: {e}"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        if next == 0 || replicas.len() == 1 {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(longest);
+        }
     }
 }
 

@@ -87,8 +87,12 @@ pub(crate) struct Agent {
     /// Messages to the controller, while connected. Apart from `state`: the connection's,
     /// not the host's, and taken by `send` wherever a step is.
     outbox: Mutex<Option<mpsc::Sender<FromAgent>>>,
-    /// The controller's socket address (for the default locator and the underlay MTU).
+    /// The controller's socket address (for the default locator and the underlay MTU): the
+    /// first replica's.
     controller_addr: Option<SocketAddr>,
+    /// The base URL of the replica the control stream is open to (or was last), which the
+    /// streams that go with it (transfers) use too.
+    controller_now: Mutex<String>,
     /// MTU of instance devices: the underlay's less the encapsulation.
     instance_mtu: usize,
     egress_ready: std::sync::atomic::AtomicBool,
@@ -146,7 +150,11 @@ pub async fn run(
             cfg.name
         );
     }
-    let controller_addr = control::controller_addr(&cfg.controller);
+    let replicas = control::controller_urls(&cfg.controller);
+    let Some(first) = replicas.first().cloned() else {
+        anyhow::bail!("no controller URL in {:?}", cfg.controller);
+    };
+    let controller_addr = control::controller_addr(&first);
     let underlay_mtu = controller_addr
         .and_then(|a| netconf::underlay_mtu(a.ip()))
         .unwrap_or(1500);
@@ -175,6 +183,7 @@ pub async fn run(
         state: Mutex::new(State::new(identity)),
         outbox: Mutex::new(None),
         controller_addr,
+        controller_now: Mutex::new(first),
         instance_mtu: max_inner_packet,
         egress_ready: std::sync::atomic::AtomicBool::new(false),
         cfg,

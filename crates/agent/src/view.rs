@@ -30,6 +30,18 @@ impl Agent {
     /// Applies a view pushed by the controller: the switch's tables, and each running
     /// instance's rules and hosts file where they changed.
     pub(crate) async fn apply_view(self: &Arc<Self>, view: AgentView) {
+        {
+            let last = self.state().view.revision;
+            // Term 0: a controller from before revisions, whose views come in order.
+            if view.revision.term != 0 && view.revision <= last {
+                tracing::info!(
+                    revision = ?view.revision,
+                    applied = ?last,
+                    "ignoring a view older than the one applied"
+                );
+                return;
+            }
+        }
         let nets: Vec<NetConfig> = view.nets.iter().map(net_config).collect();
         let peers = view
             .peers

@@ -125,6 +125,11 @@ impl AgentLink for Agents {
 pub struct Agents {
     conns: Mutex<HashMap<String, Conn>>,
     next_id: AtomicU64,
+    /// This controller's term (`Controller::open_with`): the first part of its views'
+    /// revisions.
+    term: AtomicU64,
+    /// The last view sent: the second part.
+    view_seq: AtomicU64,
 }
 
 /// How long the controller waits for an agent's answer. Creating an instance is the slowest
@@ -134,6 +139,21 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 impl Agents {
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sets the term of the views sent from now on.
+    pub fn set_term(&self, term: u64) {
+        self.term.store(term, Ordering::Relaxed);
+    }
+
+    /// `view` with the next revision. Called with the connections locked, while the view
+    /// is queued: revisions go out in the order they were given.
+    fn stamped(&self, mut view: AgentView) -> Box<ToAgent> {
+        view.revision = vane_proto::stream::ViewRevision {
+            term: self.term.load(Ordering::Relaxed),
+            seq: self.view_seq.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        Box::new(ToAgent::View(view))
     }
 
     /// Registers the connection of `host`, replacing (and closing) an older one. Returns
@@ -300,7 +320,7 @@ impl Agents {
         let mut conns = self.conns.lock().expect("agents lock");
         if let Some(c) = conns.get_mut(host) {
             c.last_view = None;
-            c.queue(Outgoing::Json(Box::new(ToAgent::View(view))));
+            c.queue(Outgoing::Json(self.stamped(view)));
         }
     }
 
@@ -317,7 +337,7 @@ impl Agents {
         let mut conns = self.conns.lock().expect("agents lock");
         if let Some(c) = conns.get_mut(host) {
             c.last_view = Some(key);
-            c.queue(Outgoing::Json(Box::new(ToAgent::View(view))));
+            c.queue(Outgoing::Json(self.stamped(view)));
         }
     }
 

@@ -6,6 +6,7 @@ mod agents;
 mod api;
 pub mod auth;
 pub mod enroll;
+pub mod leader;
 mod metrics;
 mod recovery;
 mod seal;
@@ -49,7 +50,21 @@ pub struct ControllerConfig {
     /// Notified once the API's listener is bound: what a service manager waits for before
     /// it starts what depends on the controller (systemd's `Type=notify`).
     pub ready: Option<Arc<tokio::sync::Notify>>,
+    /// The URL other replicas' standbys give for this one while it leads (with an etcd
+    /// store); `https://LISTEN` if not given.
+    pub advertise: Option<String>,
 }
+
+/// The files of a controller's data directory that its replicas share: the cluster's CA
+/// (which agents pin and the CLI trusts), the admin credential, and the key that seals
+/// snapshots. Every replica must start with the same ones, copied from the first
+/// (`vane lab up --controllers` does it); the rest is in the store.
+pub const REPLICA_FILES: [&str; 4] = [
+    tls::CA_CERT_FILE,
+    tls::CA_KEY_FILE,
+    auth::ADMIN_TOKEN_FILE,
+    seal::KEY_FILE,
+];
 
 /// `vane controller --host-grace`'s default.
 pub const DEFAULT_HOST_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -128,24 +143,31 @@ impl Controller {
         inst
     }
 
-    fn open(cfg: &ControllerConfig, tls_pin: vane_proto::trust::Pin) -> anyhow::Result<Controller> {
+    /// Opens the store and loads it: with a `fence`, as the leader among replicas.
+    fn open(
+        cfg: &ControllerConfig,
+        tls_pin: vane_proto::trust::Pin,
+        fence: Option<leader::Fence>,
+    ) -> anyhow::Result<Controller> {
         let streams = Arc::new(Agents::default());
-        Self::open_with(cfg, tls_pin, streams.clone(), streams)
+        let store = Store::open_fenced(&cfg.store, &cfg.data_dir, fence)?;
+        Self::open_with(cfg, tls_pin, store, streams.clone(), streams)
     }
 
-    /// `open`, with requests to agents going through `agents`.
+    /// `open` on `store`, with requests to agents going through `agents`.
     fn open_with(
         cfg: &ControllerConfig,
         tls_pin: vane_proto::trust::Pin,
+        store: Store,
         streams: Arc<Agents>,
         agents: Arc<dyn AgentLink>,
     ) -> anyhow::Result<Controller> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data directory {}", cfg.data_dir.display()))?;
-        let store = Store::open(&cfg.store, &cfg.data_dir)?;
         let snapshot = store.load()?;
         let (state, batch) = State::from_snapshot(snapshot, cfg.cluster.clone());
         store.commit(&batch)?;
+        streams.set_term(state.term());
         let sealer = seal::Sealer::load_or_create(&cfg.data_dir)?;
         let credentials = auth::Credentials::load_or_create(&cfg.data_dir)?;
         Ok(Controller {
@@ -187,6 +209,13 @@ impl Controller {
         loop {
             match self.store.commit(&batch) {
                 Ok(()) => return Ok(()),
+                Err(crate::store::StoreError::Deposed) => {
+                    tracing::error!(
+                        "another controller leads now: exiting, so that nothing of this one's \
+                         term lives on (started again, it stands by)"
+                    );
+                    std::process::exit(STORE_LOST_EXIT);
+                }
                 Err(e) if std::time::Instant::now() < deadline => {
                     tracing::warn!("the store did not take a change, trying again: {e}");
                     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -310,7 +339,8 @@ pub(crate) fn die_at(step: &str) {
     vane_proto::test_die_at(step);
 }
 
-/// Runs the controller until `shutdown` completes.
+/// Runs the controller until `shutdown` completes: the leader at once with the embedded
+/// store; with etcd, a standby until it is elected (`leader`).
 pub async fn run(
     cfg: ControllerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -323,15 +353,76 @@ pub async fn run(
             .with_context(|| format!("protect {}", cfg.data_dir.display()))?;
     }
     let tls = tls::Tls::load_or_create(&cfg.data_dir, cfg.listen)?;
-    let controller = Arc::new(Controller::open(&cfg, tls.pin)?);
-    recovery::finish_interrupted(&controller);
-    // Every host is offline until its agent connects: one that stays silent for the grace
-    // period is dead.
-    let hosts: Vec<String> = controller.state().hosts.keys().cloned().collect();
-    for host in hosts {
-        workflow::watch_silence(&controller, &host, 0, controller.host_grace);
+    let me = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("https://{}", cfg.listen));
+    let cfg = Arc::new(cfg);
+    // What answers requests: the leader's API, or a standby's refusals.
+    let serving = Arc::new(std::sync::RwLock::new(axum::Router::new()));
+    // While a new leader waits for its agents: what answers the rest.
+    let settling = Arc::new(std::sync::RwLock::new(None::<axum::Router>));
+    let leading: Arc<Mutex<Option<Arc<Controller>>>> = Arc::default();
+    match &cfg.store {
+        StoreLocation::Etcd { endpoints, prefix } => {
+            let mut elector = leader::Elector::connect(endpoints, prefix, &me).await?;
+            let mut watcher = elector.clone();
+            let hint = Arc::new(Mutex::new(None::<String>));
+            *serving.write().expect("router lock") = api::standby_router(me.clone(), hint.clone());
+            tracing::info!(%me, "standing by: campaigning for the leadership");
+            let (cfg, serving, leading, settling) = (
+                cfg.clone(),
+                serving.clone(),
+                leading.clone(),
+                settling.clone(),
+            );
+            let pin = tls.pin;
+            tokio::spawn(async move {
+                // The standby names the leader it sees, for clients to go there.
+                let naming = tokio::spawn(async move {
+                    loop {
+                        let seen = watcher.leader().await;
+                        *hint.lock().expect("hint lock") = seen;
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                });
+                let (fence, mut lost) = match elector.lead().await {
+                    Ok(won) => won,
+                    Err(e) => {
+                        tracing::error!("campaigning for the leadership: {e:#}; exiting");
+                        std::process::exit(STORE_LOST_EXIT);
+                    }
+                };
+                naming.abort();
+                tracing::info!(%me, "elected the leader");
+                let controller = match start_leading(&cfg, pin, Some(fence)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!("taking the lead: {e:#}; exiting");
+                        std::process::exit(STORE_LOST_EXIT);
+                    }
+                };
+                *leading.lock().expect("leading lock") = Some(controller.clone());
+                // Agents first: the rest waits until they are back (or a moment passed).
+                *settling.write().expect("router lock") = Some(api::settling_router(me.clone()));
+                *serving.write().expect("router lock") = api::router(controller.clone());
+                controller.await_agents(SETTLE_LIMIT).await;
+                *settling.write().expect("router lock") = None;
+                let _ = lost.wait_for(|l| *l).await;
+                tracing::error!(
+                    "lost the leadership (etcd did not hear this controller for {} s): exiting, \
+                     so that nothing of its term lives on (started again, it stands by)",
+                    leader::LEASE_TTL
+                );
+                std::process::exit(STORE_LOST_EXIT);
+            });
+        }
+        StoreLocation::Embedded => {
+            let controller = start_leading(&cfg, tls.pin, None)?;
+            *leading.lock().expect("leading lock") = Some(controller.clone());
+            *serving.write().expect("router lock") = api::router(controller);
+        }
     }
-    tokio::spawn(workflow::keep_checkpoints(controller.clone()));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
@@ -339,7 +430,18 @@ pub async fn run(
     if let Some(ready) = &cfg.ready {
         ready.notify_one();
     }
-    let app = api::router(controller.clone());
+    // Each request goes to what serves now: a standby's connection that stays open (a
+    // browser's) reaches the API once it leads.
+    let app = axum::Router::new().fallback_service(tower::service_fn(
+        move |req: axum::extract::Request| {
+            let settling = settling.read().expect("router lock").clone();
+            let router = match settling {
+                Some(r) if !req.uri().path().starts_with("/v1/agents/") => r,
+                _ => serving.read().expect("router lock").clone(),
+            };
+            tower::ServiceExt::oneshot(router, req)
+        },
+    ));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
     tokio::pin!(shutdown);
     loop {
@@ -380,6 +482,50 @@ pub async fn run(
         });
     }
     tracing::info!("controller stopping");
-    controller.shutdown.send_replace(true);
+    if let Some(controller) = leading.lock().expect("leading lock").as_ref() {
+        controller.shutdown.send_replace(true);
+    }
     Ok(())
+}
+
+/// The longest a new leader waits for its hosts' agents before it serves the rest.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Controller {
+    /// Waits until every host that is not dead has its agent connected, or `limit`.
+    async fn await_agents(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            let missing = {
+                let s = self.state();
+                s.hosts
+                    .values()
+                    .filter(|h| h.state != vane_proto::api::HostState::Dead)
+                    .any(|h| !self.streams.is_connected(&h.name))
+            };
+            if !missing {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Loads the store as its leader (`fence` among replicas) and starts what a leader runs:
+/// interrupted migrations finished, hosts' silence watched, checkpoints kept.
+fn start_leading(
+    cfg: &ControllerConfig,
+    pin: vane_proto::trust::Pin,
+    fence: Option<leader::Fence>,
+) -> anyhow::Result<Arc<Controller>> {
+    let controller = Arc::new(Controller::open(cfg, pin, fence)?);
+    recovery::finish_interrupted(&controller);
+    // Every host is offline until its agent connects: one that stays silent for the grace
+    // period is dead.
+    let hosts: Vec<String> = controller.state().hosts.keys().cloned().collect();
+    for host in hosts {
+        workflow::watch_silence(&controller, &host, 0, controller.host_grace);
+    }
+    tokio::spawn(workflow::keep_checkpoints(controller.clone()));
+    Ok(controller)
 }

@@ -12,7 +12,7 @@ use ring::hmac;
 
 use vane_proto::api::Instance;
 
-const KEY_FILE: &str = "image.key";
+pub(crate) const KEY_FILE: &str = "image.key";
 /// What the seal is of, so that it can never be taken for a MAC of something else.
 const DOMAIN: &[u8] = b"vane snapshot v1\0";
 

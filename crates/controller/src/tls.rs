@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use vane_proto::trust::Pin;
 
 pub const CA_CERT_FILE: &str = "ca.crt";
-const CA_KEY_FILE: &str = "ca.key";
+pub(crate) const CA_KEY_FILE: &str = "ca.key";
 
 /// The cluster's CA, and what the API serves with.
 pub struct Tls {

@@ -446,6 +446,11 @@ pub struct Instance {
     pub limits: Limits,
     #[serde(default)]
     pub space: SpaceSpec,
+    /// The client's key of the request that made it (`Idempotency-Key`): a client that
+    /// sends that request again, its answer lost with the controller that took it, gets
+    /// this instance rather than a second one or a conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
     /// The host it is moving to, while a migration is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrating: Option<String>,

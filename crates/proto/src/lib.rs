@@ -12,6 +12,14 @@ pub mod validate;
 
 /// Default TCP port of the controller's API.
 pub const DEFAULT_API_PORT: u16 = 7946;
+
+/// The header in which a standby controller replica names the leader's URL, for clients
+/// (the CLI, agents) to go there.
+pub const LEADER_HEADER: &str = "x-vane-leader";
+
+/// The header of a client's key for a request it may send again (`vane run` after a lost
+/// answer): the same key gets the first one's result.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 /// Default UDP port of an agent's switch on the underlay.
 pub const DEFAULT_SWITCH_PORT: u16 = 7947;
 

@@ -327,6 +327,11 @@ pub struct InstanceReport {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentView {
+    /// Where this view stands among all the views the cluster's controllers sent: an agent
+    /// applies a view only if it is newer than the last it applied, so that a view from a
+    /// deposed leader, or one that overtook another, never undoes a newer one.
+    #[serde(default)]
+    pub revision: ViewRevision,
     /// Every enrolled host other than the receiver: where its switch is and its key.
     #[serde(default)]
     pub peers: Vec<Peer>,
@@ -351,6 +356,17 @@ impl AgentView {
         }
         self
     }
+}
+
+/// The order of views: by the term of the controller that made them (each leader's term
+/// is above every earlier one's, kept in the store), then by the order it sent them in.
+/// Views saved before revisions existed are at zero, below every revision sent.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct ViewRevision {
+    pub term: u64,
+    pub seq: u64,
 }
 
 /// Another host, as a switch needs to know it to open a tunnel to it.

@@ -30,6 +30,11 @@ fn invalid(what: &'static str, value: &str, why: &'static str) -> InputError {
     }
 }
 
+/// Whether `key` can be a request's idempotency key: 8 to 64 letters, digits and '-'.
+pub fn request_key(key: &str) -> bool {
+    (8..=64).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// Names of nets, instances, hosts and tenants: they end up in file names, host names and
 /// /etc/hosts, so they follow the DNS label rules (RFC 1123), at most 63 characters.
 pub fn name(what: &'static str, value: &str) -> Result<(), InputError> {

@@ -489,6 +489,10 @@ pub struct LabUpArgs {
     /// the lab's directory); kept for the lab's life
     #[arg(long, value_name = "STORE", value_parser = store_location)]
     pub store: Option<String>,
+    /// Controller replicas, one of which leads; with more than one and no --store, the lab
+    /// runs an etcd of as many members for them; kept for the lab's life
+    #[arg(long)]
+    pub controllers: Option<u8>,
 }
 
 /// A store location checked as the controller will read it, kept as written.
@@ -529,6 +533,10 @@ pub struct ControllerArgs {
         value_name = "DURATION"
     )]
     pub host_grace: String,
+    /// This replica's URL, as the standbys name it to clients while it leads (with an etcd
+    /// store, where replicas elect a leader) [default: https://LISTEN]
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
     #[command(flatten)]
     pub log: LogArgs,
 }

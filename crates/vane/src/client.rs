@@ -40,11 +40,16 @@ impl Access {
     /// The controller at `url` (its API speaks only HTTPS: `http://` is taken to mean
     /// `https://`), with the CA certificate and credential given, or else those of the lab
     /// (or of the default `vane controller`) on this machine that serves that URL.
+    /// `url` may name several replicas, comma-separated.
     pub fn resolve(url: &str, ca: Option<PathBuf>, token: Option<String>) -> Access {
-        let url = match url.strip_prefix("http://") {
-            Some(rest) => format!("https://{rest}"),
-            None => url.to_string(),
-        };
+        let url = url
+            .split(',')
+            .map(|u| match u.trim().strip_prefix("http://") {
+                Some(rest) => format!("https://{rest}"),
+                None => u.trim().to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         let local = local_data_dir(&url);
         let ca = ca.or_else(|| {
             local
@@ -84,22 +89,31 @@ fn local_data_dir(url: &str) -> Option<PathBuf> {
             .trim_end_matches('/')
             .to_string()
     };
-    let wanted = authority(url);
+    let wanted: Vec<String> = url.split(',').map(authority).collect();
     for entry in std::fs::read_dir(LABS_DIR).into_iter().flatten().flatten() {
         let file = entry.path().join("lab.json");
         let Ok(bytes) = std::fs::read(&file) else {
             continue;
         };
         let lab: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        if lab["controller"].as_str().map(authority) == Some(wanted.clone()) {
+        // A lab's replicas share its first one's CA and credential.
+        let serves = lab["controller"]
+            .as_str()
+            .is_some_and(|list| list.split(',').any(|u| wanted.contains(&authority(u))));
+        if serves {
             return Some(entry.path().join("controller"));
         }
     }
+    let wanted = wanted.first().cloned().unwrap_or_default();
     let local = wanted.starts_with("127.0.0.1:") || wanted.starts_with("localhost:");
     (local && Path::new(DEFAULT_DATA_DIR).is_dir()).then(|| PathBuf::from(DEFAULT_DATA_DIR))
 }
 
 pub struct Client {
+    /// The replicas' base URLs; requests go to `leader` first.
+    bases: Vec<String>,
+    /// The replica that answered last (or a standby named as the leader).
+    leader: std::sync::Mutex<String>,
     base: String,
     agent: ureq::Agent,
     /// The controller's CA certificate, for the connections ureq does not make (WebSockets).
@@ -130,7 +144,19 @@ impl Client {
             .tls_config(tls.build())
             .build()
             .into();
+        let bases: Vec<String> = access
+            .url
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let first = bases
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow!("no controller URL in {:?}", access.url))?;
         Ok(Client {
+            leader: std::sync::Mutex::new(first),
+            bases,
             base: access.url.trim_end_matches('/').to_string(),
             agent,
             ca: access.ca.clone(),
@@ -146,23 +172,93 @@ impl Client {
         }
     }
 
-    fn get_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
-        self.authorized(self.agent.get(&self.url(path)))
-    }
-
-    fn post_req(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
-        self.authorized(self.agent.post(&self.url(path)))
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
     fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
         anyhow!(
             "cannot reach the controller at {}: {e} (start a lab with `vane lab up`, or set --controller / VANE_CONTROLLER)",
             self.base
         )
+    }
+
+    fn current(&self) -> String {
+        self.leader.lock().expect("leader lock").clone()
+    }
+
+    /// Sends a request made by `make` (given the base URL of a replica) to the leader: to
+    /// the replica that answered last, else to the leader a standby names, else round the
+    /// replicas, for up to `FAILOVER_PATIENCE` while none leads (an election after the
+    /// leader died). A single controller is asked once (and the leader it names, if it is
+    /// a standby). `retried` tells whether the answer came after a request that may have
+    /// reached a replica that then died.
+    fn send(&self, make: &dyn Fn(&str) -> Result<Resp, ureq::Error>) -> Result<(Resp, bool)> {
+        let patient = self.bases.len() > 1;
+        let deadline = std::time::Instant::now() + FAILOVER_PATIENCE;
+        let mut base = self.current();
+        let mut retried = false;
+        let mut tried = 0;
+        // Leaders named in a row: standbys that name each other (an election in between)
+        // do not keep the client going round.
+        let mut hops = 0;
+        loop {
+            let failure = match make(&base) {
+                Ok(resp) if resp.status() == 503 && self.is_standby(&resp) => {
+                    let named = resp
+                        .headers()
+                        .get(vane_proto::LEADER_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                        .filter(|l| *l != base);
+                    if let Some(leader) = named.filter(|_| hops < 3) {
+                        hops += 1;
+                        base = leader;
+                        continue;
+                    }
+                    if !patient {
+                        return Ok((resp, retried));
+                    }
+                    format!("{base} is a standby")
+                }
+                Ok(resp) => {
+                    *self.leader.lock().expect("leader lock") = base;
+                    return Ok((resp, retried));
+                }
+                Err(e) if !patient => return Err(self.unreachable(e)),
+                Err(e) => {
+                    // Refused before the request went out: nothing happened. Otherwise
+                    // the replica may have done it before it died.
+                    let before_sending = matches!(
+                        e,
+                        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound
+                    ) || matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused);
+                    retried |= !before_sending;
+                    format!("{base}: {e}")
+                }
+            };
+            tried += 1;
+            hops = 0;
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "no controller replica answers as the leader ({failure}; tried {}) (set --controller / VANE_CONTROLLER)",
+                    self.bases.join(", ")
+                );
+            }
+            let at = self
+                .bases
+                .iter()
+                .position(|b| *b == base)
+                .map_or(0, |i| i + 1);
+            base = self.bases[at % self.bases.len()].clone();
+            if tried % self.bases.len() == 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    /// Whether a 503 comes from a standby that knows no leader yet (rather than from the
+    /// leader, about something unavailable).
+    fn is_standby(&self, resp: &Resp) -> bool {
+        resp.headers()
+            .get("x-vane-role")
+            .is_some_and(|v| v.as_bytes() == b"standby")
     }
 
     /// Turns a non-2xx answer into its error line.
@@ -179,34 +275,77 @@ impl Client {
     }
 
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self.get_req(path).call().map_err(|e| self.unreachable(e))?;
+        let (resp, _) = self.send(&|base| {
+            self.authorized(self.agent.get(format!("{base}{path}")))
+                .call()
+        })?;
         read_json(self.check(resp)?)
     }
 
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        let resp = self
-            .post_req(path)
+        self.post_keyed(path, body, None)
+    }
+
+    /// `post`, with a key that makes sending it again safe (`vane run`): a replica that
+    /// took it and died, and the leader after it, answer it once.
+    pub fn post_keyed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        key: Option<&str>,
+    ) -> Result<T> {
+        let (resp, _) = self.send(&|base| {
+            let req = self.authorized(self.agent.post(format!("{base}{path}")));
+            match key {
+                Some(k) => req.header(vane_proto::IDEMPOTENCY_HEADER, k),
+                None => req,
+            }
             .send_json(body)
-            .map_err(|e| self.unreachable(e))?;
+        })?;
         read_json(self.check(resp)?)
     }
 
     pub fn delete(&self, path: &str) -> Result<()> {
-        let req = self.authorized(self.agent.delete(&self.url(path)));
-        let resp = req.call().map_err(|e| self.unreachable(e))?;
+        let (resp, retried) = self.send(&|base| {
+            self.authorized(self.agent.delete(format!("{base}{path}")))
+                .call()
+        })?;
+        // Sent again after a replica died with it: it may have done it already.
+        if retried && resp.status() == 404 {
+            return Ok(());
+        }
         self.check(resp).map(|_| ())
     }
 
     /// A request whose answer is a stream of frames (exec, logs).
     pub fn stream<B: Serialize>(&self, path: &str, body: Option<&B>) -> Result<impl Read> {
-        let resp = match body {
-            Some(b) => self.post_req(path).send_json(b),
-            None => self.get_req(path).call(),
-        }
-        .map_err(|e| self.unreachable(e))?;
+        let (resp, _) = self.send(&|base| {
+            let url = format!("{base}{path}");
+            match body {
+                Some(b) => self.authorized(self.agent.post(url)).send_json(b),
+                None => self.authorized(self.agent.get(url)).call(),
+            }
+        })?;
         Ok(self.check(resp)?.into_body().into_reader())
     }
+
+    /// The leader's base URL, asked first where a request cannot be sent twice (a body
+    /// streamed from a file, a WebSocket).
+    fn find_leader(&self) -> Result<String> {
+        if self.bases.len() > 1 {
+            let (resp, _) = self.send(&|base| {
+                self.authorized(self.agent.get(format!("{base}/v1/status")))
+                    .call()
+            })?;
+            drop(resp);
+        }
+        Ok(self.current())
+    }
 }
+
+/// How long the CLI looks for a leader among replicas: an election after the leader died
+/// takes the lease's life (2 s) and the new leader's load of the store.
+const FAILOVER_PATIENCE: Duration = Duration::from_secs(15);
 
 /// A WebSocket to the controller.
 pub type WebSocket =
@@ -243,10 +382,8 @@ impl Client {
         .with_no_client_auth();
         // The upgrade is HTTP/1.1's.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let rest = self
-            .base
-            .split_once("://")
-            .map_or(self.base.as_str(), |(_, r)| r);
+        let base = self.find_leader()?;
+        let rest = base.split_once("://").map_or(base.as_str(), |(_, r)| r);
         let url = format!("wss://{rest}{path}");
         let mut req = url
             .as_str()
@@ -291,8 +428,9 @@ impl Client {
         content_type: &str,
         body: impl Read + 'static,
     ) -> Result<T> {
+        let base = self.find_leader()?;
         let resp = self
-            .post_req(path)
+            .authorized(self.agent.post(format!("{base}{path}")))
             .header("Content-Type", content_type)
             .send(ureq::SendBody::from_owned_reader(body))
             .map_err(|e| self.unreachable(e))?;

@@ -39,6 +39,17 @@ struct LabFile {
     /// the lab brings it up again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     store: Option<String>,
+    /// As `lab up --controllers` gave it: the controller replicas (`controller` lists their
+    /// URLs, comma-separated).
+    #[serde(default = "one")]
+    controllers: u8,
+    /// Members of the etcd the lab runs for its replicas (0: none).
+    #[serde(default)]
+    etcd_members: u8,
+}
+
+fn one() -> u8 {
+    1
 }
 
 struct Lab {
@@ -77,6 +88,112 @@ impl Lab {
     fn pid_file(&self, what: &str) -> PathBuf {
         self.dir.join(format!("{what}.pid"))
     }
+    /// Controller replica `r` (from 1): what its pid file, log and data directory are
+    /// named after (the first is plain `controller`, as in a lab of one).
+    fn replica(r: u8) -> String {
+        if r == 1 {
+            "controller".into()
+        } else {
+            format!("controller-{r}")
+        }
+    }
+    fn etcd_member(m: u8) -> String {
+        format!("etcd-{m}")
+    }
+}
+
+/// The underlay address of controller replica `r` and etcd member `r`: from the top of the
+/// underlay down (.254 for the first), far from the hosts' addresses (from .1 up).
+fn replica_ip(underlay: Ipv4Net, r: u8) -> Ipv4Addr {
+    nth(underlay, 255 - r as u32)
+}
+
+/// etcd's ports on each member's address.
+const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
+
+/// Starts the lab's etcd of `members` members, one on each replica's address, if they do
+/// not run; returns the store URL for the controllers.
+fn start_etcd(lab: &Lab, underlay: Ipv4Net, members: u8) -> Result<String> {
+    let peers: Vec<String> = (1..=members)
+        .map(|m| {
+            format!(
+                "{}=http://{}:{ETCD_PEER_PORT}",
+                Lab::etcd_member(m),
+                replica_ip(underlay, m)
+            )
+        })
+        .collect();
+    for m in 1..=members {
+        let name = Lab::etcd_member(m);
+        let pid_file = lab.pid_file(&name);
+        if read_pid(&pid_file).is_some() {
+            continue;
+        }
+        let ip = replica_ip(underlay, m);
+        let client = format!("http://{ip}:{ETCD_CLIENT_PORT}");
+        let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
+        let data = lab.dir.join(&name);
+        let args: Vec<String> = [
+            "--name",
+            &name,
+            "--data-dir",
+            &data.display().to_string(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &peers.join(","),
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            &format!("vane-lab-{}", lab.name),
+            "--log-level",
+            "warn",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        spawn_process(
+            Path::new("etcd"),
+            &args,
+            &[],
+            &lab.dir.join(format!("{name}.log")),
+            &pid_file,
+        )
+        .context("start etcd (Debian's etcd-server) for the lab's controller replicas")?;
+    }
+    let members: Vec<String> = (1..=members)
+        .map(|m| format!("{}:{ETCD_CLIENT_PORT}", replica_ip(underlay, m)))
+        .collect();
+    Ok(format!("etcd://{}/lab-{}", members.join(","), lab.name))
+}
+
+/// Gives replica `r` the files replicas share (`vane_controller::REPLICA_FILES`), from the
+/// first replica's data directory, unless it has them.
+fn share_replica_files(lab: &Lab, r: u8) -> Result<()> {
+    let (from, to) = (lab.dir.join(Lab::replica(1)), lab.dir.join(Lab::replica(r)));
+    fs::create_dir_all(&to).with_context(|| format!("create {}", to.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o700))?;
+    }
+    for file in vane_controller::REPLICA_FILES {
+        if !to.join(file).exists() {
+            fs::copy(from.join(file), to.join(file)).with_context(|| {
+                format!(
+                    "copy {file} of the first controller replica to {}",
+                    to.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -100,6 +217,17 @@ fn read_pid(path: &Path) -> Option<Pid> {
 /// Starts `vane ARGS` detached from this process: its own process group, output to `log`.
 fn spawn_daemon(args: &[String], env: &[(&str, &str)], log: &Path, pid_file: &Path) -> Result<()> {
     let exe = std::env::current_exe().context("find the vane binary")?;
+    spawn_process(&exe, args, env, log, pid_file)
+}
+
+/// Starts `exe ARGS` detached from this process: its own process group, output to `log`.
+fn spawn_process(
+    exe: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    log: &Path,
+    pid_file: &Path,
+) -> Result<()> {
     let out = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -119,7 +247,7 @@ fn spawn_daemon(args: &[String], env: &[(&str, &str)], log: &Path, pid_file: &Pa
         )
         .process_group(0)
         .spawn()
-        .with_context(|| format!("start vane {}", args.join(" ")))?;
+        .with_context(|| format!("start {} {}", exe.display(), args.join(" ")))?;
     fs::write(pid_file, child.id().to_string())?;
     Ok(())
 }
@@ -169,6 +297,14 @@ pub fn up(args: LabUpArgs) -> Result<()> {
                 lab.name
             );
         }
+        if args.controllers.is_some_and(|n| n != p.controllers) {
+            bail!(
+                "lab {:?} was made with {} controller replica(s); `vane lab down --name {}` first",
+                lab.name,
+                p.controllers,
+                lab.name
+            );
+        }
         if p.underlay != underlay {
             bail!(
                 "lab {:?} already runs on underlay {}; `vane lab down --name {}` first",
@@ -179,13 +315,36 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         }
     }
     let hosts = args.hosts.max(previous.as_ref().map_or(0, |p| p.hosts));
+    let replicas = args
+        .controllers
+        .or(previous.as_ref().map(|p| p.controllers))
+        .unwrap_or(1);
+    if replicas == 0 || replicas > 7 {
+        bail!("invalid number of controllers {replicas}: 1 to 7");
+    }
+    if hosts as u32 + replicas as u32 > 254 {
+        bail!(
+            "{hosts} hosts and {replicas} controllers do not fit in the underlay's 254 addresses"
+        );
+    }
     let store = args
         .store
         .clone()
         .or_else(|| previous.as_ref().and_then(|p| p.store.clone()));
+    // Replicas need a store they share: the lab's own etcd, unless one was given.
+    let etcd_members = match &store {
+        None if replicas > 1 => replicas,
+        _ => previous.as_ref().map_or(0, |p| p.etcd_members),
+    };
     let gateway = nth(underlay, 254);
-    let controller_addr = SocketAddr::from((gateway, vane_proto::DEFAULT_API_PORT));
-    let controller_url = format!("https://{controller_addr}");
+    let replica_addrs: Vec<SocketAddr> = (1..=replicas)
+        .map(|r| SocketAddr::from((replica_ip(underlay, r), vane_proto::DEFAULT_API_PORT)))
+        .collect();
+    let controller_url = replica_addrs
+        .iter()
+        .map(|a| format!("https://{a}"))
+        .collect::<Vec<_>>()
+        .join(",");
 
     // Underlay: a bridge in the root namespace holding the controller's address.
     let bridge = lab.bridge();
@@ -204,14 +363,34 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         add_host(&lab, i, underlay, gateway)?;
     }
 
-    // Controller.
-    if read_pid(&lab.pid_file("controller")).is_none() {
+    for r in 2..=replicas {
+        let addr = format!("{}/{}", replica_ip(underlay, r), underlay.prefix_len());
+        let has = Command::new("ip")
+            .args(["-o", "addr", "show", "dev", &bridge])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!(" {addr} ")));
+        if !has {
+            ip(&["addr", "add", &addr, "dev", &bridge])?;
+        }
+    }
+    let store = match etcd_members {
+        0 => store,
+        n => Some(start_etcd(&lab, underlay, n)?),
+    };
+
+    // Controllers: the first alone, until it has made the files the others share.
+    let start_replica = |r: u8| -> Result<()> {
+        let name = Lab::replica(r);
+        if read_pid(&lab.pid_file(&name)).is_some() {
+            return Ok(());
+        }
+        let addr = replica_addrs[r as usize - 1];
         let mut controller_args = vec![
             "controller".into(),
             "--listen".into(),
-            controller_addr.to_string(),
+            addr.to_string(),
             "--data-dir".into(),
-            lab.dir.join("controller").display().to_string(),
+            lab.dir.join(&name).display().to_string(),
         ];
         if args.plaintext {
             controller_args.push("--plaintext".into());
@@ -225,10 +404,11 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         spawn_daemon(
             &controller_args,
             &[],
-            &lab.dir.join("controller.log"),
-            &lab.pid_file("controller"),
-        )?;
-    }
+            &lab.dir.join(format!("{name}.log")),
+            &lab.pid_file(&name),
+        )
+    };
+    start_replica(1)?;
     // Its CA and admin credential appear with its data directory.
     let connect = || Client::new(&Access::of_lab(&controller_url, &lab.dir));
     wait_for(Duration::from_secs(15), "the controller to answer", || {
@@ -236,6 +416,10 @@ pub fn up(args: LabUpArgs) -> Result<()> {
     })
     .with_context(|| format!("see {}", lab.dir.join("controller.log").display()))?;
     let client = connect()?;
+    for r in 2..=replicas {
+        share_replica_files(&lab, r)?;
+        start_replica(r)?;
+    }
 
     // Agents. Each enrolls with a join token the first time (passed in the environment,
     // not on the command line where `ps` would show it); later it has its credential.
@@ -301,7 +485,9 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         global_space: args
             .global_space
             .or(previous.as_ref().and_then(|p| p.global_space)),
-        store,
+        store: if etcd_members > 0 { None } else { store },
+        controllers: replicas,
+        etcd_members,
     };
     fs::write(&lab_file, serde_json::to_vec_pretty(&file)?)?;
     if lab.name == DEFAULT_LAB {
@@ -313,9 +499,10 @@ pub fn up(args: LabUpArgs) -> Result<()> {
         fs::write(CURRENT_CONTROLLER_FILE, format!("{controller_url}\n"))?;
     }
     println!(
-        "lab {:?} up: {hosts} host{} on {underlay}, controller {controller_url}",
+        "lab {:?} up: {hosts} host{} on {underlay}, controller{} {controller_url}",
         lab.name,
-        if hosts == 1 { "" } else { "s" }
+        if hosts == 1 { "" } else { "s" },
+        if replicas == 1 { "" } else { "s" }
     );
     if lab.name != DEFAULT_LAB {
         println!("export VANE_CONTROLLER={controller_url}");
@@ -517,7 +704,12 @@ pub fn down(name: &str) -> Result<()> {
     for i in &hosts {
         stop_process(&lab.pid_file(&Lab::host_name(*i)));
     }
-    stop_process(&lab.pid_file("controller"));
+    for r in 1..=file.as_ref().map_or(1, |f| f.controllers) {
+        stop_process(&lab.pid_file(&Lab::replica(r)));
+    }
+    for m in 1..=file.as_ref().map_or(0, |f| f.etcd_members) {
+        stop_process(&lab.pid_file(&Lab::etcd_member(m)));
+    }
     if let Ok(entries) = fs::read_dir(lab.dir.join("hosts")) {
         for e in entries.flatten() {
             vane_agent::purge_instances(&e.path());

@@ -184,6 +184,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     },
                     host_grace,
                     ready,
+                    advertise: args.advertise,
                 },
                 shutdown,
             ))?;

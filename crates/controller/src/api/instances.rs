@@ -48,9 +48,25 @@ pub(super) async fn inspect_instance(
 pub(super) async fn run_instance(
     AxState(c): Ctl,
     axum::Extension(who): Who,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<Instance>)> {
     let spec: RunSpec = parse(&body)?;
+    let request = match headers.get(vane_proto::IDEMPOTENCY_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| vane_proto::validate::request_key(k))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "invalid {}: 8 to 64 letters, digits and '-'",
+                        vane_proto::IDEMPOTENCY_HEADER
+                    ))
+                })?
+                .to_string(),
+        ),
+    };
     {
         let s = c.state();
         who.check(&s.net_tenant(&spec.net)?, &format!("net {:?}", spec.net))?;
@@ -60,7 +76,7 @@ pub(super) async fn run_instance(
             }
         }
     }
-    let inst = workflow::create(&c, spec).await?;
+    let inst = workflow::create(&c, spec, request).await?;
     Ok((StatusCode::CREATED, Json(inst)))
 }
 

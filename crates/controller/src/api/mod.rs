@@ -51,6 +51,56 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// What a standby replica answers to everything: 503, naming the leader when it knows it
+/// (in `vane_proto::LEADER_HEADER` too). It holds nothing of the store, so it has nothing else to say.
+pub fn standby_router(me: String, leader: Arc<std::sync::Mutex<Option<String>>>) -> Router {
+    Router::new().fallback(move || {
+        let seen = leader.lock().expect("hint lock").clone();
+        let me = me.clone();
+        async move {
+            let error = match &seen {
+                Some(l) if *l != me => {
+                    format!("the controller at {me} is a standby: the leader is {l}")
+                }
+                _ => format!("the controller at {me} is a standby, and no replica leads yet"),
+            };
+            let mut resp =
+                (StatusCode::SERVICE_UNAVAILABLE, Json(ErrorBody { error })).into_response();
+            resp.headers_mut().insert(
+                "x-vane-role",
+                axum::http::HeaderValue::from_static("standby"),
+            );
+            if let Some(l) = seen.filter(|l| *l != me) {
+                if let Ok(v) = l.parse() {
+                    resp.headers_mut().insert(vane_proto::LEADER_HEADER, v);
+                }
+            }
+            resp
+        }
+    })
+}
+
+/// What a new leader answers, but to its agents, until they are back or a moment has
+/// passed: 503, which clients wait through as they wait through an election. A request
+/// that needs a host (`vane run --host`) would otherwise fail because its agent had not
+/// reconnected yet.
+pub fn settling_router(me: String) -> Router {
+    Router::new().fallback(move || {
+        let error = format!(
+            "the controller at {me} took the lead just now and waits for its hosts' agents"
+        );
+        async move {
+            let mut resp =
+                (StatusCode::SERVICE_UNAVAILABLE, Json(ErrorBody { error })).into_response();
+            resp.headers_mut().insert(
+                "x-vane-role",
+                axum::http::HeaderValue::from_static("standby"),
+            );
+            resp
+        }
+    })
+}
+
 pub fn router(ctl: Arc<Controller>) -> Router {
     // The administrator's alone: hosts, join tokens, credentials.
     let admin = Router::new()

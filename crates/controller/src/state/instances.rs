@@ -135,6 +135,7 @@ impl State {
             template: spec.template.clone(),
             limits,
             space: space.clone(),
+            request: None,
             migrating: None,
             progress: None,
             migrations: Vec::new(),

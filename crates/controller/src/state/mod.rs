@@ -162,9 +162,17 @@ impl State {
                 host.state = HostState::Offline;
             }
         }
+        // A term of its own, above every earlier controller's: its views are newer.
+        state.counters.term += 1;
+        batch.counters(&state.counters);
         // A migration the controller was running when it stopped keeps its mark until
         // `recovery` has finished it.
         (state, batch)
+    }
+
+    /// This controller's term, taken when it loaded the store.
+    pub fn term(&self) -> u64 {
+        self.counters.term
     }
 
     pub fn net(&self, name: &str) -> Result<&Net, ApiError> {

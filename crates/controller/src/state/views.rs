@@ -310,6 +310,7 @@ impl ViewCache {
             .cloned()
             .collect();
         AgentView {
+            revision: Default::default(),
             peers,
             nets,
             members,

@@ -11,7 +11,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp};
 
 use super::{Op, StoreError, Tables, TABLES};
 
@@ -26,19 +26,30 @@ type Reply<T> = std::sync::mpsc::SyncSender<Result<T, String>>;
 
 enum Request {
     Load(Reply<Vec<(String, Vec<u8>)>>),
-    Commit(Vec<TxnOp>, Reply<()>),
+    /// A transaction, and whether it is fenced (its refusal means another replica leads).
+    Commit(Txn, bool, Reply<()>),
 }
+
+/// What a fenced transaction's refusal says: the `StoreError::Deposed` sign.
+const DEPOSED: &str = "deposed";
 
 pub struct Etcd {
     requests: mpsc::Sender<Request>,
     endpoints: String,
     prefix: String,
+    /// The leadership this controller commits under, among replicas (`crate::leader`).
+    fence: Option<crate::leader::Fence>,
 }
 
 impl Etcd {
     /// Connects to the cluster at `endpoints` (its members' client URLs); vane's keys are
     /// under `prefix/`.
-    pub(super) fn connect(endpoints: &[String], prefix: &str) -> Result<Etcd, StoreError> {
+    /// With a `fence`, every transaction holds only while that leadership does.
+    pub(super) fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        fence: Option<crate::leader::Fence>,
+    ) -> Result<Etcd, StoreError> {
         let joined = endpoints.join(",");
         let failed = |why: String| StoreError::Etcd {
             endpoints: joined.clone(),
@@ -69,6 +80,7 @@ impl Etcd {
             requests,
             endpoints: joined,
             prefix: prefix.to_string(),
+            fence,
         };
         // A first round trip: a wrong address fails here, with one line, not at the first
         // change.
@@ -88,7 +100,13 @@ impl Etcd {
         answer
             .recv()
             .map_err(|_| failed("its client thread is gone".into()))?
-            .map_err(failed)
+            .map_err(|why| {
+                if why == DEPOSED {
+                    StoreError::Deposed
+                } else {
+                    failed(why)
+                }
+            })
     }
 
     fn key(&self, table: &str, key: &str) -> String {
@@ -120,8 +138,20 @@ impl Etcd {
     /// does); a longer batch (the rewrite of every record at start, after an upgrade) goes
     /// in transactions of `MAX_TXN_OPS`, each of whose writes stands on its own.
     pub(super) fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+        // etcd refuses a transaction that names a key twice: the last change of each key
+        // is the one that counts, as it would be in the embedded store.
+        let mut last = std::collections::HashMap::new();
+        for (i, op) in ops.iter().enumerate() {
+            last.insert((op.table, op.key.as_str()), i);
+        }
+        let ops: Vec<&Op> = ops
+            .iter()
+            .enumerate()
+            .filter(|(i, op)| last[&(op.table, op.key.as_str())] == *i)
+            .map(|(_, op)| op)
+            .collect();
         for chunk in ops.chunks(MAX_TXN_OPS) {
-            let txn_ops = chunk
+            let txn_ops: Vec<TxnOp> = chunk
                 .iter()
                 .map(|op| {
                     let key = self.key(op.table, &op.key);
@@ -131,7 +161,19 @@ impl Etcd {
                     }
                 })
                 .collect();
-            self.ask(|reply| Request::Commit(txn_ops, reply))?;
+            let txn = match &self.fence {
+                // etcd's own recipe for a leader's writes: they hold while its election key
+                // is the one it created (a new leader's key has another revision).
+                Some(f) => Txn::new().when(vec![Compare::create_revision(
+                    f.key.clone(),
+                    CompareOp::Equal,
+                    f.rev,
+                )]),
+                None => Txn::new(),
+            }
+            .and_then(txn_ops);
+            let fenced = self.fence.is_some();
+            self.ask(|reply| Request::Commit(txn, fenced, reply))?;
         }
         Ok(())
     }
@@ -150,14 +192,13 @@ fn serve(
             Request::Load(reply) => {
                 let _ = reply.send(runtime.block_on(load_all(&mut client, &prefix)));
             }
-            Request::Commit(ops, reply) => {
+            Request::Commit(txn, fenced, reply) => {
                 let done = runtime.block_on(async {
-                    let answer = client
-                        .txn(Txn::new().and_then(ops))
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let answer = client.txn(txn).await.map_err(|e| e.to_string())?;
                     if answer.succeeded() {
                         Ok(())
+                    } else if fenced {
+                        Err(DEPOSED.to_string())
                     } else {
                         Err("the transaction was refused".to_string())
                     }

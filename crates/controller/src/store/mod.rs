@@ -103,6 +103,8 @@ pub enum StoreError {
     Etcd { endpoints: String, why: String },
     #[error("store: {0}")]
     Db(String),
+    #[error("store: another controller leads now; this one's changes are refused")]
+    Deposed,
     #[error("store: corrupt record {key:?} in {table}: {source}")]
     Corrupt {
         table: &'static str,
@@ -133,6 +135,10 @@ pub struct Counters {
     pub net: u32,
     pub host: u32,
     pub policy: u32,
+    /// The term of the last controller that took the store on: each start, or each new
+    /// leader among replicas, takes the next one (`AgentView::revision`).
+    #[serde(default)]
+    pub term: u64,
 }
 
 /// The store, whichever its backend.
@@ -202,12 +208,21 @@ impl Record for Template {
 impl Store {
     /// Opens the store at `location`: for the embedded one, in `data_dir`.
     pub fn open(location: &StoreLocation, data_dir: &std::path::Path) -> Result<Store, StoreError> {
+        Store::open_fenced(location, data_dir, None)
+    }
+
+    /// `open`, for the leader among replicas: its changes hold only while it leads.
+    pub fn open_fenced(
+        location: &StoreLocation,
+        data_dir: &std::path::Path,
+        fence: Option<crate::leader::Fence>,
+    ) -> Result<Store, StoreError> {
         Ok(match location {
             StoreLocation::Embedded => {
                 Store::Embedded(embedded::Embedded::open(&data_dir.join("store.redb"))?)
             }
             StoreLocation::Etcd { endpoints, prefix } => {
-                Store::Etcd(etcd::Etcd::connect(endpoints, prefix)?)
+                Store::Etcd(etcd::Etcd::connect(endpoints, prefix, fence)?)
             }
         })
     }

@@ -24,13 +24,14 @@ fn survives_reopen(location: &StoreLocation, dir: &std::path::Path) {
             net: 1,
             host: 0,
             policy: 0,
+            term: 3,
         });
         store.commit(&b).unwrap();
     }
     let store = Store::open(location, dir).unwrap();
     let snap = store.load().unwrap();
     assert_eq!(snap.nets, vec![red.clone()]);
-    assert_eq!(snap.counters.net, 1);
+    assert_eq!((snap.counters.net, snap.counters.term), (1, 3));
     let mut b = Batch::default();
     b.delete(&red);
     store.commit(&b).unwrap();
@@ -76,6 +77,86 @@ fn the_etcd_store_loads_more_than_a_page_and_batches_over_a_transaction() {
         .nets;
     loaded.sort_by_key(|n| n.id);
     assert_eq!(loaded, nets);
+}
+
+/// A batch that changes one record twice (planned, then given its request key) keeps the
+/// last change, in both backends (etcd refuses a transaction naming a key twice).
+fn the_last_change_of_a_record_counts(location: &StoreLocation, dir: &std::path::Path) {
+    let store = Store::open(location, dir).unwrap();
+    let (first, mut last) = (net(1, "red"), net(1, "red"));
+    last.egress = true;
+    let mut b = Batch::default();
+    b.put(&first).put(&net(2, "blue")).put(&last);
+    store.commit(&b).unwrap();
+    let mut nets = store.load().unwrap().nets;
+    nets.sort_by_key(|n| n.id);
+    assert_eq!(nets, vec![last, net(2, "blue")]);
+}
+
+#[test]
+fn the_last_change_of_a_record_counts_in_both_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    the_last_change_of_a_record_counts(&StoreLocation::Embedded, dir.path());
+    let etcd = TestEtcd::start();
+    the_last_change_of_a_record_counts(&etcd.url("twice").parse().unwrap(), dir.path());
+}
+
+/// Replicas on one etcd: one leads; a standby leads once the leader's lease is gone; the
+/// deposed leader's commits are refused, the new one's are not.
+#[test]
+fn a_deposed_leader_commits_nothing() {
+    let etcd = TestEtcd::start();
+    let location: StoreLocation = etcd.url("ha").parse().unwrap();
+    let StoreLocation::Etcd { endpoints, prefix } = &location else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut first = crate::leader::Elector::connect(endpoints, prefix, "https://c1")
+            .await
+            .unwrap();
+        let mut second = crate::leader::Elector::connect(endpoints, prefix, "https://c2")
+            .await
+            .unwrap();
+        let (fence1, _lost1) = first.lead().await.unwrap();
+        assert_eq!(second.leader().await.as_deref(), Some("https://c1"));
+        let campaign = tokio::spawn(async move {
+            let won = second.lead().await.unwrap();
+            (second, won)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(!campaign.is_finished(), "two leaders at once");
+        let store1 = Store::open_fenced(&location, dir.path(), Some(fence1.clone())).unwrap();
+        let mut b = Batch::default();
+        b.put(&net(1, "red"));
+        store1.commit(&b).unwrap();
+
+        // The leader's lease goes (its process died, or etcd stopped hearing it).
+        first.resign_for_tests(&fence1).await;
+        let (mut second, (fence2, _lost2)) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), campaign)
+                .await
+                .expect("the standby took the lead")
+                .unwrap();
+        assert_eq!(second.leader().await.as_deref(), Some("https://c2"));
+        assert!(fence2.rev > fence1.rev);
+
+        let mut b = Batch::default();
+        b.put(&net(2, "blue"));
+        assert!(matches!(store1.commit(&b), Err(StoreError::Deposed)));
+        let store2 = Store::open_fenced(&location, dir.path(), Some(fence2)).unwrap();
+        store2.commit(&b).unwrap();
+        let mut names: Vec<String> = store2
+            .load()
+            .unwrap()
+            .nets
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["blue", "red"]);
+    });
 }
 
 #[test]

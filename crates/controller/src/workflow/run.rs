@@ -21,6 +21,7 @@ pub(crate) fn new_instance_id() -> String {
 pub(crate) async fn start_instance<F, Fut>(
     c: &Controller,
     run: RunSpec,
+    request: Option<String>,
     start: F,
 ) -> ApiResult<Instance>
 where
@@ -29,7 +30,11 @@ where
 {
     let (spec, host) = {
         let mut s = c.state();
-        let (spec, batch) = s.plan_instance(run, new_instance_id(), now())?;
+        let (spec, mut batch) = s.plan_instance(run, new_instance_id(), now())?;
+        if let Some(planned) = s.instances.get_mut(&spec.id).filter(|_| request.is_some()) {
+            planned.request = request;
+            batch.put(&*planned);
+        }
         c.commit(batch)?;
         let host = s.instances[&spec.id].host.clone();
         (spec, host)
@@ -79,15 +84,68 @@ pub(crate) async fn stop_on(c: &Controller, host: &str, id: &str) -> ApiResult<(
 
 /// Runs a new instance from `run` on its host (`start_instance`), as a task of its own: a
 /// client that goes away must not leave the record `creating` while its host starts it.
-pub(crate) async fn create(c: &Arc<Controller>, run: RunSpec) -> ApiResult<Instance> {
+/// A `request` key seen before answers with the instance that request made.
+pub(crate) async fn create(
+    c: &Arc<Controller>,
+    run: RunSpec,
+    request: Option<String>,
+) -> ApiResult<Instance> {
+    if let Some(key) = &request {
+        if let Some(made) = made_by(c, key).await? {
+            return Ok(made);
+        }
+    }
     let c = c.clone();
-    tokio::spawn(async move { create_to_end(&c, run).await })
+    tokio::spawn(async move { create_to_end(&c, run, request).await })
         .await
         .map_err(|e| ApiError::Internal(format!("the run's task ended: {e}")))?
 }
 
-async fn create_to_end(c: &Controller, run: RunSpec) -> ApiResult<Instance> {
-    start_instance(c, run, |spec, host| async move {
+/// How long a repeated run waits for the instance its first sending made to settle.
+const REPEAT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The instance that the request of key `key` made, once it has settled (its host
+/// reconnected and said where it stands). None if there is none, or if it never started
+/// (lost: its record goes, and the run is made anew).
+async fn made_by(c: &Controller, key: &str) -> ApiResult<Option<Instance>> {
+    let deadline = tokio::time::Instant::now() + REPEAT_PATIENCE;
+    loop {
+        {
+            let mut s = c.state();
+            let made = s
+                .instances
+                .values()
+                .find(|i| i.request.as_deref() == Some(key))
+                .cloned();
+            match made {
+                None => return Ok(None),
+                Some(i) if i.state == InstanceState::Lost => {
+                    let batch = s.drop_instance(&i.id);
+                    c.commit(batch)?;
+                    drop(s);
+                    c.push_views();
+                    return Ok(None);
+                }
+                Some(i) if i.state != InstanceState::Creating => return Ok(Some(i)),
+                Some(i) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ApiError::Unavailable(format!(
+                        "instance {:?} of this request is still being created on host {:?}",
+                        i.name, i.host
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn create_to_end(
+    c: &Controller,
+    run: RunSpec,
+    request: Option<String>,
+) -> ApiResult<Instance> {
+    start_instance(c, run, request, |spec, host| async move {
         let reply = c
             .agents
             .request(

@@ -245,7 +245,7 @@ async fn restore_to_end(
         seal: spec.seal,
     };
     let ctl: &Controller = &c;
-    start_instance(ctl, run, |spec, host| async move {
+    start_instance(ctl, run, None, |spec, host| async move {
         let bytes = images.bytes;
         restore_on(ctl, &host, spec, bytes, |tx| images.forward(tx))
             .await

@@ -159,6 +159,7 @@ pub(super) async fn cluster(
         cluster: ClusterConfig::default(),
         host_grace: crate::DEFAULT_HOST_GRACE,
         ready: None,
+        advertise: None,
     };
     let agents = Arc::new(Scripted {
         online: Mutex::new(["h1".to_string(), "h2".to_string()].into()),
@@ -174,8 +175,15 @@ pub(super) async fn cluster(
             _ => script(host, req),
         }),
     });
-    let c =
-        Controller::open_with(&cfg, [0; 32], Arc::new(Agents::default()), agents.clone()).unwrap();
+    let store = crate::store::Store::open(&cfg.store, &cfg.data_dir).unwrap();
+    let c = Controller::open_with(
+        &cfg,
+        [0; 32],
+        store,
+        Arc::new(Agents::default()),
+        agents.clone(),
+    )
+    .unwrap();
     {
         let mut s = c.state();
         for (host, last) in [("h1", 1), ("h2", 2)] {
@@ -202,7 +210,7 @@ pub(super) async fn cluster(
         cmd: vec!["server".into()],
         ..Default::default()
     };
-    let inst = super::create(&c, run).await.unwrap();
+    let inst = super::create(&c, run, None).await.unwrap();
     assert_eq!((inst.state, inst.pid), (InstanceState::Running, Some(100)));
     agents.asked();
     Cluster {
@@ -466,11 +474,43 @@ async fn a_run_its_host_refuses_leaves_no_record() {
         cmd: vec!["no-such-program".into()],
         ..Default::default()
     };
-    let e = super::create(&cl.c, run).await.unwrap_err().to_string();
+    let e = super::create(&cl.c, run, None).await.unwrap_err().to_string();
     assert!(e.contains("program not found"), "{e}");
     assert_eq!(cl.agents.asked(), ["h1 Create"]);
     assert!(cl.c.state().instance_by_name("web").is_err());
     assert!(cl.c.state().instance_by_name("srv").is_ok());
+}
+
+/// A client whose answer was lost (the replica that took its `vane run` died) sends it
+/// again with the same key: it gets the instance the first sending made, not a second one
+/// nor a conflict on the name; a first sending that never started is made anew.
+#[tokio::test]
+async fn a_run_sent_again_with_its_key_makes_one_instance() {
+    let cl = cluster(agreeable).await;
+    let run = || RunSpec {
+        name: Some("web".into()),
+        net: "red".into(),
+        host: Some("h1".into()),
+        cmd: vec!["server".into()],
+        ..Default::default()
+    };
+    let key = Some("0123456789abcdef".to_string());
+    let first = super::create(&cl.c, run(), key.clone()).await.unwrap();
+    let again = super::create(&cl.c, run(), key.clone()).await.unwrap();
+    assert_eq!(again.id, first.id);
+    assert_eq!(cl.agents.asked(), ["h1 Create"]);
+    let e = super::create(&cl.c, run(), Some("another-key-0000".into()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("web"), "{e}");
+
+    // The first sending's host said it never had it (its record is lost): made anew.
+    cl.c.change_instance(&first.id, |i| i.state = InstanceState::Lost)
+        .unwrap();
+    let anew = super::create(&cl.c, run(), key).await.unwrap();
+    assert_ne!(anew.id, first.id);
+    assert_eq!(anew.state, InstanceState::Running);
+    assert!(!cl.c.state().instances.contains_key(&first.id));
 }
 
 #[tokio::test]

@@ -75,7 +75,9 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
         }
         None => None,
     };
-    let inst: Instance = c.post(
+    // Sent again after a lost answer (the replica that took it died), it makes one instance.
+    let key = format!("{:032x}", rand::random::<u128>());
+    let inst: Instance = c.post_keyed(
         "/v1/instances",
         &RunSpec {
             name: args.name,
@@ -91,6 +93,7 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
             restart: args.restart,
             checkpoint_every,
         },
+        Some(&key),
     )?;
     println!("{}", inst.name);
     Ok(())
