@@ -474,7 +474,10 @@ async fn a_run_its_host_refuses_leaves_no_record() {
         cmd: vec!["no-such-program".into()],
         ..Default::default()
     };
-    let e = super::create(&cl.c, run, None).await.unwrap_err().to_string();
+    let e = super::create(&cl.c, run, None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("program not found"), "{e}");
     assert_eq!(cl.agents.asked(), ["h1 Create"]);
     assert!(cl.c.state().instance_by_name("web").is_err());

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod live;
+
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -51,7 +53,7 @@ impl TestLab {
         let tag = (std::process::id() % 4096) * 16 + n % 16;
         let name = format!("t{tag:x}");
         let octet = (tag % 250 + 2) as u8;
-        let lab = TestLab {
+        let mut lab = TestLab {
             controller: format!("https://198.18.{octet}.254:7946"),
             name,
             octet,
@@ -75,6 +77,10 @@ impl TestLab {
             "lab up failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // All its controller replicas, as the lab lists them.
+        let file = std::fs::read(format!("{}/lab.json", lab.state_dir())).expect("lab.json");
+        let file: serde_json::Value = serde_json::from_slice(&file).expect("lab.json is JSON");
+        lab.controller = file["controller"].as_str().expect("controller").to_string();
         lab
     }
 
