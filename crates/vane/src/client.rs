@@ -329,6 +329,11 @@ impl Client {
         Ok(self.check(resp)?.into_body().into_reader())
     }
 
+    /// The base URL of the replica that leads now (the only one given, if one is).
+    pub fn leader_url(&self) -> Result<String> {
+        self.find_leader()
+    }
+
     /// The leader's base URL, asked first where a request cannot be sent twice (a body
     /// streamed from a file, a WebSocket).
     fn find_leader(&self) -> Result<String> {

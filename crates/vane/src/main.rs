@@ -240,13 +240,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 .clone()
                 .unwrap_or_else(client::default_controller);
             let access = client::Access::resolve(&url, ca.clone(), token.clone());
-            let Some(token) = access.token else {
+            let Some(token) = access.token.clone() else {
                 anyhow::bail!(
                     "no credential for {}: give --token or VANE_TOKEN",
                     access.url
                 );
             };
-            println!("{}/ui#token={token}", access.url.trim_end_matches('/'));
+            // The page polls one replica: the one that leads now.
+            let base = Client::new(&access)?.leader_url()?;
+            println!("{base}/ui#token={token}");
             if let Some(ca) = access.ca {
                 eprintln!(
                     "(the browser must trust the cluster's CA, {}, or be told to)",
