@@ -32,8 +32,7 @@ impl Agent {
     pub(crate) async fn apply_view(self: &Arc<Self>, view: AgentView) {
         {
             let last = self.state().view.revision;
-            // Term 0: a controller from before revisions, whose views come in order.
-            if view.revision.term != 0 && view.revision <= last {
+            if !view.revision.supersedes(last) {
                 tracing::info!(
                     revision = ?view.revision,
                     applied = ?last,

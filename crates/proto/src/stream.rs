@@ -369,6 +369,15 @@ pub struct ViewRevision {
     pub seq: u64,
 }
 
+impl ViewRevision {
+    /// Whether a view of this revision is to be applied after one of `last`: it is newer,
+    /// or it comes from a controller from before revisions (term 0), whose views come in
+    /// order on its one stream.
+    pub fn supersedes(self, last: ViewRevision) -> bool {
+        self.term == 0 || self > last
+    }
+}
+
 /// Another host, as a switch needs to know it to open a tunnel to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Peer {
@@ -424,6 +433,27 @@ mod tests {
             instance: "0123".into(),
             moving_to: None,
         }
+    }
+
+    #[test]
+    fn a_view_is_applied_only_after_older_ones() {
+        let rev = |term, seq| ViewRevision { term, seq };
+        // In order within a term, and any view of a later term after any of an earlier one
+        // (a new leader starts its count again).
+        assert!(rev(3, 8).supersedes(rev(3, 7)));
+        assert!(rev(4, 1).supersedes(rev(3, 900)));
+        // A deposed leader's view, one that overtook another, the same view twice: not.
+        assert!(!rev(3, 900).supersedes(rev(4, 1)));
+        assert!(!rev(3, 7).supersedes(rev(3, 8)));
+        assert!(!rev(3, 7).supersedes(rev(3, 7)));
+        // A first view after a saved one of before revisions, and views of a controller
+        // from before them.
+        assert!(rev(1, 1).supersedes(ViewRevision::default()));
+        assert!(ViewRevision::default().supersedes(rev(3, 7)));
+        // A saved view without a revision reads as zero.
+        let saved: AgentView =
+            serde_json::from_str(r#"{"nets":[],"members":[],"policies":[]}"#).unwrap();
+        assert_eq!(saved.revision, ViewRevision::default());
     }
 
     #[test]
