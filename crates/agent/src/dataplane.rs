@@ -57,6 +57,11 @@ pub enum Command {
     Detach {
         port: PortId,
     },
+    /// What the outside world may open flows to on `port` (`Switch::set_published`).
+    Publish {
+        port: PortId,
+        published: Vec<(vane_switch::L4Proto, u16)>,
+    },
     /// Put a port on hold or take it off (`Switch::hold_port`); answers once it applies.
     Hold {
         port: PortId,
@@ -378,6 +383,7 @@ impl Worker {
             } => {
                 let _ = reply.send(self.attach(port, tun, net, ip, rate, held));
             }
+            Command::Publish { port, published } => self.node.set_published(port, &published),
             Command::Detach { port } => {
                 if let Some(f) = self.ports.remove(&port) {
                     let _ = self

@@ -152,11 +152,35 @@ impl Agent {
                 unconfirmed,
             },
         );
+        let published = record_published(&self.state().instances[&id].record);
+        if !published.is_empty() {
+            self.dataplane.send(Command::Publish { port, published });
+            self.publish_ports();
+        }
         // The directory may already place it here (a run, a restarted agent).
         self.sync_members();
         let agent = self.clone();
         tokio::spawn(async move { agent.watch_exit(id, pidfd).await });
         Ok(())
+    }
+
+    /// Makes the host's NAT send each published port of a local instance to the instance's
+    /// egress address, where the switch lets new flows in (`Switch::set_published`); the
+    /// whole table at once, from what is attached now.
+    pub(crate) fn publish_ports(&self) {
+        let space = self.switch_cfg.egress_space;
+        let rules: Vec<(vane_proto::validate::Publish, std::net::Ipv4Addr)> = {
+            let state = self.state();
+            state
+                .instances
+                .values()
+                .filter_map(|l| Some((l, vane_switch::egress_address(space, l.port?)?)))
+                .flat_map(|(l, to)| l.record.spec.publish.iter().map(move |p| (*p, to)))
+                .collect()
+        };
+        if let Err(e) = crate::netconf::apply_published(&rules) {
+            tracing::error!("publishing ports on this host: {e}");
+        }
     }
 
     pub(crate) async fn watch_exit(self: Arc<Self>, id: String, pidfd: std::os::fd::OwnedFd) {
@@ -309,16 +333,22 @@ impl Agent {
         }
         let dir = self.instance_dir(id);
         let layout = self.layout.clone();
-        let (key, port) = {
+        let (key, port, published) = {
             let mut state = self.state();
             let local = state.instances.get_mut(id);
             let key = local
                 .as_ref()
                 .map_or_else(|| id.to_string(), |l| l.record.space_key().to_string());
-            (key, local.and_then(|l| l.port.take()))
+            let published = local
+                .as_ref()
+                .is_some_and(|l| !l.record.spec.publish.is_empty());
+            (key, local.and_then(|l| l.port.take()), published)
         };
         if let Some(port) = port {
             self.dataplane.send(Command::Detach { port });
+            if published {
+                self.publish_ports();
+            }
         }
         tokio::task::spawn_blocking(move || instance::teardown(&dir, &key, &layout))
             .await
@@ -413,4 +443,20 @@ pub fn purge_instances(state_dir: &std::path::Path) {
         };
         instance::teardown(&dir, &id, &layout);
     }
+}
+
+/// The ports `record`'s instance publishes, as the switch takes them.
+fn record_published(record: &Record) -> Vec<(vane_switch::L4Proto, u16)> {
+    record
+        .spec
+        .publish
+        .iter()
+        .map(|p| {
+            let proto = match p.proto {
+                vane_proto::validate::Proto::Tcp => vane_switch::L4Proto::Tcp,
+                vane_proto::validate::Proto::Udp => vane_switch::L4Proto::Udp,
+            };
+            (proto, p.port)
+        })
+        .collect()
 }

@@ -275,9 +275,76 @@ pub fn setup_egress(device: &str, egress_space: Ipv4Net) -> io::Result<()> {
     run(Command::new("nft").args(["-f", "-"]), Some(&rules))
 }
 
+/// The host's NAT for published ports, the whole table at once: each `(publish, to)` sends
+/// new connections to the host port (at the address given, or at any of the host's own)
+/// on to `to`, the instance's egress address, which leads to the switch (`setup_egress`).
+/// Only the destination changes: the program sees its client's address. The output chain
+/// does the same for the host's own programs.
+pub fn render_published(rules: &[(vane_proto::validate::Publish, Ipv4Addr)]) -> String {
+    let mut lines = String::new();
+    for (p, to) in rules {
+        let at = match p.host_ip {
+            Some(ip) => format!("ip daddr {ip}"),
+            None => "fib daddr type local".to_string(),
+        };
+        let proto = p.proto.as_str();
+        let _ = writeln!(
+            lines,
+            "    {at} {proto} dport {} dnat to {to}:{}",
+            p.host_port, p.port
+        );
+    }
+    let mut r = String::from(
+        "table ip vane_publish\nflush table ip vane_publish\ntable ip vane_publish {\n",
+    );
+    for (chain, hook, priority) in [
+        ("prerouting", "prerouting", "dstnat"),
+        ("output", "output", "-100"),
+    ] {
+        let _ = writeln!(
+            r,
+            "  chain {chain} {{\n    type nat hook {hook} priority {priority}; policy accept;"
+        );
+        r.push_str(&lines);
+        r.push_str("  }\n");
+    }
+    r.push_str("}\n");
+    r
+}
+
+/// Applies `render_published` in the agent's own namespace.
+pub fn apply_published(rules: &[(vane_proto::validate::Publish, Ipv4Addr)]) -> io::Result<()> {
+    run(
+        Command::new("nft").args(["-f", "-"]),
+        Some(&render_published(rules)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_ports_become_dnat_rules_at_their_addresses() {
+        let rules = [
+            ("8080:80".parse().unwrap(), Ipv4Addr::new(100, 64, 0, 3)),
+            (
+                "198.18.0.1:5353:53/udp".parse().unwrap(),
+                Ipv4Addr::new(100, 64, 0, 4),
+            ),
+        ];
+        let nft = render_published(&rules);
+        assert!(nft.starts_with("table ip vane_publish\nflush table ip vane_publish\n"));
+        for chain in ["prerouting", "output"] {
+            assert!(nft.contains(&format!("chain {chain} {{")), "{nft}");
+        }
+        let any = "    fib daddr type local tcp dport 8080 dnat to 100.64.0.3:80\n";
+        let at = "    ip daddr 198.18.0.1 udp dport 5353 dnat to 100.64.0.4:53\n";
+        assert_eq!(nft.matches(any).count(), 2, "{nft}");
+        assert_eq!(nft.matches(at).count(), 2, "{nft}");
+        // Nothing published: the table stays, empty.
+        assert!(!render_published(&[]).contains("dnat"));
+    }
 
     #[test]
     fn rules_render_policies() {

@@ -210,6 +210,12 @@ impl Node {
         self.switch.detach_port(port);
     }
 
+    /// The ports (protocol, port) that the outside world may open flows to on `port`'s
+    /// instance (`Switch::set_published`).
+    pub fn set_published(&mut self, port: PortId, published: &[(vane_switch::L4Proto, u16)]) {
+        self.switch.set_published(port, published);
+    }
+
     /// Puts `port` on hold (nothing passes to or from it) or takes it off. Segments merged
     /// for it before the hold go first.
     pub fn hold_port<I: Io>(&mut self, io: &mut I, port: PortId, held: bool) {

@@ -189,6 +189,9 @@ pub struct RunSpec {
     /// When the program is started again (default: never).
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Ports that clients outside vane reach through the instance's host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::validate::Publish>,
     /// Seconds between the checkpoints the controller keeps (the last one) to start the
     /// instance from on another host when its host dies; needs a restart policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -446,6 +449,9 @@ pub struct Instance {
     pub limits: Limits,
     #[serde(default)]
     pub space: SpaceSpec,
+    /// Ports that clients outside vane reach through its host (`vane run --publish`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::validate::Publish>,
     /// The client's key of the request that made it (`Idempotency-Key`): a client that
     /// sends that request again, its answer lost with the controller that took it, gets
     /// this instance rather than a second one or a conflict.

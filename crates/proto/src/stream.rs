@@ -196,6 +196,9 @@ pub struct InstanceSpec {
     /// Paths may hold per-instance variables, expanded by the agent.
     #[serde(default)]
     pub space: SpaceSpec,
+    /// Ports published on its host (`vane run --publish`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::validate::Publish>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

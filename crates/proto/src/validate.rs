@@ -120,6 +120,15 @@ pub struct PortSpec {
     pub proto: Proto,
 }
 
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
 impl fmt::Display for PortSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let proto = match self.proto {
@@ -147,6 +156,83 @@ impl FromStr for PortSpec {
             return Err(invalid("port", s, "port must be 1-65535"));
         }
         Ok(PortSpec { port, proto })
+    }
+}
+
+/// `[HOSTIP:]HOSTPORT:PORT[/PROTO]` of `vane run --publish`: a port of the instance that
+/// clients outside vane reach at a port of its host (at every address of the host, or at
+/// HOSTIP only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct Publish {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<std::net::Ipv4Addr>,
+    pub host_port: u16,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl Publish {
+    /// Whether `self` and `other` cannot both be published on one host: the same host port
+    /// and protocol, at addresses that overlap (every address overlaps any).
+    pub fn clashes_with(&self, other: &Publish) -> bool {
+        self.host_port == other.host_port
+            && self.proto == other.proto
+            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+    }
+}
+
+impl fmt::Display for Publish {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        let target = PortSpec {
+            port: self.port,
+            proto: self.proto,
+        };
+        write!(f, "{}:{target}", self.host_port)
+    }
+}
+
+impl FromStr for Publish {
+    type Err = InputError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const FORM: &str = "expected [HOSTIP:]HOSTPORT:PORT[/PROTO], e.g. 8080:80/tcp";
+        let parts: Vec<&str> = s.split(':').collect();
+        let (host_ip, host_port, target) = match parts[..] {
+            [hp, t] => (None, hp, t),
+            [ip, hp, t] => (
+                Some(
+                    ip.parse::<std::net::Ipv4Addr>()
+                        .map_err(|_| invalid("published port", s, FORM))?,
+                ),
+                hp,
+                t,
+            ),
+            _ => return Err(invalid("published port", s, FORM)),
+        };
+        let host_port: u16 = host_port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid("published port", s, "host port must be 1-65535"))?;
+        if host_ip.is_some_and(|ip| ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()) {
+            return Err(invalid(
+                "published port",
+                s,
+                "the host address must be one of the host's (or left out for all)",
+            ));
+        }
+        let target: PortSpec = target
+            .parse()
+            .map_err(|_| invalid("published port", s, FORM))?;
+        Ok(Publish {
+            host_ip,
+            host_port,
+            port: target.port,
+            proto: target.proto,
+        })
     }
 }
 

@@ -138,6 +138,7 @@ impl Switch {
         }
         self.flows
             .retain(|key| !matches!(key, FlowKey::Egress(f) if f.port == port));
+        self.published.retain(|(p, _, _), _| *p != port);
     }
 
     /// Limits what an attached port sends, and what is delivered to it, to `rate` bits per

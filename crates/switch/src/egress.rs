@@ -1,10 +1,13 @@
 //! Egress addresses: which address each port's traffic leaves the host with, and the
-//! packets from the outside world that come back to one (replies of egress flows only).
+//! packets from the outside world that come to one: replies of egress flows, and new
+//! flows to a port the instance publishes (the host's NAT sends those to its egress
+//! address).
 
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use vane_wire::{Ipv4Packet, L4Ports};
+use ipnet::Ipv4Net;
+use vane_wire::{Ipv4Packet, L4Ports, PROTO_TCP, PROTO_UDP};
 
 use crate::flow::{EgressFlow, FlowKey};
 use crate::{parse_drop, DropReason, PortId, Switch, Verdict};
@@ -19,17 +22,25 @@ impl Switch {
         self.account(len, verdict, now)
     }
 
-    /// The egress address of `port`, if the egress space has one for it: network + 1 +
-    /// port number, short of the broadcast address.
+    /// The egress address of `port`, if the egress space has one for it.
     pub(crate) fn egress_address(&self, port: PortId) -> Option<Ipv4Addr> {
-        let space = self.cfg.egress_space;
-        let size = 1u64 << (32 - u32::from(space.prefix_len()));
-        let offset = u64::from(port.0) + 1;
-        if offset + 1 >= size {
-            return None;
+        egress_address(self.cfg.egress_space, port)
+    }
+
+    /// Lets the outside world open flows to `published` ports of the instance on `port`
+    /// (protocol and port), replacing what it had.
+    pub fn set_published(&mut self, port: PortId, published: &[(crate::L4Proto, u16)]) {
+        self.published.retain(|(p, _, _), _| *p != port);
+        if !self.ports.contains_key(&port) {
+            return;
         }
-        let addr = u64::from(u32::from(space.network())) + offset;
-        u32::try_from(addr).ok().map(Ipv4Addr::from)
+        for (proto, dst) in published {
+            let proto = match proto {
+                crate::L4Proto::Tcp => PROTO_TCP,
+                crate::L4Proto::Udp => PROTO_UDP,
+            };
+            self.published.insert((port, proto, *dst), ());
+        }
     }
 
     /// The attached port whose egress address is `addr`, with the instance's own address.
@@ -62,9 +73,38 @@ impl Switch {
             remote_port: ports.src,
         });
         if !self.flows.touch(key, now) {
-            return Verdict::Drop(DropReason::Refused);
+            // A new flow to a published port: a TCP connection opens with a SYN (any
+            // other segment of no known flow is refused), a UDP flow with any datagram.
+            let opens = match ip.protocol() {
+                PROTO_TCP => ports.tcp_syn,
+                PROTO_UDP => true,
+                _ => false,
+            };
+            if !(opens
+                && self
+                    .published
+                    .contains_key(&(port, ip.protocol(), ports.dst)))
+            {
+                return Verdict::Drop(DropReason::Refused);
+            }
+            if self.flows.open(key, now).is_err() {
+                return Verdict::Drop(DropReason::FlowTableFull);
+            }
         }
         ip.set_dst(instance_ip);
         Verdict::Deliver(port)
     }
+}
+
+/// The egress address of `port` in `space`, if the space has one for it: network + 1 +
+/// port number, short of the broadcast address. The agent sends published ports' flows
+/// there.
+pub fn egress_address(space: Ipv4Net, port: PortId) -> Option<Ipv4Addr> {
+    let size = 1u64 << (32 - u32::from(space.prefix_len()));
+    let offset = u64::from(port.0) + 1;
+    if offset + 1 >= size {
+        return None;
+    }
+    let addr = u64::from(u32::from(space.network())) + offset;
+    u32::try_from(addr).ok().map(Ipv4Addr::from)
 }

@@ -39,6 +39,7 @@ use std::time::Instant;
 
 pub use config::{NetConfig, SwitchConfig};
 pub use counters::{DropCounters, PortCounters};
+pub use egress::egress_address;
 pub use policy::{L4Proto, PolicyRule};
 pub use rate::TokenBucket;
 pub use types::{AttachError, DropReason, HostId, Location, NetId, PortId, Verdict};
@@ -81,6 +82,9 @@ pub struct Switch {
     /// the sender check's slow path only.
     moving: Map<(NetId, Ipv4Addr), (HostId, HostId)>,
     ports: Map<PortId, PortState>,
+    /// Ports of local instances that the outside world may open flows to (`vane run
+    /// --publish`), as (port, IP protocol, destination port).
+    published: Map<(PortId, u8, u16), ()>,
     policy: Policy,
     flows: FlowTable,
     drops: DropCounters,
@@ -96,6 +100,7 @@ impl Switch {
             members: MemberTable::default(),
             moving: Map::default(),
             ports: Map::default(),
+            published: Map::default(),
             policy: Policy::default(),
             flows,
             drops: DropCounters::default(),

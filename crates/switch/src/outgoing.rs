@@ -82,8 +82,21 @@ impl Switch {
         if self.cfg.global_space.contains(&dst) {
             return self.cross_net_from_port(net.id, src, dst, proto, ports, now);
         }
+        let key = FlowKey::Egress(EgressFlow {
+            port,
+            proto,
+            remote_ip: u32::from(dst),
+            local_port: ports.src,
+            remote_port: ports.dst,
+        });
         if !net.egress {
-            return Verdict::Drop(DropReason::NoEgress);
+            // Without egress, only the replies of flows the outside world opened to a
+            // published port leave.
+            if !self.flows.touch(key, now) {
+                return Verdict::Drop(DropReason::NoEgress);
+            }
+            ip.set_src(sender.egress_ip);
+            return Verdict::Egress;
         }
         if self.cfg.egress_space.contains(&dst) {
             // Another instance's egress address: going there through NAT would bypass the
@@ -93,13 +106,6 @@ impl Switch {
         if !is_unicast_outside(dst) {
             return Verdict::Drop(DropReason::NoRoute);
         }
-        let key = FlowKey::Egress(EgressFlow {
-            port,
-            proto,
-            remote_ip: u32::from(dst),
-            local_port: ports.src,
-            remote_port: ports.dst,
-        });
         // Open the flow before rewriting, so a refused packet is left as it was.
         if self.flows.open(key, now).is_err() {
             return Verdict::Drop(DropReason::FlowTableFull);

@@ -488,6 +488,90 @@ fn egress_rewrites_source_and_lets_replies_back() {
     );
 }
 
+/// A published port: the outside world opens flows to it (through the host's NAT, which
+/// sends them to the instance's egress address) and gets its replies, in a net without
+/// egress too; nothing else of the instance is reachable, and nothing but replies leaves.
+#[test]
+fn published_ports_take_new_flows_and_nothing_else() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    // B1 is in NET_B, which has no egress.
+    let egress_b1 = egress_address(SwitchConfig::default().egress_space, PB1).unwrap();
+    assert_eq!(egress_b1, Ipv4Addr::new(100, 64, 0, 3));
+    sw.set_published(PB1, &[(L4Proto::Tcp, 80), (L4Proto::Udp, 53)]);
+
+    let mut syn = tcp(OUTSIDE, 51000, egress_b1, 80);
+    assert_eq!(sw.process_from_egress(&mut syn, now), Verdict::Deliver(PB1));
+    assert_eq!(dst_of(&syn), B1);
+    assert_eq!(
+        src_of(&syn),
+        OUTSIDE,
+        "the program sees its client's address"
+    );
+    assert!(checksums_ok(&syn));
+    // The reply leaves, from the egress address the host's NAT expects.
+    let mut reply = tcp(B1, 80, OUTSIDE, 51000);
+    assert_eq!(sw.process_from_port(PB1, &mut reply, now), Verdict::Egress);
+    assert_eq!(src_of(&reply), egress_b1);
+    assert!(checksums_ok(&reply));
+    let mut datagram = udp(OUTSIDE, 5000, egress_b1, 53);
+    assert_eq!(
+        sw.process_from_egress(&mut datagram, now),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut udp(B1, 53, OUTSIDE, 5000), now),
+        Verdict::Egress
+    );
+
+    // Refused: a port it does not publish, the wrong protocol, a TCP segment that opens
+    // nothing, another client's reply it never asked for, a flow it would open itself.
+    let mut not_syn = tcp(OUTSIDE, 51001, egress_b1, 80);
+    not_syn[33] = 0x10; // ACK alone
+    for mut p in [
+        tcp(OUTSIDE, 51000, egress_b1, 81),
+        udp(OUTSIDE, 51000, egress_b1, 80),
+        not_syn,
+        icmp_echo(OUTSIDE, egress_b1, false, 7),
+    ] {
+        let before = p.clone();
+        assert_eq!(sw.process_from_egress(&mut p, now), REFUSED);
+        assert_eq!(p, before);
+    }
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 80, OUTSIDE, 51999), now),
+        Verdict::Drop(DropReason::NoEgress)
+    );
+    assert_eq!(
+        sw.process_from_port(PB1, &mut tcp(B1, 40000, OUTSIDE, 443), now),
+        Verdict::Drop(DropReason::NoEgress)
+    );
+    // Another instance's egress address publishes nothing.
+    let egress_a1 = egress_address(SwitchConfig::default().egress_space, PA1).unwrap();
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 51000, egress_a1, 80), now),
+        REFUSED
+    );
+
+    // Unpublished, or detached (the instance removed, or moved away): no new flows.
+    sw.set_published(PB1, &[]);
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 52000, egress_b1, 80), now),
+        REFUSED
+    );
+    sw.set_published(PB1, &[(L4Proto::Tcp, 80)]);
+    sw.detach_port(PB1);
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 52001, egress_b1, 80), now),
+        REFUSED
+    );
+    sw.set_published(PB1, &[(L4Proto::Tcp, 80)]);
+    assert!(
+        sw.published.is_empty(),
+        "a port not attached publishes nothing"
+    );
+}
+
 #[test]
 fn egress_needs_the_net_to_allow_it() {
     let mut sw = two_nets();

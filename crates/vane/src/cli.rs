@@ -293,6 +293,10 @@ pub struct RunArgs {
     /// 5m), to start it from on another host when its host dies (needs --restart)
     #[arg(long, value_name = "DURATION")]
     pub checkpoint_every: Option<String>,
+    /// Let clients outside vane reach PORT of the instance at HOSTPORT of its host (at
+    /// HOSTIP only, if given); they keep their own address; repeatable
+    #[arg(short = 'p', long, value_name = "[HOSTIP:]HOSTPORT:PORT[/PROTO]")]
+    pub publish: Vec<String>,
     #[command(flatten)]
     pub settings: SettingsArgs,
     /// The program and its arguments

@@ -52,7 +52,8 @@ impl State {
                     InstanceState::Lost => false,
                 };
             let to = if wanted {
-                self.least_loaded_host().ok()
+                let inst = &self.instances[&id];
+                self.least_loaded_host_for(&inst.publish, Some(&id)).ok()
             } else {
                 None
             };

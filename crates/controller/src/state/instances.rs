@@ -80,6 +80,9 @@ impl State {
                     .hosts
                     .get(&h)
                     .ok_or_else(|| ApiError::NotFound(format!("unknown host {h:?}")))?;
+                if let Some(why) = self.publish_clash(&h, &spec.publish, None) {
+                    return Err(ApiError::Conflict(why));
+                }
                 match host.state {
                     HostState::Online => {}
                     HostState::Offline => {
@@ -93,8 +96,17 @@ impl State {
                 }
                 h
             }
-            None => self.least_loaded_host()?,
+            None => self.least_loaded_host_for(&spec.publish, None)?,
         };
+        for (i, p) in spec.publish.iter().enumerate() {
+            if spec.publish[..i].iter().any(|q| q.clashes_with(p)) {
+                return Err(ApiError::BadRequest(format!(
+                    "host port {}/{} is published twice",
+                    p.host_port,
+                    p.proto.as_str()
+                )));
+            }
+        }
         let ip = match spec.ip {
             Some(ip) => {
                 if !net.subnet.contains(&ip) {
@@ -135,6 +147,7 @@ impl State {
             template: spec.template.clone(),
             limits,
             space: space.clone(),
+            publish: spec.publish.clone(),
             request: None,
             migrating: None,
             progress: None,
@@ -160,9 +173,35 @@ impl State {
                 env,
                 limits,
                 space,
+                publish: spec.publish,
             },
             batch,
         ))
+    }
+
+    /// Why `publish` cannot be published on `host`: a port another instance there has
+    /// (other than `except`, the one moving).
+    pub fn publish_clash(
+        &self,
+        host: &str,
+        publish: &[vane_proto::validate::Publish],
+        except: Option<&str>,
+    ) -> Option<String> {
+        self.instances
+            .values()
+            .filter(|i| i.host == host && i.state != InstanceState::Lost)
+            .filter(|i| Some(i.id.as_str()) != except)
+            .find_map(|i| {
+                let (mine, theirs) = publish
+                    .iter()
+                    .find_map(|p| Some((p, i.publish.iter().find(|q| q.clashes_with(p))?)))?;
+                Some(format!(
+                    "host port {}/{} of host {host:?} is published already, by instance {:?} ({theirs}); {mine} cannot be",
+                    mine.host_port,
+                    mine.proto.as_str(),
+                    i.name
+                ))
+            })
     }
 
     fn member_at(&self, net: &str, ip: Ipv4Addr) -> Option<&Instance> {
@@ -187,10 +226,19 @@ impl State {
             })
     }
 
-    pub(super) fn least_loaded_host(&self) -> Result<String, ApiError> {
+    /// The least loaded online host where `publish` can be published (`except`: an
+    /// instance whose own ports do not count, the one being placed again).
+    pub(super) fn least_loaded_host_for(
+        &self,
+        publish: &[vane_proto::validate::Publish],
+        except: Option<&str>,
+    ) -> Result<String, ApiError> {
         self.hosts
             .values()
             .filter(|h| h.state == HostState::Online)
+            .filter(|h| {
+                publish.is_empty() || self.publish_clash(&h.name, publish, except).is_none()
+            })
             .min_by_key(|h| (self.instances_on(&h.name), h.name.clone()))
             .map(|h| h.name.clone())
             .ok_or_else(|| {
@@ -229,6 +277,7 @@ impl State {
             env: inst.env.clone(),
             limits: inst.limits,
             space: inst.space.clone(),
+            publish: inst.publish.clone(),
         })
     }
 

@@ -54,6 +54,9 @@ async fn migrate_to_end(c: &Arc<Controller>, name: &str, spec: MigrateSpec) -> A
                 "instance {name:?} is already moving to host {other:?}"
             )));
         }
+        if let Some(why) = s.publish_clash(&to, &inst.publish, Some(&inst.id)) {
+            return Err(ApiError::Conflict(why));
+        }
         (inst.id.clone(), inst.host.clone(), s.instance_spec(inst)?)
     };
     if !c.agents.is_connected(&from) {

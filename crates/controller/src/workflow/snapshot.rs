@@ -235,6 +235,8 @@ async fn restore_to_end(
         limits: from.limits,
         space: from.space,
         restart: from.restart,
+        // A clone would take its original's ports: it publishes none.
+        publish: if clone { Vec::new() } else { from.publish },
         checkpoint_every: from.checkpoint_every,
     };
     let sealing = c.sealer.begin(&spec.instance);

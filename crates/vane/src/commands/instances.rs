@@ -75,6 +75,11 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
         }
         None => None,
     };
+    let publish = args
+        .publish
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<Vec<validate::Publish>, _>>()?;
     // Sent again after a lost answer (the replica that took it died), it makes one instance.
     let key = format!("{:032x}", rand::random::<u128>());
     let inst: Instance = c.post_keyed(
@@ -91,6 +96,7 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
             limits,
             space,
             restart: args.restart,
+            publish,
             checkpoint_every,
         },
         Some(&key),
