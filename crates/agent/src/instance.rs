@@ -4,7 +4,7 @@
 //! Each instance has a directory `STATE/instances/ID/` (0700, the agent's alone) holding
 //! `launch.json` (what to start), `instance.json` (written once it runs: its spec, pids and
 //! confinement; an instance directory without it was half-made and is removed), the
-//! `hosts` and `hostname` files bound read-only into it, and `shared/`: the one part the
+//! `hosts`, `hostname` and `resolv.conf` files bound read-only into it, and `shared/`: the one part the
 //! instance sees and writes (at /tmp/.vane), owned by its root, with `output.log` and the
 //! `exit.json` its init writes when the program ends. The agent reads what lies in
 //! `shared/` as the instance's word: without following links, bounded, never trusted for
@@ -21,6 +21,7 @@ use vane_proto::api::ExitStatus;
 use vane_proto::stream::InstanceSpec;
 
 use crate::cgroup::{self, Layout};
+use crate::dns;
 use crate::launch::{self, LaunchSpec, Launched};
 use crate::netconf::{self, OutboundRules};
 use crate::sandbox::{self, Confinement};
@@ -87,6 +88,10 @@ pub fn make_dir(dir: &Path, spec: &InstanceSpec, hosts: &str) -> Result<Confinem
         dir.join(launch::HOSTNAME_FILE),
         format!("{}\n", spec.hostname),
     )?;
+    std::fs::write(
+        dir.join(launch::RESOLV_FILE),
+        dns::resolv_conf(&spec.net.name),
+    )?;
     Ok(Confinement { idmap, caps })
 }
 
@@ -133,13 +138,17 @@ pub fn create(
     exe: &Path,
     spec: &InstanceSpec,
     setup: &Setup,
-) -> Result<(Record, OwnedFd), CreateError> {
+) -> Result<(Record, OwnedFd, dns::Sockets), CreateError> {
     let (record, tun, space) = prepare_space(dir, key, spec, setup)?;
-    let result = launch(dir, exe, record, space, setup);
+    // The resolver's address is taken before the program starts: nothing inside can
+    // bind it first.
+    let result = dns::bind(&record.netns)
+        .map_err(CreateError::from)
+        .and_then(|dns| Ok((launch(dir, exe, record, space, setup)?, dns)));
     if result.is_err() {
         teardown(dir, key, &setup.layout);
     }
-    result.map(|record| (record, tun))
+    result.map(|(record, dns)| (record, tun, dns))
 }
 
 /// Makes an instance's space, for a new instance and for one about to be restored alike:

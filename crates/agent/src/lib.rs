@@ -17,6 +17,7 @@ mod control;
 pub use streams::exec_helper_main;
 mod dataplane;
 mod direct;
+mod dns;
 mod identity;
 mod images;
 mod instance;
@@ -100,6 +101,8 @@ pub(crate) struct Agent {
     dataplane: Dataplane,
     switch_cfg: SwitchConfig,
     next_port: AtomicU32,
+    /// The instances' resolver: the directory it answers from, the host's resolvers.
+    dns: dns::Resolver,
 }
 
 pub(crate) use vane_proto::unix_now as now;
@@ -186,6 +189,9 @@ pub async fn run(
         controller_now: Mutex::new(first),
         instance_mtu: max_inner_packet,
         egress_ready: std::sync::atomic::AtomicBool::new(false),
+        dns: dns::Resolver::new(dns::upstreams(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        )),
         cfg,
     });
     agent.clone().recover().await;

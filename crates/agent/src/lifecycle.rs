@@ -73,7 +73,7 @@ impl Agent {
                         match tokio::task::spawn_blocking(move || instance::open_tun(&netns)).await
                         {
                             Ok(Ok(tun)) => {
-                                if let Err(e) = self.adopt(record, dir, tun).await {
+                                if let Err(e) = self.adopt(record, dir, tun, None).await {
                                     tracing::error!(instance = %id, "cannot take back: {e}");
                                 } else {
                                     tracing::info!(instance = %id, "took back running instance");
@@ -97,6 +97,7 @@ impl Agent {
                                 exited: watch::channel(true).0,
                                 rules: None,
                                 hosts: None,
+                                dns: None,
                                 unconfirmed: false,
                             },
                         );
@@ -106,12 +107,14 @@ impl Agent {
         }
     }
 
-    /// Attaches a running instance to the switch and watches for its end.
+    /// Attaches a running instance to the switch, serves its resolver (on `dns`, bound
+    /// before its program started, or bound now) and watches for its end.
     pub(crate) async fn adopt(
         self: &Arc<Self>,
         record: Record,
         dir: PathBuf,
         tun: std::os::fd::OwnedFd,
+        dns: Option<crate::dns::Sockets>,
     ) -> Result<(), String> {
         let port = PortId(self.next_port.fetch_add(1, Ordering::Relaxed));
         let net = net_config(&record.spec.net);
@@ -136,6 +139,7 @@ impl Agent {
             )
             .await?;
         let pidfd = vane_sys::pidfd::open(record.init_pid).map_err(|e| e.to_string())?;
+        let dns = self.serve_dns(&record, dns).await;
         let id = record.spec.id.clone();
         let (exited, _) = watch::channel(false);
         self.state().instances.insert(
@@ -149,6 +153,7 @@ impl Agent {
                 exited,
                 rules: None,
                 hosts: None,
+                dns,
                 unconfirmed,
             },
         );
@@ -180,6 +185,33 @@ impl Agent {
         };
         if let Err(e) = crate::netconf::apply_published(&rules) {
             tracing::error!("publishing ports on this host: {e}");
+        }
+    }
+
+    /// Serves the resolver of an instance that runs here. Without it the instance still
+    /// runs (its /etc/hosts names its net's members): a restarted agent may find the address
+    /// taken by a program of the instance, which then only answers itself.
+    async fn serve_dns(
+        &self,
+        record: &Record,
+        sockets: Option<crate::dns::Sockets>,
+    ) -> Option<crate::dns::Server> {
+        let sockets = match sockets {
+            Some(s) => Ok(s),
+            None => {
+                let netns = record.netns.clone();
+                tokio::task::spawn_blocking(move || crate::dns::bind(&netns))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            }
+        };
+        let served = sockets.and_then(|s| self.dns.serve(s, crate::dns::Client::of(&record.spec)));
+        match served {
+            Ok(server) => Some(server),
+            Err(e) => {
+                tracing::warn!(instance = %record.spec.name, "no resolver: {e}");
+                None
+            }
         }
     }
 
@@ -246,7 +278,7 @@ impl Agent {
         } else {
             spec.id.clone()
         };
-        let (record, tun) = tokio::task::spawn_blocking(move || {
+        let (record, tun, dns) = tokio::task::spawn_blocking(move || {
             instance::create(&dir2, &key, &exe, &spec2, &setup)
         })
         .await
@@ -257,7 +289,7 @@ impl Agent {
         })?;
         let pid = record.pid;
         let key = record.space_key().to_string();
-        if let Err(e) = self.adopt(record, dir.clone(), tun).await {
+        if let Err(e) = self.adopt(record, dir.clone(), tun, Some(dns)).await {
             let _ = self.stop(&spec.id, Duration::from_secs(1)).await;
             let layout = self.layout.clone();
             let _ =
@@ -335,14 +367,15 @@ impl Agent {
         let layout = self.layout.clone();
         let (key, port, published) = {
             let mut state = self.state();
-            let local = state.instances.get_mut(id);
-            let key = local
-                .as_ref()
-                .map_or_else(|| id.to_string(), |l| l.record.space_key().to_string());
-            let published = local
-                .as_ref()
-                .is_some_and(|l| !l.record.spec.publish.is_empty());
-            (key, local.and_then(|l| l.port.take()), published)
+            match state.instances.get_mut(id) {
+                Some(l) => {
+                    // Its resolver's sockets would keep the network namespace alive.
+                    l.dns = None;
+                    let published = !l.record.spec.publish.is_empty();
+                    (l.record.space_key().to_string(), l.port.take(), published)
+                }
+                None => (id.to_string(), None, false),
+            }
         };
         if let Some(port) = port {
             self.dataplane.send(Command::Detach { port });

@@ -48,6 +48,8 @@ pub(crate) struct Local {
     /// Last applied rules and hosts file, to skip rewriting what did not change.
     pub(crate) rules: Option<OutboundRules>,
     pub(crate) hosts: Option<String>,
+    /// Its resolver, while it runs here (its sockets hold its network namespace).
+    pub(crate) dns: Option<crate::dns::Server>,
     /// Restored here for a migration that no view has confirmed yet: its port is on hold
     /// (`adopt`), and `checkpoint::ARRIVED_FILE` says so across a restart.
     pub(crate) unconfirmed: bool,

@@ -76,6 +76,8 @@ impl Agent {
         let (members, confirmed) = {
             let mut state = self.state();
             state.view = view;
+            // Answers follow the view from the next query on.
+            self.dns.update(&state.view);
             let here = state.host_id();
             let placed: Vec<String> = state
                 .view

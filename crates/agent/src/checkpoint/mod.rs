@@ -38,11 +38,12 @@ pub const ARRIVED_FILE: &str = "arrived";
 pub const PACK_FILE: &str = "images.tar";
 /// The key under which the instance's network namespace travels in the images.
 pub(crate) const NET_KEY: &str = "vane-net";
-/// The keys of the bind mounts of the instance's hosts and hostname files, which travel as
+/// The keys of the bind mounts of the instance's hosts, hostname and resolv.conf files, which travel as
 /// external mounts and are bound from the restoring host's own files.
 const HOSTS_KEY: &str = "vane-hosts";
 const HOSTNAME_KEY: &str = "vane-hostname";
 const STATE_KEY: &str = "vane-state";
+const RESOLV_KEY: &str = "vane-resolv";
 /// The mounts of a confined instance that are not dumped but bound from the restoring
 /// host's: (key, path inside, name in `__restore`'s staging directory). /dev holds device
 /// nodes, which the instance's root could not make again; vane's binaries are the host's.
@@ -50,6 +51,7 @@ pub(crate) const CONFINED_EXTERNALS: &[(&str, &str, &str)] = &[
     (STATE_KEY, crate::launch::STATE_MOUNT, "shared"),
     (HOSTS_KEY, "/etc/hosts", "hosts"),
     (HOSTNAME_KEY, "/etc/hostname", "hostname"),
+    (RESOLV_KEY, "/etc/resolv.conf", crate::launch::RESOLV_FILE),
     ("vane-dev", "/dev", "dev"),
     ("vane-bin", crate::binary::DIR, "bin"),
 ];
@@ -342,6 +344,7 @@ fn dump_command(dir: &Path, record: &Record) -> Result<Command, String> {
         for (key, inside) in [
             (HOSTS_KEY, "/etc/hosts"),
             (HOSTNAME_KEY, "/etc/hostname"),
+            (RESOLV_KEY, "/etc/resolv.conf"),
             (STATE_KEY, crate::launch::STATE_MOUNT),
         ] {
             cmd.arg("--external").arg(format!("mnt[{inside}]:{key}"));

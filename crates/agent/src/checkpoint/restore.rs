@@ -12,7 +12,7 @@ use vane_proto::stream::InstanceSpec;
 
 use super::{
     criu, criu_version, last_lines, run_criu, serve_pages, HOSTNAME_KEY, HOSTS_KEY, IMAGES_DIR,
-    NET_KEY, STATE_KEY, UFFD_DEV_FD,
+    NET_KEY, RESOLV_KEY, STATE_KEY, UFFD_DEV_FD,
 };
 use crate::cgroup;
 use crate::instance::{self, CreateError, Record, Setup};
@@ -242,15 +242,16 @@ fn restore_privileged(
         (false, false) => "--tcp-established",
         (false, true) => "--tcp-established --lazy-pages",
     };
-    // Arguments past the sixth are more of CRIU's (the externals of shared volumes and path
+    // Arguments past the seventh are more of CRIU's (the externals of shared volumes and path
     // rules).
     let script = format!(
         "IFS=:; for c in $VANE_CGROUPS; do echo $$ > \"$c/cgroup.procs\" || exit 1; done; \
-         criu=$0 images=$1 pidfile=$2 ns=$3 state=$4 hosts=$5 hostname=$6; shift 6; \
+         criu=$0 images=$1 pidfile=$2 ns=$3 state=$4 hosts=$5 hostname=$6 resolv=$7; shift 7; \
          exec \"$criu\" restore -D \"$images\" -o restore.log {tcp} --file-locks --root / -d \
          --manage-cgroups=ignore --pidfile \"$pidfile\" --inherit-fd 'fd[3]:{NET_KEY}' \
          --external \"mnt[{STATE_KEY}]:$state\" --external \"mnt[{HOSTS_KEY}]:$hosts\" \
-         --external \"mnt[{HOSTNAME_KEY}]:$hostname\" \"$@\" 3<\"$ns\""
+         --external \"mnt[{HOSTNAME_KEY}]:$hostname\" --external \"mnt[{RESOLV_KEY}]:$resolv\" \
+         \"$@\" 3<\"$ns\""
     );
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -261,7 +262,8 @@ fn restore_privileged(
         .arg(&ns)
         .arg(dir.join(crate::launch::SHARED_DIR))
         .arg(dir.join(crate::launch::HOSTS_FILE))
-        .arg(dir.join(crate::launch::HOSTNAME_FILE));
+        .arg(dir.join(crate::launch::HOSTNAME_FILE))
+        .arg(dir.join(crate::launch::RESOLV_FILE));
     let volumes = shared_volumes(record).into_iter().enumerate();
     let redirects = redirect_sources(record).into_iter().enumerate();
     let keyed = volumes

@@ -104,6 +104,9 @@ pub const LOG_FILE: &str = "output.log";
 pub const STATE_MOUNT: &str = "/tmp/.vane";
 pub const HOSTS_FILE: &str = "hosts";
 pub const HOSTNAME_FILE: &str = "hostname";
+/// The instance's resolv.conf (the agent's resolver at 127.0.0.53), bound read-only over
+/// its /etc/resolv.conf.
+pub const RESOLV_FILE: &str = "resolv.conf";
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 

@@ -14,7 +14,7 @@ use nix::unistd::sethostname;
 use serde::{Deserialize, Serialize};
 
 use super::mounts::{bind, dev_tree, make_mounts_private, read_only_bind};
-use super::{enter_userns, errno, HOSTNAME_FILE, HOSTS_FILE, SHARED_DIR};
+use super::{enter_userns, errno, HOSTNAME_FILE, HOSTS_FILE, RESOLV_FILE, SHARED_DIR};
 use crate::cgroup;
 
 /// What `vane __restore` needs: written by the agent as `restore.json` in the instance's
@@ -92,8 +92,12 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
     for d in ["root", "dev", "images", "shared", "bin"] {
         std::fs::create_dir(at(d))?;
     }
-    for f in [HOSTS_FILE, HOSTNAME_FILE] {
+    for f in [HOSTS_FILE, HOSTNAME_FILE, RESOLV_FILE] {
         File::create(at(f))?;
+        // (An instance made before resolv.conf files has none, nor its images the mount.)
+        if f == RESOLV_FILE && !dir.join(f).exists() {
+            continue;
+        }
         read_only_bind(&dir.join(f), &at(f)).map_err(|e| errno(&format!("stage {f}"), e))?;
     }
     match &spec.rootfs {

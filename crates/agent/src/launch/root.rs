@@ -15,7 +15,8 @@ use super::mounts::{
     read_only_bind,
 };
 use super::{
-    errno, LaunchSpec, HOSTNAME_FILE, HOSTS_FILE, PATHS_DIR, ROOTFS_DIR, SHARED_DIR, STATE_MOUNT,
+    errno, LaunchSpec, HOSTNAME_FILE, HOSTS_FILE, PATHS_DIR, RESOLV_FILE, ROOTFS_DIR, SHARED_DIR,
+    STATE_MOUNT,
 };
 
 /// Where the instance's root is staged (bound from the host's) in its private directory.
@@ -193,6 +194,7 @@ pub(super) fn build_root(
                 .map_err(|e| io::Error::other(format!("bind {}: {e}", target.display())))?;
         }
     }
+    bind_resolv_conf(dir, &root, own_root, confined)?;
     for ((_, inside), (_, source, _, idmap)) in spec.volumes.iter().zip(volume_sources) {
         bind_source(
             source,
@@ -213,6 +215,65 @@ pub(super) fn build_root(
     }
     drop(sources);
     Ok(root)
+}
+
+/// Puts the instance's resolv.conf (`DIR/resolv.conf`) at its /etc/resolv.conf: bound
+/// read-only over the file, as the hosts file is (a root of its own without one gets an
+/// empty one to bind over). Where /etc/resolv.conf is a link (systemd-resolved's, say, into
+/// /run), the file is written where the link leads if that lies in the instance's own
+/// /run or /tmp, fresh tmpfs that nothing runs in yet; the link is read, never followed.
+/// Anywhere else the instance keeps what it has, and its /etc/hosts.
+fn bind_resolv_conf(dir: &Path, root: &Path, own_root: bool, confined: bool) -> io::Result<()> {
+    let target = root.join("etc/resolv.conf");
+    let source = dir.join(RESOLV_FILE);
+    let meta = match std::fs::symlink_metadata(&target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && own_root && root.join("etc").is_dir() => {
+            File::create(&target)?;
+            std::fs::symlink_metadata(&target)?
+        }
+        Err(_) => return Ok(()),
+    };
+    if meta.file_type().is_file() {
+        return read_only_bind(&source, &target)
+            .map_err(|e| io::Error::other(format!("bind {}: {e}", target.display())));
+    }
+    if !meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let link = std::fs::read_link(&target)?;
+    let Some(inside) = lexical(&Path::new("/etc").join(link)) else {
+        return Ok(());
+    };
+    let private = inside.starts_with("/tmp/") || (confined && inside.starts_with("/run/"));
+    if !private {
+        return Ok(());
+    }
+    let at = root.join(inside.strip_prefix("/").unwrap_or(&inside));
+    if let Some(parent) = at.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::copy(&source, &at).map(|_| ())
+}
+
+/// `path` with `.` and `..` taken away without looking at the file system; `None` if it
+/// climbs above the root.
+fn lexical(path: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            Component::Normal(n) => out.push(n),
+            Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
 }
 
 /// Binds a volume or path rule's source: through the instance's id mapping where the file

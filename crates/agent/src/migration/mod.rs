@@ -388,18 +388,20 @@ impl Agent {
             let restored = tokio::task::spawn_blocking(move || {
                 checkpoint::unpack(&dir2, record.confinement().idmap)?;
                 let unpacked = started.elapsed();
+                // The resolver's address, taken before the tree runs again.
+                let dns = crate::dns::bind(&record.netns).map_err(|e| e.to_string())?;
                 checkpoint::restore(&dir2, &exe, &mut record, tcp_close, pages)?;
                 tracing::debug!(
                     unpack_ms = unpacked.as_millis() as u64,
                     criu_ms = (started.elapsed() - unpacked).as_millis() as u64,
                     "restored"
                 );
-                Ok::<_, String>(record)
+                Ok::<_, String>((record, dns))
             })
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r);
-            let record = match restored {
+            let (record, dns) = match restored {
                 Ok(r) => r,
                 Err(e) => {
                     drop(tun);
@@ -415,7 +417,7 @@ impl Agent {
             let pid = record.pid;
             let spec = record.spec.clone();
             let init = record.init_pid;
-            if let Err(e) = self.adopt(record, dir.clone(), tun).await {
+            if let Err(e) = self.adopt(record, dir.clone(), tun, Some(dns)).await {
                 // Not reachable here: end it, so that it does not run twice once the source
                 // resumes it.
                 let _ = kill(Pid::from_raw(init as i32), Signal::SIGKILL);
