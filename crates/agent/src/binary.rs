@@ -37,7 +37,15 @@ pub fn install(exe: &Path) -> io::Result<PathBuf> {
         let tmp = dir.join(format!(".vane.{}", std::process::id()));
         std::fs::copy(exe, &tmp)?;
         std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        std::fs::rename(&tmp, &path)?;
+        // A link, not a rename: agents started together each make a copy, and a rename
+        // would replace the one another's instances already run (CRIU then meets a deleted
+        // file it cannot dump). The first copy in stays; the others go.
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
     }
     if !dir.join(RUNTIME).is_dir() {
         copy_runtime(&dir)?;

@@ -388,6 +388,7 @@ mod tests {
         let mut www = member(2, "web2", "10.2.0.2");
         www.hostname = "www".into();
         AgentView {
+            revision: Default::default(),
             peers: vec![],
             nets: vec![
                 net(1, "red", "10.1.0.0/24", false),
