@@ -91,7 +91,7 @@ pub(crate) async fn create(
     request: Option<String>,
 ) -> ApiResult<Instance> {
     if let Some(key) = &request {
-        if let Some(made) = made_by(c, key).await? {
+        if let Some(made) = made_by(c, key, &run.net).await? {
             return Ok(made);
         }
     }
@@ -104,10 +104,11 @@ pub(crate) async fn create(
 /// How long a repeated run waits for the instance its first sending made to settle.
 const REPEAT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The instance that the request of key `key` made, once it has settled (its host
+/// The instance that the request of key `key` made in net `net` (which the caller may use:
+/// a key alone shows no one another tenant's instance), once it has settled (its host
 /// reconnected and said where it stands). None if there is none, or if it never started
 /// (lost: its record goes, and the run is made anew).
-async fn made_by(c: &Controller, key: &str) -> ApiResult<Option<Instance>> {
+async fn made_by(c: &Controller, key: &str, net: &str) -> ApiResult<Option<Instance>> {
     let deadline = tokio::time::Instant::now() + REPEAT_PATIENCE;
     loop {
         {
@@ -115,7 +116,7 @@ async fn made_by(c: &Controller, key: &str) -> ApiResult<Option<Instance>> {
             let made = s
                 .instances
                 .values()
-                .find(|i| i.request.as_deref() == Some(key))
+                .find(|i| i.request.as_deref() == Some(key) && i.net == net)
                 .cloned();
             match made {
                 None => return Ok(None),

@@ -506,6 +506,25 @@ async fn a_run_sent_again_with_its_key_makes_one_instance() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("web"), "{e}");
+    // The key in another net (another tenant's, maybe) is another request.
+    {
+        let mut s = cl.c.state();
+        let net = vane_proto::api::NetSpec {
+            name: "blue".into(),
+            subnet: "10.10.3.0/24".parse().unwrap(),
+            tenant: "b".into(),
+            egress: false,
+        };
+        let (_, batch) = s.create_net(net, 0).unwrap();
+        cl.c.commit(batch).unwrap();
+    }
+    let other = RunSpec {
+        name: Some("theirs".into()),
+        net: "blue".into(),
+        ..run()
+    };
+    let theirs = super::create(&cl.c, other, key.clone()).await.unwrap();
+    assert_ne!(theirs.id, first.id);
 
     // The first sending's host said it never had it (its record is lost): made anew.
     cl.c.change_instance(&first.id, |i| i.state = InstanceState::Lost)
