@@ -158,8 +158,8 @@ fn keep_alive_apart(
         .name("etcd-lease".into())
         .spawn(move || {
             runtime.block_on(async {
-                match Client::connect(&endpoints, Some(patient())).await {
-                    Ok(client) => keep_alive(client, lease, lost).await,
+                match crate::store::Members::connect(&endpoints, patient()).await {
+                    Ok(members) => keep_alive(members, lease, lost).await,
                     Err(e) => {
                         tracing::warn!("connecting to etcd to keep the lease: {e}");
                         let _ = lost.send(true);
@@ -172,27 +172,31 @@ fn keep_alive_apart(
 }
 
 /// Keeps `lease` alive until it is lost: no answer for `LEASE_TTL`, or etcd says it is
-/// gone. A keep-alive stream that breaks (its etcd member died) is opened again, on a
-/// member that answers.
-async fn keep_alive(mut client: Client, lease: i64, lost: watch::Sender<bool>) {
+/// gone. A keep-alive stream that breaks (its etcd member died) is opened again on the
+/// next member.
+async fn keep_alive(mut members: crate::store::Members, lease: i64, lost: watch::Sender<bool>) {
     let ttl = Duration::from_secs(LEASE_TTL as u64);
     let mut last_kept = Instant::now();
     'streams: while last_kept.elapsed() < ttl {
-        let Ok(Ok((mut keeper, mut answers))) =
-            tokio::time::timeout(KEEP_ALIVE_EVERY, client.lease_keep_alive(lease)).await
-        else {
-            tokio::time::sleep(KEEP_ALIVE_EVERY / 5).await;
+        let opened =
+            tokio::time::timeout(KEEP_ALIVE_EVERY, members.client().lease_keep_alive(lease)).await;
+        let Ok(Ok((mut keeper, mut answers))) = opened else {
+            members.next();
             continue;
         };
         loop {
             if keeper.keep_alive().await.is_err() {
+                members.next();
                 continue 'streams;
             }
             match tokio::time::timeout(KEEP_ALIVE_EVERY, answers.message()).await {
                 Ok(Ok(Some(answer))) if answer.ttl() > 0 => last_kept = Instant::now(),
                 // etcd says the lease is gone: it expired while no keep-alive got through.
                 Ok(Ok(Some(_))) => break 'streams,
-                _ => continue 'streams,
+                _ => {
+                    members.next();
+                    continue 'streams;
+                }
             }
             if last_kept.elapsed() >= ttl {
                 break 'streams;

@@ -65,7 +65,7 @@ impl Etcd {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
         let client = std::thread::scope(|s| {
             // Off the caller's thread: it may be a worker of another runtime.
-            s.spawn(|| runtime.block_on(Client::connect(endpoints, Some(options))))
+            s.spawn(|| runtime.block_on(Members::connect(endpoints, options)))
                 .join()
                 .expect("the etcd connect thread")
         })
@@ -179,22 +179,90 @@ impl Etcd {
     }
 }
 
+/// A client of each etcd member, and the one in use. etcd-client's own balancing over
+/// several members keeps choosing a member that died (its connections are made lazily, so
+/// a dead member looks ready): a third of the requests failed for as long as it stayed
+/// dead. One client per member, and the next one after a failure, fails once.
+pub(crate) struct Members {
+    clients: Vec<Client>,
+    current: usize,
+}
+
+impl Members {
+    pub(crate) async fn connect(
+        endpoints: &[String],
+        options: ConnectOptions,
+    ) -> Result<Members, etcd_client::Error> {
+        let mut clients = Vec::new();
+        for e in endpoints {
+            clients.push(Client::connect([e], Some(options.clone())).await?);
+        }
+        Ok(Members {
+            clients,
+            current: 0,
+        })
+    }
+
+    /// The client of the member in use.
+    pub(crate) fn client(&mut self) -> &mut Client {
+        &mut self.clients[self.current]
+    }
+
+    /// Moves on to the next member, after the one in use failed.
+    pub(crate) fn next(&mut self) {
+        self.current = (self.current + 1) % self.clients.len();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.clients.len()
+    }
+}
+
 /// The client's thread: answers requests one at a time, in order, until the store is
-/// dropped.
+/// dropped. A request that fails on one member is tried on the next, once on each: its
+/// transactions put and delete whole records, so one that took effect before its answer
+/// was lost does the same again.
 fn serve(
     runtime: tokio::runtime::Runtime,
-    mut client: Client,
+    mut members: Members,
     prefix: String,
     inbox: mpsc::Receiver<Request>,
 ) {
     while let Ok(request) = inbox.recv() {
         match request {
             Request::Load(reply) => {
-                let _ = reply.send(runtime.block_on(load_all(&mut client, &prefix)));
+                let done = runtime.block_on(async {
+                    let mut tried = 0;
+                    loop {
+                        match load_all(members.client(), &prefix).await {
+                            Err(e) if tried + 1 < members.len() => {
+                                tracing::debug!(
+                                    "an etcd member failed a load, trying the next: {e}"
+                                );
+                                tried += 1;
+                                members.next();
+                            }
+                            done => return done,
+                        }
+                    }
+                });
+                let _ = reply.send(done);
             }
             Request::Commit(txn, fenced, reply) => {
                 let done = runtime.block_on(async {
-                    let answer = client.txn(txn).await.map_err(|e| e.to_string())?;
+                    let mut tried = 0;
+                    let answer = loop {
+                        match members.client().txn(txn.clone()).await {
+                            Err(e) if tried + 1 < members.len() => {
+                                tracing::debug!(
+                                    "an etcd member failed a change, trying the next: {e}"
+                                );
+                                tried += 1;
+                                members.next();
+                            }
+                            answer => break answer.map_err(|e| e.to_string())?,
+                        }
+                    };
                     if answer.succeeded() {
                         Ok(())
                     } else if fenced {

@@ -15,6 +15,8 @@ use crate::enroll::{Enrollment, TokenRecord};
 mod embedded;
 mod etcd;
 
+pub(crate) use etcd::Members;
+
 /// The tables, by name: the kinds of object the store holds.
 const NETS: &str = "nets";
 const INSTANCES: &str = "instances";

@@ -172,9 +172,16 @@ pub(crate) async fn remove(c: &Controller, name: &str, force: bool) -> ApiResult
     c.change_instance(&id, |inst| inst.stopped = true)?;
     c.backoff.lock().expect("backoff lock").remove(&id);
     if c.agents.is_connected(&host) {
-        c.agents
+        match c
+            .agents
             .request(&host, AgentRequest::Remove { id: id.clone() })
-            .await?;
+            .await
+        {
+            // Its host has no copy any more (a removal whose controller died before it
+            // recorded it): what the removal wants is done there.
+            Ok(_) | Err(ApiError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
     } else if !force {
         return Err(ApiError::Unavailable(format!(
             "host {host:?} of instance {name:?} is offline (--force forgets the instance anyway)"

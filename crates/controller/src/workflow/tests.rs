@@ -535,6 +535,21 @@ async fn a_run_sent_again_with_its_key_makes_one_instance() {
     assert!(!cl.c.state().instances.contains_key(&first.id));
 }
 
+/// A removal that its host carried out but whose controller died before recording it,
+/// sent again to the next leader: the host has no copy, and the record goes.
+#[tokio::test]
+async fn removing_an_instance_its_host_already_removed_forgets_it() {
+    let cl = cluster(|host, req| match req {
+        AgentRequest::Remove { .. } => Err(ApiError::NotFound(
+            "instance 0123 is not on this host".into(),
+        )),
+        _ => agreeable(host, req),
+    })
+    .await;
+    super::remove(&cl.c, "srv", false).await.unwrap();
+    assert!(cl.c.state().instance_by_name("srv").is_err());
+}
+
 #[tokio::test]
 async fn removing_an_instance_of_an_offline_host_needs_force() {
     let cl = cluster(agreeable).await;
