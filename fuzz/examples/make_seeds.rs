@@ -437,6 +437,8 @@ fn instance() -> Instance {
         template: None,
         limits: limits(),
         space: space(),
+        publish: vec![published()],
+        request: Some("0123456789abcdef0123456789abcdef".into()),
         migrating: None,
         progress: None,
         migrations: Vec::new(),
@@ -447,6 +449,11 @@ fn instance() -> Instance {
         checkpoint_every: Some(30),
         checkpointed: Some(1_700_000_100),
     }
+}
+
+/// A published port with every field set.
+fn published() -> vane_proto::validate::Publish {
+    "192.0.2.1:8080:80/tcp".parse().unwrap()
 }
 
 fn control_seeds() {
@@ -460,6 +467,7 @@ fn control_seeds() {
         env: vec![("HOME".into(), "{state}".into())],
         limits: limits(),
         space: space(),
+        publish: vec![published()],
     };
     let to_agent = [
         (
@@ -511,6 +519,7 @@ fn control_seeds() {
         (
             "view",
             ToAgent::View(AgentView {
+                revision: vane_proto::stream::ViewRevision { term: 4, seq: 17 },
                 peers: vec![Peer {
                     id: 2,
                     name: "h2".into(),
@@ -632,6 +641,7 @@ fn api_seeds() {
                 limits: limits(),
                 space: space(),
                 restart: RestartPolicy::OnFailure,
+                publish: vec![published()],
                 checkpoint_every: Some(30),
             }),
         ),
