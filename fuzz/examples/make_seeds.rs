@@ -16,8 +16,8 @@ use vane_fuzz::{
 };
 use vane_proto::api::{
     frame, ClusterConfig, CredentialSpec, ExecSpec, ExitStatus, Instance, InstanceState, Limits,
-    MigrateSpec, Net, NetSpec, PolicySpec, RestartPolicy, RestoreSpec, RunSpec, SnapshotSpec, SpaceSpec, Template,
-    TokenSpec,
+    MigrateSpec, Net, NetSpec, PolicySpec, RestartPolicy, RestoreSpec, RunSpec, SnapshotSpec,
+    SpaceSpec, Template, TokenSpec,
 };
 use vane_proto::stream::{
     AgentError, AgentReply, AgentRequest, AgentView, FromAgent, HostAuth, InstanceReport,
