@@ -32,7 +32,7 @@ impl Switch {
         let state = *state;
         let routed = self.route_from_port(port, &state, pkt, now);
         if let Verdict::Deliver(to) = routed {
-            self.from_service(to, state.net, pkt, now);
+            self.service_reply(to, state.net, pkt, now);
         }
         // A limited receiver makes this sender wait (`port_delay`) while it is in debt.
         let peer = match routed {
@@ -79,7 +79,7 @@ impl Switch {
         };
         if net.subnet.contains(&dst) {
             if self.services.is_service(net.id, dst) {
-                return match self.to_service(net.id, net.id, &mut ip, now) {
+                return match self.service_backend(net.id, net.id, &mut ip, now) {
                     Ok(backend) => self.member_verdict(net.id, net.id, backend),
                     Err(reason) => Verdict::Drop(reason),
                 };
@@ -94,7 +94,7 @@ impl Switch {
             let mut dst = dst;
             if let Some(dst_net) = self.policy.route(net.id, dst, proto, ports.dst) {
                 if self.services.is_service(dst_net, dst) {
-                    match self.to_service(net.id, dst_net, &mut ip, now) {
+                    match self.service_backend(net.id, dst_net, &mut ip, now) {
                         Ok(backend) => dst = backend,
                         Err(reason) => return Verdict::Drop(reason),
                     }

@@ -145,9 +145,8 @@ impl ForwardKey {
     fn weight(&self, backend: Ipv4Addr) -> u64 {
         let a = u64::from(self.client_net) << 32 | u64::from(u32::from(self.client));
         let b = u64::from(self.svc_net) << 32 | u64::from(u32::from(self.vip));
-        let c = u64::from(self.proto) << 32
-            | u64::from(self.client_port) << 16
-            | u64::from(self.port);
+        let c =
+            u64::from(self.proto) << 32 | u64::from(self.client_port) << 16 | u64::from(self.port);
         mix(mix(mix(mix(a) ^ b) ^ c) ^ u64::from(u32::from(backend)))
     }
 }
@@ -166,7 +165,11 @@ impl Switch {
             svc.by_vip.insert(
                 (s.net, s.vip),
                 Service {
-                    ports: s.ports.iter().map(|(p, n)| (proto_number(*p), *n)).collect(),
+                    ports: s
+                        .ports
+                        .iter()
+                        .map(|(p, n)| (proto_number(*p), *n))
+                        .collect(),
                     backends,
                 },
             );
@@ -206,7 +209,7 @@ impl Switch {
 
     /// The backend of a packet from `client` in `client_net` to service address `vip` of
     /// `svc_net`: the flow's, or a new choice; the destination is rewritten to it.
-    pub(crate) fn to_service(
+    pub(crate) fn service_backend(
         &mut self,
         client_net: NetId,
         svc_net: NetId,
@@ -278,7 +281,13 @@ impl Switch {
     /// A packet about to be delivered to local port `to` from a member of `src_net`: if it
     /// is the reply of a service flow this switch recorded, its source becomes the
     /// service's address again.
-    pub(crate) fn from_service(&mut self, to: PortId, src_net: NetId, pkt: &mut [u8], now: Instant) {
+    pub(crate) fn service_reply(
+        &mut self,
+        to: PortId,
+        src_net: NetId,
+        pkt: &mut [u8],
+        now: Instant,
+    ) {
         if self.services.replies.is_empty() {
             return;
         }

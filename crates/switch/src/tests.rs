@@ -1304,12 +1304,17 @@ fn service_replies_get_the_service_address_back() {
     let now = Instant::now();
     let mut by_backend = std::collections::HashMap::new();
     for sport in 1000..1100 {
-        by_backend.entry(to_vip(&mut sw, sport, now).1).or_insert(sport);
+        by_backend
+            .entry(to_vip(&mut sw, sport, now).1)
+            .or_insert(sport);
     }
     // From the local backend.
     let sport = by_backend[&A2];
     let mut reply = tcp(A2, 80, A1, sport);
-    assert_eq!(sw.process_from_port(PA2, &mut reply, now), Verdict::Deliver(PA1));
+    assert_eq!(
+        sw.process_from_port(PA2, &mut reply, now),
+        Verdict::Deliver(PA1)
+    );
     assert_eq!(src_of(&reply), VIP);
     assert!(checksums_ok(&reply));
     // From the remote one, through the tunnel, after the incoming check.
@@ -1327,7 +1332,10 @@ fn service_replies_get_the_service_address_back() {
     );
     // A packet from a backend that is no reply of a recorded flow keeps its source.
     let mut direct = tcp(A2, 80, A1, 999);
-    assert_eq!(sw.process_from_port(PA2, &mut direct, now), Verdict::Deliver(PA1));
+    assert_eq!(
+        sw.process_from_port(PA2, &mut direct, now),
+        Verdict::Deliver(PA1)
+    );
     assert_eq!(src_of(&direct), A2);
     // Nor does a reply on another port of the same pair.
     let mut other = tcp(A2, 81, A1, by_backend[&A2]);
@@ -1348,7 +1356,10 @@ fn a_backend_that_left_is_not_chosen_and_its_flows_choose_again() {
     }
     // The flow that was on the remote member is on A2 now, and its replies map back.
     let mut reply = tcp(A2, 80, A1, remote_flow);
-    assert_eq!(sw.process_from_port(PA2, &mut reply, now), Verdict::Deliver(PA1));
+    assert_eq!(
+        sw.process_from_port(PA2, &mut reply, now),
+        Verdict::Deliver(PA1)
+    );
     assert_eq!(src_of(&reply), VIP);
     // The remote member's late replies are not the service's any more.
     let mut late = tcp(A_REMOTE, 80, A1, remote_flow);
@@ -1425,7 +1436,10 @@ fn services_of_another_net_need_a_rule() {
     assert_eq!(v, Verdict::Deliver(PA2));
     // The backend's reply passes as the reply of the flow, as from the service.
     let mut reply = tcp(A2, 80, B1, sport);
-    assert_eq!(sw.process_from_port(PA2, &mut reply, now), Verdict::Deliver(PB1));
+    assert_eq!(
+        sw.process_from_port(PA2, &mut reply, now),
+        Verdict::Deliver(PB1)
+    );
     assert_eq!(src_of(&reply), VIP);
     assert!(checksums_ok(&reply));
     let (sport, v, _) = *chosen.iter().find(|c| c.2 == A_REMOTE).unwrap();
