@@ -1,0 +1,142 @@
+//! Services for real on namespace hosts: a name and a virtual IP whose connections the
+//! switches spread over members on two hosts, seen from a client on a third; a member
+//! stopped while the client asks in a loop costs no request.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{vane_bin, wait_for_http, wait_until, TestLab};
+
+/// A web server answering `content` on port 80.
+fn web_server(content: &str) -> String {
+    format!("cd $(mktemp -d) && echo {content} > index.html && exec python3 -m http.server 80")
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos()
+}
+
+#[test]
+fn a_service_spreads_over_members_on_two_hosts_and_loses_no_request_when_one_stops() {
+    let lab = TestLab::up(3);
+    lab.ok(&["net", "create", "red", "--subnet", "10.62.1.0/24"]);
+    lab.ok(&[
+        "service", "create", "web", "--net", "red", "--port", "80/tcp",
+    ]);
+    // A member must be of the service's net.
+    lab.ok(&["net", "create", "blue", "--subnet", "10.62.2.0/24"]);
+    let e = lab.fails(&[
+        "run",
+        "--net",
+        "blue",
+        "--service",
+        "web",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    assert!(e.contains("service \"web\" is in net \"red\""), "{e}");
+
+    for (name, host) in [("one", "h1"), ("two", "h2")] {
+        lab.ok(&[
+            "run",
+            "--net",
+            "red",
+            "--name",
+            &format!("w-{name}"),
+            "--host",
+            host,
+            "--service",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            &web_server(name),
+        ]);
+    }
+    lab.ok(&[
+        "run", "--net", "red", "--name", "cli", "--host", "h3", "--", "sleep", "infinity",
+    ]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&lab.ok(&["service", "ls", "-o", "json"])).expect("JSON");
+    let vip = listed[0]["vip"].as_str().expect("vip").to_string();
+    assert_eq!(vip, "10.62.1.254");
+    assert!(lab.ok(&["service", "ls", "-q"]).trim() == "web");
+
+    // The name gives the service's address, through the C library.
+    let out = lab.ok(&["exec", "cli", "--", "getent", "hosts", "web"]);
+    assert!(out.starts_with(&format!("{vip} ")), "{out}");
+
+    wait_for_http(&lab, "cli", "http://web/");
+    // Both members answer (each connection is a new flow).
+    let mut seen = std::collections::BTreeSet::new();
+    let both = wait_until(Duration::from_secs(20), || {
+        let out = lab.run(&["exec", "cli", "--", "curl", "-sf", "-m", "2", "http://web/"]);
+        seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        seen.contains("one") && seen.contains("two")
+    });
+    assert!(both, "answers seen: {seen:?}");
+    wait_until(Duration::from_secs(10), || {
+        lab.ok(&["service", "ls"]).contains("w-one,w-two")
+    });
+
+    // A client asking in a loop, each answer with the time it came (the lab's hosts share
+    // the machine's clock); a member stopped in the middle.
+    let script = "for i in $(seq 1 100); do \
+                  r=$(curl -sf -m 2 http://web/ || echo FAIL); \
+                  echo \"$(date +%s%N) $r\"; sleep 0.03; done";
+    let client = Command::new(vane_bin())
+        .args(["exec", "cli", "--", "sh", "-c", script])
+        .env("VANE_CONTROLLER", &lab.controller)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the client's loop");
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped_at = now_ns();
+    lab.ok(&["stop", "w-one"]);
+    let out = client.wait_with_output().expect("the client's loop");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let answers: Vec<(u128, &str)> = out
+        .lines()
+        .filter_map(|l| {
+            let (t, r) = l.split_once(' ')?;
+            Some((t.parse().ok()?, r))
+        })
+        .collect();
+    assert_eq!(answers.len(), 100, "{out}");
+    let before: Vec<&str> = answers
+        .iter()
+        .filter(|(t, _)| *t < stopped_at)
+        .map(|(_, r)| *r)
+        .collect();
+    assert!(before.contains(&"one") && before.contains(&"two"), "{out}");
+    let late_failures: Vec<&(u128, &str)> = answers
+        .iter()
+        .filter(|(t, r)| *t > stopped_at + 1_000_000_000 && *r != "two")
+        .collect();
+    assert!(late_failures.is_empty(), "stopped at {stopped_at}: {out}");
+    let failures = answers.iter().filter(|(_, r)| *r == "FAIL").count();
+    eprintln!("requests failed around the stop: {failures}");
+    assert!(
+        answers.iter().filter(|(t, _)| *t > stopped_at).count() > 10,
+        "{out}"
+    );
+    assert!(lab.ok(&["service", "ls"]).contains(" w-two"));
+
+    // Removed: the name is gone, the members run on.
+    lab.ok(&["service", "rm", "web"]);
+    assert!(lab.ok(&["service", "ls", "-q"]).trim().is_empty());
+    let gone = wait_until(Duration::from_secs(5), || {
+        !lab.run(&["exec", "cli", "--", "getent", "hosts", "web"])
+            .status
+            .success()
+    });
+    assert!(gone, "the name still answers");
+    lab.ok(&["net", "rm", "blue"]);
+}
