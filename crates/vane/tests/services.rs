@@ -1,6 +1,7 @@
 //! Services for real on namespace hosts: a name and a virtual IP whose connections the
 //! switches spread over members on two hosts, seen from a client on a third; a member
-//! stopped while the client asks in a loop costs no request.
+//! stopped while the client asks in a loop costs no request, and one whose host dies is
+//! chosen no more once the host is declared dead.
 
 mod common;
 
@@ -21,27 +22,47 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
-#[test]
-fn a_service_spreads_over_members_on_two_hosts_and_loses_no_request_when_one_stops() {
-    let lab = TestLab::up(3);
+/// Has `cli` ask `http://web/` in a loop for `secs` seconds, and does `action` after 1.5 s.
+/// Returns when `action` began (ns since the epoch), and each request with when it began
+/// (the lab's hosts share the machine's clock) and its answer, `FAIL` for none.
+fn ask_in_a_loop<T>(
+    lab: &TestLab,
+    secs: u32,
+    action: impl FnOnce() -> T,
+) -> (u128, Vec<(u128, String)>) {
+    let script = format!(
+        "end=$(($(date +%s) + {secs})); while [ $(date +%s) -lt $end ]; do \
+         s=$(date +%s%N); r=$(curl -sf -m 2 http://web/ || echo FAIL); \
+         echo \"$s $r\"; sleep 0.03; done"
+    );
+    let client = Command::new(vane_bin())
+        .args(["exec", "cli", "--", "sh", "-c", &script])
+        .env("VANE_CONTROLLER", &lab.controller)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the client's loop");
+    std::thread::sleep(Duration::from_millis(1500));
+    let at = now_ns();
+    action();
+    let out = client.wait_with_output().expect("the client's loop");
+    let answers = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (t, r) = l.split_once(' ')?;
+            Some((t.parse().ok()?, r.to_string()))
+        })
+        .collect();
+    (at, answers)
+}
+
+/// A lab with service `web` of net red (members `w-one` on h1 and `w-two` on h2, each
+/// answering its name) and a client `cli` on h3; returns the service's address.
+fn web_on_two_hosts(lab: &TestLab) -> String {
     lab.ok(&["net", "create", "red", "--subnet", "10.62.1.0/24"]);
     lab.ok(&[
         "service", "create", "web", "--net", "red", "--port", "80/tcp",
     ]);
-    // A member must be of the service's net.
-    lab.ok(&["net", "create", "blue", "--subnet", "10.62.2.0/24"]);
-    let e = lab.fails(&[
-        "run",
-        "--net",
-        "blue",
-        "--service",
-        "web",
-        "--",
-        "sleep",
-        "infinity",
-    ]);
-    assert!(e.contains("service \"web\" is in net \"red\""), "{e}");
-
     for (name, host) in [("one", "h1"), ("two", "h2")] {
         lab.ok(&[
             "run",
@@ -62,17 +83,58 @@ fn a_service_spreads_over_members_on_two_hosts_and_loses_no_request_when_one_sto
     lab.ok(&[
         "run", "--net", "red", "--name", "cli", "--host", "h3", "--", "sleep", "infinity",
     ]);
+    wait_for_http(lab, "cli", "http://web/");
     let listed: serde_json::Value =
         serde_json::from_str(&lab.ok(&["service", "ls", "-o", "json"])).expect("JSON");
-    let vip = listed[0]["vip"].as_str().expect("vip").to_string();
+    listed[0]["vip"].as_str().expect("vip").to_string()
+}
+
+#[test]
+fn a_member_whose_host_dies_is_chosen_no_more() {
+    let lab = TestLab::up_with(3, &[], &[("VANE_HOST_GRACE", "2s")]);
+    web_on_two_hosts(&lab);
+    let name = lab.name.clone();
+    let (failed_at, answers) =
+        ask_in_a_loop(&lab, 10, || lab.ok(&["lab", "fail", "h2", "--name", &name]));
+    let out = format!("{answers:?}");
+    assert!(
+        answers.iter().any(|(t, r)| *t < failed_at && r == "two"),
+        "{out}"
+    );
+    // Silent for the grace period, then dead: from then on only w-one is chosen.
+    let settled = failed_at + 5_000_000_000;
+    let late: Vec<_> = answers.iter().filter(|(t, _)| *t > settled).collect();
+    assert!(late.len() > 10, "{out}");
+    assert!(late.iter().all(|(_, r)| r == "one"), "{out}");
+    let failures = answers.iter().filter(|(_, r)| r == "FAIL").count();
+    eprintln!("requests failed while h2 was not yet dead: {failures}");
+    let _ = lab.run(&["lab", "recover", "h2", "--name", &name]);
+}
+
+#[test]
+fn a_service_spreads_over_members_on_two_hosts_and_loses_no_request_when_one_stops() {
+    let lab = TestLab::up(3);
+    let vip = web_on_two_hosts(&lab);
     assert_eq!(vip, "10.62.1.254");
+    // A member must be of the service's net.
+    lab.ok(&["net", "create", "blue", "--subnet", "10.62.2.0/24"]);
+    let e = lab.fails(&[
+        "run",
+        "--net",
+        "blue",
+        "--service",
+        "web",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    assert!(e.contains("service \"web\" is in net \"red\""), "{e}");
     assert!(lab.ok(&["service", "ls", "-q"]).trim() == "web");
 
     // The name gives the service's address, through the C library.
     let out = lab.ok(&["exec", "cli", "--", "getent", "hosts", "web"]);
     assert!(out.starts_with(&format!("{vip} ")), "{out}");
 
-    wait_for_http(&lab, "cli", "http://web/");
     // Both members answer (each connection is a new flow).
     let mut seen = std::collections::BTreeSet::new();
     let both = wait_until(Duration::from_secs(20), || {
@@ -85,43 +147,22 @@ fn a_service_spreads_over_members_on_two_hosts_and_loses_no_request_when_one_sto
         lab.ok(&["service", "ls"]).contains("w-one,w-two")
     });
 
-    // A client asking in a loop, each answer with the time it came (the lab's hosts share
-    // the machine's clock); a member stopped in the middle.
-    let script = "for i in $(seq 1 100); do \
-                  r=$(curl -sf -m 2 http://web/ || echo FAIL); \
-                  echo \"$(date +%s%N) $r\"; sleep 0.03; done";
-    let client = Command::new(vane_bin())
-        .args(["exec", "cli", "--", "sh", "-c", script])
-        .env("VANE_CONTROLLER", &lab.controller)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the client's loop");
-    std::thread::sleep(Duration::from_millis(1500));
-    let stopped_at = now_ns();
-    lab.ok(&["stop", "w-one"]);
-    let out = client.wait_with_output().expect("the client's loop");
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let answers: Vec<(u128, &str)> = out
-        .lines()
-        .filter_map(|l| {
-            let (t, r) = l.split_once(' ')?;
-            Some((t.parse().ok()?, r))
-        })
-        .collect();
-    assert_eq!(answers.len(), 100, "{out}");
+    // A client asking in a loop; a member stopped in the middle.
+    let (stopped_at, answers) = ask_in_a_loop(&lab, 6, || lab.ok(&["stop", "w-one"]));
+    let out = format!("{answers:?}");
     let before: Vec<&str> = answers
         .iter()
         .filter(|(t, _)| *t < stopped_at)
-        .map(|(_, r)| *r)
+        .map(|(_, r)| r.as_str())
         .collect();
     assert!(before.contains(&"one") && before.contains(&"two"), "{out}");
-    let late_failures: Vec<&(u128, &str)> = answers
+    let late_failures: Vec<&(u128, String)> = answers
         .iter()
-        .filter(|(t, r)| *t > stopped_at + 1_000_000_000 && *r != "two")
+        .filter(|(t, r)| *t > stopped_at + 1_000_000_000 && r != "two")
         .collect();
+    assert!(!answers.is_empty());
     assert!(late_failures.is_empty(), "stopped at {stopped_at}: {out}");
-    let failures = answers.iter().filter(|(_, r)| *r == "FAIL").count();
+    let failures = answers.iter().filter(|(_, r)| r == "FAIL").count();
     eprintln!("requests failed around the stop: {failures}");
     assert!(
         answers.iter().filter(|(t, _)| *t > stopped_at).count() > 10,
