@@ -1,13 +1,15 @@
 //! Services for real on namespace hosts: a name and a virtual IP whose connections the
 //! switches spread over members on two hosts, seen from a client on a third; a member
 //! stopped while the client asks in a loop costs no request, and one whose host dies is
-//! chosen no more once the host is declared dead.
+//! chosen no more once the host is declared dead; connections through the service keep
+//! their member when members are added and while it migrates.
 
 mod common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::live::{finish_client, start_script, CLIENT, COUNTER};
 use common::{vane_bin, wait_for_http, wait_until, TestLab};
 
 /// A web server answering `content` on port 80.
@@ -180,4 +182,50 @@ fn a_service_spreads_over_members_on_two_hosts_and_loses_no_request_when_one_sto
     });
     assert!(gone, "the name still answers");
     lab.ok(&["net", "rm", "blue"]);
+}
+
+#[test]
+fn connections_through_a_service_keep_their_member_when_one_joins_and_while_it_migrates() {
+    let lab = TestLab::up(3);
+    lab.ok(&["net", "create", "red", "--subnet", "10.62.3.0/24"]);
+    lab.ok(&[
+        "service", "create", "ctr", "--net", "red", "--port", "7000/tcp",
+    ]);
+    let member = |name: &str, host: &str| {
+        lab.ok(&[
+            "run",
+            "--net",
+            "red",
+            "--name",
+            name,
+            "--host",
+            host,
+            "--service",
+            "ctr",
+            "--",
+            "python3",
+            "-c",
+            COUNTER,
+        ]);
+    };
+    member("srv1", "h1");
+    // Clients on two hosts, by the service's name: each reply must be the next of its
+    // connection's count, without a gap.
+    let clients = [("h2", "c2"), ("h3", "c3")];
+    let stops: Vec<String> = clients
+        .iter()
+        .map(|(host, name)| start_script(&lab, host, name, "ctr", CLIENT))
+        .collect();
+    // A new member takes new connections only.
+    member("srv2", "h2");
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .ok(&["service", "ls"])
+        .contains("srv1,srv2")));
+    // The member they are on moves, with its address: their flows keep it.
+    let out = lab.ok(&["migrate", "srv1", "--to", "h3"]);
+    eprintln!("{}", out.trim());
+    for ((_, name), stop) in clients.iter().zip(&stops) {
+        finish_client(&lab, name, stop);
+    }
+    assert_eq!(lab.inspect("srv1")["host"], "h3");
 }
