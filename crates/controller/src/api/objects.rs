@@ -25,6 +25,7 @@ pub(super) async fn status(AxState(c): Ctl) -> Json<Status> {
         ("instances".to_string(), s.instances.len()),
         ("hosts".to_string(), s.hosts.len()),
         ("policies".to_string(), s.policies.len()),
+        ("services".to_string(), s.services.len()),
         ("templates".to_string(), s.templates.len()),
     ]
     .into_iter()
