@@ -438,6 +438,7 @@ fn instance() -> Instance {
         limits: limits(),
         space: space(),
         publish: vec![published()],
+        service: Some("front".into()),
         request: Some("0123456789abcdef0123456789abcdef".into()),
         migrating: None,
         progress: None,
@@ -520,6 +521,13 @@ fn control_seeds() {
             "view",
             ToAgent::View(AgentView {
                 revision: vane_proto::stream::ViewRevision { term: 4, seq: 17 },
+                services: vec![vane_proto::stream::ServiceView {
+                    net: 1,
+                    name: "front".into(),
+                    vip: "10.1.0.254".parse().unwrap(),
+                    ports: vec!["80/tcp".parse().unwrap()],
+                    backends: vec![A1],
+                }],
                 peers: vec![Peer {
                     id: 2,
                     name: "h2".into(),
@@ -642,6 +650,7 @@ fn api_seeds() {
                 space: space(),
                 restart: RestartPolicy::OnFailure,
                 publish: vec![published()],
+                service: Some("front".into()),
                 checkpoint_every: Some(30),
             }),
         ),

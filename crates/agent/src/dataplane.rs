@@ -82,6 +82,7 @@ pub enum Command {
         nets: Vec<NetConfig>,
         members: Vec<(NetId, Ipv4Addr, Location)>,
         policies: Vec<PolicyRule>,
+        services: Vec<vane_switch::ServiceConfig>,
     },
     /// Where the directory's members are, after this host's ports changed.
     Members {
@@ -407,9 +408,11 @@ impl Worker {
                 nets,
                 members,
                 policies,
+                services,
             } => {
                 self.node.apply_peers(peers);
                 self.node.apply_view(nets, members, policies);
+                self.node.apply_services(&services);
             }
             Command::Members { members } => self.node.apply_members(members),
             Command::Resolved { net, ip, location } => {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use vane_proto::api::InstanceState;
 use vane_proto::stream::AgentView;
-use vane_switch::{L4Proto, NetConfig, PolicyRule, PortId};
+use vane_switch::{L4Proto, NetConfig, PolicyRule, PortId, ServiceConfig};
 
 use crate::dataplane::{Command, PeerInfo};
 use crate::netconf::OutboundRules;
@@ -60,15 +60,17 @@ impl Agent {
             .map(|p| PolicyRule {
                 from: p.from,
                 to: p.to,
-                port: p.port.map(|s| {
-                    (
-                        match s.proto {
-                            vane_proto::validate::Proto::Tcp => L4Proto::Tcp,
-                            vane_proto::validate::Proto::Udp => L4Proto::Udp,
-                        },
-                        s.port,
-                    )
-                }),
+                port: p.port.map(port_spec),
+            })
+            .collect();
+        let services = view
+            .services
+            .iter()
+            .map(|s| ServiceConfig {
+                net: s.net,
+                vip: s.vip,
+                ports: s.ports.iter().copied().map(port_spec).collect(),
+                backends: s.backends.clone(),
             })
             .collect();
         // Copies restored here for a migration pass packets once the directory places
@@ -100,6 +102,7 @@ impl Agent {
             nets,
             members,
             policies,
+            services,
         });
         for (dir, port) in confirmed {
             self.hold(port, false).await;
@@ -238,6 +241,15 @@ impl Agent {
             Err(e) => tracing::warn!("ignoring saved view {}: {e}", path.display()),
         }
     }
+}
+
+/// A port as the switch names it.
+fn port_spec(s: vane_proto::validate::PortSpec) -> (L4Proto, u16) {
+    let proto = match s.proto {
+        vane_proto::validate::Proto::Tcp => L4Proto::Tcp,
+        vane_proto::validate::Proto::Udp => L4Proto::Udp,
+    };
+    (proto, s.port)
 }
 
 pub(crate) fn net_config(net: &vane_proto::api::Net) -> NetConfig {

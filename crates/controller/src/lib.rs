@@ -277,6 +277,30 @@ impl Controller {
         let _ = tokio::time::timeout(SYNC_LIMIT, futures_util::future::join_all(synced)).await;
     }
 
+    /// Pushes views, and returns once every connected host that sees the net of instance
+    /// `id` has applied its view (or `SYNC_LIMIT` has passed): a service member no longer
+    /// listed as a backend is then chosen by no switch for new flows.
+    async fn drain(&self, id: &str) {
+        self.push_views();
+        let hosts: Vec<String> = {
+            let s = self.state();
+            let cache = self.views.lock().expect("views lock");
+            match s.instances.get(id) {
+                Some(i) => self
+                    .streams
+                    .connected()
+                    .into_iter()
+                    .filter(|h| cache.wants(&s, h, &i.net))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        let synced = hosts
+            .iter()
+            .map(|h| self.agents.request(h, AgentRequest::Sync));
+        let _ = tokio::time::timeout(SYNC_LIMIT, futures_util::future::join_all(synced)).await;
+    }
+
     /// Ends the freeze of instance `id` where it now runs: views as they now are, its
     /// host's first, and once that host has applied it (a request after a view is handled
     /// after it) the others', and the lookups that waited, whose switches then send what

@@ -284,6 +284,11 @@ impl Node {
         self.switch.set_policies(policies);
     }
 
+    /// Takes the directory's services (after `apply_view`, which gives their nets).
+    pub fn apply_services(&mut self, services: &[vane_switch::ServiceConfig]) {
+        self.switch.set_services(services);
+    }
+
     /// Takes where the directory's members are: the only way members enter the switch
     /// (attaching a port does not make it one). Members no longer listed are forgotten.
     pub fn apply_members(&mut self, members: Vec<(NetId, Ipv4Addr, Location)>) {

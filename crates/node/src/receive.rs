@@ -8,7 +8,7 @@ use std::time::Instant;
 use vane_switch::{HostId, PortId, Verdict};
 use vane_tunnel::{Open, Seal, DATA_HEADER_LEN, TAG_LEN};
 use vane_wire::overlay::{self, FLAG_CSUM_PARTIAL, NETS_LEN};
-use vane_wire::vnet::{VnetHdr, VNET_HDR_LEN};
+use vane_wire::vnet::{self, VnetHdr, VNET_HDR_LEN};
 
 use crate::*;
 
@@ -142,13 +142,23 @@ impl Node {
             return;
         };
         let pkt = &mut frame[NETS_LEN..];
+        let partial = flags & FLAG_CSUM_PARTIAL != 0;
+        // The switch may rewrite a service reply's source (see `transmit` for why the
+        // complement around the call keeps a partial checksum right).
+        let flip = partial
+            && self.switch.service_flow_count() > 0
+            && VnetHdr::partial_for(pkt).is_some_and(|h| vnet::complement_checksum_field(pkt, &h));
         let verdict = self
             .switch
             .process_from_tunnel(from, src_net, dst_net, pkt, now);
+        if flip {
+            if let Some(h) = VnetHdr::partial_for(pkt) {
+                vnet::complement_checksum_field(pkt, &h);
+            }
+        }
         let Verdict::Deliver(port) = verdict else {
             return;
         };
-        let partial = flags & FLAG_CSUM_PARTIAL != 0;
         // Segments of a stream are merged again for the device, in order: what cannot join
         // goes after what waits.
         if partial && self.coalescer.push(port.0, pkt) {

@@ -59,6 +59,31 @@ pub struct Net {
     pub created: u64,
 }
 
+/// `POST /v1/services` (`vane service create NAME --net NET --port P/PROTO`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub net: String,
+    /// Ports it answers on; at least one.
+    pub ports: Vec<PortSpec>,
+}
+
+/// A service: a name and a virtual address in a net, whose flows the switches spread over
+/// its running members (instances run with `--service NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub net: String,
+    /// Its virtual address, taken from the net's subnet like an instance's.
+    pub vip: Ipv4Addr,
+    pub ports: Vec<PortSpec>,
+    /// Unix time, seconds.
+    pub created: u64,
+    /// Names of its members that take new flows (filled in answers, not stored).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<String>,
+}
+
 /// A host: a machine (or, in the lab, a network namespace) running an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
@@ -192,6 +217,9 @@ pub struct RunSpec {
     /// Ports that clients outside vane reach through the instance's host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<crate::validate::Publish>,
+    /// The service it joins as a member (`vane run --service NAME`), of its own net.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Seconds between the checkpoints the controller keeps (the last one) to start the
     /// instance from on another host when its host dies; needs a restart policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -452,6 +480,9 @@ pub struct Instance {
     /// Ports that clients outside vane reach through its host (`vane run --publish`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<crate::validate::Publish>,
+    /// The service it is a member of (`vane run --service NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// The client's key of the request that made it (`Idempotency-Key`): a client that
     /// sends that request again, its answer lost with the controller that took it, gets
     /// this instance rather than a second one or a conflict.

@@ -341,6 +341,20 @@ pub struct AgentView {
     pub nets: Vec<Net>,
     pub members: Vec<Member>,
     pub policies: Vec<PolicyRule>,
+    /// The services of the view's nets, with the members that take new flows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceView>,
+}
+
+/// A service as a switch and a resolver need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub net: u32,
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<PortSpec>,
+    /// Addresses of its running members on hosts that are not dead.
+    pub backends: Vec<Ipv4Addr>,
 }
 
 impl AgentView {

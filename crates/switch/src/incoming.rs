@@ -24,6 +24,9 @@ impl Switch {
     ) -> Verdict {
         let len = pkt.len() as u64;
         let verdict = self.route_from_tunnel(from, src_net, dst_net, pkt, now);
+        if let Verdict::Deliver(to) = verdict {
+            self.service_reply(to, src_net, pkt, now);
+        }
         self.account(len, verdict, now)
     }
 

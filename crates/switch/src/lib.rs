@@ -17,7 +17,8 @@
 //! Modules: `types` (ids, verdicts, drop reasons), `configure` (the configuration calls),
 //! `outgoing` (the outgoing check), `incoming` (the incoming check), `egress` (egress
 //! addresses and what comes back to them), `table` (where members are), `policy` (compiled
-//! allow rules), `flow` (stateful replies and egress NAT), `rate` (bandwidth limits),
+//! allow rules), `flow` (stateful replies and egress NAT), `service` (virtual IPs spread
+//! over members), `rate` (bandwidth limits),
 //! `counters`, `config`.
 
 mod config;
@@ -29,6 +30,7 @@ mod incoming;
 mod outgoing;
 mod policy;
 mod rate;
+mod service;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -42,6 +44,7 @@ pub use counters::{DropCounters, PortCounters};
 pub use egress::egress_address;
 pub use policy::{L4Proto, PolicyRule};
 pub use rate::TokenBucket;
+pub use service::ServiceConfig;
 pub use types::{AttachError, DropReason, HostId, Location, NetId, PortId, Verdict};
 
 use flow::FlowTable;
@@ -87,6 +90,8 @@ pub struct Switch {
     published: Map<(PortId, u8, u16), ()>,
     policy: Policy,
     flows: FlowTable,
+    /// Services' addresses and the flows sent to them.
+    services: service::Services,
     drops: DropCounters,
 }
 
@@ -103,6 +108,7 @@ impl Switch {
             published: Map::default(),
             policy: Policy::default(),
             flows,
+            services: service::Services::default(),
             drops: DropCounters::default(),
         }
     }
@@ -112,6 +118,7 @@ impl Switch {
     /// memory (and room in the table).
     pub fn expire_flows(&mut self, now: Instant) {
         self.flows.expire(now);
+        self.expire_service_flows(now);
     }
 
     /// Counters of an attached port.
@@ -132,6 +139,11 @@ impl Switch {
     /// Flows currently held (cross-net and egress), expired ones not yet removed included.
     pub fn flow_count(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Flows to services currently held, expired ones not yet removed included.
+    pub fn service_flow_count(&self) -> usize {
+        self.services.flow_count()
     }
 
     /// Counts a verdict: delivery on the receiving port, drops globally. A delivery over the

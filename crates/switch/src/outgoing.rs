@@ -31,6 +31,9 @@ impl Switch {
         }
         let state = *state;
         let routed = self.route_from_port(port, &state, pkt, now);
+        if let Verdict::Deliver(to) = routed {
+            self.service_reply(to, state.net, pkt, now);
+        }
         // A limited receiver makes this sender wait (`port_delay`) while it is in debt.
         let peer = match routed {
             Verdict::Deliver(to) if self.ports.get(&to).is_some_and(|p| p.limit.is_some()) => {
@@ -75,11 +78,28 @@ impl Switch {
             return Verdict::Drop(DropReason::UnknownPort);
         };
         if net.subnet.contains(&dst) {
+            if self.services.is_service(net.id, dst) {
+                return match self.service_backend(net.id, net.id, &mut ip, now) {
+                    Ok(backend) => self.member_verdict(net.id, net.id, backend),
+                    Err(reason) => Verdict::Drop(reason),
+                };
+            }
             return self.member_verdict(net.id, net.id, dst);
         }
         let proto = ip.protocol();
         let ports = L4Ports::of(&ip);
         if self.cfg.global_space.contains(&dst) {
+            // A service of a net a rule lets this one reach: its backend is the destination,
+            // checked again below like any member.
+            let mut dst = dst;
+            if let Some(dst_net) = self.policy.route(net.id, dst, proto, ports.dst) {
+                if self.services.is_service(dst_net, dst) {
+                    match self.service_backend(net.id, dst_net, &mut ip, now) {
+                        Ok(backend) => dst = backend,
+                        Err(reason) => return Verdict::Drop(reason),
+                    }
+                }
+            }
             return self.cross_net_from_port(net.id, src, dst, proto, ports, now);
         }
         let key = FlowKey::Egress(EgressFlow {

@@ -1229,3 +1229,235 @@ fn the_cluster_global_space_decides_what_is_cross_net() {
         Verdict::Deliver(PB1)
     );
 }
+
+// Services: a virtual address in net A spread over members.
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 255, 1);
+/// A member of net A on host 7.
+const A_REMOTE: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 9);
+
+fn web(backends: &[Ipv4Addr]) -> ServiceConfig {
+    ServiceConfig {
+        net: NET_A,
+        vip: VIP,
+        ports: vec![(L4Proto::Tcp, 80)],
+        backends: backends.to_vec(),
+    }
+}
+
+/// Two nets, with A_REMOTE on host 7 and service `web` over A2 and A_REMOTE.
+fn with_service() -> Switch {
+    let mut sw = two_nets();
+    sw.set_member(NET_A, A_REMOTE, Location::Remote(7));
+    sw.set_services(&[web(&[A2, A_REMOTE])]);
+    sw
+}
+
+/// Sends a SYN from A1 port `sport` to the service and says where it went, checking the
+/// rewrite and the checksums.
+fn to_vip(sw: &mut Switch, sport: u16, now: Instant) -> (Verdict, Ipv4Addr) {
+    let mut p = tcp(A1, sport, VIP, 80);
+    let v = sw.process_from_port(PA1, &mut p, now);
+    assert!(checksums_ok(&p));
+    assert_eq!(src_of(&p), A1);
+    (v, dst_of(&p))
+}
+
+#[test]
+fn service_flows_spread_over_backends_and_keep_theirs() {
+    let mut sw = with_service();
+    let now = Instant::now();
+    let (mut local, mut remote) = (0, 0);
+    for sport in 1000..1200 {
+        match to_vip(&mut sw, sport, now) {
+            (Verdict::Deliver(PA2), A2) => local += 1,
+            (
+                Verdict::Forward {
+                    host: 7,
+                    src_net: NET_A,
+                    dst_net: NET_A,
+                },
+                A_REMOTE,
+            ) => remote += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(local > 50 && remote > 50, "{local} local, {remote} remote");
+    // Every later packet of a flow goes where its first went, even when a member is added.
+    let first: Vec<_> = (1000..1200).map(|s| to_vip(&mut sw, s, now).1).collect();
+    sw.set_services(&[web(&[A2, A_REMOTE, Ipv4Addr::new(10, 1, 0, 10)])]);
+    let later: Vec<_> = (1000..1200).map(|s| to_vip(&mut sw, s, now)).collect();
+    assert!(first.iter().zip(&later).all(|(a, (_, b))| a == b));
+    assert_eq!(sw.service_flow_count(), 200);
+    // Another switch with the list in another order chooses the same (an agent restart).
+    let mut other = two_nets();
+    other.set_member(NET_A, A_REMOTE, Location::Remote(7));
+    other.set_services(&[web(&[A_REMOTE, A2])]);
+    for (i, sport) in (1000..1200).enumerate() {
+        assert_eq!(to_vip(&mut other, sport, now).1, first[i]);
+    }
+}
+
+#[test]
+fn service_replies_get_the_service_address_back() {
+    let mut sw = with_service();
+    let now = Instant::now();
+    let mut by_backend = std::collections::HashMap::new();
+    for sport in 1000..1100 {
+        by_backend
+            .entry(to_vip(&mut sw, sport, now).1)
+            .or_insert(sport);
+    }
+    // From the local backend.
+    let sport = by_backend[&A2];
+    let mut reply = tcp(A2, 80, A1, sport);
+    assert_eq!(
+        sw.process_from_port(PA2, &mut reply, now),
+        Verdict::Deliver(PA1)
+    );
+    assert_eq!(src_of(&reply), VIP);
+    assert!(checksums_ok(&reply));
+    // From the remote one, through the tunnel, after the incoming check.
+    let sport = by_backend[&A_REMOTE];
+    let mut reply = tcp(A_REMOTE, 80, A1, sport);
+    let v = sw.process_from_tunnel(7, NET_A, NET_A, &mut reply, now);
+    assert_eq!(v, Verdict::Deliver(PA1));
+    assert_eq!(src_of(&reply), VIP);
+    assert!(checksums_ok(&reply));
+    // ...which still binds the sender to its host.
+    let mut wrong = tcp(A_REMOTE, 80, A1, sport);
+    assert_eq!(
+        sw.process_from_tunnel(8, NET_A, NET_A, &mut wrong, now),
+        Verdict::Drop(DropReason::WrongHost)
+    );
+    // A packet from a backend that is no reply of a recorded flow keeps its source.
+    let mut direct = tcp(A2, 80, A1, 999);
+    assert_eq!(
+        sw.process_from_port(PA2, &mut direct, now),
+        Verdict::Deliver(PA1)
+    );
+    assert_eq!(src_of(&direct), A2);
+    // Nor does a reply on another port of the same pair.
+    let mut other = tcp(A2, 81, A1, by_backend[&A2]);
+    sw.process_from_port(PA2, &mut other, now);
+    assert_eq!(src_of(&other), A2);
+}
+
+#[test]
+fn a_backend_that_left_is_not_chosen_and_its_flows_choose_again() {
+    let mut sw = with_service();
+    let now = Instant::now();
+    let remote_flow = (1000..1100)
+        .find(|s| to_vip(&mut sw, *s, now).1 == A_REMOTE)
+        .unwrap();
+    sw.set_services(&[web(&[A2])]);
+    for sport in 1000..1100 {
+        assert_eq!(to_vip(&mut sw, sport, now), (Verdict::Deliver(PA2), A2));
+    }
+    // The flow that was on the remote member is on A2 now, and its replies map back.
+    let mut reply = tcp(A2, 80, A1, remote_flow);
+    assert_eq!(
+        sw.process_from_port(PA2, &mut reply, now),
+        Verdict::Deliver(PA1)
+    );
+    assert_eq!(src_of(&reply), VIP);
+    // The remote member's late replies are not the service's any more.
+    let mut late = tcp(A_REMOTE, 80, A1, remote_flow);
+    sw.process_from_tunnel(7, NET_A, NET_A, &mut late, now);
+    assert_eq!(src_of(&late), A_REMOTE);
+    // No members: nothing to send to.
+    sw.set_services(&[web(&[])]);
+    assert_eq!(
+        to_vip(&mut sw, 2000, now).0,
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    // No service: an address no member has.
+    sw.set_services(&[]);
+    assert_eq!(sw.service_flow_count(), 0);
+    assert_eq!(
+        to_vip(&mut sw, 2001, now).0,
+        Verdict::Unresolved { dst_net: NET_A }
+    );
+}
+
+#[test]
+fn service_flows_time_out() {
+    let mut sw = with_service();
+    let now = Instant::now();
+    to_vip(&mut sw, 1000, now);
+    sw.expire_flows(now + Duration::from_secs(299));
+    assert_eq!(sw.service_flow_count(), 1);
+    sw.expire_flows(now + Duration::from_secs(601));
+    assert_eq!(sw.service_flow_count(), 0);
+}
+
+#[test]
+fn a_service_port_it_does_not_have_is_refused() {
+    let mut sw = with_service();
+    let now = Instant::now();
+    let mut p = tcp(A1, 1000, VIP, 81);
+    assert_eq!(sw.process_from_port(PA1, &mut p, now), REFUSED);
+    assert_eq!(dst_of(&p), VIP);
+    let mut p = udp(A1, 1000, VIP, 80);
+    assert_eq!(sw.process_from_port(PA1, &mut p, now), REFUSED);
+    let mut p = icmp_echo(A1, VIP, false, 1);
+    assert_eq!(sw.process_from_port(PA1, &mut p, now), REFUSED);
+}
+
+#[test]
+fn a_client_is_its_own_backend_only_when_alone() {
+    let mut sw = with_service();
+    sw.set_services(&[web(&[A1, A2])]);
+    let now = Instant::now();
+    for sport in 1000..1050 {
+        assert_eq!(to_vip(&mut sw, sport, now).1, A2);
+    }
+    sw.set_services(&[web(&[A1])]);
+    assert_eq!(to_vip(&mut sw, 3000, now), (Verdict::Deliver(PA1), A1));
+}
+
+#[test]
+fn services_of_another_net_need_a_rule() {
+    let mut sw = with_service();
+    let now = Instant::now();
+    let mut p = tcp(B1, 1000, VIP, 80);
+    assert_eq!(sw.process_from_port(PB1, &mut p, now), REFUSED);
+    assert_eq!(dst_of(&p), VIP);
+    assert_eq!(sw.service_flow_count(), 0);
+    sw.set_policies(vec![allow(NET_B, NET_A, Some((L4Proto::Tcp, 80)))]);
+    let mut chosen = Vec::new();
+    for sport in 1000..1100 {
+        let mut p = tcp(B1, sport, VIP, 80);
+        let v = sw.process_from_port(PB1, &mut p, now);
+        assert!(checksums_ok(&p));
+        chosen.push((sport, v, dst_of(&p)));
+    }
+    let (sport, v, _) = *chosen.iter().find(|c| c.2 == A2).unwrap();
+    assert_eq!(v, Verdict::Deliver(PA2));
+    // The backend's reply passes as the reply of the flow, as from the service.
+    let mut reply = tcp(A2, 80, B1, sport);
+    assert_eq!(
+        sw.process_from_port(PA2, &mut reply, now),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(src_of(&reply), VIP);
+    assert!(checksums_ok(&reply));
+    let (sport, v, _) = *chosen.iter().find(|c| c.2 == A_REMOTE).unwrap();
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            host: 7,
+            src_net: NET_B,
+            dst_net: NET_A
+        }
+    );
+    let mut reply = tcp(A_REMOTE, 80, B1, sport);
+    assert_eq!(
+        sw.process_from_tunnel(7, NET_A, NET_B, &mut reply, now),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(src_of(&reply), VIP);
+    // The rule's port bounds the service too.
+    let mut p = tcp(B1, 5000, VIP, 81);
+    assert_eq!(sw.process_from_port(PB1, &mut p, now), REFUSED);
+}

@@ -177,6 +177,10 @@ pub enum Cmd {
     /// Manage policies between nets
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Manage services: a name and a virtual IP in a net, whose connections the switches
+    /// spread over the instances run with --service NAME
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Hosts of the cluster
     #[command(subcommand)]
     Host(HostCmd),
@@ -260,6 +264,25 @@ pub enum NetCmd {
     Rm { name: String },
 }
 
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service: it gets a virtual IP of its net, and the name NAME (NAME.NET from
+    /// other nets that a policy lets reach it)
+    Create {
+        name: String,
+        /// The net of the service and of its members
+        #[arg(long)]
+        net: String,
+        /// A port it answers on, as PORT/PROTO (e.g. 80/tcp); repeatable
+        #[arg(long = "port", value_name = "PORT/PROTO", required = true)]
+        ports: Vec<String>,
+    },
+    /// List services, with the members that take new connections
+    Ls(ListArg),
+    /// Remove a service (its members run on)
+    Rm { name: String },
+}
+
 #[derive(Args)]
 pub struct RunArgs {
     /// Net to join
@@ -297,6 +320,10 @@ pub struct RunArgs {
     /// HOSTIP only, if given); they keep their own address; repeatable
     #[arg(short = 'p', long, value_name = "[HOSTIP:]HOSTPORT:PORT[/PROTO]")]
     pub publish: Vec<String>,
+    /// Join this service (of the same net) as a member: the switches send it part of the
+    /// service's new connections while it runs
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
     #[command(flatten)]
     pub settings: SettingsArgs,
     /// The program and its arguments

@@ -9,8 +9,9 @@
 //! host's resolvers when A has egress, else "no such name". So the names of a net that A
 //! may not reach answer exactly as names nobody made, and nothing tells them apart.
 //!
-//! Service names (`vane service`, to come) would be one more table of `NetZone`, looked up
-//! by `NetZone::lookup` beside the members.
+//! A service's name answers like a member's, with the service's virtual address, where
+//! the net is visible: `NAME` in its own net, `NAME.NET` from nets that reach it. The
+//! controller keeps service names apart from its net's instance names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -45,6 +46,8 @@ struct NetZone {
     subnet: Ipv4Net,
     egress: bool,
     members: Vec<Entry>,
+    /// Services by name, with their virtual addresses.
+    services: Vec<(String, Ipv4Addr)>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +104,7 @@ impl Zone {
                         subnet: n.subnet,
                         egress: n.egress,
                         members: Vec::new(),
+                        services: Vec::new(),
                     },
                 )
             })
@@ -112,6 +116,11 @@ impl Zone {
                     hostname: m.hostname.clone(),
                     ip: m.ip,
                 });
+            }
+        }
+        for v in &view.services {
+            if let Some(net) = nets.get_mut(&v.net) {
+                net.services.push((v.name.to_ascii_lowercase(), v.vip));
             }
         }
         let by_name = nets.iter().map(|(id, n)| (n.name.clone(), *id)).collect();
@@ -154,9 +163,12 @@ impl Zone {
 }
 
 impl NetZone {
-    /// The addresses `label` (lowercase) names in this net: members by name, else by
-    /// hostname.
+    /// The addresses `label` (lowercase) names in this net: a service by name, else
+    /// members by name, else by hostname.
     fn lookup(&self, label: &str) -> Vec<Ipv4Addr> {
+        if let Some((_, vip)) = self.services.iter().find(|(name, _)| name == label) {
+            return vec![*vip];
+        }
         let by_name: Vec<Ipv4Addr> = self
             .members
             .iter()
@@ -325,6 +337,9 @@ fn reverse(zone: &Zone, client: &Client, ip: Ipv4Addr) -> Found {
         if let Some(m) = net.members.iter().find(|m| m.ip == ip) {
             return fqdn(&m.name, &net.name).map_or(Found::Nothing, Found::Name);
         }
+        if let Some((name, _)) = net.services.iter().find(|(_, vip)| *vip == ip) {
+            return fqdn(name, &net.name).map_or(Found::Nothing, Found::Name);
+        }
         if net.subnet.contains(&ip) {
             return Found::Nothing;
         }
@@ -356,7 +371,7 @@ mod tests {
     use super::*;
     use hickory_proto::op::Query;
     use vane_proto::api::Net;
-    use vane_proto::stream::{Member, PolicyRule};
+    use vane_proto::stream::{Member, PolicyRule, ServiceView};
 
     fn net(id: u32, name: &str, subnet: &str, egress: bool) -> Net {
         Net {
@@ -415,6 +430,13 @@ mod tests {
                     port: None,
                 },
             ],
+            services: vec![ServiceView {
+                net: 2,
+                name: "api".into(),
+                vip: ip("10.2.0.254"),
+                ports: vec!["80/tcp".parse().unwrap()],
+                backends: vec![ip("10.2.0.2")],
+            }],
         }
     }
 
@@ -478,6 +500,25 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn service_names_answer_their_address_where_the_net_is_visible() {
+        let zone = Zone::from_view(&view());
+        let blue = client(2, "blue", "web2", "10.2.0.2", false);
+        for name in ["api", "api.blue.", "API.Blue"] {
+            let o = ask(&zone, &blue, name, RecordType::A);
+            assert_eq!(addresses(&o), Ok(vec![ip("10.2.0.254")]), "{name}");
+        }
+        let red = client(1, "red", "cli1", "10.1.0.2", false);
+        let o = ask(&zone, &red, "api.blue.", RecordType::A);
+        assert_eq!(addresses(&o), Ok(vec![ip("10.2.0.254")]));
+        let o = ask(&zone, &red, "254.0.2.10.in-addr.arpa.", RecordType::PTR);
+        assert_eq!(ptr(&o), Ok(vec!["api.blue.".to_string()]));
+        // Not from a net that does not reach blue.
+        let secret = client(4, "secret", "s1", "10.4.0.1", false);
+        let o = ask(&zone, &secret, "api.blue.", RecordType::A);
+        assert_eq!(addresses(&o), Err(ResponseCode::NXDomain));
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
             // Streamed: frames are bounded, the images as long as they say.
             post(restore_instance).layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        .route("/v1/services", get(list_services).post(create_service))
+        .route("/v1/services/{name}", delete(remove_service))
         .route("/v1/policies", get(list_policies).post(create_policy))
         .route("/v1/policies/{id}", delete(remove_policy))
         .route("/v1/templates", get(list_templates).post(put_template))

@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use vane_proto::api::{
-    Host, HostState, HostStats, JoinToken, Net, NetSpec, Policy, PolicySpec, Status, Template,
-    TokenSpec,
+    Host, HostState, HostStats, JoinToken, Net, NetSpec, Policy, PolicySpec, Service, ServiceSpec,
+    Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -25,6 +25,7 @@ pub(super) async fn status(AxState(c): Ctl) -> Json<Status> {
         ("instances".to_string(), s.instances.len()),
         ("hosts".to_string(), s.hosts.len()),
         ("policies".to_string(), s.policies.len()),
+        ("services".to_string(), s.services.len()),
         ("templates".to_string(), s.templates.len()),
     ]
     .into_iter()
@@ -75,6 +76,54 @@ pub(super) async fn remove_net(
     who.check(&s.net_tenant(&name)?, &format!("net {name:?}"))?;
     let batch = s.remove_net(&name)?;
     c.commit(batch)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Services of the caller's nets, with their backends.
+pub(super) async fn list_services(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+) -> Json<Vec<Service>> {
+    let s = c.state();
+    Json(
+        s.services
+            .values()
+            .filter(|v| s.net_tenant(&v.net).is_ok_and(|t| who.may(&t)))
+            .map(|v| s.service_listing(v))
+            .collect(),
+    )
+}
+
+pub(super) async fn create_service(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Service>)> {
+    let spec: ServiceSpec = parse(&body)?;
+    let service = {
+        let mut s = c.state();
+        who.check(&s.net_tenant(&spec.net)?, &format!("net {:?}", spec.net))?;
+        let (service, batch) = s.create_service(spec, now())?;
+        c.commit(batch)?;
+        service
+    };
+    c.push_views();
+    Ok((StatusCode::CREATED, Json(service)))
+}
+
+pub(super) async fn remove_service(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    {
+        let mut s = c.state();
+        let net = s.service(&name)?.net.clone();
+        who.check(&s.net_tenant(&net)?, &format!("service {name:?}"))?;
+        let batch = s.remove_service(&name)?;
+        c.commit(batch)?;
+    }
+    c.push_views();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -37,6 +37,7 @@ impl State {
                 "instance {name:?} already exists"
             )));
         }
+        self.check_join(spec.service.as_deref(), &net, &name)?;
         let hostname = spec.hostname.unwrap_or_else(|| name.clone());
         validate::hostname(&hostname)?;
         // The template first, then what the request says.
@@ -121,6 +122,12 @@ impl State {
                         net.subnet
                     )));
                 }
+                if let Some(s) = self.service_at(&net.name, ip) {
+                    return Err(ApiError::Conflict(format!(
+                        "address {ip} is service {:?}'s in net {:?}",
+                        s.name, net.name
+                    )));
+                }
                 if let Some(other) = self.member_at(&net.name, ip) {
                     return Err(ApiError::Conflict(format!(
                         "address {ip} is already in use by instance {:?} in net {:?}",
@@ -148,6 +155,7 @@ impl State {
             limits,
             space: space.clone(),
             publish: spec.publish.clone(),
+            service: spec.service.clone(),
             request: None,
             migrating: None,
             progress: None,
@@ -214,6 +222,12 @@ impl State {
             .values()
             .filter(|i| i.net == net.name)
             .map(|i| i.ip)
+            .chain(
+                self.services
+                    .values()
+                    .filter(|s| s.net == net.name)
+                    .map(|s| s.vip),
+            )
             .collect();
         net.subnet
             .hosts()

@@ -5,6 +5,7 @@
 //! This file holds the state itself, its loading from the store and the lookups the other
 //! parts share; each kind of object has its own file:
 //! - `nets`: nets and the policies between them, with the address rules;
+//! - `services`: services (a name and virtual address spread over members);
 //! - `templates`: resource templates and the checks of an instance's settings;
 //! - `instances`: planning a run, agents' reports and reconciliation, changes, forgetting;
 //! - `access`: join tokens and tenant credentials;
@@ -15,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use vane_proto::api::{ClusterConfig, Host, HostState, Instance, Net, Policy, Template};
+use vane_proto::api::{ClusterConfig, Host, HostState, Instance, Net, Policy, Service, Template};
 use vane_proto::validate;
 
 use crate::enroll::{Enrollment, TokenRecord};
@@ -28,6 +29,7 @@ mod failover;
 mod hosts;
 mod instances;
 mod nets;
+mod services;
 mod templates;
 mod views;
 pub use views::{ViewCache, ViewKey};
@@ -101,6 +103,8 @@ pub struct State {
     pub templates: BTreeMap<String, Template>,
     /// Tenant credentials by hash.
     credentials: BTreeMap<String, crate::auth::CredentialRecord>,
+    /// Services by name.
+    pub services: BTreeMap<String, Service>,
     /// Instances frozen for a migration, by id, with the lookups that wait for them to run
     /// again (`views.rs`). Not stored: a controller that stops thaws everything, and the
     /// switches ask again.
@@ -154,6 +158,11 @@ impl State {
                 .templates
                 .into_iter()
                 .map(|t| (t.name.clone(), t))
+                .collect(),
+            services: snap
+                .services
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
                 .collect(),
             frozen: BTreeMap::new(),
         };

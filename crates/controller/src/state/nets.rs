@@ -80,6 +80,18 @@ impl State {
                 users.join(", ")
             )));
         }
+        let services: Vec<&str> = self
+            .services
+            .values()
+            .filter(|s| s.net == net.name)
+            .map(|s| s.name.as_str())
+            .collect();
+        if !services.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "net {name:?} has services: {} (vane service rm)",
+                services.join(", ")
+            )));
+        }
         let rules: Vec<String> = self
             .policies
             .values()

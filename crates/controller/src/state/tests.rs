@@ -382,4 +382,171 @@ fn views_are_made_again_only_where_their_parts_changed() {
     s.drop_instance("r2-0123456789");
     let k5 = keys(&mut cache, &s);
     assert_ne!(k5[0], k4[0]);
+
+    // A service of red, then a member of it running: red's hosts (h1 and, by the
+    // policy, h2), not h3 (blue only).
+    s.create_service(
+        vane_proto::api::ServiceSpec {
+            name: "web".into(),
+            net: "red".into(),
+            ports: vec!["80/tcp".parse().unwrap()],
+        },
+        0,
+    )
+    .unwrap();
+    let k6 = keys(&mut cache, &s);
+    assert_ne!(k6[0], k5[0]);
+    assert_ne!(k6[1], k5[1]);
+    assert_eq!(k6[2], k5[2]);
+    s.plan_instance(
+        RunSpec {
+            name: Some("w1".into()),
+            net: "red".into(),
+            host: Some("h3".into()),
+            service: Some("web".into()),
+            cmd: vec!["true".into()],
+            ..Default::default()
+        },
+        "w1-0123456789".into(),
+        0,
+    )
+    .unwrap();
+    let k7 = keys(&mut cache, &s);
+    assert!(cache.view(&s, "h1").services[0].backends.is_empty());
+    s.change_instance("w1-0123456789", |i| {
+        i.state = vane_proto::api::InstanceState::Running
+    });
+    let k8 = keys(&mut cache, &s);
+    assert_ne!(k8[0], k7[0], "a new backend");
+    assert_eq!(cache.view(&s, "h1").services[0].backends.len(), 1);
+}
+
+fn service(s: &mut State, name: &str, net: &str) -> Result<vane_proto::api::Service, ApiError> {
+    s.create_service(
+        vane_proto::api::ServiceSpec {
+            name: name.into(),
+            net: net.into(),
+            ports: vec!["80/tcp".parse().unwrap()],
+        },
+        0,
+    )
+    .map(|(v, _)| v)
+}
+
+fn member(s: &mut State, name: &str, net: &str, host: &str, svc: &str) -> Result<(), ApiError> {
+    s.plan_instance(
+        RunSpec {
+            name: Some(name.into()),
+            net: net.into(),
+            host: Some(host.into()),
+            service: Some(svc.into()),
+            cmd: vec!["true".into()],
+            ..Default::default()
+        },
+        format!("{name}-0123456789"),
+        0,
+    )?;
+    s.change_instance(&format!("{name}-0123456789"), |i| {
+        i.state = vane_proto::api::InstanceState::Running
+    });
+    Ok(())
+}
+
+#[test]
+fn services_take_an_address_no_instance_gets() {
+    let mut s = state_with_host();
+    net(&mut s, "red", "10.10.2.0/29", "a").unwrap();
+    net(&mut s, "blue", "10.10.3.0/29", "a").unwrap();
+    let web = service(&mut s, "web", "red").unwrap();
+    assert_eq!(web.vip, "10.10.2.6".parse::<Ipv4Addr>().unwrap());
+    assert_eq!(
+        service(&mut s, "api", "red").unwrap().vip,
+        "10.10.2.5".parse::<Ipv4Addr>().unwrap()
+    );
+    assert!(matches!(
+        service(&mut s, "web", "blue"),
+        Err(ApiError::Conflict(_))
+    ));
+    let e = s
+        .create_service(
+            vane_proto::api::ServiceSpec {
+                name: "none".into(),
+                net: "red".into(),
+                ports: vec![],
+            },
+            0,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
+    // Instances fill the rest from the bottom, never a service's address.
+    for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+        assert_eq!(
+            run(&mut s, name, "red", None).unwrap(),
+            Ipv4Addr::new(10, 10, 2, i as u8 + 1)
+        );
+    }
+    assert!(run(&mut s, "e", "red", None).is_err(), "the net is full");
+    let e = run(&mut s, "f", "blue", Some("10.10.3.6")).unwrap();
+    assert_eq!(e, Ipv4Addr::new(10, 10, 3, 6));
+    let e = run(&mut s, "g", "red", Some("10.10.2.6")).unwrap_err();
+    assert!(e.to_string().contains("service \"web\""), "{e}");
+    // A service's name is not an instance's of its net, and the other way round.
+    assert!(matches!(
+        service(&mut s, "a", "red"),
+        Err(ApiError::Conflict(_))
+    ));
+    assert!(matches!(
+        run(&mut s, "web", "red", None),
+        Err(ApiError::Conflict(_))
+    ));
+    let e = s.remove_net("blue").unwrap_err();
+    assert!(e.to_string().contains("instances"), "{e}");
+}
+
+#[test]
+fn members_join_services_of_their_net_and_views_list_the_running_ones() {
+    let mut s = state_with_host();
+    s.host_online("h2", None, None, 0);
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    net(&mut s, "blue", "10.10.3.0/24", "a").unwrap();
+    service(&mut s, "web", "red").unwrap();
+    let e = member(&mut s, "w0", "blue", "h1", "web").unwrap_err();
+    assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
+    let e = member(&mut s, "w0", "red", "h1", "nope").unwrap_err();
+    assert!(matches!(e, ApiError::NotFound(_)), "{e}");
+    member(&mut s, "w1", "red", "h1", "web").unwrap();
+    member(&mut s, "w2", "red", "h2", "web").unwrap();
+    run(&mut s, "plain", "red", None).unwrap();
+    let backends = |s: &State, host: &str| {
+        let view = s.view_for(host);
+        assert_eq!(view.services.len(), 1);
+        assert_eq!(view.services[0].name, "web");
+        view.services[0].backends.clone()
+    };
+    let (w1, w2) = (Ipv4Addr::new(10, 10, 2, 1), Ipv4Addr::new(10, 10, 2, 2));
+    assert_eq!(backends(&s, "h1"), vec![w1, w2]);
+    assert_eq!(
+        s.service_listing(s.service("web").unwrap()).backends,
+        vec!["w1".to_string(), "w2".to_string()]
+    );
+    // Stopped, exited, or on a dead host: no new flows.
+    s.change_instance("w1-0123456789", |i| i.stopped = true);
+    assert_eq!(backends(&s, "h2"), vec![w2]);
+    s.change_instance("w1-0123456789", |i| {
+        i.stopped = false;
+        i.state = vane_proto::api::InstanceState::Exited
+    });
+    assert_eq!(backends(&s, "h2"), vec![w2]);
+    s.change_instance("w1-0123456789", |i| {
+        i.state = vane_proto::api::InstanceState::Running
+    });
+    assert_eq!(backends(&s, "h2"), vec![w1, w2]);
+    s.hosts.get_mut("h2").unwrap().state = vane_proto::api::HostState::Dead;
+    assert_eq!(backends(&s, "h1"), vec![w1]);
+    // A host without the net sees no services; removal takes it from the views.
+    assert!(s.view_for("h3").services.is_empty());
+    s.remove_service("web").unwrap();
+    assert!(s.view_for("h1").services.is_empty());
+    assert!(s.remove_service("web").is_err());
+    s.remove_net("blue").unwrap();
 }

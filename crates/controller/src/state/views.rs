@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use vane_proto::api::{HostState, Instance};
 use vane_proto::api::{InstanceState, Net, Policy};
-use vane_proto::stream::{AgentView, Member, Peer, PolicyRule};
+use vane_proto::stream::{AgentView, Member, Peer, PolicyRule, ServiceView};
 
 use super::State;
 
@@ -159,6 +159,9 @@ pub struct ViewCache {
     members: BTreeMap<String, (u64, Vec<Member>)>,
     /// The nets of each host's instances, by host name.
     local: BTreeMap<String, BTreeSet<String>>,
+    /// The services of each net (by name), with their backends, in service name order.
+    /// Made whole on each refresh: services are few, and a view's key compares them.
+    services: BTreeMap<String, Vec<ServiceView>>,
 }
 
 /// What a host's view is made of: two equal keys (of one [`ViewCache`]) make equal views.
@@ -169,6 +172,7 @@ pub struct ViewKey {
     /// The generation of each net's members, in the order of `nets`.
     members: Vec<u64>,
     policies: Vec<PolicyRule>,
+    services: Vec<ServiceView>,
 }
 
 impl ViewCache {
@@ -208,6 +212,7 @@ impl ViewCache {
             self.generation += 1;
             self.peers = (self.generation, peers);
         }
+        self.services = services_by_net(state);
 
         // Each net's members against the last push's, in order: how many, and whether one
         // differs.
@@ -283,6 +288,7 @@ impl ViewCache {
             .collect();
         ViewKey {
             peers: self.peers.0,
+            services: self.services_of(&nets),
             nets,
             members,
             policies: policy_rules(state, &policies),
@@ -312,16 +318,61 @@ impl ViewCache {
         AgentView {
             revision: Default::default(),
             peers,
+            services: self.services_of(&nets),
             nets,
             members,
             policies: policy_rules(state, &policies),
         }
     }
 
+    /// The services of `nets`, net by net.
+    fn services_of(&self, nets: &[Net]) -> Vec<ServiceView> {
+        nets.iter()
+            .filter_map(|n| self.services.get(&n.name))
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     /// Whether the view of `host` has members of net `net` (by name).
     pub fn wants(&self, state: &State, host: &str, net: &str) -> bool {
         self.wanted(state, host).0.contains(net)
     }
+}
+
+/// Every service with its backends (`State::backends`), by net name.
+fn services_by_net(state: &State) -> BTreeMap<String, Vec<ServiceView>> {
+    let mut backends: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+    for i in state.instances.values() {
+        let Some(service) = i.service.as_deref() else {
+            continue;
+        };
+        let live = i.state == InstanceState::Running
+            && !i.stopped
+            && state
+                .hosts
+                .get(&i.host)
+                .is_some_and(|h| h.state != HostState::Dead);
+        if live && state.services.get(service).is_some_and(|s| s.net == i.net) {
+            backends.entry(service).or_default().push(i.ip);
+        }
+    }
+    let mut by_net: BTreeMap<String, Vec<ServiceView>> = BTreeMap::new();
+    for s in state.services.values() {
+        let Some(net) = state.nets.get(&s.net) else {
+            continue;
+        };
+        let mut ips = backends.remove(s.name.as_str()).unwrap_or_default();
+        ips.sort_unstable();
+        by_net.entry(s.net.clone()).or_default().push(ServiceView {
+            net: net.id,
+            name: s.name.clone(),
+            vip: s.vip,
+            ports: s.ports.clone(),
+            backends: ips,
+        });
+    }
+    by_net
 }
 
 /// Policies with their nets as ids.

@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use vane_proto::api::{ClusterConfig, Host, Instance, Net, Policy, Template};
+use vane_proto::api::{ClusterConfig, Host, Instance, Net, Policy, Service, Template};
 
 use crate::enroll::{Enrollment, TokenRecord};
 
@@ -27,7 +27,8 @@ const TOKENS: &str = "tokens";
 const ENROLLMENTS: &str = "enrollments";
 const TEMPLATES: &str = "templates";
 const CREDENTIALS: &str = "credentials";
-const TABLES: [&str; 9] = [
+const SERVICES: &str = "services";
+const TABLES: [&str; 10] = [
     NETS,
     INSTANCES,
     HOSTS,
@@ -37,6 +38,7 @@ const TABLES: [&str; 9] = [
     ENROLLMENTS,
     TEMPLATES,
     CREDENTIALS,
+    SERVICES,
 ];
 
 /// Where the store is.
@@ -128,6 +130,7 @@ pub struct Snapshot {
     pub enrollments: Vec<Enrollment>,
     pub templates: Vec<Template>,
     pub credentials: Vec<crate::auth::CredentialRecord>,
+    pub services: Vec<Service>,
 }
 
 /// Id counters, persisted so that ids are never reused (an id reused for another net would
@@ -207,6 +210,13 @@ impl Record for Template {
     }
 }
 
+impl Record for Service {
+    const NAME: &'static str = SERVICES;
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
+
 impl Store {
     /// Opens the store at `location`: for the embedded one, in `data_dir`.
     pub fn open(location: &StoreLocation, data_dir: &std::path::Path) -> Result<Store, StoreError> {
@@ -265,6 +275,7 @@ impl Store {
             tokens: decode(take(TOKENS))?,
             enrollments: decode(take(ENROLLMENTS))?,
             templates: decode(take(TEMPLATES))?,
+            services: decode(take(SERVICES))?,
             credentials: decode(take(CREDENTIALS))?,
         })
     }

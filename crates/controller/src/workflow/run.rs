@@ -68,7 +68,12 @@ where
 /// Stops instance `id` on `host` (SIGTERM, SIGKILL after 10 s) and pushes the views. Its
 /// restart policy does not start it again.
 pub(crate) async fn stop_on(c: &Controller, host: &str, id: &str) -> ApiResult<()> {
-    c.change_instance(id, |inst| inst.stopped = true)?;
+    let changed = c.change_instance(id, |inst| inst.stopped = true)?;
+    if changed.is_some_and(|i| i.service.is_some()) {
+        // A stopped member takes no new flows: every switch that may choose it knows
+        // before its program ends.
+        c.drain(id).await;
+    }
     c.agents
         .request(
             host,

@@ -237,6 +237,10 @@ async fn restore_to_end(
         restart: from.restart,
         // A clone would take its original's ports: it publishes none.
         publish: if clone { Vec::new() } else { from.publish },
+        // Original or clone, it serves as a member of its service, if that still exists.
+        service: from
+            .service
+            .filter(|name| c.state().services.contains_key(name)),
         checkpoint_every: from.checkpoint_every,
     };
     let sealing = c.sealer.begin(&spec.instance);

@@ -64,6 +64,9 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
     if let Some(t) = &args.template {
         validate::name("template name", t)?;
     }
+    if let Some(s) = &args.service {
+        validate::name("service name", s)?;
+    }
     let (limits, space) = settings(args.settings)?;
     let checkpoint_every = match &args.checkpoint_every {
         Some(d) => {
@@ -97,6 +100,7 @@ pub fn run(c: &Client, args: RunArgs) -> Result<()> {
             space,
             restart: args.restart,
             publish,
+            service: args.service,
             checkpoint_every,
         },
         Some(&key),

@@ -26,7 +26,7 @@ pub use exec::{exec, ExecArgs};
 pub use hosts::{credential, host};
 pub use instances::{inspect, logs, ps, rm, run, stats, stop, top};
 pub use moves::{migrate, restore, snapshot};
-pub use nets::{net, policy};
+pub use nets::{net, policy, service};
 pub use templates::template;
 
 fn path_segment(name: &str) -> Result<&str> {

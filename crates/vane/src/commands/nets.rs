@@ -1,13 +1,14 @@
-//! `vane net` and `vane policy`: nets, and the policies that let one net reach another.
+//! `vane net`, `vane policy` and `vane service`: nets, the policies that let one net
+//! reach another, and the services spread over their members.
 
 use anyhow::{bail, Result};
 
-use vane_proto::api::{Net, NetSpec, Policy, PolicySpec};
+use vane_proto::api::{Net, NetSpec, Policy, PolicySpec, Service, ServiceSpec};
 use vane_proto::validate::PortSpec;
 
 use super::output::listing;
 use super::path_segment;
-use crate::cli::{NetCmd, PolicyCmd};
+use crate::cli::{NetCmd, PolicyCmd, ServiceCmd};
 use crate::client::Client;
 
 pub fn net(c: &Client, cmd: NetCmd) -> Result<()> {
@@ -104,6 +105,47 @@ pub fn policy(c: &Client, cmd: PolicyCmd) -> Result<()> {
                 c.delete(&format!("/v1/policies/{id}"))?;
                 println!("{id}");
             }
+        }
+    }
+    Ok(())
+}
+
+pub fn service(c: &Client, cmd: ServiceCmd) -> Result<()> {
+    match cmd {
+        ServiceCmd::Create { name, net, ports } => {
+            let ports = ports
+                .iter()
+                .map(|p| p.parse::<PortSpec>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let s: Service = c.post("/v1/services", &ServiceSpec { name, net, ports })?;
+            println!("{}", s.name);
+        }
+        ServiceCmd::Ls(how) => {
+            let list: Vec<Service> = c.get("/v1/services")?;
+            listing(
+                how,
+                list,
+                &["NAME", "NET", "IP", "PORTS", "MEMBERS"],
+                |s| s.name.clone(),
+                |s| {
+                    let ports: Vec<String> = s.ports.iter().map(|p| p.to_string()).collect();
+                    vec![
+                        s.name,
+                        s.net,
+                        s.vip.to_string(),
+                        ports.join(","),
+                        if s.backends.is_empty() {
+                            "-".into()
+                        } else {
+                            s.backends.join(",")
+                        },
+                    ]
+                },
+            );
+        }
+        ServiceCmd::Rm { name } => {
+            c.delete(&format!("/v1/services/{}", path_segment(&name)?))?;
+            println!("{name}");
         }
     }
     Ok(())
