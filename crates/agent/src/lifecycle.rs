@@ -485,11 +485,10 @@ fn record_published(record: &Record) -> Vec<(vane_switch::L4Proto, u16)> {
         .publish
         .iter()
         .map(|p| {
-            let proto = match p.proto {
-                vane_proto::validate::Proto::Tcp => vane_switch::L4Proto::Tcp,
-                vane_proto::validate::Proto::Udp => vane_switch::L4Proto::Udp,
-            };
-            (proto, p.port)
+            crate::view::port_spec(vane_proto::validate::PortSpec {
+                port: p.port,
+                proto: p.proto,
+            })
         })
         .collect()
 }

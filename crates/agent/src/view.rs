@@ -244,7 +244,8 @@ impl Agent {
 }
 
 /// A port as the switch names it.
-fn port_spec(s: vane_proto::validate::PortSpec) -> (L4Proto, u16) {
+/// A port as the switch takes it.
+pub(crate) fn port_spec(s: vane_proto::validate::PortSpec) -> (L4Proto, u16) {
     let proto = match s.proto {
         vane_proto::validate::Proto::Tcp => L4Proto::Tcp,
         vane_proto::validate::Proto::Udp => L4Proto::Udp,

@@ -216,9 +216,18 @@ impl State {
         self.instances.values().find(|i| i.net == net && i.ip == ip)
     }
 
+    /// The lowest address of `net` that no instance and no service has.
     fn free_address(&self, net: &Net) -> Result<Ipv4Addr, ApiError> {
-        let used: BTreeSet<Ipv4Addr> = self
-            .instances
+        let used = self.used_addresses(net);
+        net.subnet
+            .hosts()
+            .find(|ip| !used.contains(ip))
+            .ok_or_else(|| net_full(net))
+    }
+
+    /// The addresses of `net` that instances and services have.
+    pub(super) fn used_addresses(&self, net: &Net) -> BTreeSet<Ipv4Addr> {
+        self.instances
             .values()
             .filter(|i| i.net == net.name)
             .map(|i| i.ip)
@@ -228,16 +237,7 @@ impl State {
                     .filter(|s| s.net == net.name)
                     .map(|s| s.vip),
             )
-            .collect();
-        net.subnet
-            .hosts()
-            .find(|ip| !used.contains(ip))
-            .ok_or_else(|| {
-                ApiError::Conflict(format!(
-                    "net {:?} ({}) has no free address left",
-                    net.name, net.subnet
-                ))
-            })
+            .collect()
     }
 
     /// The least loaded online host where `publish` can be published (`except`: an
@@ -349,4 +349,12 @@ impl State {
             .collect();
         (batch, unknown)
     }
+}
+
+/// The error of a net without a free address.
+pub(super) fn net_full(net: &Net) -> ApiError {
+    ApiError::Conflict(format!(
+        "net {:?} ({}) has no free address left",
+        net.name, net.subnet
+    ))
 }

@@ -7,7 +7,6 @@
 //! as it covers its members. The members that take new flows, its backends, are computed
 //! for each view: running, on a host that is not dead.
 
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use vane_proto::api::{HostState, Instance, InstanceState, Net, Service, ServiceSpec};
@@ -145,27 +144,11 @@ impl State {
 
     /// The highest address of `net` that no instance and no service has.
     fn free_service_address(&self, net: &Net) -> Result<Ipv4Addr, ApiError> {
-        let used: BTreeSet<Ipv4Addr> = self
-            .instances
-            .values()
-            .filter(|i| i.net == net.name)
-            .map(|i| i.ip)
-            .chain(
-                self.services
-                    .values()
-                    .filter(|s| s.net == net.name)
-                    .map(|s| s.vip),
-            )
-            .collect();
+        let used = self.used_addresses(net);
         net.subnet
             .hosts()
             .rev()
             .find(|ip| !used.contains(ip))
-            .ok_or_else(|| {
-                ApiError::Conflict(format!(
-                    "net {:?} ({}) has no free address left",
-                    net.name, net.subnet
-                ))
-            })
+            .ok_or_else(|| super::instances::net_full(net))
     }
 }
