@@ -382,69 +382,26 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("https://{}", cfg.listen));
     let cfg = Arc::new(cfg);
-    // What answers requests: the leader's API, or a standby's refusals.
-    let serving = Arc::new(std::sync::RwLock::new(axum::Router::new()));
-    // While a new leader waits for its agents: what answers the rest.
-    let settling = Arc::new(std::sync::RwLock::new(None::<axum::Router>));
-    let leading: Arc<Mutex<Option<Arc<Controller>>>> = Arc::default();
+    let routes = Arc::new(Routes::default());
     match &cfg.store {
         StoreLocation::Etcd { endpoints, prefix } => {
-            let mut elector = leader::Elector::connect(endpoints, prefix, &me).await?;
-            let mut watcher = elector.clone();
+            let elector = leader::Elector::connect(endpoints, prefix, &me).await?;
             let hint = Arc::new(Mutex::new(None::<String>));
-            *serving.write().expect("router lock") = api::standby_router(me.clone(), hint.clone());
+            routes.serve(api::standby_router(me.clone(), hint.clone()));
             tracing::info!(%me, "standing by: campaigning for the leadership");
-            let (cfg, serving, leading, settling) = (
+            tokio::spawn(stand_by_then_lead(
                 cfg.clone(),
-                serving.clone(),
-                leading.clone(),
-                settling.clone(),
-            );
-            let pin = tls.pin;
-            tokio::spawn(async move {
-                // The standby names the leader it sees, for clients to go there.
-                let naming = tokio::spawn(async move {
-                    loop {
-                        let seen = watcher.leader().await;
-                        *hint.lock().expect("hint lock") = seen;
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                    }
-                });
-                let (fence, mut lost) = match elector.lead().await {
-                    Ok(won) => won,
-                    Err(e) => {
-                        tracing::error!("campaigning for the leadership: {e:#}; exiting");
-                        std::process::exit(STORE_LOST_EXIT);
-                    }
-                };
-                naming.abort();
-                tracing::info!(%me, "elected the leader");
-                let controller = match start_leading(&cfg, pin, Some(fence)) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!("taking the lead: {e:#}; exiting");
-                        std::process::exit(STORE_LOST_EXIT);
-                    }
-                };
-                *leading.lock().expect("leading lock") = Some(controller.clone());
-                // Agents first: the rest waits until they are back (or a moment passed).
-                *settling.write().expect("router lock") = Some(api::settling_router(me.clone()));
-                *serving.write().expect("router lock") = api::router(controller.clone());
-                controller.await_agents(SETTLE_LIMIT).await;
-                *settling.write().expect("router lock") = None;
-                let _ = lost.wait_for(|l| *l).await;
-                tracing::error!(
-                    "lost the leadership (etcd did not hear this controller for {} s): exiting, \
-                     so that nothing of its term lives on (started again, it stands by)",
-                    leader::LEASE_TTL
-                );
-                std::process::exit(STORE_LOST_EXIT);
-            });
+                tls.pin,
+                me.clone(),
+                elector,
+                hint,
+                routes.clone(),
+            ));
         }
         StoreLocation::Embedded => {
             let controller = start_leading(&cfg, tls.pin, None)?;
-            *leading.lock().expect("leading lock") = Some(controller.clone());
-            *serving.write().expect("router lock") = api::router(controller);
+            *routes.leading.lock().expect("leading lock") = Some(controller.clone());
+            routes.serve(api::router(controller));
         }
     }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -456,16 +413,14 @@ pub async fn run(
     }
     // Each request goes to what serves now: a standby's connection that stays open (a
     // browser's) reaches the API once it leads.
-    let app = axum::Router::new().fallback_service(tower::service_fn(
-        move |req: axum::extract::Request| {
-            let settling = settling.read().expect("router lock").clone();
-            let router = match settling {
-                Some(r) if !req.uri().path().starts_with("/v1/agents/") => r,
-                _ => serving.read().expect("router lock").clone(),
-            };
-            tower::ServiceExt::oneshot(router, req)
-        },
-    ));
+    let app = {
+        let routes = routes.clone();
+        axum::Router::new().fallback_service(tower::service_fn(
+            move |req: axum::extract::Request| {
+                tower::ServiceExt::oneshot(routes.router_for(req.uri().path()), req)
+            },
+        ))
+    };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
     tokio::pin!(shutdown);
     loop {
@@ -506,10 +461,88 @@ pub async fn run(
         });
     }
     tracing::info!("controller stopping");
-    if let Some(controller) = leading.lock().expect("leading lock").as_ref() {
+    if let Some(controller) = routes.leading.lock().expect("leading lock").as_ref() {
         controller.shutdown.send_replace(true);
     }
     Ok(())
+}
+
+/// What answers requests, as a replica's role changes: the leader's API, a standby's
+/// refusals, and while a new leader waits for its agents, refusals for all but them.
+#[derive(Default)]
+struct Routes {
+    api: std::sync::RwLock<axum::Router>,
+    /// While a new leader waits for its hosts' agents: what answers everything else.
+    settling: std::sync::RwLock<Option<axum::Router>>,
+    /// The controller, once this replica leads.
+    leading: Mutex<Option<Arc<Controller>>>,
+}
+
+impl Routes {
+    fn serve(&self, router: axum::Router) {
+        *self.api.write().expect("router lock") = router;
+    }
+
+    fn settle(&self, router: Option<axum::Router>) {
+        *self.settling.write().expect("router lock") = router;
+    }
+
+    /// What answers a request for `path` now.
+    fn router_for(&self, path: &str) -> axum::Router {
+        match self.settling.read().expect("router lock").as_ref() {
+            Some(r) if !path.starts_with("/v1/agents/") => r.clone(),
+            _ => self.api.read().expect("router lock").clone(),
+        }
+    }
+}
+
+/// A replica on etcd: names the leader to clients while it stands by, campaigns, and
+/// once elected loads the store and serves (its agents first). It leads until it loses
+/// its lease, and then exits: nothing of its term may live on.
+async fn stand_by_then_lead(
+    cfg: Arc<ControllerConfig>,
+    pin: vane_proto::trust::Pin,
+    me: String,
+    mut elector: leader::Elector,
+    hint: Arc<Mutex<Option<String>>>,
+    routes: Arc<Routes>,
+) {
+    let mut watcher = elector.clone();
+    let naming = tokio::spawn(async move {
+        loop {
+            let seen = watcher.leader().await;
+            *hint.lock().expect("hint lock") = seen;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+    let (fence, mut lost) = match elector.lead().await {
+        Ok(won) => won,
+        Err(e) => {
+            tracing::error!("campaigning for the leadership: {e:#}; exiting");
+            std::process::exit(STORE_LOST_EXIT);
+        }
+    };
+    naming.abort();
+    tracing::info!(%me, "elected the leader");
+    let controller = match start_leading(&cfg, pin, Some(fence)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("taking the lead: {e:#}; exiting");
+            std::process::exit(STORE_LOST_EXIT);
+        }
+    };
+    *routes.leading.lock().expect("leading lock") = Some(controller.clone());
+    routes.settle(Some(api::settling_router(me)));
+    routes.serve(api::router(controller.clone()));
+    controller.await_agents(SETTLE_LIMIT).await;
+    routes.settle(None);
+    let _ = lost.wait_for(|l| *l).await;
+    tracing::error!(
+        "lost the leadership (etcd did not hear this controller for {} s): exiting, so that \
+         nothing of its term lives on (started again, it stands by)",
+        leader::LEASE_TTL
+    );
+    std::process::exit(STORE_LOST_EXIT);
 }
 
 /// The longest a new leader waits for its hosts' agents before it serves the rest.
