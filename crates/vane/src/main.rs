@@ -94,6 +94,30 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// A daemon's runtime, with its readiness for the service manager told from it (if it
+/// asks), and the signals that stop it.
+fn daemon_runtime(
+    readiness: Option<(
+        std::sync::Arc<tokio::sync::Notify>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    )>,
+) -> Result<(
+    tokio::runtime::Runtime,
+    Option<std::sync::Arc<tokio::sync::Notify>>,
+    impl std::future::Future<Output = ()>,
+)> {
+    let rt = runtime()?;
+    let ready = readiness.map(|(ready, tell)| {
+        rt.spawn(tell);
+        ready
+    });
+    let shutdown = {
+        let _in = rt.enter();
+        shutdown_signal()
+    };
+    Ok((rt, ready, shutdown))
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -165,15 +189,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             }
             let readiness = sd_notify::readiness().context("NOTIFY_SOCKET")?;
             init_logging(args.log);
-            let rt = runtime()?;
-            let ready = readiness.map(|(ready, tell)| {
-                rt.spawn(tell);
-                ready
-            });
-            let shutdown = {
-                let _in = rt.enter();
-                shutdown_signal()
-            };
+            let (rt, ready, shutdown) = daemon_runtime(readiness)?;
             rt.block_on(vane_controller::run(
                 vane_controller::ControllerConfig {
                     listen: args.listen,
@@ -210,15 +226,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     .with_context(|| format!("enter network namespace {ns:?}"))?;
             }
             let controller = controller.unwrap_or_else(client::default_controller);
-            let rt = runtime()?;
-            let ready = readiness.map(|(ready, tell)| {
-                rt.spawn(tell);
-                ready
-            });
-            let shutdown = {
-                let _in = rt.enter();
-                shutdown_signal()
-            };
+            let (rt, ready, shutdown) = daemon_runtime(readiness)?;
             rt.block_on(vane_agent::run(
                 vane_agent::AgentConfig {
                     name,

@@ -275,13 +275,23 @@ impl ViewCache {
         state.nets_wanted_with(local)
     }
 
-    /// What the view of `host` is made of, without making it.
-    pub fn key(&self, state: &State, host: &str) -> ViewKey {
+    /// The nets the view of `host` has (`wanted`), as records, and its policies.
+    fn nets_and_policies<'a>(
+        &'a self,
+        state: &'a State,
+        host: &str,
+    ) -> (Vec<Net>, Vec<&'a Policy>) {
         let (wanted, policies) = self.wanted(state, host);
-        let nets: Vec<Net> = wanted
+        let nets = wanted
             .iter()
             .filter_map(|n| state.nets.get(*n).cloned())
             .collect();
+        (nets, policies)
+    }
+
+    /// What the view of `host` is made of, without making it.
+    pub fn key(&self, state: &State, host: &str) -> ViewKey {
+        let (nets, policies) = self.nets_and_policies(state, host);
         let members = nets
             .iter()
             .map(|n| self.members.get(&n.name).map_or(0, |(g, _)| *g))
@@ -298,11 +308,7 @@ impl ViewCache {
     /// The view of `host`: its nets, their members (net by net, in instance order), its
     /// policies and every other host with a key.
     pub fn view(&self, state: &State, host: &str) -> AgentView {
-        let (wanted, policies) = self.wanted(state, host);
-        let nets: Vec<Net> = wanted
-            .iter()
-            .filter_map(|n| state.nets.get(*n).cloned())
-            .collect();
+        let (nets, policies) = self.nets_and_policies(state, host);
         let members = nets
             .iter()
             .filter_map(|n| self.members.get(&n.name))
