@@ -211,6 +211,7 @@ where
         name: agent.cfg.name.clone(),
         locator,
         public_key,
+        gateway: None,
         auth,
         instances: agent.reports(),
     };

@@ -204,6 +204,7 @@ fn hello(host: &Host, auth: HostAuth, instances: Vec<InstanceReport>) -> Message
         name: host.name.clone(),
         locator: None,
         public_key: vane_proto::hex::encode(&host.keypair.public),
+        gateway: None,
         auth,
         instances,
     };
@@ -224,6 +225,7 @@ async fn enroll(
         name: name.to_string(),
         locator: None,
         public_key: vane_proto::hex::encode(&keypair.public),
+        gateway: None,
         auth,
         instances: Vec::new(),
     };

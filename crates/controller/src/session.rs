@@ -23,6 +23,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
         name,
         locator,
         public_key,
+        gateway: _,
         auth,
         instances,
     }) = hello

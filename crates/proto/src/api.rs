@@ -84,6 +84,58 @@ pub struct Service {
     pub backends: Vec<String>,
 }
 
+/// A WireGuard gateway (`vane gateway add`): a member of `net` at `ip`, named `name`, that
+/// one stock WireGuard client becomes by connecting to the agent of `host`. The switches
+/// treat it as any member of its net: the same address and policy checks, by IP and by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gateway {
+    pub name: String,
+    pub net: String,
+    pub host: String,
+    pub ip: Ipv4Addr,
+    /// Where its client asks for names: an address of the net, answered by the gateway's
+    /// host (the same resolver an instance of the net has).
+    pub resolver: Ipv4Addr,
+    /// The client's WireGuard public key (base64, as `wg` writes keys): the only key the
+    /// gateway accepts.
+    pub public_key: String,
+    /// Unix time, seconds.
+    pub created: u64,
+}
+
+/// `POST /v1/gateways` (`vane gateway add`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewaySpec {
+    pub name: String,
+    pub net: String,
+    /// The host whose agent the client connects to; none: the controller chooses.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The member's address; none: the next free one of the net.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    /// The client's public key (base64). None: the controller makes a key pair, and the
+    /// answer's configuration carries its private key, which is kept nowhere else.
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+/// The answer to `POST /v1/gateways`: the gateway and a WireGuard configuration for its
+/// client (`wg-quick` format).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayCreated {
+    pub gateway: Gateway,
+    pub config: String,
+}
+
+/// Where a host takes WireGuard clients: its gateway key (base64) and UDP port. The
+/// address is the host's own (its locator's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayEndpoint {
+    pub public_key: String,
+    pub port: u16,
+}
+
 /// A host: a machine (or, in the lab, a network namespace) running an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
@@ -94,6 +146,9 @@ pub struct Host {
     /// The host's static public key for tunnels (hex), set when it enrolled.
     #[serde(default)]
     pub public_key: Option<String>,
+    /// Where its agent takes WireGuard clients, if it does (`vane agent --gateway-listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayEndpoint>,
     pub state: HostState,
     /// Instances placed on this host (filled in listings).
     #[serde(default)]

@@ -293,6 +293,9 @@ pub enum FromAgent {
         locator: Option<SocketAddr>,
         /// The host's static public key for tunnels (hex).
         public_key: String,
+        /// Where it takes WireGuard clients, if it does.
+        #[serde(default)]
+        gateway: Option<crate::api::GatewayEndpoint>,
         auth: HostAuth,
         instances: Vec<InstanceReport>,
     },
@@ -344,6 +347,20 @@ pub struct AgentView {
     /// The services of the view's nets, with the members that take new flows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceView>,
+    /// The WireGuard gateways placed on the receiving host (their members are in `members`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<GatewayView>,
+}
+
+/// A gateway as the agent of its host serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayView {
+    pub net: u32,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub resolver: Ipv4Addr,
+    /// The client's public key (base64).
+    pub public_key: String,
 }
 
 /// A service as a switch and a resolver need it.
@@ -425,6 +442,10 @@ pub struct Member {
     /// a frozen copy; packets from it are taken from either host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moving_to: Option<u32>,
+    /// A WireGuard gateway's member (`instance` is empty): its host serves it through the
+    /// gateway, not through an instance's device.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
 }
 
 /// A policy with its nets as ids.
@@ -449,6 +470,7 @@ mod tests {
             host_id,
             instance: "0123".into(),
             moving_to: None,
+            gateway: false,
         }
     }
 

@@ -35,6 +35,23 @@ pub fn request_key(key: &str) -> bool {
     (8..=64).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// A WireGuard key as `wg` writes it: 32 bytes in standard base64 (44 characters).
+pub fn wireguard_key(what: &'static str, value: &str) -> Result<[u8; 32], InputError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value.trim())
+        .map_err(|_| {
+            invalid(
+                what,
+                value,
+                "not base64 (a key as `wg genkey | wg pubkey` prints it)",
+            )
+        })?;
+    bytes
+        .try_into()
+        .map_err(|_| invalid(what, value, "not a 32-byte key (44 base64 characters)"))
+}
+
 /// Names of nets, instances, hosts and tenants: they end up in file names, host names and
 /// /etc/hosts, so they follow the DNS label rules (RFC 1123), at most 63 characters.
 pub fn name(what: &'static str, value: &str) -> Result<(), InputError> {

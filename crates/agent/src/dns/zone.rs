@@ -394,6 +394,7 @@ mod tests {
             host_id: 1,
             instance: format!("id-{name}"),
             moving_to: None,
+            gateway: false,
         }
     }
 
@@ -437,6 +438,7 @@ mod tests {
                 ports: vec!["80/tcp".parse().unwrap()],
                 backends: vec![ip("10.2.0.2")],
             }],
+            gateways: Vec::new(),
         }
     }
 

@@ -124,6 +124,7 @@ impl State {
                 name: name.to_string(),
                 locator,
                 public_key: None,
+                gateway: None,
                 state: HostState::Offline,
                 instances: 0,
                 since: now,

@@ -65,6 +65,7 @@ impl State {
             host_id: self.hosts.get(&i.host)?.id,
             instance: i.id.clone(),
             moving_to: self.frozen.get(&i.id).map(|f| f.to),
+            gateway: false,
         })
     }
 
@@ -328,6 +329,7 @@ impl ViewCache {
             nets,
             members,
             policies: policy_rules(state, &policies),
+            gateways: Vec::new(),
         }
     }
 
