@@ -6,13 +6,14 @@
 # tests), busybox-static (a self-contained root directory for --rootfs tests), chromium (the
 # live picture's test drives it headless) and openssl (that test names the lab CA's key to
 # it), etcd-server and etcd-client (the store tests start a real etcd and read it with
-# etcdctl), bind9-dnsutils (dig, which the resolver's tests run inside instances). Packages
+# etcdctl), bind9-dnsutils (dig, which the resolver's tests run inside instances),
+# wireguard-go and wireguard-tools (the stock client the gateway tests connect with). Packages
 # named as arguments are installed too (the benchmarks' extra tools).
 # Idempotent.
 set -euo pipefail
 # systemd: its systemd-analyze verifies the packaged units in the package test (nothing is
 # booted with it).
-need=(iproute2 nftables curl python3 procps util-linux iputils-ping tcpdump iperf3 busybox-static systemd chromium openssl etcd-server etcd-client bind9-dnsutils "$@")
+need=(iproute2 nftables curl python3 procps util-linux iputils-ping tcpdump iperf3 busybox-static systemd chromium openssl etcd-server etcd-client bind9-dnsutils wireguard-go wireguard-tools "$@")
 missing=()
 for p in "${need[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+use vane_proto::api::GatewayEndpoint;
 use vane_proto::stream::{FromAgent, HostAuth, ToAgent};
 
 use crate::Agent;
@@ -198,20 +199,24 @@ where
     // Registered before the hello is built, so no report can fall between the two.
     *agent.outbox.lock().expect("outbox lock") = Some(tx);
     let locator = agent.locator();
-    let (public_key, auth) = {
+    let (public_key, gateway, auth) = {
         let state = agent.state();
         let id = &state.identity;
         let Some(auth) = hello_auth(id.credential.as_deref(), agent.cfg.join_token.as_deref())
         else {
             return SessionEnd::Refused("no credential and no join token".into());
         };
-        (id.public_key_hex(), auth)
+        let gateway = agent.cfg.gateway_listen.map(|listen| GatewayEndpoint {
+            public_key: crate::gateway::Gateways::public_key_base64(id.gateway_key),
+            port: listen.port(),
+        });
+        (id.public_key_hex(), gateway, auth)
     };
     let hello = FromAgent::Hello {
         name: agent.cfg.name.clone(),
         locator,
         public_key,
-        gateway: None,
+        gateway,
         auth,
         instances: agent.reports(),
     };

@@ -30,11 +30,13 @@ use vane_wire::vnet::VNET_HDR_LEN;
 
 pub use vane_node::{PeerInfo, MISS_ADDRESSES};
 
+use crate::gateway::{GatewayPort, Gateways, Opened};
 use crate::underlay::{Underlay, MAX_DATAGRAM};
 
 const WAKER: Token = Token(usize::MAX);
 const EGRESS: Token = Token(usize::MAX - 1);
 const UNDERLAY: Token = Token(usize::MAX - 2);
+const GATEWAYS: Token = Token(usize::MAX - 3);
 /// Packets (or coalesced datagram runs) read from one source before the others get their
 /// turn.
 const BATCH: usize = 64;
@@ -83,6 +85,8 @@ pub enum Command {
         members: Vec<(NetId, Ipv4Addr, Location)>,
         policies: Vec<PolicyRule>,
         services: Vec<vane_switch::ServiceConfig>,
+        /// The WireGuard gateways this host serves, each a port of the switch.
+        gateways: Vec<GatewayPort>,
     },
     /// Where the directory's members are, after this host's ports changed.
     Members {
@@ -118,6 +122,9 @@ pub struct DataplaneConfig {
     pub max_inner_packet: usize,
     /// Where directory lookups go (to the controller, through the agent's control stream).
     pub lookups: tokio::sync::mpsc::Sender<(NetId, Ipv4Addr)>,
+    /// The WireGuard gateways' socket and key, and the names their clients' queries are
+    /// answered from.
+    pub gateways: Gateways,
 }
 
 /// Handle to the data-plane thread.
@@ -141,6 +148,11 @@ impl Dataplane {
             UNDERLAY,
             Interest::READABLE,
         )?;
+        let mut gateways = cfg.gateways;
+        if let Some(socket) = gateways.socket() {
+            poll.registry()
+                .register(socket, GATEWAYS, Interest::READABLE)?;
+        }
         let mut worker = Worker {
             throttled: None,
             was_throttled: false,
@@ -151,6 +163,7 @@ impl Dataplane {
             ports: HashMap::new(),
             egress: None,
             underlay,
+            gateways,
             now: Instant::now(),
             node: Node::new(NodeConfig {
                 switch: cfg.switch,
@@ -222,6 +235,7 @@ impl Dataplane {
 struct ShellIo<'a> {
     underlay: &'a mut Underlay,
     ports: &'a mut HashMap<PortId, File>,
+    gateways: &'a mut Gateways,
     egress: &'a mut Option<File>,
     /// Set to the device a packet from the tunnel was written to, when `Some`.
     written: Option<&'a mut Option<PortId>>,
@@ -247,6 +261,8 @@ impl Io for ShellIo<'_> {
             if let Some(written) = self.written.as_deref_mut() {
                 *written = Some(port);
             }
+        } else {
+            self.gateways.send(port, packet);
         }
     }
 
@@ -274,6 +290,7 @@ struct Worker {
     ports: HashMap<PortId, File>,
     egress: Option<File>,
     underlay: Underlay,
+    gateways: Gateways,
     /// The time, read once per batch of packets rather than for each (a clock read costs
     /// as much as a table lookup); batches last well under a millisecond.
     now: Instant,
@@ -288,6 +305,7 @@ macro_rules! io {
         ShellIo {
             underlay: &mut $w.underlay,
             ports: &mut $w.ports,
+            gateways: &mut $w.gateways,
             egress: &mut $w.egress,
             written: if $from_tunnel {
                 Some(&mut $w.written)
@@ -308,7 +326,10 @@ impl Worker {
         let mut ready = false;
         loop {
             // Until something is readable or the node's next timer: no periodic wake-up.
-            let timer = self.node.poll_timeout();
+            let timer = match (self.node.poll_timeout(), self.gateways.next_timeout()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let wake = match (backlog.is_empty(), ready, self.throttled.take()) {
                 (true, _, _) => timer,
                 (false, false, Some(at)) => Some(timer.map_or(at, |t| t.min(at))),
@@ -340,6 +361,8 @@ impl Worker {
                 self.now = Instant::now();
                 let drained = if token == UNDERLAY {
                     self.service_underlay(&mut datagrams, &mut device)
+                } else if token == GATEWAYS {
+                    self.service_gateways(&mut datagrams, &mut device)
                 } else {
                     self.service_device(token, &mut device)
                 };
@@ -351,6 +374,7 @@ impl Worker {
             let now = Instant::now();
             self.now = now;
             self.node.handle_timeout(&mut io!(self, false), now);
+            self.gateways.tick(now);
             while let Some(lookup) = self.node.poll_lookup() {
                 // Full only while the controller is away: the miss expires like any other.
                 let _ = self.lookups.try_send(lookup);
@@ -409,10 +433,20 @@ impl Worker {
                 members,
                 policies,
                 services,
+                gateways,
             } => {
                 self.node.apply_peers(peers);
                 self.node.apply_view(nets, members, policies);
                 self.node.apply_services(&services);
+                let (gone, added) = self.gateways.apply(gateways);
+                for port in gone {
+                    self.node.detach_port(port);
+                }
+                for g in added {
+                    if let Err(e) = self.node.attach_port(g.port, g.net, g.ip, None, false) {
+                        tracing::warn!(gateway = %g.names_client.name, "cannot attach: {e}");
+                    }
+                }
             }
             Command::Members { members } => self.node.apply_members(members),
             Command::Resolved { net, ip, location } => {
@@ -510,6 +544,30 @@ impl Worker {
                 .handle_device_packet(&mut io!(self, false), source, &mut buf[..n], now);
             if std::mem::take(&mut self.lone) {
                 self.underlay.flush();
+            }
+        }
+        false
+    }
+
+    /// Reads up to `BATCH` datagrams from WireGuard clients and hands the packets in them
+    /// to the node, as read from their gateways' ports. Returns whether it was drained.
+    fn service_gateways(&mut self, datagram: &mut [u8], device: &mut [u8]) -> bool {
+        for _ in 0..BATCH {
+            let Some(opened) = self.gateways.receive(datagram, device) else {
+                return true;
+            };
+            if let Opened::Packet { port, len } = opened {
+                vane_wire::vnet::VnetHdr::PLAIN.write(device);
+                let now = self.now;
+                self.node.handle_device_packet(
+                    &mut io!(self, false),
+                    Source::Port(port),
+                    &mut device[..VNET_HDR_LEN + len],
+                    now,
+                );
+                if std::mem::take(&mut self.lone) {
+                    self.underlay.flush();
+                }
             }
         }
         false

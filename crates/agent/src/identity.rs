@@ -1,4 +1,5 @@
-//! The host's identity on disk: its static key for tunnels and the credential the
+//! The host's identity on disk: its static key for tunnels, its key for WireGuard
+//! clients (a key of its own: a key is used with one protocol only), and the credential the
 //! controller gave it when it enrolled, in `STATE/host.json` (mode 0600). Kept across agent
 //! restarts so that the host stays the same host: peers keep accepting its handshakes and
 //! the controller keeps accepting its credential.
@@ -22,6 +23,10 @@ struct OnDisk {
     /// The pin of the controller's CA (hex), from the join token.
     #[serde(default)]
     ca_pin: Option<String>,
+    /// The X25519 private key WireGuard clients of this host's gateways handshake with
+    /// (hex); made when an identity without one is loaded.
+    #[serde(default)]
+    gateway_key: Option<String>,
 }
 
 pub struct Identity {
@@ -29,7 +34,15 @@ pub struct Identity {
     pub credential: Option<String>,
     /// The controller's CA, pinned when the host joined.
     pub ca_pin: Option<vane_proto::trust::Pin>,
+    /// The private key of the host's WireGuard gateways.
+    pub gateway_key: [u8; 32],
     path: PathBuf,
+}
+
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut key);
+    key
 }
 
 impl Identity {
@@ -43,18 +56,25 @@ impl Identity {
                 let private = hex::decode::<32>(&disk.private_key).with_context(|| {
                     format!("host identity {}: bad private key", path.display())
                 })?;
-                Ok(Identity {
+                let gateway_key = disk.gateway_key.as_deref().and_then(hex::decode::<32>);
+                let id = Identity {
                     keypair: Keypair::from_private(private),
                     credential: disk.credential,
                     ca_pin: disk.ca_pin.as_deref().and_then(hex::decode::<32>),
+                    gateway_key: gateway_key.unwrap_or_else(random_key),
                     path,
-                })
+                };
+                if gateway_key.is_none() {
+                    id.save()?;
+                }
+                Ok(id)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let id = Identity {
                     keypair: Keypair::generate(),
                     credential: None,
                     ca_pin: None,
+                    gateway_key: random_key(),
                     path,
                 };
                 id.save()?;
@@ -87,6 +107,7 @@ impl Identity {
             private_key: hex::encode(&self.keypair.private),
             credential: self.credential.clone(),
             ca_pin: self.ca_pin.map(|p| hex::encode(&p)),
+            gateway_key: Some(hex::encode(&self.gateway_key)),
         };
         let tmp = self.path.with_extension("json.tmp");
         let mut f = std::fs::OpenOptions::new()

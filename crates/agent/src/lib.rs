@@ -18,6 +18,7 @@ pub use streams::exec_helper_main;
 mod dataplane;
 mod direct;
 mod dns;
+mod gateway;
 mod identity;
 mod images;
 mod instance;
@@ -61,6 +62,9 @@ pub struct AgentConfig {
     pub join_token: Option<String>,
     /// Where the switch's underlay socket listens.
     pub listen: SocketAddr,
+    /// Where this host takes WireGuard clients of its gateways (`vane gateway add`), if it
+    /// does.
+    pub gateway_listen: Option<SocketAddr>,
     /// Underlay address and port of this host's switch, as other hosts reach it. `None`:
     /// the address this host reaches the controller from, followed when it changes.
     pub locator: Option<SocketAddr>,
@@ -164,6 +168,10 @@ pub async fn run(
     let max_inner_packet = underlay_mtu.saturating_sub(netconf::ENCAPSULATION).max(576);
     let switch_cfg = SwitchConfig::default();
     let (lookups_tx, lookups_rx) = mpsc::channel(dataplane::MISS_ADDRESSES);
+    let dns = dns::Resolver::new(dns::upstreams(
+        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    ));
+    let gateways = gateway::Gateways::bind(cfg.gateway_listen, identity.gateway_key, dns.names())?;
     let dataplane = Dataplane::start(DataplaneConfig {
         switch: switch_cfg.clone(),
         listen: cfg.listen,
@@ -176,6 +184,7 @@ pub async fn run(
         },
         max_inner_packet,
         lookups: lookups_tx,
+        gateways,
     })
     .context("start the switch")?;
     let agent = Arc::new(Agent {
@@ -189,9 +198,7 @@ pub async fn run(
         controller_now: Mutex::new(first),
         instance_mtu: max_inner_packet,
         egress_ready: std::sync::atomic::AtomicBool::new(false),
-        dns: dns::Resolver::new(dns::upstreams(
-            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-        )),
+        dns,
         cfg,
     });
     agent.clone().recover().await;

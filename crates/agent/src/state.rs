@@ -34,6 +34,8 @@ pub(crate) struct State {
     /// The host's key pair, the controller's pin and the host's credential.
     pub(crate) identity: identity::Identity,
     pub(crate) migrations: Migrations,
+    /// The WireGuard gateways this host serves, as the last view gave them.
+    pub(crate) gateways: Vec<crate::gateway::GatewayPort>,
 }
 
 /// An instance on this host.
@@ -116,6 +118,7 @@ impl State {
             cluster: None,
             identity,
             migrations: Migrations::default(),
+            gateways: Vec::new(),
         }
     }
 
@@ -179,6 +182,13 @@ impl State {
             });
         }
         if Some(member.host_id) == self.host_id() {
+            if member.gateway {
+                let g = self
+                    .gateways
+                    .iter()
+                    .find(|g| g.net.id == member.net && g.ip == member.ip)?;
+                return Some(Location::Local(g.port));
+            }
             let local = self.instances.get(&member.instance)?;
             return local.port.map(Location::Local);
         }

@@ -4,14 +4,17 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vane_proto::api::InstanceState;
 use vane_proto::stream::AgentView;
 use vane_switch::{L4Proto, NetConfig, PolicyRule, PortId, ServiceConfig};
 
+use vane_proto::validate;
+
 use crate::dataplane::{Command, PeerInfo};
+use crate::gateway::GatewayPort;
 use crate::netconf::OutboundRules;
 use crate::{checkpoint, launch, netconf, Agent};
 
@@ -75,9 +78,10 @@ impl Agent {
             .collect();
         // Copies restored here for a migration pass packets once the directory places
         // them here (see `adopt`).
-        let (members, confirmed) = {
+        let (members, confirmed, gateways) = {
             let mut state = self.state();
             state.view = view;
+            state.gateways = gateway_ports(&state, &self.next_port);
             // Answers follow the view from the next query on.
             self.dns.update(&state.view);
             let here = state.host_id();
@@ -95,7 +99,7 @@ impl Agent {
                     std::mem::take(&mut local.unconfirmed).then(|| (local.dir.clone(), local.port))
                 })
                 .collect();
-            (state.member_locations(), confirmed)
+            (state.member_locations(), confirmed, state.gateways.clone())
         };
         self.dataplane.send(Command::View {
             peers,
@@ -103,6 +107,7 @@ impl Agent {
             members,
             policies,
             services,
+            gateways,
         });
         for (dir, port) in confirmed {
             self.hold(port, false).await;
@@ -243,7 +248,54 @@ impl Agent {
     }
 }
 
-/// A port as the switch names it.
+/// The gateways of the applied view as the switch's thread serves them: a gateway keeps its
+/// port while its net, address and client key stay; a new or changed one gets a new port.
+fn gateway_ports(state: &crate::state::State, next_port: &AtomicU32) -> Vec<GatewayPort> {
+    let view = &state.view;
+    view.gateways
+        .iter()
+        .filter_map(|g| {
+            let net = view.nets.iter().find(|n| n.id == g.net)?;
+            let client_key = match validate::wireguard_key("gateway key", &g.public_key) {
+                Ok(key) => key,
+                Err(e) => {
+                    tracing::warn!(gateway = %g.name, "not served: {e}");
+                    return None;
+                }
+            };
+            let port = state
+                .gateways
+                .iter()
+                .find(|p| {
+                    p.names_client.name == g.name
+                        && p.net.id == g.net
+                        && p.ip == g.ip
+                        && p.client_key == client_key
+                })
+                .map_or_else(
+                    || PortId(next_port.fetch_add(1, Ordering::Relaxed)),
+                    |p| p.port,
+                );
+            Some(GatewayPort {
+                port,
+                net: net_config(net),
+                ip: g.ip,
+                resolver: g.resolver,
+                client_key,
+                names_client: crate::dns::Client {
+                    net: net.id,
+                    net_name: net.name.clone(),
+                    // Its queries are answered on the switch's thread, which forwards none.
+                    egress: false,
+                    name: g.name.clone(),
+                    hostname: g.name.clone(),
+                    ip: g.ip,
+                },
+            })
+        })
+        .collect()
+}
+
 /// A port as the switch takes it.
 pub(crate) fn port_spec(s: vane_proto::validate::PortSpec) -> (L4Proto, u16) {
     let proto = match s.proto {

@@ -607,6 +607,10 @@ pub struct AgentArgs {
     /// UDP address the switch listens on for tunnels from other hosts
     #[arg(long, default_value = "0.0.0.0:7947")]
     pub listen: SocketAddr,
+    /// UDP address where this host takes WireGuard clients of its gateways (`vane gateway
+    /// add`), e.g. 0.0.0.0:51820 [default: it takes none]
+    #[arg(long, value_name = "ADDR")]
+    pub gateway_listen: Option<SocketAddr>,
     /// Underlay address and port other hosts reach this switch at [default: the address
     /// this host reaches the controller from, followed when it changes, and the listen port]
     #[arg(long)]

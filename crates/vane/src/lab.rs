@@ -525,12 +525,18 @@ fn start_agent(lab: &Lab, i: u8, controller_url: &str, join: Option<&str>) -> Re
             lab.host_dir(i).display().to_string(),
             "--netns".into(),
             lab.netns(i),
+            // Each lab host takes WireGuard clients on its own underlay address.
+            "--gateway-listen".into(),
+            format!("0.0.0.0:{LAB_GATEWAY_PORT}"),
         ],
         &env,
         &lab.dir.join(format!("{name}.log")),
         &lab.pid_file(&name),
     )
 }
+
+/// The UDP port where every lab host takes WireGuard clients (`vane gateway add`).
+pub const LAB_GATEWAY_PORT: u16 = 51820;
 
 /// The lab's file and the number of lab host `host` (`h1` is 1), or one line saying why
 /// not.

@@ -234,6 +234,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     state_dir: args.state_dir,
                     join_token: args.join,
                     listen: args.listen,
+                    gateway_listen: args.gateway_listen,
                     locator: args.locator,
                     tunnel_idle: std::time::Duration::from_secs(args.tunnel_idle),
                     log_cap: args.log_cap,

@@ -143,6 +143,24 @@ pub fn complement_checksum_field(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
     true
 }
 
+/// Finishes the partial checksum of `pkt` as `hdr` describes it, as a device that took it
+/// would: sums from `csum_start` to the end (the field holds the pseudo-header sum) and
+/// stores the complement. For a peer that takes only whole packets (a WireGuard client).
+/// False (nothing changed) if `hdr` points outside `pkt`.
+pub fn complete_checksum(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
+    let start = usize::from(hdr.csum_start);
+    let field = start + usize::from(hdr.csum_offset);
+    if start > pkt.len() || field + 2 > pkt.len() {
+        return false;
+    }
+    let mut value = !fold(sum(&pkt[start..], 0));
+    if value == 0 && pkt.get(9) == Some(&PROTO_UDP) {
+        value = 0xffff;
+    }
+    pkt[field..field + 2].copy_from_slice(&value.to_be_bytes());
+    true
+}
+
 /// The partial checksum of an L4 segment of `l4_len` bytes: the folded pseudo-header sum.
 fn pseudo_header_sum(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: usize) -> u16 {
     let acc = sum(&dst, sum(&src, 0)) + u64::from(proto) + l4_len as u64;
@@ -241,26 +259,10 @@ impl<'a> TcpSegments<'a> {
 
 #[cfg(test)]
 mod tests {
+    pub(super) use super::complete_checksum;
     use super::*;
     use crate::ipv4_l4_checksum;
     use std::net::Ipv4Addr;
-
-    /// Finishes the partial checksum of `pkt` as `hdr` describes it, as a device that took it
-    /// would: sums from `csum_start` to the end (the field holds the pseudo-header sum) and
-    /// stores the complement. False (nothing changed) if `hdr` points outside `pkt`.
-    pub(super) fn complete_checksum(pkt: &mut [u8], hdr: &VnetHdr) -> bool {
-        let start = usize::from(hdr.csum_start);
-        let field = start + usize::from(hdr.csum_offset);
-        if field + 2 > pkt.len() {
-            return false;
-        }
-        let mut value = !fold(sum(&pkt[start..], 0));
-        if value == 0 && pkt.get(9) == Some(&PROTO_UDP) {
-            value = 0xffff;
-        }
-        pkt[field..field + 2].copy_from_slice(&value.to_be_bytes());
-        true
-    }
 
     /// A TCP/IPv4 packet with `payload` bytes counting up, flags FIN|PSH|ACK|CWR, and the
     /// partial checksum a kernel leaves.

@@ -72,6 +72,12 @@ impl Resolver {
         }
     }
 
+    /// The names as last applied, for answering without a socket (a gateway's client,
+    /// from the switch's thread: `answer_datagram`).
+    pub(crate) fn names(&self) -> Names {
+        self.zone.subscribe()
+    }
+
     /// Answers follow `view` from the next query on.
     pub(crate) fn update(&self, view: &AgentView) {
         self.zone.send_replace(Arc::new(Zone::from_view(view)));
@@ -105,6 +111,51 @@ pub(crate) fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
         })
         .take(3)
         .collect()
+}
+
+/// The names a resolver answers from, as the directory last gave them.
+pub(crate) type Names = watch::Receiver<Arc<Zone>>;
+
+/// The answer to a query that came as `bytes` in a UDP datagram from `client`, from
+/// `names` alone: a WireGuard gateway's client, whose queries its host's switch thread
+/// answers itself (it forwards nothing, so names of the outside are refused). `None`: not
+/// a query, left unanswered.
+pub(crate) fn answer_datagram(names: &Names, client: &Client, bytes: &[u8]) -> Option<Vec<u8>> {
+    let query = Message::from_vec(bytes).ok()?;
+    if query.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let zone = names.borrow().clone();
+    let reply = match zone::answer(&zone, client, &query) {
+        Outcome::Answer(reply) => reply,
+        Outcome::Forward => failure(&query, ResponseCode::Refused),
+    };
+    encode(reply, udp_limit(&query))
+}
+
+/// An answer with no records: the query's failure with `code`.
+fn failure(query: &Message, code: ResponseCode) -> Message {
+    let mut r = Message::error_msg(query.metadata.id, query.metadata.op_code, code);
+    r.metadata.recursion_desired = query.metadata.recursion_desired;
+    r.add_queries(query.queries.iter().cloned());
+    r
+}
+
+/// The largest answer a UDP client of `query` takes.
+fn udp_limit(query: &Message) -> usize {
+    query.edns.as_ref().map_or(512, |e| {
+        usize::from(e.max_payload().clamp(512, zone::EDNS_PAYLOAD))
+    })
+}
+
+/// `reply` in at most `limit` bytes: whole if it fits, else the question alone, truncated
+/// (the client asks again over TCP).
+fn encode(reply: Message, limit: usize) -> Option<Vec<u8>> {
+    let encoded = reply.to_vec().ok()?;
+    if encoded.len() <= limit {
+        return Some(encoded);
+    }
+    reply.truncate().to_vec().ok()
 }
 
 /// An instance's resolver sockets, bound inside its network namespace.
@@ -181,32 +232,15 @@ impl Context {
             Outcome::Answer(reply) => reply,
             Outcome::Forward => match forward(&self.upstreams, query, bytes, tcp).await {
                 Some(r) => return Some(r),
-                None => {
-                    let mut r = Message::error_msg(
-                        query.metadata.id,
-                        query.metadata.op_code,
-                        ResponseCode::ServFail,
-                    );
-                    r.metadata.recursion_desired = query.metadata.recursion_desired;
-                    r.add_queries(query.queries.iter().cloned());
-                    r
-                }
+                None => failure(query, ResponseCode::ServFail),
             },
         };
-        // What fits the client's UDP buffer, else the question alone, truncated: it asks
-        // again over TCP.
         let limit = if tcp {
             usize::from(u16::MAX)
         } else {
-            query.edns.as_ref().map_or(512, |e| {
-                usize::from(e.max_payload().clamp(512, zone::EDNS_PAYLOAD))
-            })
+            udp_limit(query)
         };
-        let encoded = reply.to_vec().ok()?;
-        if encoded.len() <= limit {
-            return Some(encoded);
-        }
-        reply.truncate().to_vec().ok()
+        encode(reply, limit)
     }
 }
 
@@ -362,13 +396,13 @@ async fn exchange_tcp(upstream: SocketAddr, out: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// A token bucket: `RATE` a second, at most `BURST` saved.
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn new(now: Instant) -> Bucket {
+    pub(crate) fn new(now: Instant) -> Bucket {
         Bucket {
             tokens: BURST,
             at: now,
@@ -376,7 +410,7 @@ impl Bucket {
     }
 
     /// Takes a token, or says how long until there is one.
-    fn take(&mut self, now: Instant) -> Option<Duration> {
+    pub(crate) fn take(&mut self, now: Instant) -> Option<Duration> {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * RATE).min(BURST);
         self.at = now;
