@@ -41,6 +41,8 @@ use crate::dns;
 const TICK: Duration = Duration::from_millis(250);
 /// Handshake initiations a second the host takes before it answers with cookies.
 const HANDSHAKES_PER_SECOND: u64 = 100;
+/// The type of a handshake response, the first byte of its message.
+const HANDSHAKE_RESPONSE: u8 = 2;
 /// WireGuard's overhead on a packet it carries: its data header and tag.
 const OVERHEAD: usize = 32;
 /// The largest datagram a client sends (a 64 KiB packet sealed).
@@ -271,10 +273,13 @@ impl Gateways {
         let inner = &mut out[VNET_HDR_LEN..];
         match peer.tunn.decapsulate(Some(from.ip()), datagram, inner) {
             TunnResult::WriteToNetwork(reply) => {
-                // A handshake answered (or a cookie under load): the client is where it
-                // wrote from once its handshake checks out, which boringtun's answer shows.
+                // A handshake answered: the client is where it wrote from, since its
+                // initiation checked out. A cookie (under load) answers a datagram nobody
+                // authenticated yet, so the client's address stays.
+                if reply.first() == Some(&HANDSHAKE_RESPONSE) {
+                    peer.endpoint = Some(from);
+                }
                 let _ = socket.send_to(reply, from);
-                peer.endpoint = Some(from);
                 // Packets that waited for the session go now.
                 while let TunnResult::WriteToNetwork(queued) =
                     peer.tunn.decapsulate(None, &[], &mut self.sealed)
