@@ -85,6 +85,8 @@ pub enum Command {
         members: Vec<(NetId, Ipv4Addr, Location)>,
         policies: Vec<PolicyRule>,
         services: Vec<vane_switch::ServiceConfig>,
+        /// Who outside may open flows to the nets' published ports.
+        outside: Vec<vane_switch::OutsideRule>,
         /// The WireGuard gateways this host serves, each a port of the switch.
         gateways: Vec<GatewayPort>,
     },
@@ -433,11 +435,13 @@ impl Worker {
                 members,
                 policies,
                 services,
+                outside,
                 gateways,
             } => {
                 self.node.apply_peers(peers);
                 self.node.apply_view(nets, members, policies);
                 self.node.apply_services(&services);
+                self.node.apply_outside_rules(outside);
                 let (gone, added) = self.gateways.apply(gateways);
                 for port in gone {
                     self.node.detach_port(port);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use vane_proto::api::InstanceState;
 use vane_proto::stream::AgentView;
-use vane_switch::{L4Proto, NetConfig, PolicyRule, PortId, ServiceConfig};
+use vane_switch::{L4Proto, NetConfig, OutsideRule, PolicyRule, PortId, ServiceConfig};
 
 use vane_proto::validate;
 
@@ -76,6 +76,15 @@ impl Agent {
                 backends: s.backends.clone(),
             })
             .collect();
+        let outside = view
+            .outside
+            .iter()
+            .map(|o| OutsideRule {
+                from: o.from,
+                to: o.to,
+                port: o.port.map(port_spec),
+            })
+            .collect();
         // Copies restored here for a migration pass packets once the directory places
         // them here (see `adopt`).
         let (members, confirmed, gateways) = {
@@ -107,6 +116,7 @@ impl Agent {
             members,
             policies,
             services,
+            outside,
             gateways,
         });
         for (dir, port) in confirmed {

@@ -289,6 +289,11 @@ impl Node {
         self.switch.set_services(services);
     }
 
+    /// Takes the policies from outside address ranges (`Switch::set_outside_rules`).
+    pub fn apply_outside_rules(&mut self, rules: Vec<vane_switch::OutsideRule>) {
+        self.switch.set_outside_rules(rules);
+    }
+
     /// Takes where the directory's members are: the only way members enter the switch
     /// (attaching a port does not make it one). Members no longer listed are forgotten.
     pub fn apply_members(&mut self, members: Vec<(NetId, Ipv4Addr, Location)>) {

@@ -582,18 +582,37 @@ fn is_zero(n: &u32) -> bool {
 /// `POST /v1/policies` (`vane policy allow FROM TO [--port P]`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PolicySpec {
+    /// A net's name, or an outside address range (`198.51.100.0/24`): see [`Policy`].
     pub from: String,
     pub to: String,
     pub port: Option<PortSpec>,
 }
 
 /// Lets instances of `from` open connections (or send datagrams) to `to`; replies come back.
+///
+/// With an address range as `from` (an outside policy), it says who may connect to the
+/// ports `to`'s instances publish (`vane run --publish`): once a net has an outside policy,
+/// its published ports take new connections only from the ranges (and on the ports) its
+/// outside policies name; a net with none takes them from anywhere.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     pub id: u32,
     pub from: String,
     pub to: String,
     pub port: Option<PortSpec>,
+}
+
+impl Policy {
+    /// The outside address range of an outside policy (`from` is a range, not a net).
+    pub fn outside(&self) -> Option<ipnet::Ipv4Net> {
+        outside_range(&self.from)
+    }
+}
+
+/// `from` of a policy read as an outside address range, if it is one (a net's name has no
+/// '/').
+pub fn outside_range(from: &str) -> Option<ipnet::Ipv4Net> {
+    from.contains('/').then(|| from.parse().ok()).flatten()
 }
 
 /// `POST /v1/instances/{name}/exec`, or the first message of the exec WebSocket

@@ -7,6 +7,8 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+use ipnet::Ipv4Net;
+
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
@@ -347,6 +349,10 @@ pub struct AgentView {
     /// The services of the view's nets, with the members that take new flows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceView>,
+    /// Policies from outside address ranges to the view's nets: who may open flows to
+    /// their instances' published ports (a net with none: anyone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outside: Vec<OutsidePolicy>,
     /// The WireGuard gateways placed on the receiving host (their members are in `members`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<GatewayView>,
@@ -446,6 +452,15 @@ pub struct Member {
     /// gateway, not through an instance's device.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub gateway: bool,
+}
+
+/// A policy from an outside address range (`vane policy allow 198.51.100.0/24 red`), its
+/// net as an id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutsidePolicy {
+    pub from: Ipv4Net,
+    pub to: u32,
+    pub port: Option<PortSpec>,
 }
 
 /// A policy with its nets as ids.

@@ -10,7 +10,17 @@ use ipnet::Ipv4Net;
 use vane_wire::{Ipv4Packet, L4Ports, PROTO_TCP, PROTO_UDP};
 
 use crate::flow::{EgressFlow, FlowKey};
-use crate::{parse_drop, DropReason, PortId, Switch, Verdict};
+use crate::{parse_drop, DropReason, L4Proto, NetId, PortId, Switch, Verdict};
+
+/// Outside addresses `from` may open flows to the published ports of net `to`'s instances
+/// (to port `port` only, if set): a policy from an address range (`vane policy allow
+/// 198.51.100.0/24 red`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutsideRule {
+    pub from: Ipv4Net,
+    pub to: NetId,
+    pub port: Option<(L4Proto, u16)>,
+}
 
 impl Switch {
     /// A packet from the outside world to an egress address. It passes only as the reply of
@@ -41,6 +51,31 @@ impl Switch {
             };
             self.published.insert((port, proto, *dst), ());
         }
+    }
+
+    /// Replaces the rules that say which outside addresses may open flows to the
+    /// published ports of each net's instances. A net with no rule takes them from
+    /// anywhere; one with rules, only from an address and to a port a rule allows. Flows
+    /// already open stay (as a cross-net flow does when its policy goes, until its timeout).
+    pub fn set_outside_rules(&mut self, rules: Vec<OutsideRule>) {
+        self.outside.clear();
+        for rule in rules {
+            self.outside.entry(rule.to).or_default().push(rule);
+        }
+    }
+
+    /// Whether a new flow from outside address `src` to port `dst` of `proto` of the
+    /// instance on `port` passes its net's outside rules.
+    fn outside_allows(&self, port: PortId, src: Ipv4Addr, proto: u8, dst: u16) -> bool {
+        let Some(net) = self.ports.get(&port).map(|p| p.net) else {
+            return false;
+        };
+        let Some(rules) = self.outside.get(&net) else {
+            return true;
+        };
+        rules.iter().any(|r| {
+            r.from.contains(&src) && r.port.is_none_or(|(p, n)| n == dst && p.number() == proto)
+        })
     }
 
     /// The attached port whose egress address is `addr`, with the instance's own address.
@@ -83,7 +118,8 @@ impl Switch {
             if !(opens
                 && self
                     .published
-                    .contains_key(&(port, ip.protocol(), ports.dst)))
+                    .contains_key(&(port, ip.protocol(), ports.dst))
+                && self.outside_allows(port, ip.src(), ip.protocol(), ports.dst))
             {
                 return Verdict::Drop(DropReason::Refused);
             }

@@ -41,7 +41,7 @@ use std::time::Instant;
 
 pub use config::{NetConfig, SwitchConfig};
 pub use counters::{DropCounters, PortCounters};
-pub use egress::egress_address;
+pub use egress::{egress_address, OutsideRule};
 pub use policy::{L4Proto, PolicyRule};
 pub use rate::TokenBucket;
 pub use service::ServiceConfig;
@@ -88,6 +88,8 @@ pub struct Switch {
     /// Ports of local instances that the outside world may open flows to (`vane run
     /// --publish`), as (port, IP protocol, destination port).
     published: Map<(PortId, u8, u16), ()>,
+    /// Which outside addresses may open flows to published ports, by net (none: any).
+    outside: Map<NetId, Vec<OutsideRule>>,
     policy: Policy,
     flows: FlowTable,
     /// Services' addresses and the flows sent to them.
@@ -106,6 +108,7 @@ impl Switch {
             moving: Map::default(),
             ports: Map::default(),
             published: Map::default(),
+            outside: Map::default(),
             policy: Policy::default(),
             flows,
             services: service::Services::default(),

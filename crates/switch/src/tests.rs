@@ -572,6 +572,71 @@ fn published_ports_take_new_flows_and_nothing_else() {
     );
 }
 
+/// Policies from outside address ranges: once a net has one, its published ports take new
+/// flows only from the ranges (and to the ports) its rules allow; flows already open stay.
+#[test]
+fn outside_rules_narrow_who_opens_flows_to_published_ports() {
+    let mut sw = two_nets();
+    let now = Instant::now();
+    let egress_b1 = egress_address(SwitchConfig::default().egress_space, PB1).unwrap();
+    sw.set_published(PB1, &[(L4Proto::Tcp, 80), (L4Proto::Tcp, 22)]);
+    let mut open = tcp(OUTSIDE, 50000, egress_b1, 22);
+    assert_eq!(
+        sw.process_from_egress(&mut open, now),
+        Verdict::Deliver(PB1)
+    );
+
+    sw.set_outside_rules(vec![
+        OutsideRule {
+            from: "198.51.100.0/24".parse().unwrap(),
+            to: NET_B,
+            port: Some((L4Proto::Tcp, 80)),
+        },
+        OutsideRule {
+            from: "203.0.113.0/24".parse().unwrap(),
+            to: NET_B,
+            port: None,
+        },
+    ]);
+    let other = Ipv4Addr::new(192, 0, 2, 9);
+    let admin = Ipv4Addr::new(203, 0, 113, 5);
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 50001, egress_b1, 80), now),
+        Verdict::Deliver(PB1)
+    );
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(OUTSIDE, 50002, egress_b1, 22), now),
+        REFUSED,
+        "that range may open port 80 only"
+    );
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(other, 50003, egress_b1, 80), now),
+        REFUSED,
+        "no rule for that range"
+    );
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(admin, 50004, egress_b1, 22), now),
+        Verdict::Deliver(PB1)
+    );
+    let mut ack = tcp(OUTSIDE, 50000, egress_b1, 22);
+    ack[33] = 0x10;
+    assert_eq!(
+        sw.process_from_egress(&mut ack, now),
+        Verdict::Deliver(PB1),
+        "a flow already open stays"
+    );
+    // Rules of another net change nothing here.
+    sw.set_outside_rules(vec![OutsideRule {
+        from: "203.0.113.0/24".parse().unwrap(),
+        to: NET_A,
+        port: None,
+    }]);
+    assert_eq!(
+        sw.process_from_egress(&mut tcp(other, 50005, egress_b1, 80), now),
+        Verdict::Deliver(PB1)
+    );
+}
+
 #[test]
 fn egress_needs_the_net_to_allow_it() {
     let mut sw = two_nets();

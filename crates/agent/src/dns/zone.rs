@@ -438,6 +438,7 @@ mod tests {
                 ports: vec!["80/tcp".parse().unwrap()],
                 backends: vec![ip("10.2.0.2")],
             }],
+            outside: Vec::new(),
             gateways: Vec::new(),
         }
     }

@@ -329,6 +329,7 @@ impl ViewCache {
             nets,
             members,
             policies: policy_rules(state, &policies),
+            outside: Vec::new(),
             gateways: Vec::new(),
         }
     }
