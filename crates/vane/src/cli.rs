@@ -390,7 +390,9 @@ pub enum TemplateCmd {
 
 #[derive(Subcommand)]
 pub enum PolicyCmd {
-    /// Let FROM open connections (or send datagrams) to TO; replies come back
+    /// Let FROM open connections (or send datagrams) to TO; replies come back. FROM may be
+    /// an outside address range (198.51.100.0/24): then once TO has such a policy, the
+    /// ports its instances publish take new connections only from the ranges allowed
     Allow {
         from: String,
         to: String,

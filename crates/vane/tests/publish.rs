@@ -1,7 +1,8 @@
 //! Published ports (`vane run --publish`): a client outside vane (here, the lab machine's
 //! own namespace on the underlay) reaches an instance through its host, the program sees
-//! the client's own address, nothing unpublished is reachable, and after a migration the
-//! port is published on the new host and no longer on the old one.
+//! the client's own address, nothing unpublished is reachable, after a migration the
+//! port is published on the new host and no longer on the old one, and policies from
+//! outside address ranges narrow who may connect.
 
 mod common;
 
@@ -123,6 +124,33 @@ fn a_published_port_reaches_its_instance_from_outside_and_follows_it() {
         "{}",
         String::from_utf8_lossy(&rules.stdout)
     );
+    // Policy can still refuse: once red has a policy from an outside range, only the
+    // ranges (and ports) its outside policies name connect.
+    lab.ok(&[
+        "policy",
+        "allow",
+        "203.0.113.0/24",
+        "red",
+        "--port",
+        "80/tcp",
+    ]);
+    assert!(
+        wait_until(Duration::from_secs(5), || fetch(&url(&h2, 8080)).is_none()),
+        "an address no outside policy names still connects"
+    );
+    let err = lab.fails(&["policy", "allow", "203.0.113.0/33", "red"]);
+    assert!(err.contains("203.0.113.0/33"), "{err}");
+    let underlay = format!("198.18.{}.0/24", lab.octet);
+    lab.ok(&["policy", "allow", &underlay, "red", "--port", "81/tcp"]);
+    assert_eq!(fetch(&url(&h2, 8080)), None, "a policy for another port");
+    lab.ok(&["policy", "allow", &underlay, "red", "--port", "80/tcp"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || fetch(&url(&h2, 8080))
+            .is_some_and(|b| b.trim() == "published")),
+        "the range an outside policy names does not connect"
+    );
+    let listed = lab.ok(&["policy", "ls"]);
+    assert!(listed.contains(&underlay), "{listed}");
     // Removed, it is reachable nowhere.
     lab.ok(&["rm", "web"]);
     assert_eq!(fetch(&url(&h2, 8080)), None);

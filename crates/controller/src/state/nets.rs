@@ -5,7 +5,7 @@
 use ipnet::Ipv4Net;
 
 use vane_proto::api::{Net, NetSpec, Policy, PolicySpec};
-use vane_proto::validate;
+use vane_proto::validate::{self, PortSpec};
 
 use super::{ApiError, State};
 use crate::store::Batch;
@@ -111,6 +111,9 @@ impl State {
     }
 
     pub fn add_policy(&mut self, spec: PolicySpec) -> Result<(Policy, Batch), ApiError> {
+        if spec.from.contains('/') {
+            return self.add_outside_policy(spec);
+        }
         let from = self.net(&spec.from)?.clone();
         let to = self.net(&spec.to)?.clone();
         if from.name == to.name {
@@ -146,17 +149,50 @@ impl State {
                 )));
             }
         }
+        Ok(self.record_policy(from.name, to.name, spec.port))
+    }
+
+    /// A policy from an outside address range to the published ports of `spec.to`'s
+    /// instances (see [`Policy`]).
+    fn add_outside_policy(&mut self, spec: PolicySpec) -> Result<(Policy, Batch), ApiError> {
+        let range = vane_proto::api::outside_range(&spec.from).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{:?} is neither a net nor an address range like 198.51.100.0/24",
+                spec.from
+            ))
+        })?;
+        let to = self.net(&spec.to)?.clone();
+        let from = range.trunc().to_string();
+        if let Some(p) = self
+            .policies
+            .values()
+            .find(|p| p.from == from && p.to == to.name && p.port == spec.port)
+        {
+            return Err(ApiError::Conflict(format!(
+                "policy {} already allows this",
+                p.id
+            )));
+        }
+        Ok(self.record_policy(from, to.name, spec.port))
+    }
+
+    fn record_policy(
+        &mut self,
+        from: String,
+        to: String,
+        port: Option<PortSpec>,
+    ) -> (Policy, Batch) {
         self.counters.policy += 1;
         let policy = Policy {
             id: self.counters.policy,
-            from: from.name,
-            to: to.name,
-            port: spec.port,
+            from,
+            to,
+            port,
         };
         let mut batch = Batch::default();
         batch.put(&policy).counters(&self.counters);
         self.policies.insert(policy.id, policy.clone());
-        Ok((policy, batch))
+        (policy, batch)
     }
 
     pub fn remove_policy(&mut self, id: u32) -> Result<Batch, ApiError> {
