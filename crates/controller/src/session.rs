@@ -23,7 +23,7 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
         name,
         locator,
         public_key,
-        gateway: _,
+        gateway,
         auth,
         instances,
     }) = hello
@@ -55,7 +55,12 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     let (epoch, mut rx, overflow) = c.streams.attach(&name);
     let (host_id, unknown) = {
         let mut s = c.state();
-        let batch = s.host_online(&name, locator, Some(&public_key), now());
+        let mut batch = s.host_online(&name, locator, Some(&public_key), now());
+        let (endpoint, refused) = s.host_gateway(&name, gateway);
+        if let Some(why) = refused {
+            tracing::warn!(host = %name, "agent's WireGuard endpoint ignored: {why}");
+        }
+        batch.extend(endpoint);
         let (reconciled, unknown) = s.reconcile(&name, &instances);
         if let Err(e) = c.commit(batch).and_then(|_| c.commit(reconciled)) {
             tracing::error!(host = %name, "cannot record host: {e}");

@@ -181,6 +181,10 @@ pub enum Cmd {
     /// spread over the instances run with --service NAME
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Manage WireGuard gateways: a stock WireGuard client becomes a member of a net, with
+    /// its own address and name
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
     /// Hosts of the cluster
     #[command(subcommand)]
     Host(HostCmd),
@@ -281,6 +285,38 @@ pub enum ServiceCmd {
     Ls(ListArg),
     /// Remove a service (its members run on)
     Rm { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum GatewayCmd {
+    /// Add a gateway and print its client's WireGuard configuration (wg-quick format; it
+    /// holds the client's private key unless --public-key is given, and is shown only now)
+    Add {
+        name: String,
+        /// The net the client becomes a member of
+        #[arg(long)]
+        net: String,
+        /// The host whose agent the client connects to (its agent runs with
+        /// --gateway-listen) [default: the least loaded such host]
+        #[arg(long)]
+        host: Option<String>,
+        /// The client's address in the net [default: the first free address of the net]
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        /// The client's WireGuard public key (`wg pubkey` prints it), to keep its private
+        /// key to itself [default: a key pair is made, its private key in the configuration]
+        #[arg(long, value_name = "KEY")]
+        public_key: Option<String>,
+        #[command(flatten)]
+        output: OutputArg,
+    },
+    /// List gateways
+    Ls(ListArg),
+    /// Remove gateways: their clients are cut off at once
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Args)]

@@ -169,6 +169,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Stats { name, output } => commands::stats(&c()?, &name, output.output)?,
         Cmd::Policy(cmd) => commands::policy(&c()?, cmd)?,
         Cmd::Service(cmd) => commands::service(&c()?, cmd)?,
+        Cmd::Gateway(cmd) => commands::gateway(&c()?, cmd)?,
         Cmd::Host(cmd) => commands::host(&c()?, cmd)?,
         Cmd::Token(cmd) => commands::credential(&c()?, cmd)?,
         Cmd::Lab(LabCmd::Up(args)) => lab::up(args)?,

@@ -5,6 +5,8 @@
 mod instances;
 mod metrics;
 mod objects;
+#[cfg(test)]
+mod tests;
 mod ui;
 
 use std::sync::Arc;
@@ -146,6 +148,11 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         )
         .route("/v1/services", get(list_services).post(create_service))
         .route("/v1/services/{name}", delete(remove_service))
+        .route("/v1/gateways", get(list_gateways).post(create_gateway))
+        .route(
+            "/v1/gateways/{name}",
+            get(get_gateway).delete(remove_gateway),
+        )
         .route("/v1/policies", get(list_policies).post(create_policy))
         .route("/v1/policies/{id}", delete(remove_policy))
         .route("/v1/templates", get(list_templates).post(put_template))

@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::Json;
 
 use vane_proto::api::{
-    Host, HostState, HostStats, JoinToken, Net, NetSpec, Policy, PolicySpec, Service, ServiceSpec,
-    Status, Template, TokenSpec,
+    Gateway, GatewayCreated, GatewaySpec, Host, HostState, HostStats, JoinToken, Net, NetSpec,
+    Policy, PolicySpec, Service, ServiceSpec, Status, Template, TokenSpec,
 };
 use vane_proto::stream::{AgentReply, AgentRequest};
 
@@ -26,6 +26,7 @@ pub(super) async fn status(AxState(c): Ctl) -> Json<Status> {
         ("hosts".to_string(), s.hosts.len()),
         ("policies".to_string(), s.policies.len()),
         ("services".to_string(), s.services.len()),
+        ("gateways".to_string(), s.gateways.len()),
         ("templates".to_string(), s.templates.len()),
     ]
     .into_iter()
@@ -121,6 +122,74 @@ pub(super) async fn remove_service(
         let net = s.service(&name)?.net.clone();
         who.check(&s.net_tenant(&net)?, &format!("service {name:?}"))?;
         let batch = s.remove_service(&name)?;
+        c.commit(batch)?;
+    }
+    c.push_views();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Gateways of the caller's nets.
+pub(super) async fn list_gateways(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+) -> Json<Vec<Gateway>> {
+    let s = c.state();
+    Json(
+        s.gateways
+            .values()
+            .filter(|g| s.net_tenant(&g.net).is_ok_and(|t| who.may(&t)))
+            .cloned()
+            .collect(),
+    )
+}
+
+pub(super) async fn get_gateway(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Gateway>> {
+    let s = c.state();
+    let gateway = s.gateway(&name)?;
+    who.check(&s.net_tenant(&gateway.net)?, &format!("gateway {name:?}"))?;
+    Ok(Json(gateway.clone()))
+}
+
+/// Makes a gateway and answers with its client's configuration, which holds the client's
+/// private key when the controller made it: that key is in this answer only.
+pub(super) async fn create_gateway(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<GatewayCreated>)> {
+    let spec: GatewaySpec = parse(&body)?;
+    let created = {
+        let mut s = c.state();
+        who.check(&s.net_tenant(&spec.net)?, &format!("net {:?}", spec.net))?;
+        let (created, batch) = s.create_gateway(spec, now(), crate::state::new_private_key)?;
+        c.commit(batch)?;
+        created
+    };
+    tracing::info!(
+        gateway = %created.gateway.name,
+        net = %created.gateway.net,
+        host = %created.gateway.host,
+        ip = %created.gateway.ip,
+        "gateway added"
+    );
+    c.push_views();
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub(super) async fn remove_gateway(
+    AxState(c): Ctl,
+    axum::Extension(who): Who,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    {
+        let mut s = c.state();
+        let net = s.gateway(&name)?.net.clone();
+        who.check(&s.net_tenant(&net)?, &format!("gateway {name:?}"))?;
+        let batch = s.remove_gateway(&name)?;
         c.commit(batch)?;
     }
     c.push_views();

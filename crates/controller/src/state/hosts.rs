@@ -3,8 +3,9 @@
 
 use std::net::SocketAddr;
 
-use vane_proto::api::{Host, HostState};
+use vane_proto::api::{GatewayEndpoint, Host, HostState};
 use vane_proto::stream::HostAuth;
+use vane_proto::validate;
 
 use super::{ApiError, State};
 use crate::enroll::{self, Admission, Refusal};
@@ -77,6 +78,12 @@ impl State {
             for id in ids {
                 batch.extend(self.drop_instance(&id));
             }
+            let gateways: Vec<String> = self.gateways_on(name).map(|g| g.name.clone()).collect();
+            for g in gateways {
+                if let Some(g) = self.gateways.remove(&g) {
+                    batch.delete(&g);
+                }
+            }
             if let Some(host) = self.hosts.remove(name) {
                 batch.delete(&host);
             }
@@ -96,6 +103,13 @@ impl State {
                 "host {name:?} still has {n} instance(s): remove them first (vane rm --force)"
             )));
         }
+        let gateways: Vec<&str> = self.gateways_on(name).map(|g| g.name.as_str()).collect();
+        if !gateways.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "host {name:?} still has gateways: {} (vane gateway rm)",
+                gateways.join(", ")
+            )));
+        }
         let mut batch = Batch::default();
         if let Some(host) = self.hosts.remove(name) {
             batch.delete(&host);
@@ -104,6 +118,32 @@ impl State {
             batch.delete(&e);
         }
         Ok(batch)
+    }
+
+    /// Records where the agent of `name` takes WireGuard clients, as its hello says: none
+    /// if it says nothing, or gives a key that is not one (then the reason is returned too,
+    /// for the log).
+    pub fn host_gateway(
+        &mut self,
+        name: &str,
+        gateway: Option<GatewayEndpoint>,
+    ) -> (Batch, Option<String>) {
+        let mut batch = Batch::default();
+        let (gateway, refused) = match gateway {
+            Some(g) => match validate::wireguard_key("gateway key", &g.public_key) {
+                Ok(_) if g.port != 0 => (Some(g), None),
+                Ok(_) => (None, Some("gateway port 0".to_string())),
+                Err(e) => (None, Some(e.to_string())),
+            },
+            None => (None, None),
+        };
+        if let Some(host) = self.hosts.get_mut(name) {
+            if host.gateway != gateway {
+                host.gateway = gateway;
+                batch.put(&*host);
+            }
+        }
+        (batch, refused)
     }
 
     /// Records that the agent of `name` connected from `locator` with `public_key`.

@@ -110,30 +110,7 @@ impl State {
         }
         let ip = match spec.ip {
             Some(ip) => {
-                if !net.subnet.contains(&ip) {
-                    return Err(ApiError::BadRequest(format!(
-                        "address {ip} is outside net {:?} ({})",
-                        net.name, net.subnet
-                    )));
-                }
-                if ip == net.subnet.network() || ip == net.subnet.broadcast() {
-                    return Err(ApiError::BadRequest(format!(
-                        "address {ip} is the network or broadcast address of {}",
-                        net.subnet
-                    )));
-                }
-                if let Some(s) = self.service_at(&net.name, ip) {
-                    return Err(ApiError::Conflict(format!(
-                        "address {ip} is service {:?}'s in net {:?}",
-                        s.name, net.name
-                    )));
-                }
-                if let Some(other) = self.member_at(&net.name, ip) {
-                    return Err(ApiError::Conflict(format!(
-                        "address {ip} is already in use by instance {:?} in net {:?}",
-                        other.name, net.name
-                    )));
-                }
+                self.check_free_address(&net, ip)?;
                 ip
             }
             None => self.free_address(&net)?,
@@ -212,12 +189,12 @@ impl State {
             })
     }
 
-    fn member_at(&self, net: &str, ip: Ipv4Addr) -> Option<&Instance> {
+    pub(super) fn member_at(&self, net: &str, ip: Ipv4Addr) -> Option<&Instance> {
         self.instances.values().find(|i| i.net == net && i.ip == ip)
     }
 
-    /// The lowest address of `net` that no instance and no service has.
-    fn free_address(&self, net: &Net) -> Result<Ipv4Addr, ApiError> {
+    /// The lowest address of `net` that no instance, service or gateway has.
+    pub(super) fn free_address(&self, net: &Net) -> Result<Ipv4Addr, ApiError> {
         let used = self.used_addresses(net);
         net.subnet
             .hosts()
@@ -225,7 +202,8 @@ impl State {
             .ok_or_else(|| net_full(net))
     }
 
-    /// The addresses of `net` that instances and services have.
+    /// The addresses of `net` that instances, services and gateways (theirs and their
+    /// resolver) have.
     pub(super) fn used_addresses(&self, net: &Net) -> BTreeSet<Ipv4Addr> {
         self.instances
             .values()
@@ -236,6 +214,12 @@ impl State {
                     .values()
                     .filter(|s| s.net == net.name)
                     .map(|s| s.vip),
+            )
+            .chain(
+                self.gateways
+                    .values()
+                    .filter(|g| g.net == net.name)
+                    .flat_map(|g| [g.ip, g.resolver]),
             )
             .collect()
     }

@@ -6,6 +6,7 @@
 //! parts share; each kind of object has its own file:
 //! - `nets`: nets and the policies between them, with the address rules;
 //! - `services`: services (a name and virtual address spread over members);
+//! - `gateways`: WireGuard gateways (a member of a net that a WireGuard client becomes);
 //! - `templates`: resource templates and the checks of an instance's settings;
 //! - `instances`: planning a run, agents' reports and reconciliation, changes, forgetting;
 //! - `access`: join tokens and tenant credentials;
@@ -16,7 +17,9 @@
 
 use std::collections::BTreeMap;
 
-use vane_proto::api::{ClusterConfig, Host, HostState, Instance, Net, Policy, Service, Template};
+use vane_proto::api::{
+    ClusterConfig, Gateway, Host, HostState, Instance, Net, Policy, Service, Template,
+};
 use vane_proto::validate;
 
 use crate::enroll::{Enrollment, TokenRecord};
@@ -26,12 +29,14 @@ pub use failover::{Backoff, Restart};
 
 mod access;
 mod failover;
+mod gateways;
 mod hosts;
 mod instances;
 mod nets;
 mod services;
 mod templates;
 mod views;
+pub use gateways::new_private_key;
 pub use views::{ViewCache, ViewKey};
 
 /// An error of the API, with the HTTP status class it maps to.
@@ -105,6 +110,8 @@ pub struct State {
     credentials: BTreeMap<String, crate::auth::CredentialRecord>,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
+    /// WireGuard gateways by name.
+    pub gateways: BTreeMap<String, Gateway>,
     /// Instances frozen for a migration, by id, with the lookups that wait for them to run
     /// again (`views.rs`). Not stored: a controller that stops thaws everything, and the
     /// switches ask again.
@@ -163,6 +170,11 @@ impl State {
                 .services
                 .into_iter()
                 .map(|s| (s.name.clone(), s))
+                .collect(),
+            gateways: snap
+                .gateways
+                .into_iter()
+                .map(|g| (g.name.clone(), g))
                 .collect(),
             frozen: BTreeMap::new(),
         };

@@ -92,6 +92,18 @@ impl State {
                 services.join(", ")
             )));
         }
+        let gateways: Vec<&str> = self
+            .gateways
+            .values()
+            .filter(|g| g.net == net.name)
+            .map(|g| g.name.as_str())
+            .collect();
+        if !gateways.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "net {name:?} has gateways: {} (vane gateway rm)",
+                gateways.join(", ")
+            )));
+        }
         let rules: Vec<String> = self
             .policies
             .values()

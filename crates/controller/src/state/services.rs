@@ -35,16 +35,7 @@ impl State {
                 spec.name
             )));
         }
-        if let Some(i) = self
-            .instances
-            .values()
-            .find(|i| i.net == net.name && i.name == spec.name)
-        {
-            return Err(ApiError::Conflict(format!(
-                "instance {:?} of net {:?} has that name already: a service and its net's instances are named apart",
-                i.name, net.name
-            )));
-        }
+        self.check_member_name(&net, &spec.name)?;
         if spec.ports.is_empty() {
             return Err(ApiError::BadRequest(format!(
                 "service {:?} needs at least one port (--port 80/tcp)",
@@ -119,16 +110,7 @@ impl State {
         net: &Net,
         name: &str,
     ) -> Result<(), ApiError> {
-        if let Some(s) = self
-            .services
-            .values()
-            .find(|s| s.net == net.name && s.name == name)
-        {
-            return Err(ApiError::Conflict(format!(
-                "service {:?} of net {:?} has that name already: a service and its net's instances are named apart",
-                s.name, net.name
-            )));
-        }
+        self.check_member_name(net, name)?;
         let Some(service) = service else {
             return Ok(());
         };
@@ -142,8 +124,8 @@ impl State {
         Ok(())
     }
 
-    /// The highest address of `net` that no instance and no service has.
-    fn free_service_address(&self, net: &Net) -> Result<Ipv4Addr, ApiError> {
+    /// The highest address of `net` that no instance, service or gateway has.
+    pub(super) fn free_service_address(&self, net: &Net) -> Result<Ipv4Addr, ApiError> {
         let used = self.used_addresses(net);
         net.subnet
             .hosts()

@@ -334,7 +334,7 @@ fn views_are_made_again_only_where_their_parts_changed() {
     run_on(&mut s, "r1", "red", "h1");
     run_on(&mut s, "g1", "green", "h2");
     let hosts = ["h1", "h2", "h3"];
-    let mut cache = ViewCache::default();
+    let mut cache = super::views::ViewCache::default();
     let keys = |cache: &mut ViewCache, s: &State| {
         cache.refresh(s);
         for h in hosts {
@@ -549,4 +549,396 @@ fn members_join_services_of_their_net_and_views_list_the_running_ones() {
     assert!(s.view_for("h1").services.is_empty());
     assert!(s.remove_service("web").is_err());
     s.remove_net("blue").unwrap();
+}
+
+/// A host whose agent takes WireGuard clients (`--gateway-listen`), with a tunnel key.
+fn gateway_host(s: &mut State, name: &str, last: u8) {
+    let key = format!("{last:02x}").repeat(32);
+    let locator = format!("198.18.0.{last}:7947").parse().unwrap();
+    s.host_online(name, Some(locator), Some(&key), 0);
+    let endpoint = vane_proto::api::GatewayEndpoint {
+        public_key: wg_key(last),
+        port: 51820,
+    };
+    let (_, refused) = s.host_gateway(name, Some(endpoint));
+    assert_eq!(refused, None);
+}
+
+/// A WireGuard key (base64) made of byte `b`.
+fn wg_key(b: u8) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([b; 32])
+}
+
+fn gateway(
+    s: &mut State,
+    name: &str,
+    net: &str,
+    host: Option<&str>,
+    ip: Option<&str>,
+) -> Result<vane_proto::api::GatewayCreated, ApiError> {
+    s.create_gateway(
+        vane_proto::api::GatewaySpec {
+            name: name.into(),
+            net: net.into(),
+            host: host.map(Into::into),
+            ip: ip.map(|i| i.parse().unwrap()),
+            public_key: None,
+        },
+        7,
+        || [9; 32],
+    )
+    .map(|(g, _)| g)
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn gateways_take_addresses_and_share_their_net_resolver() {
+    let mut s = state_with_host();
+    gateway_host(&mut s, "h2", 2);
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    net(&mut s, "blue", "10.20.0.0/24", "a").unwrap();
+    run(&mut s, "web1", "red", None).unwrap();
+    let a = gateway(&mut s, "laptop", "red", None, None).unwrap();
+    // h1 takes no clients: the chosen host is h2.
+    assert_eq!(a.gateway.host, "h2");
+    assert_eq!(a.gateway.ip, ip("10.10.2.2"));
+    assert_eq!(a.gateway.resolver, ip("10.10.2.254"));
+    assert_eq!(a.gateway.created, 7);
+    // The generated key pair: the private key in the configuration only.
+    let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(
+        super::gateways::clamp([9; 32]),
+    ));
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    assert_eq!(a.gateway.public_key, b64.encode(public.as_bytes()));
+    let private = b64.encode(super::gateways::clamp([9; 32]));
+    assert!(a.config.contains(&format!("\nPrivateKey = {private}\n")));
+    assert!(a
+        .config
+        .contains("\nPublicKey = AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=\n"));
+    assert!(a.config.contains("\nEndpoint = 198.18.0.2:51820\n"));
+    assert!(a.config.contains("\nDNS = 10.10.2.254, red\n"));
+    assert!(a.config.contains("\nAllowedIPs = 10.10.2.0/24\n"));
+
+    // A second one of red shares the resolver; its own address is given.
+    let b = gateway(&mut s, "phone", "red", Some("h2"), Some("10.10.2.100")).unwrap();
+    assert_eq!(
+        (b.gateway.ip, b.gateway.resolver),
+        (ip("10.10.2.100"), ip("10.10.2.254"))
+    );
+    // Instances and services never get a gateway's address or resolver.
+    assert_eq!(run(&mut s, "web2", "red", None).unwrap(), ip("10.10.2.3"));
+    assert_eq!(
+        service(&mut s, "api", "red").unwrap().vip,
+        ip("10.10.2.253")
+    );
+    let e = run(&mut s, "web3", "red", Some("10.10.2.254")).unwrap_err();
+    assert!(
+        e.to_string().contains("resolver of gateway \"laptop\""),
+        "{e}"
+    );
+    let e = run(&mut s, "web3", "red", Some("10.10.2.100")).unwrap_err();
+    assert!(matches!(e, ApiError::Conflict(_)), "{e}");
+    // A policy from red: its target's subnet is in the next client's AllowedIPs.
+    s.add_policy(PolicySpec {
+        from: "red".into(),
+        to: "blue".into(),
+        port: None,
+    })
+    .unwrap();
+    let c = gateway(&mut s, "tablet", "red", None, None).unwrap();
+    assert!(c
+        .config
+        .contains("\nAllowedIPs = 10.10.2.0/24, 10.20.0.0/24\n"));
+    // Another net's gateway gets that net's own resolver.
+    let d = gateway(&mut s, "desk", "blue", None, None).unwrap();
+    assert_eq!(
+        (d.gateway.ip, d.gateway.resolver),
+        (ip("10.20.0.1"), ip("10.20.0.254"))
+    );
+
+    // The net cannot go while it has gateways; removing them frees their addresses.
+    let e = s.remove_net("blue").unwrap_err();
+    assert!(e.to_string().contains("gateways: desk"), "{e}");
+    s.remove_gateway("desk").unwrap();
+    assert!(s.remove_gateway("desk").is_err());
+    assert_eq!(run(&mut s, "b1", "blue", None).unwrap(), ip("10.20.0.1"));
+}
+
+#[test]
+fn gateways_are_checked_before_they_are_made() {
+    let mut s = state_with_host();
+    gateway_host(&mut s, "h2", 2);
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    run(&mut s, "web1", "red", None).unwrap();
+    service(&mut s, "api", "red").unwrap();
+    gateway(&mut s, "laptop", "red", None, None).unwrap();
+    let conflict = |r: Result<_, ApiError>, says: &str| match r {
+        Err(ApiError::Conflict(e)) => assert!(e.contains(says), "{e}"),
+        other => panic!("{:?}", other.map(|_: vane_proto::api::GatewayCreated| ())),
+    };
+    conflict(
+        gateway(&mut s, "laptop", "red", None, None),
+        "already exists",
+    );
+    conflict(
+        gateway(&mut s, "web1", "red", None, None),
+        "instance \"web1\"",
+    );
+    conflict(gateway(&mut s, "api", "red", None, None), "service \"api\"");
+    conflict(gateway(&mut s, "x", "red", None, Some("10.10.2.1")), "web1");
+    conflict(
+        gateway(&mut s, "x", "red", None, Some("10.10.2.2")),
+        "laptop",
+    );
+    conflict(
+        gateway(&mut s, "x", "red", None, Some("10.10.2.254")),
+        "api",
+    );
+    // An instance or a service cannot take a gateway's name in its net.
+    let e = run(&mut s, "laptop", "red", None).unwrap_err();
+    assert!(e.to_string().contains("gateway \"laptop\""), "{e}");
+    let e = service(&mut s, "laptop", "red").unwrap_err();
+    assert!(e.to_string().contains("gateway \"laptop\""), "{e}");
+
+    let bad = |r: Result<_, ApiError>, says: &str| match r {
+        Err(ApiError::BadRequest(e)) => assert!(e.contains(says), "{e}"),
+        other => panic!("{:?}", other.map(|_: vane_proto::api::GatewayCreated| ())),
+    };
+    bad(
+        gateway(&mut s, "x", "red", None, Some("10.10.3.1")),
+        "outside",
+    );
+    bad(
+        gateway(&mut s, "x", "red", None, Some("10.10.2.255")),
+        "broadcast",
+    );
+    bad(gateway(&mut s, "X_", "red", None, None), "gateway name");
+    bad(
+        gateway(&mut s, "x", "red", Some("h1"), None),
+        "host \"h1\" takes no WireGuard clients",
+    );
+    assert!(matches!(
+        gateway(&mut s, "x", "nope", None, None),
+        Err(ApiError::NotFound(_))
+    ));
+    assert!(matches!(
+        gateway(&mut s, "x", "red", Some("h9"), None),
+        Err(ApiError::NotFound(_))
+    ));
+    let with_key = |s: &mut State, key: &str| {
+        s.create_gateway(
+            vane_proto::api::GatewaySpec {
+                name: "own".into(),
+                net: "red".into(),
+                public_key: Some(key.into()),
+                ..Default::default()
+            },
+            0,
+            || panic!("no key is made for a client that has one"),
+        )
+    };
+    bad(with_key(&mut s, "not a key").map(|(g, _)| g), "public key");
+    bad(with_key(&mut s, "AAAA").map(|(g, _)| g), "32-byte");
+    let (own, _) = with_key(&mut s, &wg_key(5)).unwrap();
+    assert_eq!(own.gateway.public_key, wg_key(5));
+    assert!(!own.config.lines().any(|l| l.starts_with("PrivateKey")));
+    assert!(own.config.contains(&format!(
+        "# PrivateKey = the private key of {}\n",
+        wg_key(5)
+    )));
+    // An offline host takes none; nor does any host once none is online with an endpoint.
+    s.host_offline("h2", 0);
+    assert!(matches!(
+        gateway(&mut s, "y", "red", Some("h2"), None),
+        Err(ApiError::Unavailable(_))
+    ));
+    assert!(matches!(
+        gateway(&mut s, "y", "red", None, None),
+        Err(ApiError::Unavailable(_))
+    ));
+    // Nothing refused left a trace.
+    assert_eq!(s.gateways.keys().collect::<Vec<_>>(), vec!["laptop", "own"]);
+}
+
+#[test]
+fn a_host_says_in_its_hello_whether_it_takes_clients() {
+    let mut s = state_with_host();
+    gateway_host(&mut s, "h2", 2);
+    assert_eq!(s.hosts["h2"].gateway.as_ref().unwrap().port, 51820);
+    // Back without an endpoint: none.
+    let (batch, refused) = s.host_gateway("h2", None);
+    assert_eq!(
+        (format!("{batch:?}"), refused),
+        ("[(\"hosts\", \"h2\")]".into(), None)
+    );
+    assert_eq!(s.hosts["h2"].gateway, None);
+    // A key that is not one is not taken.
+    let bad = vane_proto::api::GatewayEndpoint {
+        public_key: "nope".into(),
+        port: 51820,
+    };
+    let (_, refused) = s.host_gateway("h2", Some(bad));
+    assert!(refused.is_some());
+    assert_eq!(s.hosts["h2"].gateway, None);
+
+    // A host with gateways is not forgotten without --force; evicted, they go with it.
+    gateway_host(&mut s, "h2", 2);
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    gateway(&mut s, "laptop", "red", None, None).unwrap();
+    gateway(&mut s, "phone", "red", None, None).unwrap();
+    s.host_offline("h2", 0);
+    let e = s.remove_host("h2", false).unwrap_err();
+    assert!(e.to_string().contains("gateways: laptop, phone"), "{e}");
+    let batch = s.remove_host("h2", true).unwrap();
+    assert!(format!("{batch:?}").contains("(\"gateways\", \"phone\")"));
+    assert!(s.gateways.is_empty());
+}
+
+/// A gateway is a member of its net on its host in every view of the net; only its host's
+/// view lists it as a gateway to serve; the cache agrees with `view_for` as gateways come
+/// and go.
+#[test]
+fn gateways_are_members_in_views_and_served_by_their_host() {
+    use super::ViewCache;
+    let mut s = state_with_host();
+    s.host_online("h1", None, Some(&"01".repeat(32)), 0);
+    gateway_host(&mut s, "h2", 2);
+    gateway_host(&mut s, "h3", 3);
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
+    run(&mut s, "web1", "red", None).unwrap(); // on h1
+    let hosts = ["h1", "h2", "h3"];
+    let mut cache = super::views::ViewCache::default();
+    let keys = |cache: &mut ViewCache, s: &State| {
+        cache.refresh(s);
+        for h in hosts {
+            assert_eq!(cache.view(s, h), s.view_for(h), "view of {h}");
+        }
+        hosts.map(|h| cache.key(s, h))
+    };
+    let k0 = keys(&mut cache, &s);
+    assert!(s.view_for("h2").members.is_empty());
+
+    let g = gateway(&mut s, "laptop", "red", Some("h2"), None)
+        .unwrap()
+        .gateway;
+    let k1 = keys(&mut cache, &s);
+    assert_ne!(k1[0], k0[0], "h1 has red: a new member");
+    assert_ne!(k1[1], k0[1], "h2 serves it");
+    assert_eq!(k1[2], k0[2], "h3 has nothing of red");
+    let red = s.nets["red"].id;
+    let member = vane_proto::stream::Member {
+        net: red,
+        ip: g.ip,
+        name: "laptop".into(),
+        hostname: "laptop".into(),
+        host: "h2".into(),
+        host_id: s.hosts["h2"].id,
+        instance: String::new(),
+        moving_to: None,
+        gateway: true,
+    };
+    let h1 = s.view_for("h1");
+    assert!(h1.members.contains(&member));
+    assert!(h1.gateways.is_empty());
+    let h2 = s.view_for("h2");
+    assert_eq!(
+        h2.nets.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["red"]
+    );
+    assert_eq!(h2.members.len(), 2, "web1 and the gateway");
+    assert_eq!(
+        h2.gateways,
+        vec![vane_proto::stream::GatewayView {
+            net: red,
+            name: "laptop".into(),
+            ip: g.ip,
+            resolver: g.resolver,
+            public_key: g.public_key.clone(),
+        }]
+    );
+    // A switch's miss finds it, from hosts that have its net.
+    assert_eq!(s.lookup("h1", red, g.ip), Some(member.clone()));
+    assert_eq!(s.lookup("h3", red, g.ip), None);
+
+    // A policy from green to red: a host with green sees the gateway too.
+    s.add_policy(PolicySpec {
+        from: "green".into(),
+        to: "red".into(),
+        port: None,
+    })
+    .unwrap();
+    let k2 = keys(&mut cache, &s);
+    assert_ne!(k2[0], k1[0]);
+
+    // Its host dead: still a member, and still served there when it is back.
+    s.hosts.get_mut("h2").unwrap().state = vane_proto::api::HostState::Dead;
+    let k3 = keys(&mut cache, &s);
+    assert!(s.view_for("h1").members.contains(&member));
+    assert_eq!(s.view_for("h2").gateways.len(), 1);
+    assert_ne!(k3[0], k2[0], "h2 left the peers");
+
+    // Removed: out of every view at once.
+    s.remove_gateway("laptop").unwrap();
+    let k4 = keys(&mut cache, &s);
+    assert_ne!(k4[0], k3[0]);
+    assert_ne!(k4[1], k3[1]);
+    assert!(!s.view_for("h1").members.iter().any(|m| m.gateway));
+    assert!(s.view_for("h2").gateways.is_empty());
+    assert!(s.view_for("h2").members.is_empty());
+    assert_eq!(s.lookup("h1", red, g.ip), None);
+}
+
+#[test]
+fn outside_policies_reach_the_views_of_their_net_and_name_no_net() {
+    let mut s = state_with_host();
+    net(&mut s, "red", "10.10.2.0/24", "a").unwrap();
+    net(&mut s, "green", "10.20.0.0/24", "a").unwrap();
+    run(&mut s, "web1", "red", None).unwrap();
+    let allow = |s: &mut State, from: &str, to: &str| {
+        s.add_policy(PolicySpec {
+            from: from.into(),
+            to: to.into(),
+            port: Some("80/tcp".parse::<PortSpec>().unwrap()),
+        })
+    };
+    let (p, _) = allow(&mut s, "198.51.100.7/24", "red").unwrap();
+    assert_eq!(p.from, "198.51.100.0/24", "kept as its network");
+    assert!(matches!(
+        allow(&mut s, "198.51.100.0/24", "red"),
+        Err(ApiError::Conflict(_))
+    ));
+    let e = allow(&mut s, "198.51.100.0/33", "red").unwrap_err();
+    assert!(e.to_string().contains("198.51.100.0/33"), "{e}");
+    assert!(matches!(
+        allow(&mut s, "203.0.113.0/24", "nope"),
+        Err(ApiError::NotFound(_))
+    ));
+    allow(&mut s, "203.0.113.0/24", "green").unwrap();
+
+    let v = s.view_for("h1");
+    let names: Vec<&str> = v.nets.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["red"], "an address range brings no net");
+    assert!(v.policies.is_empty());
+    let red = s.nets["red"].id;
+    assert_eq!(
+        v.outside,
+        vec![vane_proto::stream::OutsidePolicy {
+            from: "198.51.100.0/24".parse().unwrap(),
+            to: red,
+            port: Some("80/tcp".parse().unwrap()),
+        }]
+    );
+    // The cache makes the same view.
+    let mut cache = super::views::ViewCache::default();
+    cache.refresh(&s);
+    assert_eq!(cache.view(&s, "h1").outside, v.outside);
+    // A net named in an outside policy is not removed under it.
+    let e = s.remove_net("green").unwrap_err();
+    assert!(e.to_string().contains("policies"), "{e}");
 }

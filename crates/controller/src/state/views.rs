@@ -4,9 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
-use vane_proto::api::{HostState, Instance};
+use vane_proto::api::{Gateway, HostState, Instance};
 use vane_proto::api::{InstanceState, Net, Policy};
-use vane_proto::stream::{AgentView, Member, Peer, PolicyRule, ServiceView};
+use vane_proto::stream::{
+    AgentView, GatewayView, Member, OutsidePolicy, Peer, PolicyRule, ServiceView,
+};
 
 use super::State;
 
@@ -19,14 +21,15 @@ impl State {
         parts.view(self, host)
     }
 
-    /// The nets whose members the switch of `host` needs: those of its instances and those
-    /// a policy links them with, and those policies.
+    /// The nets whose members the switch of `host` needs: those of its instances and
+    /// gateways and those a policy links them with, and those policies.
     fn nets_wanted_by(&self, host: &str) -> (BTreeSet<&str>, Vec<&Policy>) {
         let local: BTreeSet<&str> = self
             .instances
             .values()
             .filter(|i| i.host == host)
             .map(|i| i.net.as_str())
+            .chain(self.gateways_on(host).map(|g| g.net.as_str()))
             .collect();
         self.nets_wanted_with(local)
     }
@@ -43,7 +46,10 @@ impl State {
             .collect();
         let mut wanted = local.clone();
         for p in &policies {
-            wanted.insert(p.from.as_str());
+            // An outside policy's `from` is an address range, no net.
+            if p.outside().is_none() {
+                wanted.insert(p.from.as_str());
+            }
             wanted.insert(p.to.as_str());
         }
         (wanted, policies)
@@ -66,6 +72,22 @@ impl State {
             instance: i.id.clone(),
             moving_to: self.frozen.get(&i.id).map(|f| f.to),
             gateway: false,
+        })
+    }
+
+    /// A gateway as an entry of its net's forwarding table, on its host, from its creation
+    /// to its removal (a dead host's gateway stays: it comes back with its host).
+    fn gateway_member(&self, g: &Gateway) -> Option<Member> {
+        Some(Member {
+            net: self.nets.get(&g.net)?.id,
+            ip: g.ip,
+            name: g.name.clone(),
+            hostname: g.name.clone(),
+            host: g.host.clone(),
+            host_id: self.hosts.get(&g.host)?.id,
+            instance: String::new(),
+            moving_to: None,
+            gateway: true,
         })
     }
 
@@ -140,6 +162,12 @@ impl State {
             .values()
             .filter(|i| i.net == name && i.ip == ip)
             .find_map(|i| self.member(i))
+            .or_else(|| {
+                self.gateways
+                    .values()
+                    .filter(|g| g.net == name && g.ip == ip)
+                    .find_map(|g| self.gateway_member(g))
+            })
     }
 }
 
@@ -156,10 +184,14 @@ pub struct ViewCache {
     generation: u64,
     /// Every host with a key, in name order (a view leaves out its receiver).
     peers: (u64, Vec<Peer>),
-    /// The members of each net (by name), in instance order.
+    /// The members of each net (by name): its instances' in instance order, then its
+    /// gateways' in name order.
     members: BTreeMap<String, (u64, Vec<Member>)>,
-    /// The nets of each host's instances, by host name.
+    /// The nets of each host's instances and gateways, by host name.
     local: BTreeMap<String, BTreeSet<String>>,
+    /// The gateways of each host (by name), in name order. Made whole on each refresh, as
+    /// services are.
+    gateways: BTreeMap<String, Vec<GatewayView>>,
     /// The services of each net (by name), with their backends, in service name order.
     /// Made whole on each refresh: services are few, and a view's key compares them.
     services: BTreeMap<String, Vec<ServiceView>>,
@@ -173,7 +205,9 @@ pub struct ViewKey {
     /// The generation of each net's members, in the order of `nets`.
     members: Vec<u64>,
     policies: Vec<PolicyRule>,
+    outside: Vec<OutsidePolicy>,
     services: Vec<ServiceView>,
+    gateways: Vec<GatewayView>,
 }
 
 impl ViewCache {
@@ -214,6 +248,7 @@ impl ViewCache {
             self.peers = (self.generation, peers);
         }
         self.services = services_by_net(state);
+        self.gateways = gateways_by_host(state);
 
         // Each net's members against the last push's, in order: how many, and whether one
         // differs.
@@ -239,6 +274,22 @@ impl ViewCache {
             }
             *n += 1;
         }
+        // Then the gateways, which make their host want their net as an instance does.
+        for g in state.gateways.values() {
+            local
+                .entry(g.host.clone())
+                .or_default()
+                .insert(g.net.clone());
+            let Some(m) = state.gateway_member(g) else {
+                continue;
+            };
+            let (n, differs) = counted.entry(g.net.as_str()).or_insert((0, false));
+            if !*differs {
+                let before = self.members.get(&g.net).and_then(|(_, m)| m.get(*n));
+                *differs = before != Some(&m);
+            }
+            *n += 1;
+        }
         self.local = local;
         self.members
             .retain(|net, _| counted.contains_key(net.as_str()));
@@ -257,6 +308,13 @@ impl ViewCache {
             if changed.contains(i.net.as_str()) {
                 if let Some(m) = state.member(i) {
                     members.entry(i.net.as_str()).or_default().push(m);
+                }
+            }
+        }
+        for g in state.gateways.values() {
+            if changed.contains(g.net.as_str()) {
+                if let Some(m) = state.gateway_member(g) {
+                    members.entry(g.net.as_str()).or_default().push(m);
                 }
             }
         }
@@ -303,6 +361,8 @@ impl ViewCache {
             nets,
             members,
             policies: policy_rules(state, &policies),
+            outside: outside_rules(state, &policies),
+            gateways: self.gateways_of(host),
         }
     }
 
@@ -329,9 +389,14 @@ impl ViewCache {
             nets,
             members,
             policies: policy_rules(state, &policies),
-            outside: Vec::new(),
-            gateways: Vec::new(),
+            outside: outside_rules(state, &policies),
+            gateways: self.gateways_of(host),
         }
+    }
+
+    /// The gateways placed on `host`.
+    fn gateways_of(&self, host: &str) -> Vec<GatewayView> {
+        self.gateways.get(host).cloned().unwrap_or_default()
     }
 
     /// The services of `nets`, net by net.
@@ -384,6 +449,28 @@ fn services_by_net(state: &State) -> BTreeMap<String, Vec<ServiceView>> {
     by_net
 }
 
+/// Every gateway as its host's agent serves it, by host name (a gateway whose net is gone
+/// is left out, as its member is).
+fn gateways_by_host(state: &State) -> BTreeMap<String, Vec<GatewayView>> {
+    let mut by_host: BTreeMap<String, Vec<GatewayView>> = BTreeMap::new();
+    for g in state.gateways.values() {
+        let Some(net) = state.nets.get(&g.net) else {
+            continue;
+        };
+        by_host
+            .entry(g.host.clone())
+            .or_default()
+            .push(GatewayView {
+                net: net.id,
+                name: g.name.clone(),
+                ip: g.ip,
+                resolver: g.resolver,
+                public_key: g.public_key.clone(),
+            });
+    }
+    by_host
+}
+
 /// Policies with their nets as ids.
 fn policy_rules(state: &State, policies: &[&Policy]) -> Vec<PolicyRule> {
     let id_of = |name: &str| state.nets.get(name).map(|n| n.id);
@@ -393,6 +480,20 @@ fn policy_rules(state: &State, policies: &[&Policy]) -> Vec<PolicyRule> {
             Some(PolicyRule {
                 from: id_of(&p.from)?,
                 to: id_of(&p.to)?,
+                port: p.port,
+            })
+        })
+        .collect()
+}
+
+/// Policies from outside address ranges, with their nets as ids.
+fn outside_rules(state: &State, policies: &[&Policy]) -> Vec<OutsidePolicy> {
+    policies
+        .iter()
+        .filter_map(|p| {
+            Some(OutsidePolicy {
+                from: p.outside()?,
+                to: state.nets.get(&p.to)?.id,
                 port: p.port,
             })
         })

@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use vane_proto::api::{ClusterConfig, Host, Instance, Net, Policy, Service, Template};
+use vane_proto::api::{ClusterConfig, Gateway, Host, Instance, Net, Policy, Service, Template};
 
 use crate::enroll::{Enrollment, TokenRecord};
 
@@ -28,7 +28,8 @@ const ENROLLMENTS: &str = "enrollments";
 const TEMPLATES: &str = "templates";
 const CREDENTIALS: &str = "credentials";
 const SERVICES: &str = "services";
-const TABLES: [&str; 10] = [
+const GATEWAYS: &str = "gateways";
+const TABLES: [&str; 11] = [
     NETS,
     INSTANCES,
     HOSTS,
@@ -39,6 +40,7 @@ const TABLES: [&str; 10] = [
     TEMPLATES,
     CREDENTIALS,
     SERVICES,
+    GATEWAYS,
 ];
 
 /// Where the store is.
@@ -131,6 +133,7 @@ pub struct Snapshot {
     pub templates: Vec<Template>,
     pub credentials: Vec<crate::auth::CredentialRecord>,
     pub services: Vec<Service>,
+    pub gateways: Vec<Gateway>,
 }
 
 /// Id counters, persisted so that ids are never reused (an id reused for another net would
@@ -217,6 +220,13 @@ impl Record for Service {
     }
 }
 
+impl Record for Gateway {
+    const NAME: &'static str = GATEWAYS;
+    fn key(&self) -> String {
+        self.name.clone()
+    }
+}
+
 impl Store {
     /// Opens the store at `location`: for the embedded one, in `data_dir`.
     pub fn open(location: &StoreLocation, data_dir: &std::path::Path) -> Result<Store, StoreError> {
@@ -276,6 +286,7 @@ impl Store {
             enrollments: decode(take(ENROLLMENTS))?,
             templates: decode(take(TEMPLATES))?,
             services: decode(take(SERVICES))?,
+            gateways: decode(take(GATEWAYS))?,
             credentials: decode(take(CREDENTIALS))?,
         })
     }

@@ -240,3 +240,36 @@ fn store_locations_parse_or_say_what_is_wrong() {
         assert!(err.contains(says), "{bad}: {err}");
     }
 }
+
+/// Gateways are a table of their own: put, loaded again, deleted.
+fn gateways_survive_reopen(location: &StoreLocation, dir: &std::path::Path) {
+    let gateway = Gateway {
+        name: "laptop".into(),
+        net: "red".into(),
+        host: "h1".into(),
+        ip: "10.10.2.7".parse().unwrap(),
+        resolver: "10.10.2.254".parse().unwrap(),
+        public_key: "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=".into(),
+        created: 5,
+    };
+    {
+        let store = Store::open(location, dir).unwrap();
+        let mut b = Batch::default();
+        b.put(&net(1, "red")).put(&gateway);
+        store.commit(&b).unwrap();
+    }
+    let store = Store::open(location, dir).unwrap();
+    assert_eq!(store.load().unwrap().gateways, vec![gateway.clone()]);
+    let mut b = Batch::default();
+    b.delete(&gateway);
+    store.commit(&b).unwrap();
+    assert!(store.load().unwrap().gateways.is_empty());
+}
+
+#[test]
+fn gateways_survive_reopen_in_both_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    gateways_survive_reopen(&StoreLocation::Embedded, dir.path());
+    let etcd = TestEtcd::start();
+    gateways_survive_reopen(&etcd.url("gw").parse().unwrap(), dir.path());
+}

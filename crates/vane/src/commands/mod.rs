@@ -1,6 +1,7 @@
 //! The client commands: each builds a request, sends it, and prints the answer. One file
 //! per kind of object:
 //! - `nets`: nets and the policies between them;
+//! - `gateways`: WireGuard gateways;
 //! - `instances`: run, list, watch, inspect, stop, remove and read instances;
 //! - `exec`: commands inside instances, with input and terminals;
 //! - `moves`: migration, snapshots and restores of instances;
@@ -14,6 +15,7 @@
 use anyhow::{bail, Result};
 
 mod exec;
+mod gateways;
 mod hosts;
 mod instances;
 mod moves;
@@ -23,6 +25,7 @@ mod progress;
 mod templates;
 
 pub use exec::{exec, ExecArgs};
+pub use gateways::gateway;
 pub use hosts::{credential, host};
 pub use instances::{inspect, logs, ps, rm, run, stats, stop, top};
 pub use moves::{migrate, restore, snapshot};

@@ -126,9 +126,30 @@ pub(super) fn limits_summary(l: &Limits) -> String {
     }
 }
 
+/// How long ago `then` was, both Unix seconds, in the largest whole unit (`42s`, `5m`,
+/// `3h`, `2d`).
+pub(super) fn age(now: u64, then: u64) -> String {
+    let s = now.saturating_sub(then);
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{age, one_line};
+
+    #[test]
+    fn ages_are_in_their_largest_whole_unit() {
+        assert_eq!(age(100, 58), "42s");
+        assert_eq!(age(4000, 100), "1h");
+        assert_eq!(age(1000, 100), "15m");
+        assert_eq!(age(3 * 86_400 + 5, 0), "3d");
+        assert_eq!(age(0, 10), "0s");
+    }
 
     #[test]
     fn cells_with_control_characters_stay_on_one_line() {
