@@ -62,4 +62,8 @@ printf '\n# web1 moves to h2 with its address, name and state; clients notice no
 step migrate web1 --to h2
 step exec cli1 -- curl -s http://web1/
 step ps
+
+printf '\n# a machine without vane joins red: a stock WireGuard client (wg-quick) takes this file\n'
+step gateway add laptop --net red --host h1
+step gateway ls
 printf '\nvane is installed as /usr/local/bin/vane. The lab stays up: try more vane commands,\nthen `vane lab down`.\n'
