@@ -76,11 +76,14 @@ impl WgClient {
             .spawn()
             .expect("start wireguard-go");
         client.wireguard = Some(child);
+        // Its device, then its control socket, which `wg` talks to.
+        let socket = format!("/var/run/wireguard/{}.sock", client.device);
         assert!(
             wait_until(Duration::from_secs(5), || Command::new("ip")
                 .args(["-n", &netns, "link", "show", &client.device])
                 .output()
-                .is_ok_and(|o| o.status.success())),
+                .is_ok_and(|o| o.status.success())
+                && std::path::Path::new(&socket).exists()),
             "wireguard-go made no device"
         );
 
