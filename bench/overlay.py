@@ -10,6 +10,10 @@ its two hosts and over the same underlay:
   vane-plaintext  vane instances in a cluster created with --plaintext
   nebula          nebula, when its Debian package is installed
   wireguard-go    wireguard-go with wireguard-tools, when installed
+  vane-gateway    wireguard-go (the stock client, in host 2's namespace, outside vane) to a
+                  vane instance on host 1 through that host's WireGuard gateway
+                  (`vane gateway add`): the same client as wireguard-go, vane's agent as
+                  its peer instead of a second wireguard-go
 
 For each: iperf3 TCP with 1 and 4 streams, UDP with 64-byte payloads (packets per second
 received), ping RTT p50 and p99, and for the overlays run by a userspace daemon (vane's
@@ -42,7 +46,8 @@ UNDERLAY = f"198.18.{OCTET}.0/24"
 H1, H2 = f"198.18.{OCTET}.1", f"198.18.{OCTET}.2"
 NS1, NS2 = f"vane-{LAB}-h1", f"vane-{LAB}-h2"
 CONTROLLER = f"https://198.18.{OCTET}.254:7946"
-ALL_PATHS = ["veth", "kernel-vxlan", "vane", "vane-plaintext", "nebula", "wireguard-go"]
+ALL_PATHS = ["veth", "kernel-vxlan", "vane", "vane-plaintext", "nebula", "wireguard-go",
+             "vane-gateway"]
 BASELINE = "kernel-vxlan"
 
 
@@ -293,6 +298,44 @@ def bench_wireguard_go(bg, duration, tmp):
     return measure("wireguard-go", ns(NS2), "10.97.0.1", duration, pids)
 
 
+def bench_vane_gateway(vane, bg, duration, tmp):
+    if not shutil.which("wireguard-go") or not shutil.which("wg"):
+        return None
+    vane("net", "create", "gwbench", "--subnet", "10.76.0.0/24")
+    vane("run", "--net", "gwbench", "--name", "gsrv", "--host", "h1", "--ip", "10.76.0.1",
+         "--", "iperf3", "-s")
+    private = run(["wg", "genkey"]).strip()
+    public = run(["wg", "pubkey"], input=private).strip()
+    config = vane("gateway", "add", "gclient", "--net", "gwbench", "--host", "h1",
+                  "--public-key", public)
+    value = {}
+    for line in config.splitlines():
+        key, sep, val = line.partition("=")
+        if sep:
+            value[key.strip()] = val.strip()
+    dev = "wgbgw"
+    client = bg.start(ns(NS2, "env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", dev))
+    deadline = time.time() + 5
+    while not os.path.exists(f"/var/run/wireguard/{dev}.sock"):
+        if time.time() > deadline:
+            raise RuntimeError(f"wireguard-go made no device: {bg.failure()}")
+        time.sleep(0.1)
+    key_file = os.path.join(tmp, "wg-gateway.key")
+    with open(key_file, "w") as f:
+        f.write(private)
+    run(ns(NS2, "wg", "set", dev, "private-key", key_file, "peer", value["PublicKey"],
+           "endpoint", value["Endpoint"], "allowed-ips", "10.76.0.0/24",
+           "persistent-keepalive", "25"))
+    run(["ip", "-n", NS2, "addr", "add", value["Address"], "dev", dev])
+    run(["ip", "-n", NS2, "link", "set", dev, "mtu", value.get("MTU", "1420"), "up"])
+    run(["ip", "-n", NS2, "route", "add", "10.76.0.0/24", "dev", dev])
+    try:
+        return measure("vane-gateway", ns(NS2), "10.76.0.1", duration,
+                       [*vane.agent_pids(), client.pid])
+    finally:
+        vane("gateway", "rm", "gclient", check=False)
+
+
 COLUMNS = [
     ("tcp1_gbits", "TCP 1 Gbit/s", "{:.2f}"),
     ("tcp4_gbits", "TCP 4 Gbit/s", "{:.2f}"),
@@ -369,6 +412,8 @@ def main():
                     results[path] = bench_nebula(bg, args.duration, tmp)
                 elif path == "wireguard-go":
                     results[path] = bench_wireguard_go(bg, args.duration, tmp)
+                elif path == "vane-gateway":
+                    results[path] = bench_vane_gateway(vane, bg, args.duration, tmp)
             except RuntimeError as e:
                 log(f"{path}: {e}")
                 results[path] = {"error": str(e)}
