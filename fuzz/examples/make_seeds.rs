@@ -544,6 +544,7 @@ fn control_seeds() {
                     host_id: 2,
                     instance: "i-2".into(),
                     moving_to: Some(1),
+                    gateway: false,
                 }],
                 policies: vec![PolicyRule {
                     from: 1,
@@ -552,6 +553,18 @@ fn control_seeds() {
                         port: 80,
                         proto: Proto::Tcp,
                     }),
+                }],
+                outside: vec![vane_proto::stream::OutsidePolicy {
+                    from: "198.51.100.0/24".parse().unwrap(),
+                    to: 1,
+                    port: None,
+                }],
+                gateways: vec![vane_proto::stream::GatewayView {
+                    net: 1,
+                    name: "laptop".into(),
+                    ip: "10.1.0.9".parse().unwrap(),
+                    resolver: "10.1.0.253".parse().unwrap(),
+                    public_key: "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=".into(),
                 }],
             }),
         ),
@@ -577,6 +590,10 @@ fn control_seeds() {
                 name: "h1".into(),
                 locator: Some("192.0.2.1:7947".parse().unwrap()),
                 public_key: vane_proto::hex::encode(&[9u8; 32]),
+                gateway: Some(vane_proto::api::GatewayEndpoint {
+                    public_key: "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=".into(),
+                    port: 51820,
+                }),
                 auth: HostAuth::Token("vanejoin-abc".into()),
                 instances: vec![report.clone()],
             },
