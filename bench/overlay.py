@@ -49,6 +49,27 @@ CONTROLLER = f"https://198.18.{OCTET}.254:7946"
 ALL_PATHS = ["veth", "kernel-vxlan", "vane", "vane-plaintext", "nebula", "wireguard-go",
              "vane-gateway"]
 BASELINE = "kernel-vxlan"
+# Where the peers' binaries are (bench/overlay.sh points it at trixie's, unpacked by
+# bench/peers.sh); else those on PATH.
+PEERS = os.environ.get("VANE_BENCH_PEERS")
+
+
+def peer(name):
+    """The peer program `name`: from VANE_BENCH_PEERS if it has it, else from PATH."""
+    if PEERS and os.access(os.path.join(PEERS, name), os.X_OK):
+        return os.path.join(PEERS, name)
+    return shutil.which(name)
+
+
+def peer_version(name):
+    """Which build of peer `name` the run measures: its path and what it says it is."""
+    path = peer(name)
+    if not path:
+        return None
+    flag = "-version" if name == "nebula" else "--version"
+    out = subprocess.run([path, flag], capture_output=True, text=True)
+    text = (out.stdout + out.stderr).strip()
+    return f"{path}: {text.splitlines()[0]}" if text else path
 
 
 def log(msg):
@@ -232,15 +253,16 @@ def bench_vane(vane, name, duration):
 
 
 def bench_nebula(bg, duration, tmp):
-    if not shutil.which("nebula") or not shutil.which("nebula-cert"):
+    nebula, nebula_cert = peer("nebula"), peer("nebula-cert")
+    if not nebula or not nebula_cert:
         return None
     d = os.path.join(tmp, "nebula")
     os.makedirs(d)
-    run(["nebula-cert", "ca", "-name", "bench", "-out-crt", f"{d}/ca.crt", "-out-key",
+    run([nebula_cert, "ca", "-name", "bench", "-out-crt", f"{d}/ca.crt", "-out-key",
          f"{d}/ca.key"])
     pids = []
     for i, (netns, under) in enumerate(((NS1, H1), (NS2, H2)), start=1):
-        run(["nebula-cert", "sign", "-ca-crt", f"{d}/ca.crt", "-ca-key", f"{d}/ca.key",
+        run([nebula_cert, "sign", "-ca-crt", f"{d}/ca.crt", "-ca-key", f"{d}/ca.key",
              "-name", f"h{i}", "-ip", f"10.98.0.{i}/24", "-out-crt", f"{d}/h{i}.crt",
              "-out-key", f"{d}/h{i}.key"])
         other = 3 - i
@@ -257,14 +279,15 @@ def bench_nebula(bg, duration, tmp):
         }
         with open(f"{d}/h{i}.yml", "w") as f:
             json.dump(config, f)  # JSON is YAML
-        pids.append(bg.start(ns(netns, "nebula", "-config", f"{d}/h{i}.yml")).pid)
+        pids.append(bg.start(ns(netns, nebula, "-config", f"{d}/h{i}.yml")).pid)
     time.sleep(2)
     iperf_server(bg, NS1)
     return measure("nebula", ns(NS2), "10.98.0.1", duration, pids)
 
 
 def bench_wireguard_go(bg, duration, tmp):
-    if not shutil.which("wireguard-go") or not shutil.which("wg"):
+    wireguard_go = peer("wireguard-go")
+    if not wireguard_go or not shutil.which("wg"):
         return None
     keys = []
     for _ in range(2):
@@ -276,21 +299,23 @@ def bench_wireguard_go(bg, duration, tmp):
         private, _ = keys[i - 1]
         _, peer_public = keys[2 - i]
         other = 3 - i
-        # One name per host: the control socket, /run/wireguard/NAME.sock, is not per
+        # Port 51830: the lab's agents take gateway clients on 51820. One name per host:
+        # the control socket, /run/wireguard/NAME.sock, is not per
         # network namespace.
         dev = f"wgb{i}"
-        pids.append(bg.start(ns(netns, "env", "WG_PROCESS_FOREGROUND=1", "wireguard-go",
+        remove_stale_socket(dev)
+        pids.append(bg.start(ns(netns, "env", "WG_PROCESS_FOREGROUND=1", wireguard_go,
                                 dev)).pid)
         deadline = time.time() + 5
-        while run(["ip", "-n", netns, "link", "show", dev], check=False) == "":
+        while not os.path.exists(f"/var/run/wireguard/{dev}.sock"):
             if time.time() > deadline:
                 raise RuntimeError(f"wireguard-go made no device: {bg.failure()}")
             time.sleep(0.1)
         key_file = os.path.join(tmp, f"wg{i}.key")
         with open(key_file, "w") as f:
             f.write(private)
-        run(ns(netns, "wg", "set", dev, "listen-port", "51820", "private-key", key_file,
-               "peer", peer_public, "endpoint", f"198.18.{OCTET}.{other}:51820",
+        run(ns(netns, "wg", "set", dev, "listen-port", "51830", "private-key", key_file,
+               "peer", peer_public, "endpoint", f"198.18.{OCTET}.{other}:51830",
                "allowed-ips", f"10.97.0.{other}/32"))
         run(["ip", "-n", netns, "addr", "add", f"10.97.0.{i}/24", "dev", dev])
         run(["ip", "-n", netns, "link", "set", dev, "mtu", "1420", "up"])
@@ -298,8 +323,17 @@ def bench_wireguard_go(bg, duration, tmp):
     return measure("wireguard-go", ns(NS2), "10.97.0.1", duration, pids)
 
 
+def remove_stale_socket(dev):
+    """A killed wireguard-go leaves its control socket, which `wg` would try first."""
+    try:
+        os.remove(f"/var/run/wireguard/{dev}.sock")
+    except FileNotFoundError:
+        pass
+
+
 def bench_vane_gateway(vane, bg, duration, tmp):
-    if not shutil.which("wireguard-go") or not shutil.which("wg"):
+    wireguard_go = peer("wireguard-go")
+    if not wireguard_go or not shutil.which("wg"):
         return None
     vane("net", "create", "gwbench", "--subnet", "10.76.0.0/24")
     vane("run", "--net", "gwbench", "--name", "gsrv", "--host", "h1", "--ip", "10.76.0.1",
@@ -314,7 +348,8 @@ def bench_vane_gateway(vane, bg, duration, tmp):
         if sep:
             value[key.strip()] = val.strip()
     dev = "wgbgw"
-    client = bg.start(ns(NS2, "env", "WG_PROCESS_FOREGROUND=1", "wireguard-go", dev))
+    remove_stale_socket(dev)
+    client = bg.start(ns(NS2, "env", "WG_PROCESS_FOREGROUND=1", wireguard_go, dev))
     deadline = time.time() + 5
     while not os.path.exists(f"/var/run/wireguard/{dev}.sock"):
         if time.time() > deadline:
@@ -432,6 +467,8 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     ordered = {p: results.get(p) for p in paths}
+    for name in ("wireguard-go", "nebula"):
+        log(f"{name}: {peer_version(name)}")
     print(table(ordered))
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -443,6 +480,7 @@ def main():
         "cpus": os.cpu_count(),
         "vane_commit": run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                            check=False).strip(),
+        "peers": {name: peer_version(name) for name in ("wireguard-go", "nebula")},
         "results": ordered,
     }
     for name in (f"overlay-{stamp}.json", "overlay-latest.json"):

@@ -109,12 +109,11 @@ impl Gateways {
     ) -> io::Result<Gateways> {
         let socket = listen
             .map(|addr| {
-                mio::net::UdpSocket::bind(addr).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("gateway socket --gateway-listen {addr}: {e}"),
-                    )
-                })
+                let socket = crate::underlay::bind_patiently(addr).map_err(|e| {
+                    io::Error::new(e.kind(), format!("gateway socket (--gateway-listen): {e}"))
+                })?;
+                socket.set_nonblocking(true)?;
+                Ok::<_, io::Error>(mio::net::UdpSocket::from_std(socket))
             })
             .transpose()?;
         let secret = StaticSecret::from(key);

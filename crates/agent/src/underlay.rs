@@ -23,6 +23,29 @@ const BIND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Socket buffers: room for bursts while the thread is busy.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// Binds a UDP socket of the switch's thread at `listen`, with large buffers. An address
+/// in use is tried again for a few seconds: an agent restarted at once finds its
+/// predecessor's socket still bound while the last threads of that process exit.
+pub fn bind_patiently(listen: SocketAddr) -> io::Result<UdpSocket> {
+    let deadline = std::time::Instant::now() + BIND_PATIENCE;
+    let socket = loop {
+        match UdpSocket::bind(listen) {
+            Ok(socket) => break socket,
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("listen on {listen}: {e}"))),
+        }
+    };
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // Best effort: a small buffer only costs drops under bursts.
+        let _ = vane_sys::socket::set_int_option(&socket, libc::SOL_SOCKET, opt, SOCKET_BUFFER);
+    }
+    Ok(socket)
+}
+
 /// Counters of the underlay socket.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UnderlayCounters {
@@ -60,27 +83,9 @@ pub struct Underlay {
 }
 
 impl Underlay {
-    /// Binds the switch's socket. An address in use is tried again for a few seconds: an
-    /// agent restarted at once finds its predecessor's socket still bound while the last
-    /// threads of that process exit.
+    /// Binds the switch's socket (`bind_patiently`).
     pub fn bind(listen: SocketAddr, largest_segment: usize) -> io::Result<Underlay> {
-        let deadline = std::time::Instant::now() + BIND_PATIENCE;
-        let socket = loop {
-            match UdpSocket::bind(listen) {
-                Ok(socket) => break socket,
-                Err(e)
-                    if e.kind() == io::ErrorKind::AddrInUse
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => return Err(io::Error::new(e.kind(), format!("listen on {listen}: {e}"))),
-            }
-        };
-        for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-            // Best effort: a small buffer only costs drops under bursts.
-            let _ = vane_sys::socket::set_int_option(&socket, libc::SOL_SOCKET, opt, SOCKET_BUFFER);
-        }
+        let socket = bind_patiently(listen)?;
         // Without GRO every datagram is read by itself: slower, not wrong.
         let _ = udp::enable_gro(&socket);
         Ok(Underlay {
