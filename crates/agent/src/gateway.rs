@@ -39,8 +39,11 @@ use crate::dns;
 /// How often each gateway's timers run (handshake retries, keepalives, expiry), as
 /// boringtun's own device does.
 const TICK: Duration = Duration::from_millis(250);
-/// Handshake initiations a second the host takes before it answers with cookies.
-const HANDSHAKES_PER_SECOND: u64 = 100;
+/// Handshake initiations a second the host takes before it answers with cookies: 100,
+/// each counted twice (checked once before its gateway is known, and again by its `Tunn`).
+const HANDSHAKES_PER_SECOND: u64 = 200;
+/// Length of a cookie reply.
+const COOKIE_REPLY_LEN: usize = 64;
 /// The type of a handshake response, the first byte of its message.
 const HANDSHAKE_RESPONSE: u8 = 2;
 /// WireGuard's overhead on a packet it carries: its data header and tag.
@@ -247,21 +250,34 @@ impl Gateways {
     }
 
     fn open(&mut self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) -> Opened {
-        let port = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(init)) => {
-                parse_handshake_anon(&self.secret, &self.public, &init)
-                    .ok()
-                    .and_then(|half| {
-                        self.peers
-                            .iter()
-                            .find(|(_, p)| p.gateway.client_key == half.peer_static_public)
-                            .map(|(port, _)| *port)
-                    })
+        // A handshake's MAC, and under load its cookie, are checked before the DH that
+        // names its gateway: a flood of initiations costs a keyed hash each, not a DH.
+        let mut cookie = [0u8; COOKIE_REPLY_LEN];
+        let packet = match self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(packet) => packet,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                if let Some(socket) = self.socket.as_ref() {
+                    let _ = socket.send_to(reply, from);
+                }
+                return Opened::Nothing;
             }
-            Ok(Packet::HandshakeResponse(p)) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Ok(Packet::PacketCookieReply(p)) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Ok(Packet::PacketData(p)) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
-            Err(_) => None,
+            Err(_) => return Opened::Nothing,
+        };
+        let port = match packet {
+            Packet::HandshakeInit(init) => parse_handshake_anon(&self.secret, &self.public, &init)
+                .ok()
+                .and_then(|half| {
+                    self.peers
+                        .iter()
+                        .find(|(_, p)| p.gateway.client_key == half.peer_static_public)
+                        .map(|(port, _)| *port)
+                }),
+            Packet::HandshakeResponse(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::PacketCookieReply(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::PacketData(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
         };
         let Some(port) = port else {
             return Opened::Nothing;
@@ -629,6 +645,43 @@ mod tests {
         garbage.send_to(&[4, 0, 0, 0, 1, 1, 0, 0], addr).unwrap();
         garbage.send_to(&[0xff; 200], addr).unwrap();
         assert!(drain(&mut gateways, Duration::from_millis(100)).is_empty());
+    }
+
+    /// A flood of handshake initiations from a key no gateway has, each with a valid MAC
+    /// (anyone with a client configuration knows the host's public key): past the rate,
+    /// the host answers with cookies, so it does no DH work for them.
+    #[test]
+    fn a_flood_of_handshakes_gets_cookies() {
+        let (host_key, client_key) = ([1u8; 32], [2u8; 32]);
+        let (mut gateways, addr) = bound(host_key);
+        let client_public = *PublicKey::from(&StaticSecret::from(client_key)).as_bytes();
+        gateways.apply(vec![gateway(40, client_public)]);
+        let mut stranger = Client::new([3u8; 32], host_key, addr);
+        let mut init = vec![0u8; 256];
+        for _ in 0..300 {
+            // A new initiation each time, as a flood would send.
+            let mut tunn = Tunn::new(
+                StaticSecret::from([3u8; 32]),
+                PublicKey::from(&StaticSecret::from(host_key)),
+                None,
+                None,
+                1,
+                None,
+            );
+            if let TunnResult::WriteToNetwork(d) =
+                tunn.format_handshake_initiation(&mut init, false)
+            {
+                stranger.socket.send_to(d, addr).unwrap();
+            }
+        }
+        drain(&mut gateways, Duration::from_millis(200));
+        let mut datagram = [0u8; 512];
+        let mut cookies = 0;
+        while let Ok((n, _)) = stranger.socket.recv_from(&mut datagram) {
+            assert_eq!((n, datagram[0]), (COOKIE_REPLY_LEN, 3), "only cookies");
+            cookies += 1;
+        }
+        assert!(cookies >= 100, "{cookies} cookies");
     }
 
     #[test]
