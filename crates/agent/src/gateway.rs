@@ -656,7 +656,7 @@ mod tests {
         let (mut gateways, addr) = bound(host_key);
         let client_public = *PublicKey::from(&StaticSecret::from(client_key)).as_bytes();
         gateways.apply(vec![gateway(40, client_public)]);
-        let mut stranger = Client::new([3u8; 32], host_key, addr);
+        let stranger = Client::new([3u8; 32], host_key, addr);
         let mut init = vec![0u8; 256];
         for _ in 0..300 {
             // A new initiation each time, as a flood would send.
