@@ -150,10 +150,10 @@ impl Dataplane {
             UNDERLAY,
             Interest::READABLE,
         )?;
-        let mut gateways = cfg.gateways;
-        if let Some(socket) = gateways.socket() {
+        let gateways = cfg.gateways;
+        if let Some(fd) = gateways.raw_fd() {
             poll.registry()
-                .register(socket, GATEWAYS, Interest::READABLE)?;
+                .register(&mut SourceFd(&fd), GATEWAYS, Interest::READABLE)?;
         }
         let mut worker = Worker {
             throttled: None,
@@ -383,6 +383,7 @@ impl Worker {
             }
             // What this turn sealed leaves before the thread waits again.
             self.underlay.flush();
+            self.gateways.flush();
         }
     }
 
@@ -548,29 +549,45 @@ impl Worker {
                 .handle_device_packet(&mut io!(self, false), source, &mut buf[..n], now);
             if std::mem::take(&mut self.lone) {
                 self.underlay.flush();
+                self.gateways.flush();
             }
         }
         false
     }
 
-    /// Reads up to `BATCH` datagrams from WireGuard clients and hands the packets in them
-    /// to the node, as read from their gateways' ports. Returns whether it was drained.
-    fn service_gateways(&mut self, datagram: &mut [u8], device: &mut [u8]) -> bool {
+    /// Reads up to `BATCH` batches of receptions (runs of datagrams) from WireGuard
+    /// clients and hands the packets in them to the node, as read from their gateways'
+    /// ports. Returns whether the socket was drained.
+    fn service_gateways(&mut self, datagrams: &mut [u8], device: &mut [u8]) -> bool {
+        let mut received = [vane_sys::udp::Received {
+            len: 0,
+            from: SocketAddr::from(([0, 0, 0, 0], 0)),
+            segment: 0,
+        }; vane_sys::udp::RECV_SLOTS];
         for _ in 0..BATCH {
-            let Some(opened) = self.gateways.receive(datagram, device) else {
+            let n = self.gateways.recv(datagrams, &mut received);
+            if n == 0 {
                 return true;
-            };
-            if let Opened::Packet { port, len } = opened {
-                vane_wire::vnet::VnetHdr::PLAIN.write(device);
-                let now = self.now;
-                self.node.handle_device_packet(
-                    &mut io!(self, false),
-                    Source::Port(port),
-                    &mut device[..VNET_HDR_LEN + len],
-                    now,
-                );
-                if std::mem::take(&mut self.lone) {
-                    self.underlay.flush();
+            }
+            for (i, r) in received[..n].iter().enumerate() {
+                let run = &datagrams[i * MAX_DATAGRAM..][..r.len];
+                for datagram in run.chunks(r.segment.max(1)) {
+                    let Opened::Packet { port, len } = self.gateways.open(datagram, r.from, device)
+                    else {
+                        continue;
+                    };
+                    vane_wire::vnet::VnetHdr::PLAIN.write(device);
+                    let now = self.now;
+                    self.node.handle_device_packet(
+                        &mut io!(self, false),
+                        Source::Port(port),
+                        &mut device[..VNET_HDR_LEN + len],
+                        now,
+                    );
+                    if std::mem::take(&mut self.lone) {
+                        self.underlay.flush();
+                        self.gateways.flush();
+                    }
                 }
             }
         }

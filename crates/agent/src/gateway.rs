@@ -35,6 +35,7 @@ use vane_wire::vnet::{complete_checksum, TcpSegments, VnetHdr, VNET_HDR_LEN};
 use vane_wire::{ipv4_checksum, ipv4_l4_checksum, PROTO_UDP};
 
 use crate::dns;
+use crate::underlay::Underlay;
 
 /// How often each gateway's timers run (handshake retries, keepalives, expiry), as
 /// boringtun's own device does.
@@ -42,6 +43,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// Handshake initiations a second the host takes before it answers with cookies: 100,
 /// each counted twice (checked once before its gateway is known, and again by its `Tunn`).
 const HANDSHAKES_PER_SECOND: u64 = 200;
+/// Length of a handshake initiation.
+const HANDSHAKE_INIT_LEN: usize = 148;
 /// Length of a cookie reply.
 const COOKIE_REPLY_LEN: usize = 64;
 /// The type of a handshake response, the first byte of its message.
@@ -78,7 +81,8 @@ struct Peer {
 
 /// The gateways of this host and their socket.
 pub(crate) struct Gateways {
-    socket: Option<mio::net::UdpSocket>,
+    /// The socket, batched as the underlay's is: GRO in, GSO out.
+    socket: Option<Underlay>,
     secret: StaticSecret,
     public: PublicKey,
     limiter: Arc<RateLimiter>,
@@ -105,18 +109,18 @@ pub(crate) enum Opened {
 impl Gateways {
     /// The gateways' socket bound at `listen` (none: this host takes no clients), keyed
     /// with the host's gateway key.
+    /// `largest`: the longest datagram the underlay carries unfragmented.
     pub(crate) fn bind(
         listen: Option<SocketAddr>,
+        largest: usize,
         key: [u8; 32],
         names: dns::Names,
     ) -> io::Result<Gateways> {
         let socket = listen
             .map(|addr| {
-                let socket = crate::underlay::bind_patiently(addr).map_err(|e| {
+                Underlay::bind(addr, largest).map_err(|e| {
                     io::Error::new(e.kind(), format!("gateway socket (--gateway-listen): {e}"))
-                })?;
-                socket.set_nonblocking(true)?;
-                Ok::<_, io::Error>(mio::net::UdpSocket::from_std(socket))
+                })
             })
             .transpose()?;
         let secret = StaticSecret::from(key);
@@ -145,8 +149,25 @@ impl Gateways {
         base64::engine::general_purpose::STANDARD.encode(public.as_bytes())
     }
 
-    pub(crate) fn socket(&mut self) -> Option<&mut mio::net::UdpSocket> {
-        self.socket.as_mut()
+    /// The socket's descriptor, to wait on.
+    pub(crate) fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.socket.as_ref().map(Underlay::raw_fd)
+    }
+
+    /// Receives what waits, as runs of datagrams (`Underlay::recv`); 0 when nothing does.
+    pub(crate) fn recv(
+        &mut self,
+        buf: &mut [u8],
+        out: &mut [vane_sys::udp::Received; vane_sys::udp::RECV_SLOTS],
+    ) -> usize {
+        self.socket.as_mut().map_or(0, |s| s.recv(buf, out))
+    }
+
+    /// Sends what was sealed for the clients since the last flush.
+    pub(crate) fn flush(&mut self) {
+        if let Some(socket) = self.socket.as_mut() {
+            socket.flush();
+        }
     }
 
     /// Serves exactly `wanted`: a gateway that left, or whose key, net or address changed,
@@ -221,35 +242,22 @@ impl Gateways {
             return;
         }
         self.next_tick = now + TICK;
-        let Some(socket) = self.socket.as_ref() else {
+        let Some(socket) = self.socket.as_mut() else {
             return;
         };
         for peer in self.peers.values_mut() {
             if let TunnResult::WriteToNetwork(datagram) = peer.tunn.update_timers(&mut self.sealed)
             {
                 if let Some(to) = peer.endpoint {
-                    let _ = socket.send_to(datagram, to);
+                    socket.send_now(datagram, to);
                 }
             }
         }
     }
 
-    /// Receives one datagram into `datagram` and opens it: its packet, if any, is left
-    /// behind `VNET_HDR_LEN` bytes of `out`. `None` when the socket has nothing more.
-    pub(crate) fn receive(&mut self, datagram: &mut [u8], out: &mut [u8]) -> Option<Opened> {
-        let socket = self.socket.as_ref()?;
-        let (n, from) = match socket.recv_from(datagram) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-            Err(e) => {
-                tracing::debug!("gateway socket: {e}");
-                return Some(Opened::Nothing);
-            }
-        };
-        Some(self.open(&datagram[..n], from, out))
-    }
-
-    fn open(&mut self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) -> Opened {
+    /// Opens a datagram from `from`: its packet, if any, is left behind `VNET_HDR_LEN`
+    /// bytes of `out`.
+    pub(crate) fn open(&mut self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) -> Opened {
         // A handshake's MAC, and under load its cookie, are checked before the DH that
         // names its gateway: a flood of initiations costs a keyed hash each, not a DH.
         let mut cookie = [0u8; COOKIE_REPLY_LEN];
@@ -259,8 +267,8 @@ impl Gateways {
         {
             Ok(packet) => packet,
             Err(TunnResult::WriteToNetwork(reply)) => {
-                if let Some(socket) = self.socket.as_ref() {
-                    let _ = socket.send_to(reply, from);
+                if let Some(socket) = self.socket.as_mut() {
+                    socket.send_now(reply, from);
                 }
                 return Opened::Nothing;
             }
@@ -282,7 +290,7 @@ impl Gateways {
         let Some(port) = port else {
             return Opened::Nothing;
         };
-        let (Some(socket), Some(peer)) = (self.socket.as_ref(), self.peers.get_mut(&port)) else {
+        let (Some(socket), Some(peer)) = (self.socket.as_mut(), self.peers.get_mut(&port)) else {
             return Opened::Nothing;
         };
         let inner = &mut out[VNET_HDR_LEN..];
@@ -294,12 +302,12 @@ impl Gateways {
                 if reply.first() == Some(&HANDSHAKE_RESPONSE) {
                     peer.endpoint = Some(from);
                 }
-                let _ = socket.send_to(reply, from);
+                socket.send_now(reply, from);
                 // Packets that waited for the session go now.
                 while let TunnResult::WriteToNetwork(queued) =
                     peer.tunn.decapsulate(None, &[], &mut self.sealed)
                 {
-                    let _ = socket.send_to(queued, from);
+                    socket.send_now(queued, from);
                 }
                 Opened::Nothing
             }
@@ -314,7 +322,7 @@ impl Gateways {
                         if let Some(answer) = dns::answer_datagram(&self.names, names_client, query)
                         {
                             let reply = udp_packet((peer.gateway.resolver, 53), client, &answer);
-                            send_sealed(socket, peer, &reply, &mut self.sealed);
+                            send_sealed(socket, peer, &reply);
                         }
                     }
                     return Opened::Nothing;
@@ -333,7 +341,7 @@ impl Gateways {
     /// `port`, to its client: whole packets only, so a large segment is cut and partial
     /// checksums are finished first. Dropped while the client has not been heard from.
     pub(crate) fn send(&mut self, port: PortId, packet: &[u8]) {
-        let (Some(socket), Some(peer)) = (self.socket.as_ref(), self.peers.get_mut(&port)) else {
+        let (Some(socket), Some(peer)) = (self.socket.as_mut(), self.peers.get_mut(&port)) else {
             return;
         };
         if peer.endpoint.is_none() {
@@ -352,7 +360,7 @@ impl Gateways {
                 if let Some(partial) = &partial {
                     complete_checksum(&mut self.piece[..len], partial);
                 }
-                send_sealed(socket, peer, &self.piece[..len], &mut self.sealed);
+                send_sealed(socket, peer, &self.piece[..len]);
             }
         } else if hdr.needs_csum() {
             let Some(piece) = self.piece.get_mut(..packet.len()) else {
@@ -360,21 +368,24 @@ impl Gateways {
             };
             piece.copy_from_slice(packet);
             complete_checksum(piece, &hdr);
-            send_sealed(socket, peer, piece, &mut self.sealed);
+            send_sealed(socket, peer, piece);
         } else {
-            send_sealed(socket, peer, packet, &mut self.sealed);
+            send_sealed(socket, peer, packet);
         }
     }
 }
 
-/// Seals `packet` for `peer`'s client and sends it to where the client last wrote from.
-fn send_sealed(socket: &mio::net::UdpSocket, peer: &mut Peer, packet: &[u8], sealed: &mut [u8]) {
+/// Seals `packet` for `peer`'s client into the socket's batch, for where the client last
+/// wrote from. Sent at the end of the switch thread's turn (or sooner, as the batch fills).
+fn send_sealed(socket: &mut Underlay, peer: &mut Peer, packet: &[u8]) {
     let Some(to) = peer.endpoint else {
         return;
     };
-    if let TunnResult::WriteToNetwork(datagram) = peer.tunn.encapsulate(packet, sealed) {
-        // A full socket buffer drops the packet, as a full link would.
-        let _ = socket.send_to(datagram, to);
+    // Room for the sealed packet, or for the handshake that starts a session.
+    let slot = socket.slot(to, (packet.len() + OVERHEAD).max(HANDSHAKE_INIT_LEN));
+    if let TunnResult::WriteToNetwork(datagram) = peer.tunn.encapsulate(packet, slot) {
+        let n = datagram.len();
+        socket.commit(n);
     }
 }
 
@@ -551,26 +562,41 @@ mod tests {
         }
     }
 
-    /// Everything the gateways' socket has within `wait`, opened: the packets for the switch.
+    /// Everything the gateways' socket has within `wait`, opened (as the switch's thread
+    /// does, run by run): the packets for the switch.
     fn drain(gateways: &mut Gateways, wait: Duration) -> Vec<(PortId, Vec<u8>)> {
-        let mut datagram = vec![0; MAX_DATAGRAM];
+        use vane_sys::udp::{Received, RECV_SLOTS};
+        let mut datagrams = vec![0; crate::underlay::MAX_DATAGRAM * RECV_SLOTS];
+        let mut received = [Received {
+            len: 0,
+            from: SocketAddr::from(([0, 0, 0, 0], 0)),
+            segment: 0,
+        }; RECV_SLOTS];
         let mut out = vec![0; VNET_HDR_LEN + 65535];
         let mut packets = Vec::new();
         let until = Instant::now() + wait;
         while Instant::now() < until {
-            match gateways.receive(&mut datagram, &mut out) {
-                Some(Opened::Packet { port, len }) => {
-                    packets.push((port, out[VNET_HDR_LEN..VNET_HDR_LEN + len].to_vec()))
-                }
-                Some(Opened::Nothing) => {}
-                None => std::thread::sleep(Duration::from_millis(2)),
+            let n = gateways.recv(&mut datagrams, &mut received);
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(2));
             }
+            for (i, r) in received[..n].iter().enumerate() {
+                let run = &datagrams[i * crate::underlay::MAX_DATAGRAM..][..r.len];
+                for datagram in run.chunks(r.segment.max(1)) {
+                    if let Opened::Packet { port, len } = gateways.open(datagram, r.from, &mut out)
+                    {
+                        packets.push((port, out[VNET_HDR_LEN..VNET_HDR_LEN + len].to_vec()));
+                    }
+                }
+            }
+            gateways.flush();
         }
         packets
     }
 
     fn bound(key: [u8; 32]) -> (Gateways, SocketAddr) {
-        let gateways = Gateways::bind(Some("127.0.0.1:0".parse().unwrap()), key, names()).unwrap();
+        let gateways =
+            Gateways::bind(Some("127.0.0.1:0".parse().unwrap()), 1472, key, names()).unwrap();
         let addr = gateways.socket.as_ref().unwrap().local_addr().unwrap();
         (gateways, addr)
     }
@@ -611,6 +637,7 @@ mod tests {
         VnetHdr::partial_for(&partial).unwrap().write(&mut framed);
         framed.extend_from_slice(&partial);
         gateways.send(PortId(40), &framed);
+        gateways.flush();
         assert_eq!(client.receive().as_deref(), Some(&reply[..]));
 
         // Removed: cut at once.

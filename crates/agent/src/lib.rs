@@ -171,7 +171,13 @@ pub async fn run(
     let dns = dns::Resolver::new(dns::upstreams(
         &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
     ));
-    let gateways = gateway::Gateways::bind(cfg.gateway_listen, identity.gateway_key, dns.names())?;
+    let gateways = gateway::Gateways::bind(
+        cfg.gateway_listen,
+        // The longest datagram the underlay carries whole, as for the tunnels.
+        max_inner_packet + netconf::ENCAPSULATION - 28,
+        identity.gateway_key,
+        dns.names(),
+    )?;
     let dataplane = Dataplane::start(DataplaneConfig {
         switch: switch_cfg.clone(),
         listen: cfg.listen,

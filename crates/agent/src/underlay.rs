@@ -107,6 +107,11 @@ impl Underlay {
         self.socket.as_raw_fd()
     }
 
+    #[cfg(test)]
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
     /// Room for the next datagram to `to`, of at most `max` bytes. Sends the batch first
     /// when the datagram cannot join it. Follow with [`Underlay::commit`] to queue it, or
     /// with nothing to drop it.
