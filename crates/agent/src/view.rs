@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use vane_proto::api::InstanceState;
 use vane_proto::stream::AgentView;
-use vane_switch::{L4Proto, NetConfig, OutsideRule, PolicyRule, PortId, ServiceConfig};
-
 use vane_proto::validate;
+use vane_switch::{L4Proto, NetConfig, OutsideRule, PolicyRule, PortId, ServiceConfig};
 
 use crate::dataplane::{Command, PeerInfo};
 use crate::gateway::GatewayPort;
