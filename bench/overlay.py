@@ -465,6 +465,8 @@ def main():
         bg.stop()
         vane.lab_down()
         shutil.rmtree(tmp, ignore_errors=True)
+        for dev in ("wgb1", "wgb2", "wgbgw"):
+            remove_stale_socket(dev)
 
     ordered = {p: results.get(p) for p in paths}
     for name in ("wireguard-go", "nebula"):

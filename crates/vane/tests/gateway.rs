@@ -198,6 +198,8 @@ impl WgClient {
             .args(["netns", "del", &self.netns])
             .output();
         let _ = std::fs::remove_dir_all(format!("/etc/netns/{}", self.netns));
+        // Only if no other namespace has files there.
+        let _ = std::fs::remove_dir("/etc/netns");
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.device));
     }
 }
