@@ -31,7 +31,7 @@ use vane_wire::vnet::VNET_HDR_LEN;
 pub use vane_node::{PeerInfo, MISS_ADDRESSES};
 
 use crate::gateway::{GatewayPort, Gateways, Opened};
-use crate::underlay::{Underlay, MAX_DATAGRAM};
+use crate::underlay::{self, Underlay, MAX_DATAGRAM};
 
 const WAKER: Token = Token(usize::MAX);
 const EGRESS: Token = Token(usize::MAX - 1);
@@ -382,9 +382,14 @@ impl Worker {
                 let _ = self.lookups.try_send(lookup);
             }
             // What this turn sealed leaves before the thread waits again.
-            self.underlay.flush();
-            self.gateways.flush();
+            self.flush();
         }
+    }
+
+    /// Sends what the turn queued on both sockets: the tunnels' and the gateways'.
+    fn flush(&mut self) {
+        self.underlay.flush();
+        self.gateways.flush();
     }
 
     /// Applies queued commands; false when the agent side is gone.
@@ -548,8 +553,7 @@ impl Worker {
             self.node
                 .handle_device_packet(&mut io!(self, false), source, &mut buf[..n], now);
             if std::mem::take(&mut self.lone) {
-                self.underlay.flush();
-                self.gateways.flush();
+                self.flush();
             }
         }
         false
@@ -559,19 +563,14 @@ impl Worker {
     /// clients and hands the packets in them to the node, as read from their gateways'
     /// ports. Returns whether the socket was drained.
     fn service_gateways(&mut self, datagrams: &mut [u8], device: &mut [u8]) -> bool {
-        let mut received = [vane_sys::udp::Received {
-            len: 0,
-            from: SocketAddr::from(([0, 0, 0, 0], 0)),
-            segment: 0,
-        }; vane_sys::udp::RECV_SLOTS];
+        let mut received = underlay::receptions();
         for _ in 0..BATCH {
             let n = self.gateways.recv(datagrams, &mut received);
             if n == 0 {
                 return true;
             }
             for (i, r) in received[..n].iter().enumerate() {
-                let run = &datagrams[i * MAX_DATAGRAM..][..r.len];
-                for datagram in run.chunks(r.segment.max(1)) {
+                for datagram in underlay::datagrams_of(datagrams, i, r) {
                     let Opened::Packet { port, len } = self.gateways.open(datagram, r.from, device)
                     else {
                         continue;
@@ -585,8 +584,7 @@ impl Worker {
                         now,
                     );
                     if std::mem::take(&mut self.lone) {
-                        self.underlay.flush();
-                        self.gateways.flush();
+                        self.flush();
                     }
                 }
             }
@@ -597,11 +595,7 @@ impl Worker {
     /// Reads up to `BATCH` batches of receptions (runs of datagrams) from the underlay and
     /// hands each datagram to the node. Returns whether it was drained.
     fn service_underlay(&mut self, datagrams: &mut [u8], device: &mut [u8]) -> bool {
-        let mut received = [vane_sys::udp::Received {
-            len: 0,
-            from: SocketAddr::from(([0, 0, 0, 0], 0)),
-            segment: 0,
-        }; vane_sys::udp::RECV_SLOTS];
+        let mut received = underlay::receptions();
         for _ in 0..BATCH {
             let n = self.underlay.recv(datagrams, &mut received);
             if n == 0 {
@@ -609,15 +603,9 @@ impl Worker {
             }
             let now = self.now;
             for (i, r) in received[..n].iter().enumerate() {
-                let base = i * MAX_DATAGRAM;
-                let segment = r.segment.max(1);
-                let mut at = 0;
-                while at < r.len {
-                    let end = (at + segment).min(r.len);
-                    let datagram = &mut datagrams[base + at..base + end];
+                for datagram in underlay::datagrams_of(datagrams, i, r) {
                     self.node
                         .handle_datagram(&mut io!(self, true), datagram, r.from, now);
-                    at = end;
                 }
                 // A run is one sender's: what it merged goes out before the next run's.
                 self.node.flush_coalesced(&mut io!(self, true));

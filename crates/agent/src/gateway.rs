@@ -137,7 +137,7 @@ impl Gateways {
             next_tick: now + TICK,
             next_reset: now + Duration::from_secs(1),
             names,
-            sealed: vec![0; MAX_DATAGRAM + 148],
+            sealed: vec![0; MAX_DATAGRAM + HANDSHAKE_INIT_LEN],
             piece: vec![0; 65535],
         })
     }
@@ -155,11 +155,7 @@ impl Gateways {
     }
 
     /// Receives what waits, as runs of datagrams (`Underlay::recv`); 0 when nothing does.
-    pub(crate) fn recv(
-        &mut self,
-        buf: &mut [u8],
-        out: &mut [vane_sys::udp::Received; vane_sys::udp::RECV_SLOTS],
-    ) -> usize {
+    pub(crate) fn recv(&mut self, buf: &mut [u8], out: &mut crate::underlay::Receptions) -> usize {
         self.socket.as_mut().map_or(0, |s| s.recv(buf, out))
     }
 
@@ -526,7 +522,7 @@ mod tests {
                 tunn: Tunn::new(StaticSecret::from(secret), host_public, None, None, 1, None),
                 socket,
                 to,
-                buf: vec![0; MAX_DATAGRAM + 148],
+                buf: vec![0; MAX_DATAGRAM + HANDSHAKE_INIT_LEN],
             }
         }
 
@@ -565,13 +561,8 @@ mod tests {
     /// Everything the gateways' socket has within `wait`, opened (as the switch's thread
     /// does, run by run): the packets for the switch.
     fn drain(gateways: &mut Gateways, wait: Duration) -> Vec<(PortId, Vec<u8>)> {
-        use vane_sys::udp::{Received, RECV_SLOTS};
-        let mut datagrams = vec![0; crate::underlay::MAX_DATAGRAM * RECV_SLOTS];
-        let mut received = [Received {
-            len: 0,
-            from: SocketAddr::from(([0, 0, 0, 0], 0)),
-            segment: 0,
-        }; RECV_SLOTS];
+        let mut datagrams = vec![0; crate::underlay::MAX_DATAGRAM * vane_sys::udp::RECV_SLOTS];
+        let mut received = crate::underlay::receptions();
         let mut out = vec![0; VNET_HDR_LEN + 65535];
         let mut packets = Vec::new();
         let until = Instant::now() + wait;
@@ -581,8 +572,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(2));
             }
             for (i, r) in received[..n].iter().enumerate() {
-                let run = &datagrams[i * crate::underlay::MAX_DATAGRAM..][..r.len];
-                for datagram in run.chunks(r.segment.max(1)) {
+                for datagram in crate::underlay::datagrams_of(&mut datagrams, i, r) {
                     if let Opened::Packet { port, len } = gateways.open(datagram, r.from, &mut out)
                     {
                         packets.push((port, out[VNET_HDR_LEN..VNET_HDR_LEN + len].to_vec()));

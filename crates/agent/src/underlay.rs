@@ -11,6 +11,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::slice::ChunksMut;
 
 use vane_sys::udp;
 
@@ -44,6 +45,20 @@ pub fn bind_patiently(listen: SocketAddr) -> io::Result<UdpSocket> {
         let _ = vane_sys::socket::set_int_option(&socket, libc::SOL_SOCKET, opt, SOCKET_BUFFER);
     }
     Ok(socket)
+}
+
+/// The slots [`Underlay::recv`] fills in.
+pub type Receptions = [udp::Received; udp::RECV_SLOTS];
+
+/// Empty slots for [`Underlay::recv`].
+pub fn receptions() -> Receptions {
+    [udp::Received::NONE; udp::RECV_SLOTS]
+}
+
+/// The datagrams of reception `i` of an [`Underlay::recv`] into `buf`: its run, cut at the
+/// size its sender's datagrams had.
+pub fn datagrams_of<'b>(buf: &'b mut [u8], i: usize, r: &udp::Received) -> ChunksMut<'b, u8> {
+    buf[i * MAX_DATAGRAM..][..r.len].chunks_mut(r.segment.max(1))
 }
 
 /// Counters of the underlay socket.
@@ -202,7 +217,7 @@ impl Underlay {
 
     /// Receives without blocking, up to [`udp::RECV_SLOTS`] receptions in one call, the
     /// `i`-th into `buf[i * MAX_DATAGRAM..]`; 0 when nothing waits.
-    pub fn recv(&mut self, buf: &mut [u8], out: &mut [udp::Received; udp::RECV_SLOTS]) -> usize {
+    pub fn recv(&mut self, buf: &mut [u8], out: &mut Receptions) -> usize {
         let slots = if self.bulk { 1 } else { udp::RECV_SLOTS };
         let len = (slots * MAX_DATAGRAM).min(buf.len());
         let buf = &mut buf[..len];

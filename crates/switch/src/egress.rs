@@ -45,11 +45,7 @@ impl Switch {
             return;
         }
         for (proto, dst) in published {
-            let proto = match proto {
-                crate::L4Proto::Tcp => PROTO_TCP,
-                crate::L4Proto::Udp => PROTO_UDP,
-            };
-            self.published.insert((port, proto, *dst), ());
+            self.published.insert((port, proto.number(), *dst), ());
         }
     }
 

@@ -97,6 +97,15 @@ pub struct Received {
     pub segment: usize,
 }
 
+impl Received {
+    /// Nothing received: what a slot holds before [`recv_many`] fills it.
+    pub const NONE: Received = Received {
+        len: 0,
+        from: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+        segment: 0,
+    };
+}
+
 /// Receives one datagram, or several of one sender coalesced by `UDP_GRO`, into `buf`,
 /// waiting for one if the socket is blocking.
 pub fn recv(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Received> {
@@ -287,11 +296,7 @@ mod tests {
             .collect();
         let slot = 256;
         let mut buf = vec![0u8; slot * RECV_SLOTS];
-        let mut out = [Received {
-            len: 0,
-            from: rx.local_addr().unwrap(),
-            segment: 0,
-        }; RECV_SLOTS];
+        let mut out = [Received::NONE; RECV_SLOTS];
         assert_eq!(recv_many(&rx, &mut buf, slot, &mut out).unwrap(), 0);
         for (i, s) in senders.iter().enumerate() {
             s.send_to(&vec![i as u8; 10 + i], rx.local_addr().unwrap())
