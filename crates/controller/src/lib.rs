@@ -256,34 +256,23 @@ impl Controller {
     /// anything is frozen: what they sent before reaches the instance still running.
     async fn freeze(&self, id: &str, to: &str) {
         self.state().freeze(id, to);
-        self.push_views();
-        let senders: Vec<String> = {
-            let s = self.state();
-            let mut parts = state::ViewCache::default();
-            parts.refresh(&s);
-            match s.instances.get(id) {
-                Some(i) => self
-                    .streams
-                    .connected()
-                    .into_iter()
-                    .filter(|h| parts.wants(&s, h, &i.net))
-                    .collect(),
-                None => Vec::new(),
-            }
-        };
-        let synced = senders
-            .iter()
-            .map(|h| self.agents.request(h, AgentRequest::Sync));
-        let _ = tokio::time::timeout(SYNC_LIMIT, futures_util::future::join_all(synced)).await;
+        self.push_views_and_wait(id).await;
     }
 
     /// Pushes views, and returns once every connected host that sees the net of instance
     /// `id` has applied its view (or `SYNC_LIMIT` has passed): a service member no longer
     /// listed as a backend is then chosen by no switch for new flows.
     async fn drain(&self, id: &str) {
+        self.push_views_and_wait(id).await;
+    }
+
+    /// Pushes views, then waits (up to `SYNC_LIMIT`) until every connected host whose view
+    /// has the net of instance `id` has applied its own.
+    async fn push_views_and_wait(&self, id: &str) {
         self.push_views();
         let hosts: Vec<String> = {
             let s = self.state();
+            // Refreshed by `push_views` just now.
             let cache = self.views.lock().expect("views lock");
             match s.instances.get(id) {
                 Some(i) => self

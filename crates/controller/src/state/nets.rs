@@ -68,42 +68,43 @@ impl State {
 
     pub fn remove_net(&mut self, name: &str) -> Result<Batch, ApiError> {
         let net = self.net(name)?.clone();
-        let users: Vec<&str> = self
-            .instances
-            .values()
-            .filter(|i| i.net == net.name)
-            .map(|i| i.name.as_str())
-            .collect();
-        if !users.is_empty() {
-            return Err(ApiError::Conflict(format!(
-                "net {name:?} is used by instances: {}",
-                users.join(", ")
-            )));
-        }
-        let services: Vec<&str> = self
-            .services
-            .values()
-            .filter(|s| s.net == net.name)
-            .map(|s| s.name.as_str())
-            .collect();
-        if !services.is_empty() {
-            return Err(ApiError::Conflict(format!(
-                "net {name:?} has services: {} (vane service rm)",
-                services.join(", ")
-            )));
-        }
-        let gateways: Vec<&str> = self
-            .gateways
-            .values()
-            .filter(|g| g.net == net.name)
-            .map(|g| g.name.as_str())
-            .collect();
-        if !gateways.is_empty() {
-            return Err(ApiError::Conflict(format!(
-                "net {name:?} has gateways: {} (vane gateway rm)",
-                gateways.join(", ")
-            )));
-        }
+        // What still stands in the net refuses its removal, named, with how to remove it.
+        let refuse_if_any = |names: Vec<&str>, what: &str, how: &str| -> Result<(), ApiError> {
+            if names.is_empty() {
+                return Ok(());
+            }
+            Err(ApiError::Conflict(format!(
+                "net {name:?} {what}: {}{how}",
+                names.join(", ")
+            )))
+        };
+        refuse_if_any(
+            self.instances
+                .values()
+                .filter(|i| i.net == net.name)
+                .map(|i| i.name.as_str())
+                .collect(),
+            "is used by instances",
+            "",
+        )?;
+        refuse_if_any(
+            self.services
+                .values()
+                .filter(|s| s.net == net.name)
+                .map(|s| s.name.as_str())
+                .collect(),
+            "has services",
+            " (vane service rm)",
+        )?;
+        refuse_if_any(
+            self.gateways
+                .values()
+                .filter(|g| g.net == net.name)
+                .map(|g| g.name.as_str())
+                .collect(),
+            "has gateways",
+            " (vane gateway rm)",
+        )?;
         let rules: Vec<String> = self
             .policies
             .values()
