@@ -6,12 +6,17 @@
 # CRIU can use to lock the network during a dump. Idempotent: does nothing when a criu on
 # the PATH already says version >= 4.2 (and, for the one built here, keeps its cache dir).
 #
-# The build carries one patch of vane's own (scripts/criu-userfaultfd.patch), for post-copy
-# migration: a CRIU in a user namespace, where the userfaultfd system call is refused, makes
-# its userfaultfd from a /dev/userfaultfd descriptor that the agent opens and names in
-# CRIU_USERFAULTFD_DEV (so that confined instances can be restored with lazy pages), closes
-# it before the restored tasks run, and a lazy dump that cannot serve its pages takes the
-# tree's connections out of repair mode before it resumes the tree.
+# The build carries vane's own patches (scripts/criu-*.patch):
+# - criu-userfaultfd.patch, for post-copy migration: a CRIU in a user namespace, where the
+#   userfaultfd system call is refused, makes its userfaultfd from a /dev/userfaultfd
+#   descriptor that the agent opens and names in CRIU_USERFAULTFD_DEV (so that confined
+#   instances can be restored with lazy pages), closes it before the restored tasks run, and
+#   a lazy dump that cannot serve its pages takes the tree's connections out of repair mode
+#   before it resumes the tree;
+# - criu-freeze.patch, for a shorter freeze: an empty tmpfs is carried as its root's
+#   attributes instead of a tar and a gzip run each way, other tmpfs contents as plain tar;
+#   conntrack expectations are asked of their own subsystem (the dump walked the whole
+#   conntrack table a second time instead).
 #
 # CRIU probes the kernel's features at every start (some 40 ms, inside a migration's freeze)
 # unless it can cache them in a file on tmpfs. Where /run is not a tmpfs, the CRIU built here
@@ -40,8 +45,9 @@ for p in "${deps[@]}"; do
 done
 
 rundir=/run/criu
-# The patch the installed CRIU was built with.
-patched=/usr/local/sbin/.criu-userfaultfd.patch
+# The patches the installed CRIU was built with, one after the other.
+patched=/usr/local/sbin/.criu-vane.patches
+patches() { cat "$here"/criu-*.patch; }
 keep_cache() {
   mkdir -p "$rundir"
   if [ "$(stat -f -c %T "$rundir")" != tmpfs ]; then
@@ -49,10 +55,10 @@ keep_cache() {
   fi
 }
 built_here_ok() {
-  # A criu of ours must cache in $rundir and carry the userfaultfd patch (older builds of
-  # this script did neither).
+  # A criu of ours must cache in $rundir and carry today's patches (older builds of this
+  # script did neither, or carried fewer).
   [ ! -x /usr/local/sbin/criu ] || { grep -qa "$rundir/criu.kdat" /usr/local/sbin/criu &&
-    cmp -s "$patched" "$here/criu-userfaultfd.patch"; }
+    patches | cmp -s "$patched" -; }
 }
 
 if have_ok && built_here_ok; then
@@ -96,17 +102,19 @@ fi
 rm -f "$src_list"
 [ -n "$tarball" ] || { echo "install-criu: no criu 4.x source tarball from Debian sid" >&2; exit 1; }
 dir=$(tar tf "$tarball" | sed -n 1p | cut -d/ -f1)
-# A fresh tree each time: the patch applies to the release as it came.
+# A fresh tree each time: the patches apply to the release as it came.
 rm -rf "$dir"
 tar xf "$tarball"
-# vane's patch (scripts/criu-userfaultfd.patch): lazy restores inside an instance's user
-# namespace get their userfaultfd from a /dev/userfaultfd descriptor the agent opens.
-patch -d "$dir" -p1 --quiet <"$here/criu-userfaultfd.patch"
+for p in "$here"/criu-*.patch; do
+  patch -d "$dir" -p1 --quiet <"$p"
+done
 # The cache directory is compiled into kerndat.o: make it again, whatever was there.
 rm -f "$dir/criu/kerndat.o"
 make -C "$dir" -j"$(nproc)" RUNDIR="$rundir" criu >/dev/null
 install -m 0755 "$dir/criu/criu" /usr/local/sbin/criu
-install -m 0644 "$here/criu-userfaultfd.patch" "$patched"
+patches >"$patched"
+chmod 0644 "$patched"
+rm -f /usr/local/sbin/.criu-userfaultfd.patch
 keep_cache
 have_ok || { echo "install-criu: /usr/local/sbin/criu does not report version >= 4.2" >&2; exit 1; }
 echo "install-criu: $(/usr/local/sbin/criu --version | head -1)"
