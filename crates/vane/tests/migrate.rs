@@ -853,6 +853,41 @@ fn path_rules_from_the_state_directory_migrate_with_their_files() {
     }
 }
 
+/// The instance's own tmpfs mounts move with it: files in `/tmp` and `/dev/shm`, and an
+/// empty `/run` whose root the program made another user's with other permissions (an
+/// empty tmpfs travels as its root's attributes alone, `scripts/criu-freeze.patch`).
+#[test]
+fn private_tmpfs_mounts_migrate_with_their_files_and_their_roots() {
+    let lab = TestLab::up(2);
+    lab.ok(&["net", "create", "red", "--subnet", "10.10.19.0/24"]);
+    let setup = "echo kept > /tmp/a; mkdir /tmp/d; echo deep > /tmp/d/b; \
+                 echo shm > /dev/shm/s; chown 1000:1000 /run; chmod 0710 /run; \
+                 exec sleep 1000";
+    lab.ok(&[
+        "run", "--net", "red", "--name", "tmpfs", "--host", "h1", "--", "sh", "-c", setup,
+    ]);
+    let look = |lab: &TestLab| {
+        lab.ok(&[
+            "exec",
+            "tmpfs",
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/a /tmp/d/b /dev/shm/s; ls -A /run; stat -c '%a %u %g' /run /tmp",
+        ])
+    };
+    let want = "kept\ndeep\nshm\n710 1000 1000\n1777 0 0\n";
+    assert!(wait_until(Duration::from_secs(10), || look(&lab) == want));
+    for (to, post_copy) in [("h2", false), ("h1", true)] {
+        if post_copy {
+            lab.ok(&["migrate", "tmpfs", "--to", to, "--post-copy"]);
+        } else {
+            migrate(&lab, "tmpfs", to);
+        }
+        assert_eq!(look(&lab), want, "after the migration to {to}");
+    }
+}
+
 /// A client that goes away during a migration (Ctrl-C on `vane migrate`) does not cut
 /// it off: the controller finishes it, and the instance runs on the destination.
 #[test]
