@@ -8,16 +8,18 @@
 //! knows the destination's key from the controller, and proves its own inside the
 //! handshake; its first message carries the transfer's ticket, encrypted. The destination
 //! accepts the connection only for a ticket it was told to expect, from exactly the host it
-//! was told to expect it from. Then the images go as encrypted messages of up to [`CHUNK`]
-//! bytes, each `[length u16][ciphertext]`, an empty one for the end; the destination
-//! answers with one message, empty once the images are on its disk, else why not. A stream
-//! that makes no progress for [`STALL`] is broken off.
+//! was told to expect it from. Then the images go as a tar stream in encrypted messages of
+//! up to [`CHUNK`] bytes, each `[length u16][ciphertext]`, an empty one for the end (sent
+//! once the source's tar has made the whole pack); the destination unpacks them as they
+//! come (`checkpoint::Unpacker`), so packing, sending and unpacking overlap, and answers
+//! with one message, empty once they are unpacked, else why not. A stream that makes no
+//! progress for [`STALL`] is broken off.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::transfer::ImageFile;
+use crate::checkpoint::{Unpacker, IMAGES_DIR};
 
 /// The cipher the source picks for a link (the faster on its CPU, as the tunnels do:
 /// AES-GCM with AES instructions, else ChaCha20-Poly1305, both through ring), named by the
@@ -56,10 +58,12 @@ const FIRST_WAIT: Duration = Duration::from_secs(5);
 /// underlay opening connections for nothing gets no more than this much of the host).
 pub const MAX_INBOUND: usize = 32;
 
-/// What a destination expects: where the images go and how long they are.
+/// What a destination expects: the instance directory the pack unpacks into as it
+/// arrives, the most bytes it may be, and the ids its files become (`checkpoint::unpack`).
 pub struct Expected {
-    pub path: std::path::PathBuf,
+    pub dir: std::path::PathBuf,
     pub bytes: u64,
+    pub owner: Option<crate::sandbox::IdMap>,
 }
 
 async fn read_msg(io: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> Result<usize, String> {
@@ -220,15 +224,17 @@ fn open(
 /// in one system call.
 pub type Buffered<IO> = tokio::io::BufStream<IO>;
 
-/// Source side: sends `file` as transfer `ticket` to the host whose static key is
-/// `remote`; returns the bytes sent once the destination has them on its disk, and the
-/// link, for what may follow (the pages of a lazy migration).
+/// Source side: sends `pack` (read to its end, then `ended`, which says whether all of it
+/// came) as transfer `ticket` to the host whose static key is `remote`; returns the bytes
+/// sent once the destination has unpacked them, and the link, for what may follow (the
+/// pages of a lazy migration).
 pub async fn send<IO: AsyncRead + AsyncWrite + Unpin>(
     io: IO,
     local_private: &[u8; 32],
     remote: &[u8; 32],
     ticket: &str,
-    mut file: impl AsyncRead + Unpin,
+    mut pack: impl AsyncRead + Unpin,
+    ended: impl std::future::Future<Output = Result<(), String>>,
 ) -> Result<(u64, Link<Buffered<IO>>), String> {
     let mut io = tokio::io::BufStream::with_capacity(1 << 16, 1 << 17, io);
     let noise = |e: snow::Error| format!("handshake: {e}");
@@ -255,16 +261,18 @@ pub async fn send<IO: AsyncRead + AsyncWrite + Unpin>(
     let mut chunk = vec![0u8; CHUNK];
     let mut sent = 0u64;
     loop {
-        let filled = crate::transfer::read_full(&mut file, &mut chunk)
+        let filled = crate::transfer::read_full(&mut pack, &mut chunk)
             .await
             .map_err(|e| format!("reading the images: {e}"))?;
-        // The last, empty, message is the end.
-        link.send(&chunk[..filled]).await?;
         if filled == 0 {
             break;
         }
+        link.send(&chunk[..filled]).await?;
         sent += filled as u64;
     }
+    // The last, empty, message is the end: only for a pack made whole.
+    ended.await?;
+    link.send(&[]).await?;
     flush(&mut link.io).await?;
     let n = link
         .receive(&mut payload)
@@ -280,7 +288,7 @@ pub async fn send<IO: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// How a transfer a destination took ended: its ticket, and the link once the images are
-/// on its disk, or why not.
+/// unpacked, or why not.
 pub type Accepted<IO> = (String, Result<Link<Buffered<IO>>, String>);
 
 /// Destination side: takes a transfer on `io`. `claim(ticket, sender's static key)` says
@@ -336,9 +344,6 @@ where
     let io = tokio::io::BufStream::with_capacity(1 << 17, 1 << 16, io);
     let mut link = Link::new(io, hs.into_stateless_transport_mode().map_err(noise)?);
     let result = receive(&mut link, &expected).await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(&expected.path).await;
-    }
     let answer = match &result {
         Ok(()) => Vec::new(),
         Err(e) => e.as_bytes()[..e.len().min(1000)].to_vec(),
@@ -350,18 +355,35 @@ where
     Ok((ticket, result.and(answered).map(|()| link)))
 }
 
+/// Unpacks the pack as it arrives; nothing of it stays if it does not all come.
 async fn receive<IO: AsyncRead + AsyncWrite + Unpin>(
     link: &mut Link<IO>,
     expected: &Expected,
 ) -> Result<(), String> {
-    let mut file = ImageFile::create(&expected.path, expected.bytes).await?;
+    let mut unpacker = Unpacker::start(&expected.dir, expected.bytes)?;
     let mut data = vec![0u8; 65_535];
-    loop {
-        let n = link.receive(&mut data).await?;
-        if n == 0 {
-            return file.finish().await;
+    let ended = loop {
+        let piece = match link.receive(&mut data).await {
+            Ok(0) => break Ok(()),
+            Ok(n) => unpacker.write(&data[..n]).await,
+            Err(e) => Err(e),
+        };
+        if piece.is_err() {
+            break piece;
         }
-        file.write(&data[..n]).await?;
+    };
+    match ended {
+        Ok(()) => match unpacker.finish(expected.owner).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(expected.dir.join(IMAGES_DIR)).await;
+                Err(e)
+            }
+        },
+        Err(e) => {
+            unpacker.abandon().await;
+            Err(e)
+        }
     }
 }
 
@@ -370,8 +392,26 @@ mod tests {
     use super::*;
     use vane_tunnel::Keypair;
 
-    /// Runs a transfer of `data` from `source` (which takes `dest_key` for the
-    /// destination's) to `dest`, which expects `ticket` from `expected_sender`.
+    /// A pack (as `checkpoint::pack_to_pipe` makes one) of an images directory whose one
+    /// file holds `data`.
+    fn pack_of(data: &[u8]) -> Vec<u8> {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join(IMAGES_DIR)).unwrap();
+        std::fs::write(src.path().join(IMAGES_DIR).join("pages-1.img"), data).unwrap();
+        let out = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(src.path())
+            .args(["-cf", "-", IMAGES_DIR])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    }
+
+    /// Runs a transfer of a pack of `data` from `source` (which takes `dest_key` for the
+    /// destination's) to `dest`, which expects `ticket` from `expected_sender` and a pack
+    /// of at most `bound` bytes (`None`: the pack's own length); what the destination
+    /// unpacked, and whether it left anything of a failed transfer.
     async fn transfer(
         source: &Keypair,
         dest: &Keypair,
@@ -379,28 +419,41 @@ mod tests {
         sent_ticket: &str,
         expected_sender: [u8; 32],
         data: Vec<u8>,
+        bound: Option<u64>,
     ) -> (Result<u64, String>, Result<Vec<u8>, String>) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("images.tar");
+        let pack = pack_of(&data);
         let (a, b) = tokio::io::duplex(1 << 16);
-        let bytes = data.len() as u64;
-        let path2 = path.clone();
+        let bytes = bound.unwrap_or(pack.len() as u64);
+        let dir2 = dir.path().to_path_buf();
         let dest_private = dest.private;
         let receiver = tokio::spawn(async move {
             accept(b, &dest_private, async |ticket: &str, from: &[u8; 32]| {
                 (ticket == "t-1" && *from == expected_sender).then(|| Expected {
-                    path: path2.clone(),
+                    dir: dir2.clone(),
                     bytes,
+                    owner: None,
                 })
             })
             .await
         });
-        let sent = send(a, &source.private, &dest_key, sent_ticket, &data[..])
-            .await
-            .map(|(n, _)| n);
+        let sent = send(
+            a,
+            &source.private,
+            &dest_key,
+            sent_ticket,
+            &pack[..],
+            async { Ok(()) },
+        )
+        .await
+        .map(|(n, _)| n);
+        let images = dir.path().join(IMAGES_DIR);
         let received = match receiver.await.unwrap() {
-            Ok((_, Ok(_))) => Ok(std::fs::read(&path).unwrap()),
-            Ok((_, Err(e))) | Err(e) => Err(e),
+            Ok((_, Ok(_))) => Ok(std::fs::read(images.join("pages-1.img")).unwrap()),
+            Ok((_, Err(e))) | Err(e) => {
+                assert!(!images.exists(), "a failed transfer left images: {e}");
+                Err(e)
+            }
         };
         (sent, received)
     }
@@ -411,19 +464,21 @@ mod tests {
     async fn after_the_images_the_link_relays_both_ways_until_both_ends_close() {
         let (src, dst) = (Keypair::generate(), Keypair::generate());
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("images.tar");
+        let pack = pack_of(b"abc");
         let (a, b) = tokio::io::duplex(1 << 16);
-        let (public, path2) = (src.public, path.clone());
+        let (public, dir2, bytes) = (src.public, dir.path().to_path_buf(), pack.len() as u64);
         let receiver = tokio::spawn(async move {
             accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
                 (*from == public).then(|| Expected {
-                    path: path2.clone(),
-                    bytes: 3,
+                    dir: dir2.clone(),
+                    bytes,
+                    owner: None,
                 })
             })
             .await
         });
-        let (_, source_link) = send(a, &src.private, &dst.public, "t-1", &b"abc"[..])
+        let ended = async { Ok(()) };
+        let (_, source_link) = send(a, &src.private, &dst.public, "t-1", &pack[..], ended)
             .await
             .unwrap();
         let (_, dest_link) = receiver.await.unwrap().unwrap();
@@ -465,14 +520,64 @@ mod tests {
     async fn the_expected_host_s_images_arrive_whole() {
         let (src, dst) = (Keypair::generate(), Keypair::generate());
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let (sent, received) =
-            transfer(&src, &dst, dst.public, "t-1", src.public, data.clone()).await;
-        assert_eq!(sent, Ok(data.len() as u64));
+        let (sent, received) = transfer(
+            &src,
+            &dst,
+            dst.public,
+            "t-1",
+            src.public,
+            data.clone(),
+            None,
+        )
+        .await;
+        assert_eq!(sent, Ok(pack_of(&data).len() as u64));
         assert_eq!(received.unwrap(), data);
         // Empty images too.
-        let (sent, received) = transfer(&src, &dst, dst.public, "t-1", src.public, vec![]).await;
-        assert_eq!(sent, Ok(0));
+        let (sent, received) =
+            transfer(&src, &dst, dst.public, "t-1", src.public, vec![], None).await;
+        assert_eq!(sent, Ok(pack_of(&[]).len() as u64));
         assert_eq!(received.unwrap(), Vec::<u8>::new());
+    }
+
+    #[tokio::test]
+    async fn a_pack_longer_than_announced_or_not_whole_is_refused_and_removed() {
+        let (src, dst) = (Keypair::generate(), Keypair::generate());
+        let data = vec![5u8; 300_000];
+        let bound = Some(pack_of(&data).len() as u64 - 1);
+        let (sent, received) =
+            transfer(&src, &dst, dst.public, "t-1", src.public, data, bound).await;
+        assert!(sent.is_err(), "{sent:?}");
+        assert!(received.unwrap_err().contains("longer than"));
+
+        // A source whose tar failed after some of the pack: no end, and nothing stays.
+        let dir = tempfile::tempdir().unwrap();
+        let pack = pack_of(&[7u8; 200_000]);
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (public, dir2, bytes) = (src.public, dir.path().to_path_buf(), pack.len() as u64);
+        let receiver = tokio::spawn(async move {
+            accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
+                (*from == public).then(|| Expected {
+                    dir: dir2.clone(),
+                    bytes,
+                    owner: None,
+                })
+            })
+            .await
+        });
+        let failed = async { Err("packing images: tar died".to_string()) };
+        let sent = send(
+            a,
+            &src.private,
+            &dst.public,
+            "t-1",
+            &pack[..100_000],
+            failed,
+        )
+        .await;
+        assert_eq!(sent.err().as_deref(), Some("packing images: tar died"));
+        let (_, received) = receiver.await.unwrap().unwrap();
+        assert!(received.is_err());
+        assert!(!dir.path().join(IMAGES_DIR).exists());
     }
 
     #[tokio::test]
@@ -484,15 +589,32 @@ mod tests {
         );
         let data = vec![1u8; 100_000];
         // Another enrolled host, with the right ticket.
-        let (sent, received) =
-            transfer(&other, &dst, dst.public, "t-1", src.public, data.clone()).await;
+        let (sent, received) = transfer(
+            &other,
+            &dst,
+            dst.public,
+            "t-1",
+            src.public,
+            data.clone(),
+            None,
+        )
+        .await;
         assert!(sent.is_err() && received.is_err(), "{sent:?} {received:?}");
         // The right host, another ticket.
-        let (sent, received) =
-            transfer(&src, &dst, dst.public, "t-2", src.public, data.clone()).await;
+        let (sent, received) = transfer(
+            &src,
+            &dst,
+            dst.public,
+            "t-2",
+            src.public,
+            data.clone(),
+            None,
+        )
+        .await;
         assert!(sent.is_err() && received.is_err(), "{sent:?} {received:?}");
         // A source that takes someone else for the destination: the handshake fails.
-        let (sent, received) = transfer(&src, &dst, other.public, "t-1", src.public, data).await;
+        let (sent, received) =
+            transfer(&src, &dst, other.public, "t-1", src.public, data, None).await;
         assert!(sent.is_err() && received.is_err(), "{sent:?} {received:?}");
     }
 
@@ -506,11 +628,11 @@ mod tests {
     }
 
     /// A transfer whose byte `at` (of what the source sends) is xored with `flip` on the
-    /// way: how the destination takes it (never leaving its file behind).
+    /// way: how the destination takes it (never leaving images behind).
     async fn transfer_changed(at: usize, flip: u8) -> Result<(), String> {
         let (src, dst) = (Keypair::generate(), Keypair::generate());
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("images.tar");
+        let pack = pack_of(&[3u8; 200_000]);
         let (a, b) = tokio::io::duplex(1 << 16);
         // Source <-> c | d <-> relay <-> a | b <-> destination.
         let (c, d) = tokio::io::duplex(1 << 16);
@@ -536,28 +658,30 @@ mod tests {
                 }
             }
         });
-        let (public, path2) = (src.public, path.clone());
+        let (public, dir2, bytes) = (src.public, dir.path().to_path_buf(), pack.len() as u64);
         let receiver = tokio::spawn(async move {
             accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
                 (*from == public).then(|| Expected {
-                    path: path2.clone(),
-                    bytes: 200_000,
+                    dir: dir2.clone(),
+                    bytes,
+                    owner: None,
                 })
             })
             .await
         });
-        let data = vec![3u8; 200_000];
         // The source may wait for an answer that does not come (the relay holds its
         // connection open): only the destination's outcome matters here.
-        let sending = send(c, &src.private, &dst.public, "t-1", &data[..]);
+        let sending = send(c, &src.private, &dst.public, "t-1", &pack[..], async {
+            Ok(())
+        });
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), sending).await;
         let outcome = match receiver.await.unwrap() {
             Ok((_, result)) => result.map(|_| ()),
             Err(e) => Err(e),
         };
         assert!(
-            !path.exists() || outcome.is_ok(),
-            "a broken transfer left its file"
+            !dir.path().join(IMAGES_DIR).exists() || outcome.is_ok(),
+            "a broken transfer left its images"
         );
         outcome
     }

@@ -331,18 +331,19 @@ impl Agent {
                 id,
                 leave_running,
                 lazy,
+                stream,
             } => {
                 if lazy && !leave_running {
-                    self.checkpoint_lazy(&id).await
+                    self.checkpoint_lazy(&id, stream).await
                 } else {
-                    self.checkpoint(&id, leave_running).await
+                    self.checkpoint(&id, leave_running, stream).await
                 }
             }
             AgentRequest::AwaitPages { id } => self.await_pages(&id).await,
             AgentRequest::SendImages { id, ticket, to } => {
                 let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
                 let sent = match to {
-                    Some(peer) => self.send_direct(&id, &ticket, &peer, &path).await,
+                    Some(peer) => self.send_direct(&id, &ticket, &peer).await,
                     None => transfer::send(&self, &ticket, &path).await,
                 };
                 // Sent or not, the pack is not needed again: the images it was made of stay
@@ -359,15 +360,19 @@ impl Agent {
                 from,
                 pages,
             } => {
-                if !self.state().migrations.prepared.contains_key(&id) {
-                    return Err(AgentError::not_found(format!(
-                        "instance {id} is not prepared here"
-                    )));
-                }
-                let path = self.instance_dir(&id).join(checkpoint::PACK_FILE);
+                let owner = match self.state().migrations.prepared.get(&id) {
+                    Some(prepared) => prepared.record.confinement().idmap,
+                    None => {
+                        return Err(AgentError::not_found(format!(
+                            "instance {id} is not prepared here"
+                        )))
+                    }
+                };
+                let dir = self.instance_dir(&id);
+                let path = dir.join(checkpoint::PACK_FILE);
                 match from {
                     Some(key) => {
-                        let link = self.receive_direct(ticket, &key, path, bytes).await?;
+                        let link = self.receive_direct(ticket, &key, dir, bytes, owner).await?;
                         if pages {
                             self.state().migrations.page_links.insert(id, link);
                         }

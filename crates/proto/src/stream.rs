@@ -118,6 +118,11 @@ pub enum AgentRequest {
         /// cannot (`Checkpointed::lazy` says which it was).
         #[serde(default)]
         lazy: bool,
+        /// The images go straight to another host's agent next (`SendImages` with `to`),
+        /// packed as they go: the dump leaves them unpacked, and `Checkpointed::bytes` is
+        /// the most their pack can take.
+        #[serde(default)]
+        stream: bool,
     },
     /// Migration, source side, after a lazy `Checkpoint`: answered once the destination
     /// has every page and the dump has ended the tree here (the source is no longer
@@ -137,6 +142,8 @@ pub enum AgentRequest {
     },
     /// Receives `bytes` bytes of packed images for the prepared instance `id` over a
     /// transfer connection: binary messages, then `end`. Answered when all are on disk.
+    /// Straight from another host (`from`), a pack of at most `bytes` bytes, unpacked as
+    /// it comes.
     ReceiveImages {
         id: String,
         ticket: String,

@@ -24,7 +24,7 @@ use crate::netconf;
 mod pack;
 mod restore;
 
-pub use pack::{pack, unpack};
+pub use pack::{pack, pack_bound, pack_to_pipe, unpack, Unpacker};
 pub use restore::{prepare, restore, Prepared};
 
 /// The images of an instance's last dump, in its state directory.
@@ -173,15 +173,25 @@ pub fn portable(record: &Record, dir: &Path) -> Result<(), String> {
 }
 
 /// Dumps the process tree of the instance into `DIR/images` and packs it with the
-/// program's log into `DIR/images.tar`. Without `leave_running` the tree is gone
-/// afterwards. Returns the size of the pack.
-pub fn dump(dir: &Path, record: &Record, leave_running: bool) -> Result<u64, String> {
+/// program's log into `DIR/images.tar`, unless the pack is made as it goes (`stream`).
+/// Without `leave_running` the tree is gone afterwards. Returns the size of the pack (its
+/// bound, for a pack yet to be made).
+pub fn dump(dir: &Path, record: &Record, leave_running: bool, stream: bool) -> Result<u64, String> {
     let mut cmd = dump_command(dir, record)?;
     if leave_running {
         cmd.arg("--leave-running");
     }
     run_criu(&mut cmd, "dump", &dir.join(IMAGES_DIR).join("dump.log"))?;
-    pack(dir, record.confinement().idmap)
+    packed(dir, record, stream)
+}
+
+/// After a dump: the images packed, or the bound of their pack (`stream`).
+fn packed(dir: &Path, record: &Record, stream: bool) -> Result<u64, String> {
+    let _ = std::fs::remove_file(dir.join(PACK_FILE));
+    match stream {
+        true => Ok(pack_bound(dir)),
+        false => pack(dir, record.confinement().idmap),
+    }
 }
 
 /// A lazy dump (post-copy migration): everything but the tree's memory is in
@@ -205,9 +215,10 @@ pub(crate) const UFFD_DEV_FD: i32 = 7;
 /// Linux lets a process without CAP_SYS_RESOURCE make unless `fs.pipe-max-size` allows it.
 const PIPE_MAX_SIZE: u64 = 4 << 20;
 
-/// Starts a lazy dump of the instance and waits until its images are written and its page
-/// server is up. Fails (with the tree left running) where CRIU or the host cannot.
-pub fn dump_lazy(dir: &Path, record: &Record) -> Result<LazyDump, String> {
+/// Starts a lazy dump of the instance and waits until its images are written (and packed,
+/// unless the pack is made as it goes: `stream`) and its page server is up. Fails (with the
+/// tree left running) where CRIU or the host cannot.
+pub fn dump_lazy(dir: &Path, record: &Record, stream: bool) -> Result<LazyDump, String> {
     allow_large_pipes()?;
     let mut cmd = dump_command(dir, record)?;
     let (pages, theirs) = std::os::unix::net::UnixStream::pair()
@@ -219,7 +230,7 @@ pub fn dump_lazy(dir: &Path, record: &Record) -> Result<LazyDump, String> {
         "criu dump",
         &dir.join(IMAGES_DIR).join("dump.log"),
     )?;
-    let bytes = pack(dir, record.confinement().idmap)?;
+    let bytes = packed(dir, record, stream)?;
     Ok(LazyDump { criu, pages, bytes })
 }
 

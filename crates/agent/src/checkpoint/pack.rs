@@ -5,7 +5,7 @@
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{IMAGES_DIR, PACK_FILE};
@@ -17,29 +17,98 @@ use crate::sandbox::IdMap;
 /// range here; `None` for a privileged instance); returns its size. The layer keeps its
 /// overlay attributes (opaque directories) and whiteouts (device nodes 0:0).
 pub fn pack(dir: &Path, ids: Option<IdMap>) -> Result<u64, String> {
+    write_ids(dir, ids)?;
+    let packed = run_tar(
+        &mut pack_command(dir, &dir.join(PACK_FILE)),
+        "packing images",
+    );
+    let _ = std::fs::remove_file(dir.join(IDS_FILE));
+    packed?;
+    std::fs::metadata(dir.join(PACK_FILE))
+        .map(|m| m.len())
+        .map_err(|e| format!("packing images: {e}"))
+}
+
+/// Packs as [`pack`] does, into a pipe, for a transfer that goes as the pack is made: the
+/// pipe's end, and the packing's end (awaited once the pipe is read to its end: whether
+/// all of the pack came through it).
+pub fn pack_to_pipe(
+    dir: &Path,
+    ids: Option<IdMap>,
+) -> Result<
+    (
+        tokio::process::ChildStdout,
+        impl std::future::Future<Output = Result<(), String>>,
+    ),
+    String,
+> {
+    write_ids(dir, ids)?;
+    let mut child = tokio::process::Command::from(pack_command(dir, Path::new("-")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("running tar: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let ids_file = dir.join(IDS_FILE);
+    let ended = async move {
+        let out = child.wait_with_output().await;
+        let _ = std::fs::remove_file(ids_file);
+        tar_status(out, "packing images")
+    };
+    Ok((stdout, ended))
+}
+
+/// The most bytes a pack of `DIR` can take ([`pack`] or [`pack_to_pipe`]): what a
+/// destination that unpacks as the pack arrives accepts, at most. Each entry counts its
+/// header, its data in whole blocks, a long name's and its extended attributes' own
+/// headers; then the end of the archive and the padding of its last record.
+pub fn pack_bound(dir: &Path) -> u64 {
+    fn entries(path: &Path, bound: &mut u64) {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        let blocks = |n: u64| n.div_ceil(512) * 512;
+        let name = path.as_os_str().len() as u64 + 1;
+        *bound += 512 + blocks(if meta.is_file() { meta.len() } else { 0 });
+        *bound += 512 + blocks(name) + 2 * 1024;
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                entries(&entry.path(), bound);
+            }
+        }
+    }
+    let mut bound = 2 * 10_240;
+    for member in [IMAGES_DIR, crate::launch::SHARED_DIR, IDS_FILE, UPPER] {
+        entries(&dir.join(member), &mut bound);
+    }
+    // The ids file is written when the pack is made.
+    bound + 3 * 512
+}
+
+fn write_ids(dir: &Path, ids: Option<IdMap>) -> Result<(), String> {
     let ids_text = match ids {
         Some(m) => format!("{} {}\n", m.base, m.count),
         None => "host\n".to_string(),
     };
-    std::fs::write(dir.join(IDS_FILE), ids_text).map_err(|e| format!("packing images: {e}"))?;
-    run_tar(
-        Command::new("tar")
-            .arg("-C")
-            .arg(dir)
-            .arg("--numeric-owner")
-            .args(OVERLAY_XATTRS)
-            .arg("-cf")
-            .arg(dir.join(PACK_FILE))
-            .arg(IMAGES_DIR)
-            .arg(crate::launch::SHARED_DIR)
-            .arg(IDS_FILE)
-            .args(dir.join(UPPER).is_dir().then_some(UPPER)),
-        "packing images",
-    )?;
-    let _ = std::fs::remove_file(dir.join(IDS_FILE));
-    std::fs::metadata(dir.join(PACK_FILE))
-        .map(|m| m.len())
-        .map_err(|e| format!("packing images: {e}"))
+    std::fs::write(dir.join(IDS_FILE), ids_text).map_err(|e| format!("packing images: {e}"))
+}
+
+/// The tar that packs `DIR`'s members into `out` (`-`: its standard output).
+fn pack_command(dir: &Path, out: &Path) -> Command {
+    let mut cmd = Command::new("tar");
+    cmd.arg("-C")
+        .arg(dir)
+        .arg("--numeric-owner")
+        .args(OVERLAY_XATTRS)
+        .arg("-cf")
+        .arg(out)
+        .arg(IMAGES_DIR)
+        .arg(crate::launch::SHARED_DIR)
+        .arg(IDS_FILE)
+        .args(dir.join(UPPER).is_dir().then_some(UPPER));
+    cmd
 }
 
 /// In a pack: the host ids the instance's ids were where it was packed.
@@ -67,16 +136,109 @@ const OVERLAY_XATTRS: &[&str] = &[
 pub fn unpack(dir: &Path, owner: Option<IdMap>) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(dir.join(IMAGES_DIR));
     run_tar(
-        Command::new("tar")
-            .arg("-C")
-            .arg(dir)
-            .arg("--same-owner")
-            .arg("--numeric-owner")
-            .args(OVERLAY_XATTRS)
-            .arg("-xf")
-            .arg(dir.join(PACK_FILE)),
+        &mut unpack_command(dir, &dir.join(PACK_FILE)),
         "unpacking images",
     )?;
+    take_ids(dir, owner)
+}
+
+/// Unpacks a pack as it arrives (a direct transfer): what [`unpack`] does, fed by pieces,
+/// never taking more than the bound it was started with. Whatever it unpacked goes if it
+/// does not finish.
+pub struct Unpacker {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    dir: PathBuf,
+    received: u64,
+    bound: u64,
+}
+
+impl Unpacker {
+    /// Starts unpacking into `DIR` (its images and any pack there go first) a pack of at
+    /// most `bound` bytes.
+    pub fn start(dir: &Path, bound: u64) -> Result<Unpacker, String> {
+        let _ = std::fs::remove_dir_all(dir.join(IMAGES_DIR));
+        let _ = std::fs::remove_file(dir.join(PACK_FILE));
+        let mut child = tokio::process::Command::from(unpack_command(dir, Path::new("-")))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("running tar: {e}"))?;
+        Ok(Unpacker {
+            stdin: child.stdin.take(),
+            child,
+            dir: dir.to_path_buf(),
+            received: 0,
+            bound,
+        })
+    }
+
+    /// The next bytes of the pack.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        self.received += data.len() as u64;
+        if self.received > self.bound {
+            return Err(format!(
+                "the images are longer than the {} bytes announced",
+                self.bound
+            ));
+        }
+        let stdin = self.stdin.as_mut().expect("open until finished");
+        if let Err(e) = stdin.write_all(data).await {
+            // tar stopped reading: it says why.
+            let _ = self.stdin.take();
+            let out = self.child.wait().await;
+            let why = match self.child.stderr.take() {
+                Some(mut err) => {
+                    let mut text = String::new();
+                    let _ = tokio::io::AsyncReadExt::read_to_string(&mut err, &mut text).await;
+                    text
+                }
+                None => String::new(),
+            };
+            return Err(format!("unpacking images: {} ({e}, {out:?})", why.trim()));
+        }
+        Ok(())
+    }
+
+    /// The end of the pack: its files in place and theirs (see [`unpack`]), or an error.
+    pub async fn finish(mut self, owner: Option<IdMap>) -> Result<(), String> {
+        drop(self.stdin.take());
+        let out = self.child.wait_with_output().await;
+        tar_status(out, "unpacking images")?;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || take_ids(&dir, owner))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Gives up: tar is stopped and what it unpacked removed.
+    pub async fn abandon(mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill().await;
+        let images = self.dir.join(IMAGES_DIR);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(images)).await;
+    }
+}
+
+/// The tar that unpacks `pack` (`-`: its standard input) into `DIR`.
+fn unpack_command(dir: &Path, pack: &Path) -> Command {
+    let mut cmd = Command::new("tar");
+    cmd.arg("-C")
+        .arg(dir)
+        .arg("--same-owner")
+        .arg("--numeric-owner")
+        .args(OVERLAY_XATTRS)
+        .arg("-xf")
+        .arg(pack);
+    cmd
+}
+
+/// After an unpack: the pack's ids file read and removed, and the owners of the shared
+/// directory and the layer moved into `owner` (see [`unpack`]).
+fn take_ids(dir: &Path, owner: Option<IdMap>) -> Result<(), String> {
     let packed = std::fs::read_to_string(dir.join(IDS_FILE)).unwrap_or_default();
     let _ = std::fs::remove_file(dir.join(IDS_FILE));
     let from = {
@@ -115,10 +277,12 @@ fn shift_ids(path: &Path, from: Option<IdMap>, to: IdMap) -> io::Result<()> {
 
 /// Runs a tar command to its end; when it fails, says what it was `doing` and tar's error.
 fn run_tar(cmd: &mut Command, doing: &str) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running tar: {e}"))?;
+    tar_status(cmd.stdin(Stdio::null()).output(), doing)
+}
+
+/// How a tar ended: when it failed, what it was `doing` and tar's error.
+fn tar_status(out: io::Result<std::process::Output>, doing: &str) -> Result<(), String> {
+    let out = out.map_err(|e| format!("running tar: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{doing}: {}",

@@ -150,11 +150,13 @@ impl Agent {
         Ok(AgentReply::Done)
     }
 
-    /// Dumps an instance's tree and packs its images (migration source, snapshots).
+    /// Dumps an instance's tree and packs its images (migration source, snapshots), or
+    /// leaves them to be packed as they go (`stream`).
     pub(crate) async fn checkpoint(
         self: Arc<Self>,
         id: &str,
         leave_running: bool,
+        stream: bool,
     ) -> Result<AgentReply, AgentError> {
         let (record, dir, port) = self.dumpable(id)?;
         if !leave_running {
@@ -164,11 +166,12 @@ impl Agent {
         // from the instance until it runs again, here or on the destination.
         self.hold(port, true).await;
         let record2 = record.clone();
-        let result =
-            tokio::task::spawn_blocking(move || checkpoint::dump(&dir, &record2, leave_running))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
+        let result = tokio::task::spawn_blocking(move || {
+            checkpoint::dump(&dir, &record2, leave_running, stream)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
         match result {
             Ok(bytes) => {
                 if leave_running {
@@ -200,14 +203,16 @@ impl Agent {
     pub(crate) async fn checkpoint_lazy(
         self: Arc<Self>,
         id: &str,
+        stream: bool,
     ) -> Result<AgentReply, AgentError> {
         let (record, dir, port) = self.dumpable(id)?;
         self.set_dumped(id, true);
         self.hold(port, true).await;
         let record2 = record.clone();
-        let started = tokio::task::spawn_blocking(move || checkpoint::dump_lazy(&dir, &record2))
-            .await
-            .map_err(|e| e.to_string())?;
+        let started =
+            tokio::task::spawn_blocking(move || checkpoint::dump_lazy(&dir, &record2, stream))
+                .await
+                .map_err(|e| e.to_string())?;
         let dump = match started {
             Ok(dump) => dump,
             Err(e) => {
@@ -215,7 +220,7 @@ impl Agent {
                 tracing::warn!(instance = %record.spec.name, "no lazy dump here, a whole one instead: {e}");
                 self.hold(port, false).await;
                 self.set_dumped(id, false);
-                return self.checkpoint(id, false).await;
+                return self.checkpoint(id, false, stream).await;
             }
         };
         vane_proto::test_die_at("agent-dumped");
@@ -330,10 +335,13 @@ impl Agent {
             AgentRequest::Checkpoint { id, .. } => Some(Counted::Size(
                 self.instance_dir(id).join(checkpoint::IMAGES_DIR),
             )),
-            // The pack a transfer receives.
-            AgentRequest::ReceiveImages { id, .. } => Some(Counted::Size(
-                self.instance_dir(id).join(checkpoint::PACK_FILE),
-            )),
+            // The pack a transfer receives, or what it unpacked so far.
+            AgentRequest::ReceiveImages { id, from, .. } => {
+                Some(Counted::Size(self.instance_dir(id).join(match from {
+                    Some(_) => checkpoint::IMAGES_DIR,
+                    None => checkpoint::PACK_FILE,
+                })))
+            }
             // The memory a restore gives back to the instance.
             AgentRequest::Restore { id, .. } => {
                 let state = self.state();
@@ -386,7 +394,10 @@ impl Agent {
                 None => None,
             };
             let restored = tokio::task::spawn_blocking(move || {
-                checkpoint::unpack(&dir2, record.confinement().idmap)?;
+                // Images straight from the source were unpacked as they came.
+                if dir2.join(checkpoint::PACK_FILE).exists() {
+                    checkpoint::unpack(&dir2, record.confinement().idmap)?;
+                }
                 let unpacked = started.elapsed();
                 // The resolver's address, taken before the tree runs again.
                 let dns = crate::dns::bind(&record.netns).map_err(|e| e.to_string())?;

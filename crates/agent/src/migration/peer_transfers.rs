@@ -3,31 +3,49 @@
 //! link), waiting for and accepting transfers from other agents, and relaying the pages a
 //! destination fetches to CRIU's lazy-pages daemon.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use vane_proto::stream::AgentError;
 
 use super::break_off;
+use tokio::io::AsyncRead;
+
 use crate::state::{Inbound, PageLink};
-use crate::{direct, Agent};
+use crate::{checkpoint, direct, Agent};
 
 impl Agent {
-    /// Sends the file at `path` straight to `peer`'s agent as transfer `ticket`; then, if
-    /// instance `id` has a lazy dump, its pages go over the same link.
+    /// Sends the images of instance `id` straight to `peer`'s agent as transfer `ticket`:
+    /// its pack if it has one, else packed as they go; then, if it has a lazy dump, its
+    /// pages go over the same link.
     pub(crate) async fn send_direct(
         &self,
         id: &str,
         ticket: &str,
         peer: &vane_proto::stream::DirectPeer,
-        path: &Path,
     ) -> Result<u64, AgentError> {
         let remote = vane_proto::hex::decode::<32>(&peer.public_key)
             .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let dir = self.instance_dir(id);
+        let path = dir.join(checkpoint::PACK_FILE);
+        let pack: (Box<dyn AsyncRead + Unpin + Send>, _) = if path.exists() {
+            let file = tokio::fs::File::open(&path)
+                .await
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let file = tokio::io::BufReader::with_capacity(1 << 20, file);
+            (Box::new(file), None)
+        } else {
+            let ids = self
+                .state()
+                .instances
+                .get(id)
+                .ok_or_else(|| AgentError::not_found(format!("instance {id} is not here")))?
+                .record
+                .confinement()
+                .idmap;
+            let (pipe, ended) = checkpoint::pack_to_pipe(&dir, ids)?;
+            (Box::new(pipe), Some(ended))
+        };
         let stream = tokio::time::timeout(
             Duration::from_secs(5),
             tokio::net::TcpStream::connect(peer.locator),
@@ -37,8 +55,14 @@ impl Agent {
         .map_err(|e| format!("cannot reach {}: {e}", peer.locator))?;
         let _ = stream.set_nodelay(true);
         let private = self.state().identity.keypair.private;
-        let file = tokio::io::BufReader::with_capacity(1 << 20, file);
-        let (sent, link) = direct::send(stream, &private, &remote, ticket, file)
+        let (pack, ended) = pack;
+        let ended = async move {
+            match ended {
+                Some(ended) => ended.await,
+                None => Ok(()),
+            }
+        };
+        let (sent, link) = direct::send(stream, &private, &remote, ticket, pack, ended)
             .await
             .map_err(|e| format!("sending the images to {}: {e}", peer.locator))?;
         let lazy = self
@@ -74,14 +98,16 @@ impl Agent {
         Ok(sent)
     }
 
-    /// Waits for transfer `ticket` from the host whose key is `from` (hex) to put `bytes`
-    /// bytes at `path`.
+    /// Waits for transfer `ticket` from the host whose key is `from` (hex), a pack of at
+    /// most `bytes` bytes, and unpacks it into instance directory `dir` as it comes, its
+    /// files becoming `owner`'s.
     pub(crate) async fn receive_direct(
         &self,
         ticket: String,
         from: &str,
-        path: std::path::PathBuf,
+        dir: std::path::PathBuf,
         bytes: u64,
+        owner: Option<crate::sandbox::IdMap>,
     ) -> Result<PageLink, AgentError> {
         let from = vane_proto::hex::decode::<32>(from)
             .ok_or_else(|| AgentError::bad_request("a peer key is 64 hex digits"))?;
@@ -90,7 +116,7 @@ impl Agent {
             ticket.clone(),
             Inbound {
                 from,
-                expected: direct::Expected { path, bytes },
+                expected: direct::Expected { dir, bytes, owner },
                 done,
             },
         );

@@ -81,6 +81,7 @@ async fn take(c: &Controller, id: &str, host: &str) -> ApiResult<()> {
                 id: id.to_string(),
                 leave_running: true,
                 lazy: false,
+                stream: false,
             },
         )
         .await?

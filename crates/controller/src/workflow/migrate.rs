@@ -85,7 +85,8 @@ async fn migrate_to_end(c: &Arc<Controller>, name: &str, spec: MigrateSpec) -> A
         };
         // Post-copy where the images can go host to host: the memory follows on the same
         // link after the freeze.
-        let lazy = post_copy && direct_path(c, &from, &to).is_some();
+        let direct = direct_path(c, &from, &to).is_some();
+        let lazy = post_copy && direct;
         // From here senders hold what they send to it, until it runs again (wherever).
         let frozen = std::time::Instant::now();
         let _thawed = Thawed(c, &id);
@@ -100,6 +101,8 @@ async fn migrate_to_end(c: &Arc<Controller>, name: &str, spec: MigrateSpec) -> A
                     id: id.clone(),
                     leave_running: false,
                     lazy,
+                    // Host to host, the images are packed as they go.
+                    stream: direct,
                 },
                 crate::agents::REQUEST_TIMEOUT,
                 &|b| c.set_progress(&id, Some(("dump", b))),

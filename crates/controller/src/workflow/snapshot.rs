@@ -38,6 +38,7 @@ pub(crate) async fn snapshot(
                 id: id.clone(),
                 leave_running: true,
                 lazy: false,
+                stream: false,
             },
         )
         .await
