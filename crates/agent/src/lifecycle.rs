@@ -48,7 +48,7 @@ impl Agent {
                         // without it): back from its images, where its migration left it.
                         let (dir2, exe) = (dir.clone(), self.cfg.exe.clone());
                         let back = tokio::task::spawn_blocking(move || {
-                            checkpoint::restore(&dir2, &exe, &mut record, false, None)
+                            checkpoint::restore(&dir2, &exe, &mut record, false, None, None)
                                 .map(|()| record)
                         })
                         .await;

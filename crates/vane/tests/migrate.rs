@@ -513,6 +513,20 @@ fn a_host_without_a_usable_criu_is_refused_before_anything_is_frozen() {
     let dir = format!("{}/hosts/h2/instances", lab.state_dir());
     let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "{dir} is not empty");
+    assert_no_restore_waits(&dir);
+}
+
+/// No `vane __restore` waits in a space under `dir`: the helper of a discarded space went
+/// with it.
+fn assert_no_restore_waits(dir: &str) {
+    let waiting: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("__restore") && c.contains(dir))
+        .collect();
+    assert!(waiting.is_empty(), "{waiting:?}");
 }
 
 /// Removes a file when dropped, also when the test fails.
@@ -640,6 +654,7 @@ fn instances_a_checkpoint_cannot_carry_are_refused_and_keep_running() {
     let dir = format!("{}/hosts/h2/instances", lab.state_dir());
     let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "{dir} is not empty");
+    assert_no_restore_waits(&dir);
     // What the instance writes after a migration still reaches its log: the log moved as
     // the instance's own file.
     let counter = "import time\ni = 0\nwhile True:\n    i += 1\n    print(i, flush=True)\n    time.sleep(0.05)\n";

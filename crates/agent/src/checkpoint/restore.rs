@@ -19,27 +19,138 @@ use crate::instance::{self, CreateError, Record, Setup};
 use crate::netconf;
 
 /// An instance's space made ready for a restore: what `instance::create` makes before it
-/// starts the program.
+/// starts the program, and for a confined instance its restore helper, already waiting.
 pub struct Prepared {
     pub tun: std::os::fd::OwnedFd,
     pub record: Record,
+    pub helper: Option<RestoreHelper>,
 }
 
 /// Makes the instance's space as a new instance's (`instance::prepare_space`: the same
 /// checks, namespaces, device, rules, cgroups and expanded settings), without starting
-/// anything. Undoes it all on failure.
+/// anything, and starts a confined instance's `vane __restore` (`exe`), which does now
+/// what does not need the images. Undoes it all on failure.
 pub fn prepare(
     dir: &Path,
+    exe: &Path,
     key: &str,
     spec: &InstanceSpec,
     setup: &Setup,
 ) -> Result<Prepared, String> {
     criu_version()?;
-    instance::prepare_space(dir, key, spec, setup)
-        .map(|(record, tun, _)| Prepared { tun, record })
-        .map_err(|e| match e {
-            CreateError::Input(m) | CreateError::Host(m) => m,
+    let (record, tun, _) = instance::prepare_space(dir, key, spec, setup).map_err(|e| match e {
+        CreateError::Input(m) | CreateError::Host(m) => m,
+    })?;
+    let helper = match record.confinement().idmap {
+        Some(idmap) => match RestoreHelper::start(dir, exe, &record, idmap.base) {
+            Ok(helper) => Some(helper),
+            Err(e) => {
+                drop(tun);
+                instance::teardown(dir, key, &setup.layout);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    Ok(Prepared {
+        tun,
+        record,
+        helper,
+    })
+}
+
+/// A confined instance's `vane __restore`, started before its images are here: it joins
+/// the instance's cgroups (a process's first move into a cgroup v1 hierarchy waits some
+/// 20 ms for the kernel's lock on thread groups), execs vane and lays out what CRIU reads
+/// that the images do not change, then waits for [`RestoreHelper::go`]. Dropped unused
+/// (a discarded migration), it is stopped and reaped, and its mounts go with it.
+pub struct RestoreHelper {
+    child: Option<std::process::Child>,
+    /// It holds /dev/userfaultfd, which a lazy restore needs.
+    uffd: bool,
+}
+
+impl RestoreHelper {
+    /// Writes the spec (`launch::RESTORE_FILE`) and starts the helper on it. `owner`: the
+    /// instance's root, host id.
+    fn start(dir: &Path, exe: &Path, record: &Record, owner: u32) -> Result<RestoreHelper, String> {
+        let spec = crate::launch::RestoreSpec {
+            criu: criu(),
+            netns: record.netns.clone(),
+            cgroups: record.cgroups.clone(),
+            hostname: record.spec.hostname.clone(),
+            rootfs: record.spec.space.rootfs.as_ref().map(PathBuf::from),
+            owner,
+            volumes: shared_volumes(record),
+            redirects: redirect_sources(record),
+        };
+        instance::write_private(
+            &dir.join(crate::launch::RESTORE_FILE),
+            &serde_json::to_vec(&spec).expect("serializes"),
+        )
+        .map_err(|e| format!("writing the restore spec: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("__restore")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // For a lazy restore: /dev/userfaultfd, which CRIU in a user namespace makes its
+        // userfaultfd from (the system call is refused there). Kernels before 6.1 have none:
+        // their restores are whole.
+        let uffd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open("/dev/userfaultfd")
+            .ok();
+        if let Some(uffd) = &uffd {
+            vane_sys::spawn::with_fds(&mut cmd, &[(std::os::fd::AsFd::as_fd(uffd), UFFD_DEV_FD)]);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("running vane __restore: {e}"))?;
+        Ok(RestoreHelper {
+            child: Some(child),
+            uffd: uffd.is_some(),
         })
+    }
+
+    /// Lets the helper run CRIU on the images now in place, and waits for the restore.
+    fn go(mut self, images: &Path, tcp_close: bool, lazy: bool) -> Result<(), String> {
+        use std::io::Write;
+        if lazy && !self.uffd {
+            return Err("lazy pages need /dev/userfaultfd (Linux >= 6.1)".to_string());
+        }
+        let mut child = self.child.take().expect("taken once");
+        let go = crate::launch::RestoreGo { tcp_close, lazy };
+        let mut line = serde_json::to_vec(&go).expect("serializes");
+        line.push(b'\n');
+        // A helper that failed before it waits has closed its end: its error is on stderr.
+        let _ = child.stdin.take().expect("piped").write_all(&line);
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("running criu: {e}"))?;
+        if !out.status.success() {
+            let log = images.join("restore.log");
+            let why = if log.exists() {
+                last_lines(&log, 2)
+            } else {
+                String::from_utf8_lossy(&out.stderr).trim().to_string()
+            };
+            return Err(format!("criu restore failed: {why}"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RestoreHelper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Restores the tree dumped in `DIR/images` into the instance's namespace (prepared, or
@@ -51,12 +162,15 @@ pub fn prepare(
 /// socket: the tree is restored without its memory, which a `criu lazy-pages` daemon (in
 /// the instance's user namespace for a confined one) fetches on demand and in the
 /// background until it has all.
+/// `helper`: a confined instance's restore helper, started with its prepared space (else
+/// one starts now).
 pub fn restore(
     dir: &Path,
     exe: &Path,
     record: &mut Record,
     tcp_close: bool,
     pages: Option<std::os::unix::net::UnixStream>,
+    helper: Option<RestoreHelper>,
 ) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
     let pidfile = images.join("restored.pid");
@@ -67,7 +181,15 @@ pub fn restore(
             if let Some(pages) = &pages {
                 start_lazy_daemon(&images, pages)?;
             }
-            restore_confined(dir, exe, record, idmap.base, tcp_close, pages.is_some())?
+            restore_confined(
+                dir,
+                exe,
+                record,
+                idmap.base,
+                tcp_close,
+                pages.is_some(),
+                helper,
+            )?
         }
         None => {
             if let Some(pages) = &pages {
@@ -106,59 +228,18 @@ fn restore_confined(
     owner: u32,
     tcp_close: bool,
     lazy: bool,
+    helper: Option<RestoreHelper>,
 ) -> Result<(), String> {
     let images = dir.join(IMAGES_DIR);
     crate::images::inherit_namespaces(&images)?;
     crate::images::forget_thread_cgroups(&images)?;
     // CRIU, as the instance's root, reads the images and writes its log and pid file there.
     chown_tree(&images, owner).map_err(|e| format!("{}: {e}", images.display()))?;
-    let spec = crate::launch::RestoreSpec {
-        criu: criu(),
-        netns: record.netns.clone(),
-        cgroups: record.cgroups.clone(),
-        hostname: record.spec.hostname.clone(),
-        tcp_close,
-        lazy,
-        rootfs: record.spec.space.rootfs.as_ref().map(PathBuf::from),
-        owner,
-        volumes: shared_volumes(record),
-        redirects: redirect_sources(record),
+    let helper = match helper {
+        Some(helper) => helper,
+        None => RestoreHelper::start(dir, exe, record, owner)?,
     };
-    instance::write_private(
-        &dir.join(crate::launch::RESTORE_FILE),
-        &serde_json::to_vec(&spec).expect("serializes"),
-    )
-    .map_err(|e| format!("writing the restore spec: {e}"))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("__restore").arg(dir).stdin(Stdio::null());
-    // A lazy restore: /dev/userfaultfd, which CRIU in a user namespace makes its
-    // userfaultfd from (the system call is refused there).
-    let uffd = match lazy {
-        true => Some(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(nix::libc::O_CLOEXEC)
-                .open("/dev/userfaultfd")
-                .map_err(|e| format!("lazy pages need /dev/userfaultfd (Linux >= 6.1): {e}"))?,
-        ),
-        false => None,
-    };
-    if let Some(uffd) = &uffd {
-        vane_sys::spawn::with_fds(&mut cmd, &[(std::os::fd::AsFd::as_fd(uffd), UFFD_DEV_FD)]);
-    }
-    let out = cmd.output().map_err(|e| format!("running criu: {e}"))?;
-    drop(uffd);
-    if !out.status.success() {
-        let log = images.join("restore.log");
-        let why = if log.exists() {
-            last_lines(&log, 2)
-        } else {
-            String::from_utf8_lossy(&out.stderr).trim().to_string()
-        };
-        return Err(format!("criu restore failed: {why}"));
-    }
-    Ok(())
+    helper.go(&images, tcp_close, lazy)
 }
 
 /// The host directories of the instance's shared volumes, in order (`volume_key`).

@@ -49,7 +49,7 @@ mod root;
 pub use exec::{exec_main, Input as ExecInput};
 pub use init::init_main;
 pub use mounts::minimal_dev;
-pub use restore::{restore_main, RestoreSpec, RESTORE_FILE};
+pub use restore::{restore_main, RestoreGo, RestoreSpec, RESTORE_FILE};
 pub use root::ROOT_DIR;
 
 use root::build_root;

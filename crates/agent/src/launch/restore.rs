@@ -25,12 +25,6 @@ pub struct RestoreSpec {
     pub netns: String,
     pub cgroups: Vec<PathBuf>,
     pub hostname: String,
-    /// Close the dumped connections rather than restore them (clones).
-    pub tcp_close: bool,
-    /// The images are of a lazy dump, whose `criu lazy-pages` daemon the agent started:
-    /// restore with `--lazy-pages`, /dev/userfaultfd at descriptor 7.
-    #[serde(default)]
-    pub lazy: bool,
     /// The directory of a `--rootfs` instance's root: the root is staged as at its launch
     /// (`root::rootfs_overlay`), over the copy-on-write layer that came with the images.
     #[serde(default)]
@@ -48,6 +42,17 @@ pub struct RestoreSpec {
     pub redirects: Vec<PathBuf>,
 }
 
+/// What the agent tells a waiting `vane __restore` once the images are in place: one line
+/// of JSON on its standard input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreGo {
+    /// Close the dumped connections rather than restore them (clones).
+    pub tcp_close: bool,
+    /// The images are of a lazy dump, whose `criu lazy-pages` daemon the agent started:
+    /// restore with `--lazy-pages`, /dev/userfaultfd at descriptor 7.
+    pub lazy: bool,
+}
+
 pub const RESTORE_FILE: &str = "restore.json";
 /// Where `__restore` lays out what CRIU reads, on a tmpfs of its private mount namespace:
 /// CRIU runs as the instance's root, which cannot enter the agent's directory.
@@ -56,7 +61,9 @@ const RESTORE_STAGE: &str = "/var/lib/vane/restore";
 /// `vane __restore DIR`: restores the tree dumped in DIR/images into the instance's prepared
 /// space, running CRIU inside the instance's user namespace (its root, no more) so that the
 /// tree lands in that namespace with this host's id range, whatever the images held.
-/// Execs CRIU; prints one error line when it cannot get that far.
+/// Started with the space, it lays out first what does not depend on the images, then
+/// waits for a [`RestoreGo`] line on its standard input (its end without one: the restore
+/// is off, and it exits). Execs CRIU; prints one error line when it cannot get that far.
 pub fn restore_main(dir: &Path) -> i32 {
     let err = match restore(dir) {
         Ok(never) => match never {},
@@ -100,24 +107,10 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         }
         read_only_bind(&dir.join(f), &at(f)).map_err(|e| errno(&format!("stage {f}"), e))?;
     }
-    match &spec.rootfs {
-        Some(lower) => {
-            super::root::rootfs_overlay(dir, lower, Some(&userns), Some(spec.owner), &at("root"))
-                .map_err(|e| io::Error::new(e.kind(), format!("stage the root: {e}")))?
-        }
-        None => {
-            read_only_bind(Path::new("/"), &at("root")).map_err(|e| errno("stage the root", e))?
-        }
+    if spec.rootfs.is_none() {
+        read_only_bind(Path::new("/"), &at("root")).map_err(|e| errno("stage the root", e))?
     }
     dev_tree(&at("dev"))?;
-    bind(
-        &dir.join(crate::checkpoint::IMAGES_DIR),
-        &at("images"),
-        false,
-    )
-    .map_err(|e| errno("stage the images", e))?;
-    bind(&dir.join(SHARED_DIR), &at("shared"), false)
-        .map_err(|e| errno("stage the state directory", e))?;
     if Path::new(crate::binary::DIR).is_dir() {
         read_only_bind(Path::new(crate::binary::DIR), &at("bin"))
             .map_err(|e| errno("stage vane's binaries", e))?;
@@ -132,6 +125,24 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         })?;
         externals.push(key);
     }
+    // What comes with the images waits for them.
+    let mut line = String::new();
+    if io::stdin().read_line(&mut line)? == 0 {
+        return Err(io::Error::other("no restore: the agent called it off"));
+    }
+    let go: RestoreGo = serde_json::from_str(&line).map_err(io::Error::other)?;
+    if let Some(lower) = &spec.rootfs {
+        super::root::rootfs_overlay(dir, lower, Some(&userns), Some(spec.owner), &at("root"))
+            .map_err(|e| io::Error::new(e.kind(), format!("stage the root: {e}")))?
+    }
+    bind(
+        &dir.join(crate::checkpoint::IMAGES_DIR),
+        &at("images"),
+        false,
+    )
+    .map_err(|e| errno("stage the images", e))?;
+    bind(&dir.join(SHARED_DIR), &at("shared"), false)
+        .map_err(|e| errno("stage the state directory", e))?;
     // Path rules' sources, bound plainly as the launch binds the state directory's files.
     for (n, source) in spec.redirects.iter().enumerate() {
         let key = crate::checkpoint::redirect_key(n);
@@ -173,7 +184,7 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         .arg(s("images"))
         .arg("-o")
         .arg("restore.log")
-        .arg(if spec.tcp_close {
+        .arg(if go.tcp_close {
             "--tcp-close"
         } else {
             "--tcp-established"
@@ -196,11 +207,14 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
     for key in &externals {
         cmd.arg("--external").arg(ext(key, key));
     }
-    if spec.lazy {
+    if go.lazy {
         cmd.arg("--lazy-pages").env(
             "CRIU_USERFAULTFD_DEV",
             crate::checkpoint::UFFD_DEV_FD.to_string(),
         );
+    } else {
+        // Nobody is to make userfaultfds of the device: not CRIU, not the tree.
+        let _ = nix::unistd::close(crate::checkpoint::UFFD_DEV_FD);
     }
     Err(cmd.exec())
 }

@@ -142,10 +142,12 @@ impl Agent {
         let setup = self.setup_for(&spec);
         let id = spec.id.clone();
         let key = format!("{}-{}", spec.id, self.cfg.name);
-        let prepared =
-            tokio::task::spawn_blocking(move || checkpoint::prepare(&dir, &key, &spec, &setup))
-                .await
-                .map_err(|e| e.to_string())??;
+        let exe = self.cfg.exe.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            checkpoint::prepare(&dir, &exe, &key, &spec, &setup)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         self.state().migrations.prepared.insert(id, prepared);
         Ok(AgentReply::Done)
     }
@@ -379,7 +381,11 @@ impl Agent {
         let dir = self.instance_dir(id);
         let prepared = self.state().migrations.prepared.remove(id);
         if let Some(prepared) = prepared {
-            let checkpoint::Prepared { tun, mut record } = prepared;
+            let checkpoint::Prepared {
+                tun,
+                mut record,
+                helper,
+            } = prepared;
             let key = record.space_key().to_string();
             let dir2 = dir.clone();
             let exe = self.cfg.exe.clone();
@@ -401,7 +407,7 @@ impl Agent {
                 let unpacked = started.elapsed();
                 // The resolver's address, taken before the tree runs again.
                 let dns = crate::dns::bind(&record.netns).map_err(|e| e.to_string())?;
-                checkpoint::restore(&dir2, &exe, &mut record, tcp_close, pages)?;
+                checkpoint::restore(&dir2, &exe, &mut record, tcp_close, pages, helper)?;
                 tracing::debug!(
                     unpack_ms = unpacked.as_millis() as u64,
                     criu_ms = (started.elapsed() - unpacked).as_millis() as u64,
@@ -477,7 +483,7 @@ impl Agent {
         let dir2 = dir.clone();
         let exe = self.cfg.exe.clone();
         let record = tokio::task::spawn_blocking(move || {
-            checkpoint::restore(&dir2, &exe, &mut record, tcp_close, None).map(|_| record)
+            checkpoint::restore(&dir2, &exe, &mut record, tcp_close, None, None).map(|_| record)
         })
         .await
         .map_err(|e| e.to_string())??;
