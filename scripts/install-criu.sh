@@ -16,7 +16,11 @@
 # - criu-freeze.patch, for a shorter freeze: an empty tmpfs is carried as its root's
 #   attributes instead of a tar and a gzip run each way, other tmpfs contents as plain tar;
 #   conntrack expectations are asked of their own subsystem (the dump walked the whole
-#   conntrack table a second time instead).
+#   conntrack table a second time instead);
+# - criu-lazy-pages.patch, for post-copy at the link's speed: the lazy-pages daemon keeps up
+#   to three background requests on the way instead of one, doubles their size up to 4 MiB
+#   instead of growing it by 64 KiB, and waits in epoll for their answers instead of
+#   polling without a timeout (which took a CPU from the relay the pages come through).
 #
 # CRIU probes the kernel's features at every start (some 40 ms, inside a migration's freeze)
 # unless it can cache them in a file on tmpfs. Where /run is not a tmpfs, the CRIU built here

@@ -215,14 +215,41 @@ pub(crate) const UFFD_DEV_FD: i32 = 7;
 /// Linux lets a process without CAP_SYS_RESOURCE make unless `fs.pipe-max-size` allows it.
 const PIPE_MAX_SIZE: u64 = 4 << 20;
 
+/// What each end of a socket pair that carries pages may have on the way: more than CRIU's
+/// largest request (4 MiB) with the next ones behind it, so that neither the page server
+/// nor the relay waits on the other (the default, some 200 KiB, made them take turns).
+const PAGE_SOCKET_BUFFER: usize = 8 << 20;
+
+/// A socket pair for pages: between CRIU and the agent's relay, on either host.
+pub(crate) fn page_socket_pair() -> Result<
+    (
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+    ),
+    String,
+> {
+    let (a, b) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| format!("a socket pair for the pages: {e}"))?;
+    for end in [&a, &b] {
+        // Past `net.core.wmem_max` as root (SO_SNDBUFFORCE); a smaller buffer only costs
+        // speed.
+        let set = |opt| {
+            vane_sys::socket::set_int_option(end, nix::libc::SOL_SOCKET, opt, PAGE_SOCKET_BUFFER)
+        };
+        if set(nix::libc::SO_SNDBUFFORCE).is_err() {
+            let _ = set(nix::libc::SO_SNDBUF);
+        }
+    }
+    Ok((a, b))
+}
+
 /// Starts a lazy dump of the instance and waits until its images are written (and packed,
 /// unless the pack is made as it goes: `stream`) and its page server is up. Fails (with the
 /// tree left running) where CRIU or the host cannot.
 pub fn dump_lazy(dir: &Path, record: &Record, stream: bool) -> Result<LazyDump, String> {
     allow_large_pipes()?;
     let mut cmd = dump_command(dir, record)?;
-    let (pages, theirs) = std::os::unix::net::UnixStream::pair()
-        .map_err(|e| format!("a socket pair for the pages: {e}"))?;
+    let (pages, theirs) = page_socket_pair()?;
     cmd.arg("--lazy-pages");
     let criu = serve_pages(
         cmd,

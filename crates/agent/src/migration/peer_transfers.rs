@@ -192,8 +192,7 @@ pub(crate) fn relay_pages(
     id: &str,
     link: PageLink,
 ) -> Result<std::os::unix::net::UnixStream, String> {
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| format!("a socket pair: {e}"))?;
+    let (ours, theirs) = checkpoint::page_socket_pair()?;
     ours.set_nonblocking(true)
         .map_err(|e| format!("a socket pair: {e}"))?;
     let ours = tokio::net::UnixStream::from_std(ours).map_err(|e| format!("a socket pair: {e}"))?;
