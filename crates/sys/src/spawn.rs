@@ -1,6 +1,6 @@
 //! Starting a program with chosen descriptors at chosen numbers (CRIU's `--ps-socket`,
 //! `--status-fd`, `--inherit-fd`), without leaving them open for anything else the process
-//! starts meanwhile.
+//! starts meanwhile, or as root of a user namespace.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -40,6 +40,27 @@ pub fn with_fds(cmd: &mut Command, fds: &[(BorrowedFd<'_>, RawFd)]) {
 
 /// Where the child's staging copies start: above any number a caller asks for.
 const STAGE_FROM: RawFd = 256;
+
+/// Makes `cmd` run as root of the user namespace `userns` (joined between fork and exec),
+/// which must stay open until `spawn` returns.
+pub fn as_root_of(cmd: &mut Command, userns: BorrowedFd<'_>) {
+    let userns = userns.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec and only makes system
+    // calls (setns, setresgid, setgroups, setresuid), which are async-signal-safe, on a
+    // descriptor the caller keeps open until `spawn` returns; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = libc::setns(userns, libc::CLONE_NEWUSER) == 0
+                && libc::setresgid(0, 0, 0) == 0
+                && libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresuid(0, 0, 0) == 0;
+            match ok {
+                true => Ok(()),
+                false => Err(io::Error::last_os_error()),
+            }
+        });
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -114,6 +114,19 @@ fn clients_on_three_hosts_keep_their_connections_through_a_chain_of_migrations()
     // Its hostname and address came along.
     let out = lab.ok(&["exec", "srv", "--", "hostname"]);
     assert_eq!(out.trim(), "srv");
+    // Where CRIU caches (the tmpfs install-criu.sh mounts), the destinations kept the probe
+    // of the kernel as seen from an instance's user namespace, root's alone, for the next
+    // restores.
+    let run_criu = std::path::Path::new("/run/criu");
+    if nix::sys::statfs::statfs(run_criu)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    {
+        use std::os::unix::fs::MetadataExt;
+        let kept = std::fs::symlink_metadata(run_criu.join("vane-userns.kdat")).unwrap();
+        assert!(kept.is_file());
+        assert_eq!((kept.uid(), kept.mode() & 0o777), (0, 0o600));
+        assert_eq!(std::fs::metadata(run_criu).unwrap().mode() & 0o777, 0o700);
+    }
 }
 
 #[test]

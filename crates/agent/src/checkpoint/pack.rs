@@ -209,11 +209,18 @@ impl Unpacker {
                 self.bound
             ));
         }
-        let stdin = self.stdin.as_mut().expect("open until finished");
+        // tar has read the archive's end (what follows is the padding of its last record,
+        // which it leaves unread): nothing more to unpack.
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Ok(());
+        };
         if let Err(e) = stdin.write_all(data).await {
-            // tar stopped reading: it says why.
+            // tar stopped reading: at the archive's end, or it says why.
             let _ = self.stdin.take();
             let out = self.child.wait().await;
+            if e.kind() == io::ErrorKind::BrokenPipe && out.as_ref().is_ok_and(|s| s.success()) {
+                return Ok(());
+            }
             let why = match self.child.stderr.take() {
                 Some(mut err) => {
                     let mut text = String::new();

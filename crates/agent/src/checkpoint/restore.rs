@@ -42,7 +42,7 @@ pub fn prepare(
         CreateError::Input(m) | CreateError::Host(m) => m,
     })?;
     let helper = match record.confinement().idmap {
-        Some(idmap) => match RestoreHelper::start(dir, exe, &record, idmap.base) {
+        Some(idmap) => match RestoreHelper::start(dir, exe, &record, idmap.base, true) {
             Ok(helper) => Some(helper),
             Err(e) => {
                 drop(tun);
@@ -72,8 +72,15 @@ pub struct RestoreHelper {
 
 impl RestoreHelper {
     /// Writes the spec (`launch::RESTORE_FILE`) and starts the helper on it. `owner`: the
-    /// instance's root, host id.
-    fn start(dir: &Path, exe: &Path, record: &Record, owner: u32) -> Result<RestoreHelper, String> {
+    /// instance's root, host id. `fresh`: nothing of the instance runs in its user namespace
+    /// (`RestoreSpec::may_probe`).
+    fn start(
+        dir: &Path,
+        exe: &Path,
+        record: &Record,
+        owner: u32,
+        fresh: bool,
+    ) -> Result<RestoreHelper, String> {
         let spec = crate::launch::RestoreSpec {
             criu: criu(),
             netns: record.netns.clone(),
@@ -83,6 +90,7 @@ impl RestoreHelper {
             owner,
             volumes: shared_volumes(record),
             redirects: redirect_sources(record),
+            may_probe: fresh,
         };
         instance::write_private(
             &dir.join(crate::launch::RESTORE_FILE),
@@ -237,7 +245,7 @@ fn restore_confined(
     chown_tree(&images, owner).map_err(|e| format!("{}: {e}", images.display()))?;
     let helper = match helper {
         Some(helper) => helper,
-        None => RestoreHelper::start(dir, exe, record, owner)?,
+        None => RestoreHelper::start(dir, exe, record, owner, false)?,
     };
     helper.go(&images, tcp_close, lazy)
 }

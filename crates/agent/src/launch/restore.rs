@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,6 +41,11 @@ pub struct RestoreSpec {
     /// its state directory here.
     #[serde(default)]
     pub redirects: Vec<PathBuf>,
+    /// Nothing of the instance runs yet (a space prepared for it): where this host has no
+    /// probe of the kernel's features as CRIU sees them from a user namespace, one may be
+    /// made in the instance's and kept for every confined restore ([`USERNS_KDAT`]).
+    #[serde(default)]
+    pub may_probe: bool,
 }
 
 /// What the agent tells a waiting `vane __restore` once the images are in place: one line
@@ -54,6 +60,14 @@ pub struct RestoreGo {
 }
 
 pub const RESTORE_FILE: &str = "restore.json";
+/// CRIU's probe of the kernel's features as seen from an instance's user namespace, which
+/// it otherwise makes at every start of a restore there (some 10 ms, inside the freeze):
+/// on the tmpfs that `scripts/install-criu.sh` mounts for CRIU's own cache, the host's
+/// root's alone, so gone at a reboot as a probe of the kernel must be. Only this helper
+/// writes it, from a probe run before anything of an instance runs in its namespace.
+const USERNS_KDAT: &str = "/run/criu/vane-userns.kdat";
+/// The name CRIU gives its cache in `$XDG_RUNTIME_DIR` when it runs `--unprivileged`.
+const KDAT_NAME: &str = "criu.kdat";
 /// Where `__restore` lays out what CRIU reads, on a tmpfs of its private mount namespace:
 /// CRIU runs as the instance's root, which cannot enter the agent's directory.
 const RESTORE_STAGE: &str = "/var/lib/vane/restore";
@@ -111,6 +125,7 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         read_only_bind(Path::new("/"), &at("root")).map_err(|e| errno("stage the root", e))?
     }
     dev_tree(&at("dev"))?;
+    stage_kdat(&spec, &userns, &at("kdat"));
     if Path::new(crate::binary::DIR).is_dir() {
         read_only_bind(Path::new(crate::binary::DIR), &at("bin"))
             .map_err(|e| errno("stage vane's binaries", e))?;
@@ -179,6 +194,7 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         a
     };
     let mut cmd = Command::new(&spec.criu);
+    cmd.env("XDG_RUNTIME_DIR", at("kdat"));
     cmd.arg("restore")
         .arg("-D")
         .arg(s("images"))
@@ -217,4 +233,83 @@ fn restore(dir: &Path) -> io::Result<std::convert::Infallible> {
         let _ = nix::unistd::close(crate::checkpoint::UFFD_DEV_FD);
     }
     Err(cmd.exec())
+}
+
+/// Lays out `kdat`, the instance's root's directory on the stage where its CRIU finds
+/// ([`USERNS_KDAT`]) and leaves its probe of the kernel's features (`$XDG_RUNTIME_DIR`).
+/// Where the host has none yet and `spec.may_probe`, probes now, before the freeze, in the
+/// instance's user namespace, where nothing else runs, and keeps the result. Best effort:
+/// without it CRIU probes for itself.
+fn stage_kdat(spec: &RestoreSpec, userns: &std::os::fd::OwnedFd, kdat: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let owner = Some(nix::unistd::Uid::from_raw(spec.owner));
+    let group = Some(nix::unistd::Gid::from_raw(spec.owner));
+    let made = std::fs::create_dir(kdat)
+        .and_then(|()| std::fs::set_permissions(kdat, std::fs::Permissions::from_mode(0o700)))
+        .and_then(|()| nix::unistd::chown(kdat, owner, group).map_err(io::Error::from));
+    if made.is_err() {
+        return;
+    }
+    let cached = kdat.join(KDAT_NAME);
+    if let Ok(probe) = std::fs::read(USERNS_KDAT) {
+        let _ = std::fs::write(&cached, probe)
+            .and_then(|()| nix::unistd::chown(&cached, owner, group).map_err(io::Error::from));
+        return;
+    }
+    // Kept on a tmpfs only: a probe must not outlive the kernel it probed.
+    let on_tmpfs = Path::new(USERNS_KDAT).parent().is_some_and(|dir| {
+        nix::sys::statfs::statfs(dir)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    });
+    if !spec.may_probe || !on_tmpfs {
+        return;
+    }
+    // `criu check` probes first (and leaves its cache), whatever it is asked to check then.
+    let mut probe = Command::new(&spec.criu);
+    probe
+        .args(["check", "--unprivileged", "--feature", "uffd-noncoop"])
+        .env("XDG_RUNTIME_DIR", kdat)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    vane_sys::spawn::as_root_of(&mut probe, std::os::fd::AsFd::as_fd(userns));
+    if probe.status().is_err() {
+        return;
+    }
+    // What the probe left, read without following a link (nothing but that CRIU could
+    // have written there, but the host's root reads it), kept only whole: written aside,
+    // then renamed over.
+    let Ok(made) = read_probe(&cached) else {
+        return;
+    };
+    let aside = format!("{USERNS_KDAT}.{}", std::process::id());
+    let kept = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&aside)
+        .and_then(|mut f| io::Write::write_all(&mut f, &made))
+        .and_then(|()| std::fs::rename(&aside, USERNS_KDAT));
+    if kept.is_err() {
+        let _ = std::fs::remove_file(&aside);
+    }
+}
+
+/// The most a probe of CRIU's may be (its cache is under 1 KiB).
+const KDAT_MAX: u64 = 64 << 10;
+
+/// Reads a probe CRIU left: a regular file, not a link, of at most [`KDAT_MAX`] bytes.
+fn read_probe(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > KDAT_MAX {
+        return Err(io::Error::other("not a probe"));
+    }
+    let mut made = Vec::new();
+    file.take(KDAT_MAX).read_to_end(&mut made)?;
+    Ok(made)
 }

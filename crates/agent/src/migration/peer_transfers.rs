@@ -144,6 +144,9 @@ impl Agent {
                 tracing::debug!(%addr, "too many direct transfers at once, closing one");
                 continue;
             };
+            // The destination's page requests of a post-copy go out at once, not behind
+            // Nagle's wait for the last one's acknowledgement.
+            let _ = stream.set_nodelay(true);
             let agent = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
