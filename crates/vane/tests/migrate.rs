@@ -552,18 +552,24 @@ impl Drop for RemoveOnDrop {
 }
 
 /// Post-copy: the memory moves after the freeze, pulled by the destination; the freeze is
-/// that of a small instance, the memory arrives whole, a client's connection survives, and
-/// the destination's copy can move on again (the descriptor CRIU made its userfaultfd from
-/// is not left in it: the next dump would refuse it).
+/// that of a small instance, the memory arrives whole, a server with 512 MiB resident keeps
+/// answering a live client with consecutive replies, and the destination's copy can move
+/// on again (the descriptor CRIU made its userfaultfd from is not left in it: the next dump
+/// would refuse it).
 #[test]
-fn a_256_mib_server_moves_its_memory_after_the_freeze_with_post_copy() {
+fn servers_of_256_and_512_mib_move_their_memory_after_the_freeze_with_post_copy() {
     let lab = TestLab::up(3);
     lab.ok(&["net", "create", "red", "--subnet", "10.10.14.0/24"]);
     run_on(&lab, "h1", "big", &["python3", "-c", BIG]);
     let digest = digest_of(&lab, "big");
-    run_on(&lab, "h1", "srv", &["python3", "-c", COUNTER]);
+    // The counter server with 512 MiB resident beside its state.
+    let heavy = format!("import os\nballast = bytearray(os.urandom(1 << 20)) * 512\n{COUNTER}");
+    run_on(&lab, "h1", "srv", &["python3", "-c", &heavy]);
     let ip = lab.inspect("srv")["ip"].as_str().unwrap().to_string();
     let stop = start_client(&lab, "h3", "c3", &ip);
+    let rss = lab.ok(&["exec", "srv", "--", "sh", "-c", "grep VmRSS /proc/2/status"]);
+    let kib: u64 = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(kib >= 512 << 10, "{rss}");
     let out = lab.ok(&["migrate", "big", "--to", "h2", "--post-copy"]);
     assert!(out.contains("post-copy, source released in"), "{out}");
     let last = lab.inspect("big")["migrations"][0].clone();
