@@ -46,8 +46,6 @@ fn noise_builder(cipher: vane_tunnel::Cipher) -> snow::Builder<'static> {
 /// Plaintext bytes per message: a Noise message is at most 65,535 bytes with its 16-byte
 /// tag.
 pub const CHUNK: usize = 65_535 - 16;
-/// The most a relay reads from its local end at once (many messages, one flush).
-const RELAY_READ: usize = 1 << 20;
 /// How long either side waits for the other's next message.
 pub const STALL: Duration = Duration::from_secs(30);
 /// The handshake's first message: its size (an IK first message is 96 bytes and the
@@ -96,38 +94,57 @@ async fn flush(io: &mut (impl AsyncWrite + Unpin)) -> Result<(), String> {
         .map_err(|e| format!("the connection broke: {e}"))
 }
 
+/// The transport keys of a finished handshake.
+fn keys_of(
+    hs: &mut snow::HandshakeState,
+    cipher: vane_tunnel::Cipher,
+) -> Result<vane_tunnel::StreamKeys, String> {
+    vane_tunnel::StreamKeys::from_handshake(hs, cipher)
+        .ok_or_else(|| "handshake: not finished".to_string())
+}
+
+/// Bytes a message takes on the wire: its length, its ciphertext and its tag.
+const MSG_MAX: usize = 2 + 65_535;
+/// Messages a relay seals before it writes them, in one system call.
+const BATCH: usize = 16;
+
 /// An agent-to-agent connection after its handshake: Noise transport messages, each way
-/// numbered by its own counter (the stateless transport, so that the two directions can
-/// go their own ways once the images are through: [`Link::relay`]).
+/// numbered by its own counter (so that the two directions can go their own ways once the
+/// images are through: [`Link::relay`]), sealed and opened in place
+/// ([`vane_tunnel::StreamKeys`]).
 pub struct Link<IO> {
     io: IO,
-    noise: std::sync::Arc<snow::StatelessTransportState>,
+    keys: std::sync::Arc<vane_tunnel::StreamKeys>,
     sent: u64,
     received: u64,
+    /// One message on its way out or in: `[length u16][ciphertext][tag]`.
     msg: Vec<u8>,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Link<IO> {
-    fn new(io: IO, noise: snow::StatelessTransportState) -> Self {
+    fn new(io: IO, keys: vane_tunnel::StreamKeys) -> Self {
         Link {
             io,
-            noise: std::sync::Arc::new(noise),
+            keys: std::sync::Arc::new(keys),
             sent: 0,
             received: 0,
-            msg: vec![0u8; 65_535],
+            msg: vec![0u8; MSG_MAX],
         }
     }
 
-    /// Sends `data` (at most [`CHUNK`] bytes) as one message.
+    /// Sends `data` (at most [`CHUNK`] bytes) as one message, in one write.
     async fn send(&mut self, data: &[u8]) -> Result<(), String> {
-        let n = seal(&self.noise, &mut self.sent, data, &mut self.msg)?;
-        write_msg(&mut self.io, &self.msg[..n]).await
+        self.msg[2..2 + data.len()].copy_from_slice(data);
+        let n = seal_framed(&self.keys, &mut self.sent, &mut self.msg, data.len())?;
+        write_all(&mut self.io, &self.msg[..n]).await
     }
 
     /// The next message, into `out`; its length.
     async fn receive(&mut self, out: &mut [u8]) -> Result<usize, String> {
         let n = read_msg(&mut self.io, &mut self.msg).await?;
-        open(&self.noise, &mut self.received, &self.msg[..n], out)
+        let n = open(&self.keys, &mut self.received, &mut self.msg[..n])?;
+        out[..n].copy_from_slice(&self.msg[..n]);
+        Ok(n)
     }
 
     /// Carries bytes both ways between this link and `local` until both directions have
@@ -135,89 +152,158 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Link<IO> {
     /// arrives is written to it (its write side shut at the other end's empty message).
     /// Returns the bytes carried out and in. A direction without progress for [`STALL`]
     /// breaks the relay, as does a message that fails authentication.
+    ///
+    /// The pages of a lazy migration take this way, every byte of them sealed, written,
+    /// read and opened once more than a plain stream's: each direction seals and opens in
+    /// place, reads what has arrived in one call and writes up to [`BATCH`] messages in
+    /// one.
     pub async fn relay(self, local: impl AsyncRead + AsyncWrite) -> Result<(u64, u64), String> {
         let Link {
             io,
-            noise,
+            keys,
             mut sent,
             mut received,
-            msg,
+            msg: _,
         } = self;
         let (mut net_in, mut net_out) = tokio::io::split(io);
         let (mut local_in, mut local_out) = tokio::io::split(local);
-        let noise2 = noise.clone();
+        let keys2 = keys.clone();
         let out = async move {
-            // What one read brings goes as messages of up to CHUNK bytes, then at once: the
-            // other end may be waiting for it to answer.
-            let mut read = vec![0u8; RELAY_READ];
-            let mut msg = msg;
+            // Each read lands where its message goes in the batch and is sealed there; the
+            // batch goes once no more is ready to read (the other end may be waiting for
+            // it to answer) or it is full.
+            let mut batch = vec![0u8; MSG_MAX * BATCH];
             let mut total = 0u64;
             loop {
-                let n = local_in
-                    .read(&mut read)
-                    .await
-                    .map_err(|e| format!("reading the local end: {e}"))?;
-                for chunk in read[..n].chunks(CHUNK) {
-                    let len = seal(&noise, &mut sent, chunk, &mut msg)?;
-                    write_msg(&mut net_out, &msg[..len]).await?;
+                let mut filled = 0;
+                let mut ended = false;
+                while filled + MSG_MAX <= batch.len() {
+                    let room = &mut batch[filled + 2..filled + 2 + CHUNK];
+                    let read = if filled == 0 {
+                        local_in.read(room).await
+                    } else {
+                        match futures_util::FutureExt::now_or_never(local_in.read(room)) {
+                            Some(read) => read,
+                            None => break,
+                        }
+                    };
+                    let n = read.map_err(|e| format!("reading the local end: {e}"))?;
+                    filled += seal_framed(&keys, &mut sent, &mut batch[filled..], n)?;
+                    total += n as u64;
+                    if n == 0 {
+                        ended = true;
+                        break;
+                    }
                 }
-                if n == 0 {
-                    let len = seal(&noise, &mut sent, &[], &mut msg)?;
-                    write_msg(&mut net_out, &msg[..len]).await?;
-                }
+                write_all(&mut net_out, &batch[..filled]).await?;
                 flush(&mut net_out).await?;
-                if n == 0 {
+                if ended {
                     return Ok::<u64, String>(total);
                 }
-                total += n as u64;
             }
         };
         let back = async move {
-            let mut msg = vec![0u8; 65_535];
-            let mut data = vec![0u8; 65_535];
+            // What has arrived, opened in place message by message; their plaintexts go
+            // to the local end in one vectored write, and a message cut short by the read
+            // moves to the front to be completed.
+            let mut buf = vec![0u8; MSG_MAX * (BATCH + 1)];
+            let mut filled = 0;
             let mut total = 0u64;
             loop {
-                let n = read_msg(&mut net_in, &mut msg).await?;
-                let n = open(&noise2, &mut received, &msg[..n], &mut data)?;
-                if n == 0 {
+                let read = tokio::time::timeout(STALL, net_in.read(&mut buf[filled..]))
+                    .await
+                    .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
+                    .map_err(|e| format!("the connection broke: {e}"))?;
+                if read == 0 {
+                    return Err("the connection broke: closed before the end".to_string());
+                }
+                filled += read;
+                let mut plain = Vec::with_capacity(BATCH + 1);
+                let mut at = 0;
+                let mut ended = false;
+                while let Some(len) = whole_message(&buf[at..filled]) {
+                    let n = open(&keys2, &mut received, &mut buf[at + 2..at + 2 + len])?;
+                    if n == 0 {
+                        ended = true;
+                        break;
+                    }
+                    plain.push((at + 2, n));
+                    at += 2 + len;
+                }
+                let mut slices: Vec<std::io::IoSlice> = plain
+                    .iter()
+                    .map(|&(from, n)| std::io::IoSlice::new(&buf[from..from + n]))
+                    .collect();
+                total += write_all_vectored(&mut local_out, &mut slices).await?;
+                if ended {
                     let _ = local_out.shutdown().await;
                     return Ok::<u64, String>(total);
                 }
-                local_out
-                    .write_all(&data[..n])
-                    .await
-                    .map_err(|e| format!("writing the local end: {e}"))?;
-                total += n as u64;
+                buf.copy_within(at..filled, 0);
+                filled -= at;
             }
         };
         tokio::try_join!(out, back)
     }
 }
 
-fn seal(
-    noise: &snow::StatelessTransportState,
+/// The length of the message at the start of `buf` (after its 2-byte length), if all of
+/// it is there.
+fn whole_message(buf: &[u8]) -> Option<usize> {
+    let len = u16::from_be_bytes([*buf.first()?, *buf.get(1)?]) as usize;
+    (buf.len() >= 2 + len).then_some(len)
+}
+
+/// Seals the `n` plaintext bytes at `frame[2..]` in place as the next message and writes
+/// its length in front: the frame's length.
+fn seal_framed(
+    keys: &vane_tunnel::StreamKeys,
     nonce: &mut u64,
-    data: &[u8],
-    msg: &mut [u8],
+    frame: &mut [u8],
+    n: usize,
 ) -> Result<usize, String> {
-    let n = noise
-        .write_message(*nonce, data, msg)
-        .map_err(|e| format!("sealing a message: {e}"))?;
+    let len = keys
+        .seal_in_place(*nonce, &mut frame[2..], n)
+        .ok_or("sealing a message: no room")?;
+    *nonce += 1;
+    frame[..2].copy_from_slice(&(len as u16).to_be_bytes());
+    Ok(2 + len)
+}
+
+/// Opens the next message in place: its plaintext's length, at its start.
+fn open(keys: &vane_tunnel::StreamKeys, nonce: &mut u64, msg: &mut [u8]) -> Result<usize, String> {
+    let n = keys
+        .open_in_place(*nonce, msg)
+        .ok_or("a message that fails authentication")?;
     *nonce += 1;
     Ok(n)
 }
 
-fn open(
-    noise: &snow::StatelessTransportState,
-    nonce: &mut u64,
-    msg: &[u8],
-    out: &mut [u8],
-) -> Result<usize, String> {
-    let n = noise
-        .read_message(*nonce, msg, out)
-        .map_err(|_| "a message that fails authentication".to_string())?;
-    *nonce += 1;
-    Ok(n)
+async fn write_all(io: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), String> {
+    tokio::time::timeout(STALL, io.write_all(bytes))
+        .await
+        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
+        .map_err(|e| format!("the connection broke: {e}"))
+}
+
+/// Writes all of `slices` to the local end; their length.
+async fn write_all_vectored(
+    io: &mut (impl AsyncWrite + Unpin),
+    mut slices: &mut [std::io::IoSlice<'_>],
+) -> Result<u64, String> {
+    let mut total = 0u64;
+    while !slices.is_empty() {
+        let n = tokio::time::timeout(STALL, io.write_vectored(slices))
+            .await
+            .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
+            .map_err(|e| format!("writing the local end: {e}"))?;
+        if n == 0 {
+            return Err("writing the local end: it takes no more".to_string());
+        }
+        total += n as u64;
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(total)
 }
 
 /// The connection both transfer ends use: buffered both ways, so that a message goes out
@@ -257,7 +343,7 @@ pub async fn send<IO: AsyncRead + AsyncWrite + Unpin>(
     let mut payload = vec![0u8; 65_535];
     hs.read_message(&msg[..n], &mut payload)
         .map_err(|_| "the destination refused the transfer, or is not the host it should be")?;
-    let mut link = Link::new(io, hs.into_stateless_transport_mode().map_err(noise)?);
+    let mut link = Link::new(io, keys_of(&mut hs, cipher)?);
     let mut chunk = vec![0u8; CHUNK];
     let mut sent = 0u64;
     loop {
@@ -342,7 +428,7 @@ where
     let n = hs.write_message(&[], &mut first).map_err(noise)?;
     write_msg(&mut io, &first[..n]).await?;
     let io = tokio::io::BufStream::with_capacity(1 << 17, 1 << 16, io);
-    let mut link = Link::new(io, hs.into_stateless_transport_mode().map_err(noise)?);
+    let mut link = Link::new(io, keys_of(&mut hs, cipher)?);
     let result = receive(&mut link, &expected).await;
     let answer = match &result {
         Ok(()) => Vec::new(),

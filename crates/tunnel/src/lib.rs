@@ -87,6 +87,7 @@ pub use message::{
     TYPE_RESPONSE,
 };
 pub use outcome::{Counters, DropReason, Open, PeerStats, Seal};
+pub use session::StreamKeys;
 
 use flood::{cookie_key, mac1_key};
 use handshake::Pending;

@@ -51,6 +51,50 @@ impl Transport {
     }
 }
 
+/// The keys of a finished Noise handshake for a stream outside the tunnels (agent to
+/// agent): each message is sealed and opened in place, with Noise's transport nonce (the
+/// message's number) and no associated data, so a message is byte for byte what snow's
+/// transport mode makes, without its copies of each message in and out.
+pub struct StreamKeys(Transport);
+
+impl StreamKeys {
+    /// The keys of `handshake`, once it is finished.
+    pub fn from_handshake(handshake: &mut HandshakeState, cipher: Cipher) -> Option<StreamKeys> {
+        Transport::from_handshake(handshake, cipher).map(StreamKeys)
+    }
+
+    /// Seals the `len` plaintext bytes at the start of `buf` as message number `counter`:
+    /// the ciphertext takes their place, the tag follows them. Returns the message's
+    /// length, `len + TAG_LEN`, or `None` if `buf` has no room for the tag.
+    pub fn seal_in_place(&self, counter: u64, buf: &mut [u8], len: usize) -> Option<usize> {
+        let end = len.checked_add(TAG_LEN)?;
+        if buf.len() < end {
+            return None;
+        }
+        let t = &self.0;
+        let tag = t
+            .send
+            .seal_in_place_separate_tag(
+                t.cipher.nonce(counter),
+                aead::Aad::empty(),
+                &mut buf[..len],
+            )
+            .ok()?;
+        buf[len..end].copy_from_slice(tag.as_ref());
+        Some(end)
+    }
+
+    /// Opens message number `counter` (ciphertext and tag) in place; the plaintext's
+    /// length, at the start of `msg`, or `None` if the message fails authentication.
+    pub fn open_in_place(&self, counter: u64, msg: &mut [u8]) -> Option<usize> {
+        let t = &self.0;
+        t.recv
+            .open_in_place(t.cipher.nonce(counter), aead::Aad::empty(), msg)
+            .ok()
+            .map(|plain| plain.len())
+    }
+}
+
 /// One direction-pair of keys agreed by a handshake.
 pub(crate) struct Session {
     pub(crate) transport: Transport,
