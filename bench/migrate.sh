@@ -8,8 +8,8 @@
 # as they see it). The clients must see no error. Then an idle program with 512 MiB
 # resident migrates whole once, then post-copy three times: its freezes, the commands' whole
 # times (post-copy's median), next to the time a plain TCP stream takes to move 512 MiB
-# between the same two hosts' namespaces (median of three); then a program rewriting 20 MiB/s of its 512
-# MiB migrates both ways (post-copy has no rounds to converge: its memory moves once, after
+# between the same two hosts' namespaces (median of three, each just before a post-copy
+# migration); then a program rewriting 20 MiB/s of its 512 MiB migrates both ways (post-copy has no rounds to converge: its memory moves once, after
 # the freeze); and the controller's peak memory.
 #
 #   bench/migrate.sh [--debug] [COUNT]
@@ -140,48 +140,58 @@ start=$(date +%s%N)
 line=$("$vane" migrate big --to h2)
 total_ms=$((($(date +%s%N) - start) / 1000000))
 echo "$line"
-# Post-copy three times (back and forth), the median taken: one run swings with the
-# machine's load.
-lazy_totals=()
-lazy_freezes=()
-to=h1
-for _ in 1 2 3; do
-  start=$(date +%s%N)
-  lazy_line=$("$vane" migrate big --to "$to" --post-copy)
-  lazy_totals+=($((($(date +%s%N) - start) / 1000000)))
-  lazy_freezes+=("$(echo "$lazy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')")
-  echo "$lazy_line"
-  if [ "$to" = h2 ]; then to=h1; else to=h2; fi
-done
-lazy_total_ms=$(median_of "${lazy_totals[@]}")
-# The same bytes over a plain TCP stream between the hosts' namespaces.
-addr2=$(ip -n "vane-$lab-h2" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
-ip netns exec "vane-$lab-h2" python3 -c '
+# The same bytes over a plain TCP stream between the hosts' namespaces, from h2 (where the
+# program now is) to h1, then the program's post-copy migration the same way; three such
+# pairs, back and forth, each stream just before its migration so that both see the same
+# machine (its load swings a single stream between 165 and 350 ms), the medians compared.
+sink() {
+  ip netns exec "vane-$lab-$1" python3 -c '
 import socket
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 7900)); s.listen(1)
-for _ in range(3):
-    c, _ = s.accept()
-    while c.recv(1 << 20): pass
-    c.close()
+c, _ = s.accept()
+while c.recv(1 << 20): pass
+c.close()
 ' &
-sink=$!
-sleep 0.5
-# Three streams, the median taken, as for post-copy.
-tcp_runs=()
-for _ in 1 2 3; do
-  tcp_runs+=("$(ip netns exec "vane-$lab-h1" python3 -c '
+}
+stream() {
+  local to_addr
+  to_addr=$(ip -n "vane-$lab-$2" -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
+  ip netns exec "vane-$lab-$1" python3 -c '
 import socket, sys, time
 b = bytes(1 << 20)
-s = socket.create_connection((sys.argv[1], 7900))
+for _ in range(50):
+    try:
+        s = socket.create_connection((sys.argv[1], 7900))
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.1)
 t = time.time()
 for _ in range(512): s.sendall(b)
 s.shutdown(socket.SHUT_WR); s.recv(1)
 print(int((time.time() - t) * 1000))
-' "$addr2")")
+' "$to_addr"
+}
+lazy_totals=()
+lazy_freezes=()
+tcp_runs=()
+from=h2
+to=h1
+for _ in 1 2 3; do
+  sink "$to"
+  tcp_runs+=("$(stream "$from" "$to")")
+  wait
+  start=$(date +%s%N)
+  lazy_line=$("$vane" migrate big --to "$to" --post-copy)
+  lazy_totals+=($((($(date +%s%N) - start) / 1000000)))
+  lazy_freezes+=("$(echo "$lazy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')")
+  echo "$lazy_line (plain TCP just before: ${tcp_runs[-1]} ms)"
+  tmp=$from
+  from=$to
+  to=$tmp
 done
+lazy_total_ms=$(median_of "${lazy_totals[@]}")
 tcp_ms=$(median_of "${tcp_runs[@]}")
-wait "$sink" || true
 "$vane" rm --force big >/dev/null
 
 # 512 MiB resident, rewriting 20 MiB/s (a page of each 4 KiB in 20 MiB every second).

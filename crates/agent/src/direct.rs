@@ -551,7 +551,8 @@ mod tests {
         let (src, dst) = (Keypair::generate(), Keypair::generate());
         let dir = tempfile::tempdir().unwrap();
         let pack = pack_of(b"abc");
-        let (a, b) = tokio::io::duplex(1 << 16);
+        // Reads of the link cut its messages (frames are up to 65,537 bytes).
+        let (a, b) = tokio::io::duplex(50_000);
         let (public, dir2, bytes) = (src.public, dir.path().to_path_buf(), pack.len() as u64);
         let receiver = tokio::spawn(async move {
             accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
@@ -570,13 +571,16 @@ mod tests {
         let (_, dest_link) = receiver.await.unwrap().unwrap();
         let dest_link = dest_link.unwrap();
         // The page server at the source's end, the daemon at the destination's.
-        let (server, server_side) = tokio::io::duplex(1 << 16);
+        // The page server's end holds more than a batch of messages: the relay reads many
+        // at once and sends them together.
+        let (server, server_side) = tokio::io::duplex(1 << 22);
         let (daemon, daemon_side) = tokio::io::duplex(1 << 16);
         let source = tokio::spawn(source_link.relay(server_side));
         let dest = tokio::spawn(dest_link.relay(daemon_side));
         let (mut server_r, mut server_w) = tokio::io::split(server);
         let (mut daemon_r, mut daemon_w) = tokio::io::split(daemon);
-        let pages: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        // More than a batch of messages each time.
+        let pages: Vec<u8> = (0..2_500_000u32).map(|i| (i % 253) as u8).collect();
         for round in 0..3u8 {
             daemon_w.write_all(&[round; 16]).await.unwrap();
             let mut ask = [0u8; 16];

@@ -750,28 +750,33 @@ fn random_datagrams_never_panic() {
     p.assert_talks(b"unharmed");
 }
 
+/// An IK handshake between hosts 0 (initiator) and 1, finished on both sides.
+fn finished_handshake(cipher: Cipher) -> (snow::HandshakeState, snow::HandshakeState) {
+    let params: snow::params::NoiseParams = cipher.noise_pattern().parse().unwrap();
+    let (a, b) = (keys(0), keys(1));
+    let mut i = snow::Builder::new(params.clone())
+        .local_private_key(&a.private)
+        .and_then(|x| x.remote_public_key(&b.public))
+        .and_then(|x| x.build_initiator())
+        .unwrap();
+    let mut r = snow::Builder::new(params)
+        .local_private_key(&b.private)
+        .and_then(|x| x.build_responder())
+        .unwrap();
+    let (mut msg, mut payload) = ([0; 256], [0; 256]);
+    let n = i.write_message(&[], &mut msg).unwrap();
+    r.read_message(&msg[..n], &mut payload).unwrap();
+    let n = r.write_message(&[], &mut msg).unwrap();
+    i.read_message(&msg[..n], &mut payload).unwrap();
+    (i, r)
+}
+
 /// The transport is Noise's, nonce layout included, for both ciphers: what ring seals
 /// with the split keys, snow's own transport opens.
 #[test]
 fn transport_is_noise() {
     for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
-        let params: snow::params::NoiseParams = cipher.noise_pattern().parse().unwrap();
-        let (a, b) = (keys(0), keys(1));
-        let mut i = snow::Builder::new(params.clone())
-            .local_private_key(&a.private)
-            .and_then(|x| x.remote_public_key(&b.public))
-            .and_then(|x| x.build_initiator())
-            .unwrap();
-        let mut r = snow::Builder::new(params)
-            .local_private_key(&b.private)
-            .and_then(|x| x.build_responder())
-            .unwrap();
-        let (mut msg, mut payload) = ([0; 256], [0; 256]);
-        let n = i.write_message(&[], &mut msg).unwrap();
-        r.read_message(&msg[..n], &mut payload).unwrap();
-        let n = r.write_message(&[], &mut msg).unwrap();
-        i.read_message(&msg[..n], &mut payload).unwrap();
-
+        let (mut i, r) = finished_handshake(cipher);
         let ours = Transport::from_handshake(&mut i, cipher).unwrap();
         let theirs = r.into_stateless_transport_mode().unwrap();
         for counter in [0, 1, 5, 1 << 40] {
@@ -789,6 +794,38 @@ fn transport_is_noise() {
             let len = theirs.read_message(counter, &buf, &mut out).unwrap();
             assert_eq!(&out[..len], b"inner bytes", "{cipher:?}");
         }
+    }
+}
+
+/// A stream's messages sealed and opened in place are snow's transport messages, both
+/// ways and for both ciphers; a changed byte or another message's number does not open.
+#[test]
+fn stream_keys_speak_noise_transport_both_ways() {
+    for cipher in [Cipher::ChaChaPoly, Cipher::AesGcm] {
+        let (mut i, r) = finished_handshake(cipher);
+        let ours = StreamKeys::from_handshake(&mut i, cipher).unwrap();
+        let theirs = r.into_stateless_transport_mode().unwrap();
+        for counter in [0, 7, 1 << 33] {
+            // Ours to theirs.
+            let mut buf = [0u8; 64];
+            buf[..5].copy_from_slice(b"pages");
+            let n = ours.seal_in_place(counter, &mut buf, 5).unwrap();
+            assert_eq!(n, 5 + TAG_LEN);
+            let mut out = [0; 64];
+            let len = theirs.read_message(counter, &buf[..n], &mut out).unwrap();
+            assert_eq!(&out[..len], b"pages", "{cipher:?}");
+            // Theirs to ours, then the same message changed or misnumbered.
+            let n = theirs.write_message(counter, b"request", &mut buf).unwrap();
+            let mut msg = buf[..n].to_vec();
+            assert_eq!(ours.open_in_place(counter + 1, &mut msg.clone()), None);
+            msg[3] ^= 1;
+            assert_eq!(ours.open_in_place(counter, &mut msg.clone()), None);
+            msg[3] ^= 1;
+            let len = ours.open_in_place(counter, &mut msg).unwrap();
+            assert_eq!(&msg[..len], b"request", "{cipher:?}");
+        }
+        // No room for the tag: nothing sealed.
+        assert_eq!(ours.seal_in_place(0, &mut [0u8; 20], 5), None);
     }
 }
 
