@@ -174,6 +174,7 @@ print(int((time.time() - t) * 1000))
 }
 lazy_totals=()
 lazy_freezes=()
+lazy_lines=()
 tcp_runs=()
 from=h2
 to=h1
@@ -185,6 +186,7 @@ for _ in 1 2 3; do
   lazy_line=$("$vane" migrate big --to "$to" --post-copy)
   lazy_totals+=($((($(date +%s%N) - start) / 1000000)))
   lazy_freezes+=("$(echo "$lazy_line" | sed -n 's/.*freeze \([0-9]*\) ms.*/\1/p')")
+  lazy_lines+=("$lazy_line")
   echo "$lazy_line (plain TCP just before: ${tcp_runs[-1]} ms)"
   tmp=$from
   from=$to
@@ -192,7 +194,50 @@ for _ in 1 2 3; do
 done
 lazy_total_ms=$(median_of "${lazy_totals[@]}")
 tcp_ms=$(median_of "${tcp_runs[@]}")
+lazy_released=()
+for l in "${lazy_lines[@]}"; do
+  lazy_released+=("$(echo "$l" | sed -n 's/.*source released in \([0-9]*\) ms.*/\1/p')")
+done
 "$vane" rm --force big >/dev/null
+
+# What CRIU's lazy pages take alone between the same two namespaces: no vane, no relay, no
+# encryption; a 512 MiB program dumped lazily on h1, restored on h2, its pages pulled over
+# the underlay by `criu lazy-pages` straight from the dump's page server. From its log:
+# the first page copied into the restored program to the last (median of three). The part
+# of a post-copy migration's total that no encryption or relay can beat.
+criu_alone() {
+  local d="$stops/criu" port=7910 marker="vane-bench-$lab-criu" pid dump lazy
+  rm -rf "$d" && mkdir -p "$d"
+  nsenter --net="/run/netns/vane-$lab-h1" unshare -pf setsid python3 -c '
+import os, sys, time
+b = bytearray(os.urandom(1 << 20)) * 512
+open(sys.argv[1], "w").close()
+time.sleep(1e9)
+' "$d/ready" "$marker" </dev/null >/dev/null 2>&1 &
+  for _ in $(seq 300); do [ -e "$d/ready" ] && break; sleep 0.1; done
+  pid=$(pgrep -f "$marker" | while read -r p; do [ "$(cat "/proc/$p/comm")" = python3 ] && echo "$p"; done)
+  nsenter --net="/run/netns/vane-$lab-h1" criu dump -t "$pid" -D "$d" --lazy-pages \
+    --address "198.18.$octet.1" --port $port -o dump.log -v4 &
+  dump=$!
+  for _ in $(seq 100); do
+    ip netns exec "vane-$lab-h1" ss -ltn | grep -q ":$port " && break
+    sleep 0.05
+  done
+  nsenter --net="/run/netns/vane-$lab-h2" criu lazy-pages --page-server \
+    --address "198.18.$octet.1" --port $port -D "$d" -o lazy.log -v4 &
+  lazy=$!
+  sleep 0.3
+  nsenter --net="/run/netns/vane-$lab-h2" criu restore -D "$d" --lazy-pages -d -o restore.log
+  wait "$lazy" "$dump"
+  pkill -9 -f "$marker" || true
+  awk -F'[()]' '/uffd_copy/ && !first {first = $2} /UFFD transferred pages/ {last = $2}
+    END {printf "%d\n", (last - first) * 1000}' "$d/lazy.log"
+}
+criu_runs=()
+for _ in 1 2 3; do
+  criu_runs+=("$(criu_alone)")
+done
+criu_ms=$(median_of "${criu_runs[@]}")
 
 # 512 MiB resident, rewriting 20 MiB/s (a page of each 4 KiB in 20 MiB every second).
 busy='
@@ -229,7 +274,8 @@ echo "migration ($profile build)"
 echo "  small server, 3 connections     $small"
 echo "  ... as its clients saw it        $answered"
 echo "  512 MiB resident, idle, whole    freeze $big_freeze ms; migrate took $total_ms ms, plain TCP 512 MiB $tcp_ms ms ($(awk -v a="$total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x)"
-echo "  512 MiB resident, idle, post-copy median of 3: freeze $lazy_freeze ms; migrate took $lazy_total_ms ms ($(awk -v a="$lazy_total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x plain TCP)"
+echo "  512 MiB resident, idle, post-copy median of 3: freeze $lazy_freeze ms; migrate took $lazy_total_ms ms ($(awk -v a="$lazy_total_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x plain TCP); pages after the freeze $(median_of "${lazy_released[@]}") ms"
+echo "  ... CRIU's lazy pages alone      no vane, relay or encryption, same namespaces: pages in $criu_ms ms ($(awk -v a="$criu_ms" -v b="$tcp_ms" 'BEGIN {printf "%.1f", a / b}')x plain TCP; runs: ${criu_runs[*]})"
 echo "  512 MiB, rewriting 20 MiB/s      freeze $busy_freeze ms whole; post-copy $busy_lazy_freeze ms, source released in $busy_released ms"
 echo "  controller peak RSS             $peak MiB"
 exit $failed
