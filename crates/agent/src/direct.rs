@@ -495,6 +495,28 @@ mod tests {
         out.stdout
     }
 
+    /// The destination's end of `io`: takes one transfer, ticket `t-1` from the host whose
+    /// key is `sender` and nobody else, unpacked into `dir`, at most `bytes` of it.
+    fn expecting(
+        io: tokio::io::DuplexStream,
+        dest: &Keypair,
+        sender: [u8; 32],
+        dir: &std::path::Path,
+        bytes: u64,
+    ) -> tokio::task::JoinHandle<Result<Accepted<tokio::io::DuplexStream>, String>> {
+        let (private, dir) = (dest.private, dir.to_path_buf());
+        tokio::spawn(async move {
+            accept(io, &private, async |ticket: &str, from: &[u8; 32]| {
+                (ticket == "t-1" && *from == sender).then(|| Expected {
+                    dir: dir.clone(),
+                    bytes,
+                    owner: None,
+                })
+            })
+            .await
+        })
+    }
+
     /// Runs a transfer of `pack` from `source` (which takes `dest_key` for the
     /// destination's) to `dest`, which expects `ticket` from `expected_sender` and a pack
     /// of at most `bound` bytes (`None`: the pack's own length); what the destination
@@ -511,18 +533,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = tokio::io::duplex(1 << 16);
         let bytes = bound.unwrap_or(pack.len() as u64);
-        let dir2 = dir.path().to_path_buf();
-        let dest_private = dest.private;
-        let receiver = tokio::spawn(async move {
-            accept(b, &dest_private, async |ticket: &str, from: &[u8; 32]| {
-                (ticket == "t-1" && *from == expected_sender).then(|| Expected {
-                    dir: dir2.clone(),
-                    bytes,
-                    owner: None,
-                })
-            })
-            .await
-        });
+        let receiver = expecting(b, dest, expected_sender, dir.path(), bytes);
         let sent = send(
             a,
             &source.private,
@@ -553,17 +564,7 @@ mod tests {
         let pack = pack_of(b"abc");
         // Reads of the link cut its messages (frames are up to 65,537 bytes).
         let (a, b) = tokio::io::duplex(50_000);
-        let (public, dir2, bytes) = (src.public, dir.path().to_path_buf(), pack.len() as u64);
-        let receiver = tokio::spawn(async move {
-            accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
-                (*from == public).then(|| Expected {
-                    dir: dir2.clone(),
-                    bytes,
-                    owner: None,
-                })
-            })
-            .await
-        });
+        let receiver = expecting(b, &dst, src.public, dir.path(), pack.len() as u64);
         let ended = async { Ok(()) };
         let (_, source_link) = send(a, &src.private, &dst.public, "t-1", &pack[..], ended)
             .await
@@ -667,17 +668,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pack = pack_of(&[7u8; 200_000]);
         let (a, b) = tokio::io::duplex(1 << 16);
-        let (public, dir2, bytes) = (src.public, dir.path().to_path_buf(), pack.len() as u64);
-        let receiver = tokio::spawn(async move {
-            accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
-                (*from == public).then(|| Expected {
-                    dir: dir2.clone(),
-                    bytes,
-                    owner: None,
-                })
-            })
-            .await
-        });
+        let receiver = expecting(b, &dst, src.public, dir.path(), pack.len() as u64);
         let failed = async { Err("packing images: tar died".to_string()) };
         let sent = send(
             a,
@@ -780,17 +771,7 @@ mod tests {
                 }
             }
         });
-        let (public, dir2, bytes) = (src.public, dir.path().to_path_buf(), pack.len() as u64);
-        let receiver = tokio::spawn(async move {
-            accept(b, &dst.private, async |_: &str, from: &[u8; 32]| {
-                (*from == public).then(|| Expected {
-                    dir: dir2.clone(),
-                    bytes,
-                    owner: None,
-                })
-            })
-            .await
-        });
+        let receiver = expecting(b, &dst, src.public, dir.path(), pack.len() as u64);
         // The source may wait for an answer that does not come (the relay holds its
         // connection open): only the destination's outcome matters here.
         let sending = send(c, &src.private, &dst.public, "t-1", &pack[..], async {
