@@ -348,9 +348,13 @@ impl Client {
     }
 }
 
-/// How long the CLI looks for a leader among replicas: an election after the leader died
-/// takes the lease's life (2 s) and the new leader's load of the store.
-const FAILOVER_PATIENCE: Duration = Duration::from_secs(15);
+/// How long the CLI looks for a leader among replicas. An election after the leader died
+/// takes the lease's life (2 s) and the new leader's load of the store and wait for its
+/// agents (up to 3 s). When an etcd member dies, etcd may have to elect a leader of its own
+/// first; a replica that could not keep its lease meanwhile stands down and starts again, and
+/// its old lease lives on for its life after etcd's new leader takes over. On a loaded
+/// machine of two cores that chain once took more than 15 s.
+const FAILOVER_PATIENCE: Duration = Duration::from_secs(30);
 
 /// A WebSocket to the controller.
 pub type WebSocket =
