@@ -19,9 +19,12 @@ use etcd_client::{Client, ConnectOptions};
 use tokio::sync::watch;
 
 /// Seconds a leader's lease lasts without a keep-alive: the longest a dead leader blocks
-/// the next one. etcd's smallest lease is about 1.5 s (3/2 of its election timeout).
-pub const LEASE_TTL: i64 = 2;
-/// How often the lease is kept alive: four times per TTL, so a lost answer or a member
+/// the next one. etcd's smallest lease is about 1.5 s (3/2 of its election timeout). It
+/// must outlast etcd's own election when an etcd member that leads dies (no keep-alive is
+/// answered meanwhile): that took from about 1 s to over 1.7 s under load, and a lease of
+/// 2 s was lost in it, its controller standing down with no other replica left.
+pub const LEASE_TTL: i64 = 3;
+/// How often the lease is kept alive: six times per TTL, so a lost answer or a member
 /// that died costs nothing.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_millis(500);
 

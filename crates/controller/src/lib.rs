@@ -504,7 +504,7 @@ async fn stand_by_then_lead(
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
     });
-    let (fence, mut lost) = match elector.lead().await {
+    let (fence, lost) = match elector.lead().await {
         Ok(won) => won,
         Err(e) => {
             tracing::error!("campaigning for the leadership: {e:#}; exiting");
@@ -513,6 +513,7 @@ async fn stand_by_then_lead(
     };
     naming.abort();
     tracing::info!(%me, "elected the leader");
+    exit_when_lost(lost);
     let controller = match start_leading(&cfg, pin, Some(fence)) {
         Ok(c) => c,
         Err(e) => {
@@ -525,13 +526,35 @@ async fn stand_by_then_lead(
     routes.serve(api::router(controller.clone()));
     controller.await_agents(SETTLE_LIMIT).await;
     routes.settle(None);
-    let _ = lost.wait_for(|l| *l).await;
-    tracing::error!(
-        "lost the leadership (etcd did not hear this controller for {} s): exiting, so that \
-         nothing of its term lives on (started again, it stands by)",
-        leader::LEASE_TTL
-    );
-    std::process::exit(STORE_LOST_EXIT);
+    std::future::pending::<()>().await;
+}
+
+/// Exits once `lost` turns true: nothing of a leader's term may live on after its lease.
+/// On a thread of its own: the runtime's workers may all be waiting on the state (a commit
+/// that etcd does not answer holds it), and the exit must not wait for a turn (it once
+/// came 3 s late, after etcd had given the leadership up).
+fn exit_when_lost(mut lost: tokio::sync::watch::Receiver<bool>) {
+    let watch = move || {
+        match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(runtime) => runtime.block_on(async {
+                let _ = lost.wait_for(|l| *l).await;
+            }),
+            Err(e) => tracing::error!("a runtime to watch the leadership: {e}"),
+        }
+        tracing::error!(
+            "lost the leadership (etcd did not hear this controller for {} s): exiting, so \
+             that nothing of its term lives on (started again, it stands by)",
+            leader::LEASE_TTL
+        );
+        std::process::exit(STORE_LOST_EXIT)
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("leadership".into())
+        .spawn(watch)
+    {
+        tracing::error!("a thread to watch the leadership: {e}; exiting");
+        std::process::exit(STORE_LOST_EXIT);
+    }
 }
 
 /// The longest a new leader waits for its hosts' agents before it serves the rest.

@@ -349,7 +349,7 @@ impl Client {
 }
 
 /// How long the CLI looks for a leader among replicas. An election after the leader died
-/// takes the lease's life (2 s) and the new leader's load of the store and wait for its
+/// takes the lease's life (3 s) and the new leader's load of the store and wait for its
 /// agents (up to 3 s). When an etcd member dies, etcd may have to elect a leader of its own
 /// first; a replica that could not keep its lease meanwhile stands down and starts again, and
 /// its old lease lives on for its life after etcd's new leader takes over. On a loaded

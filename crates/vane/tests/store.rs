@@ -94,7 +94,7 @@ fn a_lab_on_etcd_keeps_its_state_through_controller_deaths_and_etcd_outages() {
     );
     let log = std::fs::read_to_string(format!("{}/controller.log", lab.state_dir())).unwrap();
     // Whichever comes first: the change that waited 10 s, or the leader's lease, which
-    // etcd could not keep (2 s).
+    // etcd could not keep (3 s).
     assert!(
         log.contains("the store did not take a change for 10 s")
             || log.contains("lost the leadership"),
