@@ -111,33 +111,42 @@ pub async fn run(c: Arc<Controller>, socket: WebSocket) {
     });
 
     let mut shutdown = c.shutdown.subscribe();
-    // The agent answers pings: a host that says nothing for the grace period (powered
-    // off, cut off: no FIN ever comes) is as good as gone, and dead at once.
+    // The agent answers pings: a host that answers nothing for the grace period (powered
+    // off, cut off: no FIN ever comes) is as good as gone, and dead at once. The period
+    // counts from a ping that went out, not from what was last heard: a controller that
+    // stalled itself (every worker waiting on a commit that etcd held through its own
+    // election) asked nothing meanwhile, and must not take its hosts for dead.
     let grace = c.host_grace;
     let mut heartbeat = tokio::time::interval((grace / 4).max(HEARTBEAT_MIN));
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut heard = tokio::time::Instant::now();
+    // The first ping sent since the agent was last heard.
+    let mut unanswered: Option<tokio::time::Instant> = None;
     let mut silent = false;
     loop {
         let msg = tokio::select! {
-            m = stream.next() => m,
+            // What has arrived is read before the silence is judged.
+            biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
             () = overflow.notified() => {
                 tracing::warn!(host = %name, "agent is not keeping up with its control stream, disconnecting it");
                 break;
             }
+            m = stream.next() => m,
             _ = heartbeat.tick() => {
-                if heard.elapsed() >= grace {
+                if unanswered.is_some_and(|asked| asked.elapsed() >= grace) {
                     tracing::warn!(host = %name, "agent silent for {grace:?}, disconnecting it");
                     silent = true;
                     break;
                 }
                 c.streams.ping(&name);
+                unanswered.get_or_insert_with(tokio::time::Instant::now);
                 continue;
             }
         };
         let Some(Ok(msg)) = msg else { break };
         heard = tokio::time::Instant::now();
+        unanswered = None;
         match msg {
             Message::Text(t) => match serde_json::from_str::<FromAgent>(&t) {
                 Ok(m) => handle(&c, &name, m),
