@@ -9,8 +9,10 @@
 # resident migrates whole once, then post-copy three times: its freezes, the commands' whole
 # times (post-copy's median), next to the time a plain TCP stream takes to move 512 MiB
 # between the same two hosts' namespaces (median of three, each just before a post-copy
-# migration); then a program rewriting 20 MiB/s of its 512 MiB migrates both ways (post-copy has no rounds to converge: its memory moves once, after
-# the freeze); and the controller's peak memory.
+# migration), and what CRIU's lazy pages take alone between them (no vane, relay or
+# encryption); then a program rewriting 20 MiB/s of its 512 MiB migrates both ways
+# (post-copy has no rounds to converge: its memory moves once, after the freeze); and the
+# controller's peak memory.
 #
 #   bench/migrate.sh [--debug] [COUNT]
 #
