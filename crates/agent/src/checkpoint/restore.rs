@@ -396,8 +396,24 @@ fn check_confined(record: &Record) -> Result<(), String> {
         return Err("the restored instance has no process".into());
     }
     for pid in pids {
+        // The tree runs already: a process listed a moment ago may have ended since (a
+        // shell's `sleep` does every few ms). One that has ended, or only waits to be
+        // reaped, runs nothing and is not judged; every other one is.
+        let gone = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("State:"))
+                    .is_some_and(|v| v.trim_start().starts_with(['Z', 'X']))
+            })
+        };
+        if gone(pid) {
+            continue;
+        }
         let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if (map.is_empty() || status.is_empty()) && gone(pid) {
+            continue;
+        }
         let field = |name: &str| {
             status
                 .lines()
