@@ -397,21 +397,14 @@ fn check_confined(record: &Record) -> Result<(), String> {
     }
     for pid in pids {
         // The tree runs already: a process listed a moment ago may have ended since (a
-        // shell's `sleep` does every few ms). One that has ended, or only waits to be
-        // reaped, runs nothing and is not judged; every other one is.
-        let gone = |pid: u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("State:"))
-                    .is_some_and(|v| v.trim_start().starts_with(['Z', 'X']))
-            })
-        };
-        if gone(pid) {
+        // shell's `sleep` does every few ms). One that has ended runs nothing and is not
+        // judged; every other one is.
+        if ended(pid) {
             continue;
         }
         let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if (map.is_empty() || status.is_empty()) && gone(pid) {
+        if (map.is_empty() || status.is_empty()) && ended(pid) {
             continue;
         }
         let field = |name: &str| {
@@ -433,4 +426,37 @@ fn check_confined(record: &Record) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether process `pid` has ended: gone, or a zombie waiting to be reaped.
+fn ended(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .is_some_and(|v| v.trim_start().starts_with(['Z', 'X']))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_process_has_ended_once_a_zombie_or_reaped_not_while_it_runs() {
+        let mut running = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        assert!(!super::ended(running.id()));
+        let mut quick = std::process::Command::new("true").spawn().unwrap();
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !super::ended(quick.id()) {
+            assert!(std::time::Instant::now() < deadline, "`true` still runs");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let pid = quick.id();
+        quick.wait().unwrap();
+        assert!(super::ended(pid));
+        running.kill().unwrap();
+        running.wait().unwrap();
+    }
 }
