@@ -64,16 +64,28 @@ pub struct Expected {
     pub owner: Option<crate::sandbox::IdMap>,
 }
 
+/// Runs `io`, an I/O on either end, unless it makes no progress for [`STALL`]; a failure
+/// of it is told as `broke: why`.
+async fn within_stall<T>(
+    io: impl std::future::Future<Output = std::io::Result<T>>,
+    broke: &str,
+) -> Result<T, String> {
+    tokio::time::timeout(STALL, io)
+        .await
+        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
+        .map_err(|e| format!("{broke}: {e}"))
+}
+
+/// What a failed I/O on the link is.
+const LINK_BROKE: &str = "the connection broke";
+
 async fn read_msg(io: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> Result<usize, String> {
     let read = async {
         let len = io.read_u16().await? as usize;
         io.read_exact(&mut buf[..len]).await?;
-        Ok::<_, std::io::Error>(len)
+        Ok(len)
     };
-    tokio::time::timeout(STALL, read)
-        .await
-        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
-        .map_err(|e| format!("the connection broke: {e}"))
+    within_stall(read, LINK_BROKE).await
 }
 
 async fn write_msg(io: &mut (impl AsyncWrite + Unpin), msg: &[u8]) -> Result<(), String> {
@@ -81,17 +93,11 @@ async fn write_msg(io: &mut (impl AsyncWrite + Unpin), msg: &[u8]) -> Result<(),
         io.write_u16(msg.len() as u16).await?;
         io.write_all(msg).await
     };
-    tokio::time::timeout(STALL, write)
-        .await
-        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
-        .map_err(|e| format!("the connection broke: {e}"))
+    within_stall(write, LINK_BROKE).await
 }
 
 async fn flush(io: &mut (impl AsyncWrite + Unpin)) -> Result<(), String> {
-    tokio::time::timeout(STALL, io.flush())
-        .await
-        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
-        .map_err(|e| format!("the connection broke: {e}"))
+    within_stall(io.flush(), LINK_BROKE).await
 }
 
 /// The transport keys of a finished handshake.
@@ -209,16 +215,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Link<IO> {
             let mut buf = vec![0u8; MSG_MAX * (BATCH + 1)];
             let mut filled = 0;
             let mut total = 0u64;
+            let mut plain = Vec::with_capacity(BATCH + 1);
             loop {
-                let read = tokio::time::timeout(STALL, net_in.read(&mut buf[filled..]))
-                    .await
-                    .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
-                    .map_err(|e| format!("the connection broke: {e}"))?;
+                let read = within_stall(net_in.read(&mut buf[filled..]), LINK_BROKE).await?;
                 if read == 0 {
                     return Err("the connection broke: closed before the end".to_string());
                 }
                 filled += read;
-                let mut plain = Vec::with_capacity(BATCH + 1);
+                plain.clear();
                 let mut at = 0;
                 let mut ended = false;
                 while let Some(len) = whole_message(&buf[at..filled]) {
@@ -280,10 +284,7 @@ fn open(keys: &vane_tunnel::StreamKeys, nonce: &mut u64, msg: &mut [u8]) -> Resu
 }
 
 async fn write_all(io: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), String> {
-    tokio::time::timeout(STALL, io.write_all(bytes))
-        .await
-        .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
-        .map_err(|e| format!("the connection broke: {e}"))
+    within_stall(io.write_all(bytes), LINK_BROKE).await
 }
 
 /// Writes all of `slices` to the local end; their length.
@@ -293,10 +294,7 @@ async fn write_all_vectored(
 ) -> Result<u64, String> {
     let mut total = 0u64;
     while !slices.is_empty() {
-        let n = tokio::time::timeout(STALL, io.write_vectored(slices))
-            .await
-            .map_err(|_| format!("no progress for {}s", STALL.as_secs()))?
-            .map_err(|e| format!("writing the local end: {e}"))?;
+        let n = within_stall(io.write_vectored(slices), "writing the local end").await?;
         if n == 0 {
             return Err("writing the local end: it takes no more".to_string());
         }
