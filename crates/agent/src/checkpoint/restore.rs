@@ -399,12 +399,14 @@ fn check_confined(record: &Record) -> Result<(), String> {
         // The tree runs already: a process listed a moment ago may have ended since (a
         // shell's `sleep` does every few ms). One that has ended runs nothing and is not
         // judged; every other one is.
-        if ended(pid) {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        if is_zombie(&status) {
             continue;
         }
         let map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap_or_default();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if (map.is_empty() || status.is_empty()) && ended(pid) {
+        if map.is_empty() && ended(pid) {
             continue;
         }
         let field = |name: &str| {
@@ -430,11 +432,15 @@ fn check_confined(record: &Record) -> Result<(), String> {
 
 /// Whether process `pid` has ended: gone, or a zombie waiting to be reaped.
 fn ended(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("State:"))
-            .is_some_and(|v| v.trim_start().starts_with(['Z', 'X']))
-    })
+    std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| is_zombie(&s))
+}
+
+/// Whether a `/proc/PID/status` is that of a process that has exited, not yet reaped.
+fn is_zombie(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .is_some_and(|v| v.trim_start().starts_with(['Z', 'X']))
 }
 
 #[cfg(test)]
